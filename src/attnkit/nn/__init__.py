@@ -1,0 +1,13 @@
+"""``torch.nn`` modules: projections, positional embeddings and cache plumbing around attnkit's functions.
+
+Each family keeps its modules in its own submodule; this package re-exports their ``__all__``.
+"""
+
+from attnkit.nn.approx import *  # noqa: F401,F403
+from attnkit.nn.approx import __all__ as _approx_all
+from attnkit.nn.linear import *  # noqa: F401,F403
+from attnkit.nn.linear import __all__ as _linear_all
+from attnkit.nn.neighborhood import *  # noqa: F401,F403
+from attnkit.nn.neighborhood import __all__ as _neighborhood_all
+
+__all__ = [*_linear_all, *_neighborhood_all, *_approx_all]

@@ -1,0 +1,3 @@
+"""attnkit.nn modules of the approx family."""
+
+__all__: list[str] = []

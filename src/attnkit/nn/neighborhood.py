@@ -1,0 +1,3 @@
+"""attnkit.nn modules of the neighborhood family."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""Registers this family's mechanisms (filled in by the family's issue)."""

@@ -1,0 +1,112 @@
+"""The registry of mechanisms: one record per mechanism, shared by the API, the CLI and the benchmarks.
+
+A family registers its mechanisms when its module is imported. The list of family modules is below;
+adding a family means adding one line to ``FAMILY_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Mechanism", "register", "get", "list_mechanisms", "mechanism_info", "FAMILY_MODULES"]
+
+# Modules whose import registers a family's mechanisms (imported lazily, once).
+FAMILY_MODULES: tuple[str, ...] = (
+    "attnkit.ops.exact.mechanisms",
+    "attnkit.ops.neighborhood.mechanisms",
+    "attnkit.ops.linear.mechanisms",
+    "attnkit.ops.approx.mechanisms",
+)
+
+# Shape arguments a caller (``nn.MultiheadAttention``, the benchmark) supplies to factories that declare them.
+SHAPE_PARAMS = frozenset({"num_heads", "head_dim", "seq_len"})
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """What attnkit knows about one attention mechanism.
+
+    ``factory(**params)`` returns a callable ``(q, k, v) -> out`` on ``[batch, heads, seq, dim]`` tensors
+    (an ``nn.Module`` when the mechanism owns parameters). Every factory accepts ``causal: bool = False``;
+    factories that need shapes list them in ``needs`` (a subset of ``{"num_heads", "head_dim", "seq_len"}``).
+    """
+
+    name: str
+    family: str
+    paper: str
+    exact: bool
+    complexity: str
+    causal: bool
+    factory: Callable[..., Callable[..., Any]]
+    summary: str = ""
+    needs: tuple[str, ...] = ()
+    # Parameters the benchmark uses by default (e.g. number of features); users override them.
+    bench_params: Mapping[str, Any] = field(default_factory=dict)
+    # Include in `attnkit bench`'s default selection.
+    in_default_bench: bool = False
+    # Longest sequence the default benchmark runs it at (None: no limit beyond the run's own).
+    max_bench_len: int | None = None
+    # Extra facts a report may show (e.g. state size in bytes, speed-of-light ratio).
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, **params: Any) -> Callable[..., Any]:
+        if params.get("causal") and not self.causal:
+            from attnkit.errors import NotSupportedError
+
+            raise NotSupportedError(
+                f"mechanism {self.name!r} has no causal form (causal=True was given); "
+                f"choose a mechanism listed with causal support by `attnkit list`"
+            )
+        return self.factory(**params)
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+_loaded = False
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+    """Add ``mechanism`` to the registry; a name can be registered once."""
+    if mechanism.name in _REGISTRY and _REGISTRY[mechanism.name] is not mechanism:
+        raise ValueError(f"a mechanism named {mechanism.name!r} is already registered")
+    unknown = set(mechanism.needs) - SHAPE_PARAMS
+    if unknown:
+        raise ValueError(f"mechanism {mechanism.name!r}: unknown entries in needs: {sorted(unknown)}")
+    _REGISTRY[mechanism.name] = mechanism
+    return mechanism
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+
+
+def mechanism_info(name: str) -> Mechanism:
+    """The registry record of ``name``; raises ``KeyError`` listing the known names."""
+    _load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"no mechanism named {name!r}; known mechanisms: {known}") from None
+
+
+def get(name: str, **params: Any) -> Callable[..., Any]:
+    """Build mechanism ``name`` with ``params``; returns a callable ``(q, k, v) -> out``.
+
+    Example: ``attnkit.get("sliding_window", window=128, causal=True)(q, k, v)``.
+    """
+    return mechanism_info(name).build(**params)
+
+
+def list_mechanisms(family: str | None = None) -> list[Mechanism]:
+    """All registered mechanisms (optionally of one family), sorted by family then name."""
+    _load_families()
+    items = [m for m in _REGISTRY.values() if family is None or m.family == family]
+    return sorted(items, key=lambda m: (m.family, m.name))

@@ -1,0 +1,53 @@
+"""Comparison helpers and per-dtype tolerances shared by the test suite of every family.
+
+Tolerances are declared once here. float32 paths reorder sums (tiles, chunks), so they agree with a
+float64 reference to ~1e-5 relative; half precisions store each element with an 8-bit (bf16) or 11-bit
+(fp16) mantissa, so outputs in [-1, 1] differ by a few units in the last place: 2^-8 and 2^-11 scaled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-8},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-4},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
+    """``atol``/``rtol`` for comparing a ``dtype`` result with a higher-precision reference."""
+    tol = TOLERANCES[dtype]
+    return {"atol": tol["atol"] * scale, "rtol": tol["rtol"] * scale}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, msg: str = "") -> None:
+    """``torch.testing.assert_close`` with attnkit's tolerance for ``dtype`` (default: ``actual.dtype``)."""
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(
+        actual.to(torch.float64), expected.to(torch.float64), **tolerance(dtype, scale), msg=msg or None
+    )
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error ||actual - expected|| / ||expected||, computed in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+
+def random_qkv(batch: int = 2, heads: int = 4, q_len: int = 16, kv_len: int | None = None, dim: int = 16,
+               *, kv_heads: int | None = None, dim_v: int | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", seed: int = 0, requires_grad: bool = False):
+    """Seeded random ``q [b, h, q_len, dim]``, ``k [b, kv_heads, kv_len, dim]``, ``v [b, kv_heads, kv_len, dim_v]``."""
+    g = torch.Generator().manual_seed(seed)
+    kv_len = q_len if kv_len is None else kv_len
+    kv_heads = heads if kv_heads is None else kv_heads
+    dim_v = dim if dim_v is None else dim_v
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    v = torch.randn(batch, kv_heads, kv_len, dim_v, generator=g)
+    out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    return tuple(out)
