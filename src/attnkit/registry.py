@@ -49,6 +49,9 @@ class Mechanism:
     in_default_bench: bool = False
     # Longest sequence the default benchmark runs it at (None: no limit beyond the run's own).
     max_bench_len: int | None = None
+    # Forward FLOPs: flops(batch=, heads=, q_len=, kv_len=, head_dim=, causal=, **params) -> float.
+    # None: the benchmark counts dense attention's 4 * b * h * q_len * kv_len * head_dim (halved if causal).
+    flops: Callable[..., float] | None = None
     # Extra facts a report may show (e.g. state size in bytes, speed-of-light ratio).
     extras: Mapping[str, Any] = field(default_factory=dict)
 

@@ -41,7 +41,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def random_qkv(batch: int = 2, heads: int = 4, q_len: int = 16, kv_len: int | None = None, dim: int = 16,
                *, kv_heads: int | None = None, dim_v: int | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0, requires_grad: bool = False):
-    """Seeded random ``q [b, h, q_len, dim]``, ``k [b, kv_heads, kv_len, dim]``, ``v [b, kv_heads, kv_len, dim_v]``."""
+    """Seeded random ``q [b, h, q_len, dim]``, ``k [b, kv_heads, kv_len, dim]``,
+    ``v [b, kv_heads, kv_len, dim_v]``."""
     g = torch.Generator().manual_seed(seed)
     kv_len = q_len if kv_len is None else kv_len
     kv_heads = heads if kv_heads is None else kv_heads
