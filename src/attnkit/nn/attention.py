@@ -1,0 +1,100 @@
+"""``MultiheadAttention``: projections, optional rotary embeddings, and any registered mechanism."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit import patterns as P
+from attnkit.ops.exact.api import attention
+from attnkit.registry import mechanism_info
+from attnkit.score_mods import ScoreMod
+
+from .rotary import RotaryEmbedding
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head (or grouped-query) attention over ``[batch, seq, embed_dim]`` inputs.
+
+    Args:
+        embed_dim: model width; split into ``num_heads`` heads of ``embed_dim // num_heads`` channels.
+        num_heads: query heads.
+        kv_heads: key/value heads (``num_heads`` by default; fewer gives GQA, 1 gives MQA).
+        mechanism: a registered mechanism name (``attnkit list``). ``"softmax"`` runs ``attnkit.attention`` with
+            ``pattern``, ``score_mod`` and ``normalization``; other names are built with
+            ``attnkit.get(mechanism, causal=causal, **mechanism_kwargs)`` (plus the shapes they need).
+        pattern, score_mod, normalization: for ``mechanism="softmax"`` (see ``attnkit.attention``).
+        causal: autoregressive masking (combined with ``pattern`` by ``&``).
+        rotary: apply rotary position embeddings to queries and keys.
+        max_seq_len: passed to mechanisms that need a fixed length (e.g. Linformer).
+        bias: whether the projections have biases.
+
+    ``forward(x, context=None)``: ``x [batch, q_len, embed_dim]``; ``context [batch, kv_len, embed_dim]`` for
+    cross-attention (defaults to ``x``). Returns ``[batch, q_len, embed_dim]``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, kv_heads: int | None = None, mechanism: str = "softmax",
+                 pattern: P.Pattern | None = None, score_mod: ScoreMod | None = None,
+                 normalization: str = "softmax", causal: bool = False, rotary: bool = False,
+                 max_seq_len: int | None = None, bias: bool = False,
+                 mechanism_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        kv_heads = num_heads if kv_heads is None else kv_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if num_heads % kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
+        self.embed_dim, self.num_heads, self.kv_heads = embed_dim, num_heads, kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.mechanism, self.causal = mechanism, causal
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
+        self.score_mod = score_mod
+        self.normalization = normalization
+        mechanism_kwargs = dict(mechanism_kwargs or {})
+        if mechanism == "softmax":
+            if mechanism_kwargs:
+                raise ValueError("mechanism_kwargs apply to registered mechanisms; use pattern/score_mod for softmax")
+            self.pattern = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
+            self.inner = None
+        else:
+            if pattern is not None or score_mod is not None:
+                raise ValueError(f"pattern and score_mod apply to mechanism='softmax', not {mechanism!r}")
+            info = mechanism_info(mechanism)
+            shapes = {"num_heads": num_heads, "head_dim": self.head_dim, "seq_len": max_seq_len}
+            for need in info.needs:
+                if shapes[need] is None:
+                    raise ValueError(f"mechanism {mechanism!r} needs {need}; pass max_seq_len=")
+                mechanism_kwargs.setdefault(need, shapes[need])
+            self.pattern = None
+            self.inner = info.build(causal=causal, **mechanism_kwargs)  # an nn.Module is registered as a child
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [batch, seq, {self.embed_dim}], got {tuple(x.shape)}")
+        context = x if context is None else context
+        q = self._split(self.q_proj(x), self.num_heads)
+        k = self._split(self.k_proj(context), self.kv_heads)
+        v = self._split(self.v_proj(context), self.kv_heads)
+        if self.rotary is not None:
+            # Bottom-right alignment: the queries are the last q_len of kv_len positions.
+            q = self.rotary(q, offset=k.shape[2] - q.shape[2])
+            k = self.rotary(k)
+        if self.inner is None:
+            out = attention(q, k, v, pattern=self.pattern, score_mod=self.score_mod,
+                            normalization=self.normalization)
+        else:
+            out = self.inner(q, k, v)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
