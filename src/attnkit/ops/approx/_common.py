@@ -1,0 +1,148 @@
+"""Pieces shared by the approximate-attention methods: seeded random draws, exact attention with its
+log-sum-exp, the log-sum-exp merge of partial results, and segment means (landmarks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit._checks import check_qkv, default_scale, repeat_kv
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Validate ``q, k, v``; expand grouped k/v heads to the query heads; resolve the scale."""
+    check_qkv(q, k, v)
+    return repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), default_scale(q, scale)
+
+
+def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def randn(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws fixed by ``seed`` (drawn on the CPU so every device sees the same numbers)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def randint(high: int, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, high, shape, generator=g).to(device)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions to float32 for reductions (exp, log-sum-exp); float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, kv_len]`` boolean, True where key j may be seen by query i (j <= i, top-left aligned as in
+    ``scaled_dot_product_attention(is_causal=True)``)."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return j <= i
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None) -> torch.Tensor:
+    """Exact softmax attention through ``scaled_dot_product_attention`` (GQA expanded)."""
+    k, v, scale = prepare(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def masked_attention_lse(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention from (already scaled) ``scores [..., q, m]`` and ``v [..., m, dv]`` with an optional
+    boolean ``mask`` (True = keep). Returns ``out [..., q, dv]`` and ``lse [..., q]``; rows with no kept key
+    give ``out = 0`` and ``lse = -inf`` so they vanish in :func:`merge_lse`."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = upcast(scores)
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(s - lse) with an empty row would be exp(nan); use a finite stand-in for those rows.
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - safe[..., None]).to(v.dtype)
+    return p @ v, lse
+
+
+def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax partials over disjoint key sets: ``L = log(e^L1 + e^L2)``,
+    ``o = e^(L1-L) o1 + e^(L2-L) o2``. Rows with both ``-inf`` stay zero."""
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(lse1 - safe)[..., None].to(o1.dtype)
+    w2 = torch.exp(lse2 - safe)[..., None].to(o2.dtype)
+    return w1 * o1 + w2 * o2, lse
+
+
+def segment_ids(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """Segment of each of ``n`` positions when cut into ``m`` contiguous, nearly equal segments
+    (segment s holds positions ``floor(s n / m) .. floor((s+1) n / m) - 1``; none is empty when m <= n)."""
+    return torch.div(torch.arange(n, device=device) * m, n, rounding_mode="floor")
+
+
+def segment_means(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Means of ``m`` contiguous segments of ``x [..., n, d]`` along the sequence: ``[..., m, d]``.
+    When ``m`` divides ``n`` this is the reshape-and-mean of the Nystromformer paper."""
+    n = x.shape[-2]
+    if n % m == 0:
+        return x.unflatten(-2, (m, n // m)).mean(dim=-2)
+    seg = segment_ids(n, m, x.device)
+    counts = torch.bincount(seg, minlength=m).to(x.dtype)
+    out = torch.zeros(*x.shape[:-2], m, x.shape[-1], dtype=x.dtype, device=x.device)
+    out = out.index_add(-2, seg, x)
+    return out / counts[:, None]
+
+
+def dense_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> float:
+    return 4.0 * batch * heads * q_len * kv_len * head_dim
+
+
+class ApproxAttention:
+    """A configured approximate mechanism: ``__call__(q, k, v)`` runs the fast path ``fn``;
+    ``attention_matrix(q, k, v)`` returns the ``[batch, heads, q_len, kv_len]`` matrix the method implies
+    (materialised by its reference ``ref``; small inputs only). Returned by the registry factories."""
+
+    def __init__(self, name: str, fn, ref, **params):
+        self.name, self.fn, self.ref, self.params = name, fn, ref, params
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(q, k, v, **self.params)
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.ref(q, k, v, **self.params)
+
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.ref(q, k, v, return_attention=True, **self.params)[1]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+
+def refuse_causal(name: str, causal: bool, why: str) -> None:
+    if causal:
+        from attnkit.errors import NotSupportedError
+
+        raise NotSupportedError(f"{name} has no causal form ({why}); use it with causal=False, or pick a "
+                                f"mechanism with causal support (`attnkit list`)")
+
+
+def chunked_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                          causal: bool = False, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention with its log-sum-exp, over chunks of queries (memory O(chunk x n_k)).
+    ``q [.., n, d]``, ``k [.., n_k, d]`` (heads already matched) -> ``out [.., n, dv]``, ``lse [.., n]``."""
+    n, nk = q.shape[-2], k.shape[-2]
+    outs, lses = [], []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        s = q[..., start:stop, :] @ k.transpose(-1, -2) * scale
+        mask = causal_mask(n, nk, q.device)[start:stop] if causal else None
+        o, lse = masked_attention_lse(s, v, mask)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)

@@ -1,0 +1,143 @@
+"""Routing Transformer attention: k-means clustering of queries and keys, softmax within each cluster.
+
+Roy et al., "Efficient Content-Based Sparse Attention with Routing Transformers", TACL 2021. Queries and keys
+are unit-normalised and assigned to the nearest of C centroids; query i attends exactly (softmax) to the
+keys j of its own cluster (and j <= i when causal). C = 1 is exact attention.
+
+Centroids either come from the caller (``centroids=``, e.g. :class:`attnkit.nn.RoutingAttention`, which
+learns them by the paper's online EMA k-means) or are fitted per call by a few Lloyd iterations started
+from seeded random tokens. A query whose cluster holds no (visible) key gets a zero output.
+
+The fast path sorts queries and keys by cluster and, for each chunk of sorted queries, attends to the
+contiguous run of sorted keys whose clusters the chunk spans: memory O(chunk x run), O(n^1.5 d) time for
+balanced clusters of size sqrt(n), and the same numbers as the masked reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.ops.approx._common import causal_mask, check_positive_int, masked_attention_lse, prepare
+
+__all__ = ["routing_attention", "routing_reference", "kmeans_centroids", "assign_clusters",
+           "kmeans_ema_update"]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def assign_clusters(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (Euclidean) of each unit-normalised row of ``x [b, h, n, d]``; ``centroids
+    [h, C, d]`` or ``[b, h, C, d]``. Returns ``[b, h, n]`` int64."""
+    c = centroids.to(x.dtype)
+    # argmin |x - c|^2 = argmax (x.c - |c|^2 / 2)
+    score = _unit(x) @ c.transpose(-1, -2) - 0.5 * (c * c).sum(-1).unsqueeze(-2)
+    return score.argmax(dim=-1)
+
+
+def _cluster_means(x: torch.Tensor, assign: torch.Tensor, c: int, dims: tuple[int, ...]):
+    """Sum and count of rows of unit ``x [b, h, n, d]`` per cluster, reduced over ``dims``."""
+    onehot = torch.nn.functional.one_hot(assign, c).to(x.dtype)  # [b, h, n, C]
+    sums = onehot.transpose(-1, -2) @ x  # [b, h, C, d]
+    counts = onehot.sum(dim=-2)  # [b, h, C]
+    if dims:
+        sums, counts = sums.sum(dims), counts.sum(dims)
+    return sums, counts
+
+
+def kmeans_centroids(q: torch.Tensor, k: torch.Tensor, num_clusters: int, *, iterations: int = 2,
+                     seed: int = 0) -> torch.Tensor:
+    """Centroids ``[b, h, C, d]`` of the unit-normalised queries and keys, by ``iterations`` Lloyd steps
+    from C distinct tokens chosen with ``seed``."""
+    x = _unit(torch.cat([q, k], dim=2).float())
+    n = x.shape[2]
+    if num_clusters > n:
+        raise ValueError(f"num_clusters={num_clusters} is more than the {n} queries and keys to cluster")
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n, generator=g)[:num_clusters].to(x.device)
+    c = x[:, :, idx]
+    for _ in range(iterations):
+        sums, counts = _cluster_means(x, assign_clusters(x, c), num_clusters, ())
+        # An empty cluster keeps its centroid.
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)
+    return c
+
+
+def kmeans_ema_update(centroids: torch.Tensor, q: torch.Tensor, k: torch.Tensor, decay: float) -> torch.Tensor:
+    """One online k-means step (Roy et al., sec. 4.1): each centroid ``[h, C, d]`` moves to
+    ``decay mu + (1 - decay) mean(unit q and k assigned to it)``; empty clusters stay put."""
+    x = _unit(torch.cat([q, k], dim=2).detach().to(centroids.dtype))
+    sums, counts = _cluster_means(x, assign_clusters(x, centroids), centroids.shape[-2], (0,))
+    mean = sums / counts.clamp_min(1)[..., None]
+    return torch.where(counts[..., None] > 0, decay * centroids + (1 - decay) * mean, centroids)
+
+
+def _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed):
+    check_positive_int("num_clusters", num_clusters)
+    if centroids is None:
+        centroids = kmeans_centroids(q, k, num_clusters, iterations=kmeans_iterations, seed=seed)
+    elif centroids.shape[-2] != num_clusters or centroids.shape[-1] != q.shape[-1]:
+        raise ValueError(f"centroids must be [heads, num_clusters={num_clusters}, dim={q.shape[-1]}], "
+                         f"got {tuple(centroids.shape)}")
+    return assign_clusters(q.float(), centroids.float()), assign_clusters(k.float(), centroids.float())
+
+
+def routing_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_clusters: int = 8,
+                      centroids: torch.Tensor | None = None, kmeans_iterations: int = 2, seed: int = 0,
+                      causal: bool = False, chunk_size: int = 256, scale: float | None = None,
+                      return_attention: bool = False):
+    """Plain reference: the ``[b, h, n, n_k]`` same-cluster (and causal) mask, masked softmax in float64."""
+    k, v, scale = prepare(q, k, v, scale)
+    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed)
+    mask = cq[..., :, None] == ck[..., None, :]
+    if causal:
+        mask = mask & causal_mask(q.shape[2], k.shape[2], q.device)
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    out, _ = masked_attention_lse(s, v.double(), mask)
+    if not return_attention:
+        return out.to(q.dtype)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return out.to(q.dtype), p
+
+
+def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_clusters: int = 8,
+                      centroids: torch.Tensor | None = None, kmeans_iterations: int = 2, seed: int = 0,
+                      causal: bool = False, chunk_size: int = 256, scale: float | None = None) -> torch.Tensor:
+    """Routing attention. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` ->
+    ``[b, h, n, dv]``. ``centroids [h, C, d]`` (or ``[b, h, C, d]``) or None to fit them per call."""
+    check_positive_int("chunk_size", chunk_size)
+    k, v, scale = prepare(q, k, v, scale)
+    b, h, n, _ = q.shape
+    nk = k.shape[2]
+    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed)
+    # Stable sort by cluster (cluster * n + position keeps positions ordered inside a cluster).
+    q_order = torch.argsort(cq * n + torch.arange(n, device=q.device), dim=-1)
+    k_order = torch.argsort(ck * nk + torch.arange(nk, device=q.device), dim=-1)
+    cq_s, ck_s = cq.gather(-1, q_order), ck.gather(-1, k_order).contiguous()
+    q_s = q.gather(2, q_order[..., None].expand(-1, -1, -1, q.shape[-1]))
+    k_s = k.gather(2, k_order[..., None].expand(-1, -1, -1, k.shape[-1]))
+    v_s = v.gather(2, k_order[..., None].expand(-1, -1, -1, v.shape[-1]))
+    out_s = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=v.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        cl = cq_s[..., start:stop]  # [b, h, c]
+        lo = torch.searchsorted(ck_s, cl[..., :1].contiguous(), right=False)  # [b, h, 1]
+        hi = torch.searchsorted(ck_s, cl[..., -1:].contiguous(), right=True)
+        width = int((hi - lo).max())
+        if width == 0:
+            out_s[:, :, start:stop] = 0
+            continue
+        idx = lo + torch.arange(width, device=q.device)  # [b, h, w]
+        valid = idx < hi
+        idx = idx.clamp_max(nk - 1)
+        kc = k_s.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
+        vc = v_s.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
+        mask = valid[..., None, :] & (cl[..., :, None] == ck_s.gather(-1, idx)[..., None, :])
+        if causal:
+            qpos = q_order[..., start:stop]
+            kpos = k_order.gather(-1, idx)
+            mask = mask & (kpos[..., None, :] <= qpos[..., :, None])
+        o, _ = masked_attention_lse(q_s[:, :, start:stop] @ kc.transpose(-1, -2) * scale, vc, mask)
+        out_s[:, :, start:stop] = o
+    return torch.empty_like(out_s).scatter_(2, q_order[..., None].expand_as(out_s), out_s)
