@@ -1,0 +1,8 @@
+"""Kernelized linear attention: feature maps (``attnkit.feature_maps``) run in parallel, chunked (Lightning
+Attention-2) or recurrent mode, with optional per-head decay and three output normalisations."""
+
+from attnkit.ops.linear.api import linear_attention
+from attnkit.ops.linear.reference import linear_attention_reference
+from attnkit.ops.linear.state import LinearAttentionState
+
+__all__ = ["linear_attention", "linear_attention_reference", "LinearAttentionState"]

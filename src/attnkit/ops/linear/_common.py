@@ -1,0 +1,55 @@
+"""Pieces shared by the modes: features with grouped-query expansion, decay powers, output normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attnkit._checks import repeat_kv
+from attnkit.feature_maps import FeatureMap
+
+NORMALIZE = ("denominator", "none", "rms")
+
+
+def features(fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, q_offset: int,
+             k_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``phi(q) [b, h, n, m]``, ``phi(k) [b, h, n_k, m]`` with key features repeated over query groups."""
+    pq, pk = fm(q, k, q_offset=q_offset, k_offset=k_offset)
+    return pq, repeat_kv(pk, q.shape[1])
+
+
+def values_with_ones(v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[v, 1]``: ``[b, h, n, d_v + 1]``. The extra column carries the denominator through the same matmuls
+    as the numerator (``A [V, 1]`` gives ``A V`` and the row sums ``A 1`` in one product)."""
+    v = repeat_kv(v, heads)
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+
+
+def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """``decay^exponents`` for ``log_decay [B]`` and integer ``exponents [...]`` -> ``[B, ...]`` (exponents >= 0,
+    so nothing overflows; tiny powers underflow to 0, their true limit)."""
+    e = exponents.to(log_decay.dtype)
+    return torch.exp(log_decay.reshape((-1,) + (1,) * e.dim()) * e)
+
+
+def make_finalize(normalize: str, eps: float, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Turn ``o [..., d_v + 1]`` (numerator, denominator) into the output ``[..., d_v]`` in ``dtype``.
+
+    ``denominator``: ``num / den`` with ``den`` pushed away from zero to ``+-eps`` (signed maps such as trig
+    or cosine can produce denominators near zero; outputs stay finite). ``none``: ``num`` (TransNormer's
+    NormAttention applies its own norm after). ``rms``: ``num / rms(num)`` over ``d_v`` (SRMSNorm, no weight).
+    """
+
+    def finalize(o: torch.Tensor) -> torch.Tensor:
+        num, den = o[..., :-1], o[..., -1:]
+        if normalize == "denominator":
+            sign = torch.where(den < 0, -1.0, 1.0).to(den.dtype)
+            out = num / torch.where(den.abs() < eps, sign * eps, den)
+        elif normalize == "none":
+            out = num
+        else:
+            out = num * torch.rsqrt(num.pow(2).mean(-1, keepdim=True) + eps)
+        return out.to(dtype)
+
+    return finalize

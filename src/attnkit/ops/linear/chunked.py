@@ -1,0 +1,128 @@
+"""Chunked mode: causal linear attention as intra-chunk quadratic products plus an inter-chunk state
+(Lightning Attention-2, Qin et al. 2024; the "chunkwise" form of GLA/RetNet), organised for batched matmuls.
+
+With chunks of ``c`` tokens, ``Q_t, K_t`` the features and ``V_t`` the values (with a column of ones that
+carries the denominator) of chunk ``t``, ``lambda`` the decay:
+
+    O_t = [(Q_t K_t^T) * D] V_t + Lambda Q_t S_{t-1},      D_ij = lambda^(i-j) [j <= i],  Lambda = diag(lambda^(i+1))
+    S_t = lambda^c S_{t-1} + (Gamma K_t)^T V_t,            Gamma = diag(lambda^(c-1-j))
+
+The sequence is cut into blocks of several chunks that fit in cache. Per block, five batched matmuls cover all
+chunks of all heads at once: ``Q K^T``, ``A V``, the per-chunk ``K^T V``, the exclusive prefix over chunks (a
+matmul with a small lower-triangular matrix holding ``lambda^(c (t-1-s))``) and ``Q S``; the carried state
+enters as the prefix's initial term. Blocks run in sequence, so memory is linear in tokens and no state per
+chunk of the whole sequence is ever materialised.
+
+FLOPs (matmuls, per batch x head): ``2 n c (m + d_v + 1)`` intra-chunk plus ``4 n m (d_v + 1)`` for the state
+(``m`` features, ``d_v + 1`` value columns), plus ``2 n nb m (d_v + 1)`` for the in-block prefix with ``nb``
+chunks per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.feature_maps import FeatureMap
+from attnkit.ops.linear._common import decay_powers, features, values_with_ones
+
+__all__ = ["chunked_forward", "chunked_flops", "BLOCK_TOKENS"]
+
+# Tokens per block: a block's q/k/v features and chunk products should stay in cache (about 1-2 MB per head).
+BLOCK_TOKENS = 1024
+
+
+def chunked_flops(n: int, m: int, dv: int, chunk_size: int) -> float:
+    """Matmul FLOPs of the chunked forward for one (batch, head) at ``n`` tokens (see module docstring)."""
+    c = min(chunk_size, n)
+    nb = max(1, BLOCK_TOKENS // c)
+    return 2.0 * n * c * (m + dv + 1) + 4.0 * n * m * (dv + 1) + 2.0 * n * nb * m * (dv + 1)
+
+
+def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *,
+                    log_decay: torch.Tensor | None, s0: torch.Tensor | None, offset: int, chunk_size: int,
+                    finalize: Callable[[torch.Tensor], torch.Tensor],
+                    block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [b, h, n, d]``, ``k, v [b, h_kv, n, *]``, ``s0 [b, h, m, d_v + 1]`` or None, ``log_decay [h]`` or
+    None. Returns ``out [b, h, n, d_v]`` (through ``finalize``) and the extended state ``[b, h, m, d_v + 1]``."""
+    b, h, n, _ = q.shape
+    dv1 = v.shape[-1] + 1
+    B = b * h
+    c = max(1, min(chunk_size, n))
+    block = c * max(1, (block_tokens or BLOCK_TOKENS) // c)
+    ld = None if log_decay is None else log_decay.repeat(b)  # [B], row r = (batch r // h, head r % h)
+
+    full = None
+    if not fm.token_local:  # features depend on the whole call (e.g. log-normal statistics): compute once
+        full = features(fm, q, k, offset, offset)
+
+    # Decay tables that depend only on the chunk size: intra-chunk D [B, c, c], query weights [B, c].
+    if ld is not None:
+        i = torch.arange(c, device=q.device)
+        d_intra = decay_powers(ld, (i[:, None] - i[None, :]).clamp_min(0)).tril()
+        q_w = decay_powers(ld, i + 1)[..., None]  # Lambda: decay^(i+1)
+
+    s = None if s0 is None else s0.reshape(B, -1, dv1)
+    outs = []
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        L = end - start
+        if full is None:
+            pq, pk = features(fm, q[:, :, start:end], k[:, :, start:end], offset + start, offset + start)
+        else:
+            pq, pk = full[0][:, :, start:end], full[1][:, :, start:end]
+        m = pq.shape[-1]
+        v1 = values_with_ones(v[:, :, start:end], h)
+        pq, pk, v1 = (t.reshape(B, L, t.shape[-1]) for t in (pq, pk, v1))
+        nb = -(-L // c)
+        pad = nb * c - L
+        if pad:  # zero features contribute nothing; padded rows are dropped below
+            pq, pk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v1))
+        Q = pq.reshape(B * nb, c, m)
+        K = pk.reshape(B * nb, c, m)
+        V = v1.reshape(B * nb, c, dv1)
+
+        a = torch.bmm(Q, K.transpose(1, 2))  # [B nb, c, c]
+        if ld is None:
+            a = a.tril_()
+        else:
+            a = a.view(B, nb, c, c).mul_(d_intra[:, None]).view(B * nb, c, c)
+        o = torch.bmm(a, V)  # [B nb, c, d_v + 1]
+
+        if ld is not None:
+            # Gamma: decay from each key to the end of its chunk (the last chunk may be short).
+            p = torch.arange(nb * c, device=q.device)
+            chunk_end = torch.clamp((p // c + 1) * c, max=L)
+            K = K * decay_powers(ld, (chunk_end - 1 - p).clamp_min(0)).view(B * nb, c, 1)
+        kv = torch.bmm(K.transpose(1, 2), V).view(B, nb, m * dv1)  # per-chunk increments
+
+        # Exclusive prefix over the block's chunks (plus the carried state): the state before each chunk.
+        if nb > 1:
+            t_idx = torch.arange(nb, device=q.device)
+            if ld is None:
+                tri = torch.ones(nb, nb, dtype=kv.dtype, device=q.device).tril_(-1)
+            else:
+                tri = decay_powers(ld, (c * (t_idx[:, None] - 1 - t_idx[None, :])).clamp_min(0))
+                tri = tri * torch.ones(nb, nb, dtype=kv.dtype, device=q.device).tril_(-1)
+            prev = torch.matmul(tri, kv)  # [B, nb, m (d_v + 1)]
+            if s is not None:
+                w = None if ld is None else decay_powers(ld, c * t_idx)[..., None]
+                prev = prev + (s.reshape(B, 1, -1) if w is None else w * s.reshape(B, 1, -1))
+        else:
+            prev = s.reshape(B, 1, -1) if s is not None else None
+
+        if prev is not None:
+            qd = Q if ld is None else (Q.view(B, nb, c, m) * q_w[:, None]).view(B * nb, c, m)
+            o = o.baddbmm_(qd, prev.reshape(B * nb, m, dv1))
+        # State after the block's last real token: decay the state before the last chunk by its length.
+        r = L - (nb - 1) * c
+        last_prev = prev[:, -1] if prev is not None else 0
+        if ld is not None and prev is not None:
+            last_prev = decay_powers(ld, torch.tensor(r, device=q.device))[:, None] * last_prev
+        s = (kv[:, -1] + last_prev).reshape(B, m, dv1)
+        outs.append(finalize(o.view(B, nb * c, dv1)[:, :L]))
+
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out.reshape(b, h, n, -1), s.reshape(b, h, -1, dv1)
