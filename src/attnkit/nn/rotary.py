@@ -29,7 +29,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None]
+        # float64 angles: float32 loses the low bits of large positions (and of float64 inputs)
+        freqs = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None]
         return freqs.cos(), freqs.sin()
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
