@@ -1,0 +1,265 @@
+"""PNG plots of a benchmark run (matplotlib, imported lazily: ``pip install "attnkit[bench]"``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["make_plots", "MissingMatplotlib", "pareto_front"]
+
+
+class MissingMatplotlib(ImportError):
+    pass
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingMatplotlib(
+            "the plots need matplotlib, which is not installed: pip install 'attnkit[bench]' "
+            "(or pip install matplotlib); tables, JSON and CSV were written without plots") from exc
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (lower is better), sorted by the first."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _len_label(n: float, _pos: Any = None) -> str:
+    n = int(round(n))
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _time_label(s: float, _pos: Any = None) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:g} us"
+    if s < 1:
+        return f"{s * 1e3:g} ms"
+    return f"{s:g} s"
+
+
+def _bytes_label(b: float, _pos: Any = None) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:g} {unit}"
+    return f"{b:g} B"
+
+
+class _Styles:
+    """One colour per mechanism across every plot; SDPA black and thick, approximations dashed,
+    FlexAttention peers dotted, causal variants with hollow markers."""
+
+    def __init__(self, doc: dict[str, Any], plt: Any):
+        cmap = plt.get_cmap("tab20")
+        names = []
+        for v in doc["variants"]:
+            if v["kind"] != "baseline" and v["name"] not in names:
+                names.append(v["name"])
+        self.colour = {name: cmap((2 * i) % 20 + (i // 10) % 2) for i, name in enumerate(names)}
+        self.info = {v["label"]: v for v in doc["variants"]}
+
+    def __call__(self, label: str) -> dict[str, Any]:
+        v = self.info[label]
+        if v["kind"] == "baseline":
+            style = dict(color="black", linewidth=2.8, marker="o", markersize=5, zorder=5)
+        elif v["kind"] == "flex":
+            base = v["name"][len("flex["):-1]
+            style = dict(color=self.colour.get(base, "grey"), linestyle=":", linewidth=1.6, marker="D",
+                         markersize=4)
+        else:
+            style = dict(color=self.colour[v["name"]], linestyle="-" if v["exact"] else "--", linewidth=1.6,
+                         marker="o", markersize=4)
+        if v["causal"]:
+            style["markerfacecolor"] = "white"
+        return style
+
+
+def _series(doc: dict[str, Any], key: str) -> dict[str, dict[str, list]]:
+    out: dict[str, dict[str, list]] = {}
+    for c in sorted(doc["results"], key=lambda c: c["seq_len"]):
+        s = out.setdefault(c["label"], {"n": [], "y": [], "bad_n": []})
+        if c["status"] == "ok" and c.get(key) is not None:
+            s["n"].append(c["seq_len"])
+            s["y"].append(c[key])
+        elif c["status"] in ("failed", "oom"):
+            s["bad_n"].append(c["seq_len"])
+    return out
+
+
+def _length_axis(ax: Any, doc: dict[str, Any], plt: Any) -> None:
+    lens = sorted({c["seq_len"] for c in doc["results"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lens)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(_len_label))
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlabel("sequence length n")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="y", alpha=0.1)
+
+
+def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any, path: Path, plt: Any,
+               guides: bool) -> None:
+    styles = _Styles(doc, plt)
+    series = _series(doc, key)
+    fig, ax = plt.subplots(figsize=(11, 6.2))
+    ax.set_yscale("log")
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    any_bad = False
+    for label in [v["label"] for v in doc["variants"] if v["label"] in series]:
+        s = series[label]
+        st = styles(label)
+        if s["n"]:
+            ax.plot(s["n"], s["y"], label=label, **st)
+        for n in s["bad_n"]:
+            any_bad = True
+            ax.plot([n], [0.97], transform=top, marker="x", markersize=9, mew=2.2, color=st["color"],
+                    linestyle="none", clip_on=False)
+    if guides:
+        base = series.get(next((v["label"] for v in doc["variants"] if v["kind"] == "baseline"), ""), None)
+        if base and len(base["n"]) >= 2:
+            n0, y0 = base["n"][0], base["y"][0]
+            xs = [n0, base["n"][-1]]
+            ax.plot(xs, [y0, y0 * (xs[1] / n0) ** 2], color="grey", alpha=0.35, linewidth=1, linestyle="-.",
+                    label="guide: grows as n\u00b2")
+            ax.plot(xs, [y0, y0 * (xs[1] / n0)], color="grey", alpha=0.35, linewidth=1, linestyle=(0, (1, 3)),
+                    label="guide: grows as n")
+    if key == "peak_memory_bytes":
+        pts = sorted({(c["seq_len"], c["input_bytes"]) for c in doc["results"] if c["input_bytes"]})
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="grey", alpha=0.5, linewidth=1,
+                    linestyle="-.", label="size of q, k, v together")
+    if any_bad:
+        ax.plot([], [], marker="x", color="black", linestyle="none", mew=2, label="x at top: failed / OOM")
+    _length_axis(ax, doc, plt)
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(fmt))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _subtitle(doc: dict[str, Any]) -> str:
+    c, m = doc["config"], doc["machine"]
+    mode = "fwd+bwd" if c["backward"] else "forward"
+    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
+    return f"{c['dtype']}, batch {c['batch']}, {c['heads']} heads, head dim {c['head_dim']}, {mode}; {where}"
+
+
+def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
+    from attnkit.bench.measure import EXACT_TOLERANCE
+    from attnkit.bench.report import detail_length
+
+    n = detail_length(doc)
+    cells = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["error"] is not None]
+    if not cells:
+        return False
+    styles = _Styles(doc, plt)
+    floor = 1e-9
+    fig, ax = plt.subplots(figsize=(10, 6.2))
+    pts = []
+    for c in cells:
+        st = styles(c["label"])
+        y = max(c["error"], floor)
+        pts.append((c["time_s"], y))
+        ax.plot([c["time_s"]], [y], linestyle="none", marker=st.get("marker", "o"),
+                markersize=9 if c["kind"] == "baseline" else 7, color=st["color"],
+                markerfacecolor=st.get("markerfacecolor", st["color"]), zorder=4)
+        ax.annotate(c["label"], (c["time_s"], y), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                    color=st["color"] if c["kind"] != "baseline" else "black")
+    front = pareto_front(pts)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4,
+                linewidth=1.5, zorder=2, label="Pareto front (nothing is both faster and more accurate)")
+    tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
+    ax.axhspan(floor / 2, tol, color="tab:green", alpha=0.07, zorder=0)
+    ax.text(0.005, tol, f" exact within {doc['config']['dtype']} rounding (< {tol:g})", va="top", fontsize=8,
+            color="tab:green", transform=ax.get_yaxis_transform())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 2, max(max(p[1] for p in pts) * 3, 1.0))
+    xs = [p[0] for p in pts]
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 3)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(_time_label))
+    ax.set_xlabel(f"time per call at n = {n} (log)")
+    ax.set_ylabel("relative error vs exact softmax (log)")
+    ax.set_title(f"Error vs time at n = {n}: lower left is better\n{_subtitle(doc)}", loc="left", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    if len(front) > 1:
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
+    cells = [c for c in doc["results"] if c["status"] == "ok" and c["speed_of_light_ratio"] is not None]
+    if not cells:
+        return False
+    styles = _Styles(doc, plt)
+    labels = [v["label"] for v in doc["variants"] if any(c["label"] == v["label"] for c in cells)]
+    lens = sorted({c["seq_len"] for c in cells})
+    idx = {(c["label"], c["seq_len"]): c for c in cells}
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(lens) * max(len(labels), 1) * 0.5 + 4), 5.8))
+    width = 0.8 / len(labels)
+    ratios = [c["speed_of_light_ratio"] for c in cells]
+    for i, label in enumerate(labels):
+        st = styles(label)
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(lens))]
+        ys = [idx[(label, n)]["speed_of_light_ratio"] if (label, n) in idx else 0 for n in lens]
+        bars = ax.bar(xs, ys, width=width * 0.95, color=st["color"], label=label,
+                      hatch="//" if st.get("linestyle") == ":" else None, edgecolor="white", alpha=0.9)
+        for b, y in zip(bars, ys):
+            if y:
+                ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2g}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=1.2)
+    ax.text(len(lens) - 0.5, 1.0, "speed of light ", ha="right", va="bottom", fontsize=8)
+    if max(ratios) / max(min(ratios), 1e-9) > 30:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(lens)))
+    ax.set_xticklabels([_len_label(n) for n in lens])
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel("time / speed of light (lower is better)")
+    ax.set_title("Sparse patterns against their speed of light (SDPA time x density)\n" + _subtitle(doc),
+                 loc="left", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:
+    """Write the PNG plots into ``out_dir``; returns their file names (plots with no data are left out)."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    made = []
+    if any(c["status"] == "ok" for c in doc["results"]):
+        sub = _subtitle(doc)
+        _line_plot(doc, "time_s", "time per call (log)", f"Time per call vs sequence length\n{sub}",
+                   _time_label, out / "time_vs_length.png", plt, guides=True)
+        made.append("time_vs_length.png")
+        if any(c["peak_memory_bytes"] for c in doc["results"]):
+            _line_plot(doc, "peak_memory_bytes", "peak memory of one call (log)",
+                       f"Peak memory vs sequence length\n{sub}", _bytes_label, out / "memory_vs_length.png", plt,
+                       guides=False)
+            made.append("memory_vs_length.png")
+    if _pareto_plot(doc, out / "error_vs_time.png", plt):
+        made.append("error_vs_time.png")
+    if _sol_plot(doc, out / "speed_of_light.png", plt):
+        made.append("speed_of_light.png")
+    return made

@@ -1,0 +1,401 @@
+"""Writing a benchmark's results: the terminal table, ``results.json``, ``results.csv``, ``report.md`` and
+``report.html`` (with the PNG plots of `attnkit.bench.plots`)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attnkit.bench.runner import CELL_FIELDS
+
+__all__ = ["write_report", "write_json", "terminal_summary", "fmt_time", "fmt_bytes", "fmt_len"]
+
+_STATUS_WORD = {"failed": "FAILED", "oom": "OOM", "skipped": "skip", "unsupported": "n/a"}
+
+
+# -- formatting -------------------------------------------------------------------------------------------
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _fmt_err(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _fmt_num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _duration(s: float) -> str:
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+# -- tables as data -----------------------------------------------------------------------------------------
+def _labels(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Variants in report order: baselines first, then by family and name."""
+    order = {"baseline": 0, "mechanism": 1, "flex": 1}
+    seen, out = set(), []
+    for v in sorted(doc["variants"], key=lambda v: (order[v["kind"]], v["family"] if v["kind"] != "flex"
+                                                    else "~", v["name"], v["causal"])):
+        if v["label"] not in seen:
+            seen.add(v["label"])
+            out.append(v)
+    return out
+
+
+def _cell_index(doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(c["label"], c["seq_len"]): c for c in doc["results"]}
+
+
+def _lengths(doc: dict[str, Any]) -> list[int]:
+    return sorted({c["seq_len"] for c in doc["results"]} | {n for v in doc["variants"] for n in v["seq_lens"]})
+
+
+def _kind_word(v: dict[str, Any]) -> str:
+    if v["kind"] == "baseline":
+        return "baseline"
+    if v["kind"] == "flex":
+        return "peer"
+    return "exact" if v["exact"] else "approx"
+
+
+def time_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows: variants; columns: lengths; cells: median time, or the status when not measured."""
+    lengths = _lengths(doc)
+    idx = _cell_index(doc)
+    header = ["mechanism", "family", "kind"] + [fmt_len(n) for n in lengths]
+    rows = []
+    for v in _labels(doc):
+        row = [v["label"], v["family"], _kind_word(v)]
+        for n in lengths:
+            c = idx.get((v["label"], n))
+            if c is None:
+                row.append("" if n not in v["seq_lens"] else "(not run)")
+            elif c["status"] == "ok":
+                row.append(fmt_time(c["time_s"]))
+            else:
+                row.append(_STATUS_WORD.get(c["status"], c["status"]))
+        rows.append(row)
+    return header, rows
+
+
+def detail_length(doc: dict[str, Any]) -> int | None:
+    """The longest length at which the SDPA baseline was measured (else the longest measured at all)."""
+    ok = [c for c in doc["results"] if c["status"] == "ok"]
+    base = [c["seq_len"] for c in ok if c["kind"] == "baseline"]
+    if base:
+        return max(base)
+    return max((c["seq_len"] for c in ok), default=None)
+
+
+def detail_table(doc: dict[str, Any], n: int) -> tuple[list[str], list[list[str]]]:
+    header = ["mechanism", "time (min-max)", "x SDPA", "GFLOP/s", "peak mem", "error", "check", "SoL x"]
+    idx = _cell_index(doc)
+    rows = []
+    for v in _labels(doc):
+        c = idx.get((v["label"], n))
+        if c is None:
+            continue
+        if c["status"] != "ok":
+            rows.append([v["label"], _STATUS_WORD.get(c["status"], c["status"]), "", "", "", "", "", ""])
+            continue
+        spread = f"{fmt_time(c['time_s'])} ({fmt_time(c['time_min_s'])}-{fmt_time(c['time_max_s'])})"
+        rows.append([v["label"], spread, _fmt_ratio(c["vs_sdpa"]), _fmt_num(c["gflops_per_s"]),
+                     fmt_bytes(c["peak_memory_bytes"]), _fmt_err(c["error"]), c["exact_check"] or "",
+                     _fmt_ratio(c["speed_of_light_ratio"])])
+    return header, rows
+
+
+def full_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["mechanism", "n", "status", "time", "min", "max", "reps", "x SDPA", "GFLOP", "GFLOP/s",
+              "peak mem", "error", "check", "density", "SoL x", "compile", "note"]
+    rows = []
+    for c in sorted(doc["results"], key=lambda c: (c["label"], c["seq_len"])):
+        rows.append([c["label"], str(c["seq_len"]), c["status"], fmt_time(c["time_s"]), fmt_time(c["time_min_s"]),
+                     fmt_time(c["time_max_s"]), str(c["repeats"] or "-"), _fmt_ratio(c["vs_sdpa"]),
+                     _fmt_num(c["flops"] / 1e9 if c["flops"] else None), _fmt_num(c["gflops_per_s"]),
+                     fmt_bytes(c["peak_memory_bytes"]), _fmt_err(c["error"]), c["exact_check"] or "",
+                     _fmt_num(c["density"]), _fmt_ratio(c["speed_of_light_ratio"]),
+                     fmt_time(c["compile_s"]) if c["compile_s"] is not None else "", c["message"] or ""])
+    return header, rows
+
+
+def problems(doc: dict[str, Any]) -> list[str]:
+    """One line per variant with cells that did not run: which lengths and why."""
+    by: dict[tuple[str, str, str], list[int]] = {}
+    for c in doc["results"]:
+        if c["status"] != "ok":
+            by.setdefault((c["label"], c["status"], c["message"] or ""), []).append(c["seq_len"])
+    lines = []
+    for (label, status, message), lens in by.items():
+        lines.append(f"{label}: {_STATUS_WORD.get(status, status)} at n={', '.join(fmt_len(n) for n in lens)}"
+                     + (f" ({message})" if message else ""))
+    return lines
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    right = [i >= 3 for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(x: str) -> str:
+        return str(x).replace("|", "\\|")
+
+    out = ["| " + " | ".join(esc(h) for h in header) + " |",
+           "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cls(x: str) -> str:
+        return {"FAILED": "bad", "OOM": "bad", "skip": "muted", "n/a": "muted", "differs": "bad"}.get(x, "")
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{cls(c)}">{html.escape(str(c))}</td>' for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# -- summary text -------------------------------------------------------------------------------------------
+def headline(doc: dict[str, Any]) -> str:
+    m, c = doc["machine"], doc["config"]
+    mode = "forward+backward" if c["backward"] else "forward"
+    where = m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+    state = " (interrupted: partial results)" if doc["interrupted"] else ""
+    return (f"attnkit bench on {where}, torch {m['torch']}, {c['device']} {c['dtype']}, batch {c['batch']} x "
+            f"{c['heads']} heads x head dim {c['head_dim']}, {mode}, {_duration(doc['elapsed_s'])}{state}")
+
+
+def terminal_summary(doc: dict[str, Any]) -> str:
+    parts = [headline(doc), "", "Median time per call (FAILED = raised, OOM = out of memory, skip = over the "
+             "time or memory budget, n/a = unsupported):", _text_table(*time_table(doc))]
+    n = detail_length(doc)
+    if n is not None:
+        parts += ["", f"At n={n}: x SDPA = time / SDPA time; error = relative error vs exact softmax; "
+                      "SoL x = time / speed of light (SDPA time x pattern density)",
+                  _text_table(*detail_table(doc, n))]
+    lines = problems(doc)
+    if lines:
+        parts += ["", "Not measured:"] + [f"  {x}" for x in lines[:20]]
+        if len(lines) > 20:
+            parts.append(f"  ... and {len(lines) - 20} more (see report.md)")
+    return "\n".join(parts)
+
+
+_METHODS = [
+    "Time: wall clock of one call (forward, or forward+backward with `--backward`), median with min-max over "
+    "the timed repeats, after a warm-up call; inputs are random normal `[batch, heads, n, head_dim]`, the same "
+    "for every mechanism at a length.",
+    "FLOPs: the mechanism's own count from the registry (`flops=`), else dense attention's "
+    "4 * b * h * n^2 * d (halved if causal, times the density for a sparse pattern); forward+backward counts 3x "
+    "forward. GFLOP/s = FLOPs / median time.",
+    "x SDPA: time / the time of `torch.nn.functional.scaled_dot_product_attention` measured at the same length, "
+    "causal mode and inputs in this run.",
+    "Error: relative Frobenius error of the output on {rows} sampled query rows against exact softmax "
+    "attention in float64 on the same inputs (with the mechanism's sparsity pattern when it has one, causal "
+    "when causal). For exact mechanisms it is a correctness check (`ok` below {tol:g} for {dtype}).",
+    "Speed of light (SoL) for sparse patterns: SDPA's time in this run scaled by the pattern's density "
+    "(fraction of allowed query-key pairs) relative to SDPA's; SoL x = time / that bound.",
+    "FlexAttention peers: `torch.nn.attention.flex_attention` compiled once with `torch.compile(dynamic=True)`, "
+    "block mask from the same pattern; its compile time (first call minus median) is reported apart.",
+    "Budget: a cell whose predicted call time (extrapolated from the previous length) exceeds {max_call:g} s, "
+    "or that would not fit the run's {budget:.0f} s budget, is skipped and listed.",
+]
+
+
+def _methods(doc: dict[str, Any]) -> list[str]:
+    from attnkit.bench.measure import EXACT_TOLERANCE
+
+    c = doc["config"]
+    out = [x.format(rows=c["error_rows"], tol=EXACT_TOLERANCE[c["dtype"]], dtype=c["dtype"],
+                    max_call=c["max_call_s"], budget=c["time_budget_s"]) for x in _METHODS]
+    out.insert(1, f"Peak memory: {doc['memory_method']}.")
+    return out
+
+
+def _machine_lines(doc: dict[str, Any]) -> list[str]:
+    m = doc["machine"]
+    keys = ["cpu", "cpu_count", "torch_threads", "memory_bytes", "gpu", "device", "platform", "python", "torch",
+            "attnkit", "git_commit", "date_utc", "load_average"]
+    out = []
+    for k in keys:
+        if k in m and m[k] is not None:
+            val = fmt_bytes(m[k]) if k.endswith("bytes") else m[k]
+            out.append(f"{k}: {val}")
+    return out
+
+
+def _command(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    parts = ["attnkit bench"]
+    if c.get("quick"):
+        parts.append("--quick")
+    if c["mechanisms"]:
+        parts.append("--mechanisms " + ",".join(c["mechanisms"]))
+    if c["seq_lens"] and not c.get("quick"):
+        parts.append("--seq-lens " + ",".join(map(str, c["seq_lens"])))
+    for flag, key, default in (("--batch", "batch", 1), ("--heads", "heads", 4), ("--head-dim", "head_dim", 64),
+                               ("--dtype", "dtype", "float32")):
+        if c[key] != default:
+            parts.append(f"{flag} {c[key]}")
+    if c["causal"] != "default":
+        parts.append(f"--causal {c['causal']}")
+    if c["backward"]:
+        parts.append("--backward")
+    return " ".join(parts)
+
+
+def _plot_captions() -> dict[str, str]:
+    return {
+        "time_vs_length.png": "Time per call against sequence length (log-log); SDPA in black. Crosses at the "
+                              "top: failed or out of memory at that length.",
+        "memory_vs_length.png": "Peak memory allocated by one call against sequence length (log-log).",
+        "error_vs_time.png": "Error against exact softmax vs time at one length: the Pareto view (lower left "
+                             "is better; the line joins the mechanisms no other beats on both).",
+        "speed_of_light.png": "Sparse patterns: time / speed of light at each length (1 = as fast as SDPA's "
+                              "cost per allowed pair).",
+    }
+
+
+def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
+    n = detail_length(doc)
+    captions = _plot_captions()
+    out = ["# attnkit benchmark report", "", headline(doc) + ".", "",
+           f"Reproduce: `{_command(doc)}`", ""]
+    if doc["interrupted"]:
+        out += ["**The run was interrupted (Ctrl-C): these are the results gathered until then.**", ""]
+    out += ["## Time per call (median)", "", _md_table(*time_table(doc)), "",
+            "FAILED = raised an error, OOM = out of memory, skip = over the time or memory budget, "
+            "n/a = not supported in this mode; see *Not measured* below.", ""]
+    if n is not None:
+        out += [f"## At n = {n}", "", _md_table(*detail_table(doc, n)), ""]
+    for p in plots:
+        out += [f"![{p}]({p})", "", f"*{captions.get(p, p)}*", ""]
+    lines = problems(doc)
+    if lines:
+        out += ["## Not measured", ""] + [f"- {x}" for x in lines] + [""]
+    out += ["## How it was measured", ""] + [f"- {x}" for x in _methods(doc)] + [""]
+    out += ["## Machine", ""] + [f"- {x}" for x in _machine_lines(doc)] + [""]
+    out += ["## All measurements", "", _md_table(*full_table(doc)), ""]
+    path.write_text("\n".join(out))
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f4f4f4}
+td.bad{color:#b00;font-weight:600} td.muted{color:#999}
+img{max-width:100%;border:1px solid #eee;margin-top:1em}
+figcaption{color:#555;font-style:italic;margin-bottom:1.5em}
+code{background:#f4f4f4;padding:1px 4px}
+"""
+
+
+def write_html(doc: dict[str, Any], plots: list[str], path: Path) -> None:
+    n = detail_length(doc)
+    captions = _plot_captions()
+    e = html.escape
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>attnkit benchmark report</title>",
+           f"<style>{_CSS}</style></head><body>", "<h1>attnkit benchmark report</h1>",
+           f"<p>{e(headline(doc))}.</p>", f"<p>Reproduce: <code>{e(_command(doc))}</code></p>"]
+    if doc["interrupted"]:
+        out.append("<p><b>The run was interrupted (Ctrl-C): these are the results gathered until then.</b></p>")
+    out += ["<h2>Time per call (median)</h2>", _html_table(*time_table(doc)),
+            "<p>FAILED = raised an error, OOM = out of memory, skip = over the time or memory budget, "
+            "n/a = not supported in this mode.</p>"]
+    if n is not None:
+        out += [f"<h2>At n = {n}</h2>", _html_table(*detail_table(doc, n))]
+    for p in plots:
+        out.append(f"<figure><img src='{e(p)}' alt='{e(p)}'><figcaption>{e(captions.get(p, p))}</figcaption>"
+                   "</figure>")
+    lines = problems(doc)
+    if lines:
+        out += ["<h2>Not measured</h2><ul>"] + [f"<li>{e(x)}</li>" for x in lines] + ["</ul>"]
+    out += ["<h2>How it was measured</h2><ul>"] + [f"<li>{e(x)}</li>" for x in _methods(doc)] + ["</ul>"]
+    out += ["<h2>Machine</h2><ul>"] + [f"<li>{e(x)}</li>" for x in _machine_lines(doc)] + ["</ul>"]
+    out += ["<h2>All measurements</h2>", _html_table(*full_table(doc)), "</body></html>"]
+    path.write_text("\n".join(out))
+
+
+def write_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``results.json`` atomically (a partial run never leaves a truncated file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def write_csv(doc: dict[str, Any], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CELL_FIELDS))
+    w.writeheader()
+    for c in doc["results"]:
+        row = dict(c)
+        row["params"] = json.dumps(c["params"], default=str)
+        w.writerow(row)
+    path.write_text(buf.getvalue())
+
+
+def write_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Any]:
+    """Write every output file into ``out_dir``; returns ``{"files": [...], "plot_error": str | None}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_json(doc, out)]
+    write_csv(doc, out / "results.csv")
+    files.append(out / "results.csv")
+    made: list[str] = []
+    plot_error = None
+    if plots:
+        from attnkit.bench import plots as plotting
+
+        try:
+            made = plotting.make_plots(doc, out)
+        except plotting.MissingMatplotlib as exc:
+            plot_error = str(exc)
+    write_markdown(doc, made, out / "report.md")
+    write_html(doc, made, out / "report.html")
+    files += [out / "report.md", out / "report.html"] + [out / p for p in made]
+    return {"files": [str(f) for f in files], "plot_error": plot_error}

@@ -1,0 +1,391 @@
+"""The benchmark loop: every variant at every length, bounded in time, robust to failures and Ctrl-C.
+
+Lengths run in increasing order and, within a length, the SDPA baseline first, so every ratio compares
+numbers measured on the same inputs in the same run. Time stays bounded whatever is registered: a cell
+whose predicted single call (extrapolated from the variant's previous length) exceeds ``max_call_s``, or
+that would not fit in what is left of ``time_budget_s``, is skipped and reported as such; so is one whose
+predicted memory exceeds what the device has free. A mechanism that raises or runs out of memory is
+recorded as ``failed`` / ``oom`` with the message; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attnkit.bench import measure
+from attnkit.bench.machine import available_memory_bytes, describe_machine
+from attnkit.bench.workloads import (
+    BenchConfig,
+    Variant,
+    call_with_accepted,
+    is_quadratic,
+    select_variants,
+    shape_params,
+)
+
+__all__ = ["run_benchmark", "CELL_FIELDS", "SCHEMA"]
+
+SCHEMA = "attnkit-bench/1"
+
+# Every cell of results.json / results.csv has exactly these keys (None where it does not apply).
+CELL_FIELDS = (
+    "mechanism", "label", "kind", "family", "exact", "causal", "seq_len", "batch", "heads", "head_dim",
+    "dtype", "device", "backward", "status", "message", "time_s", "time_min_s", "time_max_s", "repeats",
+    "first_call_s", "compile_s", "build_s", "peak_memory_bytes", "input_bytes", "flops", "gflops_per_s",
+    "vs_sdpa", "error", "error_reference", "exact_check", "density", "speed_of_light_s",
+    "speed_of_light_ratio", "params",
+)
+STATUSES = ("ok", "failed", "oom", "skipped", "unsupported")
+
+_FLEX_MAX_LEN = 16384  # create_block_mask evaluates the mask densely: n^2 booleans
+
+
+class _Skip(Exception):
+    pass
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+_compiled_flex: Callable[..., Any] | None = None
+
+
+def _flex() -> Callable[..., Any]:
+    # One compiled function for the run: dynamic shapes, so a new length does not recompile.
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+class _Run:
+    def __init__(self, config: BenchConfig, variants: list[Variant], progress: bool,
+                 on_cell: Callable[[dict[str, Any]], None] | None):
+        self.config = config
+        self.variants = variants
+        self.progress = progress
+        self.on_cell = on_cell
+        self.device = torch.device(config.device)
+        self.dtype = _dtype(config.dtype)
+        self.cells: list[dict[str, Any]] = []
+        self.history: dict[tuple[str, bool], list[tuple[int, float, int | None]]] = {}
+        self.oom_at: dict[tuple[str, bool], int] = {}
+        self._patterns: dict[tuple[str, bool, int], Any] = {}
+        self._densities: dict[tuple[str, bool, int], float] = {}
+        self._refs: dict[Any, torch.Tensor] = {}
+        self.start = time.perf_counter()
+
+    # -- inputs and references -----------------------------------------------------------------------------
+    def inputs(self, n: int) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed + n)
+        shape = (c.batch, c.heads, n, c.head_dim)
+        q, k, v, grad = (torch.randn(shape, generator=g).to(self.device, self.dtype) for _ in range(4))
+        return q, k, v, grad
+
+    def pattern(self, v: Variant, n: int) -> Any:
+        key = (v.mechanism.name, v.causal, n)
+        if key not in self._patterns:
+            self._patterns[key] = call_with_accepted(v.pattern_fn, n, causal=v.causal, **v.params)
+        return self._patterns[key]
+
+    def density(self, v: Variant, n: int) -> float:
+        key = (v.mechanism.name, v.causal, n)
+        if key not in self._densities:
+            self._densities[key] = float(self.pattern(v, n).density(n, n))
+        return self._densities[key]
+
+    def reference(self, q, k, v_, rows, causal: bool, pattern: Any, pattern_key: Any) -> torch.Tensor:
+        key = (q.shape[2], causal, pattern_key)
+        if key not in self._refs:
+            self._refs[key] = measure.exact_softmax_rows(q, k, v_, rows, causal=causal, pattern=pattern)
+        return self._refs[key]
+
+    # -- one cell ------------------------------------------------------------------------------------------
+    def blank(self, v: Variant, n: int) -> dict[str, Any]:
+        c = self.config
+        cell = dict.fromkeys(CELL_FIELDS)
+        cell.update(mechanism=v.name, label=v.label, kind=v.kind, family=v.family, exact=v.exact,
+                    causal=v.causal, seq_len=n, batch=c.batch, heads=c.heads, head_dim=c.head_dim,
+                    dtype=c.dtype, device=str(self.device), backward=c.backward, params=dict(v.params))
+        return cell
+
+    def predict(self, v: Variant, n: int) -> tuple[float | None, float | None]:
+        """Predicted seconds per call and peak bytes at length ``n``, from the variant's previous lengths."""
+        hist = self.history.get((v.name, v.causal), [])
+        if not hist:
+            return None, None
+        default_exp = 2.0 if is_quadratic(v.complexity) else 1.0
+        (n1, t1, m1) = hist[-1]
+        exp_t = default_exp
+        if len(hist) >= 2:
+            n0, t0, _ = hist[-2]
+            if t0 > 5e-3 and t1 > 5e-3 and n1 > n0:  # above launch overhead: trust the measured slope
+                exp_t = min(max(math.log(t1 / t0) / math.log(n1 / n0), 1.0), 2.5)
+        t = t1 * (n / n1) ** exp_t
+        mem = None
+        if m1 is not None:
+            mem = m1 * (n / n1) ** max(default_exp, 1.0)
+        return t, mem
+
+    def check_budget(self, v: Variant, n: int, cell: dict[str, Any]) -> None:
+        c = self.config
+        key = (v.name, v.causal)
+        if v.unsupported:
+            cell["status"] = "unsupported"
+            cell["message"] = v.unsupported
+            raise _Skip
+        if key in self.oom_at:
+            raise _Skip(f"ran out of memory at n={self.oom_at[key]}")
+        if v.kind == "flex" and n > _FLEX_MAX_LEN and c.seq_lens is None:
+            raise _Skip(f"FlexAttention's block mask is built densely (n^2 booleans); default runs stop at "
+                        f"{_FLEX_MAX_LEN}")
+        remaining = c.time_budget_s - (time.perf_counter() - self.start)
+        if remaining <= 0:
+            raise _Skip(f"run time budget of {c.time_budget_s:.0f} s spent (raise it with --time-budget)")
+        t, mem = self.predict(v, n)
+        if t is not None and t > c.max_call_s:
+            raise _Skip(f"predicted {t:.1f} s per call > {c.max_call_s:g} s (--max-call)")
+        if t is not None and 2 * t > remaining:
+            raise _Skip(f"predicted {t:.1f} s per call does not fit the {remaining:.0f} s left of the run budget")
+        if mem is not None:
+            free = available_memory_bytes(self.device)
+            if free is not None and mem > 0.7 * free:
+                raise _Skip(f"predicted peak memory {mem / 2**30:.1f} GiB > 70% of the "
+                            f"{free / 2**30:.1f} GiB available")
+
+    def build(self, v: Variant, n: int) -> Callable[..., Any]:
+        c = self.config
+        if v.kind == "baseline":
+            causal = v.causal
+            return lambda q, k, v_: torch.nn.functional.scaled_dot_product_attention(q, k, v_, is_causal=causal)
+        if v.kind == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            pattern = self.pattern(v, n)
+            bm = create_block_mask(pattern.mask_mod(n, n),
+                                   B=c.batch if getattr(pattern, "batch_dependent", False) else None,
+                                   H=c.heads if getattr(pattern, "head_dependent", False) else None,
+                                   Q_LEN=n, KV_LEN=n, device=self.device)
+            flex = _flex()
+            return lambda q, k, v_: flex(q, k, v_, block_mask=bm)
+        m = v.mechanism
+        fn = m.build(causal=v.causal, **v.params,
+                     **shape_params(m, heads=c.heads, head_dim=c.head_dim, seq_len=n))
+        if isinstance(fn, torch.nn.Module):
+            fn = fn.to(device=self.device, dtype=self.dtype)
+        return fn
+
+    def caller(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
+        q, k, v, grad = inputs
+        if not self.config.backward:
+            def forward() -> torch.Tensor:
+                with torch.no_grad():
+                    out = fn(q, k, v)
+                return out[0] if isinstance(out, tuple) else out
+
+            return forward
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
+
+        def forward_backward() -> torch.Tensor:
+            out = fn(*leaves)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out, leaves + params, grad[..., : out.shape[-1]].expand_as(out),
+                                allow_unused=True)
+            return out.detach()
+
+        return forward_backward
+
+    def measure_cell(self, v: Variant, n: int, inputs: tuple[torch.Tensor, ...], cell: dict[str, Any]) -> None:
+        c = self.config
+        t0 = time.perf_counter()
+        fn = self.build(v, n)
+        call = self.caller(fn, inputs)
+        cell["build_s"] = time.perf_counter() - t0
+
+        # First call: warm-up (and compilation for FlexAttention); traced for memory unless it compiles.
+        traced_first = c.memory and v.kind != "flex"
+        t0 = time.perf_counter()
+        if traced_first:
+            out, peak = measure.peak_memory(call, self.device)
+        else:
+            out, peak = call(), None
+        measure.sync(self.device)
+        first = time.perf_counter() - t0
+        cell["first_call_s"] = first
+        if c.memory and not traced_first:
+            out, peak = measure.peak_memory(call, self.device)
+        cell["peak_memory_bytes"] = peak
+        for _ in range(max(c.warmup - 1, 0)):
+            if first > c.cell_budget_s:
+                break
+            call()
+
+        self.error(v, n, inputs, out, cell)
+        del out
+
+        times = measure.time_calls(call, self.device, repeats=max(c.repeats, 1), budget_s=c.cell_budget_s)
+        cell.update(measure.summarize(times))
+        cell["repeats"] = len(times)
+        if v.kind == "flex":
+            cell["compile_s"] = max(first - cell["time_s"], 0.0)
+
+    def error(self, v: Variant, n: int, inputs, out: torch.Tensor, cell: dict[str, Any]) -> None:
+        q, k, v_, _ = inputs
+        expected_shape = (q.shape[0], q.shape[1], n, v_.shape[-1])
+        if tuple(out.shape) != expected_shape:
+            cell["message"] = f"output shape {tuple(out.shape)} != {expected_shape}: error not computed"
+            return
+        pattern, pattern_key = None, None
+        if v.pattern_fn is not None:
+            pattern, pattern_key = self.pattern(v, n), v.mechanism.name
+        rows = measure.sample_rows(n, self.config.error_rows, q.device)
+        ref = self.reference(q, k, v_, rows, v.causal, pattern, pattern_key)
+        cell["error"] = measure.relative_error(out[:, :, rows], ref)
+        cell["error_reference"] = "softmax" + (" causal" if v.causal else "") + (
+            f" with the {v.mechanism.name} pattern" if pattern is not None else "")
+        if v.exact:
+            ok = cell["error"] <= measure.EXACT_TOLERANCE[self.config.dtype]
+            cell["exact_check"] = "ok" if ok else "differs"
+
+    def derive(self, v: Variant, n: int, cell: dict[str, Any]) -> None:
+        """FLOPs, GFLOP/s, ratio to SDPA and speed of light, once the cell and its baseline are measured."""
+        c = self.config
+        mult = 3.0 if c.backward else 1.0  # backward = 2 x forward matmul work
+        density = None
+        if v.pattern_fn is not None and cell["status"] == "ok":
+            try:
+                density = self.density(v, n)
+                cell["density"] = density
+            except Exception as exc:  # a pattern without density: report, keep the timing
+                cell["message"] = (cell["message"] or "") + f" density unavailable: {exc}"
+        shape = dict(batch=c.batch, heads=c.heads, q_len=n, kv_len=n, head_dim=c.head_dim, causal=v.causal)
+        flops = None
+        if v.kind == "mechanism" and v.mechanism.flops is not None:
+            try:
+                flops = float(call_with_accepted(v.mechanism.flops, **shape, **v.params))
+            except Exception as exc:
+                cell["message"] = (cell["message"] or "") + f" flops() raised {type(exc).__name__}: {exc}"
+        if flops is None and (v.kind != "mechanism" or v.mechanism.flops is None):
+            flops = measure.dense_flops(**shape, density=density)
+        if flops is not None:
+            cell["flops"] = flops * mult
+        if cell["status"] != "ok":
+            return
+        if cell["flops"]:
+            cell["gflops_per_s"] = cell["flops"] / cell["time_s"] / 1e9
+        base = next((b for b in reversed(self.cells) if b["kind"] == "baseline" and b["seq_len"] == n
+                     and b["causal"] == v.causal and b["status"] == "ok"), None)
+        if v.kind == "baseline":
+            cell["vs_sdpa"] = 1.0
+        elif base is not None:
+            cell["vs_sdpa"] = cell["time_s"] / base["time_s"]
+            if density is not None:
+                base_density = (n + 1) / (2 * n) if v.causal else 1.0
+                sol = base["time_s"] * density / base_density
+                cell["speed_of_light_s"] = sol
+                cell["speed_of_light_ratio"] = cell["time_s"] / sol
+
+    def run_cell(self, v: Variant, n: int, inputs) -> dict[str, Any]:
+        cell = self.blank(v, n)
+        q, k, vv, _ = inputs
+        cell["input_bytes"] = sum(t.numel() * t.element_size() for t in (q, k, vv))
+        key = (v.name, v.causal)
+        try:
+            self.check_budget(v, n, cell)
+            self.measure_cell(v, n, inputs, cell)
+            cell["status"] = "ok"
+            self.history.setdefault(key, []).append((n, cell["time_s"], cell["peak_memory_bytes"]))
+        except _Skip as skip:
+            if cell["status"] is None:
+                cell["status"] = "skipped"
+                cell["message"] = str(skip)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            from attnkit.errors import NotSupportedError
+
+            if measure.is_oom(exc):
+                cell["status"] = "oom"
+                self.oom_at[key] = n
+            elif isinstance(exc, NotSupportedError):
+                cell["status"] = "unsupported"
+            else:
+                cell["status"] = "failed"
+            text = str(exc).strip().splitlines()
+            cell["message"] = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.derive(v, n, cell)
+        return cell
+
+
+def run_benchmark(config: BenchConfig, *, variants: list[Variant] | None = None, progress: bool = True,
+                  on_cell: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``config`` and return the results document (the content of ``results.json``).
+
+    ``on_cell(document)`` is called after every cell with the document so far (to save partial results).
+    Ctrl-C stops the run between calls; the document then has ``"interrupted": true`` and every cell
+    measured until then.
+    """
+    if variants is None:
+        variants = select_variants(config)
+    run = _Run(config, variants, progress, on_cell)
+    device = run.device
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "config": config.to_dict(),
+        "machine": describe_machine(device),
+        "memory_method": measure.MEMORY_METHOD.get(device.type, "not measured on this device"),
+        "variants": [{"name": v.name, "label": v.label, "kind": v.kind, "family": v.family, "exact": v.exact,
+                      "causal": v.causal, "complexity": v.complexity, "paper": v.paper,
+                      "seq_lens": v.seq_lens, "params": dict(v.params), "unsupported": v.unsupported}
+                     for v in variants],
+        "results": run.cells,
+        "interrupted": False,
+        "complete": False,
+        "elapsed_s": 0.0,
+    }
+    lengths = sorted({n for v in variants for n in v.seq_lens})
+    total = sum(len(v.seq_lens) for v in variants)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="cell", desc="attnkit bench", dynamic_ncols=True, leave=False)
+    try:
+        for n in lengths:
+            inputs = run.inputs(n)
+            run._refs.clear()
+            for v in variants:
+                if n not in v.seq_lens:
+                    continue
+                if bar is not None:
+                    bar.set_postfix_str(f"{v.label} n={n}", refresh=True)
+                cell = run.run_cell(v, n, inputs)
+                run.cells.append(cell)
+                doc["elapsed_s"] = time.perf_counter() - run.start
+                if bar is not None:
+                    bar.update(1)
+                if on_cell is not None:
+                    on_cell(doc)
+            del inputs
+        doc["complete"] = True
+    except KeyboardInterrupt:
+        doc["interrupted"] = True
+    finally:
+        if bar is not None:
+            bar.close()
+    doc["elapsed_s"] = time.perf_counter() - run.start
+    return doc

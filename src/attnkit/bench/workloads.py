@@ -1,0 +1,224 @@
+"""What a benchmark run measures: the configuration, the selection of mechanisms and their lengths.
+
+The selection comes from the registry, so a newly registered family shows up in `attnkit bench` without
+touching this module. Each *variant* is one line of the report: a registered mechanism, the SDPA baseline or
+a FlexAttention peer, in one causal mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import attnkit
+from attnkit.registry import Mechanism
+
+__all__ = ["BenchConfig", "Variant", "default_config", "quick_config", "select_variants", "is_quadratic",
+           "DTYPES", "SDPA", "QUADRATIC_LENS", "SUBQUADRATIC_LENS"]
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+SDPA = "sdpa"  # name of the built-in baseline: torch.nn.functional.scaled_dot_product_attention
+
+# Default lengths: 512..16,384 for everything, longer for mechanisms whose cost is sub-quadratic.
+QUADRATIC_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+SUBQUADRATIC_LENS = QUADRATIC_LENS + (32768, 65536)
+QUICK_LENS = (256, 512, 1024, 2048)
+
+# n^2, N², L*L, n·n ... in a complexity string such as "O(n^2 d)"; "O(n d^2)" is linear in n.
+_QUADRATIC = re.compile(r"\b[nNLT]\s*(\^|\*\*)\s*2|[nNLT]²|\b([nNLT])\s*[*·×]\s*\2\b")
+
+
+def is_quadratic(complexity: str) -> bool:
+    """Whether a registry complexity string is quadratic in the sequence length."""
+    return bool(_QUADRATIC.search(complexity or ""))
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run. ``None`` fields mean "the embedded default" (see `default_config`)."""
+
+    mechanisms: list[str] | None = None  # names or family names; None: those with ``in_default_bench``
+    seq_lens: list[int] | None = None  # None: per-family defaults (QUADRATIC_LENS / SUBQUADRATIC_LENS)
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    causal: str = "default"  # "off", "on", "both", or "default" (off, plus causal for the linear family)
+    backward: bool = False  # time forward + backward
+    repeats: int = 5  # timed calls per cell (fewer when a cell would exceed cell_budget_s)
+    warmup: int = 1  # untimed calls before timing (the first one is traced for memory)
+    cell_budget_s: float = 1.5  # time spent on the timed calls of one cell
+    max_call_s: float = 6.0  # skip a cell whose predicted single call is longer than this
+    time_budget_s: float = 170.0  # the whole run; remaining cells are skipped (and reported) beyond it
+    flex: bool = True  # FlexAttention peers for mechanisms with a sparsity pattern
+    memory: bool = True  # trace peak memory (one extra traced call per cell)
+    error_rows: int = 256  # query rows sampled for the error against exact softmax
+    seed: int = 0
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mechanism overrides
+    quick: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_config(**overrides: Any) -> BenchConfig:
+    """The embedded default of `attnkit bench`: about 3 minutes on 2 CPU cores."""
+    return BenchConfig(**overrides)
+
+
+def quick_config(**overrides: Any) -> BenchConfig:
+    """`attnkit bench --quick`: about 20 seconds (short lengths, no FlexAttention compilation)."""
+    base = dict(seq_lens=list(QUICK_LENS), repeats=3, cell_budget_s=0.3, max_call_s=1.5, time_budget_s=18.0,
+                flex=False, quick=True)
+    base.update(overrides)
+    return BenchConfig(**base)
+
+
+@dataclass
+class Variant:
+    """One line of the report: what is called, in which causal mode, at which lengths."""
+
+    name: str  # registry name, "sdpa", or "flex[<name>]"
+    kind: str  # "baseline", "mechanism" or "flex"
+    causal: bool
+    family: str
+    exact: bool
+    complexity: str
+    paper: str
+    seq_lens: list[int]
+    params: dict[str, Any] = field(default_factory=dict)
+    mechanism: Mechanism | None = None  # the registry record (for "flex", the mechanism whose pattern it runs)
+    unsupported: str = ""  # why this variant cannot run at all (reported, not dropped)
+
+    @property
+    def label(self) -> str:
+        return self.name + (" causal" if self.causal else "")
+
+    @property
+    def pattern_fn(self) -> Callable[..., Any] | None:
+        if self.mechanism is None:
+            return None
+        return self.mechanism.extras.get("pattern")
+
+
+def call_with_accepted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+
+
+def _lengths_for(m: Mechanism, config: BenchConfig) -> list[int]:
+    if config.seq_lens is not None:
+        lens = list(config.seq_lens)
+    else:
+        lens = list(QUADRATIC_LENS if is_quadratic(m.complexity) else SUBQUADRATIC_LENS)
+    if m.max_bench_len is not None:
+        lens = [n for n in lens if n <= m.max_bench_len]
+    return lens
+
+
+def resolve_names(requested: Sequence[str] | None, mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
+    """Map names, family names or ``all`` to registry records; ``ValueError`` lists what is known."""
+    by_name = {m.name: m for m in mechanisms}
+    if requested is None:
+        return [m for m in mechanisms if m.in_default_bench]
+    families = sorted({m.family for m in mechanisms})
+    chosen: dict[str, Mechanism] = {}
+    unknown = []
+    for item in requested:
+        if item == SDPA:
+            continue  # the baseline is always measured
+        if item == "all":
+            chosen.update(by_name)
+        elif item in by_name:
+            chosen[item] = by_name[item]
+        elif item in families:
+            chosen.update({m.name: m for m in mechanisms if m.family == item})
+        else:
+            unknown.append(item)
+    if unknown:
+        raise ValueError(
+            f"unknown mechanism(s) {', '.join(map(repr, unknown))}; known mechanisms: "
+            f"{', '.join(sorted(by_name)) or '(none registered)'}; families: {', '.join(families) or '(none)'}; "
+            f"'all' selects every mechanism, 'sdpa' is the built-in baseline (see `attnkit list`)"
+        )
+    return list(chosen.values())
+
+
+def _causal_modes(m: Mechanism | None, mode: str) -> list[bool]:
+    if mode == "off":
+        return [False]
+    if mode == "on":
+        return [True]
+    if mode == "both":
+        return [False, True]
+    # default: non-causal, plus causal for the linear family (where causal and non-causal differ in kind)
+    if m is not None and m.family == "linear" and m.causal:
+        return [False, True]
+    return [False]
+
+
+def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None = None) -> list[Variant]:
+    """The variants of a run: the SDPA baseline in each causal mode used, the selected mechanisms and the
+    FlexAttention peers of those that carry a sparsity pattern (``extras["pattern"]``)."""
+    if mechanisms is None:
+        mechanisms = attnkit.list_mechanisms()
+    chosen = resolve_names(config.mechanisms, mechanisms)
+    variants: list[Variant] = []
+    for m in chosen:
+        params = {**dict(m.bench_params), **config.params.get(m.name, {})}
+        for causal in _causal_modes(m, config.causal):
+            why = "" if (m.causal or not causal) else "no causal form"
+            variants.append(Variant(m.name, "mechanism", causal, m.family, m.exact, m.complexity, m.paper,
+                                    _lengths_for(m, config), params, m, why))
+            if config.flex and "pattern" in m.extras and not why:
+                variants.append(Variant(f"flex[{m.name}]", "flex", causal, "torch", True, m.complexity,
+                                        "FlexAttention (PyTorch), with the pattern of " + m.name,
+                                        _lengths_for(m, config), params, m))
+    causal_modes = sorted({v.causal for v in variants}) or _causal_modes(None, config.causal)
+    # The baseline runs at every length some quadratic-cost variant uses (it is quadratic itself).
+    base_lens: set[int] = set()
+    for v in variants:
+        base_lens.update(v.seq_lens if (config.seq_lens is not None or is_quadratic(v.complexity))
+                         else [n for n in v.seq_lens if n <= max(QUADRATIC_LENS)])
+    if not base_lens:
+        base_lens = set(config.seq_lens or QUADRATIC_LENS)
+    baselines = [Variant(SDPA, "baseline", c, "torch", True, "O(n^2 d)",
+                         "torch.nn.functional.scaled_dot_product_attention", sorted(base_lens))
+                 for c in causal_modes]
+    return baselines + variants
+
+
+def parse_param_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["performer.num_features=128"]`` -> ``{"performer": {"num_features": 128}}`` (values as Python
+    literals when they parse, strings otherwise)."""
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, param = key.partition(".")
+        if not sep or not dot or not name or not param:
+            raise ValueError(f"--param expects MECHANISM.NAME=VALUE (e.g. performer.num_features=128), got {item!r}")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(name, {})[param] = value
+    return out
+
+
+def shape_params(m: Mechanism, *, heads: int, head_dim: int, seq_len: int) -> Mapping[str, int]:
+    """The shape arguments a factory declared in ``needs``."""
+    known = {"num_heads": heads, "head_dim": head_dim, "seq_len": seq_len}
+    return {k: known[k] for k in m.needs}

@@ -1,0 +1,277 @@
+"""The ``attnkit`` command line: ``attnkit list`` and ``attnkit bench``.
+
+Subcommands live in the ``COMMANDS`` table; adding one (say ``attnkit quality``) is one more `Command`
+entry whose ``add_arguments`` and ``run`` may be given as ``"module:function"`` strings, imported only
+when that subcommand is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["main", "build_parser", "Command", "COMMANDS"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` declares its options, ``run(args) -> exit code`` runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | str
+    run: Callable[[argparse.Namespace], int] | str
+    description: str = ""
+
+
+def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# -- attnkit list -------------------------------------------------------------------------------------------
+def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", help="show only this family (e.g. exact, linear, approx, neighborhood)")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    import attnkit
+
+    mechanisms = attnkit.list_mechanisms()
+    families = sorted({m.family for m in mechanisms})
+    if args.family is not None:
+        if args.family not in families:
+            print(f"attnkit list: error: no family {args.family!r}; families: {', '.join(families) or '(none)'}",
+                  file=sys.stderr)
+            return 2
+        mechanisms = [m for m in mechanisms if m.family == args.family]
+    if args.json:
+        print(json.dumps([
+            {"name": m.name, "family": m.family, "paper": m.paper, "exact": m.exact, "complexity": m.complexity,
+             "causal": m.causal, "summary": m.summary, "in_default_bench": m.in_default_bench,
+             "bench_params": dict(m.bench_params), "needs": list(m.needs)} for m in mechanisms], indent=1,
+            default=str))
+        return 0
+    if not mechanisms:
+        print("no mechanisms registered")
+        return 0
+    header = ("name", "family", "exact", "complexity", "causal", "paper")
+    rows = [(m.name + ("*" if m.in_default_bench else ""), m.family, "exact" if m.exact else "approx",
+             m.complexity, "yes" if m.causal else "no", m.paper) for m in mechanisms]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    paper_width = max(30, 140 - indent)
+    for r in [header] + rows:
+        lead = "  ".join(c.ljust(w) for c, w in zip(r, widths))
+        paper = textwrap.wrap(r[-1], paper_width) or [""]
+        print(lead + "  " + paper[0])
+        for more in paper[1:]:
+            print(" " * indent + more)
+    print(f"\n{len(mechanisms)} mechanisms; * = in the default `attnkit bench` selection")
+    return 0
+
+
+# -- attnkit bench ------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def _length(text: str) -> int:
+    t = text.strip().lower()
+    mult = 1024 if t.endswith("k") else 1
+    try:
+        value = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"sequence lengths are positive integers such as 512,4096,16K; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"sequence lengths must be positive, got {text!r}")
+    return value
+
+
+def _length_list(text: str) -> list[int]:
+    items = [x for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of lengths such as 512,4096,16K")
+    return sorted({_length(x) for x in items})
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from attnkit.bench.workloads import DTYPES
+
+    p.add_argument("--mechanisms", type=_name_list, action="extend", metavar="NAMES",
+                   help="comma-separated mechanism names, family names or 'all' (default: the registry's "
+                        "representative ones); the SDPA baseline is always measured")
+    p.add_argument("--seq-lens", type=_length_list, metavar="LENGTHS",
+                   help="comma-separated sequence lengths, e.g. 512,2048,16K (default: 512..16K, up to 64K "
+                        "for sub-quadratic mechanisms)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default 1)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (default 4)")
+    p.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension (default 64)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="floating type (default float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--causal", nargs="?", const="on", choices=("off", "on", "both"), default=None,
+                   help="causal attention: on (bare --causal), off or both (default: off, plus causal for "
+                        "linear attention)")
+    p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per cell (default 5)")
+    p.add_argument("--out", default="attnkit-report", metavar="DIR",
+                   help="output folder (default ./attnkit-report/)")
+    p.add_argument("--quick", action="store_true", help="a ~20 s run: lengths 256..2048, no FlexAttention")
+    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop measuring after this long, reporting the rest as skipped (default 170, quick 18)")
+    p.add_argument("--max-call", type=_positive_float, default=None, metavar="SECONDS",
+                   help="skip a cell predicted to take longer than this per call (default 6)")
+    p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
+                   help="override a mechanism's benchmark parameter, e.g. performer.num_features=128")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-flex", action="store_true", help="do not run the FlexAttention peers")
+    p.add_argument("--no-memory", action="store_true", help="do not trace peak memory")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import torch
+
+    from attnkit.bench.workloads import default_config, parse_param_overrides, quick_config
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: {device!r} is not a device; use cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: CUDA is not available here (no GPU, or a CPU-only torch); "
+                     "use --device cpu")
+    try:
+        params = parse_param_overrides(args.param)
+    except ValueError as exc:
+        parser.error(f"argument --param: {exc}")
+    overrides: dict[str, Any] = {"device": device, "params": params}
+    for key in ("batch", "heads", "head_dim", "dtype", "repeats", "seq_lens", "mechanisms"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.causal is not None:
+        overrides["causal"] = args.causal
+    if args.backward:
+        overrides["backward"] = True
+    if args.time_budget is not None:
+        overrides["time_budget_s"] = args.time_budget
+    if args.max_call is not None:
+        overrides["max_call_s"] = args.max_call
+    if args.no_flex:
+        overrides["flex"] = False
+    if args.no_memory:
+        overrides["memory"] = False
+    return quick_config(**overrides) if args.quick else default_config(**overrides)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args._parser
+    config = _bench_config(args, parser)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from attnkit.bench.workloads import select_variants
+
+    try:
+        variants = select_variants(config)
+    except ValueError as exc:
+        parser.error(f"argument --mechanisms: {exc}")
+    from attnkit.bench import report as rep
+    from attnkit.bench.runner import run_benchmark
+
+    if not any(v.kind == "mechanism" for v in variants):
+        print("attnkit bench: no registered mechanism selected (none marked for the default bench yet?): "
+              "measuring the SDPA baseline only; see `attnkit list`", file=sys.stderr)
+    labels = ", ".join(v.label for v in variants)
+    print(f"attnkit bench: {len(variants)} variants ({labels}); writing to {args.out}/", file=sys.stderr)
+
+    def save_partial(doc: dict[str, Any]) -> None:
+        rep.write_json(doc, args.out)
+
+    doc = run_benchmark(config, variants=variants, progress=not args.no_progress, on_cell=save_partial)
+    written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    print(rep.terminal_summary(doc))
+    if written["plot_error"]:
+        print(f"\nattnkit bench: {written['plot_error']}", file=sys.stderr)
+    print(f"\nReport: {args.out}/report.html and report.md; data: results.json, results.csv")
+    if doc["interrupted"]:
+        print("attnkit bench: interrupted; the results gathered so far were written", file=sys.stderr)
+        return 130
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("list", "list the registered attention mechanisms", _list_arguments, _run_list,
+                "Every registered mechanism with its family, paper, exact or approximate, complexity and causal "
+                "support."),
+        Command("bench", "benchmark mechanisms against SDPA and write a report", _bench_arguments, _run_bench,
+                "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
+                "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "
+                "writes results.json, results.csv, report.md, report.html and PNG plots."),
+    )
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import attnkit
+
+    parser = argparse.ArgumentParser(prog="attnkit", description="attnkit: attention mechanisms behind one API.")
+    parser.add_argument("--version", action="version", version=f"attnkit {attnkit.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for c in COMMANDS.values():
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
+        _resolve(c.add_arguments)(p)
+        p.set_defaults(_command=c, _parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attnkit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_command", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(_resolve(args._command.run)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

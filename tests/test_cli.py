@@ -1,0 +1,130 @@
+"""The `attnkit` command line end to end: `list`, `bench` on a tiny configuration, and bad options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from attnkit.bench.runner import CELL_FIELDS, SCHEMA, STATUSES
+from attnkit.cli import COMMANDS, main
+from test_bench_fakes import PAPER, registered
+
+
+def test_list_shows_every_mechanism_with_its_facts(capsys):
+    with registered() as fakes:
+        assert main(["list"]) == 0
+        out = capsys.readouterr().out
+        header = out.splitlines()[0].split()
+        assert header == ["name", "family", "exact", "complexity", "causal", "paper"]
+        for m in fakes:
+            line = next(x for x in out.splitlines() if x.split()[0].rstrip("*") == m.name)
+            assert m.family in line and m.complexity in line and PAPER in line
+            assert ("exact" if m.exact else "approx") in line.split()[2]
+            assert ("yes" if m.causal else "no") in line.split()
+        assert main(["list", "--json"]) == 0
+        records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert records["fake_mean"]["exact"] is False and records["fake_mean"]["causal"] is False
+        assert records["fake_band"]["paper"] == PAPER and records["fake_band"]["in_default_bench"]
+        assert main(["list", "--family", "fakes_approx", "--json"]) == 0
+        assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["fake_mean"]
+        assert main(["list", "--family", "nope"]) == 2
+        assert "no family 'nope'" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "report"
+    requested = ["fake_exact", "fake_band", "fake_mean", "fake_failing"]
+    with registered(*requested):
+        code = main(["bench", "--mechanisms", ",".join(requested), "--seq-lens", "16,32", "--heads", "2",
+                     "--head-dim", "8", "--repeats", "2", "--out", str(out), "--no-progress", "--no-flex"])
+    assert code == 0
+    term = capsys.readouterr().out
+    assert "Median time per call" in term and "fake_band" in term and "FAILED" in term
+    for name in ("results.json", "results.csv", "report.md", "report.html", "time_vs_length.png",
+                 "memory_vs_length.png", "error_vs_time.png", "speed_of_light.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == SCHEMA and doc["complete"] and not doc["interrupted"]
+    assert {"cpu", "torch_threads", "torch", "git_commit"} <= set(doc["machine"])
+    assert doc["config"]["seq_lens"] == [16, 32] and doc["config"]["heads"] == 2
+    for c in doc["results"]:
+        assert set(c) == set(CELL_FIELDS) and c["status"] in STATUSES
+        if c["status"] == "ok":
+            assert c["time_min_s"] <= c["time_s"] <= c["time_max_s"] and c["flops"] > 0
+            assert c["error"] is not None and c["vs_sdpa"] is not None
+    seen = {(c["mechanism"], c["seq_len"]) for c in doc["results"]}
+    for name in requested + ["sdpa"]:
+        assert {(name, 16), (name, 32)} <= seen, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(doc["results"]) and list(rows[0]) == list(CELL_FIELDS)
+    md = (out / "report.md").read_text()
+    assert "![time_vs_length.png](time_vs_length.png)" in md and "fake_failing: FAILED" in md
+    assert "allocation tracer" in md and "<img src='error_vs_time.png'" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--seq-lens", "12,abc"], "sequence lengths are positive integers"),
+    (["bench", "--seq-lens", "0"], "sequence lengths must be positive"),
+    (["bench", "--heads", "0"], "expected a positive integer"),
+    (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["bench", "--causal", "sometimes"], "invalid choice: 'sometimes'"),
+    (["bench", "--mechanisms", "no_such_thing"], "unknown mechanism(s) 'no_such_thing'; known mechanisms"),
+    (["bench", "--param", "oops"], "MECHANISM.NAME=VALUE"),
+    (["bench", "--device", "tpu"], "'tpu' is not a device; use cpu, cuda or cuda:N"),
+    (["bench", "--time-budget", "-3"], "expected a positive number of seconds"),
+    (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_options_exit_non_zero_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path)] if argv[0] == "bench" else argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cuda_requested_without_cuda(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cuda"])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def _probe_arguments(parser):
+    parser.add_argument("--level", type=int, default=0)
+
+
+def _probe_run(args):
+    return 7 + args.level
+
+
+def test_subcommand_table_accepts_lazy_entries():
+    # A later subcommand (e.g. `attnkit quality`) is one table entry, possibly "module:function" strings.
+    assert {"list", "bench"} <= set(COMMANDS)
+    from attnkit.cli import Command, build_parser
+
+    COMMANDS["_probe"] = Command("_probe", "probe", f"{__name__}:_probe_arguments", f"{__name__}:_probe_run")
+    try:
+        parser = build_parser()
+        assert "_probe" in parser.format_help()
+        assert main(["_probe", "--level", "3"]) == 7 + 3
+    finally:
+        del COMMANDS["_probe"]
+
+
+@pytest.mark.skipif(shutil.which("attnkit") is None, reason="console script not installed")
+def test_console_script_runs():
+    res = subprocess.run(["attnkit", "list"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("name")
+    res = subprocess.run(["attnkit", "bench", "--heads", "-1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--heads" in res.stderr
