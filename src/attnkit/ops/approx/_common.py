@@ -22,10 +22,12 @@ def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
-def randn(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal draws fixed by ``seed`` (drawn on the CPU so every device sees the same numbers)."""
+def randn(shape: tuple[int, ...], seed: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal draws fixed by ``seed`` (drawn on the CPU so every device sees the same numbers),
+    on ``like``'s device, in ``dtype`` (default ``like``'s)."""
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    draws = torch.randn(shape, generator=g, dtype=torch.float64)
+    return draws.to(device=like.device, dtype=dtype or like.dtype)
 
 
 def randint(high: int, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
@@ -146,3 +148,50 @@ def chunked_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+def grouped_attention_lse(q_s: torch.Tensor, gq: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor,
+                          gk: torch.Tensor, *, scale: float, chunk_size: int,
+                          qpos: torch.Tensor | None = None, kpos: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention restricted to equal groups, on inputs sorted by group.
+
+    ``q_s [b, h, n, d]`` sorted so its groups ``gq [b, h, n]`` ascend; ``k_s``, ``v_s`` sorted so ``gk
+    [b, h, n_k]`` ascends. Query i attends the keys of its own group (and, when positions ``qpos [b, h, n]``,
+    ``kpos [b, h, n_k]`` are given, only keys with ``kpos <= qpos``). Each chunk of sorted queries reads the
+    contiguous run of sorted keys whose groups it spans, so memory is O(chunk x run), never n x n_k.
+    Returns ``out [b, h, n, dv]`` and ``lse [b, h, n]`` in sorted query order (empty rows: 0 and -inf).
+    """
+    n, nk = q_s.shape[2], k_s.shape[2]
+    d, dv = k_s.shape[-1], v_s.shape[-1]
+    gk = gk.contiguous()
+    outs, lses = [], []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        g = gq[..., start:stop]
+        lo = torch.searchsorted(gk, g[..., :1].contiguous(), right=False)  # [b, h, 1]
+        hi = torch.searchsorted(gk, g[..., -1:].contiguous(), right=True)
+        width = max(int((hi - lo).max()), 1)
+        idx = lo + torch.arange(width, device=q_s.device)  # [b, h, w]
+        valid = idx < hi
+        idx = idx.clamp_max(nk - 1)
+        kc = k_s.gather(2, idx[..., None].expand(-1, -1, -1, d))
+        vc = v_s.gather(2, idx[..., None].expand(-1, -1, -1, dv))
+        mask = valid[..., None, :] & (g[..., :, None] == gk.gather(-1, idx)[..., None, :])
+        if qpos is not None:
+            mask = mask & (kpos.gather(-1, idx)[..., None, :] <= qpos[..., start:stop, None])
+        o, lse = masked_attention_lse(q_s[:, :, start:stop] @ kc.transpose(-1, -2) * scale, vc, mask)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def sort_by(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x [b, h, n, d]`` in ``order [b, h, n]``."""
+    return x.gather(2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def unsort(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`sort_by` for ``x [b, h, n, ...]`` (3 or 4 dims)."""
+    idx = order if x.dim() == 3 else order[..., None].expand_as(x)
+    return torch.empty_like(x).scatter_(2, idx, x)

@@ -4,7 +4,10 @@ Han et al., "HyperAttention: Long-context Attention in Near-Linear Time", ICLR 2
 
 1. sortLSH: hash queries and keys with ``num_bits`` random hyperplanes (angular LSH), order the buckets so
    neighbours differ in one bit (Gray code), and sort queries and keys by bucket. Cut both sorted lists into
-   the same number of blocks (keys: ``block_size`` each). Query i attends exactly to the keys of its block.
+   blocks of about ``block_size``; each query joins the block where its bucket rank falls among the sorted
+   keys, and attends exactly to the keys of that block. (The paper cuts sorted queries into equal blocks;
+   placing each query by its own rank gives the same blocks when queries and keys hash alike, and keeps a
+   query's block independent of other queries, which the causal recursion needs.)
 2. The rest of row i is estimated from ``sample_size`` keys drawn uniformly (with replacement), those in
    i's block excluded, each weighted ``n_k / sample_size`` (an unbiased estimate of the remaining mass).
 3. Both parts are combined by their log-sum-exp and normalised.
@@ -23,17 +26,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from attnkit.errors import NotSupportedError
 from attnkit.ops.approx._common import (
     check_positive_int,
     chunked_attention_lse,
+    grouped_attention_lse,
     masked_attention_lse,
     merge_lse,
     prepare,
     randint,
     randn,
+    sort_by,
+    unsort,
 )
 
 __all__ = ["hyper_attention", "hyper_reference", "sort_lsh_rank"]
@@ -61,20 +66,22 @@ def _check(block_size, sample_size, num_bits, min_seq_len):
 
 
 def _layout(q, k, block_size, num_bits, seed):
-    """Blocks of the sorted order: returns (order_q, order_k, block id of each query, block id of each key,
-    rows per query block, keys per key block, number of blocks)."""
-    nq, nk = q.shape[2], k.shape[2]
-    planes = randn((q.shape[1], q.shape[-1], num_bits), seed, q)
+    """sortLSH blocks. Keys sorted by bucket rank are cut into ``nb`` blocks of ``bk``; each query joins the
+    block where its own rank falls among the sorted keys (so a query's block depends on that query and the
+    keys only, never on other queries: the causal recursion stays causal). Returns the key order and the
+    block of every query and key (original positions)."""
+    nk = k.shape[2]
+    # Hash in float64: cheap next to attention, and every dtype sees the same buckets.
+    planes = randn((q.shape[1], q.shape[-1], num_bits), seed, q, torch.float64)
+    rank_q, rank_k = sort_lsh_rank(q.double(), planes), sort_lsh_rank(k.double(), planes)
     nb = math.ceil(nk / block_size)
-    bq, bk = math.ceil(nq / nb), math.ceil(nk / nb)
-    pos_q = torch.arange(nq, device=q.device)
+    bk = math.ceil(nk / nb)
     pos_k = torch.arange(nk, device=q.device)
-    order_q = torch.argsort(sort_lsh_rank(q, planes) * nq + pos_q, dim=-1)
-    order_k = torch.argsort(sort_lsh_rank(k, planes) * nk + pos_k, dim=-1)
-    # Block of each token in its original position: its place in the sorted list // block length.
-    blk_q = torch.empty_like(order_q).scatter_(-1, order_q, (pos_q // bq).expand_as(order_q))
+    order_k = torch.argsort(rank_k * nk + pos_k, dim=-1)
     blk_k = torch.empty_like(order_k).scatter_(-1, order_k, (pos_k // bk).expand_as(order_k))
-    return order_q, order_k, blk_q, blk_k, bq, bk, nb
+    first = torch.searchsorted(rank_k.gather(-1, order_k), rank_q, right=False)
+    blk_q = (first // bk).clamp_max(nb - 1)
+    return order_k, blk_q, blk_k
 
 
 def _samples(q, k, sample_size, seed):
@@ -82,9 +89,9 @@ def _samples(q, k, sample_size, seed):
 
 
 def _hyper_reference_rect(q, k, v, scale, block_size, sample_size, num_bits, seed):
-    """Materialised non-causal HyperAttention in float64: (out, lse, weights matrix)."""
+    """Materialised non-causal HyperAttention in float64: (out, lse, logits ``S + log W``)."""
     nk = k.shape[2]
-    _, _, blk_q, blk_k, _, _, _ = _layout(q, k, block_size, num_bits, seed)
+    _, blk_q, blk_k = _layout(q, k, block_size, num_bits, seed)
     in_block = blk_q[..., :, None] == blk_k[..., None, :]
     w = in_block.double()
     if sample_size > 0:
@@ -97,36 +104,25 @@ def _hyper_reference_rect(q, k, v, scale, block_size, sample_size, num_bits, see
     return out, lse, logits
 
 
-def _hyper_rect(q, k, v, scale, block_size, sample_size, num_bits, seed):
+def _hyper_rect(q, k, v, scale, block_size, sample_size, num_bits, seed, chunk_size=256):
     """Non-causal HyperAttention on matched heads: (out, lse)."""
-    b, h, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[-1]
+    nq, nk = q.shape[2], k.shape[2]
     if nk <= block_size:
         return chunked_attention_lse(q, k, v, scale=scale)
-    order_q, order_k, blk_q, blk_k, bq, bk, nb = _layout(q, k, block_size, num_bits, seed)
-    q_s = q.gather(2, order_q[..., None].expand(-1, -1, -1, d))
-    k_s = k.gather(2, order_k[..., None].expand(-1, -1, -1, d))
-    v_s = v.gather(2, order_k[..., None].expand(-1, -1, -1, dv))
-    # Block-diagonal exact part in sorted order.
-    qb = F.pad(q_s, (0, 0, 0, nb * bq - nq)).unflatten(2, (nb, bq))
-    kb = F.pad(k_s, (0, 0, 0, nb * bk - nk)).unflatten(2, (nb, bk))
-    vb = F.pad(v_s, (0, 0, 0, nb * bk - nk)).unflatten(2, (nb, bk))
-    key_ok = (torch.arange(nb * bk, device=q.device) < nk).view(nb, 1, bk)
-    o1, lse1 = masked_attention_lse(qb @ kb.transpose(-1, -2) * scale, vb, key_ok)
-    o1 = o1.flatten(2, 3)[:, :, :nq]
-    lse1 = lse1.flatten(2, 3)[:, :, :nq]
+    order_k, blk_q, blk_k = _layout(q, k, block_size, num_bits, seed)
+    # Block-diagonal exact part: queries sorted by block attend the keys of their block.
+    order_q = torch.argsort(blk_q * nq + torch.arange(nq, device=q.device), dim=-1)
+    q_s = sort_by(q, order_q)
+    o1, lse1 = grouped_attention_lse(q_s, blk_q.gather(-1, order_q), sort_by(k, order_k), sort_by(v, order_k),
+                                     blk_k.gather(-1, order_k), scale=scale, chunk_size=chunk_size)
     if sample_size > 0:
         # Sampled residual: keys outside the query's block, weighted n_k / s.
         idx = _samples(q, k, sample_size, seed)  # [b, h, s]
-        ks = k.gather(2, idx[..., None].expand(-1, -1, -1, d))
-        vs = v.gather(2, idx[..., None].expand(-1, -1, -1, dv))
-        q_blk = torch.arange(nq, device=q.device) // bq  # block of each sorted query
-        mask = q_blk[:, None] != blk_k.gather(-1, idx)[..., None, :]  # [b, h, nq, s]
+        ks, vs = sort_by(k, idx), sort_by(v, idx)
+        mask = blk_q.gather(-1, order_q)[..., :, None] != blk_k.gather(-1, idx)[..., None, :]
         o2, lse2 = masked_attention_lse(q_s @ ks.transpose(-1, -2) * scale, vs, mask)
         o1, lse1 = merge_lse(o1, lse1, o2, lse2 + math.log(nk / sample_size))
-    out = torch.empty_like(o1).scatter_(2, order_q[..., None].expand_as(o1), o1)
-    lse = torch.empty_like(lse1).scatter_(2, order_q, lse1)
-    return out, lse
+    return unsort(o1, order_q), unsort(lse1, order_q)
 
 
 def _causal(q, k, v, scale, params, seed, offset, rect, base):

@@ -50,7 +50,8 @@ def _setup(q, k, v, top_k, rank, basis, scale):
     if basis.shape[-2:] != (d, d):
         raise ValueError(f"basis must be [heads, {d}, {d}] or [batch, heads, {d}, {d}], got {tuple(basis.shape)}")
     p = basis[..., :rank]
-    return k, v, scale, q @ p, k @ p
+    # Low-rank scores in at least float32, so the fast path and the reference select alike.
+    return k, v, scale, upcast(q @ p), upcast(k @ p)
 
 
 def loki_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_k: int = 64,

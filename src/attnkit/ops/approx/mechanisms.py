@@ -107,7 +107,7 @@ def _flops_routing(*, batch, heads, q_len, kv_len, head_dim, causal=False, num_c
 def _flops_mra(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=32, num_refined=4, **_):
     nbq, nbk = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
     coarse = 4 * nbq * nbk * head_dim
-    refined = 4 * q_len * min(num_refined + causal, nbk) * block_size * head_dim
+    refined = 4 * q_len * min(num_refined, nbk) * block_size * head_dim
     return batch * heads * (coarse + refined)
 
 
@@ -172,8 +172,8 @@ register(Mechanism(
 
 register(Mechanism(
     name="mra", family=FAMILY, paper="Multi Resolution Analysis (MRA) for Approximate Self-Attention",
-    exact=False, complexity="O(n r b d + (n/b)^2 d)", causal=True,
-    factory=_fn_factory("mra", mra.mra_attention, mra.mra_reference, True),
+    exact=False, complexity="O(n r b d + (n/b)^2 d)", causal=False,
+    factory=_fn_factory("mra", mra.mra_attention, mra.mra_reference, False),
     summary="block-averaged coarse attention, top blocks refined to exact (MRA-2)",
     bench_params={"block_size": 32, "num_refined": 8}, flops=_flops_mra))
 

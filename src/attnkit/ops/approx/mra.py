@@ -9,9 +9,9 @@ keys into blocks of ``block_size``. At the coarse level every block pair (I, J) 
     out_i = (sum_{J refined} sum_{j in J} e^{s_ij} v_j + sum_{J coarse} e^{c_IJ} sum_{j in J} v_j) / (same, v = 1)
 
 ``num_refined >= number of key blocks`` is exact softmax; ``num_refined = 0`` is the block-averaged attention.
-The causal variant (an attnkit extension; the paper targets encoders) always refines the diagonal block
-with the token-level mask, uses coarse summaries of past blocks only, and never touches future blocks.
-Memory: O(n num_refined block_size) for the refined part plus O((n / block_size)^2) coarse logits.
+No causal form: the paper targets encoders, and the coarse level shares one mean query per block, so a
+query would read its block's later queries. Memory: O(n num_refined block_size) for the refined part plus
+O((n / block_size)^2) coarse logits (1/block_size^2 of the dense matrix: 8 MiB at n = 16k, 8 heads, b = 32).
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.approx._common import check_positive_int, masked_attention_lse, merge_lse, prepare
+from attnkit.ops.approx._common import (
+    check_positive_int,
+    masked_attention_lse,
+    merge_lse,
+    prepare,
+    refuse_causal,
+    upcast,
+)
 
 __all__ = ["mra_attention", "mra_reference"]
 
@@ -36,26 +43,27 @@ def _blocks(x: torch.Tensor, b: int):
     return xp, counts
 
 
-def _coarse(q, k, b, num_refined, causal, scale):
-    """Coarse logits ``[.., nbq, nbk]``, counts, and the refined key blocks ``[.., nbq, r]`` (with a
-    validity flag: causal rows near the start have fewer past blocks)."""
+def _coarse(q, k, b, scale):
+    """Coarse logits ``[.., nbq, nbk]`` from block means, and the key-block counts."""
     qb, cq = _blocks(q, b)
     kb, ck = _blocks(k, b)
     q_mean = qb.sum(-2) / cq[:, None].to(q.dtype)
     k_mean = kb.sum(-2) / ck[:, None].to(k.dtype)
-    coarse = q_mean @ k_mean.transpose(-1, -2) * scale  # [.., nbq, nbk]
-    mass = coarse.float() + torch.log(ck.float())
-    nbq, nbk = coarse.shape[-2:]
-    bi = torch.arange(nbq, device=q.device)[:, None]
-    bj = torch.arange(nbk, device=q.device)[None, :]
-    r = min(num_refined + (1 if causal else 0), nbk)
-    if causal:
-        mass = mass.masked_fill(bj > bi, float("-inf")).masked_fill(bj == bi, float("inf"))
-    sel = mass.topk(r, dim=-1) if r > 0 else None
-    return qb, kb, cq, ck, coarse, sel, (bi, bj)
+    return q_mean @ k_mean.transpose(-1, -2) * scale, ck
 
 
-def _check(block_size: int, num_refined: int) -> None:
+def _select(q, k, b, num_refined, scale):
+    """Refined key blocks ``[.., nbq, r]`` per query block: largest coarse mass ``c_IJ + log |J|``.
+    Chosen from the inputs in at least float32, so a fast path and its float64 reference pick alike."""
+    coarse, ck = _coarse(upcast(q), upcast(k), b, scale)
+    r = min(num_refined, coarse.shape[-1])
+    if r == 0:
+        return None
+    return (coarse + torch.log(ck.to(coarse.dtype))).topk(r, dim=-1).indices
+
+
+def _check(block_size: int, num_refined: int, causal: bool) -> None:
+    refuse_causal("mra", causal, "the coarse level shares one mean query per block")
     check_positive_int("block_size", block_size)
     check_positive_int("num_refined", num_refined, minimum=0)
 
@@ -64,23 +72,20 @@ def mra_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_si
                   num_refined: int = 4, causal: bool = False, scale: float | None = None,
                   return_attention: bool = False):
     """Plain reference: the full ``[n, n_k]`` matrix of exact (refined) and block-constant (coarse) logits,
-    causal-masked, softmax in float64."""
-    _check(block_size, num_refined)
+    softmax in float64."""
+    _check(block_size, num_refined, causal)
     k, v, scale = prepare(q, k, v, scale)
     qd, kd, vd = q.double(), k.double(), v.double()
     n, nk = q.shape[2], k.shape[2]
-    _, _, _, _, coarse, sel, (bi, bj) = _coarse(qd, kd, block_size, num_refined, causal, scale)
+    coarse, _ = _coarse(qd, kd, block_size, scale)
+    sel = _select(q, k, block_size, num_refined, scale)
     refined = torch.zeros(coarse.shape, dtype=torch.bool, device=q.device)
     if sel is not None:
-        refined.scatter_(-1, sel.indices, torch.isfinite(sel.values) | (sel.values > 0))
+        refined.scatter_(-1, sel, True)
     iq = torch.arange(n, device=q.device) // block_size
     jk = torch.arange(nk, device=q.device) // block_size
     ref_tok = refined[..., iq, :][..., :, jk]  # [.., n, nk]
     logits = torch.where(ref_tok, qd @ kd.transpose(-1, -2) * scale, coarse[..., iq, :][..., :, jk])
-    if causal:
-        token_causal = torch.arange(nk, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None]
-        visible = (bj < bi)[iq][:, jk] | (ref_tok & token_causal)
-        logits = logits.masked_fill(~visible, float("-inf"))
     p = torch.softmax(logits, dim=-1)
     out = (p @ vd).to(q.dtype)
     return (out, p) if return_attention else out
@@ -90,41 +95,35 @@ def mra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_si
                   num_refined: int = 4, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """MRA-2 attention. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` -> ``[b, h, n, dv]``.
 
-    ``block_size``: coarse block length; ``num_refined``: key blocks refined per query block (plus the
-    diagonal block when causal).
+    ``block_size``: coarse block length; ``num_refined``: key blocks refined per query block.
     """
-    _check(block_size, num_refined)
+    _check(block_size, num_refined, causal)
     k, v, scale = prepare(q, k, v, scale)
     n, nk, d, dv = q.shape[2], k.shape[2], q.shape[-1], v.shape[-1]
     bsz = block_size
-    qb, kb, cq, ck, coarse, sel, (bi, bj) = _coarse(q, k, bsz, num_refined, causal, scale)
-    vb, _ = _blocks(v, bsz)
+    qb, _ = _blocks(q, bsz)
+    kb, _ = _blocks(k, bsz)
+    vb, ck = _blocks(v, bsz)
+    coarse, _ = _coarse(q, k, bsz, scale)
+    sel = _select(q, k, bsz, num_refined, scale)
     nbq, nbk = coarse.shape[-2:]
     lead = coarse.shape[:-2]
-    # Coarse part: one "super key" per key block, logit c_IJ + log |J|, value mean(v_J).
+    # Coarse part: one "super key" per unrefined key block, logit c_IJ + log |J|, value mean(v_J).
     coarse_mask = torch.ones(coarse.shape, dtype=torch.bool, device=q.device)
     if sel is not None:
-        coarse_mask = coarse_mask.scatter(-1, sel.indices, False)
-    if causal:
-        coarse_mask = coarse_mask & (bj < bi)
+        coarse_mask = coarse_mask.scatter(-1, sel, False)
     v_mean = vb.sum(-2) / ck[:, None].to(v.dtype)
     o2, lse2 = masked_attention_lse(coarse + torch.log(ck.to(coarse.dtype)), v_mean, coarse_mask)
     if sel is None:
         out = o2[..., :, None, :].expand(*lead, nbq, bsz, dv)
         return out.flatten(-3, -2)[..., :n, :]
     # Refined part: gather the selected key blocks for each query block.
-    idx = sel.indices  # [.., nbq, r]
-    r = idx.shape[-1]
-    flat = idx.flatten(-2)  # [.., nbq * r]
+    r = sel.shape[-1]
+    flat = sel.flatten(-2)  # [.., nbq * r]
     kr = kb.gather(-3, flat[..., None, None].expand(*lead, nbq * r, bsz, d)).unflatten(-3, (nbq, r))
     vr = vb.gather(-3, flat[..., None, None].expand(*lead, nbq * r, bsz, dv)).unflatten(-3, (nbq, r))
     kr, vr = kr.flatten(-3, -2), vr.flatten(-3, -2)  # [.., nbq, r * bsz, d]
-    kpos = (idx[..., None] * bsz + torch.arange(bsz, device=q.device)).flatten(-2)  # [.., nbq, r * bsz]
-    ok = (kpos < nk) & (torch.isfinite(sel.values) | (sel.values > 0)).repeat_interleave(bsz, dim=-1)
-    mask = ok[..., None, :]  # [.., nbq, 1, r * bsz]
-    if causal:
-        qpos = torch.arange(nbq * bsz, device=q.device).view(nbq, bsz)
-        mask = mask & (kpos[..., None, :] <= qpos[..., :, None])
-    o1, lse1 = masked_attention_lse(qb @ kr.transpose(-1, -2) * scale, vr, mask)  # [.., nbq, bsz, dv]
+    kpos = (sel[..., None] * bsz + torch.arange(bsz, device=q.device)).flatten(-2)  # [.., nbq, r * bsz]
+    o1, lse1 = masked_attention_lse(qb @ kr.transpose(-1, -2) * scale, vr, (kpos < nk)[..., None, :])
     out, _ = merge_lse(o1, lse1, o2[..., :, None, :].expand_as(o1), lse2[..., :, None].expand_as(lse1))
     return out.flatten(-3, -2)[..., :n, :]

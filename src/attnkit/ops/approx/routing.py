@@ -5,8 +5,10 @@ are unit-normalised and assigned to the nearest of C centroids; query i attends 
 keys j of its own cluster (and j <= i when causal). C = 1 is exact attention.
 
 Centroids either come from the caller (``centroids=``, e.g. :class:`attnkit.nn.RoutingAttention`, which
-learns them by the paper's online EMA k-means) or are fitted per call by a few Lloyd iterations started
-from seeded random tokens. A query whose cluster holds no (visible) key gets a zero output.
+learns them by the paper's online EMA k-means) or are fitted per call by ``kmeans_iterations`` Lloyd steps
+(default 2) started from seeded random tokens. Fitting on the sequence itself would let future tokens move
+past tokens' clusters, so the causal form uses given centroids or, with ``kmeans_iterations=0`` (its
+default), seeded random unit directions. A query whose cluster holds no (visible) key gets a zero output.
 
 The fast path sorts queries and keys by cluster and, for each chunk of sorted queries, attends to the
 contiguous run of sorted keys whose clusters the chunk spans: memory O(chunk x run), O(n^1.5 d) time for
@@ -17,7 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops.approx._common import causal_mask, check_positive_int, masked_attention_lse, prepare
+from attnkit.ops.approx._common import (
+    causal_mask,
+    check_positive_int,
+    grouped_attention_lse,
+    masked_attention_lse,
+    prepare,
+    randn,
+    sort_by,
+    unsort,
+)
 
 __all__ = ["routing_attention", "routing_reference", "kmeans_centroids", "assign_clusters",
            "kmeans_ema_update"]
@@ -73,9 +84,20 @@ def kmeans_ema_update(centroids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return torch.where(counts[..., None] > 0, decay * centroids + (1 - decay) * mean, centroids)
 
 
-def _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed):
+def _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed, causal):
     check_positive_int("num_clusters", num_clusters)
-    if centroids is None:
+    if kmeans_iterations is None:
+        kmeans_iterations = 0 if causal else 2
+    if centroids is None and causal:
+        if kmeans_iterations:
+            raise ValueError(
+                "causal routing cannot fit k-means on the sequence it attends over (future tokens would move "
+                "the centroids of past ones): pass kmeans_iterations=0 (seeded random centroids), or learned "
+                "centroids= (attnkit.nn.RoutingAttention)"
+            )
+        centroids = _unit(randn((q.shape[1], num_clusters, q.shape[-1]), seed, q.float()))
+    elif centroids is None:
+        check_positive_int("kmeans_iterations", kmeans_iterations, minimum=0)
         centroids = kmeans_centroids(q, k, num_clusters, iterations=kmeans_iterations, seed=seed)
     elif centroids.shape[-2] != num_clusters or centroids.shape[-1] != q.shape[-1]:
         raise ValueError(f"centroids must be [heads, num_clusters={num_clusters}, dim={q.shape[-1]}], "
@@ -84,12 +106,12 @@ def _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed):
 
 
 def routing_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_clusters: int = 8,
-                      centroids: torch.Tensor | None = None, kmeans_iterations: int = 2, seed: int = 0,
+                      centroids: torch.Tensor | None = None, kmeans_iterations: int | None = None, seed: int = 0,
                       causal: bool = False, chunk_size: int = 256, scale: float | None = None,
                       return_attention: bool = False):
     """Plain reference: the ``[b, h, n, n_k]`` same-cluster (and causal) mask, masked softmax in float64."""
     k, v, scale = prepare(q, k, v, scale)
-    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed)
+    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed, causal)
     mask = cq[..., :, None] == ck[..., None, :]
     if causal:
         mask = mask & causal_mask(q.shape[2], k.shape[2], q.device)
@@ -102,42 +124,19 @@ def routing_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
 
 
 def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_clusters: int = 8,
-                      centroids: torch.Tensor | None = None, kmeans_iterations: int = 2, seed: int = 0,
+                      centroids: torch.Tensor | None = None, kmeans_iterations: int | None = None, seed: int = 0,
                       causal: bool = False, chunk_size: int = 256, scale: float | None = None) -> torch.Tensor:
     """Routing attention. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` ->
     ``[b, h, n, dv]``. ``centroids [h, C, d]`` (or ``[b, h, C, d]``) or None to fit them per call."""
     check_positive_int("chunk_size", chunk_size)
     k, v, scale = prepare(q, k, v, scale)
-    b, h, n, _ = q.shape
-    nk = k.shape[2]
-    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed)
+    n, nk = q.shape[2], k.shape[2]
+    cq, ck = _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed, causal)
     # Stable sort by cluster (cluster * n + position keeps positions ordered inside a cluster).
     q_order = torch.argsort(cq * n + torch.arange(n, device=q.device), dim=-1)
     k_order = torch.argsort(ck * nk + torch.arange(nk, device=q.device), dim=-1)
-    cq_s, ck_s = cq.gather(-1, q_order), ck.gather(-1, k_order).contiguous()
-    q_s = q.gather(2, q_order[..., None].expand(-1, -1, -1, q.shape[-1]))
-    k_s = k.gather(2, k_order[..., None].expand(-1, -1, -1, k.shape[-1]))
-    v_s = v.gather(2, k_order[..., None].expand(-1, -1, -1, v.shape[-1]))
-    out_s = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=v.device)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        cl = cq_s[..., start:stop]  # [b, h, c]
-        lo = torch.searchsorted(ck_s, cl[..., :1].contiguous(), right=False)  # [b, h, 1]
-        hi = torch.searchsorted(ck_s, cl[..., -1:].contiguous(), right=True)
-        width = int((hi - lo).max())
-        if width == 0:
-            out_s[:, :, start:stop] = 0
-            continue
-        idx = lo + torch.arange(width, device=q.device)  # [b, h, w]
-        valid = idx < hi
-        idx = idx.clamp_max(nk - 1)
-        kc = k_s.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
-        vc = v_s.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
-        mask = valid[..., None, :] & (cl[..., :, None] == ck_s.gather(-1, idx)[..., None, :])
-        if causal:
-            qpos = q_order[..., start:stop]
-            kpos = k_order.gather(-1, idx)
-            mask = mask & (kpos[..., None, :] <= qpos[..., :, None])
-        o, _ = masked_attention_lse(q_s[:, :, start:stop] @ kc.transpose(-1, -2) * scale, vc, mask)
-        out_s[:, :, start:stop] = o
-    return torch.empty_like(out_s).scatter_(2, q_order[..., None].expand_as(out_s), out_s)
+    out, _ = grouped_attention_lse(sort_by(q, q_order), cq.gather(-1, q_order), sort_by(k, k_order),
+                                   sort_by(v, k_order), ck.gather(-1, k_order), scale=scale,
+                                   chunk_size=chunk_size, qpos=q_order if causal else None,
+                                   kpos=k_order if causal else None)
+    return unsort(out, q_order)
