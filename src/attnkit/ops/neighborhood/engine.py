@@ -1,0 +1,344 @@
+"""The neighborhood-attention fast path: query tiles laid out over the spatial grid, one key *box* per tile.
+
+Queries are tiled per axis in dilation-group coordinates (a tile of ``t`` positions of one dilation group),
+and a multi-dimensional query tile is the product of one tile per axis, so its keys form a small box of
+the grid (``t + k - 1`` positions per axis for stride 1), as in "Faster Neighborhood Attention" and
+"Generalized Neighborhood Attention" (multi-dimensional tiling). Per chunk of tiles the engine gathers
+each tile's box of keys and values once, runs two batched matmuls, and masks only the positions of the box
+that lie outside a query's window (tiles whose windows cover the whole box, as in blocked attention, skip
+the mask). Memory is linear in the number of tokens: the largest buffers are the tiled queries and one
+chunk of boxes. The backward pass recomputes each chunk from the saved log-sum-exp (FlashAttention style)
+and scatters key/value gradients with ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, group_bounds
+
+__all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction"]
+
+_CHUNK_ELEMENTS = 1 << 19  # scores per chunk: a few MiB, stays in cache
+
+
+@dataclass
+class _AxisPlan:
+    tile: int
+    box: int
+    q: torch.Tensor  # [nT, tile] query coordinates (clamped into the axis; see q_valid)
+    q_valid: torch.Tensor  # [nT, tile]
+    k: torch.Tensor  # [nT, box] key coordinates of each tile's box
+    mask: torch.Tensor  # [nT, tile, box]: key in the query's window (and not a duplicate box slot)
+
+
+def _axis_plan(axis: AxisSpec, tile: int) -> _AxisPlan:
+    d = axis.dilation
+    tile = max(1, min(tile, min(axis.group_length(g) for g in range(d))))
+    per_group = []
+    box = 1
+    for g in range(d):
+        length = axis.group_length(g)
+        nt = -(-length // tile)
+        x = torch.arange(nt).view(-1, 1) * tile + torch.arange(tile)
+        valid = x < length
+        x = x.clamp(max=length - 1)
+        lo, hi = group_bounds(x, length, axis.kernel, axis.stride, axis.causal)
+        start, end = lo.amin(1), hi.amax(1)
+        box = max(box, int((end - start + 1).max()))
+        per_group.append((g, length, x, valid, lo, hi, start))
+    qs, qv, ks, ms = [], [], [], []
+    for g, length, x, valid, lo, hi, start in per_group:
+        # One box length for every tile (batched matmuls); boxes stay inside the group where they fit,
+        # and slots beyond a short group are duplicates, masked out.
+        start = torch.clamp(torch.minimum(start, torch.tensor(length - box)), min=0)
+        t = start.view(-1, 1) + torch.arange(box)
+        in_group = t < length
+        t = t.clamp(max=length - 1)
+        m = (t[:, None, :] >= lo[:, :, None]) & (t[:, None, :] <= hi[:, :, None]) & in_group[:, None, :]
+        qs.append(g + d * x)
+        qv.append(valid)
+        ks.append(g + d * t)
+        ms.append(m)
+    return _AxisPlan(tile, box, torch.cat(qs), torch.cat(qv), torch.cat(ks), torch.cat(ms))
+
+
+@dataclass
+class Plan:
+    """Tiles of one problem: flat query / key indices per tile and the window mask."""
+
+    spec: NASpec
+    tiles: tuple[int, ...]
+    num_tiles: int
+    tile_q: int  # queries per tile
+    box_k: int  # keys per box
+    q_index: torch.Tensor  # [num_tiles, tile_q] flat query index (clamped duplicates where not valid)
+    q_write: torch.Tensor  # [num_tiles * tile_q] flat index to write, num_tokens for padding slots
+    has_padding: bool
+    q_valid: torch.Tensor  # [num_tiles, tile_q]
+    k_index: torch.Tensor  # [num_tiles, box_k]
+    forbid: torch.Tensor  # [num_tiles, tile_q, box_k] True where the pair is outside the window
+    needs_mask: torch.Tensor  # [num_tiles] bool
+
+
+def _combine(parts: list[torch.Tensor], op) -> torch.Tensor:
+    """Outer combination over axes of per-axis ``[nT_a, n_a]`` tensors into ``[prod nT, prod n]``."""
+    nd = len(parts)
+    out = None
+    for a, p in enumerate(parts):
+        shape = [1] * (2 * nd)
+        shape[a], shape[nd + a] = p.shape
+        v = p.view(shape)
+        out = v if out is None else op(out, v)
+    nt = math.prod(p.shape[0] for p in parts)
+    return out.reshape(nt, -1)
+
+
+def make_plan(spec: NASpec, tiles: tuple[int, ...], device) -> Plan:
+    axes = [_axis_plan(a, t) for a, t in zip(spec.axes, tiles)]
+    strides = [math.prod(spec.shape[a + 1:]) for a in range(spec.ndim)]
+    q_index = _combine([ap.q * s for ap, s in zip(axes, strides)], torch.add)
+    k_index = _combine([ap.k * s for ap, s in zip(axes, strides)], torch.add)
+    q_valid = _combine([ap.q_valid for ap in axes], torch.logical_and)
+    # The mask: outer AND of per-axis [nT, tile, box] masks -> [tiles, tile_q, box_k].
+    nd = spec.ndim
+    mask = None
+    for a, ap in enumerate(axes):
+        shape = [1] * (3 * nd)
+        shape[a], shape[nd + a], shape[2 * nd + a] = ap.mask.shape
+        v = ap.mask.view(shape)
+        mask = v if mask is None else mask & v
+    nt = q_index.shape[0]
+    forbid = ~mask.reshape(nt, q_index.shape[1], k_index.shape[1])
+    n = spec.num_tokens
+    q_write = torch.where(q_valid, q_index, torch.full_like(q_index, n)).reshape(-1)
+    return Plan(spec, tuple(ap.tile for ap in axes), nt, q_index.shape[1], k_index.shape[1],
+                q_index.to(device), q_write.to(device), bool((~q_valid).any()), q_valid.to(device),
+                k_index.to(device), forbid.to(device), forbid.flatten(1).any(1).to(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(spec: NASpec, tiles: tuple[int, ...], device: str) -> Plan:
+    return make_plan(spec, tiles, torch.device(device))
+
+
+def _box_length(axis: AxisSpec, tile: int) -> int:
+    return _axis_plan(axis, tile).box
+
+
+@functools.lru_cache(maxsize=256)
+def choose_tiles(spec: NASpec) -> tuple[int, ...]:
+    """Per-axis query tile sizes minimising a CPU cost model: scores computed per query (the box size),
+    a penalty for small matmuls (few queries per tile) and the box gather per tile."""
+    options = []
+    for axis in spec.axes:
+        shortest = min(axis.group_length(g) for g in range(axis.dilation))
+        cands = sorted({min(t, shortest) for t in (1, 2, 4, 8, 16, 32, 64)})
+        options.append([(t, _box_length(axis, t)) for t in cands])
+    best, best_cost = None, math.inf
+    for combo in _product(options):
+        tq = math.prod(t for t, _ in combo)
+        bk = math.prod(b for _, b in combo)
+        if tq > 256 or tq * bk > 1 << 16:
+            continue
+        cost = bk * (1.0 + 16.0 / tq) + 16.0 * bk / tq
+        if cost < best_cost:
+            best, best_cost = tuple(t for t, _ in combo), cost
+    return best if best is not None else tuple(1 for _ in spec.axes)
+
+
+def _product(options):
+    if not options:
+        yield ()
+        return
+    for head in options[0]:
+        for rest in _product(options[1:]):
+            yield (head, *rest)
+
+
+def box_fraction(spec: NASpec, tiles: tuple[int, ...] | None = None) -> float:
+    """Fraction of dense attention's (query, key) work the engine computes: sum over query tiles of
+    ``tile_q * box_k``, over ``n ** 2`` (padding slots included)."""
+    tiles = choose_tiles(spec) if tiles is None else tiles
+    axes = [_axis_plan(a, t) for a, t in zip(spec.axes, tiles)]
+    work = math.prod(ap.q.numel() * ap.box for ap in axes)
+    return work / spec.num_tokens ** 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward / backward over chunks of tiles
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Shapes and index helpers shared by forward and backward."""
+
+    def __init__(self, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, score_mod):
+        self.plan, self.scale, self.score_mod = plan, scale, score_mod
+        self.b, self.h = q.shape[0], q.shape[1]
+        self.hkv = k.shape[1]
+        self.g = self.h // self.hkv
+        self.n = plan.spec.num_tokens
+        self.d, self.dv = q.shape[-1], v.shape[-1]
+        self.bh = self.b * self.hkv
+        self.m = self.g * plan.tile_q  # rows of one tile's score matrix (GQA groups share the box)
+        per_tile = self.bh * self.m * plan.box_k
+        self.chunk = max(1, min(plan.num_tiles, _CHUNK_ELEMENTS // max(per_tile, 1)))
+        self.dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        dev = q.device
+        if score_mod is not None:
+            self.b_idx = torch.arange(self.b, device=dev).view(-1, 1, 1, 1, 1, 1)
+            self.h_idx = (torch.arange(self.hkv, device=dev).view(-1, 1) * self.g
+                          + torch.arange(self.g, device=dev)).view(1, self.hkv, 1, self.g, 1, 1)
+
+    def tile_rows(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """``[b, h, *spatial, d]`` -> ``[b * h_kv, tiles, g * tile_q, d]`` in compute dtype."""
+        p = self.plan
+        x = x.reshape(self.b, self.hkv, self.g, self.n, x.shape[-1])
+        x = x[:, :, :, p.q_index.reshape(-1)].to(self.dtype)
+        x = x.view(self.b, self.hkv, self.g, p.num_tiles, p.tile_q, -1).permute(0, 1, 3, 2, 4, 5)
+        if scale is not None:
+            x = x * scale
+        return x.reshape(self.bh, p.num_tiles, self.m, -1)
+
+    def untile_rows(self, xt: torch.Tensor, shape: tuple[int, ...], dtype) -> torch.Tensor:
+        """Inverse of ``tile_rows`` (padding slots dropped) -> ``[b, h, *spatial, d]``."""
+        p = self.plan
+        dim = xt.shape[-1]
+        x = xt.view(self.b, self.hkv, p.num_tiles, self.g, p.tile_q, dim).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(self.b, self.hkv, self.g, p.num_tiles * p.tile_q, dim)
+        out = torch.empty(self.b, self.hkv, self.g, self.n + int(p.has_padding), dim, dtype=dtype, device=xt.device)
+        out.index_copy_(3, p.q_write, x.to(dtype))
+        if p.has_padding:
+            out = out[:, :, :, : self.n]
+        return out.reshape(shape)
+
+    def flat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.bh, self.n, x.shape[-1]).to(self.dtype)
+
+    def scores(self, qc: torch.Tensor, kc: torch.Tensor, c0: int, c1: int, params_grad: bool = False):
+        """Masked, modified scores of tiles ``[c0, c1)``: ``[bh, ch, g, tile_q, box_k]`` (and the raw scores
+        when ``params_grad``, for the score modifier's backward)."""
+        p = self.plan
+        ch = c1 - c0
+        s = torch.bmm(qc.reshape(-1, self.m, self.d), kc.transpose(1, 2))
+        s = s.view(self.bh, ch, self.g, p.tile_q, p.box_k)
+        raw = None
+        if self.score_mod is not None:
+            qi = p.q_index[c0:c1].view(1, 1, ch, 1, p.tile_q, 1)
+            ki = p.k_index[c0:c1].view(1, 1, ch, 1, 1, p.box_k)
+            if params_grad:
+                raw = s.detach().requires_grad_(True)
+                s = raw
+            s6 = s.view(self.b, self.hkv, ch, self.g, p.tile_q, p.box_k)
+            s = self.score_mod(s6, self.b_idx, self.h_idx, qi, ki, self.n, self.n)
+            s = s.reshape(self.bh, ch, self.g, p.tile_q, p.box_k)
+        if bool(p.needs_mask[c0:c1].any()):
+            fb = p.forbid[c0:c1].view(1, ch, 1, p.tile_q, p.box_k)
+            s = s.masked_fill(fb, float("-inf")) if raw is not None else s.masked_fill_(fb, float("-inf"))
+        return s, raw
+
+    def gather_box(self, x3: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        idx = self.plan.k_index[c0:c1].reshape(-1)
+        return x3.index_select(1, idx).view(self.bh * (c1 - c0), self.plan.box_k, x3.shape[-1])
+
+
+def _forward(cx: _Ctx, q, k, v):
+    p = cx.plan
+    qt = cx.tile_rows(q, None if cx.score_mod is not None else cx.scale)
+    if cx.score_mod is not None:
+        qt = qt * cx.scale
+    k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
+    ot = torch.empty(cx.bh, p.num_tiles, cx.m, cx.dv, dtype=cx.dtype, device=q.device)
+    lse = torch.empty(cx.bh, p.num_tiles, cx.m, dtype=cx.dtype, device=q.device)
+    for c0 in range(0, p.num_tiles, cx.chunk):
+        c1 = min(c0 + cx.chunk, p.num_tiles)
+        kc = cx.gather_box(k3, c0, c1)
+        vc = cx.gather_box(v3, c0, c1)
+        s, _ = cx.scores(qt[:, c0:c1], kc, c0, c1)
+        s = s.reshape(-1, cx.m, p.box_k)
+        mx = s.amax(-1, keepdim=True)
+        s.sub_(mx).exp_()
+        den = s.sum(-1, keepdim=True)
+        o = torch.bmm(s, vc).div_(den)
+        ot[:, c0:c1] = o.view(cx.bh, c1 - c0, cx.m, cx.dv)
+        lse[:, c0:c1] = (mx + den.log()).view(cx.bh, c1 - c0, cx.m)
+    return qt, ot, lse
+
+
+def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
+    p = cx.plan
+    k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
+    dot = cx.tile_rows(grad_out)
+    if p.has_padding:  # padding slots duplicate real queries: they must not add to dK, dV
+        valid = p.q_valid.view(1, p.num_tiles, 1, p.tile_q, 1).to(dot.dtype)
+        dot = (dot.view(cx.bh, p.num_tiles, cx.g, p.tile_q, cx.dv) * valid).view_as(dot)
+    delta = (dot * ot).sum(-1)  # [bh, tiles, m]
+    dqt = torch.empty_like(qt)
+    dk3 = torch.zeros_like(k3)
+    dv3 = torch.zeros_like(v3)
+    pgrads = [torch.zeros_like(t) for t in params]
+    for c0 in range(0, p.num_tiles, cx.chunk):
+        c1 = min(c0 + cx.chunk, p.num_tiles)
+        ch = c1 - c0
+        kc = cx.gather_box(k3, c0, c1)
+        vc = cx.gather_box(v3, c0, c1)
+        qc = qt[:, c0:c1].reshape(-1, cx.m, cx.d)
+        with torch.enable_grad() if params else torch.no_grad():
+            s, raw = cx.scores(qc, kc, c0, c1, params_grad=bool(params))
+        s_det = s.detach().reshape(-1, cx.m, p.box_k)
+        pr = (s_det - lse[:, c0:c1].reshape(-1, cx.m, 1)).exp_()
+        doc = dot[:, c0:c1].reshape(-1, cx.m, cx.dv)
+        dvc = torch.bmm(pr.transpose(1, 2), doc)
+        kidx = p.k_index[c0:c1].reshape(-1)
+        dv3.index_add_(1, kidx, dvc.view(cx.bh, ch * p.box_k, cx.dv))
+        dp = torch.bmm(doc, vc.transpose(1, 2))
+        ds = pr.mul_(dp.sub_(delta[:, c0:c1].reshape(-1, cx.m, 1)))
+        if params:
+            grads = torch.autograd.grad(s, [raw, *params], ds.view_as(s), allow_unused=True)
+            ds = grads[0].reshape(-1, cx.m, p.box_k)
+            for acc, gr in zip(pgrads, grads[1:]):
+                if gr is not None:
+                    acc.add_(gr)
+        dqt[:, c0:c1] = torch.bmm(ds, kc).view(cx.bh, ch, cx.m, cx.d)
+        dkc = torch.bmm(ds.transpose(1, 2), qc)  # qc is pre-scaled: d(scale q.k)/dk = scale q
+        dk3.index_add_(1, kidx, dkc.view(cx.bh, ch * p.box_k, cx.d))
+    return dqt.mul_(cx.scale), dk3, dv3, pgrads
+
+
+class _NeighborhoodFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, scale, score_mod, q, k, v, *params):
+        cx = _Ctx(plan, q, k, v, scale, score_mod)
+        with torch.no_grad():
+            qt, ot, lse = _forward(cx, q, k, v)
+        out = cx.untile_rows(ot, (*q.shape[:-1], v.shape[-1]), q.dtype)
+        ctx.cx = cx
+        ctx.shapes = (q.shape, q.dtype, k.shape, v.shape)
+        ctx.save_for_backward(qt, k, v, ot, lse, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cx = ctx.cx
+        qt, k, v, ot, lse, *params = ctx.saved_tensors
+        qshape, qdtype, kshape, vshape = ctx.shapes
+        dqt, dk3, dv3, pgrads = _backward(cx, qt, k, v, ot, lse, grad_out, params)
+        dq = cx.untile_rows(dqt, qshape, qdtype)
+        dk = dk3.reshape(kshape).to(k.dtype)
+        dv = dv3.reshape(vshape).to(v.dtype)
+        return (None, None, None, dq, dk, dv, *pgrads)
+
+
+def neighborhood_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NASpec, *, scale: float,
+                       score_mod=None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Tiled neighborhood attention on ``q [b, h, *spatial, d]``, ``k, v [b, h_kv, *spatial, d(_v)]``
+    (inputs already validated). ``tiles``: query tile size per axis (default: ``choose_tiles``)."""
+    tiles = choose_tiles(spec) if tiles is None else tuple(tiles)
+    plan = _cached_plan(spec, tiles, str(q.device))
+    params = [] if score_mod is None else [t for t in score_mod.parameters() if t.requires_grad]
+    return _NeighborhoodFn.apply(plan, scale, score_mod, q, k, v, *params)
