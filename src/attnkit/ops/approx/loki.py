@@ -9,8 +9,9 @@ basis ``P [d, d]`` whose columns are the principal directions of the keys (desce
 
 Because ``P`` is orthogonal, ``(qP).(kP) = q.k``: with ``rank = d`` the selection is the true top-k, and
 with ``top_k >= n`` the result is exact attention. The basis is either given (calibrated offline, as in
-the paper) or computed per call from the keys' uncentred second moment ``K^T K`` (its leading eigenvectors
-give the best rank-r approximation of the dot products). The fast path works on chunks of queries:
+the paper: :func:`pca_basis` of calibration keys) or, non-causal only, computed per call from the keys'
+uncentred second moment ``K^T K`` (its leading eigenvectors give the best rank-r approximation of the dot
+products); the causal form needs a given basis unless ``rank = d``. The fast path works on chunks of queries:
 memory O(chunk x n) for the low-rank scores plus O(chunk x top_k x d) for the gathered keys.
 """
 
@@ -38,7 +39,7 @@ def pca_basis(k: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1).to(k.dtype)
 
 
-def _setup(q, k, v, top_k, rank, basis, scale):
+def _setup(q, k, v, top_k, rank, basis, scale, causal):
     k, v, scale = prepare(q, k, v, scale)
     check_positive_int("top_k", top_k)
     d = q.shape[-1]
@@ -46,7 +47,15 @@ def _setup(q, k, v, top_k, rank, basis, scale):
     check_positive_int("rank", rank)
     if rank > d:
         raise ValueError(f"rank={rank} is more than the head dim {d}; use rank <= {d} (rank = d is exact)")
-    basis = pca_basis(k) if basis is None else basis.to(q.dtype)
+    if basis is None and causal and rank < d:
+        raise ValueError(
+            "causal Loki with rank < head dim needs a basis calibrated beforehand (a PCA of the keys of this "
+            "very sequence would let future keys steer past queries' selection): pass "
+            "basis=pca_basis(calibration_keys), or rank=None (full rank, where the basis does not matter)"
+        )
+    if basis is None:
+        basis = pca_basis(k) if rank < d else torch.eye(d, dtype=q.dtype, device=q.device)
+    basis = basis.to(q.dtype)
     if basis.shape[-2:] != (d, d):
         raise ValueError(f"basis must be [heads, {d}, {d}] or [batch, heads, {d}, {d}], got {tuple(basis.shape)}")
     p = basis[..., :rank]
@@ -58,7 +67,7 @@ def loki_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_k: 
                    rank: int | None = None, basis: torch.Tensor | None = None, causal: bool = False,
                    chunk_size: int = 128, scale: float | None = None, return_attention: bool = False):
     """Plain reference: full ``[n, n_k]`` low-rank scores, a top-k selection mask, masked softmax (float64)."""
-    k, v, scale, qr, kr = _setup(q, k, v, top_k, rank, basis, scale)
+    k, v, scale, qr, kr = _setup(q, k, v, top_k, rank, basis, scale, causal)
     approx = qr @ kr.transpose(-1, -2)
     allowed = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
     if allowed is not None:
@@ -85,9 +94,9 @@ def loki_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_k: 
     check_positive_int("chunk_size", chunk_size)
     if top_k >= k.shape[2] and isinstance(top_k, int) and top_k > 0:
         # Every key is selected: exact attention (still validate the other arguments).
-        _setup(q, k, v, top_k, rank, basis, scale)
+        _setup(q, k, v, top_k, rank, basis, scale, causal)
         return exact_attention(q, k, v, causal=causal, scale=scale)
-    k, v, scale, qr, kr = _setup(q, k, v, top_k, rank, basis, scale)
+    k, v, scale, qr, kr = _setup(q, k, v, top_k, rank, basis, scale, causal)
     b, h, n, d = q.shape
     nk = k.shape[2]
     out = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=v.device)

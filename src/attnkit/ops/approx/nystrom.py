@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.approx._common import check_positive_int, prepare, refuse_causal, segment_means
+from attnkit.ops.approx._common import check_positive_int, prepare, refuse_causal, segment_means, upcast
 from attnkit.ops.approx.pinv import pseudo_inverse
 
 __all__ = ["nystrom_attention", "nystrom_reference", "depthwise_conv_skip"]
@@ -59,13 +59,16 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
     """
     _check(q, k, num_landmarks, causal)
     k, v, scale = prepare(q, k, v, scale)
+    dtype = q.dtype
+    # Half precisions run in float32: the pseudo-inverse amplifies rounding of the m x m kernel.
+    q, k, v = upcast(q), upcast(k), upcast(v)
     k1, k2, k3 = _kernels(q, k, scale, num_landmarks)
     z = pseudo_inverse(k2, pinv, pinv_iterations)
     # Right to left keeps every intermediate O(n m).
-    out = (k1 @ (z @ (k3 @ v).to(z.dtype)).to(v.dtype))
+    out = k1 @ (z @ (k3 @ v))
     if conv_weight is not None:
         out = out + depthwise_conv_skip(v, conv_weight)
-    return out
+    return out.to(dtype)
 
 
 def nystrom_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 64,

@@ -60,14 +60,15 @@ def _cluster_means(x: torch.Tensor, assign: torch.Tensor, c: int, dims: tuple[in
 def kmeans_centroids(q: torch.Tensor, k: torch.Tensor, num_clusters: int, *, iterations: int = 2,
                      seed: int = 0) -> torch.Tensor:
     """Centroids ``[b, h, C, d]`` of the unit-normalised queries and keys, by ``iterations`` Lloyd steps
-    from C distinct tokens chosen with ``seed``."""
+    from C distinct tokens chosen with ``seed`` (seeded random directions when there are fewer tokens)."""
     x = _unit(torch.cat([q, k], dim=2).float())
     n = x.shape[2]
-    if num_clusters > n:
-        raise ValueError(f"num_clusters={num_clusters} is more than the {n} queries and keys to cluster")
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(n, generator=g)[:num_clusters].to(x.device)
     c = x[:, :, idx]
+    if num_clusters > n:
+        extra = _unit(randn((x.shape[1], num_clusters - n, x.shape[-1]), seed, x))
+        c = torch.cat([c, extra.expand(x.shape[0], -1, -1, -1)], dim=2)
     for _ in range(iterations):
         sums, counts = _cluster_means(x, assign_clusters(x, c), num_clusters, ())
         # An empty cluster keeps its centroid.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops.approx._common import check_positive_int, prepare, refuse_causal, segment_means
+from attnkit.ops.approx._common import check_positive_int, prepare, refuse_causal, segment_means, upcast
 from attnkit.ops.approx.pinv import pseudo_inverse
 
 __all__ = ["soft_attention", "soft_reference", "gaussian_kernel", "gaussian_kernel_attention"]
@@ -44,14 +44,14 @@ def _check(q, k, num_landmarks, causal):
 def _normalise(p1, z, p2, v, normalize):
     """``S^ v`` with ``S^ = p1 z p2`` applied right to left; optionally the symmetric normalisation."""
     def apply(x):
-        return p1 @ (z @ (p2 @ x).to(z.dtype)).to(p1.dtype)
+        return p1 @ (z @ (p2 @ x))
 
     if not normalize:
         return apply(v)
     ones_k = torch.ones(*p2.shape[:-2], p2.shape[-1], 1, dtype=v.dtype, device=v.device)
     row = apply(ones_k)[..., 0].clamp_min(1e-12)  # S^ 1
     ones_q = torch.ones(*p1.shape[:-2], 1, p1.shape[-2], dtype=v.dtype, device=v.device)
-    col = (((ones_q @ p1).to(z.dtype) @ z).to(p2.dtype) @ p2)[..., 0, :].clamp_min(1e-12)  # 1^T S^
+    col = (((ones_q @ p1) @ z) @ p2)[..., 0, :].clamp_min(1e-12)  # 1^T S^
     return apply(v * col.rsqrt()[..., None]) * row.rsqrt()[..., None]
 
 
@@ -64,11 +64,14 @@ def soft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_lan
     """
     _check(q, k, num_landmarks, causal)
     k, v, scale = prepare(q, k, v, scale)
+    dtype = q.dtype
+    # Half precisions run in float32: |q - k|^2 cancels and the pseudo-inverse amplifies rounding.
+    q, k, v = upcast(q), upcast(k), upcast(v)
     q_l, k_l = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
     p1 = gaussian_kernel(q, k_l, scale)  # [b, h, n, m]
     z = pseudo_inverse(gaussian_kernel(q_l, k_l, scale), pinv, newton_iterations)
     p2 = gaussian_kernel(q_l, k, scale)  # [b, h, m, n_k]
-    return _normalise(p1, z, p2, v, normalize)
+    return _normalise(p1, z, p2, v, normalize).to(dtype)
 
 
 def soft_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 64,
