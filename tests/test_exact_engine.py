@@ -226,7 +226,7 @@ def test_plan_is_linear_in_sequence_length_for_sliding_window():
     # linearly: this is what keeps memory O(n) at any length.
     counts = []
     for n in (4096, 8192, 16384):
-        plan = make_plan(P.sliding_window(256), n, n, 64, 64, 1, 8, 8 * 64 * 64, torch.device("cpu"))
+        plan = make_plan(P.sliding_window(256), n, n, 64, 64, 1, 8, 8, 8 * 64 * 64, torch.device("cpu"))
         assert all(s.idx.numel() * 8 * 64 * 64 <= TILE_ELEMENTS for s in plan.steps)
         counts.append(plan.computed_tiles)
     assert counts[2] / counts[1] == pytest.approx(2, rel=0.02) and counts[1] / counts[0] == pytest.approx(2, rel=0.02)

@@ -158,6 +158,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="do not trace peak memory")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="measure nothing: rewrite the report (tables, plots) from a results.json into --out")
 
 
 def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -199,8 +201,30 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return quick_config(**overrides) if args.quick else default_config(**overrides)
 
 
+def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from attnkit.bench import report as rep
+    from attnkit.bench.runner import SCHEMA
+
+    try:
+        with open(args.from_results) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        parser.error(f"argument --from-results: cannot read {args.from_results!r}: {exc}")
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        parser.error(f"argument --from-results: {args.from_results!r} is not an attnkit bench results.json "
+                     f"(schema {SCHEMA})")
+    written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    print(rep.terminal_summary(doc))
+    if written["plot_error"]:
+        print(f"\nattnkit bench: {written['plot_error']}", file=sys.stderr)
+    print(f"\nReport: {args.out}/report.html and report.md")
+    return 0
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
+    if args.from_results:
+        return _rewrite_report(args, parser)
     config = _bench_config(args, parser)
     if args.threads is not None:
         import torch

@@ -158,6 +158,20 @@ def exact_softmax_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: 
     return torch.cat(outs, dim=2)
 
 
+def sampled_density(pattern: Any, n: int, *, rows: int = 1024, chunk: int = 128) -> float:
+    """A pattern's density (fraction of allowed pairs) estimated on ``rows`` evenly spaced query rows, for
+    lengths where counting all ``n^2`` pairs is too slow."""
+    idx = sample_rows(n, rows, torch.device("cpu"))
+    kv = torch.arange(n).view(1, 1, 1, -1)
+    allowed = 0
+    for start in range(0, idx.numel(), chunk):
+        q = idx[start:start + chunk].view(1, 1, -1, 1)
+        m = pattern.allowed(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                            q, kv, n, n)
+        allowed += int(torch.broadcast_to(m, (1, 1, q.shape[2], n)).sum())
+    return allowed / (idx.numel() * n)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error ``||actual - expected|| / ||expected||`` in float64 (0 when both are 0)."""
     a, e = actual.detach().double(), expected.detach().double()

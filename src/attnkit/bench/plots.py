@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def _series(doc: dict[str, Any], key: str) -> dict[str, dict[str, list]]:
 
 
 def _length_axis(ax: Any, doc: dict[str, Any], plt: Any) -> None:
-    lens = sorted({c["seq_len"] for c in doc["results"]})
+    lens = sorted({c["seq_len"] for c in doc["results"] if c["status"] in ("ok", "failed", "oom")})
     ax.set_xscale("log", base=2)
     ax.set_xticks(lens)
     ax.xaxis.set_major_formatter(plt.FuncFormatter(_len_label))
@@ -104,6 +105,19 @@ def _length_axis(ax: Any, doc: dict[str, Any], plt: Any) -> None:
     ax.set_xlabel("sequence length n")
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", axis="y", alpha=0.1)
+
+
+def _power_of_two_ticks(ax: Any, values: list[float]) -> None:
+    """Byte ticks at powers of two (1 MiB, 4 MiB, ...), at most ~8 of them."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    values = [v for v in values if v and v > 0]
+    if not values:
+        return
+    lo, hi = math.floor(math.log2(min(values))), math.ceil(math.log2(max(values)))
+    step = max(1, math.ceil((hi - lo + 1) / 8))
+    ax.yaxis.set_major_locator(FixedLocator([2.0**e for e in range(lo, hi + 1) if (e - lo) % step == 0]))
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any, path: Path, plt: Any,
@@ -121,6 +135,8 @@ def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any,
         st = styles(label)
         if s["n"]:
             ax.plot(s["n"], s["y"], label=label, **st)
+        elif s["bad_n"]:
+            ax.plot([], [], label=f"{label} (failed)", **st)
         for n in s["bad_n"]:
             any_bad = True
             ax.plot([n], [0.97], transform=top, marker="x", markersize=9, mew=2.2, color=st["color"],
@@ -142,6 +158,8 @@ def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any,
     if any_bad:
         ax.plot([], [], marker="x", color="black", linestyle="none", mew=2, label="x at top: failed / OOM")
     _length_axis(ax, doc, plt)
+    if key == "peak_memory_bytes":
+        _power_of_two_ticks(ax, [y for s in series.values() for y in s["y"]])
     ax.yaxis.set_major_formatter(plt.FuncFormatter(fmt))
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left", fontsize=11)
@@ -158,6 +176,25 @@ def _subtitle(doc: dict[str, Any]) -> str:
     return f"{c['dtype']}, batch {c['batch']}, {c['heads']} heads, head dim {c['head_dim']}, {mode}; {where}"
 
 
+def _annotate(ax: Any, items: list[tuple[float, float, str, Any]]) -> None:
+    """Label points, moving a label down while it would overlap one already placed (in pixels)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    placed: list[tuple[float, float, float]] = []  # x, y, width of labels in display space
+    for x, y, text, colour in sorted(items, key=lambda t: (-t[1], t[0])):
+        px, py = ax.transData.transform((x, y))
+        width = 6.2 * len(text)
+        dy = 4.0
+        for _ in range(12):
+            ly = py + dy
+            if all(abs(ly - oy) > 11 or px + 6 + width < ox or ox + ow < px + 6 for ox, oy, ow in placed):
+                break
+            dy -= 11
+        placed.append((px + 6, py + dy, width))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, dy * 72 / fig.dpi), fontsize=8,
+                    color=colour)
+
+
 def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     from attnkit.bench.measure import EXACT_TOLERANCE
     from attnkit.bench.report import detail_length
@@ -169,29 +206,34 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     styles = _Styles(doc, plt)
     floor = 1e-9
     fig, ax = plt.subplots(figsize=(10, 6.2))
+    tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
     pts = []
     for c in cells:
         st = styles(c["label"])
         y = max(c["error"], floor)
-        pts.append((c["time_s"], y))
+        pts.append((c["time_s"], y, c))
         ax.plot([c["time_s"]], [y], linestyle="none", marker=st.get("marker", "o"),
                 markersize=9 if c["kind"] == "baseline" else 7, color=st["color"],
                 markerfacecolor=st.get("markerfacecolor", st["color"]), zorder=4)
-        ax.annotate(c["label"], (c["time_s"], y), textcoords="offset points", xytext=(6, 4), fontsize=8,
-                    color=st["color"] if c["kind"] != "baseline" else "black")
-    front = pareto_front(pts)
+    # Errors below the dtype's rounding all count as exact: only the fastest exact one is on the front.
+    front = pareto_front([(x, max(y, tol)) for x, y, _ in pts])
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4,
                 linewidth=1.5, zorder=2, label="Pareto front (nothing is both faster and more accurate)")
-    tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
     ax.axhspan(floor / 2, tol, color="tab:green", alpha=0.07, zorder=0)
     ax.text(0.005, tol, f" exact within {doc['config']['dtype']} rounding (< {tol:g})", va="top", fontsize=8,
             color="tab:green", transform=ax.get_yaxis_transform())
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_ylim(floor / 2, max(max(p[1] for p in pts) * 3, 1.0))
     xs = [p[0] for p in pts]
     ax.set_xlim(min(xs) / 1.6, max(xs) * 3)
+    _annotate(ax, [(x, y, c["label"], "black" if c["kind"] == "baseline" else styles(c["label"])["color"])
+                   for x, y, c in pts])
     ax.xaxis.set_major_formatter(plt.FuncFormatter(_time_label))
     ax.set_xlabel(f"time per call at n = {n} (log)")
     ax.set_ylabel("relative error vs exact softmax (log)")
@@ -225,8 +267,7 @@ def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
         for b, y in zip(bars, ys):
             if y:
                 ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2g}", ha="center", va="bottom", fontsize=7)
-    ax.axhline(1.0, color="black", linewidth=1.2)
-    ax.text(len(lens) - 0.5, 1.0, "speed of light ", ha="right", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=1.2, label="speed of light (1 = SDPA's cost per allowed pair)")
     if max(ratios) / max(min(ratios), 1e-9) > 30:
         ax.set_yscale("log")
     ax.set_xticks(range(len(lens)))

@@ -155,6 +155,15 @@ def resolve_names(requested: Sequence[str] | None, mechanisms: Sequence[Mechanis
     return list(chosen.values())
 
 
+def _is_sparse(m: Mechanism, causal: bool, params: Mapping[str, Any], probe_len: int = 256) -> bool:
+    """Whether a mechanism's pattern leaves out some (query, key) pairs (else FlexAttention is no peer)."""
+    try:
+        pattern = call_with_accepted(m.extras["pattern"], probe_len, causal=causal, **params)
+        return float(pattern.density(probe_len, probe_len)) < 1.0
+    except Exception:
+        return True  # let the run report what fails
+
+
 def _causal_modes(m: Mechanism | None, mode: str) -> list[bool]:
     if mode == "off":
         return [False]
@@ -181,10 +190,14 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
             why = "" if (m.causal or not causal) else "no causal form"
             variants.append(Variant(m.name, "mechanism", causal, m.family, m.exact, m.complexity, m.paper,
                                     _lengths_for(m, config), params, m, why))
-            if config.flex and "pattern" in m.extras and not why:
+            if config.flex and "pattern" in m.extras and not why and _is_sparse(m, causal, params):
+                lens = _lengths_for(m, config)
+                if config.seq_lens is None:
+                    from attnkit.bench.runner import FLEX_DEFAULT_LENS
+
+                    lens = [n for n in lens if n in FLEX_DEFAULT_LENS]
                 variants.append(Variant(f"flex[{m.name}]", "flex", causal, "torch", True, m.complexity,
-                                        "FlexAttention (PyTorch), with the pattern of " + m.name,
-                                        _lengths_for(m, config), params, m))
+                                        "FlexAttention (PyTorch), with the pattern of " + m.name, lens, params, m))
     causal_modes = sorted({v.causal for v in variants}) or _causal_modes(None, config.causal)
     # The baseline runs at every length some quadratic-cost variant uses (it is quadratic itself).
     base_lens: set[int] = set()

@@ -31,6 +31,8 @@ from attnkit.score_mods import ScoreMod
 # Scores computed per step (all batch elements and heads together). 2^21 float32 = 8 MiB: large enough for
 # efficient matmuls, small enough to stay in cache for the elementwise passes that follow.
 TILE_ELEMENTS = 1 << 21
+# Below this many scores a step is dominated by Python and dispatch overhead: group more query blocks.
+MIN_STEP_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -39,9 +41,19 @@ class _Step:
     r1: int  # one past the last query block
     idx: torch.Tensor  # [R, C] key-block indices (padding entries point at block 0 and are masked)
     computed: torch.Tensor  # [R, C] bool: the tile is non-empty (padding entries are False)
-    needs_mask: bool  # some tile here is partial or padding: evaluate the predicate
+    is_full: torch.Tensor  # [R, C] bool: the tile needs no mask
     first: bool  # first step of these rows (initialise the accumulators)
     last: bool  # last step of these rows (finalise)
+    # Tiles that need a mask (partial, holding padding, or padding entries) at (tile_r[t], tile_c[t]) with
+    # their blocked entries ``[T, B|1, Hkv|1, G|1, bq, bk]``: evaluated once per plan, so the per-step cost
+    # is one masked fill of the partial tiles only.
+    tile_r: torch.Tensor | None = None
+    tile_c: torch.Tensor | None = None
+    blocked: torch.Tensor | None = None
+
+    @property
+    def needs_mask(self) -> bool:
+        return self.tile_r is not None
 
 
 @dataclass
@@ -55,7 +67,8 @@ class _Plan:
 
 
 def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, block_kv: int, batch: int,
-              heads: int, row_cost: int, device: torch.device, tile_elements: int = TILE_ELEMENTS) -> _Plan:
+              heads: int, kv_heads: int, row_cost: int, device: torch.device, tile_elements: int = TILE_ELEMENTS,
+              min_step_elements: int = MIN_STEP_ELEMENTS) -> _Plan:
     """Choose the steps. ``row_cost``: scores per query block per key block (batch * heads * bq * bk)."""
     nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
     if pattern is None:
@@ -78,13 +91,15 @@ def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, bl
             cols = order[r, : int(counts[r])]
             for c0 in range(0, cols.numel(), max_cols):
                 sel = cols[c0: c0 + max_cols][None]
-                steps.append(_Step(r, r + 1, sel, torch.ones_like(sel, dtype=torch.bool),
-                                   not bool(full[r, sel].all()), c0 == 0, c0 + max_cols >= cols.numel()))
+                steps.append(_Step(r, r + 1, sel, torch.ones_like(sel, dtype=torch.bool), full[r, sel],
+                                   c0 == 0, c0 + max_cols >= cols.numel()))
             r += 1
             continue
-        # Group following rows while the padded step stays within budget.
+        # Group following rows only while the step is too small to amortise per-step overhead: a single row
+        # with contiguous key blocks reads k and v as views, a group of rows must gather (copy) them.
         r1, width = r + 1, c
-        while r1 < nq and (r1 - r + 1) * max(width, int(counts[r1])) <= max_cols:
+        while (r1 < nq and (r1 - r) * width * row_cost < min_step_elements
+               and (r1 - r + 1) * max(width, int(counts[r1])) <= max_cols):
             width = max(width, int(counts[r1]))
             r1 += 1
         idx = order[r:r1, :width].clone()
@@ -93,12 +108,31 @@ def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, bl
         idx[~computed] = 0
         rows = torch.arange(r, r1).view(-1, 1).expand_as(idx)
         is_full = full[rows, idx] & computed
-        steps.append(_Step(r, r1, idx, computed, not bool(is_full.all()), True, True))
+        steps.append(_Step(r, r1, idx, computed, is_full, True, True))
         r = r1
-    dev_steps = [
-        _Step(s.r0, s.r1, s.idx.to(device), s.computed.to(device), s.needs_mask, s.first, s.last) for s in steps
-    ]
-    return _Plan(block_q, block_kv, nq, nk, dev_steps, int(nonempty.sum()))
+    for st in steps:
+        st.idx, st.computed = st.idx.to(device), st.computed.to(device)
+        if not bool(st.is_full.all()):
+            _attach_masks(st, pattern, q_len, kv_len, block_q, block_kv, batch, heads, kv_heads, device)
+    return _Plan(block_q, block_kv, nq, nk, steps, int(nonempty.sum()))
+
+
+def _attach_masks(step: _Step, pattern: Pattern | None, q_len: int, kv_len: int, bq: int, bk: int, batch: int,
+                  heads: int, kv_heads: int, device) -> None:
+    """Evaluate the predicate on the step's tiles that need a mask (once per plan)."""
+    tr, tc = torch.nonzero(~step.is_full.cpu(), as_tuple=True)
+    tr, tc = tr.to(device), tc.to(device)
+    g = heads // kv_heads
+    q_idx = (step.r0 + tr).view(-1, 1) * bq + torch.arange(bq, device=device)  # [T, bq]
+    kv_idx = step.idx[tr, tc].view(-1, 1) * bk + torch.arange(bk, device=device)  # [T, bk]
+    allowed = (kv_idx < kv_len).view(-1, 1, 1, 1, 1, bk) & step.computed[tr, tc].view(-1, 1, 1, 1, 1, 1)
+    if pattern is not None:
+        b = torch.arange(batch, device=device).view(1, -1, 1, 1, 1, 1) if pattern.batch_dependent else None
+        h = (torch.arange(kv_heads, device=device).view(-1, 1) * g + torch.arange(g, device=device)).view(
+            1, 1, kv_heads, g, 1, 1) if pattern.head_dependent else None
+        allowed = allowed & pattern.allowed(b, h, q_idx.clamp(max=q_len - 1).view(-1, 1, 1, 1, bq, 1),
+                                            kv_idx.clamp(max=kv_len - 1).view(-1, 1, 1, 1, 1, bk), q_len, kv_len)
+    step.tile_r, step.tile_c, step.blocked = tr, tc, allowed.logical_not()
 
 
 @dataclass
@@ -145,7 +179,8 @@ def _blocks_kv(x: torch.Tensor, nk: int, bk: int) -> torch.Tensor:
 
 
 class _StepIndex:
-    """Index tensors of one step, shaped to broadcast against scores viewed as ``[B, Hkv, R, G, bq, C*bk]``."""
+    """Index tensors of one step for score modifiers, shaped to broadcast against scores viewed as
+    ``[B, Hkv, R, G, bq, C*bk]`` (indices past the end are clamped; those entries are masked anyway)."""
 
     def __init__(self, cfg: _Config, step: _Step, batch: int, device):
         plan = cfg.plan
@@ -154,29 +189,18 @@ class _StepIndex:
         r = step.idx.shape[0]
         rows = torch.arange(step.r0, step.r1, device=device).view(r, 1) * bq + torch.arange(bq, device=device)
         cols = (step.idx.view(r, -1, 1) * bk + torch.arange(bk, device=device)).view(r, -1)
-        self.q_valid = rows < cfg.q_len
-        self.kv_valid = cols < cfg.kv_len
         self.q_idx = rows.clamp(max=cfg.q_len - 1).view(1, 1, r, 1, bq, 1)
         self.kv_idx = cols.clamp(max=cfg.kv_len - 1).view(1, 1, r, 1, 1, -1)
         self.b = torch.arange(batch, device=device).view(-1, 1, 1, 1, 1, 1)
         self.h = (torch.arange(cfg.kv_heads, device=device).view(-1, 1) * g
                   + torch.arange(g, device=device)).view(1, cfg.kv_heads, 1, g, 1, 1)
-        self.computed = step.computed.view(r, -1, 1).expand(r, step.idx.shape[1], bk).reshape(r, -1)
-
-    def mask(self, cfg: _Config) -> torch.Tensor:
-        valid = (self.kv_valid & self.computed).view(1, 1, self.q_idx.shape[2], 1, 1, -1)
-        if cfg.pattern is None:
-            return valid
-        p = cfg.pattern
-        allowed = p.allowed(self.b if p.batch_dependent else None, self.h if p.head_dependent else None,
-                            self.q_idx, self.kv_idx, cfg.q_len, cfg.kv_len)
-        return allowed & valid
 
 
-def _scores(cfg: _Config, qs, ks, si: _StepIndex, needs_mask: bool, raw_grad: bool = False):
+def _scores(cfg: _Config, qs, ks, step: _Step, batch: int, raw_grad: bool = False):
     """Scores of one step as ``[B, Hkv, R, G, bq, C*bk]`` in the compute dtype, modified and masked.
 
-    Returns ``(scores, raw, mask)``; ``raw`` is the unmodified product (a leaf requiring grad if asked)."""
+    Returns ``(scores, raw)``; ``raw`` is the unmodified product (a leaf requiring grad if asked). Without a
+    score modifier or grad the masking happens in place (no extra score-sized allocation)."""
     b, hkv, r, gbq, _ = qs.shape
     g = cfg.heads // cfg.kv_heads
     raw = torch.matmul(qs, ks.transpose(-1, -2))
@@ -186,11 +210,17 @@ def _scores(cfg: _Config, qs, ks, si: _StepIndex, needs_mask: bool, raw_grad: bo
         raw = raw.detach().requires_grad_(True)
     s = raw.view(b, hkv, r, g, gbq // g, -1)
     if cfg.score_mod is not None:
+        si = _StepIndex(cfg, step, batch, qs.device)
         s = cfg.score_mod(s, si.b, si.h, si.q_idx, si.kv_idx, cfg.q_len, cfg.kv_len)
-    mask = si.mask(cfg) if needs_mask else None
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return s, raw, mask
+    if step.needs_mask:
+        if raw_grad or cfg.score_mod is not None and s.requires_grad:
+            s = s.clone()  # keep the autograd graph: mask a copy
+        bk = cfg.plan.block_kv
+        s7 = s.view(b, hkv, r, g, gbq // g, -1, bk)
+        tr, tc = step.tile_r, step.tile_c
+        # Non-adjacent advanced indices move to the front: tiles are [T, B, Hkv, G, bq, bk].
+        s7[:, :, tr, :, :, tc, :] = s7[:, :, tr, :, :, tc, :].masked_fill(step.blocked, float("-inf"))
+    return s, raw
 
 
 def _gather(xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -217,55 +247,48 @@ def tiled_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     bq, bk = plan.block_q, plan.block_kv
     cdt = _compute_dtype(q)
     acc_dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    norm = cfg.norm
     qb = _blocks_q(q.to(cdt) * cfg.scale, cfg.kv_heads, plan.nq, bq)
     kb = _blocks_kv(k.to(cdt), plan.nk, bk)
+    dv = v.shape[-1]
+    if norm.row_normalized:
+        # A column of ones after v: one matmul gives both sum_j w_ij v_j and the row sum sum_j w_ij.
+        v = torch.cat([v.to(cdt), torch.ones_like(v[..., :1], dtype=cdt)], dim=-1)
     vb = _blocks_kv(v.to(cdt), plan.nk, bk)
     b, hkv, nq, gbq, _ = qb.shape
-    dv = v.shape[-1]
-    out = torch.zeros(b, hkv, nq, gbq, dv, dtype=acc_dt, device=q.device)
-    softmax = cfg.norm.name == "softmax"
-    stat = torch.zeros(b, hkv, nq, gbq, dtype=acc_dt, device=q.device) \
-        if cfg.norm.row_normalized else None
-    m = lsum = acc = None
+    out = torch.empty(b, hkv, nq, gbq, dv, dtype=acc_dt, device=q.device)
+    softmax = norm.name == "softmax"
+    stat = torch.empty(b, hkv, nq, gbq, dtype=acc_dt, device=q.device) if norm.row_normalized else None
+    tiny = torch.finfo(acc_dt).tiny
+    m = acc = None
     for step in plan.steps:
-        si = _StepIndex(cfg, step, b, q.device)
-        qs = qb[:, :, step.r0: step.r1]
-        s, _, _ = _scores(cfg, qs, _gather(kb, step.idx), si, step.needs_mask)
+        rows = slice(step.r0, step.r1)
+        s, _ = _scores(cfg, qb[:, :, rows], _gather(kb, step.idx), step, b)
         s = s.reshape(b, hkv, step.r1 - step.r0, gbq, -1)
         vs = _gather(vb, step.idx)
         if softmax:
             s_max = s.amax(dim=-1)
-            if step.first:
-                m_new = s_max
-            else:
-                m_new = torch.maximum(m, s_max)
+            m_new = s_max if step.first else torch.maximum(m, s_max)
             m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()
             pv = torch.matmul(p.to(vs.dtype), vs).to(acc_dt)
             if step.first:
-                lsum, acc = p.sum(dim=-1), pv
+                acc = pv
             else:
-                alpha = torch.exp(m - m_safe)
-                lsum = lsum * alpha + p.sum(dim=-1)
-                acc = acc * alpha[..., None].to(acc_dt) + pv
+                acc = acc.mul_(torch.exp(m - m_safe)[..., None].to(acc_dt)).add_(pv)
             m = m_new
-            if step.last:
-                out[:, :, step.r0: step.r1] = acc / lsum.clamp_min(torch.finfo(lsum.dtype).tiny)[..., None]
-                lse = m_safe + torch.log(lsum)  # -inf where the row has no allowed key
-                stat[:, :, step.r0: step.r1] = lse
         else:
-            w = cfg.norm.weight(s, cfg.kv_len)
+            w = norm.weight(s, cfg.kv_len)
             pv = torch.matmul(w.to(vs.dtype), vs).to(acc_dt)
-            acc = pv if step.first else acc + pv
-            if cfg.norm.row_normalized:
-                ws = w.sum(dim=-1)
-                lsum = ws if step.first else lsum + ws
-            if step.last:
-                if cfg.norm.row_normalized:
-                    out[:, :, step.r0: step.r1] = acc / lsum.clamp_min(torch.finfo(lsum.dtype).tiny)[..., None]
-                    stat[:, :, step.r0: step.r1] = lsum
-                else:
-                    out[:, :, step.r0: step.r1] = acc
+            acc = pv if step.first else acc.add_(pv)
+        if step.last:
+            if norm.row_normalized:
+                lsum = acc[..., dv]
+                out[:, :, rows] = acc[..., :dv] / lsum.clamp_min(tiny)[..., None]
+                # softmax: log-sum-exp, -inf where the row has no allowed key; softplus: the row sum
+                stat[:, :, rows] = m_safe + torch.log(lsum) if softmax else lsum
+            else:
+                out[:, :, rows] = acc
     out = _unblock_q(out, cfg.heads, cfg.q_len, bq).to(q.dtype)
     stat = None if stat is None else _unblock_q(stat, cfg.heads, cfg.q_len, bq)
     return out, stat
@@ -299,12 +322,11 @@ def tiled_backward(cfg: _Config, q, k, v, out, stat, grad_out, params: list[torc
     use_autograd = cfg.score_mod is not None or not softmax
     for step in plan.steps:
         r = step.r1 - step.r0
-        si = _StepIndex(cfg, step, b, q.device)
         qs = qb[:, :, step.r0: step.r1]
         ks, vs = _gather(kb, step.idx), _gather(vb, step.idx)
         dos = dob[:, :, step.r0: step.r1]
         with torch.enable_grad():
-            s, raw, _ = _scores(cfg, qs, ks, si, step.needs_mask, raw_grad=use_autograd)
+            s, raw = _scores(cfg, qs, ks, step, b, raw_grad=use_autograd)
             s = s.reshape(b, hkv, r, gbq, -1)
             if softmax:
                 w = torch.exp(s - statb[:, :, step.r0: step.r1, :, None])
@@ -370,19 +392,19 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     hkv, kv_len = k.shape[1], k.shape[2]
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv)
     row_cost = b * h * bq * bk
-    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, row_cost, q.device, tile_elements)
+    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, q.device, tile_elements)
     cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
 
 
-def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, row_cost, device, tile_elements) -> _Plan:
-    key = (q_len, kv_len, bq, bk, b, h, row_cost, str(device), tile_elements)
+def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements) -> _Plan:
+    key = (q_len, kv_len, bq, bk, b, h, hkv, row_cost, str(device), tile_elements)
     if pattern is None:
-        return make_plan(None, *key[:6], row_cost, device, tile_elements)
+        return make_plan(None, *key[:7], row_cost, device, tile_elements)
     cache = pattern.__dict__.setdefault("_plan_cache", {})
     if key not in cache:
         if len(cache) > 16:
             cache.clear()
-        cache[key] = make_plan(pattern, q_len, kv_len, bq, bk, b, h, row_cost, device, tile_elements)
+        cache[key] = make_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements)
     return cache[key]
