@@ -11,7 +11,9 @@ Every map is an ``nn.Module`` (learnable ones own parameters; random-feature one
   derive their temperatures from the statistics of both; offsets are absolute positions of the first token
   (cosFormer re-weights by position, so a carried state needs them);
 - ``feature_dim(head_dim) -> int`` and ``state_bytes(head_dim, value_dim, dtype) -> int``;
-- ``nonnegative``: features are >= 0, so the denominator cannot change sign;
+- ``nonnegative``: the kernel ``phi(x) . phi(y)`` is >= 0 for every input, so the denominator cannot change
+  sign (true of every map but identity, trig and cosine; Taylor and ReBased have signed features but a
+  non-negative kernel);
 - ``token_local``: features of a token depend only on that token and its position, so an engine may compute
   them block by block and a state may be carried across calls.
 
@@ -342,7 +344,9 @@ class FocusedFeatureMap(FeatureMap):
     def phi(self, x, *, is_query, offset=0):
         r = F.relu(x) + self.eps
         rp = r**self.p
-        return rp * (r.norm(dim=-1, keepdim=True) / rp.norm(dim=-1, keepdim=True))
+        # an all-non-positive row (possible with eps=0) has r = 0: its features are 0, not 0/0
+        tiny = torch.finfo(rp.dtype).tiny
+        return rp * (r.norm(dim=-1, keepdim=True) / rp.norm(dim=-1, keepdim=True).clamp_min(tiny))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, p={self.p}"
@@ -356,7 +360,8 @@ def _outer_features(x: torch.Tensor, compact: bool, diag_w: float, off_w: float)
     if not compact:
         return outer.flatten(-2) * diag_w
     i, j = torch.triu_indices(d, d, device=x.device)
-    w = torch.where(i == j, diag_w, off_w).to(x.dtype)
+    # built in x's dtype: a float32 sqrt(2) would cost float64 inputs half their digits
+    w = torch.full(i.shape, off_w, dtype=x.dtype, device=x.device).masked_fill_(i == j, diag_w)
     return outer[..., i, j] * w
 
 
