@@ -3,14 +3,18 @@
 Layout is ``[batch, heads, seq, dim]`` everywhere, as in ``torch.nn.functional.scaled_dot_product_attention``.
 """
 
-from attnkit import normalizations, patterns, score_mods
+from attnkit import feature_maps, normalizations, patterns, score_mods
 from attnkit.errors import NotSupportedError
+from attnkit.ops.approx.error import ApproximationError, approximation_error
 from attnkit.ops.exact.api import attention, not_supported_reasons
+from attnkit.ops.linear import LinearAttentionState, linear_attention
+from attnkit.ops.neighborhood import neighborhood
 from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, register
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Mechanism", "NotSupportedError", "attention", "get", "list_mechanisms", "mechanism_info",
+    "ApproximationError", "LinearAttentionState", "Mechanism", "NotSupportedError", "approximation_error",
+    "attention", "feature_maps", "get", "linear_attention", "list_mechanisms", "mechanism_info", "neighborhood",
     "normalizations", "not_supported_reasons", "patterns", "register", "score_mods", "__version__",
 ]
