@@ -12,7 +12,7 @@ from attnkit.ops.exact.api import attention
 from attnkit.registry import mechanism_info
 from attnkit.score_mods import ScoreMod
 
-from .rotary import RotaryEmbedding
+from .rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["MultiheadAttention"]
 
@@ -33,8 +33,15 @@ class MultiheadAttention(nn.Module):
         max_seq_len: passed to mechanisms that need a fixed length (e.g. Linformer).
         bias: whether the projections have biases.
 
-    ``forward(x, context=None)``: ``x [batch, q_len, embed_dim]``; ``context [batch, kv_len, embed_dim]`` for
-    cross-attention (defaults to ``x``). Returns ``[batch, q_len, embed_dim]``.
+    ``forward(x, context=None, *, cache=None, lengths=None)``: ``x [batch, q_len, embed_dim]``; ``context
+    [batch, kv_len, embed_dim]`` for cross-attention (defaults to ``x``). Returns ``[batch, q_len, embed_dim]``.
+
+    Decoding (``mechanism="softmax"`` self-attention): pass an ``attnkit.KVCache`` (or ``SlidingWindowCache``,
+    ``AdaptiveKVCache``) as ``cache=``: the first call prefills the prompt, later calls feed the new tokens
+    (``x [batch, 1, embed_dim]`` per step). New keys/values are appended, queries attend to the whole cache
+    with the layer's pattern at absolute positions, and rotary embeddings rotate at those positions, so prefill +
+    N steps equals one full causal pass. ``lengths [batch]``: valid tokens of a right-padded ``x`` (a batch of
+    prompts of different lengths; ``KVCache`` only). ``step(x_t, cache)`` is ``forward(x_t, cache=cache)``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kv_heads: int | None = None, mechanism: str = "softmax",
@@ -80,9 +87,21 @@ class MultiheadAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding at absolute ``positions [batch | 1, seq]`` (per-element positions in a ragged batch)."""
+        cos, sin = self.rotary.angles(positions.reshape(-1).to(x.device))
+        shape = (positions.shape[0], 1, positions.shape[1], cos.shape[-1])
+        return apply_rotary(x, cos.view(shape), sin.view(shape))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, cache: Any = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [batch, seq, {self.embed_dim}], got {tuple(x.shape)}")
+        if cache is not None:
+            return self._forward_cached(x, context, cache, lengths)
+        if lengths is not None:
+            raise ValueError("lengths= applies to decoding with a cache; pass cache=attnkit.KVCache() (or mask "
+                             "padding with pattern=attnkit.patterns.key_padding(lengths))")
         context = x if context is None else context
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(context), self.kv_heads)
@@ -97,4 +116,29 @@ class MultiheadAttention(nn.Module):
         else:
             out = self.inner(q, k, v)
         b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+    def step(self, x: torch.Tensor, cache: Any, *, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoding call: ``forward(x, cache=cache)`` (``x [batch, n_new, embed_dim]``, usually ``n_new=1``)."""
+        return self.forward(x, cache=cache, lengths=lengths)
+
+    def _forward_cached(self, x: torch.Tensor, context, cache: Any, lengths) -> torch.Tensor:
+        if self.inner is not None:
+            raise ValueError(f"cache= runs mechanism='softmax' (exact attention over cached keys); mechanism "
+                             f"{self.mechanism!r} has no cache path")
+        if context is not None:
+            raise ValueError("cache= is for self-attention decoding; for cross-attention project the context once "
+                             "and call attnkit.attention on it")
+        if not hasattr(cache, "attend") or not hasattr(cache, "positions"):
+            raise TypeError(f"cache must be an attnkit cache (KVCache, SlidingWindowCache, AdaptiveKVCache), got "
+                            f"{type(cache).__name__}")
+        b, n, _ = x.shape
+        q = self._split(self.q_proj(x), self.num_heads)
+        k = self._split(self.k_proj(x), self.kv_heads)
+        v = self._split(self.v_proj(x), self.kv_heads)
+        if self.rotary is not None:
+            pos = cache.positions(n, lengths)  # absolute positions of the new tokens [batch | 1, n]
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
+        out = cache.attend(q, k, v, pattern=self.pattern, causal=self.causal, score_mod=self.score_mod,
+                           normalization=self.normalization, lengths=lengths)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))

@@ -1,0 +1,508 @@
+"""Decoding caches: prefill a prompt, then generate one token at a time.
+
+Every cache implements one protocol, used by :class:`attnkit.nn.MultiheadAttention` (``forward(x, cache=...)``):
+
+* ``positions(n, lengths=None) -> [batch, n]``: the absolute positions of the next ``n`` tokens (rotary
+  embeddings rotate new queries and keys there; stored keys are already rotated);
+* ``attend(q, k, v, *, pattern, score_mod, normalization, scale, lengths) -> out``: append the new keys and
+  values ``[batch, kv_heads, n, dim]`` and attend the new queries ``[batch, heads, n, dim]`` to everything the
+  cache holds, with the layer's pattern evaluated at absolute positions;
+* ``nbytes``: memory held by the cache.
+
+Caches:
+
+* :class:`KVCache`: the standard cache. Preallocated, grows by doubling, grouped-query (stores ``kv_heads``),
+  and a batch of different lengths (``lengths=``: right-padded prompts; each element appends at its own end).
+  Prefill + N steps equals one full causal pass.
+* :class:`SlidingWindowCache`: keeps only the last ``window`` tokens; exact for patterns that look back at most
+  ``window`` positions (``causal() & sliding_window(w, 0)`` with ``w <= window``). Memory O(window).
+* :class:`AdaptiveKVCache`: FastGen ("Model Tells You What to Discard: Adaptive KV Cache Compression for
+  LLMs", Ge et al., 2024). Prefill is exact; the prompt's attention profile picks per (batch, kv head) the
+  cheapest policy (special tokens, punctuation, frequent "heavy hitters", local window, full) whose recovery
+  ratio reaches ``threshold``; only the kept keys/values are stored. See :func:`choose_policies`.
+* :class:`RecurrentStateCache`: the O(1) state of causal linear attention (``attnkit.ops.linear``), used by
+  :class:`attnkit.nn.LinearMultiheadAttention` through the same ``forward(x, cache=...)`` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from attnkit import patterns as P
+from attnkit._checks import default_scale
+from attnkit.normalizations import resolve
+from attnkit.ops.exact.api import attention
+from attnkit.ops.exact.reference import attention_weights
+from attnkit.ops.linear.state import LinearAttentionState
+
+__all__ = [
+    "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache", "choose_policies", "POLICIES",
+    "policy_keep_mask",
+]
+
+
+def _check_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"new q, k, v must have the same length and k, v the same batch/heads: got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+
+
+def _as_lengths(lengths, batch: int, n: int, device) -> torch.Tensor:
+    """Valid new tokens per batch element, ``[batch]`` long (default: all ``n``)."""
+    if lengths is None:
+        return torch.full((batch,), n, dtype=torch.long, device=device)
+    t = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    if t.numel() != batch:
+        raise ValueError(f"lengths must have one entry per batch element ({batch}), got {t.numel()}")
+    if bool((t < 0).any()) or bool((t > n).any()):
+        raise ValueError(f"lengths must lie in [0, {n}] (the number of new tokens), got {t.tolist()}")
+    return t
+
+
+def _at_positions(pattern: P.Pattern | None, causal_default: bool, start: torch.Tensor,
+                  valid_end: torch.Tensor, kv_len: int) -> P.Pattern:
+    """The layer's pattern for new queries at absolute positions ``start[b] + i`` over cached keys
+    ``0 .. valid_end[b] - 1`` (a batch of different lengths). Patterns are position-based with
+    bottom-right alignment, so evaluating them with ``q_len = kv_len`` and ``q_idx = position`` is exact."""
+
+    def fn(b, h, qi, ki):
+        pos = start[b] + qi
+        ok = ki < valid_end[b]
+        if pattern is not None:
+            ok = ok & pattern.allowed(b, h, pos, ki, kv_len, kv_len)
+        elif causal_default:
+            ok = ok & (ki <= pos)
+        return ok
+
+    head = pattern.head_dependent if pattern is not None else False
+    return P.custom(fn, batch_dependent=True, head_dependent=head)
+
+
+class KVCache:
+    """A growing key/value cache ``k, v [batch, kv_heads, capacity, dim]`` for autoregressive decoding.
+
+    Args:
+        capacity: initial number of positions preallocated (grows by doubling when exceeded).
+
+    Buffers are allocated on the first ``append``/``attend`` with the batch, heads, dtype and device of the keys.
+    ``lengths [batch]`` counts the tokens held per batch element: prompts of different lengths are passed
+    right-padded with ``lengths=`` and each element then appends at its own end (padding is overwritten).
+    """
+
+    def __init__(self, capacity: int = 256):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        """The longest sequence held (0 when empty)."""
+        return 0 if self.lengths is None else int(self.lengths.max())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by the key and value buffers."""
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def reset(self) -> None:
+        self.k = self.v = self.lengths = None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``k, v [batch, kv_heads, seq_len, dim]`` (positions beyond ``lengths[b]`` are padding)."""
+        if self.k is None:
+            raise ValueError("the cache is empty; call attend()/append() first")
+        n = self.seq_len
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        """Absolute positions ``[batch, n]`` of the next ``n`` tokens (``[1, n]`` while the cache is empty)."""
+        start = torch.zeros(1, dtype=torch.long) if self.lengths is None else self.lengths
+        return start.view(-1, 1) + torch.arange(n, device=start.device)
+
+    def _allocate(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
+        b, hkv, _, d = k.shape
+        if self.k is None:
+            cap = max(self.capacity, needed)
+            self.k = k.new_zeros(b, hkv, cap, d)
+            self.v = v.new_zeros(b, hkv, cap, v.shape[-1])
+            self.lengths = torch.zeros(b, dtype=torch.long, device=k.device)
+            return
+        if (b, hkv, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]) or v.shape[-1] != self.v.shape[-1]:
+            raise ValueError(f"new keys {tuple(k.shape)} / values {tuple(v.shape)} do not match the cache "
+                             f"[batch={self.k.shape[0]}, kv_heads={self.k.shape[1]}, *, dim={self.k.shape[3]}]")
+        if k.dtype != self.k.dtype or k.device != self.k.device:
+            raise TypeError(f"new keys are {k.dtype} on {k.device}, the cache holds {self.k.dtype} on "
+                            f"{self.k.device}; call reset() or cast the inputs")
+        cap = self.k.shape[2]
+        if needed > cap:
+            new_cap = max(needed, 2 * cap)
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                buf = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
+                buf[:, :, :cap] = old
+                setattr(self, name, buf)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> torch.Tensor:
+        """Write ``k, v [batch, kv_heads, n, dim]`` after each element's last token; ``lengths`` (``[batch]``)
+        says how many of the ``n`` are real (right padding). Returns the start positions ``[batch]``."""
+        n = k.shape[2]
+        valid = _as_lengths(lengths, k.shape[0], n, k.device)
+        start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device) if self.lengths is None \
+            else self.lengths.clone()
+        self._allocate(k, v, int(start.max()) + n)
+        if bool((start == start[0]).all()):
+            s = int(start[0])
+            self.k[:, :, s:s + n] = k
+            self.v[:, :, s:s + n] = v
+        else:  # every element writes at its own end
+            idx = (start.view(-1, 1, 1, 1) + torch.arange(n, device=k.device).view(1, 1, -1, 1))
+            self.k.scatter_(2, idx.expand(-1, k.shape[1], -1, k.shape[3]), k)
+            self.v.scatter_(2, idx.expand(-1, v.shape[1], -1, v.shape[3]), v)
+        self.lengths = start + valid
+        return start
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        """Append ``k, v`` and attend ``q [batch, heads, n, dim]`` (the new tokens) to the whole cache.
+
+        ``pattern`` is the layer's pattern (``None``: ``causal`` decides between causal and full); query ``i``
+        of element ``b`` sits at position ``lengths_before[b] + i``. Returns ``[batch, heads, n, dim_v]``.
+        """
+        _check_new(q, k, v)
+        n = q.shape[2]
+        start = self.append(k, v, lengths)
+        uniform = bool((start == start[0]).all()) and bool((self.lengths == self.lengths[0]).all())
+        if uniform and int(self.lengths[0]) == int(start[0]) + n:
+            kk, vv = self.get()
+            # bottom-right alignment: the n queries are the last n of seq_len positions
+            pat = pattern if pattern is not None else (P.causal() if causal else None)
+            if n == 1 and isinstance(pat, P._Band) and pat.lo == -math.inf and pat.hi >= 0:
+                pat = None  # one query at the last position sees every key: sdpa's fast path
+            return attention(q, kk, vv, pattern=pat, score_mod=score_mod, normalization=normalization, scale=scale)
+        if score_mod is not None:
+            raise ValueError("score_mod with a batch of different lengths is not supported (score modifiers see "
+                             "bottom-right aligned positions); pad the prompts to one length")
+        kv_len = int((start + n).max())
+        kk, vv = self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        pat = _at_positions(pattern, causal, start, self.lengths, kv_len)
+        return attention(q, kk, vv, pattern=pat, normalization=normalization, scale=scale)
+
+
+def _lookback(pattern: P.Pattern | None) -> float:
+    """How far back (in positions) a pattern may look: finite for bands and their intersections."""
+    if isinstance(pattern, P._Band):
+        return -pattern.lo
+    if isinstance(pattern, P._And) and not isinstance(pattern, P._Or):
+        return min(_lookback(pattern.a), _lookback(pattern.b))
+    return math.inf
+
+
+class SlidingWindowCache:
+    """Keeps the keys/values of the last ``window`` tokens only: memory ``O(window)`` however long the
+    generation ("Longformer"/Mistral-style local decoders). Exact for layer patterns that never look back more
+    than ``window`` positions, e.g. ``causal() & sliding_window(window, 0)`` or ``sliding_window(window - 1, 0)``;
+    other patterns raise ``ValueError``. Batch elements share one length (no ``lengths=``)."""
+
+    def __init__(self, window: int):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.window = window
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.seen = 0  # tokens processed so far (the absolute position of the next one)
+
+    @property
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.seen = 0
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        """Attend the new queries to the kept window plus the new tokens, then keep the last ``window``."""
+        _check_new(q, k, v)
+        if lengths is not None:
+            raise ValueError("SlidingWindowCache holds one length for the whole batch; use KVCache for lengths=")
+        if _lookback(pattern) > self.window:
+            raise ValueError(
+                f"SlidingWindowCache(window={self.window}) is exact only for patterns looking back at most "
+                f"{self.window} positions (e.g. causal() & sliding_window({self.window}, 0)); the layer has "
+                f"pattern={pattern!r}. Use KVCache, or a layer built with such a pattern"
+            )
+        kk = k if self.k is None else torch.cat([self.k, k], dim=2)
+        vv = v if self.v is None else torch.cat([self.v, v], dim=2)
+        out = attention(q, kk, vv, pattern=pattern, score_mod=score_mod, normalization=normalization, scale=scale)
+        # keep copies (not views of the concatenation) so the old buffers are freed
+        self.k, self.v = kk[:, :, -self.window:].clone(), vv[:, :, -self.window:].clone()
+        self.seen += k.shape[2]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FastGen: adaptive KV cache compression
+# ----------------------------------------------------------------------------------------------------------------
+
+POLICIES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
+_COMPONENTS = ("special", "punct", "frequent", "local", "full")
+
+
+def _as_position_mask(x, batch: int, n: int, device, name: str) -> torch.Tensor:
+    """A bool mask ``[batch, n]`` from None (empty), a bool mask ``[n]``/``[batch, n]`` or index lists."""
+    if x is None:
+        return torch.zeros(batch, n, dtype=torch.bool, device=device)
+    t = torch.as_tensor(x, device=device)
+    if t.dtype == torch.bool:
+        if t.shape[-1] != n or t.dim() not in (1, 2):
+            raise ValueError(f"{name} as a mask must be [n] or [batch, n] with n={n}, got {tuple(t.shape)}")
+        return t.expand(batch, n).clone() if t.dim() == 1 else t.expand(batch, n).clone()
+    t = t.long().reshape(-1)
+    if bool((t < 0).any()) or bool((t >= n).any()):
+        raise ValueError(f"{name} indices must lie in [0, {n}), got {t.tolist()}")
+    m = torch.zeros(n, dtype=torch.bool, device=device)
+    m[t] = True
+    return m.expand(batch, n).clone()
+
+
+def policy_keep_mask(policy: str, attn: torch.Tensor, *, special: torch.Tensor, punct: torch.Tensor,
+                     local_ratio: float, frequent_ratio: float, per_query: bool) -> torch.Tensor:
+    """The keys a FastGen policy keeps.
+
+    Args:
+        policy: components joined by ``+`` from ``special punct frequent local full``.
+        attn: the prompt's causal attention ``[batch, heads, n, n]`` (averaged over the query heads of a kv head).
+        special, punct: ``[batch, n]`` bool masks of special-token and punctuation positions.
+        local_ratio, frequent_ratio: the local window and the number of heavy hitters as fractions of ``n``.
+        per_query: ``True``: the mask ``[batch, heads, n, n]`` as seen by every prompt query (the local window
+            slides with the query: used to profile); ``False``: the kept set ``[batch, heads, n]`` at the end of
+            the prompt (what the compressed cache stores).
+    """
+    parts = policy.split("+")
+    bad = [p for p in parts if p not in _COMPONENTS]
+    if bad:
+        raise ValueError(f"unknown policy component(s) {bad} in {policy!r}; use {'+'.join(_COMPONENTS[:-1])} or "
+                         f"'full' joined by '+'")
+    b, h, n, _ = attn.shape
+    dev = attn.device
+    keep = torch.zeros(b, h, n, dtype=torch.bool, device=dev)
+    if "full" in parts:
+        keep[:] = True
+    if "special" in parts:
+        keep |= special[:, None, :]
+    if "punct" in parts:
+        keep |= punct[:, None, :]
+    if "frequent" in parts:
+        count = max(1, math.ceil(frequent_ratio * n))
+        score = attn.sum(dim=2)  # accumulated attention received by each key
+        top = score.topk(min(count, n), dim=-1).indices
+        keep.scatter_(-1, top, True)
+    if not per_query:
+        if "local" in parts:
+            keep[..., n - max(1, math.ceil(local_ratio * n)):] = True
+        return keep
+    qi = torch.arange(n, device=dev).view(-1, 1)
+    ki = torch.arange(n, device=dev).view(1, -1)
+    mask = keep[:, :, None, :] & (ki <= qi)
+    if "local" in parts:
+        r = max(1, math.ceil(local_ratio * n))
+        mask = mask | ((ki <= qi) & (ki > qi - r))
+    return mask
+
+
+def choose_policies(attn: torch.Tensor, *, threshold: float = 0.95, policies: Sequence[str] = POLICIES,
+                    special=None, punct=None, local_ratio: float = 0.3,
+                    frequent_ratio: float = 0.3) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
+    """FastGen's profiling: per (batch, head) the first policy in ``policies`` (ordered cheapest first) whose
+    recovery ratio reaches ``threshold``; the last policy is the fallback.
+
+    The recovery ratio of a policy is the attention mass its kept keys receive, averaged over the prompt's
+    queries: ``mean_i sum_{j kept for i} A_ij`` (1 for ``full``).
+
+    Args:
+        attn: the prompt's causal attention ``[batch, heads, n, n]`` (rows sum to 1).
+        threshold: the recovery ratio ``T`` to reach, in ``[0, 1]``.
+        special, punct: positions of special tokens and punctuation (index lists or bool masks ``[n]`` /
+            ``[batch, n]``); ``special`` defaults to position 0 (the start token).
+
+    Returns:
+        ``(names [batch][heads], keep [batch, heads, n] bool: the kept set at the end of the prompt,
+        recovery [batch, heads] of the chosen policies)``.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be a square attention map [batch, heads, n, n], got {tuple(attn.shape)}")
+    if not policies:
+        raise ValueError("policies must name at least one policy, e.g. attnkit.cache.POLICIES")
+    for name, r in (("local_ratio", local_ratio), ("frequent_ratio", frequent_ratio)):
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"{name} must lie in (0, 1], got {r}")
+    b, h, n, _ = attn.shape
+    special = _as_position_mask([0] if special is None else special, b, n, attn.device, "special")
+    punct = _as_position_mask(punct, b, n, attn.device, "punct")
+    attn = attn.detach().float()
+    chosen = torch.full((b, h), len(policies) - 1, dtype=torch.long, device=attn.device)
+    recovery = torch.ones(b, h, device=attn.device)
+    done = torch.zeros(b, h, dtype=torch.bool, device=attn.device)
+    keeps = []
+    for i, pol in enumerate(policies):
+        kw = dict(special=special, punct=punct, local_ratio=local_ratio, frequent_ratio=frequent_ratio)
+        mask = policy_keep_mask(pol, attn, per_query=True, **kw)
+        rec = (attn * mask).sum(-1).mean(-1)  # [b, h]
+        take = ~done & ((rec >= threshold - 1e-6) | (i == len(policies) - 1))
+        chosen[take], recovery[take] = i, rec[take]
+        done |= take
+        keeps.append(policy_keep_mask(pol, attn, per_query=False, **kw))
+    keep = torch.stack(keeps).gather(0, chosen[None, :, :, None].expand(1, b, h, n))[0]
+    names = [[policies[int(chosen[bi, hi])] for hi in range(h)] for bi in range(b)]
+    return names, keep, recovery
+
+
+class AdaptiveKVCache:
+    """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard", ICLR 2024).
+
+    The first ``attend`` (the prompt, uniform length) is exact; its attention map, averaged over the query heads
+    of each kv head, picks each (batch, kv head)'s policy with :func:`choose_policies`, and only the keys and
+    values that policy keeps are stored (packed to the longest kept set, with a validity mask). Every later token
+    is appended to every head (policies are chosen once, at prompt encoding).
+
+    Attributes after the prompt: ``policies [batch][kv_heads]`` names, ``recovery [batch, kv_heads]``,
+    ``kept_fraction`` (kept prompt entries / prompt entries: the memory kept, as a paged store would hold it),
+    ``kept [batch, kv_heads]`` counts.
+    """
+
+    def __init__(self, *, threshold: float = 0.95, policies: Sequence[str] = POLICIES, special=None, punct=None,
+                 local_ratio: float = 0.3, frequent_ratio: float = 0.3):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        for pol in policies:
+            policy_keep_mask(pol, torch.zeros(1, 1, 1, 1), special=torch.zeros(1, 1, dtype=torch.bool),
+                             punct=torch.zeros(1, 1, dtype=torch.bool), local_ratio=1.0, frequent_ratio=1.0,
+                             per_query=False)  # validates the names
+        self.threshold, self.policy_order = threshold, tuple(policies)
+        self.special, self.punct = special, punct
+        self.local_ratio, self.frequent_ratio = local_ratio, frequent_ratio
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [batch, kv_heads, stored]
+        self.seen = 0
+        self.prompt_len = 0
+        self.policies: list[list[str]] = []
+        self.recovery: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept prompt entries over prompt entries (1.0 before the prompt)."""
+        if self.kept is None:
+            return 1.0
+        return float(self.kept.sum()) / (self.kept.numel() * self.prompt_len)
+
+    @property
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def _compress(self, q, k, v, pattern, score_mod, normalization, scale) -> None:
+        b, h, n, _ = q.shape
+        hkv = k.shape[1]
+        pat = pattern if pattern is not None else P.causal()
+        w = attention_weights(q, k, pattern=pat, score_mod=None, normalization=resolve("softmax"),
+                              scale=default_scale(q, scale))
+        w = w.view(b, hkv, h // hkv, n, n).mean(2)  # one profile per kv head
+        self.policies, keep, self.recovery = choose_policies(
+            w, threshold=self.threshold, policies=self.policy_order, special=self.special, punct=self.punct,
+            local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
+        self.kept = keep.sum(-1)
+        stored = int(self.kept.max())
+        # stable order: kept positions first, in position order (the sort key puts dropped ones last)
+        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
+        self.k = k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1]))
+        self.v = v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1]))
+        self.valid = keep.gather(2, order)
+        self.prompt_len = n
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        _check_new(q, k, v)
+        if lengths is not None:
+            raise ValueError("AdaptiveKVCache holds one length for the whole batch; use KVCache for lengths=")
+        if resolve(normalization).name != "softmax" or score_mod is not None:
+            raise ValueError("AdaptiveKVCache profiles softmax attention: use normalization='softmax' and no "
+                             "score_mod")
+        if pattern is not None and _lookback(pattern) != math.inf:
+            raise ValueError("AdaptiveKVCache compresses a full causal cache; for a windowed layer use "
+                             "SlidingWindowCache")
+        n = q.shape[2]
+        if self.k is None:
+            out = attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
+                            scale=scale)
+            self._compress(q, k, v, pattern, score_mod, normalization, scale)
+            self.seen = n
+            return out
+        base = self.k.shape[2]
+        self.k = torch.cat([self.k, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], n)], dim=2)
+        self.seen += n
+        valid, g = self.valid, q.shape[1] // k.shape[1]
+
+        def fn(b, h, qi, ki):  # kept prompt entries, and the new tokens causally
+            return valid[b, h // g, ki] & (ki <= base + qi)
+
+        return attention(q, self.k, self.v, pattern=P.custom(fn), scale=scale)
+
+
+class RecurrentStateCache:
+    """The decoding state of causal linear attention: ``S [batch, heads, m, d_v]`` and ``z [batch, heads, m]``
+    (a :class:`attnkit.ops.linear.state.LinearAttentionState`), constant in the sequence length. Used by
+    :class:`attnkit.nn.LinearMultiheadAttention` as ``forward(x, cache=RecurrentStateCache())``."""
+
+    def __init__(self):
+        self.state: LinearAttentionState | None = None
+
+    @property
+    def seen(self) -> int:
+        return 0 if self.state is None else self.state.offset
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes
+
+    def reset(self) -> None:
+        self.state = None
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
