@@ -258,3 +258,53 @@ def test_errors_are_helpful():
         linear_attention(q, k, v, causal=True, state=bad)
     with pytest.raises(ValueError, match="max_len"):
         linear_attention(q, k, v, causal=True, feature_map=fmaps.CosformerFeatureMap(max_len=4))
+
+
+# -- registry records ---------------------------------------------------------------------------------------
+
+LINEAR_MECHANISMS = ["based", "cosformer", "cottention", "dijiang", "efficientvit", "focused", "hedgehog",
+                     "lightning", "linear_elu", "lln", "performer", "rebased", "trig_rf"]
+
+
+def test_registry_lists_the_family():
+    import attnkit
+
+    names = {m.name for m in attnkit.list_mechanisms("linear")}
+    assert set(LINEAR_MECHANISMS) <= names
+    assert {"linear_elu", "performer"} <= {m.name for m in attnkit.list_mechanisms("linear") if m.in_default_bench}
+
+
+@pytest.mark.parametrize("name", LINEAR_MECHANISMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_registry_mechanism_matches_reference(name, causal):
+    import attnkit
+
+    info = attnkit.mechanism_info(name)
+    assert info.family == "linear" and info.causal and not info.exact
+    fn = attnkit.get(name, causal=causal, head_dim=8, num_heads=2, **dict(info.bench_params))
+    assert isinstance(fn, torch.nn.Module)
+    fn = fn.double()
+    q, k, v = random_qkv(1, 2, 37, dim=8, dtype=torch.float64, seed=4)
+    out = fn(q, k, v)
+    expected = linear_attention_reference(q, k, v, feature_map=fn.feature_map, causal=causal,
+                                          decay=fn.engine.get("decay"),
+                                          normalize=fn.engine.get("normalize", "denominator"))
+    assert_close(out, expected)
+    m = fn.feature_map.feature_dim(8)
+    assert info.extras["feature_dim"](8) == m
+    assert info.extras["state_bytes"](8) == m * 9 * 4
+    flops = info.flops(batch=1, heads=2, q_len=37, kv_len=37, head_dim=8, causal=causal)
+    assert flops > 4 * 37 * m * 8
+
+
+def test_registry_parameters_and_errors():
+    import attnkit
+
+    fn = attnkit.get("performer", num_features=16, chunk_size=8, causal=True)
+    assert fn.feature_map.num_features == 16 and fn.engine["chunk_size"] == 8
+    assert attnkit.get("lightning", causal=True, num_heads=3).engine["decay"].shape == (3,)
+    assert "decay" not in attnkit.get("lightning", num_heads=3).engine
+    with pytest.raises(TypeError, match="needs num_heads"):
+        attnkit.get("lightning", causal=True)
+    with pytest.raises(TypeError, match="feature map 'elu'"):
+        attnkit.get("linear_elu", num_features=3)

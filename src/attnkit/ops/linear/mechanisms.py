@@ -1,1 +1,207 @@
-"""Registers this family's mechanisms (filled in by the family's issue)."""
+"""Registry records of the linear family: kernelized linear attention with one feature map each.
+
+Every factory returns a :class:`KernelizedAttention` (an ``nn.Module``: feature maps may own parameters or
+random projections), a callable ``(q, k, v) -> out`` on ``[batch, heads, seq, dim]`` tensors that runs
+:func:`attnkit.linear_attention` in parallel mode (non-causal) or chunked mode (causal). Parameters split
+into the engine's (``chunk_size``, ``decay``, ``normalize``, ``mode``, ``eps``) and the feature map's (for
+example ``num_features`` of ``performer``); ``attnkit.get("performer", num_features=128, causal=True)``.
+
+Each record's ``extras`` carries ``feature_dim(head_dim, **params)`` and ``state_bytes(head_dim, value_dim,
+dtype, **params)``: the size of one head's recurrent state (``S [m, d_v]`` plus ``z [m]``), the x-axis of
+Based's recall / memory trade-off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit import feature_maps as fmaps
+from attnkit.registry import SHAPE_PARAMS, Mechanism, register
+
+from .api import linear_attention
+from .chunked import chunked_flops
+
+__all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
+
+# Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
+ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
+
+
+def retention_decay(num_heads: int) -> torch.Tensor:
+    """Per-head decays ``1 - 2^(-5 - h)``, ``h = 0 .. num_heads - 1`` (RetNet's schedule, used with
+    Lightning Attention's per-head decayed state): ``[num_heads]`` float64."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    return 1.0 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
+
+
+class KernelizedAttention(nn.Module):
+    """``(q, k, v) -> linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, ...)``.
+
+    ``q [batch, heads, n, d]``, ``k [batch, kv_heads, n, d]``, ``v [batch, kv_heads, n, d_v]`` ->
+    ``[batch, heads, n, d_v]``. The feature map is a submodule, so ``.to(device, dtype)`` and
+    ``.parameters()`` see its parameters and buffers.
+    """
+
+    def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
+        super().__init__()
+        unknown = set(engine) - set(ENGINE_PARAMS)
+        if unknown:
+            raise TypeError(f"unexpected engine parameters {sorted(unknown)}; accepted: {list(ENGINE_PARAMS)}")
+        self.feature_map = feature_map
+        self.causal = causal
+        self.engine = engine
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, " + ", ".join(f"{k}={v!r}" for k, v in self.engine.items())
+
+
+def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    engine = {k: params.pop(k) for k in list(params) if k in ENGINE_PARAMS}
+    return engine, params
+
+
+def _make_map(map_name: str, map_params: dict[str, Any], shapes: dict[str, Any],
+              map_needs: tuple[str, ...]) -> fmaps.FeatureMap:
+    kwargs = dict(map_params)
+    for key in map_needs:  # shape arguments the map's constructor takes (head_dim, num_heads)
+        if key in shapes and key not in kwargs:
+            kwargs[key] = shapes[key]
+    try:
+        return fmaps.get(map_name, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"feature map {map_name!r}: {exc}") from None
+
+
+def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
+                      map_defaults: dict[str, Any] | None = None, engine_defaults: dict[str, Any] | None = None,
+                      needs: tuple[str, ...] = (), bench_params: dict[str, Any] | None = None,
+                      in_default_bench: bool = False, max_bench_len: int | None = None,
+                      decay_for: Callable[[int], torch.Tensor] | None = None) -> Mechanism:
+    """A mechanism: linear attention with feature map ``map_name`` (``needs``: shape arguments its
+    constructor takes; ``decay_for(num_heads)``: a default per-head decay, causal only)."""
+    map_defaults = dict(map_defaults or {})
+    engine_defaults = dict(engine_defaults or {})
+    all_needs = tuple(sorted(set(needs) | ({"num_heads"} if decay_for else set())))
+
+    def factory(causal: bool = False, **params: Any) -> KernelizedAttention:
+        shapes = {k: params.pop(k) for k in list(params) if k in SHAPE_PARAMS}
+        engine, map_params = _split({**engine_defaults, **map_defaults, **params})
+        if decay_for is not None and causal and "decay" not in engine:
+            if "num_heads" not in shapes:
+                raise TypeError(f"{name} needs num_heads (for its per-head decay) or an explicit decay=")
+            engine["decay"] = decay_for(shapes["num_heads"])
+        fm = _make_map(map_name, map_params, shapes, needs)
+        return KernelizedAttention(fm, causal=causal, **engine)
+
+    def feature_dim(head_dim: int, **params: Any) -> int:
+        _, map_params = _split({**map_defaults, **params})
+        map_params = {k: v for k, v in map_params.items() if k not in SHAPE_PARAMS}
+        return _make_map(map_name, map_params, {"head_dim": head_dim}, needs).feature_dim(head_dim)
+
+    def state_bytes(head_dim: int, value_dim: int | None = None, dtype: torch.dtype = torch.float32,
+                    **params: Any) -> int:
+        """Bytes of one head's recurrent state ``S [m, d_v]`` plus ``z [m]``."""
+        dv = head_dim if value_dim is None else value_dim
+        return feature_dim(head_dim, **params) * (dv + 1) * torch.empty((), dtype=dtype).element_size()
+
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+              **params: Any) -> float:
+        """Matmul FLOPs of the forward: feature projections (random-feature and learnable maps) plus the
+        linear attention itself (``phi(K)^T [V, 1]`` and ``phi(Q) S``, or the chunked engine's count)."""
+        m = feature_dim(head_dim, **params)
+        dv1 = head_dim + 1
+        merged = {**engine_defaults, **params}
+        if causal:
+            per_head = chunked_flops(q_len, m, head_dim, int(merged.get("chunk_size", 64)))
+        else:
+            per_head = 2.0 * kv_len * m * dv1 + 2.0 * q_len * m * dv1
+        if map_name in ("favor", "trig", "dijiang", "hedgehog"):
+            proj = m // 2 if map_name in ("trig", "hedgehog") else m
+            per_head += 2.0 * (q_len + kv_len) * head_dim * proj
+        return float(batch * heads * per_head)
+
+    complexity = "O(n m d) (m features)"
+    return Mechanism(
+        name=name, family="linear", paper=paper, exact=False, complexity=complexity, causal=True,
+        factory=factory, summary=summary, needs=all_needs, bench_params=dict(bench_params or {}),
+        in_default_bench=in_default_bench, max_bench_len=max_bench_len, flops=flops,
+        extras={"feature_map": map_name, "feature_dim": feature_dim, "state_bytes": state_bytes},
+    )
+
+
+_MECHANISMS = [
+    _linear_mechanism(
+        "linear_elu", "elu", "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
+        "phi(x) = elu(x) + 1; m = d", in_default_bench=True,
+    ),
+    _linear_mechanism(
+        "performer", "favor", "Rethinking Attention with Performers (FAVOR+)",
+        "positive orthogonal random features, unbiased for the softmax kernel; m = num_features",
+        map_defaults={"num_features": 256}, bench_params={"num_features": 256}, in_default_bench=True,
+    ),
+    _linear_mechanism(
+        "trig_rf", "trig", "Rethinking Attention with Performers (trigonometric random features)",
+        "[sin, cos] random features, unbiased but signed; m = 2 num_features; no denominator, RMS output",
+        map_defaults={"num_features": 128}, engine_defaults={"normalize": "rms"},
+        bench_params={"num_features": 128},
+    ),
+    _linear_mechanism(
+        "cosformer", "cosformer", "cosFormer: Rethinking Softmax in Attention",
+        "relu features re-weighted by cos(pi (i - j) / 2M), split into cos and sin parts; m = 2d",
+    ),
+    _linear_mechanism(
+        "efficientvit", "relu", "EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense Prediction",
+        "phi(x) = relu(x) with an eps-guarded denominator; m = d",
+    ),
+    _linear_mechanism(
+        "focused", "focused", "FLatten Transformer: Vision Transformer using Focused Linear Attention",
+        "norm-preserving power p of relu(x) (sharper weights); m = d", map_defaults={"p": 3.0},
+    ),
+    _linear_mechanism(
+        "based", "taylor",
+        "Simple linear attention language models balance the recall-throughput tradeoff (Based)",
+        "2nd-order Taylor of exp(q.k/sqrt(d)): 1 + s + s^2/2; m = 1 + d + d(d+1)/2 (large: short lengths)",
+        max_bench_len=8192,
+    ),
+    _linear_mechanism(
+        "rebased", "rebased", "Linear Transformers with Learnable Kernel Functions are Better In-Context Models",
+        "learnable (gamma layernorm(x) + beta)^2 kernel; m = d(d+1)/2", needs=("head_dim", "num_heads"),
+        max_bench_len=8192,
+    ),
+    _linear_mechanism(
+        "hedgehog", "hedgehog",
+        "Linear Self-Attention Approximation via Trainable Feedforward Kernel / Hedgehog",
+        "trainable feed-forward map with [softmax(u), softmax(-u)] output; m = 2 d", needs=("head_dim", "num_heads"),
+    ),
+    _linear_mechanism(
+        "dijiang", "dijiang", "DiJiang: Efficient Large Language Models through Compact Kernelization",
+        "DCT + quasi-Monte-Carlo positive features for the softmax kernel; m = num_features",
+        map_defaults={"num_features": 256}, bench_params={"num_features": 256},
+    ),
+    _linear_mechanism(
+        "cottention", "cosine", "Cottention: Linear Transformers With Cosine Attention",
+        "cosine similarity weights q.k / (|q| |k|), no denominator, RMS-normalised output; m = d",
+        engine_defaults={"normalize": "rms"},
+    ),
+    _linear_mechanism(
+        "lln", "lln", "Linear Log-Normal Attention with Unbiased Concentration",
+        "exp features with moment-matched temperatures (whole-call statistics); m = d",
+    ),
+    _linear_mechanism(
+        "lightning", "identity", "Lightning Attention-2 / The Devil in Linear Transformer (TransNormer)",
+        "phi(x) = x with a per-head decayed state (1 - 2^(-5-h) when causal), no denominator, RMS output",
+        engine_defaults={"normalize": "rms"}, decay_for=retention_decay,
+    ),
+]
+
+for _m in _MECHANISMS:
+    register(_m)
+
