@@ -71,6 +71,13 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
                             "attnkit.score_mods.custom)")
         if hasattr(score_mod, "check"):
             score_mod.check(q.shape[1])
+    if tiles is not None:
+        tiles = (tiles,) * spec.ndim if isinstance(tiles, int) and not isinstance(tiles, bool) else tiles
+        if (not isinstance(tiles, (tuple, list)) or len(tiles) != spec.ndim
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tiles)):
+            raise ValueError(f"tiles must be a positive int or a tuple of {spec.ndim} positive ints (query tile "
+                             f"size per spatial axis), got {tiles!r}; leave it None to let the engine choose")
+        tiles = tuple(tiles)
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
     if engine == "reference":

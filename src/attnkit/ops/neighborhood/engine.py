@@ -288,8 +288,10 @@ def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
         kc = cx.gather_box(k3, c0, c1)
         vc = cx.gather_box(v3, c0, c1)
         qc = qt[:, c0:c1].reshape(-1, cx.m, cx.d)
-        with torch.enable_grad() if params else torch.no_grad():
-            s, raw = cx.scores(qc, kc, c0, c1, params_grad=bool(params))
+        # With a score modifier, differentiate through it (its derivative need not be 1, e.g. softcap).
+        mod = cx.score_mod is not None
+        with torch.enable_grad() if mod else torch.no_grad():
+            s, raw = cx.scores(qc, kc, c0, c1, params_grad=mod)
         s_det = s.detach().reshape(-1, cx.m, p.box_k)
         pr = (s_det - lse[:, c0:c1].reshape(-1, cx.m, 1)).exp_()
         doc = dot[:, c0:c1].reshape(-1, cx.m, cx.dv)
@@ -298,9 +300,10 @@ def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
         dv3.index_add_(1, kidx, dvc.view(cx.bh, ch * p.box_k, cx.dv))
         dp = torch.bmm(doc, vc.transpose(1, 2))
         ds = pr.mul_(dp.sub_(delta[:, c0:c1].reshape(-1, cx.m, 1)))
-        if params:
+        if mod:
             grads = torch.autograd.grad(s, [raw, *params], ds.view_as(s), allow_unused=True)
-            ds = grads[0].reshape(-1, cx.m, p.box_k)
+            ds = torch.zeros_like(raw) if grads[0] is None else grads[0]  # a modifier may ignore the score
+            ds = ds.reshape(-1, cx.m, p.box_k)
             for acc, gr in zip(pgrads, grads[1:]):
                 if gr is not None:
                     acc.add_(gr)
@@ -340,5 +343,5 @@ def neighborhood_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     (inputs already validated). ``tiles``: query tile size per axis (default: ``choose_tiles``)."""
     tiles = choose_tiles(spec) if tiles is None else tuple(tiles)
     plan = _cached_plan(spec, tiles, str(q.device))
-    params = [] if score_mod is None else [t for t in score_mod.parameters() if t.requires_grad]
+    params = [] if score_mod is None else list(score_mod.grad_tensors())
     return _NeighborhoodFn.apply(plan, scale, score_mod, q, k, v, *params)
