@@ -1,0 +1,160 @@
+"""Ring Attention (Liu et al., "Ring Attention with Blockwise Transformers for Near-Infinite Context", 2023) and
+Striped Attention (Brandon et al., "Striped Attention: Faster Ring Attention for Causal Transformers", 2023).
+
+Each of ``P`` ranks holds one shard of the queries, keys and values. For ``P`` steps a rank attends its queries to
+the key/value block it holds, merges the partial result by log-sum-exp (exact online softmax), and passes the
+block to the next rank while receiving the previous rank's: the send/receive is posted before the block's compute
+and awaited after it, so communication overlaps computation. Blocks the mask leaves empty are skipped (the causal
+imbalance of the contiguous layout; the striped layout balances it).
+
+The backward is a second ring: blocks travel again with their gradient accumulators ``dk, dv``; each rank adds its
+queries' contribution (recomputing scores from the saved log-sum-exp, as FlashAttention does), and after ``P``
+hops every accumulator is back with the rank that owns the block. Exact: the same sums as one process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from attnkit import patterns as P
+from attnkit._checks import check_qkv, default_scale
+
+from ._comm import Exchange, group_info
+from .layout import shard_positions
+from .merge import block_attention, block_attention_backward, merge_partials
+
+__all__ = ["ring_attention", "striped_attention"]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Masks:
+    """Block masks from global positions: ``None`` (all allowed), ``False`` (block empty: skip) or a bool tensor."""
+
+    def __init__(self, pattern: P.Pattern | None, q: torch.Tensor, rank: int, world: int, layout: str):
+        self.pattern, self.world, self.layout = pattern, world, layout
+        b, h, n, _ = q.shape
+        self.total = n * world
+        self.device = q.device
+        self.qpos = shard_positions(self.total, rank, world, layout, device=q.device)
+        self.b = torch.arange(b, device=q.device).view(-1, 1, 1, 1)
+        self.h = torch.arange(h, device=q.device).view(1, -1, 1, 1)
+
+    def __call__(self, src: int):
+        if self.pattern is None:
+            return None
+        kpos = shard_positions(self.total, src, self.world, self.layout, device=self.device)
+        m = self.pattern.allowed(self.b, self.h, self.qpos.view(1, 1, -1, 1), kpos.view(1, 1, 1, -1), self.total,
+                                 self.total)
+        if not bool(m.any()):
+            return False
+        return None if bool(m.all()) else m
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, pattern, layout, scale):
+        rank, world = group_info(group, "ring_attention")
+        work = _work_dtype(q.dtype)
+        masks = _Masks(pattern, q, rank, world, layout)
+        qw = q.to(work)
+        dk = k.shape[-1]
+        cur = torch.cat([k, v], dim=-1).contiguous()  # one message per hop
+        out = lse = None
+        for step in range(world):
+            src = (rank - step) % world
+            ex = None
+            if step < world - 1:  # post the next hop before computing on this block
+                ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, step,
+                              "ring_attention (forward)")
+            m = masks(src)
+            if m is not False:
+                o, l = block_attention(qw, cur[..., :dk], cur[..., dk:], m, scale)
+                out, lse = merge_partials(out, lse, o, l)
+            if ex is not None:
+                cur = ex.wait()
+        if out is None:  # every block masked for every query of this rank
+            out = qw.new_zeros(*q.shape[:3], v.shape[-1])
+            lse = qw.new_full(q.shape[:3], float("-inf"))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.pattern, ctx.layout, ctx.scale = group, pattern, layout, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        rank, world = group_info(group, "ring_attention")
+        work = _work_dtype(q.dtype)
+        acc = torch.float32 if work != torch.float64 else torch.float64
+        masks = _Masks(ctx.pattern, q, rank, world, ctx.layout)
+        qw, do = q.to(work), grad_out.to(work)
+        delta = (do * out).sum(-1)
+        d, dvd = k.shape[-1], v.shape[-1]
+        cur = torch.cat([k, v], dim=-1).contiguous()
+        dkv = torch.zeros(*k.shape[:3], d + dvd, dtype=acc, device=k.device)  # travels with its block
+        dq = torch.zeros_like(qw, dtype=acc)
+        for step in range(world):
+            src = (rank - step) % world
+            ex = None
+            if step < world - 1:
+                ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, 2 * step,
+                              "ring_attention (backward)")
+            m = masks(src)
+            if m is not False:
+                gq, gk, gv = block_attention_backward(qw, cur[..., :d], cur[..., d:], m, scale, do, lse, delta)
+                dq += gq
+                dkv[..., :d] += gk
+                dkv[..., d:] += gv
+            if world > 1:  # the accumulator follows its block; after P hops it is home
+                dkv = Exchange(dkv, (rank + 1) % world, torch.empty_like(dkv), (rank - 1) % world, group,
+                               2 * step + 1, "ring_attention (backward)").wait()
+            if ex is not None:
+                cur = ex.wait()
+        return (dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), None, None, None, None)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
+                   causal: bool = False, pattern: P.Pattern | None = None, *, layout: str = "contiguous",
+                   scale: float | None = None) -> torch.Tensor:
+    """Exact softmax attention over a sequence sharded across the ranks of ``group``, with backward.
+
+    Args:
+        q: this rank's queries ``[batch, heads, n_local, dim]``; k, v: this rank's keys/values
+            ``[batch, kv_heads, n_local, dim | dim_v]`` (GQA allowed). Every rank holds ``n_local`` tokens; the
+            full sequence has ``n_local * world_size`` (see :func:`attnkit.distributed.shard`).
+        group: the process group (default: the world).
+        causal: autoregressive mask over *global* positions (combined with ``pattern`` by ``&``).
+        pattern: any ``attnkit.patterns`` pattern over global positions (self-attention, ``q_len == kv_len``).
+        layout: ``"contiguous"`` (Ring Attention) or ``"striped"`` (Striped Attention): which global positions
+            each rank holds (:func:`attnkit.distributed.shard_positions`).
+        scale: score scale, default ``1/sqrt(dim)``.
+
+    Returns:
+        ``[batch, heads, n_local, dim_v]``: this rank's rows of the full attention output, in ``q``'s dtype
+        (half precisions compute in float32). Gradients flow to ``q, k, v`` through a second ring.
+    """
+    check_qkv(q, k, v)
+    rank, world = group_info(group, "ring_attention")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"ring_attention is self-attention over equal shards: q has {q.shape[2]} local tokens and "
+                         f"k/v {k.shape[2]}; shard q, k and v with the same attnkit.distributed.shard")
+    if pattern is not None and not isinstance(pattern, P.Pattern):
+        raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
+    total = q.shape[2] * world
+    shard_positions(total, rank, world, layout)  # validates the layout
+    eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
+    if eff is not None:
+        eff.check(total, total, q.shape[0], q.shape[1])
+    return _RingAttention.apply(q, k, v, group, eff, layout, default_scale(q, scale))
+
+
+def striped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
+                      causal: bool = True, pattern: P.Pattern | None = None, *,
+                      scale: float | None = None) -> torch.Tensor:
+    """:func:`ring_attention` with ``layout="striped"`` (causal by default, its purpose): shard inputs with
+    ``attnkit.distributed.shard(x, rank, world, layout="striped")`` and rotate with ``shard_positions``."""
+    return ring_attention(q, k, v, group, causal=causal, pattern=pattern, layout="striped", scale=scale)

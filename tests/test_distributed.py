@@ -1,0 +1,204 @@
+"""Sequence parallelism across processes (gloo on loopback): every output and gradient equals one process.
+
+One spawn per world size runs all the checks inside (spawning costs seconds; checks cost milliseconds).
+"""
+
+import os
+import time
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import patterns as P
+from attnkit.distributed import (
+    RankFailure,
+    attention_energy,
+    block_attention,
+    local_decode_stats,
+    merge_partials,
+    ring_attention,
+    run_local,
+    shard,
+    shard_positions,
+    tree_decode,
+    unshard_list,
+)
+from attnkit.testing import assert_close
+
+pytestmark = pytest.mark.distributed
+
+
+def _full(seed, b=2, h=4, hkv=2, n=16, d=8, dv=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, n, dv, generator=g, dtype=torch.float64)
+    do = torch.randn(b, h, n, dv, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _ring_case(rank, world, seed, layout, causal, pattern, dtype=torch.float64, **shape):
+    """Ring vs one-process reference (float64 reference engine) on this rank's rows, with gradients."""
+    q, k, v, do = _full(seed, **shape)
+    eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = attnkit.attention(qr, kr, vr, pattern=eff, engine="reference")
+    ref.backward(do)
+    ql, kl, vl = (shard(t, rank, world, layout=layout).to(dtype).detach().requires_grad_(True) for t in (q, k, v))
+    out = ring_attention(ql, kl, vl, causal=causal, pattern=pattern, layout=layout)
+    out.backward(shard(do, rank, world, layout=layout).to(dtype))
+    name = f"{layout} causal={causal} pattern={pattern!r} {dtype} rank {rank}/{world}"
+    assert out.dtype == dtype
+    sh = [shard(t, rank, world, layout=layout) for t in (ref, qr.grad, kr.grad, vr.grad)]
+    for got, want, what in zip((out, ql.grad, kl.grad, vl.grad), sh, ("out", "dq", "dk", "dv")):
+        assert_close(got, want, dtype=dtype, scale=1.0 if dtype == torch.float64 else 4.0, msg=f"{what}: {name}")
+
+
+def _checks(rank, world):
+    import torch.distributed as dist
+
+    from attnkit.distributed import lasp, striped_attention, unshard
+
+    torch.manual_seed(0)
+    # ring: contiguous and striped, causal or not, composed patterns, GQA, dim_v != dim
+    for layout in ("contiguous", "striped"):
+        _ring_case(rank, world, 1, layout, False, None)
+        _ring_case(rank, world, 2, layout, True, None)
+        _ring_case(rank, world, 3, layout, True, P.sliding_window(5, 0), n=8 * world, dv=6)
+    _ring_case(rank, world, 4, "contiguous", False, P.document(torch.tensor([0] * 5 + [1] * 11)), hkv=1)
+    _ring_case(rank, world, 5, "striped", True, None, dtype=torch.float32)
+    _ring_case(rank, world, 6, "contiguous", True, None, dtype=torch.bfloat16)
+    # striped_attention is ring_attention(layout="striped", causal=True)
+    q, k, v, _ = _full(7)
+    a = striped_attention(*(shard(t, rank, world, layout="striped") for t in (q, k, v)))
+    b = ring_attention(*(shard(t, rank, world, layout="striped") for t in (q, k, v)), causal=True, layout="striped")
+    assert torch.equal(a, b)
+    # unshard gathers every rank's rows back in order
+    full = unshard(a, layout="striped")
+    assert_close(full, attnkit.attention(q, k, v, pattern=P.causal(), engine="reference"))
+
+    # tree decoding over shards of different lengths (rank 1 holds nothing when world > 2)
+    g = torch.Generator().manual_seed(8)
+    lens = [5, 0, 3, 8][:world] if world > 2 else [5, 9]
+    kc = torch.randn(2, 2, sum(lens), 8, generator=g, dtype=torch.float64)
+    vc = torch.randn(2, 2, sum(lens), 8, generator=g, dtype=torch.float64)
+    qd = torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
+    start = sum(lens[:rank])
+    out = tree_decode(qd, kc[:, :, start:start + lens[rank]], vc[:, :, start:start + lens[rank]])
+    assert_close(out, attnkit.attention(qd, kc, vc, engine="reference"))
+    kl, vl = kc[:, :, start:start + lens[rank]], vc[:, :, start:start + lens[rank]]
+    out32 = tree_decode(qd.float(), kl.float(), vl.float())
+    assert out32.dtype == torch.float32
+    assert_close(out32, attnkit.attention(qd, kc, vc, engine="reference"), dtype=torch.float32)
+
+    # LASP: causal linear attention with decay, outputs and gradients, and bytes sent independent of n
+    for n_local, decay in ((4, None), (6, 0.9)):
+        q, k, v, do = _full(9, n=n_local * world, hkv=2)
+        qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+        ref = attnkit.linear_attention(qr, kr, vr, causal=True, decay=decay, feature_map="elu")
+        ref.backward(do)
+        ql, kl, vl = (shard(t, rank, world).detach().requires_grad_(True) for t in (q, k, v))
+        out = lasp(ql, kl, vl, decay=decay, chunk_size=3)
+        out.backward(shard(do, rank, world))
+        for got, want in zip((out, ql.grad, kl.grad, vl.grad), (ref, qr.grad, kr.grad, vr.grad)):
+            assert_close(got, shard(want, rank, world))
+    dist.barrier()
+    return {"rank": rank, "world": world}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_equals_one_process(world):
+    results = run_local(_checks, world, timeout_s=30.0)
+    assert [r["rank"] for r in results] == list(range(world))
+
+
+def _dies_or_hangs(rank, world):
+    q = torch.randn(1, 2, 4, 8)
+    if rank == 1:
+        time.sleep(60)  # a hung peer: rank 0 must time out, not wait forever
+    return ring_attention(q, q, q)
+
+
+def _exits(rank, world):
+    if rank == 1:
+        os._exit(7)  # a crashed peer
+    q = torch.randn(1, 2, 4, 8)
+    return ring_attention(q, q, q)
+
+
+def test_a_hung_or_dead_rank_gives_a_clear_error_not_a_hang():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_local(_dies_or_hangs, 2, timeout_s=2.0)
+    assert "ring_attention (forward): rank 0 failed exchanging" in info.value.errors[0]
+    assert "timed out" in info.value.errors[0].lower() or "Timed out" in info.value.errors[0]
+    with pytest.raises(RankFailure) as info:
+        run_local(_exits, 2, timeout_s=2.0)
+    assert "exited with code 7" in info.value.errors[1]
+    assert time.monotonic() - t0 < 60
+
+
+# --- single-process pieces: layouts, merge, energy ------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped"])
+def test_shard_and_unshard_are_inverse(layout):
+    x = torch.arange(2 * 12).view(1, 2, 12, 1)
+    parts = [shard(x, r, 3, layout=layout) for r in range(3)]
+    assert torch.equal(unshard_list(parts, layout=layout), x)
+    for r in range(3):
+        assert torch.equal(parts[r][0, 0, :, 0], shard_positions(12, r, 3, layout))
+    assert shard_positions(12, 1, 3, "striped").tolist() == [1, 4, 7, 10]
+    with pytest.raises(ValueError, match="divisible by the number of ranks"):
+        shard(x, 0, 5)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard(x, 0, 3, layout="zigzag")
+
+
+def test_merge_of_block_partials_equals_attention_in_any_order():
+    q, k, v, _ = _full(10, n=12)
+    ref = attnkit.attention(q, k, v, pattern=P.causal(), engine="reference")
+    mask = P.causal().materialize(12, 12)
+    blocks = [(0, 5), (5, 6), (6, 12)]
+    for order in ([0, 1, 2], [2, 0, 1]):
+        out = lse = None
+        for i in order:
+            a, b = blocks[i]
+            o, l = block_attention(q, k[:, :, a:b], v[:, :, a:b], mask[..., a:b], q.shape[-1] ** -0.5)
+            out, lse = merge_partials(out, lse, o, l)
+        assert_close(out, ref)
+        assert not torch.isnan(out).any()
+
+
+def test_striped_layout_balances_causal_work():
+    n, world = 64, 4
+    mask = P.causal().materialize(n, n)[0, 0]
+    for layout, worst in (("contiguous", 4.0), ("striped", 1.2)):
+        work = []
+        for r in range(world):
+            qp = shard_positions(n, r, world, layout)
+            work.append(int(mask[qp].sum()))
+        ratio = max(work) / min(work)
+        assert ratio > 3.0 if layout == "contiguous" else ratio < worst
+
+
+def test_energy_gradient_is_attention_and_local_stats_combine():
+    q, k, v, _ = _full(11, n=9)
+    q = q[:, :, -1:]
+    zeta = torch.zeros(2, 4, 1, 8, dtype=torch.float64, requires_grad=True)
+    attention_energy(q, k, v, zeta).backward()
+    assert_close(zeta.grad, attnkit.attention(q, k, v, engine="reference"))
+    stats = [local_decode_stats(q, k[:, :, a:b], v[:, :, a:b], 8 ** -0.5) for a, b in ((0, 4), (4, 4), (4, 9))]
+    m = torch.stack([s[0] for s in stats]).amax(0)
+    num = sum(s[2] * torch.exp(s[0] - m)[..., None] for s in stats)
+    den = sum(s[1] * torch.exp(s[0] - m) for s in stats)
+    assert_close(num / den[..., None], zeta.grad)
+
+
+def test_errors_without_a_process_group():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ring_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        tree_decode(q, q, q)
