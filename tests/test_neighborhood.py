@@ -571,3 +571,73 @@ def test_speed_of_light_natten_example_and_engine_work():
         neighborhood_speed_of_light((16, 16), 3, tile_shape=(4, 4, 4))
     assert P.speed_of_light(neighborhood_pattern((16,), 5), 16, block_q=4, block_kv=4)["max_speedup_tiled"] == \
         pytest.approx(neighborhood_speed_of_light((16,), 5, tile_shape=4)["max_speedup_tiled"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry records and the benchmark
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_grid_shape():
+    from attnkit.ops.neighborhood.mechanisms import grid_shape
+
+    assert grid_shape(16384, 2) == (128, 128) and grid_shape(512, 2) == (16, 32)
+    assert grid_shape(16384, 3) == (16, 32, 32) and grid_shape(256, 3) == (4, 8, 8)
+    assert grid_shape(13, 2) == (1, 13) and grid_shape(7, 1) == (7,)
+    for n in range(1, 200):
+        for nd in (1, 2, 3):
+            g = grid_shape(n, nd)
+            assert len(g) == nd and math.prod(g) == n and list(g) == sorted(g)
+
+
+@pytest.mark.parametrize("name,seq,params", [
+    ("neighborhood_1d", 40, {"kernel_size": 9}), ("neighborhood_2d", 48, {"kernel_size": 5}),
+    ("dilated_neighborhood_2d", 196, {}), ("neighborhood_3d", 96, {"kernel_size": 3, "stride": (1, 2, 3)}),
+    ("neighborhood_2d", 48, {"kernel_size": (3, 5), "spatial_shape": (4, 12)})])
+@pytest.mark.parametrize("causal", [False, True])
+def test_registry_records(name, seq, params, causal):
+    info = attnkit.mechanism_info(name)
+    assert info.family == "neighborhood" and info.exact and info.causal
+    nd = info.extras["ndim"]
+    grid = info.extras["spatial_shape"](seq, params.get("spatial_shape"))
+    assert len(grid) == nd and math.prod(grid) == seq
+    fn = attnkit.get(name, causal=causal, **params)
+    q, k, v = rand(2, 4, (seq,), 8, hkv=2, seed=17)
+    out = fn(q, k, v)
+    kw = {**dict(info.bench_params), **params}
+    kernel, d, s = kw["kernel_size"], kw.get("dilation", 1), kw.get("stride", 1)
+    spatial = [t.reshape(*t.shape[:2], *grid, t.shape[-1]) for t in (q, k, v)]
+    want = masked_attention(*spatial, explicit_mask(grid, kernel, d, s, causal)).reshape(out.shape)
+    assert_close(out, want)
+    pattern = info.extras["pattern"](seq, causal=causal, **params)
+    assert torch.equal(pattern.materialize(seq, seq)[0, 0], explicit_mask(grid, kernel, d, s, causal))
+    flops = info.flops(batch=2, heads=4, q_len=seq, kv_len=seq, head_dim=8, causal=causal, **params)
+    assert flops == 4 * 2 * 4 * 8 * int(explicit_mask(grid, kernel, d, s, causal).sum())
+    sol = info.extras["speed_of_light"](seq, causal=causal, **params)
+    assert sol["density"] == pytest.approx(pattern.density(seq))
+
+
+def test_registry_errors():
+    fn = attnkit.get("neighborhood_2d", kernel_size=5)
+    q = torch.randn(1, 2, 16, 4)  # 4 x 4 grid: kernel 5 does not fit
+    with pytest.raises(ValueError, match="larger than the input"):
+        fn(q, q, q)
+    with pytest.raises(ValueError, match="product is the sequence length"):
+        attnkit.get("neighborhood_2d", kernel_size=3, spatial_shape=(4, 5))(q, q, q)
+    with pytest.raises(ValueError, match=r"\[batch, heads, seq, dim\]"):
+        fn(q[0], q[0], q[0])
+
+
+def test_bench_runs_neighborhood_2d():
+    from attnkit.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(mechanisms=["neighborhood_2d"], seq_lens=[256], heads=2, head_dim=8, repeats=1,
+                      cell_budget_s=0.05, time_budget_s=60, flex=False, memory=False, error_rows=16,
+                      params={"neighborhood_2d": {"kernel_size": 5}})
+    doc = run_benchmark(cfg, progress=False)
+    cell = next(c for c in doc["results"] if c["mechanism"] == "neighborhood_2d")
+    assert cell["status"] == "ok", cell["message"]
+    assert cell["exact_check"] == "ok"
+    assert cell["density"] == pytest.approx(25 / 256, rel=0.2)
+    assert cell["flops"] == 4 * 2 * 8 * allowed_pairs(make_spec((16, 16), 5))
+    assert cell["speed_of_light_ratio"] is not None
