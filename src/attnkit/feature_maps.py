@@ -100,7 +100,7 @@ class EluFeatureMap(FeatureMap):
         return head_dim
 
     def phi(self, x, *, is_query, offset=0):
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)
 
 
 class ReluFeatureMap(FeatureMap):

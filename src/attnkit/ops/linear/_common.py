@@ -41,15 +41,21 @@ def make_finalize(normalize: str, eps: float, dtype: torch.dtype) -> Callable[[t
     NormAttention applies its own norm after). ``rms``: ``num / rms(num)`` over ``d_v`` (SRMSNorm, no weight).
     """
 
-    def finalize(o: torch.Tensor) -> torch.Tensor:
+    def finalize(o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         num, den = o[..., :-1], o[..., -1:]
         if normalize == "denominator":
             sign = torch.where(den < 0, -1.0, 1.0).to(den.dtype)
-            out = num / torch.where(den.abs() < eps, sign * eps, den)
+            den = torch.where(den.abs() < eps, sign * eps, den)
+            if out is not None and out.dtype == o.dtype:
+                return torch.div(num, den, out=out)  # straight into the caller's buffer: one pass
+            res = num / den
         elif normalize == "none":
-            out = num
+            res = num
         else:
-            out = num * torch.rsqrt(num.pow(2).mean(-1, keepdim=True) + eps)
-        return out.to(dtype)
+            res = num * torch.rsqrt(num.pow(2).mean(-1, keepdim=True) + eps)
+        if out is not None:
+            return out.copy_(res)
+        return res.to(dtype)
 
+    finalize.dtype = dtype  # type: ignore[attr-defined]
     return finalize

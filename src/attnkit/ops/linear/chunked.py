@@ -47,6 +47,88 @@ def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featu
                     block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [b, h, n, d]``, ``k, v [b, h_kv, n, *]``, ``s0 [b, h, m, d_v + 1]`` or None, ``log_decay [h]`` or
     None. Returns ``out [b, h, n, d_v]`` (through ``finalize``) and the extended state ``[b, h, m, d_v + 1]``."""
+    if log_decay is None and not _needs_grad(q, k, v, fm):
+        return _plain_forward(q, k, v, fm, s0=s0, offset=offset, chunk_size=chunk_size, finalize=finalize,
+                              block_tokens=block_tokens)
+    return _batched_forward(q, k, v, fm, log_decay=log_decay, s0=s0, offset=offset, chunk_size=chunk_size,
+                            finalize=finalize, block_tokens=block_tokens)
+
+
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in (q, k, v)) or any(p.requires_grad for p in fm.parameters())
+
+
+def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *, s0: torch.Tensor | None,
+                   offset: int, chunk_size: int, finalize: Callable[..., torch.Tensor],
+                   block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """No decay: per block of tokens, features for every head at once; then, head by head, four matmuls over
+    the block's chunks (``Q K^T``, ``A V``, ``K^T V``, ``Q S``) on contiguous views, the exclusive prefix of the
+    chunk states as an in-place cumulative sum (no state per chunk beyond the block), the output written in
+    place. Grouped-query keys and values are read from their kv head, never repeated."""
+    b, h, n, _ = q.shape
+    hk, dv = k.shape[1], v.shape[-1]
+    group = h // hk
+    dv1 = dv + 1
+    c = max(1, min(chunk_size, n))
+    block = c * max(1, (block_tokens or BLOCK_TOKENS) // c)
+    full = None
+    if not fm.token_local:  # features depend on the whole call (e.g. log-normal statistics): compute once
+        full = fm(q, k, q_offset=offset, k_offset=offset)
+    out = torch.empty(b, h, n, dv, dtype=getattr(finalize, "dtype", q.dtype), device=q.device)
+    state = None if s0 is None else s0.clone()  # [b, h, m, d_v + 1], updated head by head
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        L = end - start
+        nb = -(-L // c)
+        if full is None:
+            pq, pk = fm(q[:, :, start:end], k[:, :, start:end], q_offset=offset + start, k_offset=offset + start)
+        else:
+            pq, pk = full[0][:, :, start:end], full[1][:, :, start:end]
+        m = pq.shape[-1]
+        if nb * c != L:  # zero features for the padding: they add nothing; padded rows are not written out
+            pq, pk = F.pad(pq, (0, 0, 0, nb * c - L)), F.pad(pk, (0, 0, 0, nb * c - L))
+        pq, pk = pq.contiguous(), pk.contiguous()
+        if state is None:
+            state = q.new_zeros(b, h, m, dv1)
+            first = True
+        else:
+            first = False
+        # [V, 1] for one kv head: the ones column carries the denominator through the same matmuls.
+        v1 = q.new_zeros(nb * c, dv1)
+        v1[:, dv] = 1
+        for bi in range(b):
+            for hj in range(hk):
+                v1[:L, :dv].copy_(v[bi, hj, start:end])
+                V = v1.view(nb, c, dv1)
+                K = pk[bi, hj].view(nb, c, m)
+                Kt = K.transpose(1, 2)
+                kv = torch.bmm(Kt, V)  # [nb, m, d_v + 1]: per-chunk state increments
+                if nb > 1:
+                    kv[:-1].cumsum_(0)  # kv[t] = sum of increments of chunks 0..t (t < nb - 1)
+                for hi in range(hj * group, (hj + 1) * group):
+                    Q = pq[bi, hi].view(nb, c, m)
+                    o = torch.bmm(Q, Kt).tril_()  # [nb, c, c]: intra-chunk weights, causal
+                    o = torch.bmm(o, V)  # [nb, c, d_v + 1]
+                    s = state[bi, hi]
+                    if not first:
+                        o.view(nb * c, dv1).addmm_(Q.view(nb * c, m), s)  # the state before the block
+                    if nb > 1:
+                        o[1:].baddbmm_(Q[1:], kv[:-1])  # the block's earlier chunks
+                        s.add_(kv[-2]).add_(kv[-1])
+                    else:
+                        s.add_(kv[-1])
+                    finalize(o.view(nb * c, dv1)[:L], out=out[bi, hi, start:end])
+    return out, state
+
+
+def _batched_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *,
+                     log_decay: torch.Tensor | None, s0: torch.Tensor | None, offset: int, chunk_size: int,
+                     finalize: Callable[[torch.Tensor], torch.Tensor],
+                     block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decay: all heads of a block batched; the exclusive prefix over chunks is a matmul with a decayed
+    lower-triangular matrix."""
     b, h, n, _ = q.shape
     dv1 = v.shape[-1] + 1
     B = b * h
