@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
+import attnkit.nn
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit.errors import NotSupportedError
@@ -641,3 +642,78 @@ def test_bench_runs_neighborhood_2d():
     assert cell["density"] == pytest.approx(25 / 256, rel=0.2)
     assert cell["flops"] == 4 * 2 * 8 * allowed_pairs(make_spec((16, 16), 5))
     assert cell["speed_of_light_ratio"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def manual_layer(layer, x):
+    """The layer's computation written out: fused qkv, heads, explicit-mask attention (+ bias), projection."""
+    b, *spatial, c = x.shape
+    h, hd = layer.num_heads, layer.head_dim
+    qkv = layer.qkv(x).reshape(b, *spatial, 3, h, hd)
+    q, k, v = (qkv[..., i, :, :].movedim(-2, 1) for i in range(3))  # [b, h, *spatial, hd]
+    mask = explicit_mask(tuple(spatial), layer.kernel_size, layer.dilation, layer.stride, layer.is_causal)
+    bias = None if layer.rpb is None else explicit_rpb(layer.rpb, tuple(spatial), layer.kernel_size, layer.dilation)
+    out = masked_attention(q, k, v, mask, bias=bias, scale=layer.scale).to(x.dtype)
+    return layer.proj(out.movedim(1, -2).reshape(b, *spatial, c))
+
+
+@pytest.mark.parametrize("cls,shape,kw", [
+    ("NeighborhoodAttention1d", (11,), dict(kernel_size=5, dilation=2)),
+    ("NeighborhoodAttention2d", (6, 7), dict(kernel_size=3, rel_pos_bias=True)),
+    ("NeighborhoodAttention2d", (7, 8), dict(kernel_size=(3, 5), dilation=(2, 1), stride=(1, 2),
+                                              is_causal=(True, False), rel_pos_bias=True)),
+    ("NeighborhoodAttention3d", (3, 4, 5), dict(kernel_size=3, is_causal=(True, False, False))),
+])
+def test_modules_match_manual_computation(cls, shape, kw):
+    torch.manual_seed(0)
+    layer = getattr(attnkit.nn, cls)(12, 3, **kw).double()
+    if layer.rpb is not None:
+        with torch.no_grad():
+            layer.rpb.normal_()
+    x = torch.randn(2, *shape, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    want = manual_layer(layer, x)
+    assert_close(out, want)
+    g = torch.randn_like(out)
+    params = [p for p in layer.parameters()]
+    got = torch.autograd.grad(out, [x, *params], g)
+    ref = torch.autograd.grad(want, [x, *params], g)
+    for a, b in zip(got, ref):
+        assert_close(a, b)
+    if layer.rpb is not None:
+        i = next(i for i, p in enumerate(params) if p is layer.rpb)
+        assert got[1 + i].abs().sum() > 0  # the bias table receives a gradient
+
+
+def test_module_rpb_trains_and_other_grid_sizes():
+    layer = attnkit.nn.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=True)
+    assert layer.rpb.shape == (2, 5, 5)
+    for shape in ((5, 5), (4, 9)):  # one table serves every input size
+        x = torch.randn(1, *shape, 8)
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        assert layer.rpb.grad is not None and layer.rpb.grad.abs().sum() > 0
+    assert "kernel_size=(3, 3)" in repr(layer)
+    out = attnkit.nn.NeighborhoodAttention1d(8, 2, 3).to(torch.bfloat16)(torch.randn(2, 9, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 9, 8)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        attnkit.nn.NeighborhoodAttention2d(10, 3, 3)
+    with pytest.raises(ValueError, match="odd positive"):
+        attnkit.nn.NeighborhoodAttention2d(8, 2, 4)
+    with pytest.raises(ValueError, match="kernel_size has 3 entries, the layer has 2"):
+        attnkit.nn.NeighborhoodAttention2d(8, 2, (3, 3, 3))
+    layer = attnkit.nn.NeighborhoodAttention2d(8, 2, 3)
+    with pytest.raises(ValueError, match=r"channels-last x \[batch, \*spatial, 8\]"):
+        layer(torch.randn(1, 8, 5, 5))  # channels-first: 5 channels
+    with pytest.raises(ValueError, match="with 2 spatial axes"):
+        layer(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="larger than the input"):
+        layer(torch.randn(1, 2, 5, 8))

@@ -89,7 +89,10 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
 class NeighborhoodBias(ScoreMod):
     """NAT's relative positional bias: a learnable table ``[heads, 2k-1(, 2k-1(, 2k-1))]``; the score of a
     query at coordinates ``x`` and a key at ``y`` gets ``table[h, y_1 - x_1 + k_1 - 1, ...]``, offsets in
-    dilation-group units (as NATTEN). Works on flattened token indices, so every engine can run it."""
+    dilation-group units (as NATTEN). Works on flattened token indices, so every engine can run it.
+
+    ``table``: initial values (copied), or an ``nn.Parameter`` to share (e.g. one owned by a module).
+    """
 
     head_dependent = True
 
@@ -105,7 +108,9 @@ class NeighborhoodBias(ScoreMod):
             nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0)  # NAT's initialisation
         elif tuple(table.shape) != shape:
             raise ValueError(f"NeighborhoodBias(table) must have shape {shape}, got {tuple(table.shape)}")
-        self.table = nn.Parameter(table.detach().clone())
+        # An nn.Parameter is shared (a module owning the table builds one bias per input shape); any other
+        # tensor is copied into a new Parameter.
+        self.table = table if isinstance(table, nn.Parameter) else nn.Parameter(table.detach().clone())
 
     @property
     def num_heads(self) -> int:
