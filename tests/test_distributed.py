@@ -104,6 +104,13 @@ def _checks(rank, world):
         out.backward(shard(do, rank, world))
         for got, want in zip((out, ql.grad, kl.grad, vl.grad), (ref, qr.grad, kr.grad, vr.grad)):
             assert_close(got, shard(want, rank, world))
+    if world == 4:  # a sub-group: ranks 2 and 3 run a 2-way ring among themselves (group ranks != global ranks)
+        sub = dist.new_group([2, 3])
+        if rank >= 2:
+            q, k, v, _ = _full(12)
+            out = ring_attention(*(shard(t, rank - 2, 2) for t in (q, k, v)), group=sub, causal=True)
+            ref = attnkit.attention(q, k, v, pattern=P.causal(), engine="reference")
+            assert_close(out, shard(ref, rank - 2, 2))
     dist.barrier()
     return {"rank": rank, "world": world}
 

@@ -58,7 +58,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
 
 
 def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout_s: float = 20.0,
-              deadline_s: float | None = None, threads: int = 1) -> list[Any]:
+              deadline_s: float | None = None, threads: int = 1, start_method: str = "forkserver") -> list[Any]:
     """Start ``world_size`` processes, each running ``fn(rank, world_size, *args)`` inside an initialised
     process group (``backend``, ``init_process_group(timeout=timeout_s)``), and return their results in rank
     order. ``fn`` must be importable (a module-level function) and its results picklable.
@@ -70,7 +70,13 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     deadline_s = 3 * timeout_s + 60 if deadline_s is None else deadline_s
-    ctx = mp.get_context("spawn")
+    if start_method == "forkserver":
+        # one clean server process imports torch once; every rank is forked from it (cheap, and safe: the server
+        # never started OpenMP or a process group). Spawn re-imports torch in every rank (seconds each).
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "attnkit", "attnkit.distributed"])
+    else:
+        ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout_s, threads, fn, args, results),
