@@ -13,9 +13,12 @@ matmul with a small lower-triangular matrix holding ``lambda^(c (t-1-s))``) and 
 enters as the prefix's initial term. Blocks run in sequence, so memory is linear in tokens and no state per
 chunk of the whole sequence is ever materialised.
 
+Without decay and without gradients a faster path runs head by head on contiguous chunk views and forms the
+prefix by an in-place cumulative sum (see ``_plain_forward``).
+
 FLOPs (matmuls, per batch x head): ``2 n c (m + d_v + 1)`` intra-chunk plus ``4 n m (d_v + 1)`` for the state
-(``m`` features, ``d_v + 1`` value columns), plus ``2 n nb m (d_v + 1)`` for the in-block prefix with ``nb``
-chunks per block.
+(``m`` features, ``d_v + 1`` value columns), plus, with decay, ``2 n nb m (d_v + 1)`` for the in-block prefix
+matmul with ``nb`` chunks per block.
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ __all__ = ["chunked_forward", "chunked_flops", "BLOCK_TOKENS"]
 BLOCK_TOKENS = 1024
 
 
-def chunked_flops(n: int, m: int, dv: int, chunk_size: int) -> float:
-    """Matmul FLOPs of the chunked forward for one (batch, head) at ``n`` tokens (see module docstring)."""
+def chunked_flops(n: int, m: int, dv: int, chunk_size: int, *, decay: bool = False) -> float:
+    """Matmul FLOPs of the chunked forward for one (batch, head) at ``n`` tokens (see module docstring):
+    ``Q K^T`` and ``A [V, 1]`` within chunks, ``K^T [V, 1]`` per chunk and ``Q S`` for the carried state; with
+    ``decay`` also the in-block prefix matmul (without decay the prefix is a cumulative sum, not a matmul)."""
     c = min(chunk_size, n)
-    nb = max(1, BLOCK_TOKENS // c)
-    return 2.0 * n * c * (m + dv + 1) + 4.0 * n * m * (dv + 1) + 2.0 * n * nb * m * (dv + 1)
+    flops = 2.0 * n * c * (m + dv + 1) + 4.0 * n * m * (dv + 1)
+    if decay:
+        flops += 2.0 * n * max(1, BLOCK_TOKENS // c) * m * (dv + 1)
+    return flops
 
 
 def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *,
@@ -96,28 +103,49 @@ def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featur
         else:
             first = False
         # [V, 1] for one kv head: the ones column carries the denominator through the same matmuls.
+        # Workspaces reused by every head of the block (fresh large allocations cost page faults).
         v1 = q.new_zeros(nb * c, dv1)
         v1[:, dv] = 1
+        a_buf = q.new_empty(nb, c, c)
+        o_buf = q.new_empty(nb, c, dv1)
+        kv_buf = q.new_empty(nb, m, dv1)
+        mask = torch.ones(c, c, dtype=q.dtype, device=q.device).tril_()  # mul_ by a mask: tril_ is slow batched
         for bi in range(b):
             for hj in range(hk):
                 v1[:L, :dv].copy_(v[bi, hj, start:end])
                 V = v1.view(nb, c, dv1)
                 K = pk[bi, hj].view(nb, c, m)
                 Kt = K.transpose(1, 2)
-                kv = torch.bmm(Kt, V)  # [nb, m, d_v + 1]: per-chunk state increments
-                if nb > 1:
-                    kv[:-1].cumsum_(0)  # kv[t] = sum of increments of chunks 0..t (t < nb - 1)
-                for hi in range(hj * group, (hj + 1) * group):
-                    Q = pq[bi, hi].view(nb, c, m)
-                    o = torch.bmm(Q, Kt).tril_()  # [nb, c, c]: intra-chunk weights, causal
-                    o = torch.bmm(o, V)  # [nb, c, d_v + 1]
-                    s = state[bi, hi]
+                kv = torch.bmm(Kt, V, out=kv_buf)  # [nb, m, d_v + 1]: per-chunk state increments
+                heads = range(hj * group, (hj + 1) * group)
+                fold = group == 1  # one query head per kv head: fold the carried state into the prefix
+                if fold:
+                    s = state[bi, hj * group]
                     if not first:
-                        o.view(nb * c, dv1).addmm_(Q.view(nb * c, m), s)  # the state before the block
+                        kv[0].add_(s)
                     if nb > 1:
-                        o[1:].baddbmm_(Q[1:], kv[:-1])  # the block's earlier chunks
-                        s.add_(kv[-2]).add_(kv[-1])
+                        kv[:-1].cumsum_(0)  # kv[t] = state before the block + increments of chunks 0..t
+                elif nb > 1:
+                    kv[:-1].cumsum_(0)  # increments of chunks 0..t (the carried state is added per head)
+                for hi in heads:
+                    Q = pq[bi, hi].view(nb, c, m)
+                    o = torch.bmm(Q, Kt, out=a_buf).mul_(mask)  # [nb, c, c]: intra-chunk weights, causal
+                    o = torch.bmm(o, V, out=o_buf)  # [nb, c, d_v + 1]
+                    s = state[bi, hi]
+                    if fold:
+                        if not first:
+                            o[0].addmm_(Q[0], s)  # chunk 0: the state before the block
+                        if nb > 1:
+                            o[1:].baddbmm_(Q[1:], kv[:-1])  # later chunks: that state plus earlier chunks
+                            s.copy_(kv[-2]).add_(kv[-1])
+                        else:
+                            s.copy_(kv[0])
                     else:
+                        if not first:
+                            o.view(nb * c, dv1).addmm_(Q.view(nb * c, m), s)  # the state before the block
+                        if nb > 1:
+                            o[1:].baddbmm_(Q[1:], kv[:-1])  # the block's earlier chunks
+                            s.add_(kv[-2])
                         s.add_(kv[-1])
                     finalize(o.view(nb * c, dv1)[:L], out=out[bi, hi, start:end])
     return out, state

@@ -120,7 +120,8 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
         dv1 = head_dim + 1
         merged = {**engine_defaults, **params}
         if causal:
-            per_head = chunked_flops(q_len, m, head_dim, int(merged.get("chunk_size", 64)))
+            decayed = merged.get("decay") is not None or decay_for is not None
+            per_head = chunked_flops(q_len, m, head_dim, int(merged.get("chunk_size", 64)), decay=decayed)
         else:
             per_head = 2.0 * kv_len * m * dv1 + 2.0 * q_len * m * dv1
         if map_name in ("favor", "trig", "dijiang", "hedgehog"):
