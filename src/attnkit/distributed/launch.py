@@ -53,6 +53,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
                 dist.destroy_process_group()
             except Exception:  # pragma: no cover - best effort
                 pass
+    results.close()
+    results.join_thread()  # flush the result through the pipe before the hard exit
     # skip interpreter teardown (and gloo's destructors waiting on dead peers)
     os._exit(0)
 

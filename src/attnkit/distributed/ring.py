@@ -32,7 +32,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Masks:
-    """Block masks from global positions: ``None`` (all allowed), ``False`` (block empty: skip) or a bool tensor."""
+    """Block masks from global positions: ``None`` (no pattern: all allowed) or a function of a query-row range
+    returning the bool mask of those rows, so no ``n_local x n_local`` tensor is ever built; the block kernels
+    skip the key span (and whole chunks) the mask leaves empty."""
 
     def __init__(self, pattern: P.Pattern | None, q: torch.Tensor, rank: int, world: int, layout: str):
         self.pattern, self.world, self.layout = pattern, world, layout
@@ -46,12 +48,13 @@ class _Masks:
     def __call__(self, src: int):
         if self.pattern is None:
             return None
-        kpos = shard_positions(self.total, src, self.world, self.layout, device=self.device)
-        m = self.pattern.allowed(self.b, self.h, self.qpos.view(1, 1, -1, 1), kpos.view(1, 1, 1, -1), self.total,
-                                 self.total)
-        if not bool(m.any()):
-            return False
-        return None if bool(m.all()) else m
+        kpos = shard_positions(self.total, src, self.world, self.layout, device=self.device).view(1, 1, 1, -1)
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            return self.pattern.allowed(self.b, self.h, self.qpos[r0:r1].view(1, 1, -1, 1), kpos, self.total,
+                                        self.total)
+
+        return rows
 
 
 class _RingAttention(torch.autograd.Function):
@@ -70,15 +73,10 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:  # post the next hop before computing on this block
                 ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, step,
                               "ring_attention (forward)")
-            m = masks(src)
-            if m is not False:
-                o, l = block_attention(qw, cur[..., :dk], cur[..., dk:], m, scale)
-                out, lse = merge_partials(out, lse, o, l)
+            o, l = block_attention(qw, cur[..., :dk], cur[..., dk:], masks(src), scale)
+            out, lse = merge_partials(out, lse, o, l)
             if ex is not None:
                 cur = ex.wait()
-        if out is None:  # every block masked for every query of this rank
-            out = qw.new_zeros(*q.shape[:3], v.shape[-1])
-            lse = qw.new_full(q.shape[:3], float("-inf"))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.pattern, ctx.layout, ctx.scale = group, pattern, layout, scale
         return out.to(q.dtype)
@@ -103,12 +101,10 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:
                 ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, 2 * step,
                               "ring_attention (backward)")
-            m = masks(src)
-            if m is not False:
-                gq, gk, gv = block_attention_backward(qw, cur[..., :d], cur[..., d:], m, scale, do, lse, delta)
-                dq += gq
-                dkv[..., :d] += gk
-                dkv[..., d:] += gv
+            gq, gk, gv = block_attention_backward(qw, cur[..., :d], cur[..., d:], masks(src), scale, do, lse, delta)
+            dq += gq
+            dkv[..., :d] += gk
+            dkv[..., d:] += gv
             if world > 1:  # the accumulator follows its block; after P hops it is home
                 dkv = Exchange(dkv, (rank + 1) % world, torch.empty_like(dkv), (rank - 1) % world, group,
                                2 * step + 1, "ring_attention (backward)").wait()
