@@ -197,3 +197,23 @@ def test_cache_argument_errors():
 def test_public_exports():
     assert {"KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache"} <= set(attnkit.__all__)
     assert "LinearMultiheadAttention" in attnkit.nn.__all__
+
+
+def test_adaptive_cache_compresses_a_sink_head_with_small_error():
+    # every query aligns with the key of token 0 (an attention sink): "special" recovers the map, one entry kept
+    g = torch.Generator().manual_seed(8)
+    n, d = 24, 8
+    u = torch.zeros(d, dtype=torch.float64)
+    u[0] = 1.0
+    q = 6.0 * u + 0.1 * torch.randn(1, 2, n + 4, d, generator=g, dtype=torch.float64)
+    k = 0.1 * torch.randn(1, 2, n + 4, d, generator=g, dtype=torch.float64)
+    k[:, :, 0] += 6.0 * u
+    v = torch.randn(1, 2, n + 4, d, generator=g, dtype=torch.float64)
+    cache = AdaptiveKVCache(threshold=0.95)
+    outs = [cache.attend(q[:, :, :n], k[:, :, :n], v[:, :, :n])]
+    outs += [cache.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(n, n + 4)]
+    ref = attnkit.attention(q, k, v, pattern=P.causal())
+    assert cache.policies == [["special", "special"]]
+    assert cache.kept_fraction == 1 / n and cache.k.shape[2] == 1 + 4
+    assert relative_error(torch.cat(outs[1:], 2), ref[:, :, n:]) < 0.05
+    assert_close(outs[0], ref[:, :, :n])  # the prompt itself is exact
