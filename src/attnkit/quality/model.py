@@ -1,0 +1,233 @@
+"""The small model the quality benchmark trains, the mechanism specs it accepts, and their state sizes.
+
+A *mechanism spec* is either a registry name (``attnkit list``), built through
+``attnkit.nn.MultiheadAttention(embed_dim, num_heads, mechanism=name, causal=...)``, or ``linear:<feature map>``
+(e.g. ``linear:taylor``): kernelized linear attention ``attnkit.ops.linear.api.linear_attention`` with a feature
+map of ``attnkit.feature_maps`` (the linear family's own registry entries are used when they exist; the spec
+form reaches every feature map meanwhile).
+
+State size (the x-axis of Based's recall / memory trade-off, Arora et al. 2024): what one head must keep to
+produce the next token, in elements: the KV cache ``2 * seq_len * head_dim`` for softmax (and every mechanism
+that attends over the whole prefix), ``2 * window * head_dim`` for a sliding window, ``features * d_v`` for
+linear attention (the recurrent state ``S``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["QualityModel", "FeatureMapAttention", "MechanismSpec", "parse_mechanism", "state_size",
+           "QUALITY_PARAMS", "LINEAR_PREFIX"]
+
+LINEAR_PREFIX = "linear:"
+
+# Parameters of registry mechanisms for the short sequences of the quality tasks (their benchmark defaults
+# are sized for 512..64K tokens, where e.g. a 256-token window is no restriction at all at 64 tokens).
+QUALITY_PARAMS: dict[str, dict[str, Any]] = {
+    "sliding_window": {"window": 16},
+    "dilated": {"window": 8, "dilation": 2},
+    "block_local": {"block_size": 16},
+    "longformer": {"window": 16, "num_global": 4},
+    "fixed": {"block_size": 16, "num_summary": 4},
+    "strided": {"stride": 8},
+    "hyper": {"block_size": 16, "sample_size": 16},
+    "linformer": {"proj_len": 16},
+    "nystrom": {"num_landmarks": 16},
+    "soft": {"num_landmarks": 16},
+    "routing": {"num_clusters": 4},
+    "loki": {"top_k": 16, "rank": 8},
+    "mra": {"block_size": 8, "num_refined": 2},
+    "linear:favor": {"num_features": 32},
+    "linear:trig": {"num_features": 32},
+    "linear:dijiang": {"num_features": 32},
+}
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """A parsed ``--mechanisms`` entry: ``name`` as given, ``family``, ``causal`` support, ``feature_map`` for
+    ``linear:<map>`` specs, and ``params`` (quality defaults updated with the user's overrides)."""
+
+    name: str
+    family: str
+    causal: bool
+    feature_map: str | None
+    params: dict[str, Any]
+    paper: str = ""
+
+    @property
+    def registry_name(self) -> str | None:
+        return None if self.feature_map is not None else self.name
+
+
+def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> MechanismSpec:
+    """Resolve ``name`` (a registry name or ``linear:<feature map>``); raises ``ValueError`` naming the choices."""
+    params = {**QUALITY_PARAMS.get(name, {}), **(overrides or {})}
+    if name.startswith(LINEAR_PREFIX):
+        from attnkit.feature_maps import FEATURE_MAPS
+
+        fm = name[len(LINEAR_PREFIX):]
+        if fm not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map in {name!r}; use linear:<map> with one of "
+                             f"{', '.join(sorted(FEATURE_MAPS))}")
+        return MechanismSpec(name, "linear", True, fm, params, "Katharopoulos et al., 2020 (feature map " + fm + ")")
+    from attnkit.registry import mechanism_info
+
+    try:
+        info = mechanism_info(name)
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]}; or linear:<feature map> (e.g. linear:taylor)") from None
+    if name in QUALITY_PARAMS:
+        params = {**info.bench_params, **params}
+    else:
+        params = {**params}  # benchmark parameters are sized for long sequences: factory defaults instead
+    return MechanismSpec(name, info.family, info.causal, None, params, info.paper)
+
+
+def _build_feature_map(name: str, params: dict[str, Any], *, head_dim: int, num_heads: int):
+    from attnkit.feature_maps import FEATURE_MAPS
+
+    cls = FEATURE_MAPS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = dict(params)
+    for key, value in (("head_dim", head_dim), ("num_heads", num_heads)):
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: int) -> tuple[int | None, str]:
+    """Elements one head keeps between tokens, and what they are (``"kv cache"``, ``"window cache"``,
+    ``"recurrent state"``); ``(None, reason)`` when not known."""
+    fm_name = spec.feature_map
+    if fm_name is None and spec.family == "linear":
+        fm_name = spec.params.get("feature_map")
+    if fm_name is not None:
+        params = {k: v for k, v in spec.params.items() if k != "feature_map"}
+        try:
+            fm = _build_feature_map(str(fm_name), params, head_dim=head_dim, num_heads=num_heads)
+            return fm.feature_dim(head_dim) * head_dim, "recurrent state"
+        except Exception:  # a registry entry with parameters the map does not take: size unknown
+            return None, "unknown"
+    p = spec.params
+    if spec.name in ("sliding_window", "longformer"):
+        window = min(int(p.get("window", seq_len)) + int(p.get("num_global", 0)), seq_len)
+        return 2 * window * head_dim, "window cache"
+    if spec.name == "block_local":
+        return 2 * min(int(p.get("block_size", seq_len)), seq_len) * head_dim, "window cache"
+    return 2 * seq_len * head_dim, "kv cache"
+
+
+class FeatureMapAttention(nn.Module):
+    """Multi-head kernelized linear attention (Katharopoulos et al., "Transformers are RNNs", 2020) with any
+    feature map of ``attnkit.feature_maps``: projections around ``attnkit.ops.linear.api.linear_attention``.
+
+    ``forward(x)``: ``x [batch, seq, embed_dim]`` -> ``[batch, seq, embed_dim]``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str, causal: bool = False,
+                 feature_map_params: dict[str, Any] | None = None, bias: bool = False):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal = causal
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.feature_map = _build_feature_map(feature_map, dict(feature_map_params or {}), head_dim=self.head_dim,
+                                              num_heads=num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from attnkit.ops.linear.api import linear_attention
+
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, n, d)
+        out = linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, mixer: nn.Module, embed_dim: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.mixer = mixer
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * embed_dim, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class QualityModel(nn.Module):
+    """Embedding (tokens, or a linear map of real vectors) plus learned positions, ``num_layers`` blocks of
+    attention (the mechanism under test) and MLP, a final norm and a linear readout.
+
+    Args:
+        spec: the mechanism (:func:`parse_mechanism`).
+        vocab_size / input_dim: token vocabulary, or the width of real-valued inputs (exactly one of them).
+        num_outputs: classes of the readout (1 for regression).
+        embed_dim, num_heads, num_layers, mlp_ratio: model shape.
+        max_seq_len: longest input (learned positions; also given to mechanisms that need a fixed length).
+        causal: autoregressive attention.
+        pool: classify the whole sequence from the mean hidden state over ``mask`` (ListOps).
+
+    ``forward(inputs, mask=None)``: ``inputs [batch, seq]`` ids or ``[batch, seq, input_dim]``; returns
+    ``[batch, seq, num_outputs]``, or ``[batch, num_outputs]`` when ``pool``.
+    """
+
+    def __init__(self, spec: MechanismSpec, *, vocab_size: int | None = None, input_dim: int | None = None,
+                 num_outputs: int, embed_dim: int = 64, num_heads: int = 2, num_layers: int = 2,
+                 mlp_ratio: int = 2, max_seq_len: int, causal: bool, pool: bool = False):
+        super().__init__()
+        if (vocab_size is None) == (input_dim is None):
+            raise ValueError("give exactly one of vocab_size (token inputs) and input_dim (real-valued inputs)")
+        if not 1 <= num_layers:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if causal and not spec.causal:
+            from attnkit.errors import NotSupportedError
+
+            raise NotSupportedError(f"mechanism {spec.name!r} has no causal form and this task is causal; "
+                                    f"choose one with causal support (`attnkit list`)")
+        self.spec, self.causal, self.pool = spec, causal, pool
+        self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(input_dim,
+                                                                                                  embed_dim)
+        self.pos = nn.Parameter(torch.randn(max_seq_len, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            _Block(self._mixer(spec, embed_dim, num_heads, max_seq_len, causal), embed_dim, mlp_ratio)
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.readout = nn.Linear(embed_dim, num_outputs)
+
+    @staticmethod
+    def _mixer(spec: MechanismSpec, embed_dim: int, num_heads: int, max_seq_len: int, causal: bool) -> nn.Module:
+        if spec.feature_map is not None:
+            return FeatureMapAttention(embed_dim, num_heads, feature_map=spec.feature_map, causal=causal,
+                                       feature_map_params=spec.params)
+        from attnkit.nn import MultiheadAttention
+
+        return MultiheadAttention(embed_dim, num_heads, mechanism=spec.name, causal=causal, max_seq_len=max_seq_len,
+                                  mechanism_kwargs=dict(spec.params) or None)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n = inputs.shape[1]
+        if n > self.pos.shape[0]:
+            raise ValueError(f"inputs have {n} positions, more than max_seq_len={self.pos.shape[0]}")
+        x = self.embed(inputs) + self.pos[:n]  # (B, n, D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if self.pool:
+            if mask is None:
+                x = x.mean(dim=1)
+            else:
+                w = mask.to(x.dtype).unsqueeze(-1)
+                x = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        return self.readout(x)
