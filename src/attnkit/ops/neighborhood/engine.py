@@ -4,11 +4,14 @@ Queries are tiled per axis in dilation-group coordinates (a tile of ``t`` positi
 and a multi-dimensional query tile is the product of one tile per axis, so its keys form a small box of
 the grid (``t + k - 1`` positions per axis for stride 1), as in "Faster Neighborhood Attention" and
 "Generalized Neighborhood Attention" (multi-dimensional tiling). Per chunk of tiles the engine gathers
-each tile's box of keys and values once, runs two batched matmuls, and masks only the positions of the box
-that lie outside a query's window (tiles whose windows cover the whole box, as in blocked attention, skip
-the mask). Memory is linear in the number of tokens: the largest buffers are the tiled queries and one
-chunk of boxes. The backward pass recomputes each chunk from the saved log-sum-exp (FlashAttention style)
-and scatters key/value gradients with ``index_add_``.
+each tile's box of keys and values once and runs two batched matmuls with one fused softmax between them:
+a query's whole window lies in its tile's box, so no running max / sum is needed. Positions of the box
+outside a query's window are masked by an additive 0/-inf bias that ``baddbmm`` adds inside the score
+matmul; tiles are grouped by mask class (interior tiles share one mask; tiles whose windows cover the whole
+box, as in blocked attention, need none). Memory is linear in the number of tokens: the largest buffers
+are the tiled queries and outputs and one chunk of boxes. The backward pass recomputes each chunk's
+softmax (FlashAttention style, without a saved log-sum-exp: the box holds the whole row) and scatters
+key/value gradients with ``index_add_``.
 """
 
 from __future__ import annotations
@@ -81,8 +84,13 @@ class Plan:
     has_padding: bool
     q_valid: torch.Tensor  # [num_tiles, tile_q]
     k_index: torch.Tensor  # [num_tiles, box_k]
-    forbid: torch.Tensor  # [num_tiles, tile_q, box_k] True where the pair is outside the window
-    needs_mask: torch.Tensor  # [num_tiles] bool
+    # Tiles are sorted by *mask class*: tiles whose (query, box slot) masks are equal (all interior tiles of
+    # plain NA share one) form a run; ``runs`` lists ``(first tile, end tile, class)``. ``bias[c]`` is the
+    # class's mask as an additive ``[tile_q, box_k]`` bias (0 or -inf), which the score matmul adds for free
+    # (``baddbmm``) where a boolean ``masked_fill`` over every score costs as much as the matmul itself.
+    bias: torch.Tensor  # [num_classes, tile_q, box_k] float32
+    masked: tuple[bool, ...]  # per class: whether any pair of the box is outside a window
+    runs: tuple[tuple[int, int, int], ...]
 
 
 def _combine(parts: list[torch.Tensor], op) -> torch.Tensor:
@@ -113,12 +121,22 @@ def make_plan(spec: NASpec, tiles: tuple[int, ...], device) -> Plan:
         v = ap.mask.view(shape)
         mask = v if mask is None else mask & v
     nt = q_index.shape[0]
-    forbid = ~mask.reshape(nt, q_index.shape[1], k_index.shape[1])
+    forbid = ~mask.reshape(nt, -1)
+    classes, cls = torch.unique(forbid, dim=0, return_inverse=True)
+    order = torch.argsort(cls, stable=True)
+    q_index, q_valid, k_index, cls = q_index[order], q_valid[order], k_index[order], cls[order]
+    counts = torch.bincount(cls, minlength=classes.shape[0]).tolist()
+    runs, start = [], 0
+    for c, count in enumerate(counts):
+        runs.append((start, start + count, c))
+        start += count
+    tq, bk = q_index.shape[1], k_index.shape[1]
+    bias = torch.zeros(classes.shape[0], tq, bk).masked_fill_(classes.view(-1, tq, bk), float("-inf"))
     n = spec.num_tokens
     q_write = torch.where(q_valid, q_index, torch.full_like(q_index, n)).reshape(-1)
-    return Plan(spec, tuple(ap.tile for ap in axes), nt, q_index.shape[1], k_index.shape[1],
-                q_index.to(device), q_write.to(device), bool((~q_valid).any()), q_valid.to(device),
-                k_index.to(device), forbid.to(device), forbid.flatten(1).any(1).to(device))
+    return Plan(spec, tuple(ap.tile for ap in axes), nt, tq, bk, q_index.to(device), q_write.to(device),
+                bool((~q_valid).any()), q_valid.to(device), k_index.to(device), bias.to(device),
+                tuple(bool(x) for x in classes.any(1)), tuple(runs))
 
 
 @functools.lru_cache(maxsize=32)
@@ -132,8 +150,11 @@ def _box_length(axis: AxisSpec, tile: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def choose_tiles(spec: NASpec) -> tuple[int, ...]:
-    """Per-axis query tile sizes minimising a CPU cost model: scores computed per query (the box size),
-    a penalty for small matmuls (few queries per tile) and the box gather per tile."""
+    """Per-axis query tile sizes minimising a CPU cost model: per query, the box size (scores computed)
+    times a per-score cost ``1 + 20 / tile_q`` (small tiles give small, inefficient matmuls and more box
+    gathering per query). Fitted on the issue's shapes (2 Xeon threads, fp32, head dim 32): the cost per score
+    fell from 1 at 16 queries per tile to ~0.7 at 32 and ~0.6 at 64 (128 x 128, kernel 13: tiles 4 x 8,
+    box 16 x 20; 16 x 32 x 32, kernel 3 x 7 x 7: tiles 2 x 4 x 4, the fastest of the shapes measured)."""
     options = []
     for axis in spec.axes:
         shortest = min(axis.group_length(g) for g in range(axis.dilation))
@@ -145,7 +166,7 @@ def choose_tiles(spec: NASpec) -> tuple[int, ...]:
         bk = math.prod(b for _, b in combo)
         if tq > 256 or tq * bk > 1 << 16:
             continue
-        cost = bk * (1.0 + 16.0 / tq) + 16.0 * bk / tq
+        cost = bk * (1.0 + 20.0 / tq)
         if cost < best_cost:
             best, best_cost = tuple(t for t, _ in combo), cost
     return best if best is not None else tuple(1 for _ in spec.axes)
@@ -190,6 +211,8 @@ class _Ctx:
         self.chunk = max(1, min(plan.num_tiles, _CHUNK_ELEMENTS // max(per_tile, 1)))
         self.dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         dev = q.device
+        # Per class: the additive mask for one tile's [g * tile_q, box_k] scores (GQA heads share the box).
+        self.bias = plan.bias.to(self.dtype).repeat(1, self.g, 1) if self.g > 1 else plan.bias.to(self.dtype)
         if score_mod is not None:
             self.b_idx = torch.arange(self.b, device=dev).view(-1, 1, 1, 1, 1, 1)
             self.h_idx = (torch.arange(self.hkv, device=dev).view(-1, 1) * self.g
@@ -220,13 +243,24 @@ class _Ctx:
     def flat_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.bh, self.n, x.shape[-1]).to(self.dtype)
 
-    def scores(self, qc: torch.Tensor, kc: torch.Tensor, c0: int, c1: int, params_grad: bool = False):
-        """Masked, modified scores of tiles ``[c0, c1)``: ``[bh, ch, g, tile_q, box_k]`` (and the raw scores
-        when ``params_grad``, for the score modifier's backward)."""
+    def chunks(self):
+        """``(first tile, end tile, mask class)`` of every chunk: runs of one class, cut to ``chunk`` tiles."""
+        for t0, t1, c in self.plan.runs:
+            for c0 in range(t0, t1, self.chunk):
+                yield c0, min(c0 + self.chunk, t1), c
+
+    def scores(self, qc: torch.Tensor, kc: torch.Tensor, c0: int, c1: int, c: int, params_grad: bool = False):
+        """Masked, modified scores of tiles ``[c0, c1)`` (all of mask class ``c``): ``[bh * ch, g * tile_q,
+        box_k]`` (and the raw scores when ``params_grad``, for the score modifier's backward)."""
         p = self.plan
         ch = c1 - c0
-        s = torch.bmm(qc.reshape(-1, self.m, self.d), kc.transpose(1, 2))
-        s = s.view(self.bh, ch, self.g, p.tile_q, p.box_k)
+        qc = qc.reshape(-1, self.m, self.d)
+        masked = p.masked[c]
+        if self.score_mod is None:
+            if masked:  # the mask rides on the matmul: scores = bias + q k^T
+                return torch.baddbmm(self.bias[c].unsqueeze(0), qc, kc.transpose(1, 2)), None
+            return torch.bmm(qc, kc.transpose(1, 2)), None
+        s = torch.bmm(qc, kc.transpose(1, 2)).view(self.bh, ch, self.g, p.tile_q, p.box_k)
         raw = None
         if self.score_mod is not None:
             qi = p.q_index[c0:c1].view(1, 1, ch, 1, p.tile_q, 1)
@@ -236,10 +270,9 @@ class _Ctx:
                 s = raw
             s6 = s.view(self.b, self.hkv, ch, self.g, p.tile_q, p.box_k)
             s = self.score_mod(s6, self.b_idx, self.h_idx, qi, ki, self.n, self.n)
-            s = s.reshape(self.bh, ch, self.g, p.tile_q, p.box_k)
-        if bool(p.needs_mask[c0:c1].any()):
-            fb = p.forbid[c0:c1].view(1, ch, 1, p.tile_q, p.box_k)
-            s = s.masked_fill(fb, float("-inf")) if raw is not None else s.masked_fill_(fb, float("-inf"))
+        s = s.reshape(-1, self.m, p.box_k)
+        if masked:
+            s = s + self.bias[c]
         return s, raw
 
     def gather_box(self, x3: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -254,23 +287,17 @@ def _forward(cx: _Ctx, q, k, v):
         qt = qt * cx.scale
     k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
     ot = torch.empty(cx.bh, p.num_tiles, cx.m, cx.dv, dtype=cx.dtype, device=q.device)
-    lse = torch.empty(cx.bh, p.num_tiles, cx.m, dtype=cx.dtype, device=q.device)
-    for c0 in range(0, p.num_tiles, cx.chunk):
-        c1 = min(c0 + cx.chunk, p.num_tiles)
+    for c0, c1, c in cx.chunks():
         kc = cx.gather_box(k3, c0, c1)
         vc = cx.gather_box(v3, c0, c1)
-        s, _ = cx.scores(qt[:, c0:c1], kc, c0, c1)
-        s = s.reshape(-1, cx.m, p.box_k)
-        mx = s.amax(-1, keepdim=True)
-        s.sub_(mx).exp_()
-        den = s.sum(-1, keepdim=True)
-        o = torch.bmm(s, vc).div_(den)
-        ot[:, c0:c1] = o.view(cx.bh, c1 - c0, cx.m, cx.dv)
-        lse[:, c0:c1] = (mx + den.log()).view(cx.bh, c1 - c0, cx.m)
-    return qt, ot, lse
+        s, _ = cx.scores(qt[:, c0:c1], kc, c0, c1, c)
+        # A query's whole window lies in its tile's box: one fused softmax per row, no running max/sum.
+        pr = torch.softmax(s, dim=-1)
+        ot[:, c0:c1] = torch.bmm(pr, vc).view(cx.bh, c1 - c0, cx.m, cx.dv)
+    return qt, ot
 
 
-def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
+def _backward(cx: _Ctx, qt, k, v, ot, grad_out, params):
     p = cx.plan
     k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
     dot = cx.tile_rows(grad_out)
@@ -282,8 +309,7 @@ def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
     dk3 = torch.zeros_like(k3)
     dv3 = torch.zeros_like(v3)
     pgrads = [torch.zeros_like(t) for t in params]
-    for c0 in range(0, p.num_tiles, cx.chunk):
-        c1 = min(c0 + cx.chunk, p.num_tiles)
+    for c0, c1, c in cx.chunks():
         ch = c1 - c0
         kc = cx.gather_box(k3, c0, c1)
         vc = cx.gather_box(v3, c0, c1)
@@ -291,9 +317,8 @@ def _backward(cx: _Ctx, qt, k, v, ot, lse, grad_out, params):
         # With a score modifier, differentiate through it (its derivative need not be 1, e.g. softcap).
         mod = cx.score_mod is not None
         with torch.enable_grad() if mod else torch.no_grad():
-            s, raw = cx.scores(qc, kc, c0, c1, params_grad=mod)
-        s_det = s.detach().reshape(-1, cx.m, p.box_k)
-        pr = (s_det - lse[:, c0:c1].reshape(-1, cx.m, 1)).exp_()
+            s, raw = cx.scores(qc, kc, c0, c1, c, params_grad=mod)
+        pr = torch.softmax(s.detach().reshape(-1, cx.m, p.box_k), dim=-1)  # recomputed: the box holds the row
         doc = dot[:, c0:c1].reshape(-1, cx.m, cx.dv)
         dvc = torch.bmm(pr.transpose(1, 2), doc)
         kidx = p.k_index[c0:c1].reshape(-1)
@@ -318,19 +343,19 @@ class _NeighborhoodFn(torch.autograd.Function):
     def forward(ctx, plan, scale, score_mod, q, k, v, *params):
         cx = _Ctx(plan, q, k, v, scale, score_mod)
         with torch.no_grad():
-            qt, ot, lse = _forward(cx, q, k, v)
+            qt, ot = _forward(cx, q, k, v)
         out = cx.untile_rows(ot, (*q.shape[:-1], v.shape[-1]), q.dtype)
         ctx.cx = cx
         ctx.shapes = (q.shape, q.dtype, k.shape, v.shape)
-        ctx.save_for_backward(qt, k, v, ot, lse, *params)
+        ctx.save_for_backward(qt, k, v, ot, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         cx = ctx.cx
-        qt, k, v, ot, lse, *params = ctx.saved_tensors
+        qt, k, v, ot, *params = ctx.saved_tensors
         qshape, qdtype, kshape, vshape = ctx.shapes
-        dqt, dk3, dv3, pgrads = _backward(cx, qt, k, v, ot, lse, grad_out, params)
+        dqt, dk3, dv3, pgrads = _backward(cx, qt, k, v, ot, grad_out, params)
         dq = cx.untile_rows(dqt, qshape, qdtype)
         dk = dk3.reshape(kshape).to(k.dtype)
         dv = dv3.reshape(vshape).to(v.dtype)
