@@ -88,6 +88,24 @@ def test_odd_lengths_and_default_blocks(length, pattern):
     assert_close(attnkit.attention(q, k, v, pattern=pat, engine="tiled"), ref)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "general"])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_softmax_paths_equal_reference(pattern, fused, monkeypatch):
+    """Softmax without score modifier and with equal key/value dims runs ATen's fused CPU kernel per step; the
+    general path (matmul + online softmax, the one CUDA runs) must agree too. GQA, cross-attention, grads."""
+    monkeypatch.setattr(attnkit.ops.exact.tiled, "USE_FUSED_CPU_KERNEL", fused)
+    for lq, lk, hkv in [(65, 65, 4), (23, 65, 2), (1, 40, 1)]:
+        q, k, v = random_qkv(2, 4, lq, lk, 12, kv_heads=hkv, dtype=torch.float64, requires_grad=True)
+        pat = PATTERNS[pattern](lk)
+        cfg_fused = attnkit.ops.exact.tiled.can_fuse(q, v, None, N.softmax())
+        assert cfg_fused == fused
+        ref, out = _run_both(q, k, v, pattern=pat)
+        assert_close(out, ref)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            assert_close(a, b)
+
+
 def test_multi_step_rows_use_online_softmax():
     # A tiny step budget forces one row of tiles to be split across steps: the running max/sum merge runs.
     q, k, v = random_qkv(1, 2, 50, 300, 8, dtype=torch.float64, requires_grad=True)

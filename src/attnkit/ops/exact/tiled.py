@@ -50,6 +50,8 @@ class _Step:
     tile_r: torch.Tensor | None = None
     tile_c: torch.Tensor | None = None
     blocked: torch.Tensor | None = None
+    # first key block when the step is one row of contiguous key blocks (k and v are then read as views)
+    kv_start: int | None = None
 
     @property
     def needs_mask(self) -> bool:
@@ -111,6 +113,8 @@ def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, bl
         steps.append(_Step(r, r1, idx, computed, is_full, True, True))
         r = r1
     for st in steps:
+        if st.idx.shape[0] == 1 and bool((st.idx[0, 1:] - st.idx[0, :-1] == 1).all()):
+            st.kv_start = int(st.idx[0, 0])
         st.idx, st.computed = st.idx.to(device), st.computed.to(device)
         if not bool(st.is_full.all()):
             _attach_masks(st, pattern, q_len, kv_len, block_q, block_kv, batch, heads, kv_heads, device)
@@ -146,6 +150,7 @@ class _Config:
     kv_len: int
     heads: int
     kv_heads: int
+    fused: bool = False
 
 
 def _blocks_q(x: torch.Tensor, kv_heads: int, nq: int, bq: int) -> torch.Tensor:
@@ -223,14 +228,13 @@ def _scores(cfg: _Config, qs, ks, step: _Step, batch: int, raw_grad: bool = Fals
     return s, raw
 
 
-def _gather(xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``[B, H, nk, bk, D]`` gathered at ``idx [R, C]`` -> ``[B, H, R, C * bk, D]``."""
+def _gather(xb: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``[B, H, nk, bk, D]`` gathered at the step's ``idx [R, C]`` -> ``[B, H, R, C * bk, D]``."""
     b, h, _, bk, d = xb.shape
-    r, c = idx.shape
-    if r == 1 and c > 0 and bool((idx[0, 1:] - idx[0, :-1] == 1).all()):  # contiguous: a view, no copy
-        i0 = int(idx[0, 0])
-        return xb[:, :, i0: i0 + c].reshape(b, h, 1, c * bk, d)
-    return xb[:, :, idx].reshape(b, h, r, c * bk, d)
+    r, c = step.idx.shape
+    if step.kv_start is not None:  # one row of contiguous blocks: a view, no copy
+        return xb[:, :, step.kv_start: step.kv_start + c].reshape(b, h, 1, c * bk, d)
+    return xb[:, :, step.idx].reshape(b, h, r, c * bk, d)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -239,6 +243,103 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         return torch.float32
     return x.dtype
+
+
+# The CPU flash-attention kernel of ATen, which also returns the log-sum-exp: one fused pass per step (scores,
+# mask, online softmax and PV never leave the cache), about twice as fast as separate matmul and softmax passes.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Tests switch this off to run the general (matmul + online softmax) path on CPU, the one CUDA uses.
+USE_FUSED_CPU_KERNEL = True
+
+
+def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None, norm: Normalization) -> bool:
+    """Softmax with no score modifier, equal key and value dims, on CPU: the fused kernel applies."""
+    return (USE_FUSED_CPU_KERNEL and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
+            and q.device.type == "cpu"
+            and score_mod is None and norm.name == "softmax" and q.shape[-1] == v.shape[-1])
+
+
+def _step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask ``[B*Hkv | 1, R, G*bq, C*bk]`` (0 or -inf) of a step, built from its partial tiles."""
+    if not step.needs_mask:
+        return None
+    plan = cfg.plan
+    bq, bk = plan.block_q, plan.block_kv
+    r, c = step.idx.shape
+    blocked = step.blocked  # [T, B|1, Hkv|1, G|1, bq, bk]
+    _, bm, hm, gm, _, _ = blocked.shape
+    g = cfg.heads // cfg.kv_heads
+    m = torch.zeros(bm, hm, r, gm, bq, c, bk, dtype=dtype, device=blocked.device)
+    m[:, :, step.tile_r, :, :, step.tile_c, :] = torch.zeros((), dtype=dtype, device=blocked.device).masked_fill(
+        blocked, float("-inf"))
+    if bm * hm > 1:  # batch- or head-dependent: the kernel's batch dim is B * Hkv
+        bm, hm = batch, cfg.kv_heads
+    m = m.expand(bm, hm, r, g, bq, c, bk)
+    return m.reshape(bm * hm, r, g * bq, c * bk)
+
+
+def _fused_inputs(cfg: _Config, qb, kb, vb, step: _Step):
+    b, hkv, _, gbq, d = qb.shape
+    r, c = step.idx.shape
+    bk = cfg.plan.block_kv
+    q4 = qb[:, :, step.r0: step.r1].reshape(b * hkv, r, gbq, d)
+    k4 = _gather(kb, step).reshape(b * hkv, r, c * bk, d)
+    v4 = _gather(vb, step).reshape(b * hkv, r, c * bk, vb.shape[-1])
+    return q4, k4, v4
+
+
+def fused_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """:func:`tiled_forward` for softmax without score modifier: every step is one call of the fused kernel.
+    Plans for this path put each query block's keys in a single step, so no cross-step merge is needed."""
+    plan = cfg.plan
+    bq, bk = plan.block_q, plan.block_kv
+    cdt = _compute_dtype(q)
+    qb = _blocks_q(q.to(cdt), cfg.kv_heads, plan.nq, bq)
+    kb, vb = _blocks_kv(k.to(cdt), plan.nk, bk), _blocks_kv(v.to(cdt), plan.nk, bk)
+    b, hkv, nq, gbq, _ = qb.shape
+    out = torch.empty(b, hkv, nq, gbq, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.empty(b, hkv, nq, gbq, dtype=torch.float32 if cdt != torch.float64 else cdt, device=q.device)
+    for step in plan.steps:
+        assert step.first and step.last
+        q4, k4, v4 = _fused_inputs(cfg, qb, kb, vb, step)
+        o, l = _FLASH_CPU(q4, k4, v4, attn_mask=_step_mask(cfg, step, b, cdt), scale=cfg.scale)
+        out[:, :, step.r0: step.r1] = o.reshape(b, hkv, *o.shape[1:])
+        lse[:, :, step.r0: step.r1] = l.reshape(b, hkv, *l.shape[1:])
+    # A row with no allowed key comes back as zeros with log-sum-exp 0 (the kernel's convention), which is the
+    # documented result, and its backward is zero as well.
+    return _unblock_q(out, cfg.heads, cfg.q_len, bq).to(q.dtype), _unblock_q(lse, cfg.heads, cfg.q_len, bq)
+
+
+def fused_backward(cfg: _Config, q, k, v, out, lse, grad_out):
+    plan = cfg.plan
+    bq, bk = plan.block_q, plan.block_kv
+    cdt = _compute_dtype(q)
+    qb = _blocks_q(q.to(cdt), cfg.kv_heads, plan.nq, bq)
+    kb, vb = _blocks_kv(k.to(cdt), plan.nk, bk), _blocks_kv(v.to(cdt), plan.nk, bk)
+    ob = _blocks_q(out.to(cdt), cfg.kv_heads, plan.nq, bq)
+    dob = _blocks_q(grad_out.to(cdt), cfg.kv_heads, plan.nq, bq)
+    lseb = _blocks_q(lse[..., None], cfg.kv_heads, plan.nq, bq)[..., 0]
+    b, hkv, nq, gbq, d = qb.shape
+    dqb = torch.empty_like(qb)
+    dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+    for step in plan.steps:
+        r, c = step.idx.shape
+        q4, k4, v4 = _fused_inputs(cfg, qb, kb, vb, step)
+        rows = slice(step.r0, step.r1)
+        o4 = ob[:, :, rows].reshape(b * hkv, r, gbq, -1)
+        do4 = dob[:, :, rows].reshape(b * hkv, r, gbq, -1)
+        l4 = lseb[:, :, rows].reshape(b * hkv, r, gbq)
+        dq4, dk4, dv4 = _FLASH_CPU_BACKWARD(do4, q4, k4, v4, o4, l4, 0.0, False,
+                                            attn_mask=_step_mask(cfg, step, b, cdt), scale=cfg.scale)
+        dqb[:, :, rows] = dq4.reshape(b, hkv, r, gbq, d)
+        flat = step.idx.reshape(-1)
+        dkb.index_add_(2, flat, dk4.reshape(b, hkv, r * c, bk, d))
+        dvb.index_add_(2, flat, dv4.reshape(b, hkv, r * c, bk, -1))
+    dq = _unblock_q(dqb, cfg.heads, cfg.q_len, bq).to(q.dtype)
+    dk = dkb.view(b, hkv, -1, k.shape[-1])[:, :, : cfg.kv_len].to(k.dtype)
+    dv_ = dvb.view(b, hkv, -1, v.shape[-1])[:, :, : cfg.kv_len].to(v.dtype)
+    return dq, dk, dv_
 
 
 def tiled_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -263,9 +364,9 @@ def tiled_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     m = acc = None
     for step in plan.steps:
         rows = slice(step.r0, step.r1)
-        s, _ = _scores(cfg, qb[:, :, rows], _gather(kb, step.idx), step, b)
+        s, _ = _scores(cfg, qb[:, :, rows], _gather(kb, step), step, b)
         s = s.reshape(b, hkv, step.r1 - step.r0, gbq, -1)
-        vs = _gather(vb, step.idx)
+        vs = _gather(vb, step)
         if softmax:
             s_max = s.amax(dim=-1)
             m_new = s_max if step.first else torch.maximum(m, s_max)
@@ -323,7 +424,7 @@ def tiled_backward(cfg: _Config, q, k, v, out, stat, grad_out, params: list[torc
     for step in plan.steps:
         r = step.r1 - step.r0
         qs = qb[:, :, step.r0: step.r1]
-        ks, vs = _gather(kb, step.idx), _gather(vb, step.idx)
+        ks, vs = _gather(kb, step), _gather(vb, step)
         dos = dob[:, :, step.r0: step.r1]
         with torch.enable_grad():
             s, raw = _scores(cfg, qs, ks, step, b, raw_grad=use_autograd)
@@ -362,7 +463,7 @@ def tiled_backward(cfg: _Config, q, k, v, out, stat, grad_out, params: list[torc
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, q, k, v, *params):
-        out, stat = tiled_forward(cfg, q, k, v)
+        out, stat = (fused_forward if cfg.fused else tiled_forward)(cfg, q, k, v)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, stat if stat is not None else torch.empty(0), *params)
         ctx.has_stat = stat is not None
@@ -371,14 +472,20 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, stat, *params = ctx.saved_tensors
+        if ctx.cfg.fused:
+            return (None, *fused_backward(ctx.cfg, q, k, v, out, stat, grad_out.contiguous()))
         dq, dk, dv, dparams = tiled_backward(ctx.cfg, q, k, v, out, stat if ctx.has_stat else None,
                                              grad_out.contiguous(), list(params))
         return (None, dq, dk, dv, *dparams)
 
 
-def choose_blocks(q_len: int, kv_len: int, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
-    bq = block_q or 64
-    bk = block_kv or 64
+def choose_blocks(q_len: int, kv_len: int, block_q: int | None, block_kv: int | None,
+                  fused: bool = False) -> tuple[int, int]:
+    # The fused kernel is most efficient on short query blocks (its own inner split is 32 rows below 192), and
+    # small key blocks follow a pattern's boundary closely: fewer wasted scores on partial tiles.
+    default = 32 if fused else 64
+    bq = block_q or default
+    bk = block_kv or default
     return max(1, min(bq, q_len)), max(1, min(bk, kv_len))
 
 
@@ -390,21 +497,27 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     ``v [B, Hkv, Lk, Dv]`` -> ``[B, H, Lq, Dv]``. Rows with no allowed key give zeros."""
     b, h, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv)
+    fused = can_fuse(q, v, score_mod, normalization)
+    bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
     row_cost = b * h * bq * bk
-    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, q.device, tile_elements)
-    cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv)
+    if fused:  # the kernel never materialises a step's scores: every query block's keys go in one step
+        tile_elements = max(tile_elements, row_cost * -(-kv_len // bk))
+    min_step = 0 if fused else MIN_STEP_ELEMENTS  # fused steps read k and v as views: never group rows
+    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, q.device, tile_elements, min_step)
+    cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv, fused)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
 
 
-def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements) -> _Plan:
-    key = (q_len, kv_len, bq, bk, b, h, hkv, row_cost, str(device), tile_elements)
+def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,
+                 min_step_elements=MIN_STEP_ELEMENTS) -> _Plan:
+    key = (q_len, kv_len, bq, bk, b, h, hkv, row_cost, str(device), tile_elements, min_step_elements)
     if pattern is None:
-        return make_plan(None, *key[:7], row_cost, device, tile_elements)
+        return make_plan(None, *key[:7], row_cost, device, tile_elements, min_step_elements)
     cache = pattern.__dict__.setdefault("_plan_cache", {})
     if key not in cache:
         if len(cache) > 16:
             cache.clear()
-        cache[key] = make_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements)
+        cache[key] = make_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,
+                               min_step_elements)
     return cache[key]
