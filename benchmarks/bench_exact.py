@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in dense_lens:
         q, k, v = qkv(n, h, d)
         flops = 4.0 * h * n * n * d
-        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-        ours = median_time(lambda: attnkit.attention(q, k, v), reps)
-        tiled = median_time(lambda: attnkit.attention(q, k, v, engine="tiled"), reps)
+        sdpa = median_time(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), reps)
+        ours = median_time(lambda q=q, k=k, v=v: attnkit.attention(q, k, v), reps)
+        tiled = median_time(lambda q=q, k=k, v=v: attnkit.attention(q, k, v, engine="tiled"), reps)
         row = {"n": n, "flops": flops, "sdpa": sdpa, "attention": ours, "tiled": tiled,
                "ratio": ours[0] / sdpa[0], "tiled_ratio": tiled[0] / sdpa[0]}
         results["dense"].append(row)
