@@ -22,7 +22,7 @@ A 1-D picture, ``L = 9``, ``k = 3``; each row is one query (``q``) and the keys 
     query   stride 1     stride 3 (= k: blocked)   dilation 2 (groups: even / odd positions)
       0     ###......    ###......                 #.#.#....   (clamped: shifted right)
       4     ...###...    ...###...                 ..#.#.#..
-      5     ....###..    ...###...  (leader 4)     ...#.#.#.   (odd group, clamped left)
+      5     ....###..    ...###...  (leader 4)     ...#.#.#.   (odd group 1, 3, 5, 7: centred on 5)
       8     ......###    ......###                 ....#.#.#   (clamped: shifted left)
 
 Requirements (NATTEN's): ``k`` odd, ``k * d <= L`` (so every group holds a whole window), ``1 <= s <= k``.
