@@ -68,15 +68,30 @@ def _as_lengths(lengths, batch: int, n: int, device) -> torch.Tensor:
     return t
 
 
+def _on_device(t: torch.Tensor):
+    """``get(device)``: ``t`` on ``device``, copied once per device (engines may evaluate a pattern's predicate on
+    the CPU to plan tiles and on the accelerator to mask them)."""
+    copies = {t.device: t}
+
+    def get(device: torch.device) -> torch.Tensor:
+        if device not in copies:
+            copies[device] = t.to(device)
+        return copies[device]
+
+    return get
+
+
 def _at_positions(pattern: P.Pattern | None, causal_default: bool, start: torch.Tensor,
                   valid_end: torch.Tensor, kv_len: int) -> P.Pattern:
     """The layer's pattern for new queries at absolute positions ``start[b] + i`` over cached keys
     ``0 .. valid_end[b] - 1`` (a batch of different lengths). Patterns are position-based with
     bottom-right alignment, so evaluating them with ``q_len = kv_len`` and ``q_idx = position`` is exact."""
 
+    start_on, end_on = _on_device(start), _on_device(valid_end)
+
     def fn(b, h, qi, ki):
-        pos = start[b] + qi
-        ok = ki < valid_end[b]
+        pos = start_on(ki.device)[b] + qi
+        ok = ki < end_on(ki.device)[b]
         if pattern is not None:
             ok = ok & pattern.allowed(b, h, pos, ki, kv_len, kv_len)
         elif causal_default:
@@ -477,10 +492,10 @@ class AdaptiveKVCache:
         self.v = torch.cat([self.v, v], dim=2)
         self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], n)], dim=2)
         self.seen += n
-        valid, g = self.valid, q.shape[1] // k.shape[1]
+        valid, g = _on_device(self.valid), q.shape[1] // k.shape[1]
 
         def fn(b, h, qi, ki):  # kept prompt entries, and the new tokens causally
-            return valid[b, h // g, ki] & (ki <= base + qi)
+            return valid(ki.device)[b, h // g, ki] & (ki <= base + qi)
 
         return attention(q, self.k, self.v, pattern=P.custom(fn), scale=scale)
 
