@@ -228,3 +228,15 @@ def test_block_kernels_in_row_chunks_match_autograd(monkeypatch, chunk_elements)
     dq, dk, dv = merge.block_attention_backward(q, k, v, mask, 8 ** -0.5, do, lse, (do * out.detach()).sum(-1))
     for got, want in zip((dq, dk, dv), (qr.grad, kr.grad, vr.grad)):
         assert_close(got, want)
+
+
+def test_striped_positions_drive_rotary_consistently():
+    from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
+
+    rope = RotaryEmbedding(8).double()
+    x = torch.randn(1, 2, 12, 8, dtype=torch.float64)
+    full = rope(x)
+    for r in range(3):
+        pos = shard_positions(12, r, 3, "striped")
+        cos, sin = rope.angles(pos)
+        assert_close(apply_rotary(shard(x, r, 3, layout="striped"), cos, sin), shard(full, r, 3, layout="striped"))
