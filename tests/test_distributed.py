@@ -240,3 +240,45 @@ def test_striped_positions_drive_rotary_consistently():
         pos = shard_positions(12, r, 3, "striped")
         cos, sin = rope.angles(pos)
         assert_close(apply_rotary(shard(x, r, 3, layout="striped"), cos, sin), shard(full, r, 3, layout="striped"))
+
+
+@pytest.fixture
+def single_rank_group():
+    import datetime
+
+    import torch.distributed as dist
+
+    from attnkit.distributed import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=10))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_equals_attention_and_argument_errors(single_rank_group):
+    from attnkit.distributed import lasp
+
+    q, k, v, do = _full(14, n=10)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = ring_attention(qr, kr, vr, causal=True)
+    out.backward(do)
+    q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    attnkit.attention(q2, k2, v2, pattern=P.causal(), engine="reference").backward(do)
+    assert_close(out, attnkit.attention(q, k, v, pattern=P.causal(), engine="reference"))
+    for a, b in ((qr, q2), (kr, k2), (vr, v2)):
+        assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="equal shards"):
+        ring_attention(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(TypeError, match="pattern must be an attnkit.patterns.Pattern"):
+        ring_attention(q, k, v, pattern="causal")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, k, v, layout="zigzag")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        tree_decode(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="one length"):
+        lasp(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(attnkit.NotSupportedError, match="not token-local"):
+        lasp(q, k, v, feature_map=attnkit.feature_maps.get("cosformer"))
