@@ -100,7 +100,12 @@ class EluFeatureMap(FeatureMap):
         return head_dim
 
     def phi(self, x, *, is_query, offset=0):
-        return F.elu(x).add_(1)
+        # elu(x) + 1 = exp(min(x, 0)) + relu(x): the same values (exp(x) below 0, x + 1 above) in about half
+        # the time of F.elu (expm1) plus an add on CPU; relu's zero slope at 0 keeps elu's derivative there.
+        neg = torch.exp(x.clamp_max(0))
+        if torch.is_grad_enabled() and x.requires_grad:
+            return neg + F.relu(x)  # exp's backward reads its output: no in-place add
+        return neg.add_(F.relu(x))
 
 
 class ReluFeatureMap(FeatureMap):

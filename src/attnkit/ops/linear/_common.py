@@ -44,11 +44,17 @@ def make_finalize(normalize: str, eps: float, dtype: torch.dtype) -> Callable[[t
     def finalize(o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         num, den = o[..., :-1], o[..., -1:]
         if normalize == "denominator":
-            sign = torch.where(den < 0, -1.0, 1.0).to(den.dtype)
-            den = torch.where(den.abs() < eps, sign * eps, den)
+            if torch.is_grad_enabled() and o.requires_grad:
+                # where() keeps gradients finite at den = 0 (1 / den there would give inf * 0)
+                sign = torch.where(den < 0, -1.0, 1.0).to(den.dtype)
+                inv = 1.0 / torch.where(den.abs() < eps, sign * eps, den)
+            else:
+                # 1 / den clamped to +-1/eps equals 1 / (den pushed away from 0 to +-eps): two cheap ops on
+                # the [..., 1] column, then one multiply over the output (division is slower on CPU).
+                inv = torch.reciprocal(den).clamp_(-1.0 / eps, 1.0 / eps)
             if out is not None and out.dtype == o.dtype:
-                return torch.div(num, den, out=out)  # straight into the caller's buffer: one pass
-            res = num / den
+                return torch.mul(num, inv, out=out)  # straight into the caller's buffer: one pass
+            res = num * inv
         elif normalize == "none":
             res = num
         else:
