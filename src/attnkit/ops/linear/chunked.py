@@ -28,13 +28,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnkit.feature_maps import FeatureMap
+from attnkit.feature_maps import CosformerFeatureMap, FeatureMap, _RandomFeatureMap
 from attnkit.ops.linear._common import decay_powers, features, values_with_ones
 
 __all__ = ["chunked_forward", "chunked_flops", "BLOCK_TOKENS"]
 
 # Tokens per block: a block's q/k/v features and chunk products should stay in cache (about 1-2 MB per head).
 BLOCK_TOKENS = 1024
+# Fast path: compute features head by head right before their matmuls (parameter-free maps), so they are read
+# from cache; off, features of all heads of a block are computed at once.
+PER_HEAD_FEATURES = True
 
 
 def chunked_flops(n: int, m: int, dv: int, chunk_size: int, *, decay: bool = False) -> float:
@@ -67,6 +70,14 @@ def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMa
     return any(t.requires_grad for t in (q, k, v)) or any(p.requires_grad for p in fm.parameters())
 
 
+def _per_head_features_ok(fm: FeatureMap) -> bool:
+    """Whether ``fm.phi`` of one head's slice equals that head's part of ``fm(q, k)``: token-local maps without
+    per-head parameters, random projections (which count calls to redraw) or a joint ``forward``."""
+    if not fm.token_local or isinstance(fm, _RandomFeatureMap) or next(fm.parameters(), None) is not None:
+        return False
+    return type(fm).forward is FeatureMap.forward or isinstance(fm, CosformerFeatureMap)
+
+
 def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *, s0: torch.Tensor | None,
                    offset: int, chunk_size: int, finalize: Callable[..., torch.Tensor],
                    block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,20 +98,26 @@ def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featur
     full = None
     if not fm.token_local:  # features depend on the whole call (e.g. log-normal statistics): compute once
         full = fm(q, k, q_offset=offset, k_offset=offset)
+    per_head = PER_HEAD_FEATURES and _per_head_features_ok(fm)
     out = torch.empty(b, h, n, dv, dtype=getattr(finalize, "dtype", q.dtype), device=q.device)
     state = None if s0 is None else s0.clone()  # [b, h, m, d_v + 1], updated head by head
     for start in range(0, n, block):
         end = min(start + block, n)
         L = end - start
         nb = -(-L // c)
-        if full is None:
-            pq, pk = fm(q[:, :, start:end], k[:, :, start:end], q_offset=offset + start, k_offset=offset + start)
+        pad = nb * c - L  # zero features for the padding: they add nothing; padded rows are not written out
+        if per_head:  # computed head by head below, right before use (in cache)
+            m = fm.feature_dim(q.shape[-1])
         else:
-            pq, pk = full[0][:, :, start:end], full[1][:, :, start:end]
-        m = pq.shape[-1]
-        if nb * c != L:  # zero features for the padding: they add nothing; padded rows are not written out
-            pq, pk = F.pad(pq, (0, 0, 0, nb * c - L)), F.pad(pk, (0, 0, 0, nb * c - L))
-        pq, pk = pq.contiguous(), pk.contiguous()
+            if full is None:
+                pq, pk = fm(q[:, :, start:end], k[:, :, start:end], q_offset=offset + start,
+                            k_offset=offset + start)
+            else:
+                pq, pk = full[0][:, :, start:end], full[1][:, :, start:end]
+            m = pq.shape[-1]
+            if pad:
+                pq, pk = F.pad(pq, (0, 0, 0, pad)), F.pad(pk, (0, 0, 0, pad))
+            pq, pk = pq.contiguous(), pk.contiguous()
         if state is None:
             state = q.new_zeros(b, h, m, dv1)
             first = True
@@ -118,7 +135,11 @@ def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featur
             for hj in range(hk):
                 v1[:L, :dv].copy_(v[bi, hj, start:end])
                 V = v1.view(nb, c, dv1)
-                K = pk[bi, hj].view(nb, c, m)
+                if per_head:
+                    kf = fm.phi(k[bi:bi + 1, hj:hj + 1, start:end], is_query=False, offset=offset + start)[0, 0]
+                    K = (F.pad(kf, (0, 0, 0, pad)) if pad else kf.contiguous()).view(nb, c, m)
+                else:
+                    K = pk[bi, hj].view(nb, c, m)
                 Kt = K.transpose(1, 2)
                 kv = torch.bmm(Kt, V, out=kv_buf)  # [nb, m, d_v + 1]: per-chunk state increments
                 heads = range(hj * group, (hj + 1) * group)
@@ -132,7 +153,11 @@ def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featur
                 elif nb > 1:
                     kv[:-1].cumsum_(0)  # increments of chunks 0..t (the carried state is added per head)
                 for hi in heads:
-                    Q = pq[bi, hi].view(nb, c, m)
+                    if per_head:
+                        qf = fm.phi(q[bi:bi + 1, hi:hi + 1, start:end], is_query=True, offset=offset + start)[0, 0]
+                        Q = (F.pad(qf, (0, 0, 0, pad)) if pad else qf.contiguous()).view(nb, c, m)
+                    else:
+                        Q = pq[bi, hi].view(nb, c, m)
                     o = torch.bmm(Q, Kt, out=a_buf).mul_(mask)  # [nb, c, c]: intra-chunk weights, causal
                     o = torch.bmm(o, V, out=o_buf)  # [nb, c, d_v + 1]
                     s = state[bi, hi]
