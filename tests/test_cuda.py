@@ -1,0 +1,155 @@
+"""CUDA: every family on the GPU against the CPU / float64 reference. Skipped where no GPU is present (as in CI);
+run on a GPU machine with ``pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import patterns as P
+from attnkit import score_mods as S
+from attnkit.testing import assert_close, random_qkv
+
+# ATTNKIT_TEST_DEVICE=cpu dry-runs these checks on the CPU (to debug the tests themselves without a GPU).
+CUDA = os.environ.get("ATTNKIT_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(CUDA.startswith("cuda") and not torch.cuda.is_available(),
+                                reason="needs a CUDA device")
+
+PATTERNS = {
+    "none": lambda n: None,
+    "causal": lambda n: P.causal(),
+    "causal_window": lambda n: P.causal() & P.sliding_window(40),
+    "global": lambda n: P.sliding_window(16) | P.global_tokens([0, 77]),
+    "document": lambda n: P.document(torch.arange(n, device=CUDA) * 3 // n),
+    "block_local": lambda n: P.block_local(33),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("mod", ["none", "alibi"])
+def test_tiled_engine_on_cuda_matches_float64_reference(pattern, mod, dtype):
+    n = 300
+    q, k, v = random_qkv(2, 4, n, n, 64, kv_heads=2, dtype=dtype, device=CUDA, requires_grad=True)
+    kw = dict(pattern=PATTERNS[pattern](n), score_mod=S.alibi(4) if mod == "alibi" else None)
+    out = attnkit.attention(q, k, v, engine="tiled", **kw)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnkit.attention(q64, k64, v64, engine="reference", **kw)
+    assert out.dtype == dtype and out.device.type == torch.device(CUDA).type
+    assert_close(out, ref, scale=2.0)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g.to(dtype)), _grads(ref, (q64, k64, v64), g)):
+        assert_close(a, b, scale=8.0)
+
+
+def test_auto_uses_sdpa_on_cuda_and_agrees():
+    q, k, v = random_qkv(1, 8, 512, 512, 64, dtype=torch.float16, device=CUDA)
+    out = attnkit.attention(q, k, v, pattern=P.causal())
+    ref = attnkit.attention(q.double(), k.double(), v.double(), pattern=P.causal(), engine="reference")
+    assert_close(out, ref, scale=2.0)
+
+
+@pytest.mark.skipif(CUDA == "cpu", reason="needs two device types")
+def test_mixed_devices_are_rejected():
+    q, k, v = random_qkv(1, 2, 8, device=CUDA)
+    with pytest.raises(ValueError, match="device"):
+        attnkit.attention(q, k.cpu(), v)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunked", "recurrent"])
+@pytest.mark.parametrize("feature_map", ["elu", "favor", "taylor", "cosformer"])
+def test_linear_attention_on_cuda_matches_cpu(mode, feature_map):
+    q, k, v = random_qkv(1, 2, 100, 100, 16, dtype=torch.float64)
+    fm_kw = {"feature_map": attnkit.feature_maps.get(feature_map, **({"seed": 0} if feature_map == "favor" else {}))}
+    cpu = attnkit.linear_attention(q, k, v, causal=True, mode=mode, chunk_size=16, **fm_kw)
+    fm_kw["feature_map"] = fm_kw["feature_map"].to(CUDA)
+    gpu = attnkit.linear_attention(q.to(CUDA), k.to(CUDA), v.to(CUDA), causal=True, mode=mode, chunk_size=16,
+                                   **fm_kw)
+    assert_close(gpu.cpu(), cpu, scale=100.0)
+
+
+def test_linear_half_precision_long_sequence_is_finite():
+    q, k, v = random_qkv(1, 2, 65536, 65536, 32, dtype=torch.float16, device=CUDA)
+    out = attnkit.linear_attention(q, k, v, causal=True, mode="chunked")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neighborhood_2d_on_cuda_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 17, 20, 32, generator=g).to(CUDA, dtype).requires_grad_() for _ in range(3))
+    out = attnkit.neighborhood(q, k, v, (5, 7), dilation=(2, 1), is_causal=(False, True))
+    from attnkit.ops.neighborhood import neighborhood_reference
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = neighborhood_reference(q64, k64, v64, (5, 7), dilation=(2, 1), is_causal=(False, True))
+    assert_close(out, ref, scale=2.0)
+    g2 = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g2.to(dtype)), _grads(ref, (q64, k64, v64), g2)):
+        assert_close(a, b, scale=8.0)
+
+
+def _mechanism_names():
+    return [m.name for m in attnkit.list_mechanisms()]
+
+
+@pytest.mark.parametrize("name", _mechanism_names())
+def test_every_registered_mechanism_runs_on_cuda(name):
+    """Forward and backward on the GPU, finite, on the GPU, and (for deterministic exact and linear ones) equal
+    to the same call on the CPU."""
+    from attnkit.bench.workloads import shape_params
+
+    m = attnkit.mechanism_info(name)
+    n, h, d = 256, 4, 64
+    params = dict(m.bench_params)
+    params.update(shape_params(m, heads=h, head_dim=d, seq_len=n))
+    q, k, v = random_qkv(1, h, n, n, d, seed=1)
+    torch.manual_seed(0)
+    fn_cpu = m.build(**params)
+    torch.manual_seed(0)
+    fn_gpu = m.build(**params)
+    if isinstance(fn_gpu, torch.nn.Module):
+        fn_gpu = fn_gpu.to(CUDA)
+    qg, kg, vg = (t.to(CUDA).requires_grad_() for t in (q, k, v))
+    torch.manual_seed(0)
+    out = fn_gpu(qg, kg, vg)
+    assert out.device.type == torch.device(CUDA).type and torch.isfinite(out).all()
+    out.square().mean().backward()
+    # YOSO's Bernoulli-sampling estimator passes no gradient to q and k (hash codes are piecewise constant)
+    needs_grad = (vg,) if name == "yoso" else (qg, kg, vg)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in needs_grad)
+    if m.exact or m.family == "linear":
+        torch.manual_seed(0)
+        assert_close(out.detach().cpu(), fn_cpu(q, k, v), scale=5.0)
+
+
+def test_multihead_attention_module_on_cuda():
+    layer = attnkit.nn.MultiheadAttention(64, 4, kv_heads=2, mechanism="sliding_window", rotary=True,
+                                          mechanism_kwargs={"window": 16}).to(CUDA)
+    x = torch.randn(2, 100, 64, device=CUDA, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_bench_cli_quick_on_cuda(tmp_path):
+    from attnkit.cli import main
+
+    rc = main(["bench", "--quick", "--device", CUDA, "--mechanisms", "softmax,sliding_window,nystrom",
+               "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert rc == 0 and (tmp_path / "results.json").exists()
