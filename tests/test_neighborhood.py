@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import attnkit
 import attnkit.nn
+import attnkit.ops.neighborhood.engine as engine_mod
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit.errors import NotSupportedError
@@ -239,6 +240,35 @@ def test_engine_any_tile_shape_3d(tiles):
     want = masked_attention(q, k, v, explicit_mask(shape, 3, (1, 2, 2), (1, 3, 2), (False, False, True)))
     got = neighborhood(q, k, v, 3, dilation=(1, 2, 2), stride=(1, 3, 2), is_causal=(False, False, True), tiles=tiles)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("tiles", [(1, 2), (3, 4), (8, 8)])
+def test_engine_backward_any_tiles_small_chunks(tiles, monkeypatch):
+    # Chunks of one tile (many chunks per mask class) and padded tiles: forward and every gradient still exact.
+    monkeypatch.setattr(engine_mod, "_CHUNK_ELEMENTS", 1)
+    shape, kw = (7, 10), dict(dilation=(1, 2), stride=(2, 1), is_causal=(False, True))
+    q, k, v = rand(1, 4, shape, 4, hkv=2, seed=18, grad=True)
+    g = torch.randn(1, 4, *shape, 4, dtype=torch.float64)
+    out = neighborhood(q, k, v, 3, tiles=tiles, **kw)
+    got = torch.autograd.grad(out, [q, k, v], g)
+    want_out = masked_attention(q, k, v, explicit_mask(shape, 3, (1, 2), (2, 1), (False, True)))
+    want = torch.autograd.grad(want_out, [q, k, v], g)
+    assert_close(out, want_out)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def test_plan_mask_classes():
+    # Blocked attention with sizes divisible by the kernel needs no mask at all: one class, unmasked.
+    plan = engine_mod.make_plan(make_spec((12, 12), 3, 1, 3), (3, 3), "cpu")
+    assert plan.masked == (False,) and plan.runs == ((0, plan.num_tiles, 0),)
+    # Plain NA: interior tiles share one mask, so there are far fewer classes than tiles.
+    plan = engine_mod.make_plan(make_spec((64, 64), 7), (8, 8), "cpu")
+    assert len(plan.runs) < plan.num_tiles // 4 and all(plan.masked)
+    assert sum(t1 - t0 for t0, t1, _ in plan.runs) == plan.num_tiles
+    # every query appears exactly once among the tiles' valid slots
+    valid = plan.q_index[plan.q_valid]
+    assert torch.equal(valid.sort().values, torch.arange(64 * 64))
 
 
 @pytest.mark.parametrize("shape,kernel", [((7,), 7), ((8,), 7), ((5, 6), (5, 5)), ((3, 4, 5), (3, 3, 5))])
