@@ -102,10 +102,9 @@ class EluFeatureMap(FeatureMap):
     def phi(self, x, *, is_query, offset=0):
         # elu(x) + 1 = exp(min(x, 0)) + relu(x): the same values (exp(x) below 0, x + 1 above) in about half
         # the time of F.elu (expm1) plus an add on CPU; relu's zero slope at 0 keeps elu's derivative there.
-        neg = torch.exp(x.clamp_max(0))
         if torch.is_grad_enabled() and x.requires_grad:
-            return neg + F.relu(x)  # exp's backward reads its output: no in-place add
-        return neg.add_(F.relu(x))
+            return torch.exp(x.clamp_max(0)) + F.relu(x)  # exp's backward reads its output: nothing in place
+        return x.clamp_max(0).exp_().add_(F.relu(x))
 
 
 class ReluFeatureMap(FeatureMap):
