@@ -10,9 +10,11 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_python_example_runs(capsys):
-    (example,) = _blocks("python")
-    exec(compile(example, str(README), "exec"), {})
+def test_python_examples_run(capsys):
+    examples = _blocks("python")
+    assert len(examples) >= 2
+    for example in examples:
+        exec(compile(example, str(README), "exec"), {})
     assert "ApproximationError" in capsys.readouterr().out
 
 
