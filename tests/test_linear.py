@@ -308,3 +308,25 @@ def test_registry_parameters_and_errors():
         attnkit.get("lightning", causal=True)
     with pytest.raises(TypeError, match="feature map 'elu'"):
         attnkit.get("linear_elu", num_features=3)
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head_features", "block_features"])
+@pytest.mark.parametrize("name", ["elu", "favor", "taylor", "hedgehog"])
+def test_inference_fast_path_equals_batched_path(name, per_head, small_blocks, monkeypatch):
+    """Without decay and gradients the chunked mode runs a head-by-head path; it must equal the batched one
+    (used with gradients) for grouped-query heads, a carried state and lengths that do not fill a block."""
+    monkeypatch.setattr(chunked_mod, "PER_HEAD_FEATURES", per_head)
+    q, k, v = random_qkv(2, 4, 53, dim=4, kv_heads=2, dim_v=3, dtype=torch.float64, seed=21)
+    fm = make_map(name, 4, heads=4)
+    fm.requires_grad_(False)
+    kw = dict(feature_map=fm, causal=True, mode="chunked", chunk_size=5)
+    with torch.no_grad():
+        _, s = linear_attention(q[:, :, :17], k[:, :, :17], v[:, :, :17], return_state=True, **kw)
+        fast, fast_s = linear_attention(q[:, :, 17:], k[:, :, 17:], v[:, :, 17:], state=s, return_state=True, **kw)
+    qg = q.clone().requires_grad_(True)  # gradients on: the batched path
+    slow, slow_s = linear_attention(qg[:, :, 17:], k[:, :, 17:], v[:, :, 17:], state=s, return_state=True, **kw)
+    assert_close(fast, slow.detach())
+    assert_close(fast_s.S, slow_s.S.detach())
+    assert_close(fast_s.z, slow_s.z.detach())
+    ref = linear_attention_reference(q, k, v, feature_map=fm, causal=True)
+    assert_close(fast, ref[:, :, 17:])
