@@ -28,8 +28,7 @@ from .windows import make_spec
 
 __all__ = ["grid_shape"]
 
-PAPERS = ("Neighborhood Attention Transformer; Faster Neighborhood Attention; Generalized Neighborhood Attention "
-          "(NATTEN semantics)")
+PAPERS = "Neighborhood Attention Transformer (NATTEN semantics; Faster NA, Generalized NA)"
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,7 +61,8 @@ def _grid(seq_len: int, ndim: int, spatial_shape: Sequence[int] | None) -> tuple
 
 
 def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[str, Any],
-                            in_default_bench: bool = False, max_bench_len: int | None = None) -> Mechanism:
+                            in_default_bench: bool = False, max_bench_len: int | None = None,
+                            paper: str = PAPERS) -> Mechanism:
 
     def params_of(causal: bool, kernel_size=None, dilation=None, stride=None) -> dict[str, Any]:
         return dict(kernel_size=defaults["kernel_size"] if kernel_size is None else kernel_size,
@@ -109,7 +109,7 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
 
     k = defaults["kernel_size"]
     return Mechanism(
-        name=name, family="neighborhood", paper=PAPERS, exact=True,
+        name=name, family="neighborhood", paper=paper, exact=True,
         complexity=f"O(n * k^{ndim} * d)" if ndim > 1 else "O(n * k * d)", causal=True, factory=factory,
         summary=summary, bench_params=dict(defaults), in_default_bench=in_default_bench,
         max_bench_len=max_bench_len, flops=flops,
@@ -124,11 +124,12 @@ register(_neighborhood_mechanism(
     {"kernel_size": 129}))
 register(_neighborhood_mechanism(
     "neighborhood_2d", 2, "2-D neighborhood attention on the balanced grid of seq (128 x 128 for 16384), "
-    "k x k clamped windows; tiled engine with spatial tiles", {"kernel_size": 13}, in_default_bench=True,
+    "k x k clamped windows; tiled engine with spatial tiles; GNA speed of light in extras['speed_of_light']",
+    {"kernel_size": 13}, in_default_bench=True,
     max_bench_len=16384))
 register(_neighborhood_mechanism(
     "dilated_neighborhood_2d", 2, "DiNAT's dilated 2-D neighborhood attention: k x k window inside the query's "
-    "dilation group", {"kernel_size": 7, "dilation": 2}))
+    "dilation group", {"kernel_size": 7, "dilation": 2}, paper="Dilated Neighborhood Attention Transformer"))
 register(_neighborhood_mechanism(
     "neighborhood_3d", 3, "3-D (video) neighborhood attention on the balanced grid of seq (16 x 32 x 32 for "
     "16384), 3 x 7 x 7 windows", {"kernel_size": (3, 7, 7)}))
