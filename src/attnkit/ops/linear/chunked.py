@@ -81,10 +81,13 @@ def _per_head_features_ok(fm: FeatureMap) -> bool:
 def _plain_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: FeatureMap, *, s0: torch.Tensor | None,
                    offset: int, chunk_size: int, finalize: Callable[..., torch.Tensor],
                    block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """No decay: per block of tokens, features for every head at once; then, head by head, four matmuls over
-    the block's chunks (``Q K^T``, ``A V``, ``K^T V``, ``Q S``) on contiguous views, the exclusive prefix of the
-    chunk states as an in-place cumulative sum (no state per chunk beyond the block), the output written in
-    place. Grouped-query keys and values are read from their kv head, never repeated."""
+    """No decay, no gradients (inference). Per block of tokens and head by head: the head's features (computed
+    right there for parameter-free maps, so they are still in cache; else for all heads of the block at once),
+    four matmuls over the block's chunks on contiguous views into reused workspaces (``K^T [V, 1]``,
+    ``Q K^T`` masked by a multiply, ``A [V, 1]``, ``Q S``), the exclusive prefix of the chunk states as an
+    in-place cumulative sum that starts from the carried state (no state per chunk beyond the block), and the
+    normalised output written straight into the result. Grouped-query keys and values are read from their kv
+    head, never repeated."""
     b, h, n, _ = q.shape
     hk, dv = k.shape[1], v.shape[-1]
     group = h // hk
