@@ -112,31 +112,38 @@ def make_plan(spec: NASpec, tiles: tuple[int, ...], device) -> Plan:
     q_index = _combine([ap.q * s for ap, s in zip(axes, strides)], torch.add)
     k_index = _combine([ap.k * s for ap, s in zip(axes, strides)], torch.add)
     q_valid = _combine([ap.q_valid for ap in axes], torch.logical_and)
-    # The mask: outer AND of per-axis [nT, tile, box] masks -> [tiles, tile_q, box_k].
+    # Mask classes, per axis first: a tile's mask is the outer AND of its per-axis [tile, box] masks (none of
+    # them empty), so two tiles share a mask iff they share every per-axis mask. Classing the small per-axis
+    # masks avoids materialising the [tiles, tile_q, box_k] mask of the whole problem.
     nd = spec.ndim
-    mask = None
-    for a, ap in enumerate(axes):
-        shape = [1] * (3 * nd)
-        shape[a], shape[nd + a], shape[2 * nd + a] = ap.mask.shape
-        v = ap.mask.view(shape)
-        mask = v if mask is None else mask & v
-    nt = q_index.shape[0]
-    forbid = ~mask.reshape(nt, -1)
-    classes, cls = torch.unique(forbid, dim=0, return_inverse=True)
+    per_axis = [torch.unique(ap.mask.flatten(1), dim=0, return_inverse=True) for ap in axes]
+    sizes = [u.shape[0] for u, _ in per_axis]
+    radix = [math.prod(sizes[a + 1:]) for a in range(nd)]
+    cls = _combine([(inv * r).view(-1, 1) for (_, inv), r in zip(per_axis, radix)], torch.add).view(-1)
     order = torch.argsort(cls, stable=True)
     q_index, q_valid, k_index, cls = q_index[order], q_valid[order], k_index[order], cls[order]
-    counts = torch.bincount(cls, minlength=classes.shape[0]).tolist()
+    num_classes = math.prod(sizes)
+    counts = torch.bincount(cls, minlength=num_classes).tolist()
     runs, start = [], 0
     for c, count in enumerate(counts):
-        runs.append((start, start + count, c))
+        if count:
+            runs.append((start, start + count, c))
         start += count
     tq, bk = q_index.shape[1], k_index.shape[1]
-    bias = torch.zeros(classes.shape[0], tq, bk).masked_fill_(classes.view(-1, tq, bk), float("-inf"))
+    allowed = None  # [classes, tile_q, box_k]: outer AND over axes of the per-axis class masks
+    for a, ((u, _), ap) in enumerate(zip(per_axis, axes)):
+        shape = [1] * (3 * nd)  # (class_0.., tile_0.., box_0..), row-major like cls, q_index and k_index
+        shape[a], shape[nd + a], shape[2 * nd + a] = u.shape[0], ap.tile, ap.box
+        v = u.view(shape)
+        allowed = v if allowed is None else allowed & v
+    allowed = allowed.reshape(num_classes, tq, bk)
+    bias = torch.zeros(num_classes, tq, bk).masked_fill_(~allowed, float("-inf"))
+    masked = tuple(bool(x) for x in (~allowed).flatten(1).any(1))
     n = spec.num_tokens
     q_write = torch.where(q_valid, q_index, torch.full_like(q_index, n)).reshape(-1)
-    return Plan(spec, tuple(ap.tile for ap in axes), nt, tq, bk, q_index.to(device), q_write.to(device),
-                bool((~q_valid).any()), q_valid.to(device), k_index.to(device), bias.to(device),
-                tuple(bool(x) for x in classes.any(1)), tuple(runs))
+    return Plan(spec, tuple(ap.tile for ap in axes), q_index.shape[0], tq, bk, q_index.to(device), q_write.to(device),
+                bool((~q_valid).any()), q_valid.to(device), k_index.to(device), bias.to(device), masked,
+                tuple(runs))
 
 
 @functools.lru_cache(maxsize=32)
