@@ -57,7 +57,8 @@ def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Featu
                     block_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [b, h, n, d]``, ``k, v [b, h_kv, n, *]``, ``s0 [b, h, m, d_v + 1]`` or None, ``log_decay [h]`` or
     None. Returns ``out [b, h, n, d_v]`` (through ``finalize``) and the extended state ``[b, h, m, d_v + 1]``."""
-    if log_decay is None and not _needs_grad(q, k, v, fm):
+    # The head-by-head path trades kernel launches for cache locality: a CPU choice; accelerators batch heads.
+    if log_decay is None and q.device.type == "cpu" and not _needs_grad(q, k, v, fm):
         return _plain_forward(q, k, v, fm, s0=s0, offset=offset, chunk_size=chunk_size, finalize=finalize,
                               block_tokens=block_tokens)
     return _batched_forward(q, k, v, fm, log_decay=log_decay, s0=s0, offset=offset, chunk_size=chunk_size,
