@@ -747,3 +747,18 @@ def test_module_errors():
         layer(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="larger than the input"):
         layer(torch.randn(1, 2, 5, 8))
+
+
+def test_memory_is_linear_in_tokens():
+    # 96 x 96 tokens, 2 heads: dense scores alone would take 9216^2 * 2 * 4 B = 648 MiB; the engine allocates
+    # the tiled copies of q / out (~1 MiB each here) and a few chunk buffers of at most ~2 MiB.
+    from attnkit.bench.measure import peak_memory
+
+    q, k, v = rand(1, 2, (96, 96), 16, dtype=torch.float32, seed=19, grad=True)
+
+    def step():
+        neighborhood(q, k, v, 7).sum().backward()
+
+    _, peak = peak_memory(step, torch.device("cpu"))
+    if peak is not None:
+        assert peak < 48 * 2**20, peak
