@@ -88,8 +88,8 @@ def natten_rows(shape, kernel, h: int, d: int, repeats: int, sizes) -> list[dict
     try:
         import natten
     except ImportError as exc:
-        return [{"error": f"natten is not installed ({exc}); it is not installable in this environment "
-                          f"(no CPU wheel for this torch), so it is not measured"}]
+        return [{"error": f"natten is not installed ({exc}); it is not installable in this environment, so "
+                          f"it is not measured (where it is, this row times natten.na{len(shape)}d on CPU)"}]
     rows = []
     fn = getattr(natten, f"na{len(shape)}d", None)
     if fn is None:
