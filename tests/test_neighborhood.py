@@ -342,6 +342,13 @@ def test_gqa_equals_repeated_heads():
     assert_close(out, rep)
 
 
+def test_empty_batch_and_single_token():
+    q = torch.randn(0, 2, 5, 4)
+    assert neighborhood(q, q, q, 3).shape == (0, 2, 5, 4)
+    q, k, v = rand(2, 2, (1, 1), 4)
+    assert_close(neighborhood(q, k, v, 1), v)  # one token attends itself
+
+
 def test_scale_argument():
     q, k, v = rand(1, 2, (9,), 4, seed=9)
     assert_close(neighborhood(q, k, v, 3, scale=0.3), masked_attention(q, k, v, explicit_mask((9,), 3), scale=0.3))

@@ -78,6 +78,10 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
             raise ValueError(f"tiles must be a positive int or a tuple of {spec.ndim} positive ints (query tile "
                              f"size per spatial axis), got {tiles!r}; leave it None to let the engine choose")
         tiles = tuple(tiles)
+    if engine not in ENGINES:
+        raise NotSupportedError(f"neighborhood(engine={engine!r}): choose one of {ENGINES}")
+    if q.shape[0] == 0:  # an empty batch: nothing to attend (SDPA returns the empty output too)
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
     if engine == "reference":
