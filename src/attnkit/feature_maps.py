@@ -201,6 +201,23 @@ class _RandomFeatureMap(FeatureMap):
                 f"seed={self.seed}, orthogonal={self.orthogonal}")
 
 
+def _positive_exponent(x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
+    """``W x' - |x'|^2 / 2 - log(m) / 2`` with ``x' = x d^-1/4``: the exponent of positive random features, so
+    that ``exp`` of it is ``exp(W x' - |x'|^2 / 2) / sqrt(m)``. The scales are folded into the small ``W^T``
+    and the per-token shift, so the ``[..., m]`` result is touched once."""
+    d = x.shape[-1]
+    proj = x @ (w.T * d**-0.25)
+    shift = (x * x).sum(-1, keepdim=True) * (0.5 * d**-0.5) + 0.5 * math.log(m)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return proj - shift
+    return proj.sub_(shift)
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)``, in place when no gradient is recorded (``x`` is a temporary of the caller)."""
+    return torch.exp(x) if torch.is_grad_enabled() and x.requires_grad else x.exp_()
+
+
 class FavorFeatureMap(_RandomFeatureMap):
     """FAVOR+ positive orthogonal random features (Choromanski et al., "Rethinking Attention with Performers").
 
@@ -222,12 +239,10 @@ class FavorFeatureMap(_RandomFeatureMap):
         return self.num_features
 
     def phi(self, x, *, is_query, offset=0):
-        w = self._projection(x)
-        x = x * x.shape[-1] ** -0.25
-        proj = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+        proj = _positive_exponent(x, self._projection(x), self.num_features)
         if self.stabilize and is_query:
             proj = proj - proj.amax(-1, keepdim=True).detach()
-        return torch.exp(proj) * self.num_features ** -0.5
+        return _exp(proj)
 
 
 class TrigFeatureMap(_RandomFeatureMap):
@@ -279,9 +294,7 @@ class DiJiangFeatureMap(_RandomFeatureMap):
         return self.num_features
 
     def phi(self, x, *, is_query, offset=0):
-        w = self._projection(x)
-        x = x * x.shape[-1] ** -0.25
-        return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) * self.num_features ** -0.5
+        return _exp(_positive_exponent(x, self._projection(x), self.num_features))
 
 
 class CosformerFeatureMap(FeatureMap):
