@@ -60,7 +60,7 @@ class KernelizedAttention(nn.Module):
         return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, " + ", ".join(f"{k}={v!r}" for k, v in self.engine.items())
+        return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
 
 
 def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
