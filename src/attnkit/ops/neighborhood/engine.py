@@ -294,6 +294,9 @@ def _forward(cx: _Ctx, q, k, v):
         qt = qt * cx.scale
     k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
     ot = torch.empty(cx.bh, p.num_tiles, cx.m, cx.dv, dtype=cx.dtype, device=q.device)
+    if cx.score_mod is None:
+        _forward_buffered(cx, qt, k3, v3, ot)
+        return qt, ot
     for c0, c1, c in cx.chunks():
         kc = cx.gather_box(k3, c0, c1)
         vc = cx.gather_box(v3, c0, c1)
@@ -302,6 +305,39 @@ def _forward(cx: _Ctx, q, k, v):
         pr = torch.softmax(s, dim=-1)
         ot[:, c0:c1] = torch.bmm(pr, vc).view(cx.bh, c1 - c0, cx.m, cx.dv)
     return qt, ot
+
+
+def _forward_buffered(cx: _Ctx, qt, k3, v3, ot) -> None:
+    """The forward loop without a score modifier, reusing one set of chunk buffers (no allocation per chunk)."""
+    p = cx.plan
+    rows = cx.bh * cx.chunk
+    kbuf = k3.new_empty(rows * p.box_k * cx.d)  # flat: a shorter last chunk views a contiguous prefix
+    vbuf = v3.new_empty(rows * p.box_k * cx.dv)
+    qbuf = k3.new_empty(rows * cx.m * cx.d)
+    sbuf = k3.new_empty(rows * cx.m * p.box_k)
+    pbuf = torch.empty_like(sbuf)
+    obuf = k3.new_empty(rows * cx.m * cx.dv)
+
+    def view(buf, *shape):
+        return buf[: math.prod(shape)].view(shape)
+
+    for c0, c1, c in cx.chunks():
+        ch = c1 - c0
+        b = cx.bh * ch
+        idx = p.k_index[c0:c1].reshape(-1)
+        kc = torch.index_select(k3, 1, idx, out=view(kbuf, cx.bh, ch * p.box_k, cx.d)).view(b, p.box_k, cx.d)
+        vc = torch.index_select(v3, 1, idx, out=view(vbuf, cx.bh, ch * p.box_k, cx.dv)).view(b, p.box_k, cx.dv)
+        qc = view(qbuf, cx.bh, ch, cx.m, cx.d)
+        qc.copy_(qt[:, c0:c1])
+        qc = qc.view(b, cx.m, cx.d)
+        s = view(sbuf, b, cx.m, p.box_k)
+        if p.masked[c]:
+            torch.baddbmm(cx.bias[c].unsqueeze(0), qc, kc.transpose(1, 2), out=s)
+        else:
+            torch.bmm(qc, kc.transpose(1, 2), out=s)
+        pr = torch.ops.aten._softmax.out(s, -1, False, out=view(pbuf, b, cx.m, p.box_k))
+        o = torch.bmm(pr, vc, out=view(obuf, b, cx.m, cx.dv))
+        ot[:, c0:c1] = o.view(cx.bh, ch, cx.m, cx.dv)
 
 
 def _backward(cx: _Ctx, qt, k, v, ot, grad_out, params):
