@@ -3,7 +3,10 @@
 - :class:`LinformerAttention`: the learned sequence projections E, F of Linformer (Wang et al., 2020);
 - :class:`NystromAttention`: Nystromformer with its depthwise-convolution skip (Xiong et al., 2021);
 - :class:`RoutingAttention`: Routing Transformer attention with online (EMA) k-means centroids
-  (Roy et al., 2021).
+  (Roy et al., 2021);
+- :class:`TransformerVQAttention`: Transformer-VQ with an EMA k-means codebook (Lingle, 2024);
+- :class:`CombinerAttention`: Combiner-Fixed with a learned within-region distribution (Ren et al., 2021);
+- :class:`SparseKAttention`: SPARSEK attention with its learned linear key scorer (Lou et al., 2024).
 
 Each takes ``q [batch, heads, seq, dim]``, ``k``, ``v`` and returns ``[batch, heads, seq, dim_v]``.
 """
@@ -15,11 +18,15 @@ import math
 import torch
 from torch import nn
 
+from attnkit.ops.approx.combiner import combiner_attention, combiner_reference
 from attnkit.ops.approx.linformer import linformer_attention, linformer_reference
 from attnkit.ops.approx.nystrom import nystrom_attention, nystrom_reference
 from attnkit.ops.approx.routing import kmeans_ema_update, routing_attention
+from attnkit.ops.approx.sparsek import sparsek_attention, sparsek_reference
+from attnkit.ops.approx.transformer_vq import vq_assign, vq_attention, vq_codebook, vq_commitment_loss, vq_reference
 
-__all__ = ["LinformerAttention", "NystromAttention", "RoutingAttention"]
+__all__ = ["LinformerAttention", "NystromAttention", "RoutingAttention", "TransformerVQAttention",
+           "CombinerAttention", "SparseKAttention"]
 
 _SHARING = ("none", "headwise", "kv")
 
@@ -117,3 +124,127 @@ class RoutingAttention(nn.Module):
                 self.centroids.copy_(kmeans_ema_update(self.centroids, q, k, self.decay))
         return routing_attention(q, k, v, num_clusters=self.centroids.shape[1], centroids=self.centroids,
                                  causal=self.causal, chunk_size=self.chunk_size, scale=self.scale)
+
+
+class TransformerVQAttention(nn.Module):
+    """Transformer-VQ attention (Lingle, 2024) with a codebook ``[num_heads, codebook_size, head_dim]``.
+
+    The codebook is a buffer learned as in the paper by EMA k-means: in training mode, *after* each forward
+    (so a causal call never sees its own future keys in its codebook), every code moves to
+    ``decay c + (1 - decay) mean(keys assigned to it)``. :meth:`fit` sets it by k-means on calibration
+    keys; :meth:`commitment_loss` is the paper's auxiliary loss on the keys. Forward: see
+    :func:`attnkit.ops.approx.vq_attention` (exact softmax over the quantised keys, linear time).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, codebook_size: int = 256, *, block_size: int = 256,
+                 causal: bool = False, decay: float = 0.99, scale: float | None = None, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if codebook_size < 1 or block_size < 1:
+            raise ValueError(f"codebook_size and block_size must be >= 1, got {codebook_size} and {block_size}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("codebook", torch.randn(num_heads, codebook_size, head_dim, generator=g))
+        self.block_size, self.causal, self.decay, self.scale = block_size, causal, decay, scale
+
+    def _params(self) -> dict:
+        return dict(codebook=self.codebook, block_size=self.block_size, causal=self.causal, scale=self.scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = vq_attention(q, k, v, **self._params())
+        if self.training:
+            self._ema_update(k)
+        return out
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return vq_reference(q, k, v, **self._params())
+
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax over the quantised keys, ``[b, h, n, n_k]`` (materialised; small inputs)."""
+        return vq_reference(q, k, v, return_attention=True, **self._params())[1]
+
+    @torch.no_grad()
+    def _ema_update(self, k: torch.Tensor) -> None:
+        k = k.detach().repeat_interleave(self.codebook.shape[0] // k.shape[1], dim=1).to(self.codebook.dtype)
+        idx = vq_assign(k, self.codebook)  # [b, h, n]
+        onehot = torch.nn.functional.one_hot(idx, self.codebook.shape[1]).to(k.dtype)  # [b, h, n, S]
+        sums = (onehot.transpose(-1, -2) @ k).sum(0)  # [h, S, d]
+        counts = onehot.sum((0, 2))  # [h, S]
+        mean = sums / counts.clamp_min(1)[..., None]
+        self.codebook.copy_(torch.where(counts[..., None] > 0,
+                                        self.decay * self.codebook + (1 - self.decay) * mean, self.codebook))
+
+    @torch.no_grad()
+    def fit(self, k: torch.Tensor, *, iterations: int = 10, seed: int = 0) -> TransformerVQAttention:
+        """Set the codebook by k-means on calibration keys ``k [b, num_heads, n, head_dim]``; returns self."""
+        self.codebook.copy_(vq_codebook(k, self.codebook.shape[1], iterations=iterations, seed=seed))
+        return self
+
+    def commitment_loss(self, k: torch.Tensor) -> torch.Tensor:
+        """``mean |k - sg(code(k))|^2``: pulls the keys towards their codes (gradient to ``k`` only)."""
+        k = k.repeat_interleave(self.codebook.shape[0] // k.shape[1], dim=1)
+        return vq_commitment_loss(k, self.codebook)
+
+    def extra_repr(self) -> str:
+        h, s, d = self.codebook.shape
+        return f"heads={h}, codebook_size={s}, head_dim={d}, block_size={self.block_size}, causal={self.causal}"
+
+
+class CombinerAttention(nn.Module):
+    """Combiner-Fixed attention (Ren et al., 2021) with a learned within-region scorer ``region_weight
+    [num_heads, head_dim]`` (``q(j|r) = softmax_j(k_j . w)`` inside each block; zero init = mean pooling).
+    See :func:`attnkit.ops.approx.combiner_attention`."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, block_size: int = 128, causal: bool = False,
+                 scale: float | None = None):
+        super().__init__()
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.region_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.block_size, self.causal, self.scale = block_size, causal, scale
+
+    def _params(self) -> dict:
+        return dict(block_size=self.block_size, region_weight=self.region_weight, causal=self.causal,
+                    scale=self.scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return combiner_attention(q, k, v, **self._params())
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return combiner_reference(q, k, v, **self._params())
+
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return combiner_reference(q, k, v, return_attention=True, **self._params())[1]
+
+
+class SparseKAttention(nn.Module):
+    """SPARSEK attention (Lou et al., 2024) with its scoring network, a linear scorer of the keys
+    ``u_j = k_j . w + b`` (``w [num_heads, head_dim]``, ``b [num_heads]``), trained through the
+    differentiable SPARSEK mask. See :func:`attnkit.ops.approx.sparsek_attention`."""
+
+    def __init__(self, num_heads: int, head_dim: int, top_k: int = 64, *, window: int = 0, causal: bool = False,
+                 chunk_size: int = 128, scale: float | None = None, seed: int = 0):
+        super().__init__()
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        g = torch.Generator().manual_seed(seed)
+        # Unit-variance scores for unit-variance keys: spread enough that the support stays close to top_k.
+        self.score_weight = nn.Parameter(torch.randn(num_heads, head_dim, generator=g) / math.sqrt(head_dim) * 4)
+        self.score_bias = nn.Parameter(torch.zeros(num_heads))
+        self.top_k, self.window, self.causal, self.chunk_size, self.scale = top_k, window, causal, chunk_size, scale
+
+    def _params(self) -> dict:
+        return dict(top_k=self.top_k, score_weight=self.score_weight, score_bias=self.score_bias,
+                    window=self.window, causal=self.causal, chunk_size=self.chunk_size, scale=self.scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sparsek_attention(q, k, v, **self._params())
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sparsek_reference(q, k, v, **self._params())
+
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sparsek_reference(q, k, v, return_attention=True, **self._params())[1]
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, window={self.window}, causal={self.causal}"

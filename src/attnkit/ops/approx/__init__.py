@@ -1,7 +1,9 @@
 """Approximate attention (issue 5): low-rank (Linformer), landmark (Nystromformer, SOFT), hashing (YOSO,
-HyperAttention), clustering (Routing), multi-resolution (MRA) and low-rank top-k selection (Loki), each with
+HyperAttention), clustering (Routing), multi-resolution (MRA), low-rank top-k selection (Loki), vector-quantised
+keys (Transformer-VQ), structured factorisation (Combiner) and learned top-k selection (SPARSEK), each with
 a plain reference, plus :func:`approximation_error` to measure any of them against exact softmax."""
 
+from attnkit.ops.approx.combiner import combiner_attention, combiner_reference
 from attnkit.ops.approx.error import ApproximationError, approximation_error, exact_softmax
 from attnkit.ops.approx.hyper import hyper_attention, hyper_reference
 from attnkit.ops.approx.linformer import linformer_attention, linformer_reference
@@ -11,6 +13,21 @@ from attnkit.ops.approx.nystrom import nystrom_attention, nystrom_reference
 from attnkit.ops.approx.pinv import newton_raphson_pinv, newton_schulz_pinv
 from attnkit.ops.approx.routing import kmeans_centroids, routing_attention, routing_reference
 from attnkit.ops.approx.soft import gaussian_kernel_attention, soft_attention, soft_reference
+from attnkit.ops.approx.sparsek import (
+    sparsek_attention,
+    sparsek_mask,
+    sparsek_reference,
+    sparsek_scores,
+    sparsek_threshold,
+)
+from attnkit.ops.approx.transformer_vq import (
+    vq_assign,
+    vq_attention,
+    vq_codebook,
+    vq_commitment_loss,
+    vq_quantize,
+    vq_reference,
+)
 from attnkit.ops.approx.yoso import yoso_attention, yoso_expectation, yoso_reference
 
 __all__ = [
@@ -24,4 +41,7 @@ __all__ = [
     "kmeans_centroids", "routing_attention", "routing_reference",
     "gaussian_kernel_attention", "soft_attention", "soft_reference",
     "yoso_attention", "yoso_expectation", "yoso_reference",
+    "combiner_attention", "combiner_reference",
+    "sparsek_attention", "sparsek_reference", "sparsek_mask", "sparsek_threshold", "sparsek_scores",
+    "vq_attention", "vq_reference", "vq_assign", "vq_codebook", "vq_quantize", "vq_commitment_loss",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from attnkit.ops.approx import hyper, loki, mra, nystrom, routing, soft, yoso
+from attnkit.ops.approx import combiner, hyper, loki, mra, nystrom, routing, soft, yoso
 from attnkit.ops.approx._common import ApproxAttention, refuse_causal
 from attnkit.registry import SHAPE_PARAMS, Mechanism, register
 
@@ -45,6 +45,25 @@ def _linformer_factory(*, seq_len: int, num_heads: int | None = None, proj_len: 
     from attnkit.nn.approx import LinformerAttention
 
     return LinformerAttention(seq_len, proj_len, num_heads=num_heads, sharing=sharing, scale=scale)
+
+
+def _transformer_vq_factory(*, num_heads: int, head_dim: int, codebook_size: int = 256, block_size: int = 256,
+                            causal: bool = False, decay: float = 0.99, scale: float | None = None, seed: int = 0,
+                            **shape: Any):
+    _no_extra_shapes(shape)
+    from attnkit.nn.approx import TransformerVQAttention
+
+    return TransformerVQAttention(num_heads, head_dim, codebook_size, block_size=block_size, causal=causal,
+                                  decay=decay, scale=scale, seed=seed)
+
+
+def _sparsek_factory(*, num_heads: int, head_dim: int, top_k: int = 64, window: int = 0, causal: bool = False,
+                     chunk_size: int = 128, scale: float | None = None, seed: int = 0, **shape: Any):
+    _no_extra_shapes(shape)
+    from attnkit.nn.approx import SparseKAttention
+
+    return SparseKAttention(num_heads, head_dim, top_k, window=window, causal=causal, chunk_size=chunk_size,
+                            scale=scale, seed=seed)
 
 
 # ---- forward FLOP counts (multiply-adds count 2) -------------------------------------------------------
@@ -120,6 +139,26 @@ def _flops_loki(*, batch, heads, q_len, kv_len, head_dim, causal=False, top_k=64
     return batch * heads * (basis + low_rank + 4 * q_len * top_k * head_dim)
 
 
+def _flops_transformer_vq(*, batch, heads, q_len, kv_len, head_dim, causal=False, codebook_size=256,
+                          block_size=256, **_):
+    assign = 2 * kv_len * codebook_size * head_dim
+    compressed = 4 * q_len * codebook_size * head_dim  # q C^T and the product with the per-code values
+    own = 4 * q_len * min(block_size, kv_len) * head_dim * (0.5 if causal else 1.0)
+    return batch * heads * (assign + compressed + own)
+
+
+def _flops_combiner(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
+    regions = math.ceil(kv_len / block_size)
+    summaries = 4 * kv_len * head_dim
+    attend = 4 * q_len * (min(block_size, kv_len) + regions) * head_dim * (0.5 if causal else 1.0)
+    return batch * heads * (summaries + attend)
+
+
+def _flops_sparsek(*, batch, heads, q_len, kv_len, head_dim, causal=False, top_k=64, window=0, **_):
+    # Support ~ top_k keys (plus the window); the selection's elementwise work is not counted.
+    return batch * heads * (2 * kv_len * head_dim + 4 * q_len * min(top_k + window, kv_len) * head_dim)
+
+
 FAMILY = "approx"
 
 register(Mechanism(
@@ -183,3 +222,30 @@ register(Mechanism(
     factory=_fn_factory("loki", loki.loki_attention, loki.loki_reference, True),
     summary="top-k keys by low-rank (PCA) scores, then exact attention over them",
     bench_params={"top_k": 256, "rank": 16}, flops=_flops_loki))
+
+register(Mechanism(
+    name="transformer_vq", family=FAMILY,
+    paper="Transformer-VQ: Linear-Time Transformers via Vector Quantization",
+    exact=False, complexity="O(n (S + b) d)", causal=True, factory=_transformer_vq_factory,
+    needs=("num_heads", "head_dim"),
+    summary="keys quantised to a codebook; exact softmax over them by blocks plus a compressed per-code cache "
+            "(module; EMA k-means codebook, random until trained or fit())",
+    bench_params={"codebook_size": 256, "block_size": 256}, flops=_flops_transformer_vq))
+
+register(Mechanism(
+    name="combiner", family=FAMILY,
+    paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
+    exact=False, complexity="O(n (b + n/b) d)", causal=True,
+    factory=_fn_factory("combiner", combiner.combiner_attention, combiner.combiner_reference, True),
+    summary="Combiner-Fixed: exact attention inside the block, every other block through one summary "
+            "(full support; learned within-block scorer: nn.CombinerAttention)",
+    bench_params={"block_size": 128}, flops=_flops_combiner))
+
+register(Mechanism(
+    name="sparsek", family=FAMILY,
+    paper="Sparser is Faster and Less is More: Efficient Sparse Attention for Long-Range Transformers",
+    exact=False, complexity="O(n k d) (+ O(n^2) selection)", causal=True, factory=_sparsek_factory,
+    needs=("num_heads", "head_dim"),
+    summary="learned key scorer + differentiable SPARSEK top-k mask per query, attention over the selected keys "
+            "(module; untrained scorer in benchmarks)",
+    bench_params={"top_k": 256}, flops=_flops_sparsek))
