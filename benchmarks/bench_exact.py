@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,30 +30,15 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import patterns
 from attnkit.bench.machine import describe_machine
-from attnkit.bench.measure import peak_memory
+from attnkit.bench.measure import fmt_ms as fmt
+from attnkit.bench.measure import median_time, peak_memory
 
 CPU = torch.device("cpu")
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
 
 
 def qkv(n: int, heads: int, dim: int, *, grad: bool = False, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(1, heads, n, dim, generator=g).requires_grad_(grad) for _ in range(3)]
-
-
-def fmt(t: tuple[float, float, float]) -> str:
-    med, lo, hi = t
-    return f"{med * 1e3:9.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})"
 
 
 def gflops(flops: float, seconds: float) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["dense_flops", "sync", "time_calls", "peak_memory", "MEMORY_METHOD", "exact_softmax_rows",
+__all__ = ["dense_flops", "sync", "time_calls", "median_time", "fmt_ms", "peak_memory", "MEMORY_METHOD", "exact_softmax_rows",
            "sample_rows", "relative_error", "is_oom", "EXACT_TOLERANCE"]
 
 MEMORY_METHOD = {
@@ -65,6 +65,23 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, repeats: int, bud
         if i + 1 >= min_repeats and time.perf_counter() - start >= budget_s:
             break
     return times
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1,
+                device: torch.device | None = None) -> tuple[float, float, float]:
+    """``(median, min, max)`` wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (the
+    benchmark scripts' timer; ``device`` synchronises CUDA around each call)."""
+    dev = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    times = time_calls(fn, dev, repeats=repeats, budget_s=float("inf"))
+    return statistics.median(times), min(times), max(times)
+
+
+def fmt_ms(t: tuple[float, float, float]) -> str:
+    """``median ms (min-max)`` of a :func:`median_time` result."""
+    med, lo, hi = t
+    return f"{med * 1e3:9.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})"
 
 
 def summarize(times: list[float]) -> dict[str, float]:
