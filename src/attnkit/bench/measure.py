@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["dense_flops", "sync", "time_calls", "median_time", "fmt_ms", "peak_memory", "MEMORY_METHOD", "exact_softmax_rows",
-           "sample_rows", "relative_error", "is_oom", "EXACT_TOLERANCE"]
+__all__ = ["dense_flops", "sync", "time_calls", "median_time", "fmt_ms", "peak_memory", "MEMORY_METHOD",
+           "exact_softmax_rows", "sample_rows", "relative_error", "is_oom", "EXACT_TOLERANCE"]
 
 MEMORY_METHOD = {
     "cpu": "allocation tracer: peak of the running sum of tensor allocations and frees recorded by "
