@@ -270,6 +270,12 @@ COMMANDS: dict[str, Command] = {
                 "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
                 "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "
                 "writes results.json, results.csv, report.md, report.html and PNG plots."),
+        Command("quality", "train small models per mechanism on synthetic tasks and compare quality",
+                "attnkit.quality.cli:add_arguments", "attnkit.quality.cli:run",
+                "Trains a small model (embedding, attention + MLP blocks, readout) with each mechanism on freshly "
+                "generated MQAR, ListOps, copy or in-context regression data for a fixed number of steps; reports "
+                "accuracy (or MSE) against state size and training time in quality.json and a Quality section of "
+                "report.md / report.html, with the accuracy vs state size plot."),
     )
 }
 

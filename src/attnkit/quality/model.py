@@ -75,6 +75,7 @@ def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> Mecha
         if fm not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map in {name!r}; use linear:<map> with one of "
                              f"{', '.join(sorted(FEATURE_MAPS))}")
+        _check_params(name, FEATURE_MAPS[fm].__init__, params, skip=("self", "head_dim", "num_heads"))
         return MechanismSpec(name, "linear", True, fm, params, "Katharopoulos et al., 2020 (feature map " + fm + ")")
     from attnkit.registry import mechanism_info
 
@@ -82,11 +83,33 @@ def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> Mecha
         info = mechanism_info(name)
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]}; or linear:<feature map> (e.g. linear:taylor)") from None
+    _check_params(name, info.factory, params, skip=("causal", *info.needs))
     if name in QUALITY_PARAMS:
         params = {**info.bench_params, **params}
     else:
         params = {**params}  # benchmark parameters are sized for long sequences: factory defaults instead
     return MechanismSpec(name, info.family, info.causal, None, params, info.paper)
+
+
+def _no_params() -> None:
+    pass
+
+
+def _check_params(name: str, fn: Any, params: dict[str, Any], *, skip: tuple[str, ...]) -> None:
+    """Refuse parameters ``fn`` does not take (unless it takes ``**kwargs``), listing the ones it does."""
+    if fn is nn.Module.__init__:  # a feature map without constructor parameters
+        fn = _no_params
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [k for k in sig.parameters if k not in skip]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"mechanism {name!r} takes no parameter {', '.join(unknown)}; its parameters: "
+                         f"{', '.join(accepted) or '(none)'}")
 
 
 def _build_feature_map(name: str, params: dict[str, Any], *, head_dim: int, num_heads: int):

@@ -84,17 +84,19 @@ def loss_and_metric(task: Task, out: torch.Tensor, batch: TaskBatch, params: dic
     """
     if task.kind == "sequence":
         loss = F.cross_entropy(out.float(), batch.targets)
-        correct = (out.argmax(-1) == batch.targets).sum()
+        correct = (out.detach().argmax(-1) == batch.targets).sum()
         return loss, {"correct": float(correct), "count": float(batch.targets.numel())}
     m = batch.mask
     if task.kind == "token":
         logits = out[m].float()
         target = batch.targets[m]
         loss = F.cross_entropy(logits, target)
-        return loss, {"correct": float((logits.argmax(-1) == target).sum()), "count": float(target.numel())}
+        correct = (logits.detach().argmax(-1) == target).sum()
+        return loss, {"correct": float(correct), "count": float(target.numel())}
     pred = out.squeeze(-1).float()
     err = (pred - batch.targets) ** 2
     loss = err[m].mean()
+    err = err.detach()
     last = m.shape[1] - 1 - m.flip(1).to(torch.int64).argmax(dim=1)  # last scored position of each sequence
     last_err = err.gather(1, last[:, None])
     return loss, {"sq_err": float(err[m].sum()), "count": float(m.sum()), "last_sq_err": float(last_err.sum()),

@@ -1,0 +1,175 @@
+"""``attnkit quality``: options and entry point (imported only when the subcommand runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from attnkit.quality.tasks import TASKS
+    from attnkit.quality.train import DEFAULT_MECHANISMS
+
+    p.add_argument("--task", type=_names, default=None, metavar="TASKS",
+                   help=f"comma-separated tasks: {', '.join(TASKS)} (default mqar)")
+    p.add_argument("--mechanisms", type=_names, action="extend", metavar="NAMES",
+                   help="comma-separated registry names (`attnkit list`) or linear:<feature map> "
+                        f"(default: {','.join(DEFAULT_MECHANISMS)})")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (task default: mqar 64, "
+                   "listops 128, copy 64, icl-regression 64)")
+    p.add_argument("--num-kv-pairs", type=_positive_int, default=None, help="MQAR key-value pairs (default 8)")
+    p.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="MQAR vocabulary (default 128; keys take the lower half, values the upper) or copy "
+                        "data tokens (default 16)")
+    p.add_argument("--power-a", type=_positive_float, default=None,
+                   help="MQAR power law of query distances (default 0.01 as Zoology; 1 = uniform)")
+    p.add_argument("--task-param", action="append", default=[], metavar="TASK.NAME=VALUE",
+                   help="any generator parameter, e.g. listops.max_depth=6 or icl-regression.dim=4")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per mechanism (default 300)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="examples per step (default 32)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-3)")
+    p.add_argument("--embed-dim", type=_positive_int, default=None, help="model width (default 64)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (default 2)")
+    p.add_argument("--layers", type=_positive_int, default=None, help="blocks of attention + MLP (default 2)")
+    p.add_argument("--eval-examples", type=_positive_int, default=None, help="held-out examples (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default 0)")
+    p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
+                   help="override a mechanism parameter, e.g. sliding_window.window=8 or linear:favor.num_features=64")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="attnkit-report", metavar="DIR",
+                   help="output folder, shared with `attnkit bench` (default ./attnkit-report/)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run: 60 steps, 3 mechanisms")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _split_params(items: list[str], what: str, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
+    """``["a.b=1"]`` -> ``{"a": {"b": 1}}``; the name may contain ':' (linear:favor.num_features=64)."""
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, param = key.rpartition(".")
+        if not sep or not dot or not name or not param:
+            parser.error(f"argument {what}: expected NAME.PARAM=VALUE (e.g. sliding_window.window=8), got {item!r}")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(name, {})[param] = value
+    return out
+
+
+def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The :class:`~attnkit.quality.train.QualityConfig` of parsed options (errors through ``parser``)."""
+    import torch
+
+    from attnkit.quality.model import parse_mechanism
+    from attnkit.quality.tasks import TASKS
+    from attnkit.quality.train import QualityConfig
+
+    tasks = args.task or ["mqar"]
+    for t in tasks:
+        if t not in TASKS:
+            parser.error(f"argument --task: unknown task {t!r}; choose from {', '.join(TASKS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: {device!r} is not a device; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: CUDA is not available here; use --device cpu")
+    task_params = _split_params(args.task_param, "--task-param", parser)
+    for name in task_params:
+        if name not in TASKS:
+            parser.error(f"argument --task-param: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    for t in tasks:
+        tp = task_params.setdefault(t, {})
+        defaults = TASKS[t].defaults
+        for opt, key in (("seq_len", "seq_len"), ("num_kv_pairs", "num_kv_pairs"), ("vocab_size", "vocab_size"),
+                         ("power_a", "power_a")):
+            value = getattr(args, opt)
+            if value is not None and key in defaults:
+                tp.setdefault(key, value)
+        try:
+            TASKS[t].params(**tp)
+        except ValueError as exc:
+            parser.error(f"argument --task-param: {exc}")
+    overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "seed": args.seed, "device": device,
+                                 "params": _split_params(args.param, "--param", parser)}
+    if args.quick:
+        overrides.update(steps=60, eval_examples=128, mechanisms=["softmax", "sliding_window", "linear:elu"])
+    for opt, key in (("steps", "steps"), ("batch", "batch"), ("lr", "lr"), ("embed_dim", "embed_dim"),
+                     ("heads", "num_heads"), ("layers", "num_layers"), ("eval_examples", "eval_examples"),
+                     ("mechanisms", "mechanisms")):
+        value = getattr(args, opt)
+        if value is not None:
+            overrides[key] = value
+    config = QualityConfig(**overrides)
+    try:
+        config.check()
+        for m in config.mechanisms:
+            parse_mechanism(m, config.params.get(m))
+    except ValueError as exc:
+        parser.error(str(exc))
+    unknown = set(config.params) - set(config.mechanisms)
+    if unknown:
+        parser.error(f"argument --param: {', '.join(sorted(unknown))} not among the selected mechanisms")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args._parser
+    config = build_config(args, parser)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from attnkit.quality import report as rep
+    from attnkit.quality.train import run_quality
+
+    print(f"attnkit quality: tasks {', '.join(config.tasks)}; mechanisms {', '.join(config.mechanisms)}; "
+          f"{config.steps} steps each; writing to {args.out}/", file=sys.stderr)
+
+    def save_partial(doc: dict[str, Any]) -> None:
+        rep.write_quality_json(doc, args.out)
+
+    doc = run_quality(config, progress=not args.no_progress, on_result=save_partial)
+    written = rep.write_quality_report(doc, args.out, plots=not args.no_plots)
+    print(rep.terminal_summary(doc))
+    if written["plot_error"]:
+        print(f"\nattnkit quality: {written['plot_error']}", file=sys.stderr)
+    print(f"\nReport: {args.out}/report.html and report.md (section Quality); data: quality.json")
+    if doc["interrupted"]:
+        print("attnkit quality: interrupted; the results gathered so far were written", file=sys.stderr)
+        return 130
+    return 0

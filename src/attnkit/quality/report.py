@@ -1,0 +1,242 @@
+"""Writing a quality run: ``quality.json``, the plot ``accuracy_vs_state_size.png`` and a "Quality" section in
+the ``report.md`` / ``report.html`` that ``attnkit bench`` writes to the same folder.
+
+The section sits between :data:`BEGIN` and :data:`END` marker comments: an existing report keeps everything
+else and gets the section replaced (or appended); without a report a short one holding the section is written.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from attnkit.bench.report import _CSS, _html_table, _md_table, _text_table, fmt_bytes
+
+__all__ = ["write_quality_report", "write_quality_json", "quality_table", "terminal_summary", "splice_section",
+           "make_plot", "PLOT", "BEGIN", "END"]
+
+BEGIN = "<!-- attnkit-quality:begin -->"
+END = "<!-- attnkit-quality:end -->"
+PLOT = "accuracy_vs_state_size.png"
+_METRIC_WORD = {"accuracy": "accuracy", "nmse": "normalised MSE"}
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 100 else f"{s / 60:.1f} min"
+
+
+def _fmt_value(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if metric == "accuracy" else f"{v:.3f}"
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 10**6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K" if n >= 10**4 else str(n)
+
+
+def quality_table(entry: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows of one task: mechanism, family, metric, state per head / model, train time, loss, parameters, note."""
+    metric = entry["metric"]
+    header = ["mechanism", "family", "state kind", _METRIC_WORD[metric], "state / head (elements)",
+              "state (model, fp32)", "train time", "loss first -> last", "parameters", "note"]
+    rows = []
+    for r in entry["results"]:
+        if r["status"] != "ok":
+            word = "FAILED" if r["status"] == "failed" else r["status"]
+            rows.append([r["mechanism"], r.get("family", ""), "-", word, "-", "-", "-", "-", "-", r["message"]])
+            continue
+        rows.append([r["mechanism"], r["family"], r["state_kind"], _fmt_value(metric, r["value"]),
+                     _fmt_count(r["state_per_head"]), fmt_bytes(r["state_bytes"]), _fmt_s(r["train_s"]),
+                     f"{r['first_loss']:.3g} -> {r['final_loss']:.3g}", _fmt_count(r["num_parameters"]), ""])
+    return header, rows
+
+
+def _task_line(entry: dict[str, Any]) -> str:
+    p = ", ".join(f"{k}={v}" for k, v in entry["params"].items())
+    mode = "causal" if entry["causal"] else "bidirectional"
+    return f"{entry['task']} ({entry['summary']}; {mode}; {p}; {entry['paper']})"
+
+
+def _model_line(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    return (f"{c['num_layers']} layers x (attention + MLP), width {c['embed_dim']}, {c['num_heads']} heads of "
+            f"{c['embed_dim'] // c['num_heads']}, {c['steps']} steps of batch {c['batch']} (AdamW, lr {c['lr']:g}, "
+            f"warm-up {c['warmup']}, cosine), evaluated on {c['eval_examples']} held-out examples, seed {c['seed']}")
+
+
+def _machine_word(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    return m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+
+
+def headline(doc: dict[str, Any]) -> str:
+    state = " (interrupted: partial results)" if doc["interrupted"] else ""
+    return (f"attnkit quality on {_machine_word(doc)}, torch {doc['machine']['torch']}, {doc['config']['device']}, "
+            f"{doc['elapsed_s']:.0f} s{state}")
+
+
+def terminal_summary(doc: dict[str, Any]) -> str:
+    parts = [headline(doc), "Model: " + _model_line(doc)]
+    for entry in doc["tasks"]:
+        parts += ["", "Task: " + _task_line(entry), _text_table(*quality_table(entry))]
+    return "\n".join(parts)
+
+
+_METHODS = [
+    "Each mechanism trains a fresh model (same initialisation seed, same training batches) on freshly generated "
+    "data for a fixed number of steps, then is scored on a held-out set generated from another seed.",
+    "Accuracy: fraction of scored positions predicted exactly (MQAR: the queried values; copy: the copied "
+    "tokens; ListOps: the value of each expression). Normalised MSE (regression): squared error of the last "
+    "query of each sequence divided by Var(y) (1 = predicting 0, 0 = exact).",
+    "State: what one head keeps to produce the next token, in elements: KV cache 2 x seq x head_dim (softmax "
+    "and every mechanism that reads the whole prefix), 2 x window x head_dim (sliding window), features x d_v "
+    "(linear attention's recurrent state); the model total multiplies by layers x heads and 4 bytes (fp32).",
+    "Train time: wall clock of the training steps (forward, backward, optimizer), without data generation "
+    "and evaluation. Small models on CPU: differences in time reflect overheads as much as the mechanism.",
+]
+
+
+def _section_md(doc: dict[str, Any], plot: str | None) -> str:
+    out = [BEGIN, "## Quality", "", headline(doc) + ".", "", "Model: " + _model_line(doc) + ".", ""]
+    if doc["interrupted"]:
+        out += ["**The run was interrupted (Ctrl-C): these are the results gathered until then.**", ""]
+    for entry in doc["tasks"]:
+        out += [f"### {entry['task']}", "", _task_line(entry) + ".", "", _md_table(*quality_table(entry)), ""]
+    if plot:
+        out += [f"![{plot}]({plot})", "", "*Accuracy (or error) against the state a head keeps per token (log "
+                "scale): the recall / memory trade-off of Based, Figure 1. The line joins the mechanisms no other "
+                "beats with less state.*", ""]
+    out += ["How it was measured:", ""] + [f"- {x}" for x in _METHODS] + ["", "Data: `quality.json`.", END]
+    return "\n".join(out)
+
+
+def _section_html(doc: dict[str, Any], plot: str | None) -> str:
+    e = html.escape
+    out = [BEGIN, "<h2>Quality</h2>", f"<p>{e(headline(doc))}.</p>", f"<p>Model: {e(_model_line(doc))}.</p>"]
+    if doc["interrupted"]:
+        out.append("<p><b>The run was interrupted (Ctrl-C): these are the results gathered until then.</b></p>")
+    for entry in doc["tasks"]:
+        out += [f"<h3>{e(entry['task'])}</h3>", f"<p>{e(_task_line(entry))}.</p>",
+                _html_table(*quality_table(entry))]
+    if plot:
+        out.append(f"<figure><img src='{e(plot)}' alt='{e(plot)}'><figcaption>Accuracy (or error) against the "
+                   "state a head keeps per token: the recall / memory trade-off of Based.</figcaption></figure>")
+    out += ["<p>How it was measured:</p><ul>"] + [f"<li>{e(x)}</li>" for x in _METHODS] + ["</ul>",
+                                                                                          "<p>Data: <code>quality.json"
+                                                                                          "</code>.</p>", END]
+    return "\n".join(out)
+
+
+def splice_section(existing: str | None, section: str, *, html_doc: bool = False) -> str:
+    """``existing`` with the text between the markers replaced by ``section`` (which includes the markers), or
+    ``section`` appended (before ``</body>`` in HTML); a new document when ``existing`` is ``None``."""
+    if existing is None:
+        if html_doc:
+            return ("<!doctype html><html><head><meta charset='utf-8'><title>attnkit report</title>"
+                    f"<style>{_CSS}</style></head><body><h1>attnkit report</h1>\n{section}\n</body></html>\n")
+        return f"# attnkit report\n\n{section}\n"
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+    if pattern.search(existing):
+        return pattern.sub(lambda _m: section, existing, count=1)
+    if html_doc:
+        idx = existing.lower().rfind("</body>")
+        if idx >= 0:
+            return existing[:idx] + section + "\n" + existing[idx:]
+    return existing.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
+    """Draw :data:`PLOT` (one panel per task); returns its file name, or ``None`` with nothing to draw.
+    Raises ``attnkit.bench.plots.MissingMatplotlib`` without matplotlib."""
+    from attnkit.bench.plots import _bytes_label, _pyplot
+
+    panels = [e for e in doc["tasks"] if any(r["status"] == "ok" and r.get("state_bytes") for r in e["results"])]
+    if not panels:
+        return None
+    plt = _pyplot()
+    names = sorted({r["mechanism"] for e in panels for r in e["results"]})
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
+    for ax, entry in zip(axes[0], panels):
+        pts = [(r["state_bytes"], r["value"], r["mechanism"]) for r in entry["results"]
+               if r["status"] == "ok" and r.get("state_bytes") and r["value"] is not None]
+        higher = entry["metric"] == "accuracy"
+        for x, y, name in pts:
+            ax.scatter([x], [y], s=60, color=colour[name], label=name, zorder=3,
+                       marker="o" if not name.startswith("linear") else "s")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Frontier: best metric reachable with at most this much state.
+        front, best = [], -math.inf
+        for x, y, _ in sorted(pts):
+            score = y if higher else -y
+            if score > best:
+                front.append((x, y))
+                best = score
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", linestyle=":", zorder=2)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(_bytes_label))
+        ax.set_xlabel("state per token of the whole model (fp32 bytes, log scale)")
+        if higher:
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            ax.set_ylabel("normalised MSE (lower is better)")
+        p = entry["params"]
+        ax.set_title(f"{entry['task']}: " + ", ".join(f"{k}={v}" for k, v in list(p.items())[:4]), fontsize=10)
+        ax.grid(True, alpha=0.3)
+    c = doc["config"]
+    fig.suptitle(f"attnkit quality: {c['num_layers']} layers, width {c['embed_dim']}, {c['steps']} steps "
+                 f"({_machine_word(doc)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def write_quality_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``quality.json`` atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path, tmp = out / "quality.json", out / "quality.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def write_quality_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Any]:
+    """Write ``quality.json``, the plot and the Quality section of ``report.md`` and ``report.html`` into
+    ``out_dir``; returns ``{"files": [...], "plot_error": str | None}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_quality_json(doc, out)]
+    plot, plot_error = None, None
+    if plots:
+        from attnkit.bench.plots import MissingMatplotlib
+
+        try:
+            plot = make_plot(doc, out)
+        except MissingMatplotlib as exc:
+            plot_error = str(exc)
+    for name, section, is_html in (("report.md", _section_md(doc, plot), False),
+                                   ("report.html", _section_html(doc, plot), True)):
+        path = out / name
+        existing = path.read_text() if path.exists() else None
+        path.write_text(splice_section(existing, section, html_doc=is_html))
+        files.append(path)
+    if plot:
+        files.append(out / plot)
+    return {"files": [str(f) for f in files], "plot_error": plot_error}
