@@ -144,14 +144,14 @@ def detail_table(doc: dict[str, Any], n: int) -> tuple[list[str], list[list[str]
 
 def full_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["mechanism", "n", "status", "time", "min", "max", "reps", "x SDPA", "GFLOP", "GFLOP/s",
-              "peak mem", "error", "check", "density", "SoL x", "compile", "note"]
+              "peak mem", "decode state", "error", "check", "density", "SoL x", "compile", "note"]
     rows = []
     for c in sorted(doc["results"], key=lambda c: (c["label"], c["seq_len"])):
         rows.append([c["label"], str(c["seq_len"]), c["status"], fmt_time(c["time_s"]), fmt_time(c["time_min_s"]),
                      fmt_time(c["time_max_s"]), str(c["repeats"] or "-"), _fmt_ratio(c["vs_sdpa"]),
                      _fmt_num(c["flops"] / 1e9 if c["flops"] else None), _fmt_num(c["gflops_per_s"]),
-                     fmt_bytes(c["peak_memory_bytes"]), _fmt_err(c["error"]), c["exact_check"] or "",
-                     _fmt_num(c["density"]), _fmt_ratio(c["speed_of_light_ratio"]),
+                     fmt_bytes(c["peak_memory_bytes"]), fmt_bytes(c.get("state_bytes")), _fmt_err(c["error"]),
+                     c["exact_check"] or "", _fmt_num(c["density"]), _fmt_ratio(c["speed_of_light_ratio"]),
                      fmt_time(c["compile_s"]) if c["compile_s"] is not None else "", c["message"] or ""])
     return header, rows
 

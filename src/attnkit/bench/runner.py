@@ -33,13 +33,26 @@ __all__ = ["run_benchmark", "CELL_FIELDS", "SCHEMA"]
 
 SCHEMA = "attnkit-bench/1"
 
+def decode_state_bytes(v: Variant, n: int, config: BenchConfig) -> int | None:
+    """Bytes a decoder must keep to continue after ``n`` tokens: the recurrent state of linear attention
+    (``extras["state_bytes"]`` per head), or the full KV cache of exact softmax (SDPA); None where not defined."""
+    elem = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    per_head = None
+    if v.kind == "mechanism" and v.mechanism is not None and "state_bytes" in v.mechanism.extras:
+        per_head = call_with_accepted(v.mechanism.extras["state_bytes"], head_dim=config.head_dim,
+                                      dtype=getattr(torch, config.dtype), **v.params)
+    elif v.causal and (v.kind == "baseline" or v.name == "softmax"):
+        per_head = 2 * n * config.head_dim * elem
+    return None if per_head is None else int(per_head) * config.heads * config.batch
+
+
 # Every cell of results.json / results.csv has exactly these keys (None where it does not apply).
 CELL_FIELDS = (
     "mechanism", "label", "kind", "family", "exact", "causal", "seq_len", "batch", "heads", "head_dim",
     "dtype", "device", "backward", "status", "message", "time_s", "time_min_s", "time_max_s", "repeats",
     "first_call_s", "compile_s", "build_s", "peak_memory_bytes", "input_bytes", "flops", "gflops_per_s",
     "vs_sdpa", "error", "error_reference", "exact_check", "density", "speed_of_light_s",
-    "speed_of_light_ratio", "params",
+    "speed_of_light_ratio", "state_bytes", "params",
 )
 STATUSES = ("ok", "failed", "oom", "skipped", "unsupported")
 
@@ -291,6 +304,10 @@ class _Run:
             flops = measure.dense_flops(**shape, density=density)
         if flops is not None:
             cell["flops"] = flops * mult
+        try:
+            cell["state_bytes"] = decode_state_bytes(v, n, c)
+        except Exception as exc:  # a record's state formula should not cost the measurement
+            cell["message"] = (cell["message"] or "") + f" state_bytes raised {type(exc).__name__}: {exc}"
         if cell["flops"]:
             cell["gflops_per_s"] = cell["flops"] / cell["time_s"] / 1e9
         base = next((b for b in reversed(self.cells) if b["kind"] == "baseline" and b["seq_len"] == n
