@@ -53,8 +53,10 @@ def _transformer_vq_factory(*, num_heads: int, head_dim: int, codebook_size: int
     _no_extra_shapes(shape)
     from attnkit.nn.approx import TransformerVQAttention
 
+    # In eval mode, so repeated calls (approximation_error, benchmarks) see one codebook; .train() turns on
+    # the EMA codebook updates (a MultiheadAttention in training mode does).
     return TransformerVQAttention(num_heads, head_dim, codebook_size, block_size=block_size, causal=causal,
-                                  decay=decay, scale=scale, seed=seed)
+                                  decay=decay, scale=scale, seed=seed).eval()
 
 
 def _sparsek_factory(*, num_heads: int, head_dim: int, top_k: int = 64, window: int = 0, causal: bool = False,
