@@ -37,6 +37,8 @@ class _AxisPlan:
     q_valid: torch.Tensor  # [nT, tile]
     k: torch.Tensor  # [nT, box] key coordinates of each tile's box
     mask: torch.Tensor  # [nT, tile, box]: key in the query's window (and not a duplicate box slot)
+    group: torch.Tensor  # [nT] dilation group of each tile
+    start: torch.Tensor  # [nT] first box slot of each tile, in group positions
 
 
 def _axis_plan(axis: AxisSpec, tile: int) -> _AxisPlan:
@@ -54,7 +56,7 @@ def _axis_plan(axis: AxisSpec, tile: int) -> _AxisPlan:
         start, end = lo.amin(1), hi.amax(1)
         box = max(box, int((end - start + 1).max()))
         per_group.append((g, length, x, valid, lo, hi, start))
-    qs, qv, ks, ms = [], [], [], []
+    qs, qv, ks, ms, gs, ss = [], [], [], [], [], []
     for g, length, x, valid, lo, hi, start in per_group:
         # One box length for every tile (batched matmuls); boxes stay inside the group where they fit,
         # and slots beyond a short group are duplicates, masked out.
@@ -67,7 +69,10 @@ def _axis_plan(axis: AxisSpec, tile: int) -> _AxisPlan:
         qv.append(valid)
         ks.append(g + d * t)
         ms.append(m)
-    return _AxisPlan(tile, box, torch.cat(qs), torch.cat(qv), torch.cat(ks), torch.cat(ms))
+        gs.append(torch.full_like(start, g))
+        ss.append(start)
+    return _AxisPlan(tile, box, torch.cat(qs), torch.cat(qv), torch.cat(ks), torch.cat(ms), torch.cat(gs),
+                     torch.cat(ss))
 
 
 @dataclass
@@ -202,6 +207,15 @@ def box_fraction(spec: NASpec, tiles: tuple[int, ...] | None = None) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _select_rows(x3: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x3[:, idx]`` for ``x3 [B, n, d]``, one 2-D ``index_select`` per leading index: ATen's contiguous
+    row-gather kernel, several times faster than ``index_select`` on dim 1 or advanced indexing."""
+    out = x3.new_empty(x3.shape[0], idx.numel(), x3.shape[-1])
+    for i in range(x3.shape[0]):
+        torch.index_select(x3[i], 0, idx, out=out[i])
+    return out
+
+
 class _Ctx:
     """Shapes and index helpers shared by forward and backward."""
 
@@ -228,6 +242,10 @@ class _Ctx:
     def tile_rows(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """``[b, h, *spatial, d]`` -> ``[b * h_kv, tiles, g * tile_q, d]`` in compute dtype."""
         p = self.plan
+        if self.g == 1:  # per-head row gathers: the fast contiguous index_select, not advanced indexing
+            x = _select_rows(x.reshape(self.bh, self.n, x.shape[-1]), p.q_index.reshape(-1)).to(self.dtype)
+            return x.view(self.bh, p.num_tiles, self.m, -1) if scale is None else x.mul_(scale).view(
+                self.bh, p.num_tiles, self.m, -1)
         x = x.reshape(self.b, self.hkv, self.g, self.n, x.shape[-1])
         x = x[:, :, :, p.q_index.reshape(-1)].to(self.dtype)
         x = x.view(self.b, self.hkv, self.g, p.num_tiles, p.tile_q, -1).permute(0, 1, 3, 2, 4, 5)
@@ -239,6 +257,12 @@ class _Ctx:
         """Inverse of ``tile_rows`` (padding slots dropped) -> ``[b, h, *spatial, d]``."""
         p = self.plan
         dim = xt.shape[-1]
+        if self.g == 1:
+            out = torch.empty(self.bh, self.n + int(p.has_padding), dim, dtype=dtype, device=xt.device)
+            src = xt.reshape(self.bh, -1, dim).to(dtype)
+            for i in range(self.bh):
+                out[i].index_copy_(0, p.q_write, src[i])
+            return out[:, : self.n].reshape(shape)
         x = xt.view(self.b, self.hkv, p.num_tiles, self.g, p.tile_q, dim).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(self.b, self.hkv, self.g, p.num_tiles * p.tile_q, dim)
         out = torch.empty(self.b, self.hkv, self.g, self.n + int(p.has_padding), dim, dtype=dtype, device=xt.device)
@@ -405,11 +429,230 @@ class _NeighborhoodFn(torch.autograd.Function):
         return (None, None, None, dq, dk, dv, *pgrads)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The fused CPU path: ATen's flash-attention kernel over strided views of key / value *strips*
+# ---------------------------------------------------------------------------------------------------------
+
+# ATen's CPU flash-attention kernel (scores, mask, online softmax and PV in one cache-resident pass; returns the
+# log-sum-exp), as in ``attnkit.ops.exact.tiled``. It reads q, k, v through their strides, so key boxes can be
+# overlapping views of one tensor instead of gathered copies.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Tests switch this off to run the general path (gathered boxes, matmuls and softmax; the one CUDA and score
+# modifiers use) on CPU as well.
+USE_FUSED_CPU_KERNEL = True
+
+
+def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod) -> bool:
+    """Softmax without score modifier, equal key and value head dims, on CPU: the fused kernel applies."""
+    return (USE_FUSED_CPU_KERNEL and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
+            and q.device.type == "cpu" and score_mod is None and q.shape[-1] == v.shape[-1])
+
+
+@dataclass
+class FusedPlan:
+    """Tiles of one problem for the fused kernel, laid out so that every key box is a *view*.
+
+    Axis 0 is the outer axis, the others (none in 1-D) the inner ones. A *strip* is, for one inner tile
+    ``J``, the keys of its inner box over every axis-0 position: ``strip[J, r, s]`` is the key at axis-0
+    coordinate ``rows[r]`` (dilation groups one after the other, each padded to at least a box with clamped
+    duplicates) and inner box slot ``s``. An outer tile ``i`` starts its box at strip row ``offset[i]``, so
+    the box of tile ``(J, i)`` is the contiguous ``strip[J, offset[i]: offset[i] + box0]``, and a run of outer
+    tiles with equal offset spacing is one ``as_strided`` view ``[b * h_kv, run, box_k, d]``. The strips hold
+    ``inner box / inner tile`` times the keys (2.5x for 4 x 8 tiles, kernel 13) instead of ``box_k /
+    tile_q`` (10x) for gathered boxes. Tiles are ordered ``(J, i)``; the mask of a tile is the outer AND of
+    its outer and inner masks, so classes are pairs ``(outer class, inner class)``.
+    """
+
+    spec: NASpec
+    tiles: tuple[int, ...]
+    num_tiles: int
+    tile_q: int
+    box_k: int
+    q_index: torch.Tensor  # [num_tiles, tile_q], tiles in (inner J, outer i) order
+    q_write: torch.Tensor
+    has_padding: bool
+    q_valid: torch.Tensor
+    bias: torch.Tensor  # [classes, tile_q, box_k] float32, class = outer class * inner classes + inner class
+    masked: tuple[bool, ...]
+    n_outer: int
+    n_inner: int
+    box0: int  # outer box length (strip rows per box)
+    inner_box: int  # inner box slots per strip row
+    strip_rows: int
+    strip_index: torch.Tensor  # [n_inner * strip_rows * inner_box] flat key index of every strip slot
+    # kernel calls: (inner tile J, first outer tile, end outer tile, strip row of the first box, row spacing,
+    # class)
+    calls: tuple[tuple[int, int, int, int, int, int], ...]
+
+
+def _outer_and(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-axis ``[nT_a, t_a, b_a]`` masks -> ``[prod nT, prod t, prod b]`` (row-major over axes)."""
+    nd = len(masks)
+    out = None
+    for a, m in enumerate(masks):
+        shape = [1] * (3 * nd)
+        shape[a], shape[nd + a], shape[2 * nd + a] = m.shape
+        v = m.view(shape)
+        out = v if out is None else out & v
+    nt = math.prod(m.shape[0] for m in masks)
+    tq = math.prod(m.shape[1] for m in masks)
+    return out.reshape(nt, tq, -1)
+
+
+def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
+    axes = [_axis_plan(a, t) for a, t in zip(spec.axes, tiles)]
+    strides = [math.prod(spec.shape[a + 1:]) for a in range(spec.ndim)]
+    outer, inner = axes[0], axes[1:]
+    ax0 = spec.axes[0]
+    # Strip rows: dilation groups of axis 0 one after the other, each padded to at least one box (clamped
+    # duplicates, masked out by the box mask) so that every outer box is a contiguous range of rows.
+    rows, seg_start = [], []
+    for g in range(ax0.dilation):
+        length = ax0.group_length(g)
+        seg_start.append(len(rows))
+        rows.extend(g + ax0.dilation * min(t, length - 1) for t in range(max(length, outer.box)))
+    rows_t = torch.tensor(rows)
+    offset = torch.tensor(seg_start)[outer.group] + outer.start  # [nI]
+    assert torch.equal(rows_t[offset.view(-1, 1) + torch.arange(outer.box)], outer.k)
+    if inner:
+        iq = _combine([ap.q * s for ap, s in zip(inner, strides[1:])], torch.add)
+        ik = _combine([ap.k * s for ap, s in zip(inner, strides[1:])], torch.add)
+        iv = _combine([ap.q_valid for ap in inner], torch.logical_and)
+        imask = _outer_and([ap.mask for ap in inner])
+    else:
+        iq = ik = torch.zeros(1, 1, dtype=torch.long)
+        iv = torch.ones(1, 1, dtype=torch.bool)
+        imask = torch.ones(1, 1, 1, dtype=torch.bool)
+    n_i, n_j = outer.q.shape[0], iq.shape[0]
+    t0, b0, it, ib = outer.tile, outer.box, iq.shape[1], ik.shape[1]
+    q_index = (outer.q.view(1, n_i, t0, 1) * strides[0] + iq.view(n_j, 1, 1, it)).reshape(n_j * n_i, t0 * it)
+    q_valid = (outer.q_valid.view(1, n_i, t0, 1) & iv.view(n_j, 1, 1, it)).reshape(n_j * n_i, t0 * it)
+    strip_index = (rows_t.view(1, -1, 1) * strides[0] + ik.view(n_j, 1, ib)).reshape(-1)
+    u0, inv0 = torch.unique(outer.mask.flatten(1), dim=0, return_inverse=True)
+    uj, invj = torch.unique(imask.flatten(1), dim=0, return_inverse=True)
+    nc0, ncj = u0.shape[0], uj.shape[0]
+    allowed = u0.view(nc0, 1, t0, 1, b0, 1) & uj.view(1, ncj, 1, it, 1, ib)
+    allowed = allowed.reshape(nc0 * ncj, t0 * it, b0 * ib)
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    masked = tuple(bool(x) for x in (~allowed).flatten(1).any(1))
+    # Runs of outer tiles of one class whose boxes start at equally spaced strip rows: one view each.
+    runs = []
+    off, cls0 = offset.tolist(), inv0.tolist()
+    for i in range(n_i):
+        if runs:
+            i0, i1, o0, step, c = runs[-1]
+            if c == cls0[i] and off[i] - off[i - 1] >= 0 and (i1 - i0 == 1 or off[i] - off[i - 1] == step):
+                runs[-1] = (i0, i + 1, o0, off[i] - off[i - 1], c)
+                continue
+        runs.append((i, i + 1, off[i], 0, cls0[i]))
+    calls = tuple((j, i0, i1, o0, step, c * ncj + cj) for j, cj in enumerate(invj.tolist())
+                  for i0, i1, o0, step, c in runs)
+    n = spec.num_tokens
+    q_write = torch.where(q_valid, q_index, torch.full_like(q_index, n)).reshape(-1)
+    return FusedPlan(spec, tuple(ap.tile for ap in axes), n_j * n_i, t0 * it, b0 * ib, q_index.to(device),
+                     q_write.to(device), bool((~q_valid).any()), q_valid.to(device), bias.to(device), masked, n_i,
+                     n_j, b0, ib, len(rows), strip_index.to(device), calls)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_fused_plan(spec: NASpec, tiles: tuple[int, ...], device: str) -> FusedPlan:
+    return make_fused_plan(spec, tiles, torch.device(device))
+
+
+def _strips(cx: _Ctx, x: torch.Tensor) -> torch.Tensor:
+    """``[b, h_kv, *spatial, d]`` -> strips ``[b * h_kv, n_inner, strip_rows, inner_box, d]`` (compute dtype)."""
+    p = cx.plan
+    s = _select_rows(x.reshape(cx.bh, cx.n, x.shape[-1]), p.strip_index).to(cx.dtype)
+    return s.view(cx.bh, p.n_inner, p.strip_rows, p.inner_box, x.shape[-1])
+
+
+def _box_view(cx: _Ctx, strips: torch.Tensor, j: int, i0: int, i1: int, row: int, step: int) -> torch.Tensor:
+    """Key boxes of tiles ``(j, i0..i1)`` as an overlapping view ``[b * h_kv, i1 - i0, box_k, d]``."""
+    p = cx.plan
+    st = strips.stride()
+    return strips.as_strided((cx.bh, i1 - i0, p.box_k, strips.shape[-1]), (st[0], step * st[2], st[3], st[4]),
+                             strips.storage_offset() + j * st[1] + row * st[2])
+
+
+def _fused_forward(cx: _Ctx, q, k, v):
+    """Forward of every tile with the fused kernel: tiled ``q`` (unscaled), tiled output and log-sum-exp."""
+    p = cx.plan
+    qt = cx.tile_rows(q).view(cx.bh, p.n_inner, p.n_outer, cx.m, cx.d)
+    ks, vs = _strips(cx, k), _strips(cx, v)
+    ot = torch.empty(cx.bh, p.n_inner, p.n_outer, cx.m, cx.dv, dtype=cx.dtype, device=q.device)
+    lse = torch.empty(cx.bh, p.n_inner, p.n_outer, cx.m, dtype=_lse_dtype(cx.dtype), device=q.device)
+    for j, i0, i1, row, step, c in p.calls:
+        mask = cx.bias[c] if p.masked[c] else None
+        o, lo = _FLASH_CPU(qt[:, j, i0:i1], _box_view(cx, ks, j, i0, i1, row, step),
+                           _box_view(cx, vs, j, i0, i1, row, step), attn_mask=mask, scale=cx.scale)
+        ot[:, j, i0:i1] = o
+        lse[:, j, i0:i1] = lo
+    return qt, ot, lse
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fused_backward(cx: _Ctx, qt, k, v, ot, lse, grad_out):
+    p = cx.plan
+    dot = cx.tile_rows(grad_out)
+    if p.has_padding:  # padding slots duplicate real queries: they must not add to dK, dV
+        valid = p.q_valid.view(1, p.num_tiles, 1, p.tile_q, 1).to(dot.dtype)
+        dot = (dot.view(cx.bh, p.num_tiles, cx.g, p.tile_q, cx.dv) * valid).view_as(dot)
+    dot = dot.view(cx.bh, p.n_inner, p.n_outer, cx.m, cx.dv)
+    ks, vs = _strips(cx, k), _strips(cx, v)
+    dqt = torch.empty_like(qt)
+    dks, dvs = torch.zeros_like(ks), torch.zeros_like(vs)
+    box_rows = torch.arange(p.box0, device=qt.device)
+    for j, i0, i1, row, step, c in p.calls:
+        mask = cx.bias[c] if p.masked[c] else None
+        dq4, dk4, dv4 = _FLASH_CPU_BACKWARD(
+            dot[:, j, i0:i1], qt[:, j, i0:i1], _box_view(cx, ks, j, i0, i1, row, step),
+            _box_view(cx, vs, j, i0, i1, row, step), ot[:, j, i0:i1], lse[:, j, i0:i1], 0.0, False,
+            attn_mask=mask, scale=cx.scale)
+        dqt[:, j, i0:i1] = dq4
+        rows = (row + step * torch.arange(i1 - i0, device=qt.device)).view(-1, 1) + box_rows
+        run_rows = rows.numel()
+        dks[:, j].index_add_(1, rows.view(-1), dk4.reshape(cx.bh, run_rows, p.inner_box, cx.d))
+        dvs[:, j].index_add_(1, rows.view(-1), dv4.reshape(cx.bh, run_rows, p.inner_box, cx.dv))
+    dk3 = torch.zeros(cx.bh, cx.n, cx.d, dtype=cx.dtype, device=qt.device)
+    dv3 = torch.zeros(cx.bh, cx.n, cx.dv, dtype=cx.dtype, device=qt.device)
+    dk3.index_add_(1, p.strip_index, dks.view(cx.bh, -1, cx.d))
+    dv3.index_add_(1, p.strip_index, dvs.view(cx.bh, -1, cx.dv))
+    return dqt, dk3, dv3
+
+
+class _FusedNeighborhoodFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, scale, q, k, v):
+        cx = _Ctx(plan, q, k, v, scale, None)
+        with torch.no_grad():
+            qt, ot, lse = _fused_forward(cx, q, k, v)
+        out = cx.untile_rows(ot.view(cx.bh, plan.num_tiles, cx.m, cx.dv), (*q.shape[:-1], v.shape[-1]), q.dtype)
+        ctx.cx = cx
+        ctx.shapes = (q.shape, q.dtype, k.shape, v.shape)
+        ctx.save_for_backward(qt, k, v, ot, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cx = ctx.cx
+        qt, k, v, ot, lse = ctx.saved_tensors
+        qshape, qdtype, kshape, vshape = ctx.shapes
+        dqt, dk3, dv3 = _fused_backward(cx, qt, k, v, ot, lse, grad_out)
+        dq = cx.untile_rows(dqt.view(cx.bh, cx.plan.num_tiles, cx.m, cx.d), qshape, qdtype)
+        return None, None, dq, dk3.reshape(kshape).to(k.dtype), dv3.reshape(vshape).to(v.dtype)
+
+
 def neighborhood_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NASpec, *, scale: float,
                        score_mod=None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """Tiled neighborhood attention on ``q [b, h, *spatial, d]``, ``k, v [b, h_kv, *spatial, d(_v)]``
     (inputs already validated). ``tiles``: query tile size per axis (default: ``choose_tiles``)."""
     tiles = choose_tiles(spec) if tiles is None else tuple(tiles)
+    if can_fuse(q, v, score_mod):
+        return _FusedNeighborhoodFn.apply(_cached_fused_plan(spec, tiles, str(q.device)), scale, q, k, v)
     plan = _cached_plan(spec, tiles, str(q.device))
     params = [] if score_mod is None else list(score_mod.grad_tensors())
     return _NeighborhoodFn.apply(plan, scale, score_mod, q, k, v, *params)
