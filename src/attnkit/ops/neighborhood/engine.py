@@ -17,6 +17,7 @@ key/value gradients with ``index_add_``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -207,10 +208,10 @@ def box_fraction(spec: NASpec, tiles: tuple[int, ...] | None = None) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _select_rows(x3: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _select_rows(x3: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x3[:, idx]`` for ``x3 [B, n, d]``, one 2-D ``index_select`` per leading index: ATen's contiguous
     row-gather kernel, several times faster than ``index_select`` on dim 1 or advanced indexing."""
-    out = x3.new_empty(x3.shape[0], idx.numel(), x3.shape[-1])
+    out = x3.new_empty(x3.shape[0], idx.numel(), x3.shape[-1]) if out is None else out
     for i in range(x3.shape[0]):
         torch.index_select(x3[i], 0, idx, out=out[i])
     return out
@@ -560,34 +561,42 @@ def _cached_fused_plan(spec: NASpec, tiles: tuple[int, ...], device: str) -> Fus
     return make_fused_plan(spec, tiles, torch.device(device))
 
 
-def _strips(cx: _Ctx, x: torch.Tensor) -> torch.Tensor:
-    """``[b, h_kv, *spatial, d]`` -> strips ``[b * h_kv, n_inner, strip_rows, inner_box, d]`` (compute dtype)."""
+def _strip(cx: _Ctx, x3: torch.Tensor, j: int, out: torch.Tensor) -> torch.Tensor:
+    """The strip of inner tile ``j`` of ``x3 [b * h_kv, n, d]``, into ``out``: ``[b * h_kv, strip_rows,
+    inner_box, d]``. One strip at a time stays in cache and keeps buffers small."""
     p = cx.plan
-    s = _select_rows(x.reshape(cx.bh, cx.n, x.shape[-1]), p.strip_index).to(cx.dtype)
-    return s.view(cx.bh, p.n_inner, p.strip_rows, p.inner_box, x.shape[-1])
+    idx = p.strip_index.view(p.n_inner, -1)[j]
+    return _select_rows(x3, idx, out).view(cx.bh, p.strip_rows, p.inner_box, x3.shape[-1])
 
 
-def _box_view(cx: _Ctx, strips: torch.Tensor, j: int, i0: int, i1: int, row: int, step: int) -> torch.Tensor:
-    """Key boxes of tiles ``(j, i0..i1)`` as an overlapping view ``[b * h_kv, i1 - i0, box_k, d]``."""
-    p = cx.plan
-    st = strips.stride()
-    return strips.as_strided((cx.bh, i1 - i0, p.box_k, strips.shape[-1]), (st[0], step * st[2], st[3], st[4]),
-                             strips.storage_offset() + j * st[1] + row * st[2])
+def _box_view(cx: _Ctx, strip: torch.Tensor, i0: int, i1: int, row: int, step: int) -> torch.Tensor:
+    """Key boxes of outer tiles ``i0..i1`` as an overlapping view ``[b * h_kv, i1 - i0, box_k, d]``."""
+    st = strip.stride()
+    return strip.as_strided((cx.bh, i1 - i0, cx.plan.box_k, strip.shape[-1]), (st[0], step * st[1], st[2], st[3]),
+                            strip.storage_offset() + row * st[1])
+
+
+def _calls_by_strip(plan: FusedPlan):
+    return itertools.groupby(plan.calls, key=lambda call: call[0])
 
 
 def _fused_forward(cx: _Ctx, q, k, v):
     """Forward of every tile with the fused kernel: tiled ``q`` (unscaled), tiled output and log-sum-exp."""
     p = cx.plan
     qt = cx.tile_rows(q).view(cx.bh, p.n_inner, p.n_outer, cx.m, cx.d)
-    ks, vs = _strips(cx, k), _strips(cx, v)
+    k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
+    kbuf = k3.new_empty(cx.bh, p.strip_rows * p.inner_box, cx.d)
+    vbuf = v3.new_empty(cx.bh, p.strip_rows * p.inner_box, cx.dv)
     ot = torch.empty(cx.bh, p.n_inner, p.n_outer, cx.m, cx.dv, dtype=cx.dtype, device=q.device)
     lse = torch.empty(cx.bh, p.n_inner, p.n_outer, cx.m, dtype=_lse_dtype(cx.dtype), device=q.device)
-    for j, i0, i1, row, step, c in p.calls:
-        mask = cx.bias[c] if p.masked[c] else None
-        o, lo = _FLASH_CPU(qt[:, j, i0:i1], _box_view(cx, ks, j, i0, i1, row, step),
-                           _box_view(cx, vs, j, i0, i1, row, step), attn_mask=mask, scale=cx.scale)
-        ot[:, j, i0:i1] = o
-        lse[:, j, i0:i1] = lo
+    for j, calls in _calls_by_strip(p):
+        ks, vs = _strip(cx, k3, j, kbuf), _strip(cx, v3, j, vbuf)
+        for _, i0, i1, row, step, c in calls:
+            o, lo = _FLASH_CPU(qt[:, j, i0:i1], _box_view(cx, ks, i0, i1, row, step),
+                               _box_view(cx, vs, i0, i1, row, step), attn_mask=cx.bias[c] if p.masked[c] else None,
+                               scale=cx.scale)
+            ot[:, j, i0:i1] = o
+            lse[:, j, i0:i1] = lo
     return qt, ot, lse
 
 
@@ -596,31 +605,38 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fused_backward(cx: _Ctx, qt, k, v, ot, lse, grad_out):
+    """Gradients with the fused backward kernel from the saved output and log-sum-exp (nothing recomputed
+    but the strips); box gradients are summed into strip gradients, then into ``dK, dV``."""
     p = cx.plan
     dot = cx.tile_rows(grad_out)
     if p.has_padding:  # padding slots duplicate real queries: they must not add to dK, dV
         valid = p.q_valid.view(1, p.num_tiles, 1, p.tile_q, 1).to(dot.dtype)
         dot = (dot.view(cx.bh, p.num_tiles, cx.g, p.tile_q, cx.dv) * valid).view_as(dot)
     dot = dot.view(cx.bh, p.n_inner, p.n_outer, cx.m, cx.dv)
-    ks, vs = _strips(cx, k), _strips(cx, v)
+    k3, v3 = cx.flat_kv(k), cx.flat_kv(v)
+    slots = p.strip_rows * p.inner_box
+    kbuf, vbuf = k3.new_empty(cx.bh, slots, cx.d), v3.new_empty(cx.bh, slots, cx.dv)
+    dkbuf, dvbuf = k3.new_empty(cx.bh, slots, cx.d), v3.new_empty(cx.bh, slots, cx.dv)
     dqt = torch.empty_like(qt)
-    dks, dvs = torch.zeros_like(ks), torch.zeros_like(vs)
+    dk3, dv3 = torch.zeros_like(k3), torch.zeros_like(v3)
     box_rows = torch.arange(p.box0, device=qt.device)
-    for j, i0, i1, row, step, c in p.calls:
-        mask = cx.bias[c] if p.masked[c] else None
-        dq4, dk4, dv4 = _FLASH_CPU_BACKWARD(
-            dot[:, j, i0:i1], qt[:, j, i0:i1], _box_view(cx, ks, j, i0, i1, row, step),
-            _box_view(cx, vs, j, i0, i1, row, step), ot[:, j, i0:i1], lse[:, j, i0:i1], 0.0, False,
-            attn_mask=mask, scale=cx.scale)
-        dqt[:, j, i0:i1] = dq4
-        rows = (row + step * torch.arange(i1 - i0, device=qt.device)).view(-1, 1) + box_rows
-        run_rows = rows.numel()
-        dks[:, j].index_add_(1, rows.view(-1), dk4.reshape(cx.bh, run_rows, p.inner_box, cx.d))
-        dvs[:, j].index_add_(1, rows.view(-1), dv4.reshape(cx.bh, run_rows, p.inner_box, cx.dv))
-    dk3 = torch.zeros(cx.bh, cx.n, cx.d, dtype=cx.dtype, device=qt.device)
-    dv3 = torch.zeros(cx.bh, cx.n, cx.dv, dtype=cx.dtype, device=qt.device)
-    dk3.index_add_(1, p.strip_index, dks.view(cx.bh, -1, cx.d))
-    dv3.index_add_(1, p.strip_index, dvs.view(cx.bh, -1, cx.dv))
+    for j, calls in _calls_by_strip(p):
+        ks, vs = _strip(cx, k3, j, kbuf), _strip(cx, v3, j, vbuf)
+        dks = dkbuf.zero_().view(cx.bh, p.strip_rows, p.inner_box, cx.d)
+        dvs = dvbuf.zero_().view(cx.bh, p.strip_rows, p.inner_box, cx.dv)
+        for _, i0, i1, row, step, c in calls:
+            dq4, dk4, dv4 = _FLASH_CPU_BACKWARD(
+                dot[:, j, i0:i1], qt[:, j, i0:i1], _box_view(cx, ks, i0, i1, row, step),
+                _box_view(cx, vs, i0, i1, row, step), ot[:, j, i0:i1], lse[:, j, i0:i1], 0.0, False,
+                attn_mask=cx.bias[c] if p.masked[c] else None, scale=cx.scale)
+            dqt[:, j, i0:i1] = dq4
+            rows = ((row + step * torch.arange(i1 - i0, device=qt.device)).view(-1, 1) + box_rows).view(-1)
+            dks.index_add_(1, rows, dk4.reshape(cx.bh, rows.numel(), p.inner_box, cx.d))
+            dvs.index_add_(1, rows, dv4.reshape(cx.bh, rows.numel(), p.inner_box, cx.dv))
+        idx = p.strip_index.view(p.n_inner, -1)[j]
+        for i in range(cx.bh):
+            dk3[i].index_add_(0, idx, dkbuf[i])
+            dv3[i].index_add_(0, idx, dvbuf[i])
     return dqt, dk3, dv3
 
 
