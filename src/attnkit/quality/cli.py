@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MQAR power law of query distances (default 0.01 as Zoology; 1 = uniform)")
     p.add_argument("--task-param", action="append", default=[], metavar="TASK.NAME=VALUE",
                    help="any generator parameter, e.g. listops.max_depth=6 or icl-regression.dim=4")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per mechanism (default 300)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per mechanism (default 600)")
     p.add_argument("--batch", type=_positive_int, default=None, help="examples per step (default 32)")
     p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-3)")
     p.add_argument("--embed-dim", type=_positive_int, default=None, help="model width (default 64)")
@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
                    help="override a mechanism parameter, e.g. sliding_window.window=8 or linear:favor.num_features=64")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the models are small, and one thread does not stall when "
+                        "other processes share the cores)")
     p.add_argument("--out", default="attnkit-report", metavar="DIR",
                    help="output folder, shared with `attnkit bench` (default ./attnkit-report/)")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run: 60 steps, 3 mechanisms")
@@ -150,10 +152,9 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     config = build_config(args, parser)
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     from attnkit.quality import report as rep
     from attnkit.quality.train import run_quality
 

@@ -189,10 +189,11 @@ def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
             ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", linestyle=":", zorder=2)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(_bytes_label))
-        ax.set_xlabel("state per token of the whole model (fp32 bytes, log scale)")
+        ax.margins(x=0.12, y=0.08)
+        ax.set_xlabel("state kept while decoding, whole model (fp32 bytes, log scale)")
         if higher:
             ax.set_ylabel("accuracy")
-            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylim(-0.03, 1.05)
         else:
             ax.set_ylabel("normalised MSE (lower is better)")
         p = entry["params"]

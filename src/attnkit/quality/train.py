@@ -42,11 +42,11 @@ class QualityConfig:
     num_heads: int = 2
     num_layers: int = 2
     mlp_ratio: int = 2
-    steps: int = 400
-    batch: int = 64
+    steps: int = 600
+    batch: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.1
-    warmup: int = 40
+    warmup: int = 60
     eval_examples: int = 512
     seed: int = 0
     device: str = "cpu"
