@@ -209,10 +209,18 @@ def test_patterns_module_alias_and_composition():
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "general"])
+def fused(request, monkeypatch):
+    """Runs a test with the CPU engine's fused flash-attention path on (where it applies: softmax without a
+    score modifier, ``d == d_v``) and off (gathered boxes, matmuls and softmax: the CUDA / score-mod path)."""
+    monkeypatch.setattr(engine_mod, "USE_FUSED_CPU_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_engines_match_explicit_reference(case):
+def test_engines_match_explicit_reference(case, fused):
     shape, k, d, s, c = case
-    q, kk, v = rand(2, 4, shape, 6, hkv=2, dv=5, seed=1)
+    q, kk, v = rand(2, 4, shape, 6, hkv=2, dv=6 if fused else 5, seed=1)
     want = masked_attention(q, kk, v, explicit_mask(shape, k, d, s, c))
     kw = dict(dilation=d, stride=s, is_causal=c)
     assert_close(neighborhood_reference(q, kk, v, k, **kw), want)
@@ -226,7 +234,7 @@ def test_engines_match_explicit_reference(case):
 
 
 @pytest.mark.parametrize("tiles", [(1,), (2,), (4,), (5,), (64,)])
-def test_engine_any_tile_size_1d(tiles):
+def test_engine_any_tile_size_1d(tiles, fused):
     q, k, v = rand(1, 2, (23,), 4, seed=2)
     for d, s, c in ((1, 1, False), (3, 2, False), (2, 3, True)):
         want = masked_attention(q, k, v, explicit_mask((23,), 5, d, s, c))
@@ -234,7 +242,7 @@ def test_engine_any_tile_size_1d(tiles):
 
 
 @pytest.mark.parametrize("tiles", [(1, 1, 1), (2, 3, 1), (4, 4, 4), (8, 1, 3)])
-def test_engine_any_tile_shape_3d(tiles):
+def test_engine_any_tile_shape_3d(tiles, fused):
     shape = (5, 6, 7)
     q, k, v = rand(1, 2, shape, 4, seed=3)
     want = masked_attention(q, k, v, explicit_mask(shape, 3, (1, 2, 2), (1, 3, 2), (False, False, True)))
@@ -243,7 +251,7 @@ def test_engine_any_tile_shape_3d(tiles):
 
 
 @pytest.mark.parametrize("tiles", [(1, 2), (3, 4), (8, 8)])
-def test_engine_backward_any_tiles_small_chunks(tiles, monkeypatch):
+def test_engine_backward_any_tiles_small_chunks(tiles, monkeypatch, fused):
     # Chunks of one tile (many chunks per mask class) and padded tiles: forward and every gradient still exact.
     monkeypatch.setattr(engine_mod, "_CHUNK_ELEMENTS", 1)
     shape, kw = (7, 10), dict(dilation=(1, 2), stride=(2, 1), is_causal=(False, True))
@@ -256,6 +264,56 @@ def test_engine_backward_any_tiles_small_chunks(tiles, monkeypatch):
     assert_close(out, want_out)
     for a, b in zip(got, want):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("tiles", [None, 1, 3])
+def test_fused_plan_boxes_are_the_windows(case, tiles):
+    # Every tile is computed by exactly one kernel call, and the strided view of its strip rows, under its
+    # class mask, holds exactly the window of each of its queries (duplicate slots masked out).
+    shape, k, d, s, c = case
+    spec = make_spec(shape, k, d, s, c)
+    tiles = choose_tiles(spec) if tiles is None else (tiles,) * len(shape)
+    plan = engine_mod.make_fused_plan(spec, tiles, "cpu")
+    mask = explicit_mask(shape, k, d, s, c)
+    strips = plan.strip_index.view(plan.n_inner, plan.strip_rows, plan.inner_box)
+    seen = torch.zeros(plan.num_tiles, dtype=torch.long)
+    for j, i0, i1, row, step, cls in plan.calls:
+        allowed = plan.bias[cls] == 0
+        assert plan.masked[cls] == bool((~allowed).any())
+        for i in range(i0, i1):
+            t = j * plan.n_outer + i
+            seen[t] += 1
+            r = row + step * (i - i0)
+            box = strips[j, r: r + plan.box0].reshape(-1)
+            assert box.numel() == plan.box_k
+            for a, qi in enumerate(plan.q_index[t].tolist()):
+                keys = box[allowed[a]]
+                assert keys.unique().numel() == keys.numel()
+                assert torch.equal(keys.sort().values, mask[qi].nonzero().view(-1))
+    assert torch.equal(seen, torch.ones_like(seen))
+    valid = plan.q_index[plan.q_valid]
+    assert torch.equal(valid.sort().values, torch.arange(math.prod(shape)))
+
+
+def test_fused_kernel_is_used_where_it_applies(monkeypatch):
+    calls = []
+    kernel = engine_mod._FLASH_CPU
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "_FLASH_CPU", counting)
+    q, k, v = rand(1, 2, (9, 10), 4, seed=20)
+    neighborhood(q, k, v, 3)
+    assert calls  # softmax, no score modifier, d == d_v, CPU
+    calls.clear()
+    neighborhood(q, k, v[..., :3], 3)  # d != d_v
+    neighborhood(q, k, v, 3, score_mod=S.softcap(5.0))
+    monkeypatch.setattr(engine_mod, "USE_FUSED_CPU_KERNEL", False)
+    neighborhood(q, k, v, 3)
+    assert not calls
 
 
 def test_plan_mask_classes():
@@ -334,7 +392,7 @@ def test_causal_axis_is_a_causal_sliding_window():
     assert_close(neighborhood(q, kk, v, 3, is_causal=(True, False)), masked_attention(q, kk, v, m2))
 
 
-def test_gqa_equals_repeated_heads():
+def test_gqa_equals_repeated_heads(fused):
     q, k, v = rand(2, 6, (5, 7), 4, hkv=2, seed=8)
     kw = dict(dilation=(1, 2), stride=(2, 1), is_causal=(False, True))
     out = neighborhood(q, k, v, 3, **kw)
@@ -433,7 +491,7 @@ def test_nonlinear_score_mod_gradients():
 @pytest.mark.parametrize("shape,kernel,dilation,stride,causal", [
     ((5,), 3, 1, 1, False), ((7,), 3, 2, 2, True), ((3, 4), (3, 3), 1, (1, 3), (False, True)),
     ((2, 3, 4), (1, 3, 3), (1, 1, 1), 1, False)])
-def test_gradcheck_float64(shape, kernel, dilation, stride, causal):
+def test_gradcheck_float64(shape, kernel, dilation, stride, causal, fused):
     q, k, v = rand(1, 2, shape, 3, hkv=1, seed=13, grad=True)
     kw = dict(dilation=dilation, stride=stride, is_causal=causal)
     assert torch.autograd.gradcheck(lambda q, k, v: neighborhood(q, k, v, kernel, **kw), (q, k, v), fast_mode=True)
@@ -446,11 +504,12 @@ def test_gradcheck_float64(shape, kernel, dilation, stride, causal):
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 8, 11, 12, 15, 16)], ids=case_id)
-def test_backward_matches_reference_backward(case):
+def test_backward_matches_reference_backward(case, fused):
     shape, kernel, d, s, c = case
     kw = dict(dilation=d, stride=s, is_causal=c)
-    q, k, v = rand(2, 4, shape, 5, hkv=2, dv=3, dtype=torch.float32, seed=14, grad=True)
-    g = torch.randn(2, 4, *shape, 3)
+    dv = 5 if fused else 3
+    q, k, v = rand(2, 4, shape, 5, hkv=2, dv=dv, dtype=torch.float32, seed=14, grad=True)
+    g = torch.randn(2, 4, *shape, dv)
     got = torch.autograd.grad(neighborhood(q, k, v, kernel, **kw), [q, k, v], g)
     qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     want = torch.autograd.grad(masked_attention(qd, kd, vd, explicit_mask(shape, kernel, d, s, c)), [qd, kd, vd],
@@ -461,7 +520,7 @@ def test_backward_matches_reference_backward(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 10, 15)], ids=case_id)
-def test_dtypes_forward_and_backward(dtype, case):
+def test_dtypes_forward_and_backward(dtype, case, fused):
     shape, kernel, d, s, c = case
     kw = dict(dilation=d, stride=s, is_causal=c)
     q, k, v = rand(2, 2, shape, 8, dtype=dtype, seed=15, grad=True)
