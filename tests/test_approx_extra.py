@@ -423,3 +423,15 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="decay"):
         attnkit.nn.TransformerVQAttention(2, 8, decay=1.0)
     assert math.isfinite(float(sparsek_threshold(torch.randn(5, dtype=torch.float64), 2)))
+
+
+def test_sparsek_full_row_fallback_matches_reference():
+    """The per-row selection the causal fast path falls back to if rounding ever breaks the monotone threshold."""
+    from attnkit.ops.approx.sparsek import _chunk_full_rows, sparsek_scores
+
+    q, k, v = random_qkv(1, 2, 40, dim=8, dtype=torch.float64, seed=17)
+    w = _weight(2, 8)
+    for window in (0, 3):
+        out = _chunk_full_rows(q, k, v, sparsek_scores(k, w), 5, window, 8, 40, 8 ** -0.5)
+        ref = sparsek_reference(q, k, v, top_k=5, score_weight=w, causal=True, window=window)
+        assert_close(out, ref[:, :, 8:])

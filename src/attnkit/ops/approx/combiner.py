@@ -105,8 +105,8 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     vr = F.pad(v, (0, 0, 0, pad_k)).view(b, h, num_regions, B, dv)
     lw = F.pad(_within_region_logits(k, w), (0, pad_k)).view(b, h, num_regions, B)
     qjr = torch.softmax(lw.masked_fill(~valid, float("-inf")), dim=-1)  # [b, h, R, B]
-    region_k = (qjr[..., None].to(k.dtype) * kr).sum(-2)  # [b, h, R, d]
-    region_v = (qjr[..., None].to(v.dtype) * vr).sum(-2)  # [b, h, R, dv]
+    region_k = torch.einsum("bhrj,bhrjd->bhrd", qjr.to(k.dtype), kr)  # [b, h, R, d]
+    region_v = torch.einsum("bhrj,bhrjd->bhrd", qjr.to(v.dtype), vr)  # [b, h, R, dv]
     log_size = valid.sum(-1).to(qjr.dtype).log()  # [R]
     # Queries in [b, h, T, B, d] blocks; query block t's own key block is region t (when it exists).
     qq = F.pad(q, (0, 0, 0, nq_blocks * B - n)).view(b, h, nq_blocks, B, d)

@@ -208,23 +208,99 @@ def sparsek_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_
             out[:, :, start:stop] = o
         return out
     out = torch.empty(b, h, n, v.shape[-1], dtype=v.dtype, device=v.device)
+    # tau_i never decreases with i (adding a key raises sum_j clip(u_j - tau, 0, 1) at every tau), so the keys
+    # above the previous chunk's last threshold hold the support of every query of this chunk: one shared
+    # pool per chunk, ~top_k + chunk keys, attended with one matmul.
+    tau_prev = torch.full((b, h), float("-inf"), dtype=torch.float64, device=q.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        visible = _visible(start, stop, nk, 0, q.device)  # [c, n_k]
-        rows = u[:, :, None, :].masked_fill(~visible, float("-inf"))  # [b, h, c, n_k]
-        win = _visible(start, stop, nk, window, q.device) if window else None
-        idx, m = _select(rows, top_k, win)
-        o, lse = _attend_selected(q[:, :, start:stop], k, v, idx, m, scale)
-        if window:
-            # The window part (weight 1) over its contiguous run of keys, merged by log-sum-exp.
-            lo = max(start - window + 1, 0)
-            hi = min(stop, nk)
-            if hi > lo:
-                s = q[:, :, start:stop] @ k[:, :, lo:hi].transpose(-1, -2) * scale
-                o2, lse2 = masked_attention_lse(s, v[:, :, lo:hi], win[:, lo:hi])
-                o, lse = merge_lse(o, lse, o2.to(o.dtype), lse2)
+        kv_stop = min(stop, nk)
+        c = stop - start
+        ub = u[..., :kv_stop]
+        above = torch.where(ub.double() > tau_prev[..., None], ub, torch.full_like(ub, float("-inf")))
+        width = max(int(torch.isfinite(above).sum(-1).max()), 1)
+        pool = above.topk(width, dim=-1)  # [b, h, W], by score
+        pos = torch.arange(start, stop, device=q.device)[:, None]
+        visible = pool.indices[:, :, None, :] <= pos  # [b, h, c, W]
+        rows = pool.values[:, :, None, :].expand(b, h, c, width).masked_fill(~visible, float("-inf"))
+        tau = _pool_thresholds(pool.values, visible, top_k)
+        if bool((tau < tau_prev[..., None]).any()):  # rounding broke monotonicity: select on full rows
+            o = _chunk_full_rows(q, k, v, u, top_k, window, start, stop, scale)
+        else:
+            m = sparsek_mask(rows, top_k, tau)
+            if window:
+                m = torch.where(pool.indices[:, :, None, :] > pos - window, torch.zeros_like(m), m)
+            keep = m > 0
+            kc = k.gather(2, pool.indices[..., None].expand(-1, -1, -1, k.shape[-1]))
+            vc = v.gather(2, pool.indices[..., None].expand(-1, -1, -1, v.shape[-1]))
+            s = (q[:, :, start:stop] @ kc.transpose(-1, -2) * scale).to(m.dtype)
+            s = s + torch.log(torch.where(keep, m, torch.ones_like(m)))
+            o, lse = masked_attention_lse(s, vc, keep)
+            if window:
+                o = _merge_window(q, k, v, o, lse, window, start, stop, scale)
+            tau_prev = tau[..., -1]
         out[:, :, start:stop] = o.to(v.dtype)
     return out
+
+
+def _pool_thresholds(values: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`sparsek_threshold` of the rows ``values`` masked by ``visible``, for many rows sharing one pool:
+    ``values [b, h, W]`` (descending, ``-inf`` padding), ``visible [b, h, c, W]`` -> ``tau [b, h, c]``.
+
+    The breakpoints of every row's piecewise-linear ``f(t) = sum_visible clip(y - t, 0, 1)`` are among the
+    pool's ``y`` and ``y - 1``, so one sort and one search serve all rows; each row only masks its prefix
+    sums. Same threshold as the per-row sort (an extra breakpoint inside a linear piece changes nothing)."""
+    with torch.no_grad():
+        y = values.detach().double().flip(-1)  # ascending
+        vis = (visible & torch.isfinite(values)[:, :, None, :]).flip(-1)
+        finite = torch.isfinite(y)
+        low = torch.where(finite, y, torch.full_like(y, float("inf"))).amin(-1, keepdim=True) - 2
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
+        y = torch.where(finite, y, low).contiguous()
+        count = vis.sum(-1)
+        visd = vis.double()
+        cv = torch.nn.functional.pad(visd.cumsum(-1), (1, 0))  # [b, h, c, W + 1]
+        sv = torch.nn.functional.pad((visd * y[:, :, None, :]).cumsum(-1), (1, 0))
+        cand = torch.cat([y, y - 1], dim=-1).sort(dim=-1).values.contiguous()  # [b, h, 2W]
+        lo = torch.searchsorted(y, cand, right=True)  # first index with y > t
+        hi = torch.searchsorted(y, cand + 1, right=False)  # first index with y >= t + 1
+        c = vis.shape[2]
+        lo_, hi_ = (x[:, :, None, :].expand(-1, -1, c, -1) for x in (lo, hi))
+        t = cand[:, :, None, :]
+        cv_lo, cv_hi = cv.gather(-1, lo_), cv.gather(-1, hi_)
+        fv = (cv[..., -1:] - cv_hi) + (sv.gather(-1, hi_) - sv.gather(-1, lo_)) - t * (cv_hi - cv_lo)
+        n2 = fv.shape[-1]
+        tol = 1e-9 * k
+        p = ((fv >= k - tol).sum(-1, keepdim=True) - 1).clamp(0, n2 - 2)
+        p0 = (fv > k + tol).sum(-1, keepdim=True).clamp(0, n2 - 1)
+        tc = t.expand(-1, -1, c, -1)
+        t0, t1 = tc.gather(-1, p), tc.gather(-1, p + 1)
+        f0, f1 = fv.gather(-1, p), fv.gather(-1, p + 1)
+        tau = t0 + (f0 - k) * (t1 - t0) / (f0 - f1).clamp_min(1e-300)
+        tau = torch.where(p > p0, 0.5 * (tc.gather(-1, p0) + t0), tau).squeeze(-1)
+        return torch.where(count > k, tau, torch.full_like(tau, float("-inf")))
+
+
+def _merge_window(q, k, v, o, lse, window, start, stop, scale):
+    """Merge the sliding-window part (weight 1, keys ``i - window < j <= i``) into a selected part ``o, lse``."""
+    nk = k.shape[2]
+    lo, hi = max(start - window + 1, 0), min(stop, nk)
+    if hi <= lo:
+        return o
+    s = q[:, :, start:stop] @ k[:, :, lo:hi].transpose(-1, -2) * scale
+    win = _visible(start, stop, nk, window, q.device)[:, lo:hi]
+    o2, lse2 = masked_attention_lse(s, v[:, :, lo:hi], win)
+    return merge_lse(o, lse, o2.to(o.dtype), lse2)[0]
+
+
+def _chunk_full_rows(q, k, v, u, top_k, window, start, stop, scale):
+    """Queries ``start:stop`` with the selection computed on their full visible rows (the plain way)."""
+    nk = k.shape[2]
+    rows = u[:, :, None, :].masked_fill(~_visible(start, stop, nk, 0, q.device), float("-inf"))
+    win = _visible(start, stop, nk, window, q.device) if window else None
+    idx, m = _select(rows, top_k, win)
+    o, lse = _attend_selected(q[:, :, start:stop], k, v, idx, m, scale)
+    return _merge_window(q, k, v, o, lse, window, start, stop, scale) if window else o
 
 
 def _select(rows: torch.Tensor, top_k: int, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,160 @@
+"""Approximate attention benchmark: the Speed section of the approximate attention issue, one run.
+
+    python benchmarks/bench_approx.py              # 16,384 tokens, 8 heads, head dim 64 (minutes on 2 cores)
+    python benchmarks/bench_approx.py --quick      # 1,024 tokens: checks the script, not the targets
+    python benchmarks/bench_approx.py --causal     # causal variants against SDPA(is_causal=True)
+
+float32, batch 1, 2 threads unless told otherwise, no autograd. For every registered mechanism of the approx
+family (``--mechanisms`` to choose) with its registry benchmark parameters (``attnkit list``), and for
+``scaled_dot_product_attention`` (exact) in the same run:
+
+- time: median of ``--repeats`` calls (min-max), after one untimed call (which is the memory measurement);
+- peak memory allocated during one call (allocation tracer of ``attnkit.bench.measure.peak_memory``; inputs
+  excluded), and its ratio to one ``[heads, n, n]`` float32 score matrix: a ratio well below 1 means memory
+  is not quadratic;
+- theoretical forward FLOPs (the registry's count) and GFLOP/s;
+- error against exact softmax: relative Frobenius error of the output on ``--rows`` query rows spread over
+  the sequence (``attnkit.bench.measure.exact_softmax_rows``, float64).
+
+Untrained parameters are what a benchmark can give: Linformer's projections and SPARSEK's scorer are random
+(their errors are those of random projections / selections), Transformer-VQ's codebook is fitted by k-means on
+*calibration* keys drawn independently of the measured ones. SOFT and YOSO approximate their own kernels, so
+their error against softmax measures the kernel change, not the estimator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit.bench.machine import describe_machine
+from attnkit.bench.measure import dense_flops, exact_softmax_rows, peak_memory, relative_error, sample_rows
+from attnkit.bench.workloads import shape_params
+
+CPU = torch.device("cpu")
+
+
+def median_time(fn, repeats: int) -> tuple[float, float, float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def qkv(n: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, n, dim, generator=g) for _ in range(3)]
+
+
+def build(name: str, *, causal: bool, heads: int, dim: int, n: int, calibration_keys: torch.Tensor):
+    m = attnkit.mechanism_info(name)
+    fn = m.build(causal=causal, **m.bench_params, **shape_params(m, heads=heads, head_dim=dim, seq_len=n))
+    if isinstance(fn, torch.nn.Module):
+        fn.eval()
+    if name == "transformer_vq":
+        fn.fit(calibration_keys, iterations=5)
+    return m, fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1,024 tokens: checks that the script runs")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens (default 16384; 1024 with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per mechanism (default 3; 1 quick)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=256, help="query rows the error is measured on (default 256)")
+    ap.add_argument("--causal", action="store_true", help="causal variants (mechanisms that have one)")
+    ap.add_argument("--mechanisms", default=None, help="comma-separated names (default: the approx family)")
+    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n = args.seq_len or (1024 if args.quick else 16384)
+    reps = args.repeats or (1 if args.quick else 3)
+    h, d = args.heads, args.head_dim
+    names = (args.mechanisms.split(",") if args.mechanisms
+             else [m.name for m in attnkit.list_mechanisms("approx")])
+    if args.causal:
+        names = [name for name in names if attnkit.mechanism_info(name).causal]
+
+    machine = describe_machine(CPU)
+    print(f"# attnkit approximate attention benchmark\n{machine['cpu']}, {machine['torch_threads']} threads, "
+          f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
+          f"load {machine.get('load_average')}")
+    print(f"float32, batch 1, {n} tokens, {h} heads, head dim {d}, causal={args.causal}; medians of {reps} "
+          f"calls (min-max); error on {args.rows} sampled rows against float64 exact softmax\n")
+
+    q, k, v = qkv(n, h, d)
+    _, calibration_keys, _ = qkv(n if n <= 4096 else 4096, h, d, seed=1)
+    rows = sample_rows(n, args.rows, CPU)
+    exact_rows = exact_softmax_rows(q, k, v, rows, causal=args.causal)
+    score_matrix_bytes = h * n * n * 4
+    results: dict = {"machine": machine, "quick": args.quick, "n": n, "heads": h, "head_dim": d,
+                     "causal": args.causal, "repeats": reps, "rows": int(rows.numel()), "mechanisms": []}
+
+    def measure(name, fn, flops):
+        with torch.no_grad():
+            out, mem = peak_memory(lambda: fn(q, k, v), CPU)  # also the warm-up call
+            t = median_time(lambda: fn(q, k, v), reps)
+        err = relative_error(out[:, :, rows], exact_rows)
+        row = {"name": name, "time_s": t[0], "time_min_s": t[1], "time_max_s": t[2], "peak_bytes": mem,
+               "vs_score_matrix": mem / score_matrix_bytes, "flops": flops, "gflops_per_s": flops / t[0] / 1e9,
+               "error": err}
+        results["mechanisms"].append(row)
+        return row
+
+    header = (f"{'mechanism':<15} {'time ms (min-max)':>26} {'vs SDPA':>8} {'peak MiB':>9} {'/ n^2 scores':>12} "
+              f"{'GFLOP':>8} {'GFLOP/s':>8} {'rel. error':>10}")
+    print(header)
+    print("-" * len(header))
+
+    def show(row, base):
+        ratio = row["time_s"] / base if base else 1.0
+        span = f"{row['time_s'] * 1e3:.1f} ({row['time_min_s'] * 1e3:.1f}-{row['time_max_s'] * 1e3:.1f})"
+        print(f"{row['name']:<15} {span:>26} {ratio:>7.2f}x {row['peak_bytes'] / 2**20:>9.1f} "
+              f"{row['vs_score_matrix']:>12.3f} {row['flops'] / 1e9:>8.1f} {row['gflops_per_s']:>8.1f} "
+              f"{row['error']:>10.2e}", flush=True)
+
+    sdpa = measure("sdpa (exact)", lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_,
+                                                                                      is_causal=args.causal),
+                   dense_flops(batch=1, heads=h, q_len=n, kv_len=n, head_dim=d, causal=args.causal))
+    base = sdpa["time_s"]
+    sdpa["vs_sdpa"] = 1.0
+    show(sdpa, base)
+    for name in names:
+        m, fn = build(name, causal=args.causal, heads=h, dim=d, n=n, calibration_keys=calibration_keys)
+        flops = m.flops(batch=1, heads=h, q_len=n, kv_len=n, head_dim=d, causal=args.causal, **m.bench_params)
+        row = measure(name, fn, flops)
+        row["vs_sdpa"] = row["time_s"] / base
+        row["params"] = dict(m.bench_params)
+        show(row, base)
+
+    faster = [r["name"] for r in results["mechanisms"][1:] if r["vs_sdpa"] < 1]
+    print(f"\nfaster than SDPA at {n} tokens: {', '.join(faster) or 'none'}")
+    print("peak memory below one n^2 score matrix for every mechanism: "
+          f"{all(r['vs_score_matrix'] < 1 for r in results['mechanisms'][1:])}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+        print(f"wrote {args.json}")
+    summary = {"n": n, "causal": args.causal, "sdpa_ms": round(base * 1e3, 1),
+               "mechanisms": {r["name"]: {"ms": round(r["time_s"] * 1e3, 1), "vs_sdpa": round(r["vs_sdpa"], 3),
+                                          "peak_mib": round(r["peak_bytes"] / 2**20, 1),
+                                          "error": float(f"{r['error']:.3g}")}
+                              for r in results["mechanisms"][1:]}}
+    print("\n" + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
