@@ -266,6 +266,24 @@ def test_state_sizes():
                       seq_len=n)[0] == 16 * d
 
 
+def test_mechanism_variants_carry_their_parameters():
+    spec = parse_mechanism("sliding_window@window=4")
+    assert spec.mechanism == "sliding_window" and spec.params["window"] == 4
+    assert state_size(spec, head_dim=8, num_heads=2, seq_len=64) == (2 * 4 * 8, "window cache")
+    fav = parse_mechanism("linear:favor@num_features=8", {"num_features": 12})  # explicit overrides win
+    assert fav.feature_map == "favor" and fav.params["num_features"] == 12
+    model = QualityModel(spec, vocab_size=8, num_outputs=8, embed_dim=16, max_seq_len=8, causal=True)
+    assert model(torch.randint(8, (1, 8))).shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="NAME@PARAM=VALUE"):
+        parse_mechanism("sliding_window@window")
+    cfg = QualityConfig(params={"sliding_window": {"window": 2}, "sliding_window@window=4": {"window": 3}})
+    from attnkit.quality.train import mechanism_overrides
+
+    assert mechanism_overrides(cfg, "sliding_window@window=4") == {"window": 3}
+    assert mechanism_overrides(cfg, "sliding_window@window=9") == {}  # the entry's own value wins
+    assert mechanism_overrides(cfg, "sliding_window") == {"window": 2}
+
+
 # -- training and report ---------------------------------------------------------------------------------------
 TINY = dict(embed_dim=32, num_heads=2, num_layers=2, batch=16, eval_examples=32, warmup=5, lr=3e-3)
 

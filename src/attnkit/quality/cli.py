@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", type=_names, default=None, metavar="TASKS",
                    help=f"comma-separated tasks: {', '.join(TASKS)} (default mqar)")
     p.add_argument("--mechanisms", type=_names, action="extend", metavar="NAMES",
-                   help="comma-separated registry names (`attnkit list`) or linear:<feature map> "
+                   help="comma-separated registry names (`attnkit list`) or linear:<feature map>, each "
+                        "optionally with parameters: sliding_window@window=8, linear:favor@num_features=64 "
                         f"(default: {','.join(DEFAULT_MECHANISMS)})")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (task default: mqar 64, "
                    "listops 128, copy 64, icl-regression 64)")
@@ -97,7 +98,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     from attnkit.quality.model import parse_mechanism
     from attnkit.quality.tasks import TASKS
-    from attnkit.quality.train import QualityConfig
+    from attnkit.quality.train import QualityConfig, mechanism_overrides
 
     tasks = args.task or ["mqar"]
     for t in tasks:
@@ -140,10 +141,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     try:
         config.check()
         for m in config.mechanisms:
-            parse_mechanism(m, config.params.get(m))
+            parse_mechanism(m, mechanism_overrides(config, m))
     except ValueError as exc:
         parser.error(str(exc))
-    unknown = set(config.params) - set(config.mechanisms)
+    unknown = set(config.params) - set(config.mechanisms) - {m.partition("@")[0] for m in config.mechanisms}
     if unknown:
         parser.error(f"argument --param: {', '.join(sorted(unknown))} not among the selected mechanisms")
     return config

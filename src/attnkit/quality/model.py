@@ -59,36 +59,60 @@ class MechanismSpec:
     feature_map: str | None
     params: dict[str, Any]
     paper: str = ""
+    base: str = ""  # the name without ``@`` parameters (defaults to ``name``)
 
     @property
-    def registry_name(self) -> str | None:
-        return None if self.feature_map is not None else self.name
+    def mechanism(self) -> str:
+        """The registry name (or ``linear:<map>``) without the ``@`` parameters."""
+        return self.base or self.name
+
+
+def _variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``"sliding_window@window=8+..."`` -> ``("sliding_window", {"window": 8, ...})``."""
+    import ast
+
+    base, at, rest = name.partition("@")
+    params: dict[str, Any] = {}
+    if at:
+        for item in rest.split("+"):
+            key, eq, raw = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"mechanism variant {name!r}: expected NAME@PARAM=VALUE[+PARAM=VALUE], "
+                                 f"e.g. sliding_window@window=8")
+            try:
+                params[key.strip()] = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError):
+                params[key.strip()] = raw.strip()
+    return base, params
 
 
 def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> MechanismSpec:
-    """Resolve ``name`` (a registry name or ``linear:<feature map>``); raises ``ValueError`` naming the choices."""
-    params = {**QUALITY_PARAMS.get(name, {}), **(overrides or {})}
-    if name.startswith(LINEAR_PREFIX):
+    """Resolve ``name``: a registry name or ``linear:<feature map>``, optionally with parameters after ``@``
+    (``sliding_window@window=8``, ``linear:favor@num_features=64+ortho=False``) so one run can sweep a
+    parameter; ``overrides`` come last. Raises ``ValueError`` naming the choices."""
+    base, inline = _variant(name)
+    params = {**QUALITY_PARAMS.get(base, {}), **inline, **(overrides or {})}
+    if base.startswith(LINEAR_PREFIX):
         from attnkit.feature_maps import FEATURE_MAPS
 
-        fm = name[len(LINEAR_PREFIX):]
+        fm = base[len(LINEAR_PREFIX):]
         if fm not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map in {name!r}; use linear:<map> with one of "
                              f"{', '.join(sorted(FEATURE_MAPS))}")
         _check_params(name, FEATURE_MAPS[fm].__init__, params, skip=("self", "head_dim", "num_heads"))
-        return MechanismSpec(name, "linear", True, fm, params, "Katharopoulos et al., 2020 (feature map " + fm + ")")
+        return MechanismSpec(name, "linear", True, fm, params, "Katharopoulos et al., 2020 (feature map " + fm + ")",
+                             base)
     from attnkit.registry import mechanism_info
 
     try:
-        info = mechanism_info(name)
+        info = mechanism_info(base)
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]}; or linear:<feature map> (e.g. linear:taylor)") from None
     _check_params(name, info.factory, params, skip=("causal", *info.needs))
-    if name in QUALITY_PARAMS:
+    if base in QUALITY_PARAMS:
         params = {**info.bench_params, **params}
-    else:
-        params = {**params}  # benchmark parameters are sized for long sequences: factory defaults instead
-    return MechanismSpec(name, info.family, info.causal, None, params, info.paper)
+    # (otherwise the factory's defaults: benchmark parameters are sized for long sequences)
+    return MechanismSpec(name, info.family, info.causal, None, params, info.paper, base)
 
 
 def _no_params() -> None:
@@ -138,10 +162,10 @@ def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: i
         except Exception:  # a registry entry with parameters the map does not take: size unknown
             return None, "unknown"
     p = spec.params
-    if spec.name in ("sliding_window", "longformer"):
+    if spec.mechanism in ("sliding_window", "longformer"):
         window = min(int(p.get("window", seq_len)) + int(p.get("num_global", 0)), seq_len)
         return 2 * window * head_dim, "window cache"
-    if spec.name == "block_local":
+    if spec.mechanism == "block_local":
         return 2 * min(int(p.get("block_size", seq_len)), seq_len) * head_dim, "window cache"
     return 2 * seq_len * head_dim, "kv cache"
 
@@ -236,8 +260,8 @@ class QualityModel(nn.Module):
                                        feature_map_params=spec.params)
         from attnkit.nn import MultiheadAttention
 
-        return MultiheadAttention(embed_dim, num_heads, mechanism=spec.name, causal=causal, max_seq_len=max_seq_len,
-                                  mechanism_kwargs=dict(spec.params) or None)
+        return MultiheadAttention(embed_dim, num_heads, mechanism=spec.mechanism, causal=causal,
+                                  max_seq_len=max_seq_len, mechanism_kwargs=dict(spec.params) or None)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n = inputs.shape[1]

@@ -20,7 +20,7 @@ from attnkit.quality.model import MechanismSpec, QualityModel, parse_mechanism, 
 from attnkit.quality.tasks import Task, TaskBatch, get_task
 
 __all__ = ["QualityConfig", "run_quality", "train_one", "evaluate", "loss_and_metric", "DEFAULT_MECHANISMS",
-           "SCHEMA"]
+           "SCHEMA", "mechanism_overrides", "make_eval_data"]
 
 SCHEMA = "attnkit-quality/1"
 
@@ -67,6 +67,16 @@ class QualityConfig:
             raise ValueError("no task selected; choose from mqar, listops, copy, selective-copy, icl-regression")
         if not self.mechanisms:
             raise ValueError("no mechanism selected; see `attnkit list` or use linear:<feature map>")
+
+
+def mechanism_overrides(config: QualityConfig, name: str) -> dict[str, Any]:
+    """``config.params`` for the mechanism entry ``name``: those given for its base name (before ``@``) except
+    the ones the entry sets after ``@``, then those given for the entry itself."""
+    from attnkit.quality.model import _variant
+
+    base, inline = _variant(name)
+    shared = {k: v for k, v in config.params.get(base, {}).items() if k not in inline}
+    return {**shared, **(config.params.get(name, {}) if name != base else {})}
 
 
 def _seed(base: int, split: int, index: int) -> int:
@@ -230,7 +240,7 @@ def run_quality(config: QualityConfig, *, progress: bool = True,
     config.check()
     tasks = [get_task(t) for t in config.tasks]
     task_params = {t.name: t.params(**config.task_params.get(t.name, {})) for t in tasks}
-    specs = [parse_mechanism(m, config.params.get(m)) for m in config.mechanisms]
+    specs = [parse_mechanism(m, mechanism_overrides(config, m)) for m in config.mechanisms]
     device = torch.device(config.device)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "config": asdict(config) | {"tasks": list(config.tasks),
