@@ -348,7 +348,10 @@ def test_cli_quality_end_to_end(tmp_path, capsys):
     assert doc["tasks"][0]["params"]["num_tokens"] == 4
     assert [r["mechanism"] for r in doc["tasks"][0]["results"]] == ["softmax", "sliding_window"]
     assert doc["tasks"][0]["results"][1]["params"]["window"] == 4
-    assert "## Quality" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Quality" in md
+    for part in ("--task copy", "--task-param copy.num_tokens=4", "--param sliding_window.window=4", "--steps 2"):
+        assert part in md  # the reproduce line
     assert "sliding_window" in capsys.readouterr().out
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from attnkit.bench.report import _CSS, _html_table, _md_table, _text_table, fmt_bytes
 
 __all__ = ["write_quality_report", "write_quality_json", "quality_table", "terminal_summary", "splice_section",
-           "make_plot", "PLOT", "BEGIN", "END"]
+           "make_plot", "command", "PLOT", "BEGIN", "END"]
 
 BEGIN = "<!-- attnkit-quality:begin -->"
 END = "<!-- attnkit-quality:end -->"
@@ -78,7 +78,33 @@ def _model_line(doc: dict[str, Any]) -> str:
 
 def _machine_word(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    return m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+    n = m["torch_threads"]
+    return m.get("gpu") or f"{m['cpu']} ({n} thread{'' if n == 1 else 's'})"
+
+
+def command(doc: dict[str, Any]) -> str:
+    """The ``attnkit quality`` command line that reproduces the run."""
+    from attnkit.quality.train import QualityConfig
+
+    c, d = doc["config"], QualityConfig()
+    parts = ["attnkit quality", "--task " + ",".join(c["tasks"]), "--mechanisms " + ",".join(c["mechanisms"])]
+    for flag, key in (("--steps", "steps"), ("--batch", "batch"), ("--lr", "lr"), ("--embed-dim", "embed_dim"),
+                      ("--heads", "num_heads"), ("--layers", "num_layers"), ("--eval-examples", "eval_examples"),
+                      ("--seed", "seed")):
+        if c[key] != getattr(d, key):
+            parts.append(f"{flag} {c[key]:g}" if isinstance(c[key], float) else f"{flag} {c[key]}")
+    for entry in doc["tasks"]:
+        from attnkit.quality.tasks import TASKS
+
+        defaults = TASKS[entry["task"]].defaults
+        parts += [f"--task-param {entry['task']}.{k}={v}" for k, v in entry["params"].items()
+                  if defaults.get(k) != v]
+    for name, params in c["params"].items():
+        parts += [f"--param {name}.{k}={v}" for k, v in params.items()]
+    if doc["machine"].get("device", "cpu") != "cpu":
+        parts.append(f"--device {doc['machine']['device']}")
+    parts.append(f"--threads {doc['machine']['torch_threads']}")
+    return " ".join(parts)
 
 
 def headline(doc: dict[str, Any]) -> str:
@@ -109,7 +135,8 @@ _METHODS = [
 
 
 def _section_md(doc: dict[str, Any], plot: str | None) -> str:
-    out = [BEGIN, "## Quality", "", headline(doc) + ".", "", "Model: " + _model_line(doc) + ".", ""]
+    out = [BEGIN, "## Quality", "", headline(doc) + ".", "", "Model: " + _model_line(doc) + ".", "",
+           f"Reproduce: `{command(doc)}`", ""]
     if doc["interrupted"]:
         out += ["**The run was interrupted (Ctrl-C): these are the results gathered until then.**", ""]
     for entry in doc["tasks"]:
@@ -124,7 +151,8 @@ def _section_md(doc: dict[str, Any], plot: str | None) -> str:
 
 def _section_html(doc: dict[str, Any], plot: str | None) -> str:
     e = html.escape
-    out = [BEGIN, "<h2>Quality</h2>", f"<p>{e(headline(doc))}.</p>", f"<p>Model: {e(_model_line(doc))}.</p>"]
+    out = [BEGIN, "<h2>Quality</h2>", f"<p>{e(headline(doc))}.</p>", f"<p>Model: {e(_model_line(doc))}.</p>",
+           f"<p>Reproduce: <code>{e(command(doc))}</code></p>"]
     if doc["interrupted"]:
         out.append("<p><b>The run was interrupted (Ctrl-C): these are the results gathered until then.</b></p>")
     for entry in doc["tasks"]:
