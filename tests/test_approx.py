@@ -103,6 +103,8 @@ def test_gradcheck(name):
     p = params(9, 2)
     if name == "hyper":
         p = p | dict(block_size=4, sample_size=4)  # exercise blocks and samples, not the exact shortcut
+    if name == "yoso":
+        p = p | dict(lsh_backward=False)  # its q/k backward is the paper's surrogate: test_approx_extra.py
     assert torch.autograd.gradcheck(lambda q, k, v: fast(q, k, v, **p), (q, k, v), eps=1e-6, atol=1e-5)
 
 

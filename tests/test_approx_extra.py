@@ -435,3 +435,58 @@ def test_sparsek_full_row_fallback_matches_reference():
         out = _chunk_full_rows(q, k, v, sparsek_scores(k, w), 5, window, 8, 40, 8 ** -0.5)
         ref = sparsek_reference(q, k, v, top_k=5, score_weight=w, causal=True, window=window)
         assert_close(out, ref[:, :, 8:])
+
+
+# ---- YOSO's LSH backward for q and k --------------------------------------------------------------------
+
+def _yoso_surrogate(q, k, v, tau):
+    """Closed form of what YOSO's LSH backward estimates: the expectation ``p @ v`` with ``dp/dS`` replaced by
+    ``(tau/2) p`` (``S = q^ k^T``), in float64."""
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    s = qn @ kn.transpose(-1, -2)
+    p = (1 - torch.arccos(s.detach().clamp(-1, 1)) / math.pi) ** tau
+    return (p + (tau / 2) * p * (s - s.detach())) @ v
+
+
+def test_yoso_lsh_backward_converges_to_its_expectation():
+    from attnkit.ops.approx import yoso_attention, yoso_expectation
+
+    q, k, v = random_qkv(1, 2, 12, dim=6, dtype=torch.float64, seed=3, requires_grad=True)
+    tau = 4
+    g = torch.randn(1, 2, 12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    surrogate = torch.autograd.grad((_yoso_surrogate(q, k, v, tau) * g).sum(), (q, k, v))
+    exact = torch.autograd.grad((yoso_expectation(q, k, v, tau=tau) * g).sum(), (q, k, v))
+    errors = []
+    for hashes in (16, 256, 4096):
+        out = yoso_attention(q, k, v, tau=tau, num_hashes=hashes, chunk_size=8)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+        errors.append([relative_error(a, b) for a, b in zip(grads, surrogate, strict=True)])
+    for i in range(3):  # q, k, v: the Monte-Carlo error falls with the number of hashes (~ 1/sqrt(m))
+        assert errors[0][i] > errors[1][i] > errors[2][i]
+    assert max(errors[2]) < 0.06
+    # v's gradient is unbiased for the true one; q's and k's estimate the surrogate, which points the way of
+    # the true gradient of the expectation with a smaller norm (dp/dx = 4/pi (tau/2) p at x = 0).
+    assert relative_error(grads[2], exact[2]) < 0.06
+    for a, b in zip(grads[:2], exact[:2], strict=True):
+        cosine = float((a * b).sum() / (a.norm() * b.norm()))
+        assert cosine > 0.97 and 0.7 < float(a.norm() / b.norm()) < 1.0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_yoso_lsh_backward_matches_reference(causal, normalize):
+    from attnkit.ops.approx import yoso_attention, yoso_reference
+
+    q, k, v = random_qkv(2, 4, 33, 29, dim=8, kv_heads=2, dim_v=5, dtype=torch.float64, seed=1, requires_grad=True)
+    p = dict(tau=3, num_hashes=5, normalize=normalize, causal=causal, chunk_size=8)
+    out, ref = yoso_attention(q, k, v, **p), yoso_reference(q, k, v, **p)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert a.abs().sum() > 0
+        assert_close(a, b)
+    # lsh_backward=False: no gradient to q and k.
+    out = yoso_attention(q, k, v, lsh_backward=False, **p)
+    gq, gk = torch.autograd.grad(out.sum(), (q, k), allow_unused=True)
+    assert gq is None and gk is None
