@@ -8,7 +8,8 @@ float32, batch 1, 2 threads unless told otherwise, no autograd. For every regist
 family (``--mechanisms`` to choose) with its registry benchmark parameters (``attnkit list``), and for
 ``scaled_dot_product_attention`` (exact) in the same run:
 
-- time: median of ``--repeats`` calls (min-max), after one untimed call (which is the memory measurement);
+- time: median of ``--repeats`` calls (min-max; fewer once ``--budget-s`` is spent), after one untimed call
+  (which is the memory measurement);
 - peak memory allocated during one call (allocation tracer of ``attnkit.bench.measure.peak_memory``; inputs
   excluded), and its ratio to one ``[heads, n, n]`` float32 score matrix: a ratio well below 1 means memory
   is not quadratic;
@@ -42,13 +43,17 @@ from attnkit.bench.workloads import shape_params
 CPU = torch.device("cpu")
 
 
-def median_time(fn, repeats: int) -> tuple[float, float, float]:
+def median_time(fn, repeats: int, budget_s: float) -> tuple[float, float, float, int]:
+    """Median (min, max) of up to ``repeats`` calls, stopping once ``budget_s`` is spent (one call at least)."""
     times = []
+    start = time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+        if time.perf_counter() - start >= budget_s:
+            break
+    return statistics.median(times), min(times), max(times), len(times)
 
 
 def qkv(n: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per mechanism (default 3; 1 quick)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--budget-s", type=float, default=60.0,
+                    help="stop repeating a mechanism's timed calls after this many seconds (default 60)")
     ap.add_argument("--rows", type=int, default=256, help="query rows the error is measured on (default 256)")
     ap.add_argument("--causal", action="store_true", help="causal variants (mechanisms that have one)")
     ap.add_argument("--mechanisms", default=None, help="comma-separated names (default: the approx family)")
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
           f"load {machine.get('load_average')}")
     print(f"float32, batch 1, {n} tokens, {h} heads, head dim {d}, causal={args.causal}; medians of {reps} "
-          f"calls (min-max); error on {args.rows} sampled rows against float64 exact softmax\n")
+          f"calls (min-max; fewer past {args.budget_s:.0f} s); error on {args.rows} sampled rows against float64 "
+          f"exact softmax\n")
 
     q, k, v = qkv(n, h, d)
     _, calibration_keys, _ = qkv(n if n <= 4096 else 4096, h, d, seed=1)
@@ -106,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name, fn, flops):
         with torch.no_grad():
             out, mem = peak_memory(lambda: fn(q, k, v), CPU)  # also the warm-up call
-            t = median_time(lambda: fn(q, k, v), reps)
+            t = median_time(lambda: fn(q, k, v), reps, args.budget_s)
         err = relative_error(out[:, :, rows], exact_rows)
-        row = {"name": name, "time_s": t[0], "time_min_s": t[1], "time_max_s": t[2], "peak_bytes": mem,
+        row = {"name": name, "time_s": t[0], "time_min_s": t[1], "time_max_s": t[2], "calls": t[3], "peak_bytes": mem,
                "vs_score_matrix": mem / score_matrix_bytes, "flops": flops, "gflops_per_s": flops / t[0] / 1e9,
                "error": err}
         results["mechanisms"].append(row)

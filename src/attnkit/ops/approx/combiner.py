@@ -112,7 +112,10 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     qq = F.pad(q, (0, 0, 0, nq_blocks * B - n)).view(b, h, nq_blocks, B, d)
     own = torch.arange(nq_blocks, device=dev).clamp_max(num_regions - 1)
     has_own = torch.arange(nq_blocks, device=dev) < num_regions  # [T]
-    k_own, v_own = kr[:, :, own], vr[:, :, own]  # [b, h, T, B, .]
+    if nq_blocks <= num_regions:  # every query block has its own key block: a view, no gather
+        k_own, v_own = kr[:, :, :nq_blocks], vr[:, :, :nq_blocks]
+    else:
+        k_own, v_own = kr[:, :, own], vr[:, :, own]  # [b, h, T, B, .]
     qpos = torch.arange(nq_blocks * B, device=dev).view(nq_blocks, B)
     kpos = own[:, None] * B + torch.arange(B, device=dev)  # [T, B]
     direct = has_own[:, None, None] & valid[own][:, None, :]  # [T, 1, B]
