@@ -224,7 +224,9 @@ def sparsek_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_
         visible = pool.indices[:, :, None, :] <= pos  # [b, h, c, W]
         rows = pool.values[:, :, None, :].expand(b, h, c, width).masked_fill(~visible, float("-inf"))
         tau = _pool_thresholds(pool.values, visible, top_k)
-        if bool((tau < tau_prev[..., None]).any()):  # rounding broke monotonicity: select on full rows
+        # tau never decreases; a drop beyond rounding would mean the pool missed keys: select on full rows then.
+        slack = 1e-9 * (1 + tau_prev.abs())
+        if bool((tau < (tau_prev - slack)[..., None]).any()):
             o = _chunk_full_rows(q, k, v, u, top_k, window, start, stop, scale)
         else:
             m = sparsek_mask(rows, top_k, tau)
