@@ -176,7 +176,9 @@ class TransformerVQAttention(nn.Module):
 
     @torch.no_grad()
     def fit(self, k: torch.Tensor, *, iterations: int = 10, seed: int = 0) -> TransformerVQAttention:
-        """Set the codebook by k-means on calibration keys ``k [b, num_heads, n, head_dim]``; returns self."""
+        """Set the codebook by k-means on calibration keys ``k [b, num_heads | kv_heads, n, head_dim]``; returns
+        self."""
+        k = k.repeat_interleave(self.codebook.shape[0] // k.shape[1], dim=1)
         self.codebook.copy_(vq_codebook(k, self.codebook.shape[1], iterations=iterations, seed=seed))
         return self
 

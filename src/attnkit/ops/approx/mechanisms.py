@@ -246,7 +246,7 @@ register(Mechanism(
 register(Mechanism(
     name="sparsek", family=FAMILY,
     paper="Sparser is Faster and Less is More: Efficient Sparse Attention for Long-Range Transformers",
-    exact=False, complexity="O(n k d) (+ O(n^2) selection)", causal=True, factory=_sparsek_factory,
+    exact=False, complexity="O(n (k + c) d + n^2 / c)", causal=True, factory=_sparsek_factory,
     needs=("num_heads", "head_dim"),
     summary="learned key scorer + differentiable SPARSEK top-k mask per query, attention over the selected keys "
             "(module; untrained scorer in benchmarks)",

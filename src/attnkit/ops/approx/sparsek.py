@@ -20,9 +20,12 @@ prefix ``j <= i``, ``m_i = SPARSEK(u_{<=i}, k)``, optionally united with a slidi
 keys are visible, ``m = 1`` on all of them and the result is exact softmax attention.
 
 Cost: attention O(n |support| d), with ``|support| >= k`` the keys with ``m > 0`` (close to k unless scores
-tie). The causal selection is computed per query on chunks of queries: O(n^2) cheap elementwise work (top-W
-of the prefix scores, no head-dim factor) and O(chunk x n) memory; the paper's incremental decode keeps O(k)
-keys per step, which this batched function does not model.
+tie). Causal fast path: the threshold ``tau_i`` never decreases with i, so for a chunk of queries every key
+that can be selected scores above the previous chunk's last threshold: that pool (~ k + chunk keys) is gathered
+once and attended with one matmul; all rows' thresholds come from one sort of the pool. Work O(n (k + chunk)
+d) plus a scan of the prefix scores per chunk (O(n^2 / chunk), no head-dim factor); memory O(chunk (k +
+chunk)). The paper's incremental decode keeps O(k) keys per step, which this batched function does not model
+(a step equals row i of the full pass: see the tests).
 """
 
 from __future__ import annotations
