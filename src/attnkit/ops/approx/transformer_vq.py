@@ -9,9 +9,10 @@ so attention to any set of quantised keys only needs, per code, the count of key
 values. The causal form runs over blocks of ``block_size`` tokens: inside its block a query attends
 exactly (softmax over the quantised keys, causal mask); all earlier blocks enter through the compressed
 cache ``U = sum_past Delta^T V [S, dv]`` and counts ``L = sum_past Delta^T 1 [S]``, with logit
-``q.c_s + log L_s`` for code ``s``; the two parts merge by log-sum-exp. The non-causal form uses the cache
-of every other block. Both are *exactly* softmax attention over ``K^`` (the defining invariant; the
-reference materialises it), in O(n (S + block_size) d) time and O(S dv) cache memory.
+``q.c_s + log L_s`` for code ``s``; the two parts merge by log-sum-exp (the paper also keeps the previous
+block uncompressed: same output, only the reach of the straight-through key gradient differs). The
+non-causal form uses the cache of every other block. Both are *exactly* softmax attention over ``K^`` (the
+defining invariant; the reference materialises it), in O(n (S + block_size) d) time and O(S dv) cache memory.
 
 Gradients: ``q``, ``v`` and the codebook (when it requires grad) get the exact gradient of attention over
 ``K^``. Keys get the straight-through gradient ``dL/dk = dL/dk^`` from the pairs inside a block (where the
