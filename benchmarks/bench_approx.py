@@ -19,8 +19,8 @@ family (``--mechanisms`` to choose) with its registry benchmark parameters (``at
 
 Untrained parameters are what a benchmark can give: Linformer's projections and SPARSEK's scorer are random
 (their errors are those of random projections / selections), Transformer-VQ's codebook is fitted by k-means on
-*calibration* keys drawn independently of the measured ones. SOFT and YOSO approximate their own kernels, so
-their error against softmax measures the kernel change, not the estimator.
+*calibration* keys drawn independently of the measured ones, and so is causal Loki's PCA basis. SOFT and YOSO
+approximate their own kernels, so their error against softmax measures the kernel change, not the estimator.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import attnkit
 from attnkit.bench.machine import describe_machine
 from attnkit.bench.measure import dense_flops, exact_softmax_rows, peak_memory, relative_error, sample_rows
 from attnkit.bench.workloads import shape_params
+from attnkit.ops.approx import pca_basis
 
 CPU = torch.device("cpu")
 
@@ -63,7 +64,11 @@ def qkv(n: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
 
 def build(name: str, *, causal: bool, heads: int, dim: int, n: int, calibration_keys: torch.Tensor):
     m = attnkit.mechanism_info(name)
-    fn = m.build(causal=causal, **m.bench_params, **shape_params(m, heads=heads, head_dim=dim, seq_len=n))
+    extra = {}
+    if name == "loki" and causal:  # causal Loki needs a PCA basis calibrated offline (as in the paper)
+        extra["basis"] = pca_basis(calibration_keys)[0]
+    fn = m.build(causal=causal, **m.bench_params, **extra,
+                 **shape_params(m, heads=heads, head_dim=dim, seq_len=n))
     if isinstance(fn, torch.nn.Module):
         fn.eval()
     if name == "transformer_vq":
