@@ -202,10 +202,15 @@ def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
         pts = [(r["state_bytes"], r["value"], r["mechanism"]) for r in entry["results"]
                if r["status"] == "ok" and r.get("state_bytes") and r["value"] is not None]
         higher = entry["metric"] == "accuracy"
-        for x, y, name in pts:
+        # Labels of points at about the same place are stacked instead of printed over each other.
+        placed: list[tuple[float, float]] = []
+        for x, y, name in sorted(pts, key=lambda p: (p[0], p[1])):
             ax.scatter([x], [y], s=60, color=colour[name], label=name, zorder=3,
                        marker="o" if not name.startswith("linear") else "s")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            near = sum(1 for px, py in placed if abs(math.log2(px / x)) < 0.6 and abs(py - y) < 0.08 * (
+                1.0 if higher else max(abs(y), 1e-9)))
+            placed.append((x, y))
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, -3 + 11 * near), fontsize=8)
         # Frontier: best metric reachable with at most this much state.
         front, best = [], -math.inf
         for x, y, _ in sorted(pts):
