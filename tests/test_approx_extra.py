@@ -486,6 +486,10 @@ def test_yoso_lsh_backward_matches_reference(causal, normalize):
     for a, b in zip(grads, grads_ref, strict=True):
         assert a.abs().sum() > 0
         assert_close(a, b)
+    # Only v needing a gradient skips the q/k tables and still gives v's exact gradient.
+    v2 = v.detach().requires_grad_()
+    (gv,) = torch.autograd.grad((yoso_attention(q.detach(), k.detach(), v2, **p) * g).sum(), v2)
+    assert_close(gv, grads_ref[2])
     # lsh_backward=False: no gradient to q and k.
     out = yoso_attention(q, k, v, lsh_backward=False, **p)
     gq, gk = torch.autograd.grad(out.sum(), (q, k), allow_unused=True)

@@ -129,9 +129,10 @@ def _read(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return table.gather(2, codes[..., None].expand(-1, -1, -1, table.shape[-1]))
 
 
-def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk):
+def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk, need_qk=True):
     """The paper's LSH backward: gradients of ``YOSO-E(q^, k^, v1)`` for upstream ``g [b, h, n, e]`` (see the
-    module docstring): exact in ``v1``, the ``(tau/2) p`` surrogate in ``q^`` and ``k^``."""
+    module docstring): exact in ``v1``, the ``(tau/2) p`` surrogate in ``q^`` and ``k^`` (zeros, and no table
+    work, when ``need_qk`` is False)."""
     num_hashes = cq.shape[2]
     n, nk = qn.shape[2], kn.shape[2]
     buckets = 1 << tau
@@ -140,8 +141,9 @@ def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk):
         qc, kc = cq[:, :, m].contiguous(), ck[:, :, m].contiguous()
         if not causal:
             gv += _read(_bucket_sums(qc, g, buckets), kc)
-            gq += _contract(_outer_table(kc, v1, kn, buckets, chunk), qc, g, chunk)
-            gk += _contract(_outer_table(qc, g, qn, buckets, chunk), kc, v1, chunk)
+            if need_qk:
+                gq += _contract(_outer_table(kc, v1, kn, buckets, chunk), qc, g, chunk)
+                gk += _contract(_outer_table(qc, g, qn, buckets, chunk), kc, v1, chunk)
             continue
         # Causal (j <= i): blocks of positions; earlier (later) blocks through running tables, the block
         # itself by its masked collision matrix.
@@ -159,7 +161,7 @@ def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk):
 
         keys_table = torch.zeros(*qn.shape[:2], buckets, v1.shape[-1] * kn.shape[-1], dtype=g.dtype,
                                  device=g.device)
-        for t in range(num_blocks):
+        for t in range(num_blocks if need_qk else 0):
             qs, ks = spans(t)
             if qs.stop > qs.start:
                 gq[:, :, qs] += _contract(keys_table, qc[:, :, qs], g[:, :, qs], chunk)
@@ -173,15 +175,18 @@ def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk):
         for t in reversed(range(num_blocks)):
             qs, ks = spans(t)
             if ks.stop > ks.start:
-                gk[:, :, ks] += _contract(query_table, kc[:, :, ks], v1[:, :, ks], chunk)
                 gv[:, :, ks] += _read(query_sums, kc[:, :, ks])
+                if need_qk:
+                    gk[:, :, ks] += _contract(query_table, kc[:, :, ks], v1[:, :, ks], chunk)
                 if qs.stop > qs.start:
                     c = collisions(qs, ks).transpose(-1, -2)  # [b, h, keys, queries]
-                    w = (v1[:, :, ks] @ g[:, :, qs].transpose(-1, -2)) * c
-                    gk[:, :, ks] += w @ qn[:, :, qs]
                     gv[:, :, ks] += c @ g[:, :, qs]
+                    if need_qk:
+                        w = (v1[:, :, ks] @ g[:, :, qs].transpose(-1, -2)) * c
+                        gk[:, :, ks] += w @ qn[:, :, qs]
             if qs.stop > qs.start:
-                query_table += _outer_table(qc[:, :, qs], g[:, :, qs], qn[:, :, qs], buckets, chunk)
+                if need_qk:
+                    query_table += _outer_table(qc[:, :, qs], g[:, :, qs], qn[:, :, qs], buckets, chunk)
                 query_sums += _bucket_sums(qc[:, :, qs], g[:, :, qs], buckets)
     half_tau = tau / 2
     return gq * (half_tau / num_hashes), gk * (half_tau / num_hashes), gv / num_hashes
@@ -199,8 +204,10 @@ class _YosoLSH(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         qn, kn, v1, cq, ck = ctx.saved_tensors
-        gq, gk, gv = _lsh_backward(qn, kn, v1, g.contiguous(), cq, ck, ctx.tau, ctx.causal, ctx.chunk)
-        return gq, gk, gv, None, None, None, None, None
+        need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        gq, gk, gv = _lsh_backward(qn, kn, v1, g.contiguous(), cq, ck, ctx.tau, ctx.causal, ctx.chunk, need_qk)
+        return (gq if ctx.needs_input_grad[0] else None, gk if ctx.needs_input_grad[1] else None, gv,
+                None, None, None, None, None)
 
 
 def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: int = 8, num_hashes: int = 32,
