@@ -504,8 +504,12 @@ def _outer_and(masks: list[torch.Tensor]) -> torch.Tensor:
 def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
     axes = [_axis_plan(a, t) for a, t in zip(spec.axes, tiles)]
     strides = [math.prod(spec.shape[a + 1:]) for a in range(spec.ndim)]
-    outer, inner = axes[0], axes[1:]
-    ax0 = spec.axes[0]
+    # The outer axis: the one whose boxes overlap most (largest box / tile), so the strips, which hold the
+    # inner boxes of every outer position, are smallest.
+    o = max(range(spec.ndim), key=lambda a: (axes[a].box / axes[a].tile, -a))
+    outer, inner = axes[o], [ap for a, ap in enumerate(axes) if a != o]
+    inner_strides = [s for a, s in enumerate(strides) if a != o]
+    ax0 = spec.axes[o]
     # Strip rows: dilation groups of axis 0 one after the other, each padded to at least one box (clamped
     # duplicates, masked out by the box mask) so that every outer box is a contiguous range of rows.
     rows, seg_start = [], []
@@ -517,8 +521,8 @@ def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
     offset = torch.tensor(seg_start)[outer.group] + outer.start  # [nI]
     assert torch.equal(rows_t[offset.view(-1, 1) + torch.arange(outer.box)], outer.k)
     if inner:
-        iq = _combine([ap.q * s for ap, s in zip(inner, strides[1:])], torch.add)
-        ik = _combine([ap.k * s for ap, s in zip(inner, strides[1:])], torch.add)
+        iq = _combine([ap.q * s for ap, s in zip(inner, inner_strides)], torch.add)
+        ik = _combine([ap.k * s for ap, s in zip(inner, inner_strides)], torch.add)
         iv = _combine([ap.q_valid for ap in inner], torch.logical_and)
         imask = _outer_and([ap.mask for ap in inner])
     else:
@@ -527,9 +531,9 @@ def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
         imask = torch.ones(1, 1, 1, dtype=torch.bool)
     n_i, n_j = outer.q.shape[0], iq.shape[0]
     t0, b0, it, ib = outer.tile, outer.box, iq.shape[1], ik.shape[1]
-    q_index = (outer.q.view(1, n_i, t0, 1) * strides[0] + iq.view(n_j, 1, 1, it)).reshape(n_j * n_i, t0 * it)
+    q_index = (outer.q.view(1, n_i, t0, 1) * strides[o] + iq.view(n_j, 1, 1, it)).reshape(n_j * n_i, t0 * it)
     q_valid = (outer.q_valid.view(1, n_i, t0, 1) & iv.view(n_j, 1, 1, it)).reshape(n_j * n_i, t0 * it)
-    strip_index = (rows_t.view(1, -1, 1) * strides[0] + ik.view(n_j, 1, ib)).reshape(-1)
+    strip_index = (rows_t.view(1, -1, 1) * strides[o] + ik.view(n_j, 1, ib)).reshape(-1)
     u0, inv0 = torch.unique(outer.mask.flatten(1), dim=0, return_inverse=True)
     uj, invj = torch.unique(imask.flatten(1), dim=0, return_inverse=True)
     nc0, ncj = u0.shape[0], uj.shape[0]
@@ -619,7 +623,6 @@ def _fused_backward(cx: _Ctx, qt, k, v, ot, lse, grad_out):
     dkbuf, dvbuf = k3.new_empty(cx.bh, slots, cx.d), v3.new_empty(cx.bh, slots, cx.dv)
     dqt = torch.empty_like(qt)
     dk3, dv3 = torch.zeros_like(k3), torch.zeros_like(v3)
-    box_rows = torch.arange(p.box0, device=qt.device)
     for j, calls in _calls_by_strip(p):
         ks, vs = _strip(cx, k3, j, kbuf), _strip(cx, v3, j, vbuf)
         dks = dkbuf.zero_().view(cx.bh, p.strip_rows, p.inner_box, cx.d)
@@ -630,14 +633,31 @@ def _fused_backward(cx: _Ctx, qt, k, v, ot, lse, grad_out):
                 _box_view(cx, vs, i0, i1, row, step), ot[:, j, i0:i1], lse[:, j, i0:i1], 0.0, False,
                 attn_mask=cx.bias[c] if p.masked[c] else None, scale=cx.scale)
             dqt[:, j, i0:i1] = dq4
-            rows = ((row + step * torch.arange(i1 - i0, device=qt.device)).view(-1, 1) + box_rows).view(-1)
-            dks.index_add_(1, rows, dk4.reshape(cx.bh, rows.numel(), p.inner_box, cx.d))
-            dvs.index_add_(1, rows, dv4.reshape(cx.bh, rows.numel(), p.inner_box, cx.dv))
+            _add_boxes(dks, dk4, row, step, p.box0)
+            _add_boxes(dvs, dv4, row, step, p.box0)
         idx = p.strip_index.view(p.n_inner, -1)[j]
         for i in range(cx.bh):
             dk3[i].index_add_(0, idx, dkbuf[i])
             dv3[i].index_add_(0, idx, dvbuf[i])
     return dqt, dk3, dv3
+
+
+def _add_boxes(strip: torch.Tensor, grad: torch.Tensor, row: int, step: int, box0: int) -> None:
+    """``strip[:, row + step * t + a] += grad[:, t, a]`` for the overlapping boxes of a run (``grad [b * h_kv,
+    run, box0 * inner_box, d]``) as a few dense adds: box rows ``a = step * u + w`` with equal ``u`` go to
+    non-overlapping, equally spaced strip rows."""
+    bh, run = grad.shape[:2]
+    ib, d = strip.shape[2], strip.shape[3]
+    grad = grad.view(bh, run, box0, ib, d)
+    st = strip.stride()
+    if step == 0 or run == 1:
+        strip[:, row: row + box0].add_(grad.sum(1))
+        return
+    for u in range(-(-box0 // step)):
+        w = min(step, box0 - step * u)
+        dst = strip.as_strided((bh, run, w, ib, d), (st[0], step * st[1], st[1], st[2], st[3]),
+                               strip.storage_offset() + (row + step * u) * st[1])
+        dst.add_(grad[:, :, step * u: step * u + w])
 
 
 class _FusedNeighborhoodFn(torch.autograd.Function):
