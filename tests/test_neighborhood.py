@@ -296,6 +296,20 @@ def test_fused_plan_boxes_are_the_windows(case, tiles):
     assert torch.equal(valid.sort().values, torch.arange(math.prod(shape)))
 
 
+@pytest.mark.parametrize("per_head_max", [0, 64])
+def test_row_gathers_per_head_or_batched(per_head_max, monkeypatch, fused):
+    # Row gathers / scatters loop over (batch, head) on CPU up to _PER_HEAD_MAX of them, else one batched call.
+    monkeypatch.setattr(engine_mod, "_PER_HEAD_MAX", per_head_max)
+    shape, kw = (7, 9), dict(dilation=(2, 1), stride=(1, 2))
+    q, k, v = rand(2, 3, shape, 4, seed=21, grad=True)
+    g = torch.randn(2, 3, *shape, 4, dtype=torch.float64)
+    out = neighborhood(q, k, v, 3, **kw)
+    want = masked_attention(q, k, v, explicit_mask(shape, 3, (2, 1), (1, 2)))
+    assert_close(out, want)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(want, [q, k, v], g)):
+        assert_close(a, b)
+
+
 def test_fused_kernel_is_used_where_it_applies(monkeypatch):
     calls = []
     kernel = engine_mod._FLASH_CPU

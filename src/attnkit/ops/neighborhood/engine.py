@@ -28,6 +28,7 @@ from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, group_bounds
 __all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction"]
 
 _CHUNK_ELEMENTS = 1 << 19  # scores per chunk: a few MiB, stays in cache
+_PER_HEAD_MAX = 64  # row gathers / scatters loop over (batch, head) on CPU up to this many of them
 
 
 @dataclass
@@ -212,9 +213,26 @@ def _select_rows(x3: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None =
     """``x3[:, idx]`` for ``x3 [B, n, d]``, one 2-D ``index_select`` per leading index: ATen's contiguous
     row-gather kernel, several times faster than ``index_select`` on dim 1 or advanced indexing."""
     out = x3.new_empty(x3.shape[0], idx.numel(), x3.shape[-1]) if out is None else out
+    if not _per_head(x3):
+        return torch.index_select(x3, 1, idx, out=out)
     for i in range(x3.shape[0]):
         torch.index_select(x3[i], 0, idx, out=out[i])
     return out
+
+
+def _add_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[:, idx] += src`` for ``[B, n, d]`` tensors (per leading index on CPU, as ``_select_rows``)."""
+    if not _per_head(dst):
+        dst.index_add_(1, idx, src)
+        return
+    for i in range(dst.shape[0]):
+        dst[i].index_add_(0, idx, src[i])
+
+
+def _per_head(x: torch.Tensor) -> bool:
+    # A Python loop over heads pays off on CPU for a moderate number of them; on accelerators it would launch
+    # one kernel per head.
+    return x.device.type == "cpu" and x.shape[0] <= _PER_HEAD_MAX
 
 
 class _Ctx:
@@ -261,8 +279,11 @@ class _Ctx:
         if self.g == 1:
             out = torch.empty(self.bh, self.n + int(p.has_padding), dim, dtype=dtype, device=xt.device)
             src = xt.reshape(self.bh, -1, dim).to(dtype)
-            for i in range(self.bh):
-                out[i].index_copy_(0, p.q_write, src[i])
+            if _per_head(out):
+                for i in range(self.bh):
+                    out[i].index_copy_(0, p.q_write, src[i])
+            else:
+                out.index_copy_(1, p.q_write, src)
             return out[:, : self.n].reshape(shape)
         x = xt.view(self.b, self.hkv, p.num_tiles, self.g, p.tile_q, dim).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(self.b, self.hkv, self.g, p.num_tiles * p.tile_q, dim)
@@ -636,9 +657,8 @@ def _fused_backward(cx: _Ctx, qt, k, v, ot, lse, grad_out):
             _add_boxes(dks, dk4, row, step, p.box0)
             _add_boxes(dvs, dv4, row, step, p.box0)
         idx = p.strip_index.view(p.n_inner, -1)[j]
-        for i in range(cx.bh):
-            dk3[i].index_add_(0, idx, dkbuf[i])
-            dv3[i].index_add_(0, idx, dvbuf[i])
+        _add_rows(dk3, idx, dkbuf)
+        _add_rows(dv3, idx, dvbuf)
     return dqt, dk3, dv3
 
 
