@@ -2,6 +2,8 @@
 
     python benchmarks/bench_neighborhood.py            # the issue's sizes (a few minutes on 2 cores)
     python benchmarks/bench_neighborhood.py --quick    # small sizes, seconds; checks the script, not the targets
+    python benchmarks/bench_neighborhood.py --ab       # A/B of the CPU engine's paths, 1 thread, CPU time
+    python benchmarks/bench_neighborhood.py --ab --backward --tiles 4x8 2x8   # forward + backward; tile shapes
 
 float32, batch 1, 8 heads, head dim 32, 2 threads unless told otherwise; medians of ``--repeats`` calls (min-max).
 
@@ -11,6 +13,10 @@ float32, batch 1, 8 heads, head dim 32, 2 threads unless told otherwise; medians
 - 3-D video shape 16 x 32 x 32, kernel 3 x 7 x 7, reported likewise;
 - ``natten`` in the same run where it imports (its CPU path is uncompiled FlexAttention, which materialises
   N x N scores: measured up to the size that fits in memory);
+- ``--ab``: the engine's two CPU paths, fused (ATen's flash-attention kernel over key strips) and general
+  (gathered boxes, matmuls, softmax), and SDPA dense, interleaved, on one thread, timed in *CPU time*
+  (``time.process_time``: meaningful on a shared machine where wall time is not); medians of ``--repeats``
+  rounds, each path's ratio to the speed of light measured the same way in the same process;
 - every row prints the FLOPs of the allowed pairs and GFLOP/s; correctness is checked before timing against
   exact float64 softmax on sampled query rows; GNA's tile model (``neighborhood_speed_of_light``) is printed
   for the engine's tiles.
@@ -171,6 +177,63 @@ def run_case(title: str, shape, kernel, h: int, d: int, reps: int, flex: bool, n
     return res
 
 
+def cpu_time(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def ab_case(title: str, shape, kernel, h: int, d: int, rounds: int, backward: bool, tiles: list) -> dict:
+    """Interleaved A/B of the engine's CPU paths against SDPA dense, single thread, CPU time."""
+    from attnkit.ops.neighborhood import engine
+
+    n = math.prod(shape)
+    pattern = neighborhood_pattern(shape, kernel)
+    density = allowed_pairs(pattern.spec) / n ** 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, *shape, d, generator=g).requires_grad_(backward) for _ in range(3))
+    flat = [t.detach().reshape(1, h, n, d).requires_grad_(backward) for t in (q, k, v)]
+    grad = torch.randn(1, h, *shape, d, generator=g)
+
+    def ours(fused: bool, tile=None):
+        def fn():
+            engine.USE_FUSED_CPU_KERNEL = fused
+            try:
+                out = attnkit.neighborhood(q, k, v, kernel, tiles=tile)
+                if backward:
+                    torch.autograd.grad(out, [q, k, v], grad)
+            finally:
+                engine.USE_FUSED_CPU_KERNEL = True
+        return fn
+
+    def dense():
+        out = F.scaled_dot_product_attention(*flat)
+        if backward:
+            torch.autograd.grad(out, flat, grad.reshape(out.shape))
+
+    paths = {"SDPA dense": dense, "general": ours(False), "fused": ours(True)}
+    for tile in tiles:
+        tile = tuple(tile) if len(tile) == len(shape) else tuple(tile) * len(shape)
+        paths[f"fused, tiles {'x'.join(map(str, tile))}"] = ours(True, tile)
+    for fn in paths.values():  # warm-up: plans, allocator
+        fn()
+    times = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            times[name].append(cpu_time(fn))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    sol = med["SDPA dense"] * density
+    kind = "forward + backward" if backward else "forward"
+    print(f"\n## A/B {title}: {' x '.join(map(str, shape))} tokens, kernel {kernel}, {h} heads, head dim {d}, "
+          f"{kind}; 1 thread, CPU time, medians of {rounds} interleaved rounds; engine tiles "
+          f"{engine.choose_tiles(pattern.spec)}")
+    print(f"speed of light = SDPA dense x density {density:.5f} = {sol * 1e3:.1f} ms")
+    for name, t in med.items():
+        print(f"{name:24s} {t * 1e3:9.1f} ms (min {min(times[name]) * 1e3:.1f})  {t / sol:6.2f}x speed of light")
+    return {"shape": shape, "kernel": kernel, "backward": backward, "density": density, "speed_of_light_s": sol,
+            "median_s": med, "ratio_to_sol": {name: t / sol for name, t in med.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
@@ -180,7 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (compiles per shape)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--ab", action="store_true", help="A/B of the engine's fused and general CPU paths against "
+                    "SDPA dense: 1 thread, CPU time, interleaved rounds")
+    ap.add_argument("--backward", action="store_true", help="--ab: time forward + backward")
+    ap.add_argument("--tiles", nargs="*", default=[], help="--ab: also time the fused path with these query "
+                    "tiles, e.g. 4x8 2x8 (one number: the same on every axis)")
     args = ap.parse_args(argv)
+    if args.ab:
+        torch.set_num_threads(1)
+        tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
+        if args.quick:
+            cases = [("2-D", (32, 32), 7), ("3-D", (8, 8, 8), (3, 5, 5))]
+        else:
+            cases = [("2-D", (128, 128), 13), ("3-D video", (16, 32, 32), (3, 7, 7))]
+        res = [ab_case(title, shape, kernel, args.heads, args.head_dim, args.repeats, args.backward,
+                       [t for t in tiles if len(t) in (1, len(shape))]) for title, shape, kernel in cases]
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=str))
+        return 0
     torch.set_num_threads(args.threads)
     h, d, reps = args.heads, args.head_dim, args.repeats
     if args.quick:
