@@ -12,6 +12,15 @@ box, as in blocked attention, need none). Memory is linear in the number of toke
 are the tiled queries and outputs and one chunk of boxes. The backward pass recomputes each chunk's
 softmax (FlashAttention style, without a saved log-sum-exp: the box holds the whole row) and scatters
 key/value gradients with ``index_add_``.
+
+On CPU, for softmax without a score modifier and ``d == d_v`` (``can_fuse``; switch: ``USE_FUSED_CPU_KERNEL``),
+a second path runs ATen's fused flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its
+backward: scores, mask, online softmax and PV in one cache-resident pass, as ``attnkit.ops.exact.tiled``) with
+the tiles in the kernel's heads dimension. Its key boxes are not gathered but *views*: keys are gathered once
+into per-inner-tile *strips* over the outer axis, where each tile's box is a contiguous range of rows, so a run
+of equally spaced boxes is one overlapping ``as_strided`` view (``FusedPlan``). The forward saves the output
+and log-sum-exp; the backward calls the backward kernel on the same views and sums box gradients into strips
+with dense strided adds. Score modifiers (rpb), ``d != d_v`` and CUDA keep the general path.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import torch
 
 from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, group_bounds
 
-__all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction"]
+__all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction", "FusedPlan", "make_fused_plan",
+           "can_fuse"]
 
 _CHUNK_ELEMENTS = 1 << 19  # scores per chunk: a few MiB, stays in cache
 _PER_HEAD_MAX = 64  # row gathers / scatters loop over (batch, head) on CPU up to this many of them
@@ -475,12 +485,13 @@ def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod) -> bool:
 class FusedPlan:
     """Tiles of one problem for the fused kernel, laid out so that every key box is a *view*.
 
-    Axis 0 is the outer axis, the others (none in 1-D) the inner ones. A *strip* is, for one inner tile
-    ``J``, the keys of its inner box over every axis-0 position: ``strip[J, r, s]`` is the key at axis-0
-    coordinate ``rows[r]`` (dilation groups one after the other, each padded to at least a box with clamped
-    duplicates) and inner box slot ``s``. An outer tile ``i`` starts its box at strip row ``offset[i]``, so
-    the box of tile ``(J, i)`` is the contiguous ``strip[J, offset[i]: offset[i] + box0]``, and a run of outer
-    tiles with equal offset spacing is one ``as_strided`` view ``[b * h_kv, run, box_k, d]``. The strips hold
+    The outer axis is the one with the largest box / tile ratio (axis 0 on ties), the others (none in 1-D)
+    are inner. A *strip* is, for one inner tile ``J``, the keys of its inner box over every outer position:
+    ``strip[J, r, s]`` is the key at outer coordinate ``rows[r]`` (dilation groups one after the other, each
+    padded to at least a box with clamped duplicates) and inner box slot ``s``. An outer tile ``i`` starts its
+    box at strip row ``offset[i]``, so the box of tile ``(J, i)`` is the contiguous ``strip[J, offset[i]:
+    offset[i] + box0]``, and a run of outer tiles of one mask class with equal offset spacing is one
+    ``as_strided`` view ``[b * h_kv, run, box_k, d]`` (one kernel call, one shared 2-D mask). The strips hold
     ``inner box / inner tile`` times the keys (2.5x for 4 x 8 tiles, kernel 13) instead of ``box_k /
     tile_q`` (10x) for gathered boxes. Tiles are ordered ``(J, i)``; the mask of a tile is the outer AND of
     its outer and inner masks, so classes are pairs ``(outer class, inner class)``.
