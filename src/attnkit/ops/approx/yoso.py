@@ -26,8 +26,9 @@ true derivative is ``tau p^((tau-1)/tau) / (pi sqrt(1 - x^2))``, which no bucket
 ``1/sin(theta)`` factor is pairwise); near ``x = 0``, where random high-dimensional pairs sit, it is
 ``4/pi`` times the surrogate, so the surrogate points the same way with a smaller norm (the tests measure
 both: the LSH estimate converges to the surrogate's closed form as hashes grow, and its cosine to the exact
-gradient of the expectation). The backward costs O(n num_hashes dv d) time and 2^tau (dv + 1) d table
-entries per head; ``causal=True`` is handled block by block (running tables plus an in-block quadratic part).
+gradient of the expectation). The backward visits, per hash, every colliding pair once (queries and keys
+sorted by bucket, matmuls over each bucket's run; with ``j <= i`` when causal): O(num_hashes n^2 / 2^tau
+(d + dv)) for balanced buckets, O(chunk x run) memory.
 ``lsh_backward=False`` gives ``q`` and ``k`` no gradient.
 """
 
@@ -38,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.approx._common import causal_mask, check_positive_int, prepare, randn
+from attnkit.ops.approx._common import causal_mask, check_positive_int, prepare, randn, sort_by, unsort
 
 __all__ = ["yoso_attention", "yoso_reference", "yoso_expectation"]
 
@@ -93,101 +94,85 @@ def _estimate(v1: torch.Tensor, cq: torch.Tensor, ck: torch.Tensor, tau: int, ca
     return total / num_hashes
 
 
-def _outer_table(codes: torch.Tensor, a: torch.Tensor, x: torch.Tensor, buckets: int, chunk: int) -> torch.Tensor:
-    """``T[s] = sum_{r: codes_r = s} a_r x_r^T``: ``codes [b, h, L]``, ``a [b, h, L, e]``, ``x [b, h, L, d]`` ->
-    ``[b, h, buckets, e * d]``, accumulated ``chunk`` rows at a time (never ``L e d`` at once)."""
-    b, h, rows, e = a.shape
-    d = x.shape[-1]
-    table = torch.zeros(b, h, buckets, e * d, dtype=a.dtype, device=a.device)
+def _grouped_pair_sums(a: torch.Tensor | None, ga: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
+                       gb: torch.Tensor, *, chunk: int, rpos: torch.Tensor | None = None,
+                       cpos: torch.Tensor | None = None, cols_before: bool = True) -> torch.Tensor:
+    """``out_r = sum_{c: gb_c = ga_r} w_rc x_c`` with ``w_rc = a_r . b_c`` (1 when ``a`` is None), over rows
+    sorted by group ``ga [B, H, R]`` and columns sorted by group ``gb [B, H, C]`` (``a [B, H, R, e]``, ``b [B, H,
+    C, e]``, ``x [B, H, C, d]``). With positions ``rpos``, ``cpos``: only columns with ``cpos <= rpos``
+    (``cols_before``) or ``cpos >= rpos``. Each chunk of sorted rows reads the contiguous run of sorted columns
+    of its groups, so the work is matmuls over runs, memory O(chunk x run)."""
+    rows, cols, d = ga.shape[-1], gb.shape[-1], x.shape[-1]
+    gb = gb.contiguous()
+    out = []
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
-        outer = (a[:, :, start:stop, :, None] * x[:, :, start:stop, None, :]).flatten(-2)
-        table.scatter_add_(2, codes[:, :, start:stop, None].expand(-1, -1, -1, e * d), outer)
-    return table
-
-
-def _contract(table: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``out_r = a_r^T T[codes_r]`` for ``table [b, h, S, e * d]``, ``codes [b, h, L]``, ``a [b, h, L, e]`` ->
-    ``[b, h, L, d]``."""
-    b, h, rows, e = a.shape
-    d = table.shape[-1] // e
-    out = torch.empty(b, h, rows, d, dtype=a.dtype, device=a.device)
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        t = table.gather(2, codes[:, :, start:stop, None].expand(-1, -1, -1, e * d)).unflatten(-1, (e, d))
-        out[:, :, start:stop] = torch.einsum("bhce,bhced->bhcd", a[:, :, start:stop], t)
-    return out
-
-
-def _bucket_sums(codes: torch.Tensor, a: torch.Tensor, buckets: int) -> torch.Tensor:
-    e = a.shape[-1]
-    table = torch.zeros(*a.shape[:2], buckets, e, dtype=a.dtype, device=a.device)
-    return table.scatter_add_(2, codes[..., None].expand(-1, -1, -1, e), a)
-
-
-def _read(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    return table.gather(2, codes[..., None].expand(-1, -1, -1, table.shape[-1]))
+        g = ga[..., start:stop]
+        lo = torch.searchsorted(gb, g[..., :1].contiguous(), right=False)
+        hi = torch.searchsorted(gb, g[..., -1:].contiguous(), right=True)
+        width = max(int((hi - lo).max()), 1)
+        idx = lo + torch.arange(width, device=gb.device)
+        valid = idx < hi
+        idx = idx.clamp_max(cols - 1)
+        mask = valid[..., None, :] & (g[..., :, None] == gb.gather(-1, idx)[..., None, :])
+        if rpos is not None:
+            cp, rp = cpos.gather(-1, idx)[..., None, :], rpos[..., start:stop, None]
+            mask = mask & ((cp <= rp) if cols_before else (cp >= rp))
+        xc = x.gather(2, idx[..., None].expand(-1, -1, -1, d))
+        if a is None:
+            w = mask.to(x.dtype)
+        else:
+            bc = b.gather(2, idx[..., None].expand(-1, -1, -1, b.shape[-1]))
+            w = (a[:, :, start:stop] @ bc.transpose(-1, -2)) * mask
+        out.append(w @ xc)
+    return torch.cat(out, dim=2)
 
 
 def _lsh_backward(qn, kn, v1, g, cq, ck, tau, causal, chunk, need_qk=True):
     """The paper's LSH backward: gradients of ``YOSO-E(q^, k^, v1)`` for upstream ``g [b, h, n, e]`` (see the
-    module docstring): exact in ``v1``, the ``(tau/2) p`` surrogate in ``q^`` and ``k^`` (zeros, and no table
-    work, when ``need_qk`` is False)."""
-    num_hashes = cq.shape[2]
-    n, nk = qn.shape[2], kn.shape[2]
-    buckets = 1 << tau
+    module docstring): exact in ``v1``, the ``(tau/2) p`` surrogate in ``q^`` and ``k^`` (zeros, and no work,
+    when ``need_qk`` is False). Per hash, queries and keys are sorted by (bucket, position) and every pair of a
+    bucket is visited once, by matmuls over the sorted runs (O(n^2 / 2^tau (d + dv)) per hash for balanced
+    buckets)."""
+    b, h, num_hashes, n = cq.shape
+    nk, e, d = kn.shape[2], v1.shape[-1], qn.shape[-1]
     gq, gk, gv = torch.zeros_like(qn), torch.zeros_like(kn), torch.zeros_like(v1)
-    for m in range(num_hashes):
-        qc, kc = cq[:, :, m].contiguous(), ck[:, :, m].contiguous()
-        if not causal:
-            gv += _read(_bucket_sums(qc, g, buckets), kc)
-            if need_qk:
-                gq += _contract(_outer_table(kc, v1, kn, buckets, chunk), qc, g, chunk)
-                gk += _contract(_outer_table(qc, g, qn, buckets, chunk), kc, v1, chunk)
-            continue
-        # Causal (j <= i): blocks of positions; earlier (later) blocks through running tables, the block
-        # itself by its masked collision matrix.
-        num_blocks = math.ceil(max(n, nk) / chunk)
+    buckets = 1 << tau
+    # Sorted rows per step: a few buckets' worth (a chunk's run of columns covers the buckets it spans, so a
+    # chunk much longer than a bucket computes mostly masked pairs).
+    chunk = max(16, min(chunk, 4 * math.ceil(max(n, nk) / buckets)))
+    # Hashes in groups folded into the head axis (fewer, larger ops); a group's copies stay under ~2^25 values.
+    group = max(1, min(num_hashes, (1 << 25) // max(1, b * h * max(n, nk) * (e + d))))
 
-        def spans(t):
-            t0, t1 = t * chunk, (t + 1) * chunk
-            return slice(min(t0, n), min(t1, n)), slice(min(t0, nk), min(t1, nk))
+    def fold(x, count):  # [b, h, L, f] -> [b, h * count, L, f], the same rows for every hash of the group
+        return x[:, :, None].expand(b, h, count, *x.shape[2:]).reshape(b, h * count, *x.shape[2:])
 
-        def collisions(qs, ks, qc=qc, kc=kc):
-            same = qc[:, :, qs, None] == kc[:, :, None, ks]
-            i = torch.arange(qs.start, qs.stop, device=qn.device)[:, None]
-            j = torch.arange(ks.start, ks.stop, device=qn.device)[None, :]
-            return (same & (j <= i)).to(g.dtype)
+    def unfold_sum(x, count):  # [b, h * count, L, f] -> [b, h, L, f], summed over the group's hashes
+        return x.view(b, h, count, *x.shape[2:]).sum(2)
 
-        keys_table = torch.zeros(*qn.shape[:2], buckets, v1.shape[-1] * kn.shape[-1], dtype=g.dtype,
-                                 device=g.device)
-        for t in range(num_blocks if need_qk else 0):
-            qs, ks = spans(t)
-            if qs.stop > qs.start:
-                gq[:, :, qs] += _contract(keys_table, qc[:, :, qs], g[:, :, qs], chunk)
-                if ks.stop > ks.start:
-                    w = (g[:, :, qs] @ v1[:, :, ks].transpose(-1, -2)) * collisions(qs, ks)
-                    gq[:, :, qs] += w @ kn[:, :, ks]
-            if ks.stop > ks.start:
-                keys_table += _outer_table(kc[:, :, ks], v1[:, :, ks], kn[:, :, ks], buckets, chunk)
-        query_table = torch.zeros_like(keys_table)
-        query_sums = torch.zeros(*qn.shape[:2], buckets, g.shape[-1], dtype=g.dtype, device=g.device)
-        for t in reversed(range(num_blocks)):
-            qs, ks = spans(t)
-            if ks.stop > ks.start:
-                gv[:, :, ks] += _read(query_sums, kc[:, :, ks])
-                if need_qk:
-                    gk[:, :, ks] += _contract(query_table, kc[:, :, ks], v1[:, :, ks], chunk)
-                if qs.stop > qs.start:
-                    c = collisions(qs, ks).transpose(-1, -2)  # [b, h, keys, queries]
-                    gv[:, :, ks] += c @ g[:, :, qs]
-                    if need_qk:
-                        w = (v1[:, :, ks] @ g[:, :, qs].transpose(-1, -2)) * c
-                        gk[:, :, ks] += w @ qn[:, :, qs]
-            if qs.stop > qs.start:
-                if need_qk:
-                    query_table += _outer_table(qc[:, :, qs], g[:, :, qs], qn[:, :, qs], buckets, chunk)
-                query_sums += _bucket_sums(qc[:, :, qs], g[:, :, qs], buckets)
+    for m0 in range(0, num_hashes, group):
+        cnt = min(group, num_hashes - m0)
+        qc = cq[:, :, m0:m0 + cnt].reshape(b, h * cnt, n)
+        kc = ck[:, :, m0:m0 + cnt].reshape(b, h * cnt, nk)
+        q_order = torch.argsort(qc * n + torch.arange(n, device=qc.device), dim=-1)
+        k_order = torch.argsort(kc * nk + torch.arange(nk, device=kc.device), dim=-1)
+        qc_s, kc_s = qc.gather(-1, q_order), kc.gather(-1, k_order)
+        pos = dict(rpos=q_order, cpos=k_order) if causal else {}
+        kpos_ = dict(rpos=k_order, cpos=q_order, cols_before=False) if causal else {}
+        g_s, v1_s = sort_by(fold(g, cnt), q_order), sort_by(fold(v1, cnt), k_order)
+        if causal:
+            gv += unfold_sum(unsort(_grouped_pair_sums(None, kc_s, None, g_s, qc_s, chunk=chunk, **kpos_),
+                                    k_order), cnt)
+        else:
+            table = torch.zeros(b, h * cnt, buckets, e, dtype=g.dtype, device=g.device)
+            table = table.scatter_add_(2, qc[..., None].expand(-1, -1, -1, e), fold(g, cnt))
+            gv += unfold_sum(table.gather(2, kc[..., None].expand(-1, -1, -1, e)), cnt)
+        if need_qk:
+            kn_s, qn_s = sort_by(fold(kn, cnt), k_order), sort_by(fold(qn, cnt), q_order)
+            gq += unfold_sum(unsort(_grouped_pair_sums(g_s, qc_s, v1_s, kn_s, kc_s, chunk=chunk, **pos), q_order),
+                             cnt)
+            gk += unfold_sum(unsort(_grouped_pair_sums(v1_s, kc_s, g_s, qn_s, qc_s, chunk=chunk, **kpos_),
+                                    k_order), cnt)
     half_tau = tau / 2
     return gq * (half_tau / num_hashes), gk * (half_tau / num_hashes), gv / num_hashes
 
