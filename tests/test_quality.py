@@ -140,7 +140,7 @@ def test_copy_targets_are_the_context_data_in_order(selective):
 # -- in-context regression ------------------------------------------------------------------------------------
 def test_icl_regression_answers_are_recoverable_by_least_squares():
     dim, n = 4, 40
-    b = icl_regression(8, seq_len=n, dim=dim, seed=1)
+    b = icl_regression(8, seq_len=n, dim=dim, layout="interleaved", seed=1)
     assert b.inputs.shape == (8, n, dim + 1) and b.targets.shape == b.mask.shape == (8, n)
     for x, y, m in zip(b.inputs, b.targets, b.mask):
         xs, ys = x[0::2, :dim].double(), x[1::2, dim].double()

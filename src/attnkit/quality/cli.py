@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "optionally with parameters: sliding_window@window=8, linear:favor@num_features=64 "
                         f"(default: {','.join(DEFAULT_MECHANISMS)})")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (task default: mqar 64, "
-                   "listops 128, copy 64, icl-regression 64)")
+                   "listops 128, copy 64, icl-regression 32)")
     p.add_argument("--num-kv-pairs", type=_positive_int, default=None, help="MQAR key-value pairs (default 8)")
     p.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="MQAR vocabulary (default 128; keys take the lower half, values the upper) or copy "

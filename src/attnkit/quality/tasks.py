@@ -281,16 +281,17 @@ def copy_task(batch: int, *, seq_len: int = 64, num_tokens: int = 16, vocab_size
 
 
 # -- in-context linear regression ---------------------------------------------------------------------------
-def icl_regression(batch: int, *, seq_len: int = 64, dim: int = 8, noise_std: float = 0.0,
-                   layout: str = "interleaved", seed: int = 0) -> TaskBatch:
+def icl_regression(batch: int, *, seq_len: int = 32, dim: int = 4, noise_std: float = 0.0,
+                   layout: str = "paired", seed: int = 0) -> TaskBatch:
     """In-context linear regression: per sequence ``w ~ N(0, I_dim)``, ``x_i ~ N(0, I_dim)``,
     ``y_i = w . x_i + noise_std * eps``; the model predicts ``y_i`` from the earlier pairs and ``x_i``.
 
-    ``layout="interleaved"`` (Garg et al., 2022): tokens ``[x_1, 0], [0, y_1], [x_2, 0], ...`` (``seq_len / 2``
-    points), every ``x`` token scored with its ``y``. ``layout="paired"`` ("In-Context Linear Regression
-    Demystified"): tokens ``[x_i, y_i]`` for ``seq_len - 1`` points and a query ``[x_q, 0]``, only the query
-    scored. Inputs are ``[batch, seq_len, dim + 1]`` float32; ``targets [batch, seq_len]`` float32 (0 where
-    unscored); ``mask`` the scored positions. ``Var(y) = dim`` (without noise), so MSE / dim is the normalised
+    ``layout="paired"`` (the default, as "In-Context Linear Regression Demystified"): tokens ``[x_i, y_i]`` for
+    ``seq_len - 1`` points and a query ``[x_q, 0]``, only the query scored. ``layout="interleaved"`` (Garg et
+    al., 2022): tokens ``[x_1, 0], [0, y_1], [x_2, 0], ...`` (``seq_len / 2`` points), every ``x`` token scored
+    with its ``y`` (harder for a small model: it must first bring each ``y`` next to its ``x``).
+    Inputs are ``[batch, seq_len, dim + 1]`` float32; ``targets [batch, seq_len]`` float32 (0 where unscored);
+    ``mask`` the scored positions. ``Var(y) = dim`` (without noise), so MSE / dim is the normalised
     error (1 for predicting 0).
     """
     _check_positive("batch", batch)
@@ -394,7 +395,7 @@ TASKS: dict[str, Task] = {
              {"seq_len": 64, "num_tokens": 16, "vocab_size": 16},
              "copy the tokens scattered among blanks, in order", "Mamba (Gu & Dao, 2023)"),
         Task("icl-regression", icl_regression, "regression", True, "nmse",
-             {"seq_len": 64, "dim": 8, "noise_std": 0.0, "layout": "interleaved"},
+             {"seq_len": 32, "dim": 4, "noise_std": 0.0, "layout": "paired"},
              "predict y = w.x from earlier (x, y) pairs with a fresh w per sequence",
              "Garg et al., 2022; In-Context Linear Regression Demystified (2025)"),
     )
