@@ -379,3 +379,10 @@ def test_default_mqar_softmax_beats_linear_elu():
     soft = train_one(parse_mechanism("softmax"), task, params, cfg)
     elu = train_one(parse_mechanism("linear:elu"), task, params, cfg)
     assert soft["accuracy"] > 0.9 and soft["accuracy"] > elu["accuracy"] + 0.2
+
+
+@pytest.mark.slow
+def test_quick_run_separates_softmax_from_linear(tmp_path):
+    assert main(["quality", "--quick", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    res = {r["mechanism"]: r for r in json.loads((tmp_path / "quality.json").read_text())["tasks"][0]["results"]}
+    assert res["softmax"]["accuracy"] > 0.9 > res["linear:elu"]["accuracy"]
