@@ -264,6 +264,12 @@ def test_state_sizes():
     assert state_size(parse_mechanism("linear:taylor"), head_dim=d, num_heads=2, seq_len=n)[0] == taylor * d
     assert state_size(parse_mechanism("linear:favor", {"num_features": 16}), head_dim=d, num_heads=2,
                       seq_len=n)[0] == 16 * d
+    from attnkit.quality.model import MechanismSpec
+
+    registered = MechanismSpec("some_linear", "linear", True, None, {"feature_map": "elu"})
+    assert state_size(registered, head_dim=d, num_heads=2, seq_len=n) == (d * d, "recurrent state")
+    unnamed = MechanismSpec("other_linear", "linear", True, None, {})
+    assert state_size(unnamed, head_dim=d, num_heads=2, seq_len=n) == (None, "unknown")
 
 
 def test_mechanism_variants_carry_their_parameters():

@@ -159,8 +159,10 @@ def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: i
         try:
             fm = _build_feature_map(str(fm_name), params, head_dim=head_dim, num_heads=num_heads)
             return fm.feature_dim(head_dim) * head_dim, "recurrent state"
-        except Exception:  # a registry entry with parameters the map does not take: size unknown
+        except (KeyError, TypeError, ValueError):  # a registry entry whose parameters the map does not take
             return None, "unknown"
+    if spec.family == "linear":  # a registered linear mechanism that does not name its feature map
+        return None, "unknown"
     p = spec.params
     if spec.mechanism in ("sliding_window", "longformer"):
         window = min(int(p.get("window", seq_len)) + int(p.get("num_global", 0)), seq_len)
