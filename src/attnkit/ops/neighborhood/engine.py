@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, group_bounds
+from attnkit.score_mods import ScoreMod
 
 __all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction", "FusedPlan", "make_fused_plan",
            "can_fuse"]
@@ -475,7 +476,7 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 USE_FUSED_CPU_KERNEL = True
 
 
-def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod) -> bool:
+def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None) -> bool:
     """Softmax without score modifier, equal key and value head dims, on CPU: the fused kernel applies."""
     return (USE_FUSED_CPU_KERNEL and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
             and q.device.type == "cpu" and score_mod is None and q.shape[-1] == v.shape[-1])
@@ -499,6 +500,7 @@ class FusedPlan:
 
     spec: NASpec
     tiles: tuple[int, ...]
+    outer_axis: int
     num_tiles: int
     tile_q: int
     box_k: int
@@ -534,6 +536,7 @@ def _outer_and(masks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
+    """The ``FusedPlan`` of a problem for query tiles ``tiles`` (per axis, as ``make_plan``)."""
     axes = [_axis_plan(a, t) for a, t in zip(spec.axes, tiles)]
     strides = [math.prod(spec.shape[a + 1:]) for a in range(spec.ndim)]
     # The outer axis: the one whose boxes overlap most (largest box / tile), so the strips, which hold the
@@ -541,14 +544,14 @@ def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
     o = max(range(spec.ndim), key=lambda a: (axes[a].box / axes[a].tile, -a))
     outer, inner = axes[o], [ap for a, ap in enumerate(axes) if a != o]
     inner_strides = [s for a, s in enumerate(strides) if a != o]
-    ax0 = spec.axes[o]
-    # Strip rows: dilation groups of axis 0 one after the other, each padded to at least one box (clamped
+    ax_o = spec.axes[o]
+    # Strip rows: dilation groups of the outer axis one after the other, each padded to at least one box (clamped
     # duplicates, masked out by the box mask) so that every outer box is a contiguous range of rows.
     rows, seg_start = [], []
-    for g in range(ax0.dilation):
-        length = ax0.group_length(g)
+    for g in range(ax_o.dilation):
+        length = ax_o.group_length(g)
         seg_start.append(len(rows))
-        rows.extend(g + ax0.dilation * min(t, length - 1) for t in range(max(length, outer.box)))
+        rows.extend(g + ax_o.dilation * min(t, length - 1) for t in range(max(length, outer.box)))
     rows_t = torch.tensor(rows)
     offset = torch.tensor(seg_start)[outer.group] + outer.start  # [nI]
     assert torch.equal(rows_t[offset.view(-1, 1) + torch.arange(outer.box)], outer.k)
@@ -587,7 +590,7 @@ def make_fused_plan(spec: NASpec, tiles: tuple[int, ...], device) -> FusedPlan:
                   for i0, i1, o0, step, c in runs)
     n = spec.num_tokens
     q_write = torch.where(q_valid, q_index, torch.full_like(q_index, n)).reshape(-1)
-    return FusedPlan(spec, tuple(ap.tile for ap in axes), n_j * n_i, t0 * it, b0 * ib, q_index.to(device),
+    return FusedPlan(spec, tuple(ap.tile for ap in axes), o, n_j * n_i, t0 * it, b0 * ib, q_index.to(device),
                      q_write.to(device), bool((~q_valid).any()), q_valid.to(device), bias.to(device), masked, n_i,
                      n_j, b0, ib, len(rows), strip_index.to(device), calls)
 
