@@ -50,8 +50,10 @@ class _Step:
     tile_r: torch.Tensor | None = None
     tile_c: torch.Tensor | None = None
     blocked: torch.Tensor | None = None
-    # first key block when the step is one row of contiguous key blocks (k and v are then read as views)
+    # When every row of the step reads contiguous key blocks, row i starting at block kv_start + i * kv_delta,
+    # k and v are read as (possibly overlapping) strided views instead of gathered copies.
     kv_start: int | None = None
+    kv_delta: int = 0
 
     @property
     def needs_mask(self) -> bool:
@@ -70,8 +72,10 @@ class _Plan:
 
 def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, block_kv: int, batch: int,
               heads: int, kv_heads: int, row_cost: int, device: torch.device, tile_elements: int = TILE_ELEMENTS,
-              min_step_elements: int = MIN_STEP_ELEMENTS) -> _Plan:
-    """Choose the steps. ``row_cost``: scores per query block per key block (batch * heads * bq * bk)."""
+              min_step_elements: int = MIN_STEP_ELEMENTS, merge_runs: bool = False) -> _Plan:
+    """Choose the steps. ``row_cost``: scores per query block per key block (batch * heads * bq * bk).
+    ``merge_runs``: join consecutive single-row steps whose key blocks are contiguous ranges of one width starting
+    at evenly spaced blocks (a band's interior) into one step read through strided views (the fused path)."""
     nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
     if pattern is None:
         nonempty = torch.ones(nq, nk, dtype=torch.bool)
@@ -115,10 +119,55 @@ def make_plan(pattern: Pattern | None, q_len: int, kv_len: int, block_q: int, bl
     for st in steps:
         if st.idx.shape[0] == 1 and bool((st.idx[0, 1:] - st.idx[0, :-1] == 1).all()):
             st.kv_start = int(st.idx[0, 0])
+    if merge_runs:
+        steps = _merge_runs(steps, block_q * block_kv)
+    for st in steps:
         st.idx, st.computed = st.idx.to(device), st.computed.to(device)
         if not bool(st.is_full.all()):
             _attach_masks(st, pattern, q_len, kv_len, block_q, block_kv, batch, heads, kv_heads, device)
     return _Plan(block_q, block_kv, nq, nk, steps, int(nonempty.sum()))
+
+
+# A merged step's additive mask holds R * bq * C * bk floats (per batch/head only for patterns that depend on them).
+MAX_RUN_MASK_ELEMENTS = 1 << 21
+MAX_RUN_ROWS = 64
+
+
+def _merge_runs(steps: list[_Step], tile_area: int) -> list[_Step]:
+    """Join runs of single-row, single-step rows with contiguous key blocks of equal width whose starts advance
+    by a constant number of blocks: one kernel call (one parallel region) then covers the run."""
+    merged: list[_Step] = []
+    run: list[_Step] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            first = run[0]
+            merged.append(_Step(first.r0, run[-1].r1, torch.cat([st.idx for st in run]),
+                                torch.cat([st.computed for st in run]), torch.cat([st.is_full for st in run]),
+                                True, True, kv_start=first.kv_start,
+                                kv_delta=run[1].kv_start - first.kv_start))
+        run.clear()
+
+    for st in steps:
+        ok = (st.kv_start is not None and st.first and st.last and st.r1 - st.r0 == 1
+              and bool(st.computed.all()))
+        if ok and run:
+            width = run[0].idx.shape[1]
+            delta = run[1].kv_start - run[0].kv_start if len(run) > 1 else st.kv_start - run[-1].kv_start
+            ok = (st.idx.shape[1] == width and st.kv_start - run[-1].kv_start == delta and delta >= 0
+                  and len(run) < MAX_RUN_ROWS and (len(run) + 1) * width * tile_area <= MAX_RUN_MASK_ELEMENTS)
+            if not ok:
+                flush()
+                ok = True
+        if ok:
+            run.append(st)
+        else:
+            flush()
+            merged.append(st)
+    flush()
+    return merged
 
 
 def _attach_masks(step: _Step, pattern: Pattern | None, q_len: int, kv_len: int, bq: int, bk: int, batch: int,
@@ -232,8 +281,12 @@ def _gather(xb: torch.Tensor, step: _Step) -> torch.Tensor:
     """``[B, H, nk, bk, D]`` gathered at the step's ``idx [R, C]`` -> ``[B, H, R, C * bk, D]``."""
     b, h, _, bk, d = xb.shape
     r, c = step.idx.shape
-    if step.kv_start is not None:  # one row of contiguous blocks: a view, no copy
-        return xb[:, :, step.kv_start: step.kv_start + c].reshape(b, h, 1, c * bk, d)
+    if step.kv_start is not None:  # rows of contiguous blocks: a (strided, overlapping) view, no copy
+        if r == 1:
+            return xb[:, :, step.kv_start: step.kv_start + c].reshape(b, h, 1, c * bk, d)
+        base = xb[:, :, step.kv_start:]
+        return base.as_strided((b, h, r, c * bk, d), (base.stride(0), base.stride(1), step.kv_delta * bk * d, d, 1),
+                               base.storage_offset())
     return xb[:, :, step.idx].reshape(b, h, r, c * bk, d)
 
 
@@ -502,22 +555,25 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     row_cost = b * h * bq * bk
     if fused:  # the kernel never materialises a step's scores: every query block's keys go in one step
         tile_elements = max(tile_elements, row_cost * -(-kv_len // bk))
-    min_step = 0 if fused else MIN_STEP_ELEMENTS  # fused steps read k and v as views: never group rows
-    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, q.device, tile_elements, min_step)
+    # Fused steps read k and v as views: rows are not grouped by gathering, only runs of evenly spaced
+    # contiguous key ranges are merged (strided views), so each kernel call is one large parallel region.
+    min_step = 0 if fused else MIN_STEP_ELEMENTS
+    plan = _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, q.device, tile_elements, min_step,
+                        fused)
     cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv, fused)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
 
 
 def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,
-                 min_step_elements=MIN_STEP_ELEMENTS) -> _Plan:
-    key = (q_len, kv_len, bq, bk, b, h, hkv, row_cost, str(device), tile_elements, min_step_elements)
+                 min_step_elements=MIN_STEP_ELEMENTS, merge_runs=False) -> _Plan:
+    key = (q_len, kv_len, bq, bk, b, h, hkv, row_cost, str(device), tile_elements, min_step_elements, merge_runs)
     if pattern is None:
-        return make_plan(None, *key[:7], row_cost, device, tile_elements, min_step_elements)
+        return make_plan(None, *key[:7], row_cost, device, tile_elements, min_step_elements, merge_runs)
     cache = pattern.__dict__.setdefault("_plan_cache", {})
     if key not in cache:
         if len(cache) > 16:
             cache.clear()
         cache[key] = make_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,
-                               min_step_elements)
+                               min_step_elements, merge_runs)
     return cache[key]
