@@ -128,3 +128,20 @@ def test_console_script_runs():
     assert res.returncode == 0 and res.stdout.startswith("name")
     res = subprocess.run(["attnkit", "bench", "--heads", "-1"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--heads" in res.stderr
+
+
+def test_bench_keeps_the_quality_section_of_an_existing_report(tmp_path):
+    from attnkit.quality.report import BEGIN, END
+
+    out = tmp_path / "report"
+    out.mkdir()
+    section = f"{BEGIN}\n## Quality\nkept table\n{END}"
+    (out / "report.md").write_text(f"# old report\n\n{section}\n")
+    (out / "report.html").write_text(f"<html><body>old {section}</body></html>")
+    with registered("fake_exact"):
+        code = main(["bench", "--mechanisms", "fake_exact", "--seq-lens", "16", "--heads", "2", "--head-dim", "8",
+                     "--repeats", "1", "--out", str(out), "--no-progress", "--no-flex", "--no-plots"])
+    assert code == 0
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "old report" not in md and md.count("kept table") == 1 and "fake_exact" in md
+    assert html.count("kept table") == 1 and html.index("kept table") < html.lower().rindex("</body>")

@@ -301,6 +301,18 @@ def _plot_captions() -> dict[str, str]:
     }
 
 
+def _write_keeping_sections(path: Path, text: str, *, html_doc: bool) -> None:
+    """Write ``text`` to ``path``, carrying over a section another command spliced into the previous file
+    (``attnkit quality`` marks its section with HTML comments), so running bench after quality keeps both."""
+    from attnkit.quality.report import BEGIN, END, splice_section
+
+    old = path.read_text() if path.exists() else ""
+    start, end = old.find(BEGIN), old.find(END)
+    if start >= 0 and end > start:
+        text = splice_section(text, old[start: end + len(END)], html_doc=html_doc)
+    path.write_text(text)
+
+
 def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
     n = detail_length(doc)
     captions = _plot_captions()
@@ -321,7 +333,7 @@ def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
     out += ["## How it was measured", ""] + [f"- {x}" for x in _methods(doc)] + [""]
     out += ["## Machine", ""] + [f"- {x}" for x in _machine_lines(doc)] + [""]
     out += ["## All measurements", "", _md_table(*full_table(doc)), ""]
-    path.write_text("\n".join(out))
+    _write_keeping_sections(path, "\n".join(out), html_doc=False)
 
 
 _CSS = """
@@ -361,7 +373,7 @@ def write_html(doc: dict[str, Any], plots: list[str], path: Path) -> None:
     out += ["<h2>How it was measured</h2><ul>"] + [f"<li>{e(x)}</li>" for x in _methods(doc)] + ["</ul>"]
     out += ["<h2>Machine</h2><ul>"] + [f"<li>{e(x)}</li>" for x in _machine_lines(doc)] + ["</ul>"]
     out += ["<h2>All measurements</h2>", _html_table(*full_table(doc)), "</body></html>"]
-    path.write_text("\n".join(out))
+    _write_keeping_sections(path, "\n".join(out), html_doc=True)
 
 
 def write_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
