@@ -363,7 +363,7 @@ def test_cli_quality_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["--task", "sudoku"], "unknown task"), (["--mechanisms", "nope"], "no mechanism named"),
-    (["--param", "softmax"], "NAME.PARAM=VALUE"), (["--task-param", "mqar.depth=2"], "no parameters"),
+    (["--param", "softmax"], "MECHANISM.NAME=VALUE"), (["--task-param", "mqar.depth=2"], "no parameters"),
     (["--steps", "0"], "positive integer"), (["--mechanisms", "softmax", "--param", "linear:elu.eps=1"],
                                            "not among the selected"),
     (["--mechanisms", "linear:elu", "--param", "linear:elu.x=1"], "takes no parameter x"),

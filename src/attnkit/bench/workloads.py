@@ -220,9 +220,9 @@ def parse_param_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        name, dot, param = key.partition(".")
+        name, dot, param = key.rpartition(".")  # parameters have no dots; names may (linear:favor, a.b)
         if not sep or not dot or not name or not param:
-            raise ValueError(f"--param expects MECHANISM.NAME=VALUE (e.g. performer.num_features=128), got {item!r}")
+            raise ValueError(f"expected MECHANISM.NAME=VALUE (e.g. performer.num_features=128), got {item!r}")
         try:
             value: Any = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

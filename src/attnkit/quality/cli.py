@@ -6,27 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from attnkit.cli import _positive_float, _positive_int
+
 __all__ = ["add_arguments", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _names(text: str) -> list[str]:
@@ -78,20 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _split_params(items: list[str], what: str, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
     """``["a.b=1"]`` -> ``{"a": {"b": 1}}``; the name may contain ':' (linear:favor.num_features=64)."""
-    import ast
+    from attnkit.bench.workloads import parse_param_overrides
 
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        name, dot, param = key.rpartition(".")
-        if not sep or not dot or not name or not param:
-            parser.error(f"argument {what}: expected NAME.PARAM=VALUE (e.g. sliding_window.window=8), got {item!r}")
-        try:
-            value: Any = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(name, {})[param] = value
-    return out
+    try:
+        return parse_param_overrides(items)
+    except ValueError as exc:
+        parser.error(f"argument {what}: {exc}")
 
 
 def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
