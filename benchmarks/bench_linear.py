@@ -34,27 +34,12 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import feature_maps
 from attnkit.bench.machine import describe_machine
-from attnkit.bench.measure import peak_memory
+from attnkit.bench.measure import fmt_ms as fmt
+from attnkit.bench.measure import median_time, peak_memory
 from attnkit.ops.linear.chunked import chunked_flops
 from attnkit.testing import relative_error
 
 CPU = torch.device("cpu")
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
-def fmt(t: tuple[float, float, float]) -> str:
-    med, lo, hi = t
-    return f"{med * 1e3:9.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})"
 
 
 def qkv(n: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:

@@ -37,27 +37,12 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit.bench.machine import available_memory_bytes, describe_machine
-from attnkit.bench.measure import exact_softmax_rows, sample_rows
+from attnkit.bench.measure import exact_softmax_rows, median_time, sample_rows
+from attnkit.bench.measure import fmt_ms as fmt
 from attnkit.ops.neighborhood import neighborhood_pattern, neighborhood_speed_of_light
 from attnkit.ops.neighborhood.pattern import allowed_pairs
 
 CPU = torch.device("cpu")
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
-def fmt(t: tuple[float, float, float]) -> str:
-    med, lo, hi = t
-    return f"{med * 1e3:9.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})"
 
 
 def gflops(flops: float, seconds: float) -> str:
