@@ -19,7 +19,7 @@ as extra rows of the same matmul.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,9 @@ class _Step:
     # k and v are read as (possibly overlapping) strided views instead of gathered copies.
     kv_start: int | None = None
     kv_delta: int = 0
+    # Additive masks of the fused path, kept per (dtype, device, batch) when every row of the step has the same
+    # mask (a band's interior): stored once as [.., 1, G*bq, C*bk] and broadcast over the rows.
+    mask_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def needs_mask(self) -> bool:
@@ -314,9 +317,21 @@ def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None, norm:
 
 
 def _step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive mask ``[B*Hkv | 1, R, G*bq, C*bk]`` (0 or -inf) of a step, built from its partial tiles."""
+    """Additive mask ``[B*Hkv | 1, R | 1, G*bq, C*bk]`` (0 or -inf) of a step, built from its partial tiles."""
     if not step.needs_mask:
         return None
+    key = (dtype, step.blocked.device, batch)
+    cached = step.mask_cache.get(key)
+    if cached is not None:
+        return cached
+    m = _build_step_mask(cfg, step, batch, dtype)
+    if key not in step.mask_cache:  # first use: keep it if all rows share one mask
+        shared = m.shape[1] > 1 and bool((m == m[:, :1]).all())
+        step.mask_cache[key] = m[:, :1].contiguous() if shared else None
+    return m
+
+
+def _build_step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor:
     plan = cfg.plan
     bq, bk = plan.block_q, plan.block_kv
     r, c = step.idx.shape
@@ -351,16 +366,18 @@ def fused_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     qb = _blocks_q(q.to(cdt), cfg.kv_heads, plan.nq, bq)
     kb, vb = _blocks_kv(k.to(cdt), plan.nk, bk), _blocks_kv(v.to(cdt), plan.nk, bk)
     b, hkv, nq, gbq, _ = qb.shape
-    out = torch.empty(b, hkv, nq, gbq, v.shape[-1], dtype=cdt, device=q.device)
-    lse = torch.empty(b, hkv, nq, gbq, dtype=torch.float32 if cdt != torch.float64 else cdt, device=q.device)
-    for step in plan.steps:
+    outs, lses = [], []
+    for step in plan.steps:  # fused plans cover the query blocks in order, each once
         assert step.first and step.last
         q4, k4, v4 = _fused_inputs(cfg, qb, kb, vb, step)
         o, l = _FLASH_CPU(q4, k4, v4, attn_mask=_step_mask(cfg, step, b, cdt), scale=cfg.scale)
-        out[:, :, step.r0: step.r1] = o.reshape(b, hkv, *o.shape[1:])
-        lse[:, :, step.r0: step.r1] = l.reshape(b, hkv, *l.shape[1:])
+        outs.append(o)
+        lses.append(l)
+    # One concatenation gives the blocked layout [B*Hkv, nq, G*bq, D] (for G = 1 already [B, H, L, D]).
     # A row with no allowed key comes back as zeros with log-sum-exp 0 (the kernel's convention), which is the
     # documented result, and its backward is zero as well.
+    out = torch.cat(outs, dim=1).view(b, hkv, nq, gbq, -1)
+    lse = torch.cat(lses, dim=1).view(b, hkv, nq, gbq)
     return _unblock_q(out, cfg.heads, cfg.q_len, bq).to(q.dtype), _unblock_q(lse, cfg.heads, cfg.q_len, bq)
 
 
