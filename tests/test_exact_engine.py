@@ -88,22 +88,31 @@ def test_odd_lengths_and_default_blocks(length, pattern):
     assert_close(attnkit.attention(q, k, v, pattern=pat, engine="tiled"), ref)
 
 
+@pytest.mark.parametrize("mod", ["none", "alibi"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "general"])
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
-def test_softmax_paths_equal_reference(pattern, fused, monkeypatch):
-    """Softmax without score modifier and with equal key/value dims runs ATen's fused CPU kernel per step; the
-    general path (matmul + online softmax, the one CUDA runs) must agree too. GQA, cross-attention, grads."""
+def test_softmax_paths_equal_reference(pattern, fused, mod, monkeypatch):
+    """Softmax with no score modifier or a fixed additive one (ALiBi, passed as the kernel's mask) and equal
+    key/value dims runs ATen's fused CPU kernel per step; the general path (matmul + online softmax, the one CUDA
+    runs) must agree too. GQA, cross-attention, grads."""
     monkeypatch.setattr(attnkit.ops.exact.tiled, "USE_FUSED_CPU_KERNEL", fused)
     for lq, lk, hkv in [(65, 65, 4), (23, 65, 2), (1, 40, 1)]:
         q, k, v = random_qkv(2, 4, lq, lk, 12, kv_heads=hkv, dtype=torch.float64, requires_grad=True)
         pat = PATTERNS[pattern](lk)
-        cfg_fused = attnkit.ops.exact.tiled.can_fuse(q, v, None, N.softmax())
-        assert cfg_fused == fused
-        ref, out = _run_both(q, k, v, pattern=pat)
+        score_mod = S.alibi(4).double() if mod == "alibi" else None
+        assert attnkit.ops.exact.tiled.can_fuse(q, v, score_mod, N.softmax()) == fused
+        ref, out = _run_both(q, k, v, pattern=pat, score_mod=score_mod)
         assert_close(out, ref)
         g = torch.randn_like(ref)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             assert_close(a, b)
+
+
+def test_learnable_or_non_additive_modifiers_take_the_general_path():
+    q, _, v = random_qkv(1, 4, 8, 8, 8)
+    assert not attnkit.ops.exact.tiled.can_fuse(q, v, S.kerple_log(4, 0.5, 0.7), N.softmax())
+    assert not attnkit.ops.exact.tiled.can_fuse(q, v, S.alibi(4) >> S.softcap(2.0), N.softmax())
+    assert attnkit.ops.exact.tiled.can_fuse(q, v, S.alibi(4) >> S.alibi(4), N.softmax())
 
 
 def test_multi_step_rows_use_online_softmax():

@@ -36,6 +36,8 @@ class ScoreMod(nn.Module):
     """Base class. Subclasses implement ``forward(score, b, h, q_idx, kv_idx, q_len, kv_len)``."""
 
     head_dependent: bool = False
+    # ``mod(s, ...) == s + mod(0, ...)`` for every score: an additive bias, which fused kernels take as a mask.
+    additive: bool = False
 
     def __rshift__(self, other: ScoreMod) -> ScoreMod:
         return compose(self, other)
@@ -53,6 +55,7 @@ class _Compose(ScoreMod):
         super().__init__()
         self.mods = nn.ModuleList(mods)
         self.head_dependent = any(m.head_dependent for m in mods)
+        self.additive = all(m.additive for m in mods)
 
     def forward(self, score, b, h, q_idx, kv_idx, q_len, kv_len):
         for m in self.mods:
@@ -94,6 +97,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 class _Alibi(ScoreMod):
     head_dependent = True
+    additive = True
 
     def __init__(self, num_heads: int):
         super().__init__()

@@ -310,17 +310,19 @@ USE_FUSED_CPU_KERNEL = True
 
 
 def can_fuse(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None, norm: Normalization) -> bool:
-    """Softmax with no score modifier, equal key and value dims, on CPU: the fused kernel applies."""
+    """Softmax, equal key and value dims, on CPU, with no score modifier or a fixed additive one (ALiBi: its
+    bias joins the kernel's additive mask): the fused kernel applies."""
+    additive = score_mod is None or (getattr(score_mod, "additive", False) and not score_mod.grad_tensors())
     return (USE_FUSED_CPU_KERNEL and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
-            and q.device.type == "cpu"
-            and score_mod is None and norm.name == "softmax" and q.shape[-1] == v.shape[-1])
+            and q.device.type == "cpu" and additive and norm.name == "softmax" and q.shape[-1] == v.shape[-1])
 
 
 def _step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive mask ``[B*Hkv | 1, R | 1, G*bq, C*bk]`` (0 or -inf) of a step, built from its partial tiles."""
-    if not step.needs_mask:
+    """Additive mask ``[B*Hkv | 1, R | 1, G*bq, C*bk]`` of a step: -inf where its partial tiles block, plus the
+    bias of an additive score modifier."""
+    if not step.needs_mask and cfg.score_mod is None:
         return None
-    key = (dtype, step.blocked.device, batch)
+    key = (dtype, step.idx.device, batch, cfg.score_mod)
     cached = step.mask_cache.get(key)
     if cached is not None:
         return cached
@@ -332,6 +334,23 @@ def _step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> tor
 
 
 def _build_step_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    if cfg.score_mod is None:
+        return _build_block_mask(cfg, step, batch, dtype)
+    si = _StepIndex(cfg, step, batch, step.idx.device)
+    r, c = step.idx.shape
+    bq, bk = cfg.plan.block_q, cfg.plan.block_kv
+    g = cfg.heads // cfg.kv_heads
+    zero = torch.zeros((), dtype=dtype, device=step.idx.device)
+    # the modifier's bias on the step's grid [B|1, Hkv|1, R, G|1, bq, C*bk]
+    bias = cfg.score_mod(zero, si.b, si.h, si.q_idx, si.kv_idx, cfg.q_len, cfg.kv_len)
+    blocked = _build_block_mask(cfg, step, batch, dtype) if step.needs_mask else None
+    per_head = bias.shape[0] * bias.shape[1] > 1 or (blocked is not None and blocked.shape[0] > 1)
+    lead = (batch, cfg.kv_heads) if per_head else (1, 1)
+    bias = bias.expand(*lead, r, g, bq, c * bk).reshape(lead[0] * lead[1], r, g * bq, c * bk)
+    return bias if blocked is None else bias + blocked
+
+
+def _build_block_mask(cfg: _Config, step: _Step, batch: int, dtype: torch.dtype) -> torch.Tensor:
     plan = cfg.plan
     bq, bk = plan.block_q, plan.block_kv
     r, c = step.idx.shape
