@@ -79,8 +79,9 @@ def test_error_in_a_run_is_against_exact_softmax():
         doc = run_benchmark(tiny(mechanisms=["fake_mean", "fake_exact"], seq_lens=[32], error_rows=32),
                             progress=False)
         cells = {c["label"]: c for c in doc["results"]}
-        g = torch.Generator().manual_seed(0 + 32)
-        q, k, v = (torch.randn(1, 2, 32, 8, generator=g) for _ in range(3))
+        from attnkit.bench.workloads import make_inputs
+
+        q, k, v = make_inputs("clustered", (1, 2, 32, 8), torch.Generator().manual_seed(0 + 32))  # the default
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         approx = v.mean(2, keepdim=True).expand_as(v)
         expected = float((approx.double() - exact).norm() / exact.norm())
@@ -208,3 +209,20 @@ def test_ctrl_c_keeps_the_results_so_far():
     assert [(c["label"], c["seq_len"]) for c in doc["results"]] == [
         ("sdpa", 16), ("fake_interrupt", 16), ("sdpa", 32), ("fake_interrupt", 32), ("sdpa", 64)]
     assert seen == [1, 2, 3, 4, 5]
+
+
+def test_clustered_inputs_give_peaked_attention_and_are_seeded():
+    from attnkit.bench.workloads import make_inputs
+
+    shape = (1, 2, 512, 32)
+    q, k, v = make_inputs("clustered", shape, torch.Generator().manual_seed(3))
+    again = make_inputs("clustered", shape, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), again)) and q.shape == shape
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # peaked on the query's cluster: the output keeps most of a value's norm (uniform attention would not)
+    assert out.norm(dim=-1).mean() > 0.5 * v.norm(dim=-1).mean()
+    g = make_inputs("gaussian", shape, torch.Generator().manual_seed(3))
+    flat = torch.nn.functional.scaled_dot_product_attention(*g)
+    assert flat.norm(dim=-1).mean() < 0.3 * g[2].norm(dim=-1).mean()
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        make_inputs("uniform", shape, torch.Generator())

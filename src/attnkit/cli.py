@@ -143,6 +143,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal attention: on (bare --causal), off or both (default: off, plus causal for "
                         "linear attention)")
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--inputs", choices=("clustered", "gaussian"), default=None,
+                   help="synthetic q, k, v: clustered (peaked, content-based attention; default) or gaussian "
+                        "(i.i.d.; exact output ~ mean(v), so relative errors are uninformative)")
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per cell (default 5)")
     p.add_argument("--out", default="attnkit-report", metavar="DIR",
                    help="output folder (default ./attnkit-report/)")
@@ -182,7 +185,7 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     except ValueError as exc:
         parser.error(f"argument --param: {exc}")
     overrides: dict[str, Any] = {"device": device, "params": params}
-    for key in ("batch", "heads", "head_dim", "dtype", "repeats", "seq_lens", "mechanisms"):
+    for key in ("batch", "heads", "head_dim", "dtype", "repeats", "seq_lens", "mechanisms", "inputs"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value

@@ -25,6 +25,7 @@ from attnkit.bench.workloads import (
     Variant,
     call_with_accepted,
     is_quadratic,
+    make_inputs,
     select_variants,
     shape_params,
 )
@@ -108,8 +109,9 @@ class _Run:
         c = self.config
         g = torch.Generator().manual_seed(c.seed + n)
         shape = (c.batch, c.heads, n, c.head_dim)
-        q, k, v, grad = (torch.randn(shape, generator=g).to(self.device, self.dtype) for _ in range(4))
-        return q, k, v, grad
+        q, k, v = make_inputs(c.inputs, shape, g)
+        grad = torch.randn(shape, generator=g)
+        return tuple(t.to(self.device, self.dtype) for t in (q, k, v, grad))
 
     def pattern(self, v: Variant, n: int) -> Any:
         key = (v.mechanism.name, v.causal, n)

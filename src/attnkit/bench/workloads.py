@@ -14,10 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import attnkit
 from attnkit.registry import Mechanism
 
 __all__ = ["BenchConfig", "Variant", "default_config", "quick_config", "select_variants", "is_quadratic",
+           "make_inputs", "INPUT_KINDS",
            "DTYPES", "SDPA", "QUADRATIC_LENS", "SUBQUADRATIC_LENS"]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -59,11 +62,46 @@ class BenchConfig:
     memory: bool = True  # trace peak memory (one extra traced call per cell)
     error_rows: int = 256  # query rows sampled for the error against exact softmax
     seed: int = 0
+    inputs: str = "clustered"  # "clustered" (peaked, content-based attention) or "gaussian" (i.i.d. N(0, 1))
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mechanism overrides
     quick: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+INPUT_KINDS = ("clustered", "gaussian")
+
+
+def make_inputs(kind: str, shape: tuple[int, int, int, int], generator: torch.Generator, *,
+                num_clusters: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic ``q, k, v`` of ``shape [batch, heads, seq, dim]`` (float32, CPU).
+
+    ``gaussian``: i.i.d. N(0, 1). At long lengths exact softmax of such inputs is nearly uniform and its output
+    is about mean(v), a vector of tiny norm, so every approximation's *relative* error looks huge.
+    ``clustered``: each token belongs to one of ``num_clusters`` clusters per head; queries and keys are their
+    cluster's centre plus noise, with centres scaled so that a same-cluster logit exceeds the others by about 4
+    (attention is peaked on the query's cluster, as content-based attention is), and values are a per-cluster
+    vector plus noise (the exact output is about the cluster's value). Approximations that capture the structure
+    score low errors here, as they would on real, peaked attention.
+    """
+    if kind == "gaussian":
+        q, k, v = (torch.randn(shape, generator=generator) for _ in range(3))
+        return q, k, v
+    if kind != "clustered":
+        raise ValueError(f"inputs must be one of {', '.join(INPUT_KINDS)}, got {kind!r}")
+    b, h, n, d = shape
+    centres = torch.nn.functional.normalize(torch.randn(b, h, num_clusters, d, generator=generator), dim=-1)
+    centres = centres * (4.0 * d**0.5) ** 0.5  # |c|^2 / sqrt(d) = 4: the same-cluster logit gap
+    values = torch.randn(b, h, num_clusters, d, generator=generator)
+    label = torch.randint(0, num_clusters, (b, h, n), generator=generator)
+    pick = label[..., None].expand(b, h, n, d)
+    noise = 0.5
+
+    def member(table: torch.Tensor) -> torch.Tensor:
+        return table.gather(2, pick) + noise * torch.randn(shape, generator=generator)
+
+    return member(centres), member(centres), member(values)
 
 
 def default_config(**overrides: Any) -> BenchConfig:
