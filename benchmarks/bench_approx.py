@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import attnkit
 from attnkit.bench.machine import describe_machine
 from attnkit.bench.measure import dense_flops, exact_softmax_rows, peak_memory, relative_error, sample_rows
-from attnkit.bench.workloads import shape_params
+from attnkit.bench.workloads import INPUT_KINDS, make_inputs, shape_params
 from attnkit.ops.approx import pca_basis
 
 CPU = torch.device("cpu")
@@ -57,9 +57,9 @@ def median_time(fn, repeats: int, budget_s: float) -> tuple[float, float, float,
     return statistics.median(times), min(times), max(times), len(times)
 
 
-def qkv(n: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, n, dim, generator=g) for _ in range(3)]
+def qkv(n: int, heads: int, dim: int, seed: int = 0, kind: str = "clustered") -> tuple[torch.Tensor, ...]:
+    """Synthetic inputs of ``attnkit bench`` (:func:`attnkit.bench.workloads.make_inputs`)."""
+    return make_inputs(kind, (1, heads, n, dim), torch.Generator().manual_seed(seed))
 
 
 def build(name: str, *, causal: bool, heads: int, dim: int, n: int, calibration_keys: torch.Tensor):
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop repeating a mechanism's timed calls after this many seconds (default 60)")
     ap.add_argument("--rows", type=int, default=256, help="query rows the error is measured on (default 256)")
     ap.add_argument("--causal", action="store_true", help="causal variants (mechanisms that have one)")
+    ap.add_argument("--inputs", choices=INPUT_KINDS, default="clustered",
+                    help="synthetic q, k, v: clustered (peaked attention; default) or gaussian (i.i.d.)")
     ap.add_argument("--mechanisms", default=None, help="comma-separated names (default: the approx family)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
           f"calls (min-max; fewer past {args.budget_s:.0f} s); error on {args.rows} sampled rows against float64 "
           f"exact softmax\n")
 
-    q, k, v = qkv(n, h, d)
-    _, calibration_keys, _ = qkv(n if n <= 4096 else 4096, h, d, seed=1)
+    q, k, v = qkv(n, h, d, kind=args.inputs)
+    _, calibration_keys, _ = qkv(n if n <= 4096 else 4096, h, d, seed=1, kind=args.inputs)
     rows = sample_rows(n, args.rows, CPU)
     exact_rows = exact_softmax_rows(q, k, v, rows, causal=args.causal)
     score_matrix_bytes = h * n * n * 4
