@@ -385,17 +385,18 @@ def fused_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     qb = _blocks_q(q.to(cdt), cfg.kv_heads, plan.nq, bq)
     kb, vb = _blocks_kv(k.to(cdt), plan.nk, bk), _blocks_kv(v.to(cdt), plan.nk, bk)
     b, hkv, nq, gbq, _ = qb.shape
-    outs, lses = [], []
+    # Written step by step into one buffer (not concatenated at the end: that would hold the output twice).
+    out = torch.empty(b * hkv, nq, gbq, v.shape[-1], dtype=cdt, device=q.device)
+    lses = []
     for step in plan.steps:  # fused plans cover the query blocks in order, each once
         assert step.first and step.last
         q4, k4, v4 = _fused_inputs(cfg, qb, kb, vb, step)
         o, l = _FLASH_CPU(q4, k4, v4, attn_mask=_step_mask(cfg, step, b, cdt), scale=cfg.scale)
-        outs.append(o)
+        out[:, step.r0: step.r1] = o
         lses.append(l)
-    # One concatenation gives the blocked layout [B*Hkv, nq, G*bq, D] (for G = 1 already [B, H, L, D]).
     # A row with no allowed key comes back as zeros with log-sum-exp 0 (the kernel's convention), which is the
     # documented result, and its backward is zero as well.
-    out = torch.cat(outs, dim=1).view(b, hkv, nq, gbq, -1)
+    out = out.view(b, hkv, nq, gbq, -1)
     lse = torch.cat(lses, dim=1).view(b, hkv, nq, gbq)
     return _unblock_q(out, cfg.heads, cfg.q_len, bq).to(q.dtype), _unblock_q(lse, cfg.heads, cfg.q_len, bq)
 
