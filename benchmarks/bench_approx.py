@@ -25,19 +25,17 @@ approximate their own kernels, so their error against softmax measures the kerne
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench.machine import describe_machine
 from attnkit.bench.measure import dense_flops, exact_softmax_rows, peak_memory, relative_error, sample_rows
+from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.bench.workloads import INPUT_KINDS, make_inputs, shape_params
 from attnkit.ops.approx import pca_basis
 
@@ -77,13 +75,10 @@ def build(name: str, *, causal: bool, heads: int, dim: int, n: int, calibration_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1,024 tokens: checks that the script runs")
+    ap = script_parser(__doc__.splitlines()[0], head_dim=64, repeats=None,
+                       repeats_help="timed calls per mechanism (default 3; 1 quick)",
+                       quick_help="1,024 tokens: checks that the script runs")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens (default 16384; 1024 with --quick)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per mechanism (default 3; 1 quick)")
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="stop repeating a mechanism's timed calls after this many seconds (default 60)")
     ap.add_argument("--rows", type=int, default=256, help="query rows the error is measured on (default 256)")
@@ -91,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inputs", choices=INPUT_KINDS, default="clustered",
                     help="synthetic q, k, v: clustered (peaked attention; default) or gaussian (i.i.d.)")
     ap.add_argument("--mechanisms", default=None, help="comma-separated names (default: the approx family)")
-    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.seq_len or (1024 if args.quick else 16384)
@@ -102,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.causal:
         names = [name for name in names if attnkit.mechanism_info(name).causal]
 
-    machine = describe_machine(CPU)
-    print(f"# attnkit approximate attention benchmark\n{machine['cpu']}, {machine['torch_threads']} threads, "
-          f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
-          f"load {machine.get('load_average')}")
+    machine = machine_header("approximate attention")
     print(f"float32, batch 1, {n} tokens, {h} heads, head dim {d}, causal={args.causal}; medians of {reps} "
           f"calls (min-max; fewer past {args.budget_s:.0f} s); error on {args.rows} sampled rows against float64 "
           f"exact softmax\n")
@@ -159,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfaster than SDPA at {n} tokens: {', '.join(faster) or 'none'}")
     print("peak memory below one n^2 score matrix for every mechanism: "
           f"{all(r['vs_score_matrix'] < 1 for r in results['mechanisms'][1:])}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float))
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     summary = {"n": n, "causal": args.causal, "sdpa_ms": round(base * 1e3, 1),
                "mechanisms": {r["name"]: {"ms": round(r["time_s"] * 1e3, 1), "vs_sdpa": round(r["vs_sdpa"], 3),
                                           "peak_mib": round(r["peak_bytes"] / 2**20, 1),

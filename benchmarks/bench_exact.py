@@ -17,21 +17,18 @@ theoretical FLOPs of the work the pattern allows and the achieved GFLOP/s, so th
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
 from attnkit import patterns
-from attnkit.bench.machine import describe_machine
 from attnkit.bench.measure import fmt_ms as fmt
 from attnkit.bench.measure import median_time, peak_memory
+from attnkit.bench.scripts import machine_header, script_parser, write_json
 
 CPU = torch.device("cpu")
 
@@ -73,14 +70,8 @@ def flex_sliding_window(q, k, v, window: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
+    ap = script_parser(__doc__.splitlines()[0], head_dim=64, repeats=3)
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (~15 s compile)")
-    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     h, d, reps = args.heads, args.head_dim, args.repeats
@@ -88,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     n_sw, window = (2048, 64) if args.quick else (16384, 256)
     n_mem = 4096 if args.quick else 65536
     n_train = 2048 if args.quick else 32768
-    results: dict = {"machine": describe_machine(CPU), "quick": args.quick}
-    machine = results["machine"]
-    print(f"# attnkit exact engine benchmark\n{machine['cpu']}, {machine['torch_threads']} threads, "
-          f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
-          f"load {machine.get('load_average')}")
+    results: dict = {"machine": machine_header("exact engine"), "quick": args.quick}
     print(f"float32, batch 1, {h} heads, head dim {d}; medians of {reps} calls (min-max)\n")
 
     # 1. dense softmax: attention() dispatches to SDPA; the tiled engine is shown for reference.
@@ -175,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
           f"~3.5x forward FLOPs); allocated during the step {during / 2**20:.1f} MiB "
           f"(N x N scores would be {h * n_train * n_train * 4 / 2**30:.0f} GiB)")
 
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     ok = all(math.isfinite(r["ratio"]) for r in results["dense"])
     return 0 if ok else 1
 

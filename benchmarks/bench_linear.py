@@ -21,21 +21,19 @@ float32, batch 1, 8 heads, head dim 64, 2 threads unless told otherwise; causal 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
 from attnkit import feature_maps
-from attnkit.bench.machine import describe_machine
 from attnkit.bench.measure import fmt_ms as fmt
 from attnkit.bench.measure import median_time, peak_memory
+from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.ops.linear.chunked import chunked_flops
 from attnkit.testing import relative_error
 
@@ -57,15 +55,9 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
+    ap = script_parser(__doc__.splitlines()[0], head_dim=64, repeats=3)
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--feature-map", default="elu", help="a name from attnkit.feature_maps (default elu)")
-    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     h, d, reps, cs = args.heads, args.head_dim, args.repeats, args.chunk_size
@@ -74,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     lens = [1024, 2048, 4096, 8192] if args.quick else [8192, 16384, 32768, 65536]
     sdpa_lens = [1024, 2048] if args.quick else [2048, 4096, 8192, 16384]
     decay_positions = (100, 6000) if args.quick else (100, 60000)
-    results: dict = {"machine": describe_machine(CPU), "quick": args.quick, "heads": h, "head_dim": d,
-                     "feature_map": args.feature_map, "chunk_size": cs}
-    machine = results["machine"]
-    print(f"# attnkit linear attention benchmark\n{machine['cpu']}, {machine['torch_threads']} threads, "
-          f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
-          f"load {machine.get('load_average')}")
+    results: dict = {"machine": machine_header("linear attention"), "quick": args.quick, "heads": h,
+                     "head_dim": d, "feature_map": args.feature_map, "chunk_size": cs}
     print(f"float32, batch 1, {h} heads, head dim {d}, feature map {args.feature_map} (m = {m}), chunk {cs}; "
           f"medians of {reps} calls (min-max)\n")
 
@@ -169,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                            results["vs_sdpa"]), 2),
                "decode_ratio": round(results["decode"]["ratio"], 3),
                "bytes_per_token": [round(r["bytes_per_token"]) for r in results["memory"]]}
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     print("\n" + json.dumps(summary))
     return 0
 

@@ -24,21 +24,19 @@ float32, batch 1, 8 heads, head dim 32, 2 threads unless told otherwise; medians
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench.machine import available_memory_bytes, describe_machine
+from attnkit.bench.machine import available_memory_bytes
 from attnkit.bench.measure import exact_softmax_rows, median_time, sample_rows
 from attnkit.bench.measure import fmt_ms as fmt
+from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.ops.neighborhood import neighborhood_pattern, neighborhood_speed_of_light
 from attnkit.ops.neighborhood.pattern import allowed_pairs
 
@@ -220,14 +218,8 @@ def ab_case(title: str, shape, kernel, h: int, d: int, rounds: int, backward: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=32)
+    ap = script_parser(__doc__.splitlines()[0], head_dim=32, repeats=5)
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (compiles per shape)")
-    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--ab", action="store_true", help="A/B of the engine's fused and general CPU paths against "
                     "SDPA dense: 1 thread, CPU time, interleaved rounds")
     ap.add_argument("--backward", action="store_true", help="--ab: time forward + backward")
@@ -243,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             cases = [("2-D", (128, 128), 13), ("3-D video", (16, 32, 32), (3, 7, 7))]
         res = [ab_case(title, shape, kernel, args.heads, args.head_dim, args.repeats, args.backward,
                        [t for t in tiles if len(t) in (1, len(shape))]) for title, shape, kernel in cases]
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=2, default=str))
+        write_json(args.json, res, default=str)
         return 0
     torch.set_num_threads(args.threads)
     h, d, reps = args.heads, args.head_dim, args.repeats
@@ -254,18 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = [("2-D", (128, 128), 13, [(32, 32), (64, 64), (128, 128)]),
                  ("3-D video", (16, 32, 32), (3, 7, 7), [(8, 16, 16), (16, 32, 32)])]
-    results: dict = {"machine": describe_machine(CPU), "quick": args.quick, "cases": []}
-    machine = results["machine"]
-    print(f"# attnkit neighborhood attention benchmark\n{machine['cpu']}, {machine['torch_threads']} threads, "
-          f"torch {machine['torch']}, attnkit {machine['attnkit']} ({machine.get('git_commit')}), "
-          f"load {machine.get('load_average')}")
+    results: dict = {"machine": machine_header("neighborhood attention"), "quick": args.quick, "cases": []}
     print(f"float32, batch 1; medians of {reps} calls (min-max); FLOPs count the allowed pairs only "
           f"(4 x heads x pairs x head dim)")
     for title, shape, kernel, natten_sizes in cases:
         results["cases"].append(run_case(title, shape, kernel, h, d, reps, not args.no_flex, natten_sizes))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results, default=str)
     ok = all(c["check_error"] < 1e-5 for c in results["cases"])
     return 0 if ok else 1
 
