@@ -280,3 +280,20 @@ def test_fused_plans_merge_band_interiors_into_strided_runs():
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "general"])
+def test_non_contiguous_inputs_from_a_seq_major_layout(fused, monkeypatch):
+    """q, k, v as models produce them ([B, L, H, D] transposed to [B, H, L, D], no copy): the strided key views of
+    merged runs must follow the tensors' own strides."""
+    monkeypatch.setattr(attnkit.ops.exact.tiled, "USE_FUSED_CPU_KERNEL", fused)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 304, 4, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    pat = P.sliding_window(40, 7)
+    ref = attnkit.attention(q, k, v, pattern=pat, engine="reference")
+    out = attnkit.attention(q, k, v, pattern=pat, engine="tiled", block_q=8, block_kv=8)
+    assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert_close(a, b)

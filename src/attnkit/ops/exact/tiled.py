@@ -285,11 +285,10 @@ def _gather(xb: torch.Tensor, step: _Step) -> torch.Tensor:
     b, h, _, bk, d = xb.shape
     r, c = step.idx.shape
     if step.kv_start is not None:  # rows of contiguous blocks: a (strided, overlapping) view, no copy
-        if r == 1:
-            return xb[:, :, step.kv_start: step.kv_start + c].reshape(b, h, 1, c * bk, d)
         base = xb[:, :, step.kv_start:]
-        return base.as_strided((b, h, r, c * bk, d), (base.stride(0), base.stride(1), step.kv_delta * bk * d, d, 1),
-                               base.storage_offset())
+        # xb's own strides: k and v may be views of a wider layout ([B, L, H, D] transposed, a cache buffer)
+        s0, s1, s2, s3, s4 = base.stride()
+        return base.as_strided((b, h, r, c * bk, d), (s0, s1, step.kv_delta * s2, s3, s4), base.storage_offset())
     return xb[:, :, step.idx].reshape(b, h, r, c * bk, d)
 
 
