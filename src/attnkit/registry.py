@@ -22,16 +22,29 @@ FAMILY_MODULES: tuple[str, ...] = (
 )
 
 # Shape arguments a caller (``nn.MultiheadAttention``, the benchmark) supplies to factories that declare them.
-SHAPE_PARAMS = frozenset({"num_heads", "head_dim", "seq_len"})
+SHAPE_PARAMS = frozenset({"num_heads", "head_dim", "seq_len", "dim"})
+
+# What a mechanism's callable maps (``Mechanism.kind``).
+KINDS = ("attention", "mixer")
 
 
 @dataclass(frozen=True)
 class Mechanism:
     """What attnkit knows about one attention mechanism.
 
-    ``factory(**params)`` returns a callable ``(q, k, v) -> out`` on ``[batch, heads, seq, dim]`` tensors
-    (an ``nn.Module`` when the mechanism owns parameters). Every factory accepts ``causal: bool = False``;
-    factories that need shapes list them in ``needs`` (a subset of ``{"num_heads", "head_dim", "seq_len"}``).
+    ``factory(**params)`` returns a callable (an ``nn.Module`` when the mechanism owns parameters). Every
+    factory accepts ``causal: bool = False``; factories that need shapes list them in ``needs`` (a subset of
+    ``{"num_heads", "head_dim", "seq_len", "dim"}``).
+
+    ``kind`` says what the callable maps:
+
+    - ``"attention"``: ``(q, k, v) -> out``, ``q [batch, heads, q_len, dim]``, ``k, v [batch, heads, kv_len, dim]``
+      (``dim_v`` for ``v``), ``out [batch, heads, q_len, dim_v]``.
+    - ``"mixer"``: an attention-free token mixer ``x [batch, seq, channels] -> [batch, seq, channels]`` (or
+      ``[batch, *spatial, channels]``), built with ``dim=channels`` (list ``"dim"`` in ``needs``).
+
+    The conformance suite (``tests/test_conformance.py``) runs every record: shapes, dtypes, gradients, bad
+    input, and agreement with ``reference`` where one is given.
     """
 
     name: str
@@ -54,6 +67,20 @@ class Mechanism:
     flops: Callable[..., float] | None = None
     # Extra facts a report may show (e.g. state size in bytes, speed-of-light ratio).
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # See the class docstring.
+    kind: str = "attention"
+    # The plain reference, ``reference(built, *inputs, **params) -> out``: the same computation materialised or
+    # looped, given the object ``factory(**params)`` returned (so a module's reference uses its weights).
+    reference: Callable[..., Any] | None = None
+    # Parameters for short sequences (tests, the quality benchmark); ``bench_params`` when empty.
+    small_params: Mapping[str, Any] = field(default_factory=dict)
+    # ``example_inputs(batch=, seq_len=, dtype=, seed=, **shape) -> tuple`` of input tensors, for mechanisms whose
+    # inputs are not the default ``(q, k, v)`` / ``x`` (e.g. 2-D mixers, inputs with positions).
+    example_inputs: Callable[..., tuple] | None = None
+    # False where the output is random by design (features resampled per call): tests then seed before each call.
+    deterministic: bool = True
+    # Multiplier of ``attnkit.testing``'s per-dtype tolerance when comparing with ``reference``.
+    tolerance_scale: float = 1.0
 
     def build(self, **params: Any) -> Callable[..., Any]:
         if params.get("causal") and not self.causal:
@@ -74,6 +101,8 @@ def register(mechanism: Mechanism) -> Mechanism:
     """Add ``mechanism`` to the registry; a name can be registered once."""
     if mechanism.name in _REGISTRY and _REGISTRY[mechanism.name] is not mechanism:
         raise ValueError(f"a mechanism named {mechanism.name!r} is already registered")
+    if mechanism.kind not in KINDS:
+        raise ValueError(f"mechanism {mechanism.name!r}: kind must be one of {KINDS}, got {mechanism.kind!r}")
     unknown = set(mechanism.needs) - SHAPE_PARAMS
     if unknown:
         raise ValueError(f"mechanism {mechanism.name!r}: unknown entries in needs: {sorted(unknown)}")

@@ -52,3 +52,36 @@ def random_qkv(batch: int = 2, heads: int = 4, q_len: int = 16, kv_len: int | No
     v = torch.randn(batch, kv_heads, kv_len, dim_v, generator=g)
     out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
     return tuple(out)
+
+
+def mechanism_inputs(mechanism, *, batch: int = 2, heads: int = 2, head_dim: int = 16, seq_len: int = 16,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, requires_grad: bool = False) -> tuple:
+    """Seeded example inputs for a registry record: its own ``example_inputs`` when it has one, else
+    ``(q, k, v)`` ``[batch, heads, seq_len, head_dim]`` for attention and ``x [batch, seq_len, heads * head_dim]``
+    for mixers."""
+    if mechanism.example_inputs is not None:
+        inputs = mechanism.example_inputs(batch=batch, seq_len=seq_len, dtype=dtype, seed=seed, heads=heads,
+                                          head_dim=head_dim)
+    elif mechanism.kind == "mixer":
+        g = torch.Generator().manual_seed(seed)
+        inputs = (torch.randn(batch, seq_len, heads * head_dim, generator=g).to(dtype),)
+    else:
+        inputs = random_qkv(batch, heads, seq_len, seq_len, head_dim, dtype=dtype, seed=seed)
+    return tuple(t.detach().requires_grad_(requires_grad) if t.is_floating_point() else t for t in inputs)
+
+
+def build_small(mechanism, *, heads: int = 2, head_dim: int = 16, seq_len: int = 16, causal: bool = False,
+                dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    """``mechanism`` built for short test sequences (``small_params``, else ``bench_params``) with the shape
+    arguments it declares in ``needs``; modules are cast to ``dtype``. Returns ``(built, params)``."""
+    params = dict(mechanism.small_params or mechanism.bench_params)
+    known = {"num_heads": heads, "head_dim": head_dim, "seq_len": seq_len, "dim": heads * head_dim}
+    params.update({k: known[k] for k in mechanism.needs})
+    if causal:
+        params["causal"] = True
+    params.update(overrides)
+    torch.manual_seed(seed)
+    built = mechanism.build(**params)
+    if isinstance(built, torch.nn.Module):
+        built = built.to(dtype)
+    return built, params

@@ -271,5 +271,5 @@ def parse_param_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def shape_params(m: Mechanism, *, heads: int, head_dim: int, seq_len: int) -> Mapping[str, int]:
     """The shape arguments a factory declared in ``needs``."""
-    known = {"num_heads": heads, "head_dim": head_dim, "seq_len": seq_len}
+    known = {"num_heads": heads, "head_dim": head_dim, "seq_len": seq_len, "dim": heads * head_dim}
     return {k: known[k] for k in m.needs}

@@ -176,7 +176,8 @@ register(Mechanism(
     exact=False, complexity="O(n m d + m^3)", causal=False,
     factory=_fn_factory("nystrom", nystrom.nystrom_attention, nystrom.nystrom_reference, False),
     summary="segment-mean landmarks, iterative Moore-Penrose pseudo-inverse (conv skip: nn.NystromAttention)",
-    bench_params={"num_landmarks": 64}, in_default_bench=True, flops=_flops_nystrom))
+    bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, in_default_bench=True,
+    flops=_flops_nystrom))
 
 register(Mechanism(
     name="soft", family=FAMILY, paper="Softmax-free Linear Transformers",
@@ -184,7 +185,7 @@ register(Mechanism(
     factory=_fn_factory("soft", soft.soft_attention, soft.soft_reference, False),
     summary="softmax-free Gaussian-kernel attention, Nystrom landmarks, Newton-Raphson pseudo-inverse "
             "(approximates its own kernel, not softmax)",
-    bench_params={"num_landmarks": 64}, flops=_flops_soft))
+    bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, flops=_flops_soft))
 
 register(Mechanism(
     name="yoso", family=FAMILY,

@@ -112,7 +112,7 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
         name=name, family="neighborhood", paper=paper, exact=True,
         complexity=f"O(n * k^{ndim} * d)" if ndim > 1 else "O(n * k * d)", causal=True, factory=factory,
         summary=summary, bench_params=dict(defaults), in_default_bench=in_default_bench,
-        max_bench_len=max_bench_len, flops=flops,
+        max_bench_len=max_bench_len, flops=flops, small_params={**defaults, "kernel_size": 3},
         extras={"pattern": pattern_for, "speed_of_light": speed_of_light, "ndim": ndim,
                 "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, ndim, spatial_shape),
                 "default_kernel_size": k},
