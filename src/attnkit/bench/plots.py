@@ -6,24 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from attnkit.reporting import MissingMatplotlib  # noqa: F401
+from attnkit.reporting import pyplot as _pyplot
+
 __all__ = ["make_plots", "MissingMatplotlib", "pareto_front"]
 
 
-class MissingMatplotlib(ImportError):
-    pass
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise MissingMatplotlib(
-            "the plots need matplotlib, which is not installed: pip install 'attnkit[bench]' "
-            "(or pip install matplotlib); tables, JSON and CSV were written without plots") from exc
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+# matplotlib loading is shared with the quality and analysis reports (attnkit.reporting).
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from attnkit import patterns as P
 from attnkit.ops.exact.api import attention
+from attnkit.analysis import recording as _capture
 from attnkit.registry import mechanism_info
 from attnkit.score_mods import ScoreMod
 
@@ -115,6 +116,8 @@ class MultiheadAttention(nn.Module):
                             normalization=self.normalization)
         else:
             out = self.inner(q, k, v)
+        if _capture.is_active():  # attnkit.analysis.capture is recording
+            out = _capture.record_attention(self, q, k, v, out)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
 

@@ -1,0 +1,69 @@
+"""What the reports of ``attnkit bench``, ``attnkit quality`` and ``attnkit analyze`` share: tables in text,
+Markdown and HTML, the HTML style sheet, and loading matplotlib for files only."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+__all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f4f4f4}
+td.bad{color:#b00;font-weight:600} td.muted{color:#999}
+img{max-width:100%;border:1px solid #eee;margin-top:1em}
+figcaption{color:#555;font-style:italic;margin-bottom:1.5em}
+code{background:#f4f4f4;padding:1px 4px}
+"""
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    right = [i >= 3 for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(x: str) -> str:
+        return str(x).replace("|", "\\|")
+
+    out = ["| " + " | ".join(esc(h) for h in header) + " |",
+           "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cls(x: str) -> str:
+        return {"FAILED": "bad", "OOM": "bad", "skip": "muted", "n/a": "muted", "differs": "bad"}.get(x, "")
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{cls(c)}">{html.escape(str(c))}</td>' for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class MissingMatplotlib(ImportError):
+    pass
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingMatplotlib(
+            "the plots need matplotlib, which is not installed: pip install 'attnkit[bench]' "
+            "(or pip install matplotlib); tables, JSON and CSV were written without plots") from exc
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
