@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from attnkit import patterns as P
-from attnkit.ops.exact.api import attention
 from attnkit.analysis import recording as _capture
+from attnkit.ops.exact.api import attention
 from attnkit.registry import mechanism_info
 from attnkit.score_mods import ScoreMod
 
