@@ -284,3 +284,18 @@ def test_head_importance_measures_loss_change():
     assert set(imp) == {"0", "1"} and imp["0"].shape == (4,) and imp["0"].abs().sum() > 0
     with pytest.raises(ValueError, match="no attnkit"):
         A.ablate_heads(model, {"nope": [0]}).__enter__()
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def test_analyze_writes_a_report(tmp_path):
+    from attnkit.analysis.report import analyze
+
+    model = torch.nn.Sequential(MultiheadAttention(32, 4, causal=True),
+                                MultiheadAttention(32, 4, mechanism="linear_elu", causal=True))
+    x = torch.randn(2, 12, 32)
+    summary = analyze(model, (x,), tmp_path, loss_fn=lambda m: m(x).square().mean(), progress=False)
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
+    assert {p.rsplit("/", 1)[-1] for p in summary["paths"]["plots"]} == {
+        "attention_maps.png", "heads.png", "rollout.png", "rank_collapse.png"}
+    assert len(summary["layers"]) == 2 and len(summary["rank_collapse"]) == 3
+    assert "entropy per head" in (tmp_path / "report.md").read_text()
