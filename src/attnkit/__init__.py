@@ -11,6 +11,7 @@ from attnkit.ops.exact.api import attention, not_supported_reasons
 from attnkit.ops.exact.weights import attention_lse, attention_weights
 from attnkit.ops.linear import LinearAttentionState, linear_attention
 from attnkit.ops.neighborhood import neighborhood
+from attnkit.paged_cache import PagedKVCache
 from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, register
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __all__ = [
     "attention", "feature_maps", "get", "linear_attention", "list_mechanisms", "mechanism_info", "neighborhood",
     "normalizations", "not_supported_reasons", "patterns", "register", "score_mods", "__version__",
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
-    "attention_weights", "attention_lse",
+    "attention_weights", "attention_lse", "PagedKVCache",
 ]
