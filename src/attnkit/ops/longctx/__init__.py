@@ -1,0 +1,11 @@
+"""Long-context inference: Star Attention, S2-Attention and Block-Attention's re-rotated passage caches.
+
+The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
+"""
+
+from .rag import rerotate_keys
+from .s2 import s2_kv_fraction, s2_pattern
+from .star import star_attention, star_attention_distributed, star_pattern
+
+__all__ = ["star_attention", "star_attention_distributed", "star_pattern", "s2_pattern", "s2_kv_fraction",
+           "rerotate_keys"]

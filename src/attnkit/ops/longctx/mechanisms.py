@@ -1,0 +1,81 @@
+"""Registry records of the long-context family: Star Attention (phase 1 + phase 2) and S2-Attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnkit.ops.exact.api import attention
+from attnkit.registry import Mechanism, register
+
+from .s2 import s2_pattern
+from .star import star_attention, star_pattern
+
+
+def _star_factory(causal: bool = False, block_size: int = 1024, anchor_size: int | None = None,
+                  num_query: int = 0):
+    star_pattern(block_size, anchor_size)  # validates the parameters now, not at the first call
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return star_attention(q, k, v, block_size=block_size, anchor_size=anchor_size, num_query=num_query,
+                              causal=causal)
+
+    return run
+
+
+def _star_reference(built: Any, q, k, v, *, causal: bool = False, block_size: int = 1024,
+                    anchor_size: int | None = None, num_query: int = 0, **_: Any) -> torch.Tensor:
+    """The paper's two phases as one explicit mask, written out position by position."""
+    from attnkit import patterns as P
+
+    n = q.shape[2]
+    ctx = n - min(num_query, n)
+    anchor = block_size if anchor_size is None else anchor_size
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if causal and j > i:
+                continue
+            if i >= ctx:  # phase 2: a query token sees the whole cache
+                mask[i, j] = j < n
+            else:  # phase 1: same block, or the anchor; context tokens never see the query tokens
+                mask[i, j] = j < ctx and (i // block_size == j // block_size or j < anchor)
+    return attention(q, k, v, pattern=P.custom(lambda b, h, qi, ki: mask.to(qi.device)[qi, ki],
+                                              batch_dependent=False, head_dependent=False), engine="reference")
+
+
+def _s2_factory(causal: bool = False, num_heads: int = 8, stride: int = 8, window: int = 64, offsets=None):
+    pattern = s2_pattern(num_heads, stride, window, offsets=offsets, causal=causal)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, pattern=pattern)
+
+    run.pattern = pattern  # type: ignore[attr-defined]
+    return run
+
+
+def _s2_reference(built: Any, q, k, v, **_: Any) -> torch.Tensor:
+    return attention(q, k, v, pattern=built.pattern, engine="reference")
+
+
+register(Mechanism(
+    name="star_attention", family="longctx",
+    paper="Star Attention: Efficient LLM Inference over Long Sequences (Acharya et al. 2024), Sec. 2, Fig. 1",
+    exact=True, complexity="O(n * 2b * d) phase 1, O(n * d) per query token", causal=True,
+    factory=_star_factory, reference=_star_reference,
+    summary="phase 1: each context block attends causally to the anchor block and itself; phase 2: the last "
+            "num_query tokens attend to everything (exact, merged by log-sum-exp across hosts)",
+    bench_params={"block_size": 1024}, small_params={"block_size": 8, "num_query": 4},
+))
+
+register(Mechanism(
+    name="s2_attention", family="longctx",
+    paper="Efficient LLM Training and Serving with Heterogeneous Context Sharding among Attention Heads "
+          "(S2-Attention, Lin et al. 2024), Sec. 3",
+    exact=True, complexity="O(n^2 d / S + n w d) per head", causal=True, needs=("num_heads",),
+    factory=_s2_factory, reference=_s2_reference,
+    summary="head h attends to keys j with (j + o_h) mod S == 0 plus a shared local window; heads' shards "
+            "together cover the context, each head stores ~1/S of the KV",
+    bench_params={"stride": 8, "window": 64}, small_params={"stride": 4, "window": 4},
+))
