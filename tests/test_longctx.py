@@ -121,3 +121,137 @@ def test_block_attention_with_reused_passages_equals_recomputing_them():
     keys = [rerotate_keys(rot(k[:, :, s:s + m]), s, rot) for s, m in zip(starts, lens)]
     final_out = attnkit.attention(qr[:, :, starts[2]:], torch.cat(keys, 2), v, pattern=P.causal())
     assert_close(final_out, full[:, :, starts[2]:])
+
+
+# -- KV selection policies -----------------------------------------------------------------------------------
+from attnkit.ops.longctx import (  # noqa: E402
+    SelectiveKVCache,
+    cumulative_mass,
+    modality_mask,
+    probe_query_mask,
+    span_index_mask,
+    span_mask,
+    token_type_mask,
+    trim_visual_features,
+)
+from attnkit.ops.longctx.selection import dequantize, quantize  # noqa: E402
+
+
+def _profile(b=2, h=2, r=3, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(b, h, r, n, generator=g, dtype=torch.float64), -1)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.75, 0.99, 1.0])
+def test_cumulative_mass_selects_the_minimal_set(tau):
+    prof = _profile()
+    keep = cumulative_mass(prof, tau)
+    mass = prof.sum(-2) / prof.sum(-2).sum(-1, keepdim=True)
+    for b in range(2):
+        for h in range(2):
+            vals = sorted(mass[b, h].tolist(), reverse=True)
+            need, acc = 0, 0.0
+            while acc < tau - 1e-12 and need < len(vals):
+                acc += vals[need]
+                need += 1
+            if tau >= 1.0:
+                need = len(vals)
+            assert int(keep[b, h].sum()) == max(need, 0) or (tau == 0.0 and int(keep[b, h].sum()) == 0)
+            if need:  # the kept keys are the heaviest
+                assert float(mass[b, h][keep[b, h]].min()) >= vals[need - 1] - 1e-12
+
+
+def test_token_type_rules():
+    types = torch.tensor([1, 2, 0, 1, 2, 2])  # local, sliding, global, local, sliding, sliding
+    m = token_type_mask(types, window=2)
+    assert m[2, 0] and not m[3, 0]  # local 0 visible until the Global at 2 has arrived (query 2 is that Global)
+    assert m[5, 2]  # Global: always
+    assert m[4, 3] and m[5, 3]  # local 3: no later Global
+    assert m[2, 1] and not m[3, 1]  # sliding 1: the next window=2 tokens only
+    assert torch.equal(token_type_mask(torch.zeros(6, dtype=torch.long), 1), torch.ones(6, 6).tril().bool())
+
+
+def test_evicting_cache_equals_dense_masked_attention_for_token_types():
+    n, h, d = 10, 2, 8
+    q, k, v = random_qkv(1, h, n + 1, n + 1, d, dtype=torch.float64)
+    types = torch.tensor([0, 1, 2, 1, 0, 2, 1, 2, 2, 1, 1])
+    mask = token_type_mask(types, window=3)
+    cache = SelectiveKVCache(lambda p, qq, kk: mask[n, :n].expand(1, h, n).clone(), probe=1)
+    cache.attend(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    step = cache.attend(q[:, :, n:], k[:, :, n:], v[:, :, n:])
+    dense = attnkit.attention(q, k, v, pattern=P.custom(lambda b, hh, qi, ki: mask[qi, ki]))
+    assert_close(step, dense[:, :, n:])
+    assert cache.kept_fraction == pytest.approx(float(mask[n, :n].sum()) / n)
+
+
+def test_span_index_retrieving_every_span_is_full_attention_and_spans_partition():
+    q, k, v = random_qkv(1, 2, 5, 23, 8, dtype=torch.float64)
+    full = span_index_mask(q, k, span=4, top_spans=100, window=1)
+    assert torch.equal(full, P.causal().materialize(5, 23).expand_as(full))
+    sparse = span_index_mask(q, k, span=4, top_spans=1, window=2)
+    # every kept key outside the window belongs to a whole retrieved span (up to causality)
+    assert sparse.sum() < full.sum()
+    pos = torch.arange(5) + 18
+    for i in range(5):  # the local window is always kept
+        assert sparse[..., i, pos[i] - 1:pos[i] + 1].all()
+    out = attnkit.attention(q, k, v, pattern=P.custom(lambda b, h, qi, ki: sparse[b, h, qi, ki]))
+    assert torch.isfinite(out).all()
+
+
+def test_probe_query_cutoff_and_determinism():
+    q, k, _ = random_qkv(2, 4, 16, 16, 8, kv_heads=2)
+    assert probe_query_mask(q, k, window=8, num_probe=3, cutoff=None).all()
+    a = probe_query_mask(q, k, window=8, num_probe=3, cutoff=5)
+    assert torch.equal(a, probe_query_mask(q, k, window=8, num_probe=3, cutoff=5))
+    assert a.shape == (2, 2, 16) and (a.sum(-1) == 5).all()
+
+
+def test_modality_and_trimming():
+    prof = _profile(1, 2, 3, 10)
+    vis = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
+    assert modality_mask(prof, vis, visual_ratio=1.0, text_window=10).all()
+    m = modality_mask(prof, vis, visual_ratio=0.4, text_window=2)
+    assert (m[0, :, :5].sum(-1) == 2).all() and torch.equal(m[0, :, 5:8], torch.zeros(2, 3, dtype=torch.bool))
+    cross = _profile(1, 2, 4, 9)
+    assert torch.equal(trim_visual_features(cross, 1.0), torch.arange(9).view(1, -1))
+    idx = trim_visual_features(cross, 0.5)
+    assert idx.shape == (1, 5) and torch.equal(idx, trim_visual_features(cross, 0.5))
+
+
+def test_span_mask_empty_is_full_and_sparse_equals_dense_masked():
+    assert torch.equal(span_mask(None, 4, 6), P.causal().materialize(4, 6).reshape(4, 6))
+    spans = [[(0, 2)], [], [(1, 3), (4, 5)], [(5, 6)]]
+    m = span_mask(spans, 4, 6)
+    assert m[1].tolist() == [True, True, True, True, False, False]
+    q, k, v = random_qkv(1, 1, 4, 6, 8, dtype=torch.float64)
+    out = attnkit.attention(q, k, v, pattern=P.custom(lambda b, h, qi, ki: m[qi, ki]))
+    s = (q[0, 0] @ k[0, 0].T) * 8 ** -0.5
+    assert_close(out[0, 0], torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[0, 0])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantisation_error_is_bounded_by_the_bit_width(bits):
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    codes, scale, zero = quantize(x, bits)
+    err = (dequantize(codes, scale, zero) - x).abs()
+    assert (err <= scale / 2 + 1e-12).all()
+
+
+def test_selective_cache_with_everything_kept_is_exact_and_zipvl_saves_bytes():
+    torch.manual_seed(0)
+    q, k, v = random_qkv(1, 4, 40, 40, 16, kv_heads=2)
+    full = attnkit.attention(q, k, v, pattern=P.causal())
+    exact = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 1.0))
+    outs = [exact.attend(q[:, :, :32], k[:, :, :32], v[:, :, :32])]
+    outs += [exact.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(32, 40)]
+    assert_close(torch.cat(outs, 2), full)
+    assert exact.kept_fraction == 1.0
+    dropped = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 0.5))
+    mixed = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 0.5), low_bits=4)
+    errs = []
+    for cache in (dropped, mixed):
+        cache.attend(q[:, :, :32], k[:, :, :32], v[:, :, :32])
+        step = cache.attend(q[:, :, 32:33], k[:, :, 32:33], v[:, :, 32:33])
+        errs.append(float((step - full[:, :, 32:33]).norm() / full[:, :, 32:33].norm()))
+    assert dropped.kept_fraction < 1.0 and dropped.nbytes < exact.nbytes
+    assert errs[1] < errs[0]  # low-precision copies of the rest beat dropping it

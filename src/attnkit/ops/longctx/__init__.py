@@ -5,7 +5,18 @@ The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 
 from .rag import rerotate_keys
 from .s2 import s2_kv_fraction, s2_pattern
+from .selection import (
+    SelectiveKVCache,
+    cumulative_mass,
+    modality_mask,
+    probe_query_mask,
+    span_index_mask,
+    span_mask,
+    token_type_mask,
+    trim_visual_features,
+)
 from .star import star_attention, star_attention_distributed, star_pattern
 
 __all__ = ["star_attention", "star_attention_distributed", "star_pattern", "s2_pattern", "s2_kv_fraction",
-           "rerotate_keys"]
+           "rerotate_keys", "SelectiveKVCache", "cumulative_mass", "modality_mask", "probe_query_mask",
+           "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]

@@ -1,0 +1,318 @@
+"""KV selection and compression at decoding time: which cached keys a query still needs.
+
+Each *policy* maps the prompt's attention profile to a keep mask over the cached positions; a
+:class:`SelectiveKVCache` applies one at prefill (exact attention over the prompt, then only what the policy
+keeps is stored, or, for ZipVL, the rest is stored at low precision), with the same protocol as the other caches
+(``positions``, ``attend``, ``nbytes``) and ``kept_fraction``. Policies, each from its paper:
+
+- :func:`cumulative_mass` -- ZipVL (Wang et al. 2024), Sec. 3.2: per (batch, kv head), the smallest set of tokens
+  whose normalised attention mass reaches ``tau``; the others are kept at ``low_bits`` (mixed precision, Sec. 3.3)
+  or dropped.
+- :func:`token_type_mask` -- Neural Attention Search (NAtS), Sec. 3: Global tokens stay, Local tokens are dropped
+  once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only.
+- :func:`span_index_mask` -- Ltri-LLM, Sec. 3: the context is cut into spans, each represented by its mean key;
+  a query retrieves its ``top_spans`` best spans plus a local window.
+- :func:`probe_query_mask` -- ActQKV, Sec. 3: a probe query built from the window's tokens with the largest
+  activation bias (distance from the window's mean query) retrieves the ``cutoff`` best keys.
+- :func:`modality_mask` -- A-VL, Sec. 3: visual tokens keep their most-attended ``visual_ratio``; text tokens a
+  recent window.
+- :func:`trim_visual_features` -- "Efficient LLaMA-3.2-Vision by Trimming Cross-attended Visual Features":
+  the top ``keep_ratio`` of image features by cross-attention mass (over text queries and heads) of one layer,
+  the same indices reused by the later cross-attention layers.
+- :func:`span_mask` -- Self-Selected Attention Span: the model-chosen spans as a mask (an empty annotation means
+  full attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from attnkit import patterns as P
+from attnkit._checks import default_scale, repeat_kv
+from attnkit.normalizations import resolve
+from attnkit.ops.exact.api import attention
+from attnkit.ops.exact.reference import attention_weights
+
+__all__ = ["cumulative_mass", "token_type_mask", "span_index_mask", "probe_query_mask", "modality_mask",
+           "trim_visual_features", "span_mask", "quantize", "dequantize", "SelectiveKVCache"]
+
+
+def _check_fraction(name: str, x: float, *, low_open: bool = False) -> float:
+    if not isinstance(x, (int, float)) or not (0.0 < x <= 1.0 if low_open else 0.0 <= x <= 1.0):
+        raise ValueError(f"{name} must lie in {'(0' if low_open else '[0'}, 1], got {x!r}")
+    return float(x)
+
+
+# -- policies: profile [batch, kv_heads, n_q, n] -> keep [batch, kv_heads, n] --------------------------------------
+def cumulative_mass(profile: torch.Tensor, tau: float) -> torch.Tensor:
+    """ZipVL's adaptive selection: the minimal set of keys whose attention mass (summed over the profile's query
+    rows, normalised to 1) reaches ``tau``; ``tau = 1`` keeps every key."""
+    tau = _check_fraction("tau", tau)
+    mass = profile.sum(dim=-2)
+    mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    if tau >= 1.0:
+        return torch.ones_like(mass, dtype=torch.bool)
+    order = torch.argsort(mass, dim=-1, descending=True)
+    sorted_mass = mass.gather(-1, order)
+    before = sorted_mass.cumsum(-1) - sorted_mass  # mass of the strictly better keys
+    take_sorted = before < tau  # keep until the mass reaches tau (the key that crosses it included)
+    keep = torch.zeros_like(take_sorted)
+    return keep.scatter(-1, order, take_sorted)
+
+
+GLOBAL, LOCAL, SLIDING = 0, 1, 2
+
+
+def token_type_mask(types: torch.Tensor, window: int) -> torch.Tensor:
+    """NAtS's mask ``[..., n, n]`` (query, key) for token types ``[..., n]`` (0 Global, 1 Local, 2 Sliding): a
+    query sees key ``j <= i`` when ``j`` is Global; Local and no Global token in ``(j, i)``; or Sliding and
+    ``i - j < window``. The key itself (``j = i``) is always visible."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    n = types.shape[-1]
+    i = torch.arange(n, device=types.device).view(-1, 1)
+    j = torch.arange(n, device=types.device).view(1, -1)
+    t = types.unsqueeze(-2)  # [..., 1, n] type of the key
+    is_global = (types == GLOBAL).to(torch.long)
+    # Global tokens at positions <= p; a Global strictly between j and i exists iff count(i - 1) - count(j) > 0
+    # (the Global token that evicts a Local one still sees it: eviction follows its own step)
+    count = is_global.cumsum(-1)
+    before_i = count - is_global
+    global_after = (before_i.unsqueeze(-1) - count.unsqueeze(-2)) > 0  # [..., i, j]
+    ok = (t == GLOBAL) | ((t == LOCAL) & ~global_after) | ((t == SLIDING) & (i - j < window))
+    return (ok | (i == j)) & (j <= i)
+
+
+def span_index_mask(q: torch.Tensor, k: torch.Tensor, *, span: int, top_spans: int, window: int) -> torch.Tensor:
+    """Ltri-LLM's retrieval mask ``[batch, heads, n_q, n]`` for queries at the last ``n_q`` positions: spans of
+    ``span`` consecutive keys (a partition of the context), each represented by its mean key; each query keeps its
+    ``top_spans`` best-scoring causal spans and the last ``window`` keys. ``top_spans >= number of spans`` is full
+    causal attention."""
+    b, h, nq, d = q.shape
+    n = k.shape[2]
+    kk = repeat_kv(k, h)
+    num_spans = -(-n // span)
+    span_of = torch.arange(n, device=k.device) // span
+    reps = torch.zeros(b, h, num_spans, d, dtype=k.dtype, device=k.device).index_add_(2, span_of, kk)
+    reps = reps / torch.bincount(span_of, minlength=num_spans).to(k.dtype).view(1, 1, -1, 1)
+    pos = torch.arange(nq, device=q.device) + (n - nq)
+    span_start = torch.arange(num_spans, device=q.device) * span
+    visible = span_start.view(1, -1) <= pos.view(-1, 1)  # [nq, spans]: spans that begin before the query
+    score = (q @ reps.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    top = min(top_spans, num_spans)
+    chosen = torch.zeros(b, h, nq, num_spans, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, score.topk(top, dim=-1).indices, True)
+    chosen &= visible
+    keep = chosen.gather(-1, span_of.view(1, 1, 1, -1).expand(b, h, nq, n))
+    j = torch.arange(n, device=q.device).view(1, -1)
+    local = (j > pos.view(-1, 1) - window) & (j <= pos.view(-1, 1))
+    return (keep | local) & (j <= pos.view(-1, 1))
+
+
+def probe_query_mask(q: torch.Tensor, k: torch.Tensor, *, window: int, num_probe: int, cutoff: int | None
+                     ) -> torch.Tensor:
+    """ActQKV's selection ``[batch, kv_heads, n]``: in the last ``window`` queries, the ``num_probe`` with the
+    largest activation bias ``||q_i - mean(q)||`` are averaged into a probe query (per kv head, over its query
+    heads); the ``cutoff`` keys it scores highest are kept (``None``: all)."""
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    if cutoff is None or cutoff >= k.shape[2]:
+        return torch.ones(b, hkv, k.shape[2], dtype=torch.bool, device=k.device)
+    win = q[:, :, -window:]
+    bias = (win - win.mean(dim=2, keepdim=True)).norm(dim=-1)  # [b, h, w]
+    idx = bias.topk(min(num_probe, win.shape[2]), dim=-1).indices
+    probe = win.gather(2, idx[..., None].expand(-1, -1, -1, d)).mean(2)  # [b, h, d]
+    probe = probe.view(b, hkv, h // hkv, d).mean(2)
+    score = (k @ probe.unsqueeze(-1)).squeeze(-1)  # [b, hkv, n]
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    return keep.scatter(-1, score.topk(cutoff, dim=-1).indices, True)
+
+
+def modality_mask(profile: torch.Tensor, is_visual: torch.Tensor, *, visual_ratio: float, text_window: int
+                  ) -> torch.Tensor:
+    """A-VL's keep mask ``[batch, kv_heads, n]``: of the visual tokens (``is_visual [batch, n]``), the most
+    attended ``ceil(visual_ratio * count)`` by the profile's mass; of the text tokens, the last ``text_window``."""
+    visual_ratio = _check_fraction("visual_ratio", visual_ratio)
+    b, hkv, _, n = profile.shape
+    vis = is_visual.to(torch.bool).view(b, 1, n).expand(b, hkv, n)
+    mass = profile.sum(-2).masked_fill(~vis, float("-inf"))
+    keep = torch.zeros(b, hkv, n, dtype=torch.bool, device=profile.device)
+    for bi in range(b):
+        count = int(vis[bi, 0].sum())
+        top = math.ceil(visual_ratio * count)
+        if top:
+            keep[bi].scatter_(-1, mass[bi].topk(top, dim=-1).indices, True)
+    text_pos = torch.arange(n, device=profile.device)
+    keep |= (~vis) & (text_pos >= n - text_window).view(1, 1, n)
+    return keep
+
+
+def trim_visual_features(cross_attention: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Indices of the image features to keep ``[batch, k]`` (ascending), ranked by the cross-attention mass
+    ``cross_attention [batch, heads, n_text, n_image]`` summed over text queries and heads; reuse the same
+    indices for every later cross-attention layer (``k.gather`` with them)."""
+    keep_ratio = _check_fraction("keep_ratio", keep_ratio, low_open=True)
+    mass = cross_attention.sum(dim=(1, 2))
+    top = max(1, math.ceil(keep_ratio * mass.shape[-1]))
+    return mass.topk(top, dim=-1).indices.sort(dim=-1).values
+
+
+def span_mask(spans: Sequence[Sequence[tuple[int, int]]] | None, q_len: int, kv_len: int) -> torch.Tensor:
+    """Self-Selected Attention Span: the model-annotated spans ``[(start, end), ...]`` per query row (end
+    exclusive) as a ``[q_len, kv_len]`` mask, causal; no annotation (None or an empty list for a row) means that
+    row attends to everything before it."""
+    pos = torch.arange(q_len).view(-1, 1) + (kv_len - q_len)
+    j = torch.arange(kv_len).view(1, -1)
+    causal = j <= pos
+    if not spans:
+        return causal
+    if len(spans) != q_len:
+        raise ValueError(f"spans must give one list of (start, end) per query row ({q_len}), got {len(spans)}")
+    mask = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for i, row in enumerate(spans):
+        if not row:
+            mask[i] = True
+        for s, e in row:
+            mask[i, max(0, s):max(0, e)] = True
+    return mask & causal
+
+
+# -- quantisation (ZipVL's low-precision part) -------------------------------------------------------------------
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uniform quantisation per token (last axis): ``(codes uint8, scale, zero)``; the error of
+    :func:`dequantize` is at most ``scale / 2 = (max - min) / (2 (2^bits - 1))`` per element."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must lie in [1, 8], got {bits}")
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
+    codes = torch.round((x - lo) / scale).clamp(0, 2 ** bits - 1).to(torch.uint8)
+    return codes, scale, lo
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return codes.to(scale.dtype) * scale + zero
+
+
+# -- the cache ---------------------------------------------------------------------------------------------------
+class SelectiveKVCache:
+    """A decoding cache that keeps, per (batch, kv head), what ``policy`` selects from the prompt.
+
+    Args:
+        policy: ``policy(profile, q, k) -> keep [batch, kv_heads, n]`` where ``profile [batch, kv_heads, n_probe, n]``
+            is the prompt's softmax attention for its last ``probe`` queries (averaged over each kv head's query
+            heads). E.g. ``lambda p, q, k: cumulative_mass(p, 0.9)``.
+        probe: prompt queries whose attention forms the profile.
+        low_bits: None drops what the policy does not keep; an int stores it quantised to that many bits
+            (ZipVL's mixed precision) instead.
+        window: keep the last ``window`` prompt tokens whatever the policy says (0: none).
+
+    The prompt (first ``attend``) is exact; later tokens are always kept. ``kept_fraction`` is the fraction of
+    prompt entries kept at full precision; ``nbytes`` the bytes actually held (full-precision entries, plus codes
+    and per-token scales of the low-precision ones).
+    """
+
+    def __init__(self, policy: Callable[..., torch.Tensor], *, probe: int = 16, low_bits: int | None = None,
+                 window: int = 0):
+        if probe < 1:
+            raise ValueError(f"probe must be >= 1, got {probe}")
+        if low_bits is not None and not 1 <= low_bits <= 8:
+            raise ValueError(f"low_bits must be None or lie in [1, 8], got {low_bits}")
+        self.policy, self.probe, self.low_bits, self.window = policy, probe, low_bits, window
+        self.k = self.v = self.valid = None
+        self.low = None  # (codes_k, scale_k, zero_k, codes_v, scale_v, zero_v, mask)
+        self.seen = self.prompt_len = 0
+        self.kept: torch.Tensor | None = None
+
+    @property
+    def kept_fraction(self) -> float:
+        if self.kept is None:
+            return 1.0
+        return float(self.kept.sum()) / (self.kept.numel() * max(self.prompt_len, 1))
+
+    @property
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        total = self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        if self.low is not None:  # codes (one uint8 per element: not bit-packed) and per-token scales/zeros
+            total += sum(t.numel() * t.element_size() for t in self.low[:6])
+        return total
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def _select(self, q, k, v, pattern, scale) -> None:
+        b, h, n, _ = q.shape
+        hkv = k.shape[1]
+        pat = pattern if pattern is not None else P.causal()
+        rows = min(self.probe, n)
+        w = attention_weights(q[:, :, n - rows:], k, pattern=pat, score_mod=None,
+                              normalization=resolve("softmax"), scale=default_scale(q, scale))
+        profile = w.view(b, hkv, h // hkv, rows, n).mean(2)
+        keep = self.policy(profile, q, k).to(torch.bool)
+        if keep.shape != (b, hkv, n):
+            raise ValueError(f"policy returned a keep mask of shape {tuple(keep.shape)}, expected {(b, hkv, n)}")
+        if self.window:
+            keep[..., max(0, n - self.window):] = True
+        self.kept = keep.sum(-1)
+        self.prompt_len = n
+        if self.low_bits is not None:
+            ck, sk, zk = quantize(k, self.low_bits)
+            cv, sv, zv = quantize(v, self.low_bits)
+            self.low = (ck, sk, zk, cv, sv, zv, ~keep)
+        stored = int(self.kept.max())
+        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
+        self.order = order
+        self.k = k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1]))
+        self.v = v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1]))
+        self.valid = keep.gather(2, order)
+
+    def _prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt keys/values as attended after selection, and their validity ``[b, hkv, m]``."""
+        if self.low is None:
+            return self.k, self.v, self.valid
+        ck, sk, zk, cv, sv, zv, low = self.low
+        k = dequantize(ck, sk, zk).to(self.k.dtype)
+        v = dequantize(cv, sv, zv).to(self.v.dtype)
+        # full-precision entries overwrite their dequantised copies
+        k = k.scatter(2, self.order[..., None].expand(-1, -1, -1, k.shape[-1]), self.k)
+        v = v.scatter(2, self.order[..., None].expand(-1, -1, -1, v.shape[-1]), self.v)
+        return k, v, torch.ones_like(low)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        from attnkit.cache import _check_new, _on_device
+
+        _check_new(q, k, v)
+        if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax":
+            raise ValueError("SelectiveKVCache supports softmax attention over one length per batch, without "
+                             "score_mod or lengths=")
+        n = q.shape[2]
+        if self.k is None:
+            out = attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
+                            scale=scale)
+            self._select(q, k, v, pattern, scale)
+            self.seen = n
+            self.new_k, self.new_v = k[:, :, :0], v[:, :, :0]
+            return out
+        if (k.shape[0], k.shape[1], k.dtype) != (self.k.shape[0], self.k.shape[1], self.k.dtype):
+            raise ValueError(f"new keys {tuple(k.shape)} {k.dtype} do not match the cache's batch/kv heads/dtype "
+                             f"{tuple(self.k.shape[:2])} {self.k.dtype}")
+        self.new_k = torch.cat([self.new_k, k], dim=2)
+        self.new_v = torch.cat([self.new_v, v], dim=2)
+        self.seen += n
+        pk, pv, pvalid = self._prompt_kv()
+        base = pk.shape[2]
+        kk, vv = torch.cat([pk, self.new_k], 2), torch.cat([pv, self.new_v], 2)
+        valid = torch.cat([pvalid, pvalid.new_ones(*pvalid.shape[:2], self.new_k.shape[2])], 2)
+        get, g = _on_device(valid), q.shape[1] // k.shape[1]
+        new_before = self.new_k.shape[2] - n
+
+        def fn(b, h, qi, ki):  # selected prompt entries, and the new tokens causally
+            return get(ki.device)[b, h // g, ki] & (ki <= base + new_before + qi)
+
+        return attention(q, kk, vv, pattern=P.custom(fn), scale=scale)
