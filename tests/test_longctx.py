@@ -255,3 +255,70 @@ def test_selective_cache_with_everything_kept_is_exact_and_zipvl_saves_bytes():
         errs.append(float((step - full[:, :, 32:33]).norm() / full[:, :, 32:33].norm()))
     assert dropped.kept_fraction < 1.0 and dropped.nbytes < exact.nbytes
     assert errs[1] < errs[0]  # low-precision copies of the rest beat dropping it
+
+
+# -- model-level methods -------------------------------------------------------------------------------------
+from attnkit.ops.longctx.models import (  # noqa: E402
+    BlockTransformerMixer,
+    RecurrentAttentionMixer,
+    TokenTypeMixer,
+)
+
+
+def test_block_transformer_token_decoder_sees_only_its_block_and_the_context():
+    torch.manual_seed(0)
+    mix = BlockTransformerMixer(16, 2, block_size=4).double()
+    x = torch.randn(2, 14, 16, dtype=torch.float64)
+    base = mix(x)
+    assert_close(base, mix.reference(x))
+    ctx = mix._context(x)
+    mix._context = lambda _x: ctx  # freeze the context embeddings
+    y = x.clone()
+    y[:, :4] = torch.randn(2, 4, 16, dtype=torch.float64)  # change block 0 only
+    assert_close(mix(y)[:, 4:], base[:, 4:])  # other blocks move only through their context embedding
+    del mix._context
+    z = x.clone()
+    z[:, 9:] = 0  # the future never matters (causal)
+    assert_close(mix(z)[:, :9], base[:, :9])
+
+
+def test_block_transformer_with_block_size_one_attends_to_context_and_itself():
+    torch.manual_seed(1)
+    mix = BlockTransformerMixer(8, 2, block_size=1).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    ctx = mix._context(x)
+    for i in range(5):
+        seq = torch.stack([ctx[:, i], x[:, i]], dim=1)
+        q, k, v = mix.token_attn.split(seq)
+        o = mix.token_attn.merge(torch.softmax(torch.tril((q @ k.transpose(-1, -2)) * 4 ** -0.5)
+                                               .masked_fill(torch.ones(2, 2).triu(1).bool(), float("-inf")), -1) @ v)
+        assert_close(mix(x)[:, i], o[:, 1])
+
+
+def test_ran_with_one_window_is_self_attention_with_an_extra_token():
+    torch.manual_seed(2)
+    mix = RecurrentAttentionMixer(8, 2, window=64).double()
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    seq = torch.cat([mix.gpc0.expand(2, 1, 8), x], dim=1)
+    q, k, v = mix.attn.split(seq)
+    expected = mix.attn.merge(torch.softmax((q @ k.transpose(-1, -2)) * 4 ** -0.5, -1) @ v)[:, 1:]
+    assert_close(mix(x), expected)
+    small = RecurrentAttentionMixer(8, 2, window=3).double()
+    assert_close(small(x), small.reference(x))
+    with pytest.raises(ValueError, match="causal"):
+        RecurrentAttentionMixer(8, causal=True)
+
+
+def test_nats_all_global_is_full_causal_attention_and_types_get_gradients():
+    torch.manual_seed(3)
+    mix = TokenTypeMixer(8, 2, window=2).double().eval()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    assert_close(mix(x), mix.reference(x))
+    with torch.no_grad():
+        mix.scorer.weight.zero_()
+        mix.scorer.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # every token Global
+    q, k, v = mix.attn.split(x)
+    assert_close(mix(x), mix.attn.merge(attnkit.attention(q, k, v, pattern=P.causal())))
+    mix.train()
+    mix(x).square().sum().backward()
+    assert mix.scorer.weight.grad is not None

@@ -9,6 +9,7 @@ import torch
 from attnkit.ops.exact.api import attention
 from attnkit.registry import Mechanism, register
 
+from .models import BlockTransformerMixer, RecurrentAttentionMixer, TokenTypeMixer
 from .s2 import s2_pattern
 from .star import star_attention, star_pattern
 
@@ -78,4 +79,41 @@ register(Mechanism(
     summary="head h attends to keys j with (j + o_h) mod S == 0 plus a shared local window; heads' shards "
             "together cover the context, each head stores ~1/S of the KV",
     bench_params={"stride": 8, "window": 64}, small_params={"stride": 4, "window": 4},
+))
+
+
+def _module_reference(built: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
+    return built.reference(x)
+
+
+register(Mechanism(
+    name="block_transformer", family="longctx", kind="mixer",
+    paper="Block Transformer: Global-to-Local Language Modeling for Fast Inference (Ho et al. 2024), Sec. 2",
+    exact=True, complexity="O((n/L)^2 d + n L d)", causal=True, needs=("dim",),
+    factory=lambda causal=False, dim=64, **p: BlockTransformerMixer(dim, causal=causal, **p),
+    reference=_module_reference,
+    summary="block embeddings attend causally to earlier blocks (global); tokens attend within their block "
+            "prefixed by the context embedding (local, KV <= block_size + 1)",
+    bench_params={"block_size": 16, "num_heads": 4}, small_params={"block_size": 4, "num_heads": 2},
+))
+
+register(Mechanism(
+    name="recurrent_attention_network", family="longctx", kind="mixer",
+    paper="Recurrent Attention Networks for Long-text Modeling (Li et al. 2023), Sec. 3",
+    exact=True, complexity="O(n w d)", causal=False, needs=("dim",),
+    factory=lambda causal=False, dim=64, **p: RecurrentAttentionMixer(dim, causal=causal, **p),
+    reference=_module_reference,
+    summary="windowed self-attention with a Global Perception Cell token carried from window to window",
+    bench_params={"window": 256, "num_heads": 4}, small_params={"window": 8, "num_heads": 2},
+))
+
+register(Mechanism(
+    name="neural_attention_search", family="longctx", kind="mixer",
+    paper="Neural Attention Search (NAtS), Sec. 3: learned Global / Local / Sliding-window token types",
+    exact=True, complexity="O(n * live tokens * d) at inference", causal=True, needs=("dim",),
+    factory=lambda causal=True, dim=64, **p: TokenTypeMixer(dim, causal=causal, **p),
+    reference=_module_reference,
+    summary="a scorer assigns each token a type (Global kept, Local evicted by the next Global, Sliding seen by "
+            "the next w tokens); the mask decides which KV entries are evicted",
+    bench_params={"window": 64, "num_heads": 4}, small_params={"window": 4, "num_heads": 2},
 ))
