@@ -157,7 +157,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
                                  "save_dir": args.save,
                                  "jobs": args.jobs or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)}
     if args.quick:
-        overrides.update(steps=300, warmup=30, eval_examples=256, lrs=[3e-3],
+        overrides.update(steps=300, warmup=30, eval_examples=256, lrs=[1e-2],
                          mechanisms=["softmax", "sliding_window@window=8", "linear:taylor@qk_dim=8"])
     if args.no_conv:
         overrides["conv_kernel"] = 0
