@@ -291,7 +291,7 @@ def test_mechanism_variants_carry_their_parameters():
 
 
 # -- training and report ---------------------------------------------------------------------------------------
-TINY = dict(embed_dim=32, num_heads=2, num_layers=2, batch=16, eval_examples=32, warmup=5, lr=3e-3)
+TINY = dict(embed_dim=32, num_heads=2, num_layers=2, batch=16, eval_examples=32, warmup=5, lrs=(3e-3,))
 
 
 def test_tiny_softmax_run_learns():
@@ -348,7 +348,7 @@ def test_cli_quality_end_to_end(tmp_path, capsys):
     code = main(["quality", "--task", "copy", "--seq-len", "16", "--task-param", "copy.num_tokens=4",
                  "--mechanisms", "softmax,sliding_window", "--steps", "2", "--batch", "4", "--eval-examples", "4",
                  "--embed-dim", "16", "--param", "sliding_window.window=4", "--out", str(out), "--no-progress",
-                 "--no-plots"])
+                 "--no-plots", "--jobs", "1"])
     assert code == 0
     doc = json.loads((out / "quality.json").read_text())
     assert doc["tasks"][0]["params"]["num_tokens"] == 4
@@ -370,25 +370,289 @@ def test_cli_quality_end_to_end(tmp_path, capsys):
 ])
 def test_cli_quality_bad_options(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["quality", "--out", str(tmp_path), *argv])
+        main(["quality", "--out", str(tmp_path), "--jobs", "1", *argv])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_default_mqar_softmax_beats_linear_elu():
+@pytest.mark.parametrize("mechanism", ["softmax", "linear:taylor@qk_dim=16"])
+def test_conv_block_learns_mqar_in_fewer_steps(mechanism):
+    """Zoology / Based: with the short convolution one mixer layer can bind each value to its key, so MQAR is
+    learned within a budget where the same model without it (learned positions instead) is not."""
     from attnkit.quality.tasks import get_task
 
     task = get_task("mqar")
-    params = task.params()
-    cfg = QualityConfig(steps=600, batch=32, eval_examples=256)
-    soft = train_one(parse_mechanism("softmax"), task, params, cfg)
-    elu = train_one(parse_mechanism("linear:elu"), task, params, cfg)
-    assert soft["accuracy"] > 0.9 and soft["accuracy"] > elu["accuracy"] + 0.2
+    params = task.params(seq_len=64, num_kv_pairs=4, vocab_size=128)
+    acc = {}
+    for kernel in (3, 0):
+        cfg = QualityConfig(steps=300, batch=32, eval_examples=256, warmup=30, lrs=(1e-2,), conv_kernel=kernel)
+        acc[kernel] = train_one(parse_mechanism(mechanism), task, params, cfg)["accuracy"]
+    assert acc[3] > 0.9 and acc[3] > acc[0] + 0.2, acc
 
 
 @pytest.mark.slow
-def test_quick_run_separates_softmax_from_linear(tmp_path):
+def test_quick_run_learns_recall(tmp_path):
     assert main(["quality", "--quick", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
     res = {r["mechanism"]: r for r in json.loads((tmp_path / "quality.json").read_text())["tasks"][0]["results"]}
-    assert res["softmax"]["accuracy"] > 0.9 > res["linear:elu"]["accuracy"]
+    assert res["softmax"]["accuracy"] > 0.9
+    window = res["sliding_window@window=8"]
+    assert abs(window["accuracy"] - window["in_window"]) < 0.15
+
+
+# -- the Zoology / Based block -------------------------------------------------------------------------------
+def test_short_conv_is_causal_and_reaches_kernel_minus_one_back():
+    from attnkit.quality.model import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, kernel_size=3)
+    x = torch.randn(2, 10, 6)
+    base = conv(x)
+    assert base.shape == x.shape
+    for t in range(10):
+        y = x.clone()
+        y[:, t] += torch.randn(2, 6)
+        changed = (conv(y) - base).abs().amax(dim=(0, 2)) > 1e-6
+        # a change at t moves outputs t, t+1, t+2 (kernel 3) and nothing before t
+        assert changed.nonzero().flatten().tolist() == list(range(t, min(t + 3, 10)))
+    with pytest.raises(ValueError, match="kernel_size"):
+        ShortConv(4, kernel_size=0)
+
+
+def test_conv_block_has_no_positions_and_no_conv_has_learned_positions():
+    spec = parse_mechanism("softmax")
+    with_conv = QualityModel(spec, vocab_size=16, num_outputs=16, embed_dim=16, max_seq_len=8, causal=True)
+    no_conv = QualityModel(spec, vocab_size=16, num_outputs=16, embed_dim=16, max_seq_len=8, causal=True,
+                           conv_kernel=0)
+    assert with_conv.pos is None and all(b.conv is not None for b in with_conv.blocks)
+    assert no_conv.pos is not None and all(b.conv is None for b in no_conv.blocks)
+    x = torch.randint(16, (2, 8))
+    assert with_conv(x).shape == no_conv(x).shape == (2, 8, 16)
+    with pytest.raises(ValueError, match="conv_kernel"):
+        QualityModel(spec, vocab_size=16, num_outputs=16, max_seq_len=8, causal=True, conv_kernel=-1)
+
+
+def test_qk_dim_sets_the_linear_state():
+    spec = parse_mechanism("linear:taylor@qk_dim=4")
+    assert spec.params["qk_dim"] == 4
+    assert state_size(spec, head_dim=16, num_heads=1, seq_len=32) == ((1 + 4 + 10) * 16, "recurrent state")
+    layer = FeatureMapAttention(16, 1, feature_map="taylor", causal=True, qk_dim=4)
+    assert layer(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="qk_dim"):
+        parse_mechanism("linear:taylor@qk_dim=0")
+    # a registered linear mechanism's state comes from its record
+    assert state_size(parse_mechanism("linear_elu"), head_dim=16, num_heads=1, seq_len=32) == (16 * 16,
+                                                                                              "recurrent state")
+
+
+def test_record_small_params_win_over_the_quality_table():
+    from attnkit.quality.model import QUALITY_PARAMS
+    from attnkit.registry import mechanism_info
+
+    info = mechanism_info("nystrom")
+    assert info.small_params and "nystrom" in QUALITY_PARAMS
+    spec = parse_mechanism("nystrom")
+    assert spec.params == {**info.bench_params, **info.small_params}
+    assert parse_mechanism("nystrom@num_landmarks=4").params["num_landmarks"] == 4
+
+
+class _TinyMixer(torch.nn.Module):
+    """A causal token mixer for the tests: a cumulative mean of a projection (a one-number recurrent state)."""
+
+    def __init__(self, dim: int, causal: bool = False, scale: float = 1.0):
+        super().__init__()
+        self.proj, self.causal, self.scale = torch.nn.Linear(dim, dim), causal, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        if self.causal:
+            n = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, None]
+            return self.scale * h.cumsum(dim=1) / n
+        return self.scale * h.mean(dim=1, keepdim=True).expand_as(h)
+
+
+@pytest.fixture
+def tiny_mixer():
+    from attnkit import registry
+    from attnkit.registry import Mechanism, register
+
+    name = "test_quality_tiny_mixer"
+    register(Mechanism(name=name, family="test", paper="(test)", exact=True, complexity="O(n d)", causal=True,
+                       factory=lambda dim, causal=False, scale=1.0: _TinyMixer(dim, causal, scale), kind="mixer",
+                       needs=("dim",), small_params={"scale": 0.5},
+                       extras={"state_size": lambda dim, seq_len, **params: dim}))
+    try:
+        yield name
+    finally:
+        registry._REGISTRY.pop(name, None)
+
+
+def test_mixer_records_fill_the_mixer_slot(tiny_mixer, tmp_path):
+    spec = parse_mechanism(tiny_mixer)
+    assert spec.kind == "mixer" and spec.params == {"scale": 0.5}
+    model = QualityModel(spec, vocab_size=20, num_outputs=20, embed_dim=16, max_seq_len=12, causal=True)
+    assert isinstance(model.blocks[0].mixer, _TinyMixer) and model.blocks[0].mixer.causal
+    x = torch.randint(20, (2, 12))
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] + 1) % 20
+    assert_close(model(x)[:, :7], model(y)[:, :7], dtype=torch.float32)
+    assert state_size(spec, head_dim=16, num_heads=1, seq_len=12, embed_dim=16) == (16, "mixer state")
+    cfg = QualityConfig(mechanisms=(tiny_mixer,), task_params={"mqar": {"seq_len": 16, "num_kv_pairs": 2,
+                                                                         "vocab_size": 24}},
+                        steps=3, save_dir=str(tmp_path / "ckpt"), **TINY)
+    doc = run_quality(cfg, progress=False)
+    rec = doc["tasks"][0]["results"][0]
+    assert rec["status"] == "ok" and rec["kind"] == "mixer"
+    assert rec["state_bytes"] == 32 * 2 * 4  # per layer: dim; 2 layers; fp32
+    from attnkit.quality import load_checkpoint
+
+    loaded, info = load_checkpoint(rec["checkpoint"])
+    assert info["spec"]["kind"] == "mixer" and isinstance(loaded.blocks[1].mixer, _TinyMixer)
+
+
+# -- sweeps, seeds, checkpoints ------------------------------------------------------------------------------
+def test_learning_rate_sweep_and_seeds_keep_every_value(tmp_path):
+    cfg = QualityConfig(mechanisms=("softmax", "linear:elu"), seeds=(0, 1),
+                        task_params={"mqar": {"seq_len": 16, "num_kv_pairs": 2, "vocab_size": 24}},
+                        steps=4, **{**TINY, "lrs": (1e-4, 1e-2)})
+    doc = run_quality(cfg, progress=False)
+    for rec in doc["tasks"][0]["results"]:
+        assert rec["status"] == "ok"
+        assert [x["lr"] for x in rec["lr_sweep"]] == [1e-4, 1e-2]
+        assert all(len(x["values"]) == 2 for x in rec["lr_sweep"])
+        best = max(rec["lr_sweep"], key=lambda x: x["mean"])
+        assert rec["lr"] == best["lr"] and rec["value"] == pytest.approx(best["mean"])
+        assert rec["values"] == best["values"] and rec["value"] == pytest.approx(sum(best["values"]) / 2)
+        assert rec["spread"] is not None and rec["seeds"] == [0, 1]
+    md = "\n".join(qreport._section_md(doc, None).splitlines())
+    assert "0.0001: " in md and "0.01: " in md and "+-" in md and "seeds 0, 1" in md
+    with pytest.raises(ValueError, match="lrs"):
+        QualityConfig(lrs=()).check()
+    with pytest.raises(ValueError, match="seeds"):
+        QualityConfig(seeds=(0, 0)).check()
+
+
+def test_window_coverage_counts_queries_whose_key_is_in_the_window():
+    from attnkit.quality.tasks import get_task
+    from attnkit.quality.train import window_coverage
+
+    task = get_task("mqar")
+    data = [mqar(16, seq_len=64, num_kv_pairs=8, vocab_size=128, seed=s) for s in range(2)]
+
+    def by_hand(window: int) -> float:
+        inside = total = 0
+        for b in data:
+            for x, m in zip(b.inputs, b.mask):
+                keys = x[0:16:2].tolist()
+                for p in m.nonzero().flatten().tolist():
+                    inside += p - 2 * keys.index(int(x[p])) <= window
+                    total += 1
+        return inside / total
+
+    for w in (2, 8, 20):
+        got = window_coverage(parse_mechanism(f"sliding_window@window={w}"), task, data)
+        assert got == pytest.approx(by_hand(w))
+    assert window_coverage(parse_mechanism("sliding_window@window=64"), task, data) == 1.0
+    assert window_coverage(parse_mechanism("sliding_window@window=1"), task, data) == 0.0  # keys >= 2 back
+    assert window_coverage(parse_mechanism("softmax"), task, data) is None
+
+
+def test_state_sweep_variants():
+    from attnkit.quality.tasks import get_task
+    from attnkit.quality.train import state_variants
+
+    task = get_task("mqar")
+    tp = task.params(seq_len=64, num_kv_pairs=4, vocab_size=128)
+    taylor = state_variants("linear:taylor", task, tp, head_dim=16)
+    assert [(v[0], v[1], v[2]) for v in taylor] == [(f"linear:taylor@qk_dim={d}", "qk_dim", d) for d in (4, 8, 16)]
+    assert [v[1:3] for v in state_variants("linear:favor", task, tp, head_dim=16)] == [
+        ("num_features", 16), ("num_features", 64), ("num_features", 256)]
+    assert [v[2] for v in state_variants("sliding_window@window=32", task, tp, head_dim=16)] == [8, 16, 32]
+    soft = state_variants("softmax", task, tp, head_dim=16)
+    assert [v[3]["seq_len"] for v in soft] == [16, 32, 64] and all(v[3]["num_kv_pairs"] == 4 for v in soft)
+    assert state_variants("nystrom", task, tp, head_dim=16) == [("nystrom", None, None, tp)]
+
+
+def test_state_sweep_run_and_frontier_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = QualityConfig(mechanisms=("softmax", "sliding_window"), sweep="state",
+                        task_params={"mqar": {"seq_len": 64, "num_kv_pairs": 2, "vocab_size": 80}},
+                        steps=2, **{**TINY, "eval_examples": 4})
+    doc = run_quality(cfg, progress=False)
+    res = doc["tasks"][0]["results"]
+    assert [r["sweep"]["knob"] for r in res] == ["seq_len"] * 3 + ["window"] * 3
+    assert [r["state_bytes"] for r in res[:3]] == sorted(r["state_bytes"] for r in res[:3])
+    assert res[0]["task_params"]["seq_len"] == 16 and [r["sweep"]["value"] for r in res[3:]] == [8, 16, 32]
+    written = qreport.write_quality_report(doc, tmp_path)
+    assert (tmp_path / qreport.FRONTIER_PLOT).stat().st_size > 0 and written["plot_error"] is None
+    assert "--sweep state" in (tmp_path / "report.md").read_text()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from attnkit.quality import load_checkpoint
+    from attnkit.quality.checkpoint import save_checkpoint
+    from attnkit.quality.tasks import get_task
+
+    task = get_task("mqar")
+    params = task.params(seq_len=16, num_kv_pairs=2, vocab_size=24)
+    cfg = QualityConfig(steps=3, **TINY)
+    for name in ("linear:taylor@qk_dim=4", "sliding_window@window=4"):
+        spec = parse_mechanism(name)
+        rec = train_one(spec, task, params, cfg, keep_model=True)
+        model = rec.pop("model").eval()
+        path = save_checkpoint(tmp_path, spec=spec, task=task, task_params=params, config=cfg,
+                               state_dict=model.state_dict(), record=rec)
+        loaded, info = load_checkpoint(path)
+        assert info["task"] == "mqar" and info["spec"]["name"] == name and info["training"]["lr"] == 3e-3
+        assert not loaded.training
+        x = task.sample(4, 123, params).inputs
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an attnkit quality checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_cli_sweep_seeds_no_conv_and_save(tmp_path):
+    out, ckpt = tmp_path / "r", tmp_path / "ckpt"
+    code = main(["quality", "--seq-len", "16", "--num-kv-pairs", "2", "--vocab-size", "24",
+                 "--mechanisms", "softmax,linear:elu", "--steps", "2", "--batch", "4", "--eval-examples", "4",
+                 "--embed-dim", "16", "--lr", "1e-3,1e-2", "--seed", "0,1", "--no-conv", "--save", str(ckpt),
+                 "--out", str(out), "--no-progress", "--no-plots"])
+    assert code == 0
+    doc = json.loads((out / "quality.json").read_text())
+    assert doc["config"]["lrs"] == [1e-3, 1e-2] and doc["config"]["seeds"] == [0, 1]
+    assert doc["config"]["conv_kernel"] == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mqar--linear_elu.pt", "mqar--softmax.pt"]
+    md = (out / "report.md").read_text()
+    for part in ("--no-conv", "--lr 0.001,0.01", "--seed 0,1", "learned absolute positions"):
+        assert part in md
+
+
+def test_listops_budget_statement():
+    entry = {"task": "listops", "metric": "accuracy", "results": [
+        {"mechanism": "softmax", "status": "ok", "value": 0.24}]}
+    doc = {"config": {"steps": 600}}
+    assert "too short to conclude" in " ".join(qreport.task_notes(entry, doc))
+    entry["results"][0]["value"] = 0.37
+    assert not qreport.task_notes(entry, doc)
+
+
+def test_every_registered_mechanism_trains_or_says_why():
+    from attnkit.registry import list_mechanisms
+
+    names = [m.name for m in list_mechanisms()]
+    cfg = QualityConfig(tasks=("mqar", "listops"), mechanisms=names, steps=1, lrs=(1e-3,), embed_dim=16,
+                        num_heads=2, batch=2, eval_examples=2, warmup=0,
+                        task_params={"mqar": {"seq_len": 64, "num_kv_pairs": 2, "vocab_size": 80},
+                                     "listops": {"seq_len": 64}})
+    doc = run_quality(cfg, progress=False)
+    for entry in doc["tasks"]:
+        for rec in entry["results"]:
+            assert rec["status"] in ("ok", "n/a") or rec["message"], rec
+            if rec["status"] != "ok":
+                assert rec["message"]
+    # every mechanism trains on at least one of a causal and a bidirectional task
+    ok = {r["mechanism"] for e in doc["tasks"] for r in e["results"] if r["status"] == "ok"}
+    assert ok == set(names), sorted(set(names) - ok)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -15,34 +16,79 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _lrs(text: str) -> list[float]:
+    out = []
+    for item in _names(text):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected learning rates such as 1e-3,3e-3, got {item!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {item}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("expected one or more learning rates, e.g. 1e-3,3e-3,1e-2")
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integer seeds such as 0,1,2, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected one or more integer seeds, e.g. 0,1,2")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from attnkit.quality.tasks import TASKS
-    from attnkit.quality.train import DEFAULT_MECHANISMS
+    from attnkit.quality.train import DEFAULT_LRS, DEFAULT_MECHANISMS
 
     p.add_argument("--task", type=_names, default=None, metavar="TASKS",
                    help=f"comma-separated tasks: {', '.join(TASKS)} (default mqar)")
     p.add_argument("--mechanisms", type=_names, action="extend", metavar="NAMES",
-                   help="comma-separated registry names (`attnkit list`) or linear:<feature map>, each "
-                        "optionally with parameters: sliding_window@window=8, linear:favor@num_features=64 "
-                        f"(default: {','.join(DEFAULT_MECHANISMS)})")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (task default: mqar 64, "
+                   help="comma-separated registry names (`attnkit list`; token mixers too) or linear:<feature map>, "
+                        "each optionally with parameters: sliding_window@window=8, linear:favor@num_features=64, "
+                        "linear:taylor@qk_dim=16 (queries/keys projected to 16 per head, as Based); 'all': every "
+                        f"registered mechanism (default: {','.join(DEFAULT_MECHANISMS)})")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (task default: mqar 128, "
                    "listops 128, copy 64, icl-regression 32)")
     p.add_argument("--num-kv-pairs", type=_positive_int, default=None, help="MQAR key-value pairs (default 8)")
     p.add_argument("--vocab-size", type=_positive_int, default=None,
-                   help="MQAR vocabulary (default 128; keys take the lower half, values the upper) or copy "
+                   help="MQAR vocabulary (default 256; keys take the lower half, values the upper) or copy "
                         "data tokens (default 16)")
     p.add_argument("--power-a", type=_positive_float, default=None,
                    help="MQAR power law of query distances (default 0.01 as Zoology; 1 = uniform)")
     p.add_argument("--task-param", action="append", default=[], metavar="TASK.NAME=VALUE",
                    help="any generator parameter, e.g. listops.max_depth=6 or icl-regression.dim=4")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per mechanism (default 600)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps per mechanism and learning rate (default 600)")
     p.add_argument("--batch", type=_positive_int, default=None, help="examples per step (default 32)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-3)")
+    p.add_argument("--lr", type=_lrs, default=None, metavar="LRS",
+                   help="peak learning rates to sweep, comma-separated; each mechanism reports the best "
+                        f"(default {','.join(f'{x:g}' for x in DEFAULT_LRS)}, the range of Zoology's sweep)")
     p.add_argument("--embed-dim", type=_positive_int, default=None, help="model width (default 64)")
-    p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (default 2)")
-    p.add_argument("--layers", type=_positive_int, default=None, help="blocks of attention + MLP (default 2)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="attention heads (default 1, as Zoology)")
+    p.add_argument("--layers", type=_positive_int, default=None,
+                   help="blocks of [short conv, mixer] + MLP (default 2)")
+    p.add_argument("--no-conv", action="store_true",
+                   help="no short convolution before the mixers (learned positions instead): shows what the "
+                        "convolution of the Zoology/Based block contributes")
+    p.add_argument("--conv-kernel", type=_positive_int, default=None,
+                   help="width of the short causal convolution (default 3, as Zoology)")
     p.add_argument("--eval-examples", type=_positive_int, default=None, help="held-out examples (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default 0)")
+    p.add_argument("--seed", type=_seeds, default=None, metavar="SEEDS",
+                   help="seeds of data and initialisation, comma-separated (default 0); with several the report "
+                        "gives the mean and the spread")
+    p.add_argument("--sweep", choices=["state"], default=None,
+                   help="state: train each mechanism at several state sizes (feature dimension, window, softmax's "
+                        "sequence length) and plot accuracy against state bytes (Based Fig. 2)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write one checkpoint per trained (task, mechanism) into DIR "
+                        "(attnkit.quality.load_checkpoint rebuilds the model)")
+    p.add_argument("--jobs", type=_positive_int, default=None,
+                   help="training processes, one thread each (default: 2 on CPU when there are 2+ cores, else 1)")
     p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
                    help="override a mechanism parameter, e.g. sliding_window.window=8 or linear:favor.num_features=64")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -52,8 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="attnkit-report", metavar="DIR",
                    help="output folder, shared with `attnkit bench` (default ./attnkit-report/)")
     p.add_argument("--quick", action="store_true",
-                   help="a ~30 s run: 300 steps, softmax, sliding_window and linear:elu, MQAR with 32 tokens and "
-                        "4 pairs")
+                   help="a ~1 min run: 300 steps at one learning rate, softmax, sliding_window@window=8 and "
+                        "linear:taylor@qk_dim=8, MQAR with 32 tokens and 4 pairs")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -106,14 +152,25 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             TASKS[t].params(**tp)
         except ValueError as exc:
             parser.error(f"argument --task-param: {exc}")
-    overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "seed": args.seed, "device": device,
-                                 "params": _split_params(args.param, "--param", parser)}
+    overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "device": device,
+                                 "params": _split_params(args.param, "--param", parser), "sweep": args.sweep,
+                                 "save_dir": args.save,
+                                 "jobs": args.jobs or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)}
     if args.quick:
-        overrides.update(steps=300, warmup=30, eval_examples=256,
-                         mechanisms=["softmax", "sliding_window", "linear:elu"])
-    for opt, key in (("steps", "steps"), ("batch", "batch"), ("lr", "lr"), ("embed_dim", "embed_dim"),
+        overrides.update(steps=300, warmup=30, eval_examples=256, lrs=[1e-2],
+                         mechanisms=["softmax", "sliding_window@window=8", "linear:taylor@qk_dim=8"])
+    if args.no_conv:
+        overrides["conv_kernel"] = 0
+    elif args.conv_kernel is not None:
+        overrides["conv_kernel"] = args.conv_kernel
+    if args.mechanisms is not None and "all" in args.mechanisms:
+        from attnkit.registry import list_mechanisms
+
+        names = [m.name for m in list_mechanisms()]
+        args.mechanisms = [n for m in args.mechanisms for n in (names if m == "all" else [m])]
+    for opt, key in (("steps", "steps"), ("batch", "batch"), ("lr", "lrs"), ("embed_dim", "embed_dim"),
                      ("heads", "num_heads"), ("layers", "num_layers"), ("eval_examples", "eval_examples"),
-                     ("mechanisms", "mechanisms")):
+                     ("mechanisms", "mechanisms"), ("seed", "seeds")):
         value = getattr(args, opt)
         if value is not None:
             overrides[key] = value
@@ -139,8 +196,10 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.quality import report as rep
     from attnkit.quality.train import run_quality
 
-    print(f"attnkit quality: tasks {', '.join(config.tasks)}; mechanisms {', '.join(config.mechanisms)}; "
-          f"{config.steps} steps each; writing to {args.out}/", file=sys.stderr)
+    print(f"attnkit quality: tasks {', '.join(config.tasks)}; mechanisms {', '.join(config.mechanisms)}"
+          f"{' (state sweep)' if config.sweep else ''}; {config.steps} steps x learning rates "
+          f"{', '.join(f'{x:g}' for x in config.lrs)} x seeds {', '.join(map(str, config.seeds))}; "
+          f"writing to {args.out}/", file=sys.stderr)
 
     def save_partial(doc: dict[str, Any]) -> None:
         rep.write_quality_json(doc, args.out)

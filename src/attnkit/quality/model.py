@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QualityModel", "FeatureMapAttention", "MechanismSpec", "parse_mechanism", "state_size",
+__all__ = ["QualityModel", "FeatureMapAttention", "ShortConv", "MechanismSpec", "parse_mechanism", "state_size",
            "QUALITY_PARAMS", "LINEAR_PREFIX"]
 
 LINEAR_PREFIX = "linear:"
@@ -60,6 +61,7 @@ class MechanismSpec:
     params: dict[str, Any]
     paper: str = ""
     base: str = ""  # the name without ``@`` parameters (defaults to ``name``)
+    kind: str = "attention"  # the registry record's kind: "attention" or "mixer" (a token mixer over channels)
 
     @property
     def mechanism(self) -> str:
@@ -89,17 +91,27 @@ def _variant(name: str) -> tuple[str, dict[str, Any]]:
 def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> MechanismSpec:
     """Resolve ``name``: a registry name or ``linear:<feature map>``, optionally with parameters after ``@``
     (``sliding_window@window=8``, ``linear:favor@num_features=64+ortho=False``) so one run can sweep a
-    parameter; ``overrides`` come last. Raises ``ValueError`` naming the choices."""
+    parameter; ``overrides`` come last. Raises ``ValueError`` naming the choices.
+
+    Defaults for the short sequences of the tasks: the registry record's ``small_params`` where it defines them
+    (over its ``bench_params``), else :data:`QUALITY_PARAMS`, else the factory's own defaults (benchmark
+    parameters are sized for long sequences). ``linear:<map>`` specs also take ``qk_dim``: the width queries and
+    keys are projected to per head before the feature map (Based's "feature dimension"; values keep the head
+    dimension), which sets the recurrent state ``feature_dim(qk_dim) x head_dim``."""
     base, inline = _variant(name)
-    params = {**QUALITY_PARAMS.get(base, {}), **inline, **(overrides or {})}
     if base.startswith(LINEAR_PREFIX):
         from attnkit.feature_maps import FEATURE_MAPS
 
+        params = {**QUALITY_PARAMS.get(base, {}), **inline, **(overrides or {})}
         fm = base[len(LINEAR_PREFIX):]
         if fm not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map in {name!r}; use linear:<map> with one of "
                              f"{', '.join(sorted(FEATURE_MAPS))}")
-        _check_params(name, FEATURE_MAPS[fm].__init__, params, skip=("self", "head_dim", "num_heads"))
+        qk_dim = params.get("qk_dim")
+        if qk_dim is not None and (isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 1):
+            raise ValueError(f"mechanism {name!r}: qk_dim must be a positive int, got {qk_dim!r}")
+        _check_params(name, FEATURE_MAPS[fm].__init__, {k: v for k, v in params.items() if k != "qk_dim"},
+                      skip=("self", "head_dim", "num_heads"), extra=("qk_dim",))
         return MechanismSpec(name, "linear", True, fm, params, "Katharopoulos et al., 2020 (feature map " + fm + ")",
                              base)
     from attnkit.registry import mechanism_info
@@ -108,18 +120,23 @@ def parse_mechanism(name: str, overrides: dict[str, Any] | None = None) -> Mecha
         info = mechanism_info(base)
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]}; or linear:<feature map> (e.g. linear:taylor)") from None
-    _check_params(name, info.factory, params, skip=("causal", *info.needs))
-    if base in QUALITY_PARAMS:
-        params = {**info.bench_params, **params}
-    # (otherwise the factory's defaults: benchmark parameters are sized for long sequences)
-    return MechanismSpec(name, info.family, info.causal, None, params, info.paper, base)
+    user = {**inline, **(overrides or {})}
+    _check_params(name, info.factory, user, skip=("causal", *info.needs))
+    if info.small_params:
+        params = {**info.bench_params, **info.small_params, **user}
+    elif base in QUALITY_PARAMS:
+        params = {**info.bench_params, **QUALITY_PARAMS[base], **user}
+    else:
+        params = user  # the factory's defaults: benchmark parameters are sized for long sequences
+    return MechanismSpec(name, info.family, info.causal, None, params, info.paper, base, info.kind)
 
 
 def _no_params() -> None:
     pass
 
 
-def _check_params(name: str, fn: Any, params: dict[str, Any], *, skip: tuple[str, ...]) -> None:
+def _check_params(name: str, fn: Any, params: dict[str, Any], *, skip: tuple[str, ...],
+                  extra: tuple[str, ...] = ()) -> None:
     """Refuse parameters ``fn`` does not take (unless it takes ``**kwargs``), listing the ones it does."""
     if fn is nn.Module.__init__:  # a feature map without constructor parameters
         fn = _no_params
@@ -129,7 +146,7 @@ def _check_params(name: str, fn: Any, params: dict[str, Any], *, skip: tuple[str
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return
-    accepted = [k for k in sig.parameters if k not in skip]
+    accepted = [k for k in sig.parameters if k not in skip] + list(extra)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"mechanism {name!r} takes no parameter {', '.join(unknown)}; its parameters: "
@@ -148,21 +165,45 @@ def _build_feature_map(name: str, params: dict[str, Any], *, head_dim: int, num_
     return cls(**kwargs)
 
 
-def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: int) -> tuple[int | None, str]:
+def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: int, embed_dim: int | None = None
+               ) -> tuple[int | None, str]:
     """Elements one head keeps between tokens, and what they are (``"kv cache"``, ``"window cache"``,
-    ``"recurrent state"``); ``(None, reason)`` when not known."""
+    ``"recurrent state"``); ``(None, reason)`` when not known.
+
+    A token mixer (``kind="mixer"``) has no heads: its state is per layer, from its record's
+    ``extras["state_size"](dim=embed_dim, seq_len=seq_len, **params)`` (``"mixer state"``), unknown without it."""
+    if spec.kind == "mixer":
+        from attnkit.registry import mechanism_info
+
+        fn = mechanism_info(spec.mechanism).extras.get("state_size")
+        if fn is None:
+            return None, "unknown"
+        return int(fn(dim=embed_dim if embed_dim is not None else head_dim * num_heads, seq_len=seq_len,
+                      **spec.params)), "mixer state"
     fm_name = spec.feature_map
     if fm_name is None and spec.family == "linear":
         fm_name = spec.params.get("feature_map")
     if fm_name is not None:
-        params = {k: v for k, v in spec.params.items() if k != "feature_map"}
+        params = {k: v for k, v in spec.params.items() if k not in ("feature_map", "qk_dim")}
+        qk = int(spec.params.get("qk_dim") or head_dim)
         try:
-            fm = _build_feature_map(str(fm_name), params, head_dim=head_dim, num_heads=num_heads)
-            return fm.feature_dim(head_dim) * head_dim, "recurrent state"
+            fm = _build_feature_map(str(fm_name), params, head_dim=qk, num_heads=num_heads)
+            return fm.feature_dim(qk) * head_dim, "recurrent state"
         except (KeyError, TypeError, ValueError):  # a registry entry whose parameters the map does not take
             return None, "unknown"
-    if spec.family == "linear":  # a registered linear mechanism that does not name its feature map
-        return None, "unknown"
+    if spec.family == "linear":  # a registered linear mechanism: its record knows its feature dimension
+        from attnkit.registry import mechanism_info
+
+        try:
+            feature_dim = mechanism_info(spec.mechanism).extras.get("feature_dim")
+        except KeyError:
+            feature_dim = None
+        if feature_dim is None:
+            return None, "unknown"
+        try:
+            return int(feature_dim(head_dim, **spec.params)) * head_dim, "recurrent state"
+        except (KeyError, TypeError, ValueError):
+            return None, "unknown"
     p = spec.params
     if spec.mechanism in ("sliding_window", "longformer"):
         window = min(int(p.get("window", seq_len)) + int(p.get("num_global", 0)), seq_len)
@@ -176,81 +217,127 @@ class FeatureMapAttention(nn.Module):
     """Multi-head kernelized linear attention (Katharopoulos et al., "Transformers are RNNs", 2020) with any
     feature map of ``attnkit.feature_maps``: projections around ``attnkit.ops.linear.api.linear_attention``.
 
+    ``qk_dim``: per-head width of queries and keys (default the head dimension). Based (Arora et al., 2024,
+    Sec. 4) projects them to a small "feature dimension" (e.g. 16) before the Taylor map, so that the state
+    ``feature_dim(qk_dim) x head_dim`` stays small; values keep ``embed_dim // num_heads``.
+
     ``forward(x)``: ``x [batch, seq, embed_dim]`` -> ``[batch, seq, embed_dim]``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str, causal: bool = False,
-                 feature_map_params: dict[str, Any] | None = None, bias: bool = False):
+                 feature_map_params: dict[str, Any] | None = None, bias: bool = False, qk_dim: int | None = None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.qk_dim = self.head_dim if qk_dim is None else int(qk_dim)
         self.causal = causal
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        self.qkv = nn.Linear(embed_dim, num_heads * (2 * self.qk_dim + self.head_dim), bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.feature_map = _build_feature_map(feature_map, dict(feature_map_params or {}), head_dim=self.head_dim,
+        self.feature_map = _build_feature_map(feature_map, dict(feature_map_params or {}), head_dim=self.qk_dim,
                                               num_heads=num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from attnkit.ops.linear.api import linear_attention
 
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, n, d)
+        h, dk = self.num_heads, self.qk_dim
+        q, k, v = self.qkv(x).split([h * dk, h * dk, h * self.head_dim], dim=-1)
+        q = q.view(b, n, h, dk).transpose(1, 2)  # (B, h, n, dk)
+        k = k.view(b, n, h, dk).transpose(1, 2)
+        v = v.view(b, n, h, self.head_dim).transpose(1, 2)
         out = linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
 
 
-class _Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+class ShortConv(nn.Module):
+    """Short causal depthwise convolution over the sequence, as before every sequence mixer in Zoology (Arora et
+    al., 2023, "BaseConv", kernel 3) and Based (Arora et al., 2024): ``y_t = x_t + sum_{i<kernel} w_i * x_{t-i}``
+    per channel. The residual keeps each token; the kernel lets a position see its few predecessors (in MQAR:
+    the value token sees its key), which is what a single linear-attention layer needs to store key -> value.
 
-    def __init__(self, mixer: nn.Module, embed_dim: int, mlp_ratio: int):
+    ``forward(x)``: ``x [batch, seq, channels]`` -> same; output at ``t`` depends on inputs at ``<= t`` only.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # left padding only: causal
+        return x + self.conv(y).transpose(1, 2)
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block: ``x + mixer(conv(norm(x)))``, then ``x + mlp(norm(x))`` (``conv`` optional)."""
+
+    def __init__(self, mixer: nn.Module, embed_dim: int, mlp_ratio: int, conv_kernel: int | None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.conv = ShortConv(embed_dim, conv_kernel) if conv_kernel else None
         self.mixer = mixer
         self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * embed_dim, embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
+        h = self.norm1(x)
+        if self.conv is not None:
+            h = self.conv(h)
+        x = x + self.mixer(h)
         return x + self.mlp(self.norm2(x))
 
 
 class QualityModel(nn.Module):
-    """Embedding (tokens, or a linear map of real vectors) plus learned positions, ``num_layers`` blocks of
-    attention (the mechanism under test) and MLP, a final norm and a linear readout.
+    """The Zoology / Based model: an embedding (tokens, or a linear map of real vectors), ``num_layers`` pre-norm
+    residual blocks ``[short causal depthwise conv -> token mixer under test]`` + MLP, a final norm and a linear
+    readout (Arora et al., "Zoology", 2023, Sec. 3 and App. E; Arora et al., "Based", 2024, Sec. 4). The same block
+    for every mechanism, so the comparison is of the mixers alone.
+
+    Positions: with the convolution the model has no positional embedding, as in Zoology's MQAR runs
+    (``max_position_embeddings=0``: the convolution and causal masking carry order); without it
+    (``conv_kernel=0``, ``attnkit quality --no-conv``) it adds learned absolute positions instead.
 
     Args:
-        spec: the mechanism (:func:`parse_mechanism`).
+        spec: the mechanism (:func:`parse_mechanism`): an attention record (through
+            ``attnkit.nn.MultiheadAttention``), ``linear:<map>`` (:class:`FeatureMapAttention`) or a token mixer
+            record (``kind="mixer"``, built by its factory with ``dim=embed_dim, causal=...``).
         vocab_size / input_dim: token vocabulary, or the width of real-valued inputs (exactly one of them).
         num_outputs: classes of the readout (1 for regression).
         embed_dim, num_heads, num_layers, mlp_ratio: model shape.
         max_seq_len: longest input (learned positions; also given to mechanisms that need a fixed length).
-        causal: autoregressive attention.
+        causal: autoregressive mixing.
         pool: classify the whole sequence from the mean hidden state over ``mask`` (ListOps).
+        conv_kernel: width of the short convolution before each mixer (0: none, learned positions instead).
 
     ``forward(inputs, mask=None)``: ``inputs [batch, seq]`` ids or ``[batch, seq, input_dim]``; returns
     ``[batch, seq, num_outputs]``, or ``[batch, num_outputs]`` when ``pool``.
     """
 
     def __init__(self, spec: MechanismSpec, *, vocab_size: int | None = None, input_dim: int | None = None,
-                 num_outputs: int, embed_dim: int = 64, num_heads: int = 2, num_layers: int = 2,
-                 mlp_ratio: int = 2, max_seq_len: int, causal: bool, pool: bool = False):
+                 num_outputs: int, embed_dim: int = 64, num_heads: int = 1, num_layers: int = 2,
+                 mlp_ratio: int = 2, max_seq_len: int, causal: bool, pool: bool = False, conv_kernel: int = 3):
         super().__init__()
         if (vocab_size is None) == (input_dim is None):
             raise ValueError("give exactly one of vocab_size (token inputs) and input_dim (real-valued inputs)")
         if not 1 <= num_layers:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if isinstance(conv_kernel, bool) or not isinstance(conv_kernel, int) or conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be an int >= 0 (0: no convolution), got {conv_kernel!r}")
         if causal and not spec.causal:
             from attnkit.errors import NotSupportedError
 
             raise NotSupportedError(f"mechanism {spec.name!r} has no causal form and this task is causal; "
                                     f"choose one with causal support (`attnkit list`)")
-        self.spec, self.causal, self.pool = spec, causal, pool
+        self.spec, self.causal, self.pool, self.conv_kernel = spec, causal, pool, conv_kernel
+        self.max_seq_len = max_seq_len
         self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(input_dim,
                                                                                                   embed_dim)
-        self.pos = nn.Parameter(torch.randn(max_seq_len, embed_dim) * 0.02)
+        self.pos = None if conv_kernel else nn.Parameter(torch.randn(max_seq_len, embed_dim) * 0.02)
         self.blocks = nn.ModuleList(
-            _Block(self._mixer(spec, embed_dim, num_heads, max_seq_len, causal), embed_dim, mlp_ratio)
+            _Block(self._mixer(spec, embed_dim, num_heads, max_seq_len, causal), embed_dim, mlp_ratio, conv_kernel)
             for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dim)
         self.readout = nn.Linear(embed_dim, num_outputs)
@@ -258,8 +345,21 @@ class QualityModel(nn.Module):
     @staticmethod
     def _mixer(spec: MechanismSpec, embed_dim: int, num_heads: int, max_seq_len: int, causal: bool) -> nn.Module:
         if spec.feature_map is not None:
+            params = {k: v for k, v in spec.params.items() if k != "qk_dim"}
             return FeatureMapAttention(embed_dim, num_heads, feature_map=spec.feature_map, causal=causal,
-                                       feature_map_params=spec.params)
+                                       feature_map_params=params, qk_dim=spec.params.get("qk_dim"))
+        if spec.kind == "mixer":
+            from attnkit.registry import mechanism_info
+
+            info = mechanism_info(spec.mechanism)
+            shapes = {"dim": embed_dim, "seq_len": max_seq_len, "num_heads": num_heads,
+                      "head_dim": embed_dim // num_heads}
+            mixer = info.build(causal=causal, **{k: shapes[k] for k in info.needs if k != "dim"},
+                               **{**spec.params, "dim": embed_dim})
+            if not isinstance(mixer, nn.Module):
+                raise TypeError(f"mixer {spec.mechanism!r}: its factory returned {type(mixer).__name__}, not an "
+                                f"nn.Module")
+            return mixer
         from attnkit.nn import MultiheadAttention
 
         return MultiheadAttention(embed_dim, num_heads, mechanism=spec.mechanism, causal=causal,
@@ -267,9 +367,11 @@ class QualityModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n = inputs.shape[1]
-        if n > self.pos.shape[0]:
-            raise ValueError(f"inputs have {n} positions, more than max_seq_len={self.pos.shape[0]}")
-        x = self.embed(inputs) + self.pos[:n]  # (B, n, D)
+        if n > self.max_seq_len:
+            raise ValueError(f"inputs have {n} positions, more than max_seq_len={self.max_seq_len}")
+        x = self.embed(inputs)  # (B, n, D)
+        if self.pos is not None:
+            x = x + self.pos[:n]
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)

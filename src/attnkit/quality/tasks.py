@@ -383,7 +383,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("mqar", mqar, "token", True, "accuracy",
-             {"seq_len": 64, "num_kv_pairs": 8, "vocab_size": 128, "power_a": 0.01},
+             {"seq_len": 128, "num_kv_pairs": 8, "vocab_size": 256, "power_a": 0.01},
              "multi-query associative recall: recall the value of each queried key",
              "Zoology (Arora et al., 2023); Based (Arora et al., 2024)"),
         Task("listops", listops, "sequence", False, "accuracy",

@@ -8,6 +8,7 @@ curve. Data are seeded: training batch ``i`` and the held-out evaluation set are
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,53 +17,81 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.quality.model import MechanismSpec, QualityModel, parse_mechanism, state_size
+from attnkit.quality.model import LINEAR_PREFIX, MechanismSpec, QualityModel, parse_mechanism, state_size
 from attnkit.quality.tasks import Task, TaskBatch, get_task
 
-__all__ = ["QualityConfig", "run_quality", "train_one", "evaluate", "loss_and_metric", "DEFAULT_MECHANISMS",
-           "SCHEMA", "mechanism_overrides", "make_eval_data"]
+__all__ = ["QualityConfig", "run_quality", "train_one", "build_model", "model_kwargs", "evaluate",
+           "loss_and_metric", "DEFAULT_MECHANISMS", "DEFAULT_LRS", "SCHEMA", "mechanism_overrides", "make_eval_data",
+           "window_coverage", "state_variants"]
 
-SCHEMA = "attnkit-quality/1"
+SCHEMA = "attnkit-quality/2"
 
-# Softmax (KV cache), a sliding window (fixed cache) and linear attention with feature maps of growing state:
-# ELU (Katharopoulos et al.), FAVOR+ (Performer), Taylor (Based) and ReBased.
-DEFAULT_MECHANISMS = ("softmax", "sliding_window", "linear:elu", "linear:favor", "linear:taylor", "linear:rebased")
+# The published comparison (Zoology Fig. 2, Based Fig. 2): softmax (KV cache), a sliding window (fixed cache) and
+# linear attention with feature maps of growing state: ELU (Katharopoulos et al.), cosFormer, FAVOR+ (Performer),
+# Taylor (Based, queries and keys projected to 16 features as in Based) and ReBased.
+DEFAULT_MECHANISMS = ("softmax", "sliding_window@window=16", "linear:taylor@qk_dim=16", "linear:rebased@qk_dim=16",
+                      "linear:elu", "linear:cosformer", "linear:favor@num_features=64")
+
+# Zoology sweeps np.logspace(-3, -1.5, 4) per model and reports the best; the upper three values of that range
+# (at this short budget the linear maps need the larger rates, e.g. Taylor 8% at 3e-3 and 92% at 1e-2 in 500 steps).
+DEFAULT_LRS = (3e-3, 1e-2, 3e-2)
+
+SWEEPS = ("state",)
 
 
 @dataclass
 class QualityConfig:
     """One ``attnkit quality`` run. ``task_params`` maps a task name to generator overrides; ``params`` maps a
-    mechanism spec to parameter overrides (``--param sliding_window.window=8``)."""
+    mechanism spec to parameter overrides (``--param sliding_window.window=8``).
+
+    Every (task, mechanism) trains once per learning rate in ``lrs`` and seed in ``seeds``; the result is the
+    learning rate with the best mean metric over the seeds (as Zoology reports the best of its sweep), with every
+    value kept. ``conv_kernel``: the short convolution before each mixer (0: none). ``sweep="state"`` replaces
+    each mechanism by variants of growing state (:func:`state_variants`). ``save_dir``: write one checkpoint per
+    (task, mechanism), see :func:`attnkit.quality.checkpoint.load_checkpoint`. ``jobs``: training processes."""
 
     tasks: Sequence[str] = ("mqar",)
     mechanisms: Sequence[str] = DEFAULT_MECHANISMS
     task_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     embed_dim: int = 64
-    num_heads: int = 2
+    num_heads: int = 1
     num_layers: int = 2
     mlp_ratio: int = 2
+    conv_kernel: int = 3
     steps: int = 600
     batch: int = 32
-    lr: float = 3e-3
+    lrs: Sequence[float] = DEFAULT_LRS
     weight_decay: float = 0.1
     warmup: int = 60
     eval_examples: int = 512
-    seed: int = 0
+    seeds: Sequence[int] = (0,)
     device: str = "cpu"
     curve_points: int = 40
+    sweep: str | None = None
+    save_dir: str | None = None
+    jobs: int = 1
 
     def check(self) -> None:
-        for name in ("embed_dim", "num_heads", "num_layers", "mlp_ratio", "steps", "batch", "eval_examples"):
+        for name in ("embed_dim", "num_heads", "num_layers", "mlp_ratio", "steps", "batch", "eval_examples",
+                     "jobs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be an int >= 0 (0: no convolution), got {self.conv_kernel!r}")
+        if not self.lrs or not all(isinstance(lr, (int, float)) and lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs must be one or more learning rates > 0, got {list(self.lrs)!r}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds must be one or more ints, got {list(self.seeds)!r}")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.lrs)) != len(self.lrs):
+            raise ValueError("seeds and learning rates must not repeat")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.sweep is not None and self.sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {', '.join(SWEEPS)} (or None), got {self.sweep!r}")
         if not self.tasks:
             raise ValueError("no task selected; choose from mqar, listops, copy, selective-copy, icl-regression")
         if not self.mechanisms:
@@ -148,22 +177,36 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def build_model(spec: MechanismSpec, task: Task, params: dict[str, Any], config: QualityConfig) -> QualityModel:
+    """A fresh :class:`QualityModel` for ``spec`` on ``task`` with the shape of ``config``."""
+    return QualityModel(spec, **model_kwargs(task, params, config))
+
+
+def model_kwargs(task: Task, params: dict[str, Any], config: QualityConfig) -> dict[str, Any]:
+    """The keyword arguments of :class:`QualityModel` (besides the spec) for ``task`` and ``config``."""
+    return {"vocab_size": task.vocab_size(params), "input_dim": task.input_dim(params),
+            "num_outputs": task.num_outputs(params), "embed_dim": config.embed_dim, "num_heads": config.num_heads,
+            "num_layers": config.num_layers, "mlp_ratio": config.mlp_ratio, "max_seq_len": int(params["seq_len"]),
+            "causal": task.causal, "pool": task.kind == "sequence", "conv_kernel": config.conv_kernel}
+
+
 def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: QualityConfig, *,
-              eval_data: list[TaskBatch] | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train a fresh :class:`QualityModel` with ``spec`` on ``task`` for ``config.steps`` steps; return the
-    result record (metric, losses, time, state size)."""
+              lr: float | None = None, seed: int | None = None, eval_data: list[TaskBatch] | None = None,
+              on_step: Callable[[int, float], None] | None = None, keep_model: bool = False) -> dict[str, Any]:
+    """Train a fresh :class:`QualityModel` with ``spec`` on ``task`` for ``config.steps`` steps at learning rate
+    ``lr`` (default ``config.lrs[0]``) from ``seed`` (default ``config.seeds[0]``: initialisation, training
+    batches and, unless ``eval_data`` is given, the held-out set); return the result record (metric, losses, time,
+    state size). ``keep_model``: the record's ``"model"`` holds the trained model (not JSON-ready)."""
     device = torch.device(config.device)
+    lr = float(config.lrs[0] if lr is None else lr)
+    seed = int(config.seeds[0] if seed is None else seed)
     seq_len = int(params["seq_len"])
-    torch.manual_seed(config.seed)  # the same initialisation stream for every mechanism
-    model = QualityModel(spec, vocab_size=task.vocab_size(params), input_dim=task.input_dim(params),
-                         num_outputs=task.num_outputs(params), embed_dim=config.embed_dim,
-                         num_heads=config.num_heads, num_layers=config.num_layers, mlp_ratio=config.mlp_ratio,
-                         max_seq_len=seq_len, causal=task.causal, pool=task.kind == "sequence").to(device)
+    torch.manual_seed(seed)  # the same initialisation stream for every mechanism
+    model = build_model(spec, task, params, config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "pos" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config.steps, config.warmup))
     every = max(1, config.steps // max(1, config.curve_points))
     curve: list[tuple[int, float]] = []
@@ -171,12 +214,12 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
     train_s = 0.0
     first_loss = None
     for step in range(config.steps):
-        batch = task.sample(config.batch, _seed(config.seed, 0, step), params).to(device)
+        batch = task.sample(config.batch, _seed(seed, 0, step), params).to(device)
         t0 = time.perf_counter()
         out = model(batch.inputs, batch.mask)
         loss, _ = loss_and_metric(task, out, batch, params)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
+            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -192,77 +235,269 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
         if on_step is not None:
             on_step(step, value)
     if eval_data is None:
-        eval_data = make_eval_data(task, params, config)
+        eval_data = make_eval_data(task, params, config, seed=seed)
     t0 = time.perf_counter()
     metrics = evaluate(model, task, params, [b.to(device) for b in eval_data])
     eval_s = time.perf_counter() - t0
     head_dim = config.embed_dim // config.num_heads
-    per_head, kind = state_size(spec, head_dim=head_dim, num_heads=config.num_heads, seq_len=seq_len)
-    layers_heads = config.num_layers * config.num_heads
-    return {
-        "mechanism": spec.name, "family": spec.family, "paper": spec.paper, "status": "ok", "message": "",
-        "params": {k: v for k, v in spec.params.items()},
+    per_head, kind = state_size(spec, head_dim=head_dim, num_heads=config.num_heads, seq_len=seq_len,
+                                embed_dim=config.embed_dim)
+    # A token mixer's state is per layer; attention's per head.
+    units = config.num_layers * (1 if spec.kind == "mixer" else config.num_heads)
+    rec = {
+        "mechanism": spec.name, "family": spec.family, "kind": spec.kind, "paper": spec.paper, "status": "ok",
+        "message": "", "params": {k: v for k, v in spec.params.items()}, "lr": lr, "seed": seed,
         "metric": task.metric, "value": metrics[task.metric], **metrics,
         "first_loss": first_loss, "final_loss": curve[-1][1] if curve else None, "loss_curve": curve,
         "train_s": train_s, "eval_s": eval_s, "steps": config.steps,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "state_kind": kind, "state_per_head": per_head,
-        "state_elements": None if per_head is None else per_head * layers_heads,
-        "state_bytes": None if per_head is None else per_head * layers_heads * 4,
+        "state_elements": None if per_head is None else per_head * units,
+        "state_bytes": None if per_head is None else per_head * units * 4,
     }
+    if keep_model:
+        rec["model"] = model
+    return rec
 
 
-def make_eval_data(task: Task, params: dict[str, Any], config: QualityConfig) -> list[TaskBatch]:
-    """The held-out evaluation set (the same for every mechanism), in batches of ``config.batch``."""
+def make_eval_data(task: Task, params: dict[str, Any], config: QualityConfig, *,
+                   seed: int | None = None) -> list[TaskBatch]:
+    """The held-out evaluation set of ``seed`` (default ``config.seeds[0]``; the same for every mechanism), in
+    batches of ``config.batch``."""
+    seed = int(config.seeds[0] if seed is None else seed)
     out, left, i = [], config.eval_examples, 0
     while left > 0:
         n = min(config.batch, left)
-        out.append(task.sample(n, _seed(config.seed, 1, i), params))
+        out.append(task.sample(n, _seed(seed, 1, i), params))
         left, i = left - n, i + 1
     return out
+
+
+def window_coverage(spec: MechanismSpec, task: Task, data: list[TaskBatch]) -> float | None:
+    """MQAR only: the fraction of queries whose key lies inside the mechanism's window (a query at ``p`` whose key
+    sits at ``2 i`` with ``p - 2 i <= window``; Longformer's global tokens also count), i.e. the accuracy a model
+    that recalls perfectly inside its window and guesses outside would reach; ``None`` for other tasks and
+    mechanisms without a window. An exact check of the generator and the window together."""
+    if task.name != "mqar" or spec.mechanism not in ("sliding_window", "longformer") or spec.kind != "attention":
+        return None
+    window = int(spec.params.get("window", 256))
+    num_global = int(spec.params.get("num_global", 0)) if spec.mechanism == "longformer" else 0
+    inside = total = 0
+    for b in data:
+        for x, m in zip(b.inputs, b.mask):
+            pos = m.nonzero().flatten()
+            context = 2 * len(pos)
+            keys = x[0:context:2].tolist()
+            for p in pos.tolist():
+                k = 2 * keys.index(int(x[p]))
+                inside += int(p - k <= window or k < num_global)
+                total += 1
+    return inside / total if total else None
 
 
 def _failed(spec_name: str, status: str, message: str, task: Task) -> dict[str, Any]:
     return {"mechanism": spec_name, "status": status, "message": message, "metric": task.metric, "value": None}
 
 
+# -- the state sweep -------------------------------------------------------------------------------------------
+# Knobs of each mechanism's state (Based Fig. 2): feature dimension of linear maps, the window, the KV cache's
+# sequence length for attention over the whole prefix.
+_RANDOM_FEATURE_MAPS = ("favor", "trig", "dijiang")
+SWEEP_QK_DIMS = (4, 8, 16, 32)
+SWEEP_FEATURES = (16, 64, 256)
+SWEEP_WINDOWS = (8, 16, 32, 64, 128)
+SWEEP_SEQ_FRACTIONS = (4, 2, 1)  # softmax at seq_len / 4, / 2 and the task's own
+
+
+def state_variants(name: str, task: Task, task_params: dict[str, Any], *, head_dim: int
+                   ) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """The variants of mechanism entry ``name`` that ``--sweep state`` trains: ``[(entry, knob, value,
+    task_params)]``. Linear maps vary the query/key width (``qk_dim``, the feature dimension of Based) or, for
+    random features, ``num_features``; windows vary ``window``; attention over the whole prefix (softmax) varies
+    the task's sequence length (its KV cache), keeping the task otherwise (MQAR only: pairs, vocabulary).
+    Mechanisms without a knob give the entry itself (``knob`` ``None``)."""
+    from attnkit.quality.model import _variant
+
+    base, inline = _variant(name)
+    seq_len = int(task_params["seq_len"])
+
+    def entry(**params: Any) -> str:
+        merged = {**inline, **params}
+        return base + ("@" + "+".join(f"{k}={v}" for k, v in merged.items()) if merged else "")
+
+    if base.startswith(LINEAR_PREFIX):
+        fm = base[len(LINEAR_PREFIX):]
+        if fm in _RANDOM_FEATURE_MAPS:
+            return [(entry(num_features=n), "num_features", n, task_params) for n in SWEEP_FEATURES]
+        return [(entry(qk_dim=d), "qk_dim", d, task_params) for d in SWEEP_QK_DIMS if d <= head_dim]
+    if base == "performer":
+        return [(entry(num_features=n), "num_features", n, task_params) for n in SWEEP_FEATURES]
+    if base == "sliding_window":
+        return [(entry(window=w), "window", w, task_params) for w in SWEEP_WINDOWS if w < seq_len]
+    if base == "softmax" and task.name == "mqar":
+        out = []
+        for f in SWEEP_SEQ_FRACTIONS:
+            n = seq_len // f
+            n -= n % 2
+            p = {**task_params, "seq_len": n}
+            try:
+                task.params(**p)
+                task.generate(1, seed=0, **p)
+            except ValueError:
+                continue
+            out.append((name, "seq_len", n, p))
+        return out
+    return [(name, None, None, task_params)]
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    """One training run: the entry ``index`` of a task, at one learning rate and seed."""
+
+    task: str
+    index: int
+    name: str
+    overrides: dict[str, Any]
+    params: dict[str, Any]
+    lr: float
+    seed: int
+
+
+def _run_unit(unit: _Unit, config: QualityConfig, on_step: Callable[[int, float], None] | None = None,
+              keep_model: bool = False) -> dict[str, Any]:
+    """Train one unit; a record with ``status`` ``"n/a"`` / ``"failed"`` and the reason when it cannot run."""
+    from attnkit.errors import NotSupportedError
+
+    task = get_task(unit.task)
+    try:
+        spec = parse_mechanism(unit.name, unit.overrides)
+        if task.causal and not spec.causal:
+            raise NotSupportedError(f"{spec.name} has no causal form; {task.name} is a causal task")
+        return train_one(spec, task, unit.params, config, lr=unit.lr, seed=unit.seed, on_step=on_step,
+                         keep_model=keep_model)
+    except NotSupportedError as exc:
+        return _failed(unit.name, "n/a", str(exc).splitlines()[0], task)
+    except FloatingPointError as exc:
+        return _failed(unit.name, "diverged", str(exc).splitlines()[0], task)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as exc:
+        return _failed(unit.name, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}", task)
+
+
+def _worker(args: tuple[_Unit, QualityConfig, bool]) -> dict[str, Any]:
+    unit, config, keep = args
+    torch.set_num_threads(1)
+    rec = _run_unit(unit, config, keep_model=keep)
+    model = rec.pop("model", None)
+    if model is not None:  # back to the parent as tensors
+        rec["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return rec
+
+
+def _aggregate(runs: list[dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int], metric: str
+               ) -> dict[str, Any]:
+    """One result of a (task, entry) from its runs (``runs[i * len(seeds) + j]``: ``lrs[i]``, ``seeds[j]``): the
+    learning rate with the best mean metric over the seeds (that run's first seed gives the details), every
+    learning rate's values in ``lr_sweep``, and the spread over seeds."""
+    higher = metric == "accuracy"
+    sweep, best = [], None
+    for i, lr in enumerate(lrs):
+        group = runs[i * len(seeds):(i + 1) * len(seeds)]
+        values = [r["value"] for r in group if r["status"] == "ok"]
+        ok = len(values) == len(group)
+        mean = sum(values) / len(values) if ok else None
+        msg = "" if ok else next(r["message"] for r in group if r["status"] != "ok")
+        status = "ok" if ok else next(r["status"] for r in group if r["status"] != "ok")
+        sweep.append({"lr": lr, "values": [r.get("value") for r in group], "mean": mean, "status": status,
+                      "message": msg})
+        if ok and (best is None or (mean > sweep[best]["mean"] if higher else mean < sweep[best]["mean"])):
+            best = i
+    if best is None:  # every learning rate failed: the first failure says why
+        rec = dict(next(r for r in runs if r["status"] != "ok"))
+        rec["lr_sweep"] = sweep
+        return rec
+    group = runs[best * len(seeds):(best + 1) * len(seeds)]
+    rec = dict(group[0])
+    values = sweep[best]["values"]
+    rec.update(value=sweep[best]["mean"], values=values, seeds=list(seeds), lr=lrs[best], lr_sweep=sweep,
+               spread=statistics.stdev(values) if len(values) > 1 else None,
+               value_range=[min(values), max(values)] if len(values) > 1 else None,
+               sweep_train_s=sum(r.get("train_s", 0.0) for r in runs))
+    rec[metric] = sweep[best]["mean"]
+    rec.pop("seed", None)
+    return rec
+
+
 def run_quality(config: QualityConfig, *, progress: bool = True,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train every mechanism of ``config`` on every task; returns the results document (see module doc).
+    """Train every mechanism of ``config`` on every task at every learning rate and seed; returns the results
+    document (see module doc).
 
     A mechanism that cannot run a task (no causal form for a causal task, or an error) gets a record with
     ``status`` ``"n/a"`` or ``"failed"`` and the reason; the others go on. Ctrl-C stops the run and returns
-    what was gathered with ``interrupted: true``.
+    what was gathered with ``interrupted: true``. With ``config.save_dir`` the best run of each (task, mechanism)
+    is written as a checkpoint (:func:`attnkit.quality.checkpoint.save_checkpoint`).
     """
     from attnkit.bench.machine import describe_machine
-    from attnkit.errors import NotSupportedError
 
     config.check()
     tasks = [get_task(t) for t in config.tasks]
     task_params = {t.name: t.params(**config.task_params.get(t.name, {})) for t in tasks}
-    specs = [parse_mechanism(m, mechanism_overrides(config, m)) for m in config.mechanisms]
+    for m in config.mechanisms:  # bad names and parameters fail before anything trains
+        parse_mechanism(m, mechanism_overrides(config, m))
     device = torch.device(config.device)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "config": asdict(config) | {"tasks": list(config.tasks),
-                                                      "mechanisms": list(config.mechanisms)},
+                                                      "mechanisms": list(config.mechanisms),
+                                                      "lrs": list(config.lrs), "seeds": list(config.seeds)},
         "machine": describe_machine(device), "tasks": [], "interrupted": False, "elapsed_s": 0.0,
     }
+    head_dim = config.embed_dim // config.num_heads
+    # Entries per task: (entry name, parameter overrides, task parameters, sweep knob, knob value).
+    plan: list[tuple[Task, list[tuple[str, dict[str, Any], dict[str, Any], str | None, Any]]]] = []
+    for task in tasks:
+        entries = []
+        for m in config.mechanisms:
+            if config.sweep == "state":
+                for name, knob, value, tp in state_variants(m, task, task_params[task.name], head_dim=head_dim):
+                    over = {k: v for k, v in mechanism_overrides(config, m).items() if k != knob}
+                    entries.append((name, over, tp, knob, value))
+            else:
+                entries.append((m, mechanism_overrides(config, m), task_params[task.name], None, None))
+        plan.append((task, entries))
+    units = [_Unit(task.name, i, name, over, tp, float(lr), int(seed))
+             for task, entries in plan for i, (name, over, tp, _, _) in enumerate(entries)
+             for lr in config.lrs for seed in config.seeds]
+    keep = config.save_dir is not None
     start = time.perf_counter()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks) * len(specs) * config.steps, unit="step", dynamic_ncols=True, leave=True)
+        bar = tqdm(total=len(units) * config.steps, unit="step", dynamic_ncols=True, leave=True)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    per_entry = len(config.lrs) * len(config.seeds)
+
+    def finish(unit: _Unit, rec: dict[str, Any]) -> None:
+        runs = results.setdefault((unit.task, unit.index), [])
+        runs.append(rec)
+        if len(runs) == per_entry:
+            _finish_entry(doc, plan, unit.task, unit.index, runs, config)
+            doc["elapsed_s"] = time.perf_counter() - start
+            if on_result is not None:
+                on_result(doc)
+
+    for task, entries in plan:
+        doc["tasks"].append({"task": task.name, "kind": task.kind, "causal": task.causal, "metric": task.metric,
+                             "summary": task.summary, "paper": task.paper, "params": task_params[task.name],
+                             "results": [None] * len(entries)})
     try:
-        for task in tasks:
-            params = task_params[task.name]
-            entry = {"task": task.name, "kind": task.kind, "causal": task.causal, "metric": task.metric,
-                     "summary": task.summary, "paper": task.paper, "params": params, "results": []}
-            doc["tasks"].append(entry)
-            eval_data = make_eval_data(task, params, config)
-            for spec in specs:
+        if config.jobs > 1 and len(units) > 1:
+            _run_parallel(units, config, keep, bar, finish)
+        else:
+            for unit in units:
                 if bar is not None:
-                    bar.set_description(f"{task.name}: {spec.name}")
+                    bar.set_description(f"{unit.task}: {unit.name} lr={unit.lr:g}")
 
                 def tick(step: int, loss: float) -> None:
                     if bar is not None:
@@ -271,25 +506,84 @@ def run_quality(config: QualityConfig, *, progress: bool = True,
                             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
                 done_before = bar.n if bar is not None else 0
-                try:
-                    if task.causal and not spec.causal:
-                        raise NotSupportedError(f"{spec.name} has no causal form; {task.name} is a causal task")
-                    rec = train_one(spec, task, params, config, eval_data=eval_data, on_step=tick)
-                except NotSupportedError as exc:
-                    rec = _failed(spec.name, "n/a", str(exc).splitlines()[0], task)
-                except (RuntimeError, ValueError, TypeError, FloatingPointError) as exc:
-                    rec = _failed(spec.name, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}", task)
-                if bar is not None:  # keep the bar's total right when a mechanism stopped early
+                rec = _run_unit(unit, config, on_step=tick, keep_model=keep)
+                if bar is not None:  # keep the bar's total right when a run stopped early
                     bar.update(done_before + config.steps - bar.n)
-                rec.setdefault("family", spec.family)
-                entry["results"].append(rec)
-                doc["elapsed_s"] = time.perf_counter() - start
-                if on_result is not None:
-                    on_result(doc)
+                finish(unit, rec)
     except KeyboardInterrupt:
         doc["interrupted"] = True
     finally:
         if bar is not None:
             bar.close()
+    for entry in doc["tasks"]:
+        entry["results"] = [r for r in entry["results"] if r is not None]
     doc["elapsed_s"] = time.perf_counter() - start
     return doc
+
+
+def _run_parallel(units: list[_Unit], config: QualityConfig, keep: bool, bar: Any,
+                  finish: Callable[[_Unit, dict[str, Any]], None]) -> None:
+    """Run ``units`` in ``config.jobs`` processes (one torch thread each); results arrive in any order but are
+    filed per entry in the order of ``units``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    pending: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    order: dict[tuple[str, int], list[int]] = {}
+    for i, u in enumerate(units):
+        order.setdefault((u.task, u.index), []).append(i)
+    with ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_worker, (u, config, keep)): i for i, u in enumerate(units)}
+        from concurrent.futures import as_completed
+
+        try:
+            for fut in as_completed(futures):
+                i = futures[fut]
+                u = units[i]
+                rec = fut.result()
+                if bar is not None:
+                    bar.update(config.steps)
+                    bar.set_description(f"{u.task}: {u.name} lr={u.lr:g}")
+                key = (u.task, u.index)
+                pending.setdefault(key, {})[i] = rec
+                if len(pending[key]) == len(order[key]):
+                    for j in order[key]:
+                        finish(units[j], pending[key][j])
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _finish_entry(doc: dict[str, Any], plan: list, task_name: str, index: int, runs: list[dict[str, Any]],
+                  config: QualityConfig) -> None:
+    """Aggregate the runs of one (task, entry) into the document (and write its checkpoint)."""
+    t = [p[0].name for p in plan].index(task_name)
+    task, entries = plan[t]
+    name, over, tp, knob, value = entries[index]
+    rec = _aggregate(runs, config.lrs, config.seeds, task.metric)
+    model = rec.pop("model", None)
+    state_dict = rec.pop("state_dict", None)
+    for r in runs:
+        r.pop("model", None)
+        r.pop("state_dict", None)
+    rec.setdefault("family", "")
+    if knob is not None:
+        rec["sweep"] = {"knob": knob, "value": value, "group": name.partition("@")[0]}
+    if tp is not doc["tasks"][t]["params"]:
+        rec["task_params"] = tp
+    if rec["status"] == "ok":
+        spec = parse_mechanism(name, over)
+        coverage = window_coverage(spec, task, make_eval_data(task, tp, config))
+        if coverage is not None:
+            rec["in_window"] = coverage
+        if config.save_dir is not None and (model is not None or state_dict is not None):
+            from attnkit.quality.checkpoint import save_checkpoint
+
+            if state_dict is None:
+                state_dict = model.state_dict()
+            rec["checkpoint"] = str(save_checkpoint(
+                config.save_dir, spec=spec, task=task, task_params=tp, config=config, state_dict=state_dict,
+                record=rec))
+    doc["tasks"][t]["results"][index] = rec
