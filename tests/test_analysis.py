@@ -299,3 +299,19 @@ def test_analyze_writes_a_report(tmp_path):
         "attention_maps.png", "heads.png", "rollout.png", "rank_collapse.png"}
     assert len(summary["layers"]) == 2 and len(summary["rank_collapse"]) == 3
     assert "entropy per head" in (tmp_path / "report.md").read_text()
+
+
+def test_analyze_cli_on_quality_checkpoints(tmp_path):
+    from attnkit.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["quality", "--mechanisms", "softmax,linear:elu", "--steps", "3", "--lr", "0.01", "--seq-len", "32",
+                 "--save", str(ck), "--out", str(tmp_path / "q"), "--no-progress", "--no-plots"]) == 0
+    out = tmp_path / "an"
+    assert main(["analyze", str(ck), "--out", str(out), "--batch", "2", "--no-progress"]) == 0
+    for name in ("mqar--softmax", "mqar--linear_elu"):
+        text = (out / name / "report.md").read_text()
+        assert "blocks.0.mixer" in text and "Head importance" in text
+        assert (out / name / "rollout.png").exists()
+    with pytest.raises(SystemExit):
+        main(["analyze", str(tmp_path / "missing.pt")])

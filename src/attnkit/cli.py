@@ -279,6 +279,11 @@ COMMANDS: dict[str, Command] = {
                 "generated MQAR, ListOps, copy or in-context regression data for a fixed number of steps; reports "
                 "accuracy (or MSE) against state size and training time in quality.json and a Quality section of "
                 "report.md / report.html, with the accuracy vs state size plot."),
+        Command("analyze", "look inside the attention of models saved by `attnkit quality --save`",
+                "attnkit.analysis.cli:add_arguments", "attnkit.analysis.cli:run",
+                "Runs each checkpoint on generated examples of its task and writes attention heatmaps, per-head "
+                "entropy and mean attention distance, attention rollout, the rank-collapse curve and head "
+                "importance (loss change when a head is ablated) into report.md / report.html."),
     )
 }
 

@@ -23,10 +23,10 @@ __all__ = ["attention_modules", "ablate_heads", "head_importance", "rank_collaps
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The ``attnkit.nn.MultiheadAttention`` modules of ``model`` by qualified name, in order."""
-    from attnkit.nn.attention import MultiheadAttention
-
-    return {name or type(m).__name__: m for name, m in model.named_modules() if isinstance(m, MultiheadAttention)}
+    """attnkit's attention modules of ``model`` (``attnkit.nn.MultiheadAttention`` and every module marked
+    ``records_attention``) by qualified name, in order."""
+    return {name or type(m).__name__: m for name, m in model.named_modules()
+            if getattr(m, "records_attention", False)}
 
 
 def _resolve(model: nn.Module, key: str | nn.Module) -> nn.Module:

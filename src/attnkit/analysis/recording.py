@@ -115,11 +115,9 @@ class Capture:
         return False
 
     def __enter__(self) -> Capture:
-        from attnkit.nn.attention import MultiheadAttention
-
         if self.model is not None:
             for name, module in self.model.named_modules():
-                if isinstance(module, (MultiheadAttention, nn.MultiheadAttention)):
+                if getattr(module, "records_attention", False) or isinstance(module, nn.MultiheadAttention):
                     self._names[id(module)] = name or type(module).__name__
                 if isinstance(module, nn.MultiheadAttention):
                     self._hooks.append(module.register_forward_pre_hook(_torch_mha_pre_hook, with_kwargs=True))
@@ -213,9 +211,11 @@ def capture(model: nn.Module | None = None, *, layers: Sequence[str | int] | Non
 
 
 def record_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     out: torch.Tensor) -> torch.Tensor:
-    """Called by ``attnkit.nn.MultiheadAttention`` after its mechanism ran (only while a capture is active).
-    Returns the output to use: ``out`` itself, or ``A @ v`` with the recorded ``A`` under ``grad=True``."""
+                     out: torch.Tensor, fn: Any = None) -> torch.Tensor:
+    """Called by attnkit's attention modules (``records_attention = True``) after their mechanism ran, only while
+    a capture is active. ``fn(q, k, v)``: the mechanism to probe (default: the module's ``inner`` mechanism, or
+    the exact probabilities of its softmax path). Returns the output to use: ``out`` itself, or ``A @ v`` with
+    the recorded ``A`` under ``grad=True``."""
     from attnkit._checks import repeat_kv
 
     for cap in list(_ACTIVE):
@@ -223,9 +223,14 @@ def record_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: tor
         if not cap._wanted(name):
             continue
         mech = getattr(module, "mechanism", type(module).__name__)
+        if not isinstance(mech, str):
+            mech = type(module).__name__
         qq, kk = (q, k) if cap.grad else (q.detach(), k.detach())
         with torch.set_grad_enabled(cap.grad):
-            if getattr(module, "inner", None) is None:
+            if fn is not None:
+                w = probe_attention_matrix(fn, qq, kk)
+                kind = "probe"
+            elif getattr(module, "inner", None) is None:
                 from attnkit.ops.exact.weights import attention_weights
 
                 w = attention_weights(qq, kk, pattern=module.pattern, score_mod=module.score_mod,

@@ -45,6 +45,8 @@ class MultiheadAttention(nn.Module):
     prompts of different lengths; ``KVCache`` only). ``step(x_t, cache)`` is ``forward(x_t, cache=cache)``.
     """
 
+    records_attention = True  # attnkit.analysis.capture names and records it
+
     def __init__(self, embed_dim: int, num_heads: int, *, kv_heads: int | None = None, mechanism: str = "softmax",
                  pattern: P.Pattern | None = None, score_mod: ScoreMod | None = None,
                  normalization: str = "softmax", causal: bool = False, rotary: bool = False,

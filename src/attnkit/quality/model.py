@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnkit.analysis import recording as _recording
+
 __all__ = ["QualityModel", "FeatureMapAttention", "ShortConv", "MechanismSpec", "parse_mechanism", "state_size",
            "QUALITY_PARAMS", "LINEAR_PREFIX"]
 
@@ -224,6 +226,8 @@ class FeatureMapAttention(nn.Module):
     ``forward(x)``: ``x [batch, seq, embed_dim]`` -> ``[batch, seq, embed_dim]``.
     """
 
+    records_attention = True  # attnkit.analysis.capture names and records it
+
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str, causal: bool = False,
                  feature_map_params: dict[str, Any] | None = None, bias: bool = False, qk_dim: int | None = None):
         super().__init__()
@@ -247,6 +251,9 @@ class FeatureMapAttention(nn.Module):
         k = k.view(b, n, h, dk).transpose(1, 2)
         v = v.view(b, n, h, self.head_dim).transpose(1, 2)
         out = linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal)
+        if _recording.is_active():  # attnkit.analysis.capture is recording
+            out = _recording.record_attention(self, q, k, v, out, fn=lambda q_, k_, v_: linear_attention(
+                q_, k_, v_, feature_map=self.feature_map, causal=self.causal))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
 
 
