@@ -323,3 +323,20 @@ def test_nats_all_global_is_full_causal_attention_and_types_get_gradients():
     mix.train()
     mix(x).square().sum().backward()
     assert mix.scorer.weight.grad is not None
+
+
+def test_kvcache_cli_judges_policies_on_a_quality_checkpoint(tmp_path):
+    from attnkit.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["quality", "--mechanisms", "softmax", "--steps", "3", "--lr", "0.01", "--seq-len", "32",
+                 "--save", str(ck), "--out", str(tmp_path / "q"), "--no-progress", "--no-plots"]) == 0
+    out = tmp_path / "kv"
+    assert main(["kvcache", str(ck / "mqar--softmax.pt"), "--out", str(out), "--batch", "8", "--no-progress"]) == 0
+    import json
+
+    doc = json.loads((out / "kvcache.json").read_text())
+    by = {(r["policy"], r["setting"]): r for r in doc["results"]}
+    assert by[("full", "all")]["output_error"] == 0.0 and by[("full", "all")]["kept_fraction"] == 1.0
+    assert by[("window", "0.25")]["kv_bytes"] < by[("full", "all")]["kv_bytes"]
+    assert (out / "kvcache.png").exists()
