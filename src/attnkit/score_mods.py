@@ -281,7 +281,21 @@ class _Custom(ScoreMod):
             b = torch.zeros((), dtype=torch.long, device=score.device)
         if h is None:
             h = torch.zeros((), dtype=torch.long, device=score.device)
-        return self.fn(score, b, h, q_idx, kv_idx)
+        out = self.fn(score, b, h, q_idx, kv_idx)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"custom(fn): fn(score, b, h, q_idx, kv_idx) must return a tensor, got "
+                            f"{type(out).__name__}")
+        expected = torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        try:
+            ok = out.dim() <= len(expected) and torch.broadcast_shapes(out.shape, expected) == expected
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"custom(fn): fn(score, b, h, q_idx, kv_idx) returned shape {tuple(out.shape)}; expected the "
+                f"score's shape {tuple(expected)} (or one that broadcasts to it)"
+            )
+        return out
 
 
 def custom(fn: Callable, *, params: list[torch.Tensor] | tuple[torch.Tensor, ...] = ()) -> ScoreMod:
