@@ -21,7 +21,7 @@ from attnkit.feature_maps import get as get_feature_map
 from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
-from ._comm import Exchange, group_info
+from ._comm import Exchange, check_agreement, group_info
 
 __all__ = ["lasp"]
 
@@ -92,5 +92,9 @@ def lasp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessG
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     b, h, n, d = q.shape
     m = fm.feature_dim(d)
+    decay_code = None if decay is None else tuple(torch.as_tensor(decay, dtype=torch.float64).reshape(-1).tolist())
+    check_agreement(group, "lasp", {"dtype": q.dtype, "batch": b, "heads": h, "kv_heads": k.shape[1],
+                                    "local length": n, "dim": d, "dim_v": v.shape[-1], "feature map": fm.name,
+                                    "features": m, "decay": decay_code, "normalize": normalize}, q.device)
     kw = dict(feature_map=fm, decay=decay, normalize=normalize, chunk_size=chunk_size)
     return _LASP.apply(q, k, v, group, kw, (b, h, m, v.shape[-1] + 1), work)
