@@ -104,6 +104,17 @@ def _checks(rank, world):
         out.backward(shard(do, rank, world))
         for got, want in zip((out, ql.grad, kl.grad, vl.grad), (ref, qr.grad, kr.grad, vr.grad)):
             assert_close(got, shard(want, rank, world))
+    # LASP with FAVOR+ at q, k x 8: one key shift for the whole sequence (a max over the ranks), rescaled states
+    from attnkit.feature_maps import FavorFeatureMap
+
+    q, k, v, do = _full(15, n=5 * world, hkv=2, d=16)
+    q, k = q * 8, k * 8
+    fm = FavorFeatureMap(num_features=64, seed=2)
+    ref = attnkit.linear_attention(q, k, v, causal=True, feature_map=fm)
+    ql, kl, vl = (shard(t, rank, world) for t in (q, k, v))
+    out = lasp(ql, kl, vl, feature_map=fm, chunk_size=2)
+    assert_close(out, shard(ref, rank, world))
+    assert out.abs().amax() > 0.3
     if world == 4:  # a sub-group: ranks 2 and 3 run a 2-way ring among themselves (group ranks != global ranks)
         sub = dist.new_group([2, 3])
         if rank >= 2:
