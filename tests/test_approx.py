@@ -231,3 +231,28 @@ def test_approximation_error_fills_shape_needs():
     q, k, v = random_qkv(1, 2, 24, dim=8)
     err = approximation_error("linformer", q, k, v, proj_len=8)
     assert err.output_relative > 0 and err.attention_relative is not None
+
+
+@pytest.mark.parametrize("scale", [5.0, 10.0])
+def test_soft_does_not_collapse_at_large_scale(scale):
+    """q, k x 5 or x 10 (d = 64): every Gaussian-kernel entry exp(-|q - k|^2 / (2 sqrt(d))) underflows in float32
+    (and at x 10 in float64). Each kernel is computed up to one factor per (batch, head), which cancels in the
+    normalised form (pinv(e^g W) = e^-g pinv(W)): normalised SOFT stays O(1) in float32 and equals its float64
+    reference (before: all zeros)."""
+    q, k, v = random_qkv(1, 2, 24, dim=64, dtype=torch.float64, seed=3)
+    q, k = q * scale, k * scale
+    for m in (8, 24):
+        ref = soft_reference(q, k, v, num_landmarks=m, normalize=True)
+        assert torch.isfinite(ref).all() and ref.abs().amax() > 0.1
+        out = soft_attention(q.float(), k.float(), v.float(), num_landmarks=m, normalize=True)
+        assert out.abs().amax() > 0.1
+        torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
+    # unnormalised: the kernel's own (tiny) scale, equal to the float64 reference where float64 holds it; where
+    # the dtype cannot hold it the output is 0 and a warning says why
+    plain64 = soft_attention(q, k, v, num_landmarks=8)
+    if scale == 5.0:
+        want = soft_reference(q, k, v, num_landmarks=8)
+        assert want.abs().amax() > 0
+        torch.testing.assert_close(plain64, want, rtol=1e-6, atol=0)
+    with pytest.warns(RuntimeWarning, match="underflows to 0"):
+        soft_attention(q.float(), k.float(), v.float(), num_landmarks=8)

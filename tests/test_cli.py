@@ -75,6 +75,10 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     (["bench", "--causal", "sometimes"], "invalid choice: 'sometimes'"),
     (["bench", "--mechanisms", "no_such_thing"], "unknown mechanism(s) 'no_such_thing'; known mechanisms"),
     (["bench", "--param", "oops"], "MECHANISM.NAME=VALUE"),
+    (["bench", "--param", "performr.num_features=8"], "no mechanism named 'performr'; did you mean 'performer'"),
+    (["bench", "--param", "performer.num_featurs=8"], "mechanism 'performer' does not accept num_featurs=8"),
+    (["bench", "--param", "performer.num_features=8x"], "performer.num_features='8x' does not parse as int"),
+    (["bench", "--param", "sliding_window.window=-3"], "mechanism 'sliding_window' does not accept window=-3"),
     (["bench", "--device", "tpu"], "'tpu' is not a device; use cpu, cuda or cuda:N"),
     (["bench", "--time-budget", "-3"], "expected a positive number of seconds"),
     (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -145,3 +149,22 @@ def test_bench_keeps_the_quality_section_of_an_existing_report(tmp_path):
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "old report" not in md and md.count("kept table") == 1 and "fake_exact" in md
     assert html.count("kept table") == 1 and html.index("kept table") < html.lower().rindex("</body>")
+
+
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv in (["bench", "--mechanisms", "softmax", "--seq-lens", "16"], ["bench", "--from-results", "x.json"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--out", str(blocker / "report"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("attnkit bench: error: argument --out: cannot write to"), err
+
+
+def test_a_run_whose_every_cell_failed_exits_non_zero(tmp_path, capsys):
+    with registered("fake_failing"):
+        code = main(["bench", "--mechanisms", "fake_failing", "--seq-lens", "16", "--heads", "2", "--head-dim", "8",
+                     "--repeats", "1", "--out", str(tmp_path / "r"), "--no-progress", "--no-flex", "--no-plots"])
+    assert code == 1 and "every cell of the selected mechanisms failed" in capsys.readouterr().err
+    assert (tmp_path / "r" / "results.json").is_file()  # the report is still written

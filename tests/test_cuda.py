@@ -22,7 +22,7 @@ PATTERNS = {
     "none": lambda n: None,
     "causal": lambda n: P.causal(),
     "causal_window": lambda n: P.causal() & P.sliding_window(40),
-    "global": lambda n: P.sliding_window(16) | P.global_tokens([0, 77]),
+    "global": lambda n: P.sliding_window(16) | P.global_tokens([0, 77], strict=False),
     "document": lambda n: P.document(torch.arange(n, device=CUDA) * 3 // n),
     "block_local": lambda n: P.block_local(33),
 }

@@ -104,6 +104,17 @@ def _checks(rank, world):
         out.backward(shard(do, rank, world))
         for got, want in zip((out, ql.grad, kl.grad, vl.grad), (ref, qr.grad, kr.grad, vr.grad)):
             assert_close(got, shard(want, rank, world))
+    # LASP with FAVOR+ at q, k x 8: one key shift for the whole sequence (a max over the ranks), rescaled states
+    from attnkit.feature_maps import FavorFeatureMap
+
+    q, k, v, do = _full(15, n=5 * world, hkv=2, d=16)
+    q, k = q * 8, k * 8
+    fm = FavorFeatureMap(num_features=64, seed=2)
+    ref = attnkit.linear_attention(q, k, v, causal=True, feature_map=fm)
+    ql, kl, vl = (shard(t, rank, world) for t in (q, k, v))
+    out = lasp(ql, kl, vl, feature_map=fm, chunk_size=2)
+    assert_close(out, shard(ref, rank, world))
+    assert out.abs().amax() > 0.3
     if world == 4:  # a sub-group: ranks 2 and 3 run a 2-way ring among themselves (group ranks != global ranks)
         sub = dist.new_group([2, 3])
         if rank >= 2:
@@ -145,6 +156,62 @@ def test_a_hung_or_dead_rank_gives_a_clear_error_not_a_hang():
         run_local(_exits, 2, timeout_s=2.0)
     assert "exited with code 7" in info.value.errors[1]
     assert time.monotonic() - t0 < 60
+
+
+def _disagree(rank, world):
+    """Every call below has ranks that disagree; each must raise ValueError on every rank (no abort, no partly
+    filled buffer), and the group must still work afterwards."""
+    from attnkit.distributed import lasp
+
+    msgs = []
+    h = 4 if rank == 0 else 2
+    q = torch.randn(1, h, 4, 8)
+    dtype = torch.float32 if rank == 0 else torch.float64
+    qd = torch.randn(1, 2, 4, 8, dtype=dtype)
+    calls = [
+        lambda: ring_attention(q, q[:, :2], q[:, :2]),  # heads differ
+        lambda: ring_attention(qd, qd, qd, causal=True),  # dtypes differ
+        lambda: ring_attention(q[:, :2], q[:, :2], q[:, :2], causal=rank == 0),  # options differ
+        lambda: lasp(q, q[:, :2], q[:, :2]),
+        lambda: lasp(qd, qd, qd),
+        lambda: tree_decode(q[:, :, :1], q[:, :2], q[:, :2]),
+        lambda: tree_decode(qd[:, :, :1], qd[:, :, : 1 + rank], qd[:, :, : 1 + rank]),
+    ]
+    for call in calls:
+        try:
+            call()
+        except ValueError as e:
+            msgs.append(str(e))
+        else:
+            msgs.append(None)
+    ok = ring_attention(*(torch.ones(1, 2, 4, 8),) * 3)  # still in step
+    return msgs, float(ok.sum())
+
+
+def test_ranks_that_disagree_fail_on_every_rank():
+    results = run_local(_disagree, 2, timeout_s=20.0)
+    for rank, (msgs, total) in enumerate(results):
+        assert abs(total - 2 * 4 * 8) < 1e-3
+        assert None not in msgs, (rank, msgs)
+        assert "ring_attention (forward): the ranks disagree (heads: rank 0 has 4, rank 1 has 2)" in msgs[0]
+        assert "dtype: rank 0 has torch.float32, rank 1 has torch.float64" in msgs[1]
+        assert "causal: rank 0 has 1, rank 1 has 0" in msgs[2]
+        assert msgs[3].startswith("lasp: the ranks disagree (heads: rank 0 has 4, rank 1 has 2)")
+        assert "dtype" in msgs[4]
+        assert msgs[5].startswith("tree_decode: the ranks disagree (heads")
+        assert "dtype" in msgs[6] and "queries" not in msgs[6]  # shard lengths may differ
+
+
+def test_exchange_error_names_only_the_peers_it_has(monkeypatch):
+    import torch.distributed as dist
+
+    from attnkit.distributed._comm import Exchange
+
+    ex = Exchange.__new__(Exchange)  # only the message is formatted: no process group needed
+    ex.dst, ex.src, ex.what = None, 0, "lasp (forward)"
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+    msg = ex._message(RuntimeError("boom"))
+    assert "(receive from group rank 0)" in msg and "None" not in msg
 
 
 # --- single-process pieces: layouts, merge, energy ------------------------------------------------------------------

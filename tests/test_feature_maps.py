@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_random_features_unbiased(name):
     d = 4
     x, y = _pairs(16, d, scale=0.5, seed=1)
     exact = torch.exp((x * y).sum(-1) / math.sqrt(d))
-    draws = torch.stack([_kernel(fmaps.get(name, num_features=32, seed=s).double(), x, y) for s in range(400)])
+    raw = {} if name == "trig" else {"stabilize": False}  # the kernel itself, not its stabilised scale
+    draws = torch.stack([_kernel(fmaps.get(name, num_features=32, seed=s, **raw).double(), x, y)
+                         for s in range(400)])
     stderr = draws.std(0) / math.sqrt(draws.shape[0])
     assert ((draws.mean(0) - exact).abs() < 5 * stderr).all(), ((draws.mean(0) - exact) / stderr)
 
@@ -89,7 +92,8 @@ def test_orthogonal_features_have_lower_mse():
     exact = torch.exp((x * y).sum(-1) / math.sqrt(d))
 
     def mse(orth):
-        return torch.stack([(_kernel(fmaps.FavorFeatureMap(num_features=d, seed=s, orthogonal=orth).double(), x, y)
+        return torch.stack([(_kernel(fmaps.FavorFeatureMap(num_features=d, seed=s, orthogonal=orth,
+                                                           stabilize=False).double(), x, y)
                              - exact) ** 2 for s in range(60)]).mean()
 
     assert mse(True) < mse(False)
@@ -111,11 +115,77 @@ def test_favor_redraw_and_determinism():
     assert not torch.equal(w1, c.weight)
 
 
-def test_favor_stabilizer_cancels_when_normalised():
+@pytest.mark.parametrize("name", ["favor", "dijiang"])
+def test_favor_stabilizer_cancels_when_normalised(name):
     q, k, v = random_qkv(1, 2, 16, dim=8, dtype=torch.float64, seed=4)
-    plain = linear_attention(q, k, v, feature_map=fmaps.FavorFeatureMap(num_features=32, seed=1))
-    stab = linear_attention(q, k, v, feature_map=fmaps.FavorFeatureMap(num_features=32, seed=1, stabilize=True))
-    torch.testing.assert_close(plain, stab)
+    for causal in (False, True):
+        plain = linear_attention(q, k, v, causal=causal,
+                                 feature_map=fmaps.get(name, num_features=32, seed=1, stabilize=False))
+        stab = linear_attention(q, k, v, causal=causal, feature_map=fmaps.get(name, num_features=32, seed=1))
+        torch.testing.assert_close(plain, stab)
+    # normalize="none": a map built by name is the unshifted kernel; a stabilised instance is refused
+    raw = linear_attention(q, k, v, feature_map=name, normalize="none")
+    torch.testing.assert_close(raw, linear_attention(q, k, v, normalize="none",
+                                                     feature_map=fmaps.get(name, stabilize=False)))
+    for normalize in ("none", "rms"):
+        with pytest.raises(ValueError, match="stabilize=False"):
+            linear_attention(q, k, v, feature_map=fmaps.get(name), normalize=normalize)
+
+
+@pytest.mark.parametrize("name", ["favor", "dijiang"])
+def test_positive_random_features_do_not_collapse_at_large_scale(name):
+    """q, k x 10: unstabilised, every feature underflows (or the denominator falls under eps) and the output is
+    0. Stabilised (the Performer's shifts), the float32 output is the estimator's own value: its error against
+    exact softmax equals that of the same features summed in float64 (d = 16: also unshifted with no eps, where
+    that still fits), i.e. the estimator's usual error at these logits, not a collapse. Causal rows that see
+    only keys ~e^-87 below the largest may still underflow in float32: then a warning says so."""
+    for d in (16, 64):
+        q, k, v = random_qkv(1, 2, 40, dim=d, dtype=torch.float64, seed=7)
+        q, k = q * 10, k * 10
+        for causal in (False, True):
+            exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            fm = fmaps.get(name, num_features=256, seed=3)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out32 = linear_attention(q.float(), k.float(), v.float(), feature_map=fm, causal=causal)
+            out64 = linear_attention(q, k, v, feature_map=fm, causal=causal)
+            assert torch.isfinite(out32).all() and (out32.abs().amax(-1) > 0).float().mean() > 0.8, (d, causal)
+            zero_rows = bool((out32.abs().amax(-1) == 0).any())
+            assert zero_rows == any("underflowed" in str(w.message) for w in caught), (d, causal)
+            if not causal:
+                torch.testing.assert_close(out32.double(), out64, rtol=1e-3, atol=1e-3)
+            err, usual = relative_error(out32.double(), exact), relative_error(out64, exact)
+            assert err < 1.05 * usual, (d, causal, err, usual)
+            raw = fmaps.get(name, num_features=256, seed=3, stabilize=False)
+            plain = linear_attention(q.float(), k.float(), v.float(), feature_map=raw, causal=causal)
+            assert plain.abs().amax() < 1e-3  # the collapse this guards against
+            if d == 16:
+                unshifted = linear_attention(q, k, v, feature_map=raw, causal=causal, eps=1e-300)
+                torch.testing.assert_close(out64, unshifted)
+
+
+def test_stabilised_state_carries_its_key_shift():
+    """A state summed with one key shift continues correctly with later keys of a much larger scale (the shift
+    grows, the state is rescaled), in chunked, recurrent and parallel mode, and equals one call."""
+    q, k, v = random_qkv(1, 2, 24, dim=16, kv_heads=1, dtype=torch.float64, seed=8)
+    k = k * torch.linspace(0.5, 12, 24, dtype=torch.float64)[:, None]  # later keys far larger
+    q = q * 6
+    fm = fmaps.get("favor", num_features=64, seed=1)
+    whole = linear_attention(q, k, v, feature_map=fm, causal=True)
+    assert whole.abs().amax() > 0.3
+    for mode in ("chunked", "recurrent", "parallel"):
+        st, outs = None, []
+        for a, b in ((0, 5), (5, 6), (6, 17), (17, 24)):
+            o, st = linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], feature_map=fm, causal=True,
+                                     mode=mode, chunk_size=4, state=st, return_state=True)
+            outs.append(o)
+        assert st.key_shift.shape == (1, 2) and st.feature_map == "favor"
+        torch.testing.assert_close(torch.cat(outs, 2), whole)
+    with pytest.raises(ValueError, match="cannot be continued with feature map 'dijiang'"):
+        linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], causal=True, state=st,
+                         feature_map=fmaps.get("dijiang", num_features=64))
+    with pytest.raises(ValueError, match="cannot be continued with feature map 'elu'"):
+        linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], causal=True, state=st, feature_map="elu")
 
 
 def test_cosformer_equals_quadratic_definition():

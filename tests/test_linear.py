@@ -70,6 +70,8 @@ def test_decay_modes_agree(name, normalize, small_blocks):
     q, k, v = random_qkv(2, 2, 37, dim=4, dtype=torch.float64, seed=2)
     decay = torch.tensor([0.6, 0.97])
     fm = make_map(name, 4)
+    if normalize != "denominator" and name == "favor":  # its stabilising shifts cancel only then
+        fm = fmaps.get(name, num_features=12, seed=3, stabilize=False)
     kw = dict(feature_map=fm, causal=True, decay=decay, normalize=normalize)
     ref = linear_attention_reference(q, k, v, **kw)
     assert_close(linear_attention(q, k, v, mode="parallel", **kw), ref)

@@ -123,6 +123,15 @@ CASES = [
     ((4, 5, 6), 3, 1, 1, False),
     ((5, 6, 7), 3, (1, 2, 2), (3, 1, 2), (False, True, False)),
     ((4, 6, 5), (3, 3, 5), (1, 2, 1), 1, (True, True, True)),
+    # even kernels (NATTEN >= 0.17.5): 2r keys, r before the leader and r - 1 after, clamped at the borders
+    ((9,), 4, 1, 1, False),
+    ((12,), 2, 3, 1, False),
+    ((11,), 4, 2, 3, False),
+    ((10,), 6, 1, 6, False),  # blocked
+    ((13,), 4, 2, 3, True),
+    ((7, 8), (4, 3), 1, (2, 1), False),
+    ((8, 9), (2, 6), (2, 1), (1, 4), (False, True)),
+    ((4, 6, 5), (2, 4, 3), (1, 1, 1), (1, 2, 3), False),
 ]
 
 
@@ -138,7 +147,7 @@ def case_id(case):
 
 def _axis_configs(max_len=13):
     for n in range(1, max_len + 1):
-        for k in range(1, n + 1, 2):
+        for k in range(1, n + 1):  # odd and even kernels
             for d in range(1, n // k + 1):
                 for s in range(1, k + 1):
                     for c in (False, True):
@@ -164,6 +173,10 @@ def test_window_invariants():
                 assert x in keys and max(keys) == x and 1 <= len(keys) <= k
             else:
                 assert len(keys) == k and x in keys  # exactly k keys (clamped, not truncated)
+                lead = min((x // d // s) * s + s // 2, len(range(x % d, n, d)) - 1)  # group coordinates
+                ts = [y // d for y in keys]
+                if k // 2 <= lead <= len(range(x % d, n, d)) - k + k // 2:  # away from the borders
+                    assert lead - min(ts) == k // 2 and max(ts) - lead == k - 1 - k // 2
 
 
 def test_docstring_picture():
@@ -448,7 +461,7 @@ def explicit_rpb(table, shape, kernel, dilation=1):
 
 @pytest.mark.parametrize("shape,kernel,dilation,stride,causal", [
     ((11,), 5, 2, 1, False), ((6, 7), (3, 5), (2, 1), 1, False), ((6, 7), 3, 1, (1, 2), (True, False)),
-    ((4, 5, 6), 3, (1, 1, 2), 1, False)])
+    ((4, 5, 6), 3, (1, 1, 2), 1, False), ((6, 9), (4, 2), (1, 2), (2, 1), False)])
 def test_rpb_matches_explicit_bias(shape, kernel, dilation, stride, causal):
     h = 3
     bias_mod = neighborhood_bias(h, shape, kernel, dilation).double()
@@ -574,9 +587,7 @@ def test_errors_are_clear():
     q, k, v = rand(1, 2, (6, 7), 4)
     with pytest.raises(ValueError, match="kernel_size 9 on axis 0 is larger than the input"):
         neighborhood(q, k, v, 9)
-    with pytest.raises(ValueError, match="odd kernel size"):
-        neighborhood(q, k, v, 4)
-    with pytest.raises(ValueError, match="odd kernel size"):
+    with pytest.raises(ValueError, match="kernel_size on axis 1 is 0: neighborhood attention needs a kernel size"):
         neighborhood(q, k, v, (3, 0))
     with pytest.raises(ValueError, match=r"dilation \* kernel_size = 3 \* 3 = 9 on axis 1 exceeds the input size 7"):
         neighborhood(q, k, v, 3, dilation=(2, 3))
@@ -816,8 +827,9 @@ def test_module_rpb_trains_and_other_grid_sizes():
 def test_module_errors():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         attnkit.nn.NeighborhoodAttention2d(10, 3, 3)
-    with pytest.raises(ValueError, match="odd positive"):
-        attnkit.nn.NeighborhoodAttention2d(8, 2, 4)
+    with pytest.raises(ValueError, match="kernel_size must be positive ints"):
+        attnkit.nn.NeighborhoodAttention2d(8, 2, 0)
+    assert attnkit.nn.NeighborhoodAttention2d(8, 2, 4)(torch.randn(1, 5, 6, 8)).shape == (1, 5, 6, 8)  # even: NATTEN
     with pytest.raises(ValueError, match="kernel_size has 3 entries, the layer has 2"):
         attnkit.nn.NeighborhoodAttention2d(8, 2, (3, 3, 3))
     layer = attnkit.nn.NeighborhoodAttention2d(8, 2, 3)

@@ -70,3 +70,44 @@ def test_custom_mod_with_declared_params_gets_gradients_through_tiled_engine():
     ref = attnkit.attention(q, k, v, engine="reference", normalization=attnkit.normalizations.sigmoid(
         bias=math.log(2) - math.log(20)))
     assert_close(out, ref)
+
+
+def test_alibi_slopes_are_the_published_ones_in_float64():
+    # The reference implementation (Press et al.): start * start**i with start = 2**(-2**-(log2(n) - 3)).
+    def published(n):
+        def p2(m):
+            start = 2 ** (-(2 ** -(math.log2(m) - 3)))
+            return [start * start**i for i in range(m)]
+        c = 2 ** math.floor(math.log2(n))
+        return p2(c) + p2(2 * c)[0::2][: n - c]
+
+    for n in (1, 2, 8, 12, 16, 24):
+        got = S.alibi_slopes(n, torch.float64)
+        assert torch.allclose(got, torch.tensor(published(n), dtype=torch.float64), rtol=1e-13, atol=0)
+        assert torch.equal(S.alibi_slopes(n), torch.tensor(published(n), dtype=torch.float64).float())
+    # float64 scores see float64 slopes
+    score = torch.zeros(1, 12, 1, 2, dtype=torch.float64)
+    h = torch.arange(12).view(1, -1, 1, 1)
+    out = S.alibi(12)(score, None, h, torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                      torch.tensor([0, 1]).view(1, 1, 1, -1), 1, 2)
+    assert torch.allclose(out[0, :, 0, 0], -torch.tensor(published(12), dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+def test_relative_bias_from_a_computed_table_keeps_its_graph():
+    torch.manual_seed(0)
+    mlp = torch.nn.Linear(1, 2)  # a dynamic position bias: table = mlp(bucket index)
+    table = mlp(torch.arange(8.0)[:, None])  # [8 buckets, 2 heads], not a leaf
+    mod = S.relative_bias(table, max_distance=16)
+    assert mod.table is table and not list(mod.parameters())
+    q, k, v = random_qkv(1, 2, 6, 8, seed=1)
+    for engine in ("reference", "tiled"):
+        mlp.zero_grad()
+        attnkit.attention(q, k, v, score_mod=mod, engine=engine).square().sum().backward(retain_graph=True)
+        assert mlp.weight.grad is not None and mlp.weight.grad.abs().sum() > 0, engine
+        if engine == "reference":
+            ref = mlp.weight.grad.clone()
+        else:
+            assert_close(mlp.weight.grad, ref)
+    # a leaf table with requires_grad still becomes a trainable parameter
+    leaf = torch.zeros(8, 2, requires_grad=True)
+    assert list(S.relative_bias(leaf).parameters())[0] is not None

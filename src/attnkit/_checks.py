@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +36,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_gqa: b
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has 0 heads (shape {tuple(t.shape)}); heads and kv_heads must be >= 1")
     if q.shape[1] % k.shape[1] != 0 or (not allow_gqa and q.shape[1] != k.shape[1]):
         raise ValueError(
             f"q has {q.shape[1]} heads and k/v have {k.shape[1]}: the number of query heads must be a "
@@ -46,8 +51,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_gqa: b
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
     if scale is None:
         return q.shape[-1] ** -0.5
-    if not isinstance(scale, (int, float)) or scale != scale:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}; pass None for 1/sqrt(head_dim)")
     return float(scale)
 
 

@@ -44,6 +44,22 @@ __all__ = [
 ]
 
 
+def _check_matches(name: str, k: torch.Tensor, v: torch.Tensor, held_k: torch.Tensor | None,
+                   held_v: torch.Tensor | None) -> None:
+    """New keys/values must have the held ones' batch, kv heads, dims, dtype and device (a cache never casts
+    or reshapes silently)."""
+    if held_k is None:
+        return
+    if (k.shape[0], k.shape[1], k.shape[3]) != (held_k.shape[0], held_k.shape[1], held_k.shape[3]) \
+            or v.shape[-1] != held_v.shape[-1]:
+        raise ValueError(f"{name}: new keys {tuple(k.shape)} / values {tuple(v.shape)} do not match the cache "
+                         f"[batch={held_k.shape[0]}, kv_heads={held_k.shape[1]}, *, dim={held_k.shape[3]}] "
+                         f"(values dim={held_v.shape[-1]}); call reset() before a new sequence")
+    if k.dtype != held_k.dtype or v.dtype != held_v.dtype or k.device != held_k.device:
+        raise TypeError(f"{name}: new keys are {k.dtype} on {k.device}, the cache holds {held_k.dtype} on "
+                        f"{held_k.device}; call reset() or cast the inputs")
+
+
 def _check_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -157,12 +173,7 @@ class KVCache:
             self.v = v.new_zeros(b, hkv, cap, v.shape[-1])
             self.lengths = torch.zeros(b, dtype=torch.long, device=k.device)
             return
-        if (b, hkv, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]) or v.shape[-1] != self.v.shape[-1]:
-            raise ValueError(f"new keys {tuple(k.shape)} / values {tuple(v.shape)} do not match the cache "
-                             f"[batch={self.k.shape[0]}, kv_heads={self.k.shape[1]}, *, dim={self.k.shape[3]}]")
-        if k.dtype != self.k.dtype or k.device != self.k.device:
-            raise TypeError(f"new keys are {k.dtype} on {k.device}, the cache holds {self.k.dtype} on "
-                            f"{self.k.device}; call reset() or cast the inputs")
+        _check_matches(type(self).__name__, k, v, self.k, self.v)
         cap = self.k.shape[2]
         if needed > cap:
             new_cap = max(needed, 2 * cap)
@@ -272,6 +283,7 @@ class SlidingWindowCache:
                 f"{self.window} positions (e.g. causal() & sliding_window({self.window}, 0)); the layer has "
                 f"pattern={pattern!r}. Use KVCache, or a layer built with such a pattern"
             )
+        _check_matches("SlidingWindowCache", k, v, self.k, self.v)
         kk = k if self.k is None else torch.cat([self.k, k], dim=2)
         vv = v if self.v is None else torch.cat([self.v, v], dim=2)
         out = attention(q, kk, vv, pattern=pattern, score_mod=score_mod, normalization=normalization, scale=scale)
@@ -487,6 +499,7 @@ class AdaptiveKVCache:
             self._compress(q, k, v, pattern, score_mod, normalization, scale)
             self.seen = n
             return out
+        _check_matches("AdaptiveKVCache", k, v, self.k, self.v)
         base = self.k.shape[2]
         self.k = torch.cat([self.k, k], dim=2)
         self.v = torch.cat([self.v, v], dim=2)

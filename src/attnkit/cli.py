@@ -184,6 +184,7 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         params = parse_param_overrides(args.param)
     except ValueError as exc:
         parser.error(f"argument --param: {exc}")
+    _check_param_overrides(params, args, parser)
     overrides: dict[str, Any] = {"device": device, "params": params}
     for key in ("batch", "heads", "head_dim", "dtype", "repeats", "seq_lens", "mechanisms", "inputs"):
         value = getattr(args, key)
@@ -202,6 +203,56 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.no_memory:
         overrides["memory"] = False
     return quick_config(**overrides) if args.quick else default_config(**overrides)
+
+
+def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Namespace,
+                           parser: argparse.ArgumentParser) -> None:
+    """``--param`` names a registered mechanism and parameters its factory takes, with values of the type of
+    its default: checked by building it once at a small shape, before anything is measured (usage error)."""
+    import inspect
+
+    import attnkit
+    from attnkit.bench.workloads import shape_params
+
+    for name, given in params.items():
+        try:
+            m = attnkit.mechanism_info(name)
+        except KeyError as exc:
+            parser.error(f"argument --param: {exc}")
+        defaults = dict(m.bench_params)
+        try:
+            sig = inspect.signature(m.factory)
+            defaults.update({k: p.default for k, p in sig.parameters.items()
+                             if p.default is not inspect.Parameter.empty and k not in defaults})
+        except (TypeError, ValueError):
+            pass
+        for key, value in given.items():
+            want = defaults.get(key)
+            if isinstance(want, (bool, int, float)) and isinstance(value, str):
+                parser.error(f"argument --param: {name}.{key}={value!r} does not parse as "
+                             f"{type(want).__name__} (its default is {want!r})")
+        heads, head_dim = args.heads or 2, args.head_dim or 16
+        try:
+            m.build(causal=False, **{**m.bench_params, **given},
+                    **shape_params(m, heads=heads, head_dim=head_dim, seq_len=64))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"argument --param: mechanism {name!r} does not accept "
+                         f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: {exc}")
+
+
+def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
+    """The output folder can be created and written (checked before any work, as one line)."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:  # one line (no usage block: the options were fine, the folder is not)
+        print(f"attnkit {parser.prog.split()[-1]}: error: argument --out: cannot write to {out!r}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -227,8 +278,10 @@ def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def _run_bench(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     if args.from_results:
+        _check_out(args.out, parser)
         return _rewrite_report(args, parser)
     config = _bench_config(args, parser)
+    _check_out(args.out, parser)
     if args.threads is not None:
         import torch
 
@@ -260,6 +313,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     if doc["interrupted"]:
         print("attnkit bench: interrupted; the results gathered so far were written", file=sys.stderr)
         return 130
+    measured = [c for c in doc["results"] if c["kind"] != "baseline"]
+    if measured and not any(c["status"] == "ok" for c in measured) \
+            and any(c["status"] in ("failed", "oom") for c in measured):
+        print("attnkit bench: every cell of the selected mechanisms failed (see the messages in the report)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

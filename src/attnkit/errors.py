@@ -21,3 +21,11 @@ class NotSupportedError(AttnkitError, ValueError):
                 lines.append(f"  - engine {engine!r}: " + "; ".join(why))
             message = "\n".join(lines)
         super().__init__(message)
+
+
+class UnknownMechanismError(AttnkitError, ValueError, KeyError):
+    """A mechanism name that is not registered. A ``ValueError`` (a bad argument value) that is also a
+    ``KeyError``, so code written for the registry's earlier ``KeyError`` keeps working."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -23,6 +23,7 @@ Build by name with :func:`get` (``attnkit.feature_maps.get("favor", num_features
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,6 +74,26 @@ class FeatureMap(nn.Module):
 
     def phi(self, x: torch.Tensor, *, is_query: bool, offset: int = 0) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def call(self, k: torch.Tensor, q: torch.Tensor | None = None, *, causal: bool = False, offset: int = 0):
+        """Scope of one attention call over the keys ``k [batch, kv_heads, n_k, d]`` (and the queries ``q``,
+        ``causal`` or not, first position ``offset``), inside which an engine may compute features block by
+        block: random maps count one call (``redraw_interval``) and stabilised maps fix their key and query
+        shifts for the whole call. Yields a dict; ``"key_shift"`` ``[batch, kv_heads, 1, 1]``, when present, is
+        the constant subtracted from every key's log-features (it cancels in a normalised output); a caller
+        carrying a state may raise it (never lower it)."""
+        prev = self.__dict__.get("_call")
+        ctx = self._begin_call(k, q, causal, offset)
+        self.__dict__["_call"] = ctx
+        try:
+            yield ctx
+        finally:
+            self.__dict__["_call"] = prev
+
+    def _begin_call(self, k: torch.Tensor, q: torch.Tensor | None = None, causal: bool = False,
+                    offset: int = 0) -> dict:
+        return {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, *, q_offset: int = 0,
                 k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,10 +211,17 @@ class _RandomFeatureMap(FeatureMap):
         _check_dim(self, self.head_dim, x)
         return self.weight.to(device=x.device, dtype=x.dtype)
 
-    def forward(self, q, k, *, q_offset=0, k_offset=0):
+    def _begin_call(self, k: torch.Tensor, q: torch.Tensor | None = None, causal: bool = False,
+                    offset: int = 0) -> dict:
         if self.training and self.redraw_interval and self._calls and self._calls % self.redraw_interval == 0:
             self.redraw()
         self._calls += 1
+        return {}
+
+    def forward(self, q, k, *, q_offset=0, k_offset=0):
+        if self.__dict__.get("_call") is None:  # a call of its own (engines open one scope for all blocks)
+            with self.call(k):
+                return super().forward(q, k, q_offset=q_offset, k_offset=k_offset)
         return super().forward(q, k, q_offset=q_offset, k_offset=k_offset)
 
     def extra_repr(self) -> str:
@@ -218,31 +246,127 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) if torch.is_grad_enabled() and x.requires_grad else x.exp_()
 
 
-class FavorFeatureMap(_RandomFeatureMap):
-    """FAVOR+ positive orthogonal random features (Choromanski et al., "Rethinking Attention with Performers").
-
-    ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * d^-1/4``, so that
-    ``E[phi(q) . phi(k)] = exp(q . k / sqrt(d))``: the softmax kernel, estimated without bias. ``m =
-    num_features``. ``stabilize=True`` subtracts each query's largest exponent (a per-query factor, which
-    cancels in the normalised output only).
-    """
-
-    name = "favor"
+class _PositiveRandomFeatureMap(_RandomFeatureMap):
+    """Positive random features ``exp(W x' - |x'|^2 / 2) / sqrt(m)`` (``x' = x d^-1/4``), stabilised as the
+    Performer paper does (Choromanski et al. 2021, sec. 4 / its reference code): each query's exponents minus
+    their maximum (a per-query factor) and the keys' exponents minus one maximum over all keys of the call (a
+    per-(batch, head) factor). Both factors cancel in the normalised output ``phi(q) S / phi(q) z``; without
+    them ``exp`` underflows to 0 for every feature once ``|x|^2 / (2 sqrt(d))`` passes ~87 (float32), e.g. for
+    q, k of 5x unit scale at d = 64, and the output collapses to zeros. ``stabilize=False`` gives the unshifted
+    (unbiased) kernel estimate, for unnormalised use."""
 
     def __init__(self, head_dim: int | None = None, num_features: int = 256, *, seed: int = 0,
-                 orthogonal: bool = True, redraw_interval: int | None = None, stabilize: bool = False):
+                 orthogonal: bool = True, redraw_interval: int | None = None, stabilize: bool = True):
         super().__init__(head_dim, num_features, seed=seed, orthogonal=orthogonal,
                          redraw_interval=redraw_interval)
-        self.stabilize = stabilize
+        self.stabilize = bool(stabilize)
 
     def feature_dim(self, head_dim: int) -> int:
         return self.num_features
 
+    def _exponent(self, x: torch.Tensor) -> torch.Tensor:
+        return _positive_exponent(x, self._projection(x), self.num_features)
+
+    def _begin_call(self, k: torch.Tensor, q: torch.Tensor | None = None, causal: bool = False,
+                    offset: int = 0) -> dict:
+        ctx = super()._begin_call(k, q, causal, offset)  # a redraw happens before the statistics are taken
+        if not self.stabilize or k.shape[2] == 0:
+            return ctx
+        w = self._projection(k)
+        m = self.num_features
+        causal = causal and q is not None and q.shape[:3] == (k.shape[0], q.shape[1], k.shape[2]) \
+            and q.shape[1] % k.shape[1] == 0
+        with torch.no_grad():
+            # Keys' largest exponent per feature, [b, h_kv, 1, m], over the call or (causal) over each prefix;
+            # token blocks keep the [.., block, m] temporaries small.
+            step = max(1, (1 << 22) // max(1, k.shape[0] * k.shape[1] * m))
+            kmax, prefix = None, []
+            for i in range(0, k.shape[2], step):
+                e = _positive_exponent(k[:, :, i:i + step], w, m)
+                if causal:
+                    e = e.cummax(-2).values
+                    if kmax is not None:
+                        e = torch.maximum(e, kmax)
+                    prefix.append(e)
+                    kmax = e[:, :, -1:]
+                else:
+                    e = e.amax(-2, keepdim=True)
+                    kmax = e if kmax is None else torch.maximum(kmax, e)
+            c = kmax.amax(-1, keepdim=True)
+            ctx["key_features_max"], ctx["key_shift"] = kmax, c
+            if causal:  # each query row's shift against the keys it sees (its prefix), [b, h, n, 1]
+                g = q.shape[1] // k.shape[1]
+                shifts = []
+                for i, e in zip(range(0, k.shape[2], step), prefix):
+                    a = _positive_exponent(q[:, :, i:i + step], w.to(q.dtype), m)
+                    rel = (e - c).repeat_interleave(g, dim=1)
+                    shifts.append(torch.maximum((a + rel).amax(-1, keepdim=True), a.amax(-1, keepdim=True) - 60))
+                ctx["query_shift"], ctx["offset"] = torch.cat(shifts, 2), offset
+        return ctx
+
+    def key_shift(self, k: torch.Tensor) -> torch.Tensor | None:
+        """The key shift a call over ``k`` alone would use, ``[b, h_kv, 1, 1]`` (None when not stabilised):
+        for callers that combine several calls (sequence parallelism: the maximum over the ranks)."""
+        if not self.stabilize or k.shape[2] == 0:
+            return None
+        with torch.no_grad():
+            w = self._projection(k)
+            step = max(1, (1 << 22) // max(1, k.shape[0] * k.shape[1] * self.num_features))
+            return torch.stack([_positive_exponent(k[:, :, i:i + step], w, self.num_features).amax((-2, -1),
+                                                                                                  keepdim=True)
+                                for i in range(0, k.shape[2], step)]).amax(0)
+
     def phi(self, x, *, is_query, offset=0):
-        proj = _positive_exponent(x, self._projection(x), self.num_features)
-        if self.stabilize and is_query:
-            proj = proj - proj.amax(-1, keepdim=True).detach()
+        proj = self._exponent(x)
+        if self.stabilize:
+            ctx = self.__dict__.get("_call") or {}
+            with torch.no_grad():
+                shift = self._query_shift(proj, ctx, offset) if is_query else self._key_shift(proj, ctx)
+            shift = shift.to(proj.dtype)
+            proj = proj - shift if torch.is_grad_enabled() and proj.requires_grad else proj.sub_(shift)
         return _exp(proj)
+
+    @staticmethod
+    def _key_shift(proj: torch.Tensor, ctx: dict) -> torch.Tensor:
+        c = ctx.get("key_shift")
+        return proj.amax((-2, -1), keepdim=True) if c is None else c
+
+    @staticmethod
+    def _query_shift(proj: torch.Tensor, ctx: dict, offset: int) -> torch.Tensor:
+        """Per query: ``max_r (a_r + K_r - c)`` with ``K_r`` the largest exponent of feature ``r`` among the keys
+        the query sees (all of the call's, or its causal prefix) and ``c`` the key shift, so that its
+        best-matching key contributes ``exp(0) = 1`` to the denominator (a plain per-query maximum can leave
+        every product ``phi(q)_r phi(k)_r`` underflowing when q and the keys peak on different features); at
+        most ``60`` below the query's own maximum, so no feature of the query exceeds ``e^60``."""
+        own = proj.amax(-1, keepdim=True)
+        pre = ctx.get("query_shift")
+        if pre is not None:
+            r0 = offset - ctx["offset"]
+            if pre.shape[:2] == proj.shape[:2] and 0 <= r0 and r0 + proj.shape[2] <= pre.shape[2]:
+                return pre[:, :, r0:r0 + proj.shape[2]]
+            return own
+        kmax, c = ctx.get("key_features_max"), ctx.get("key_shift")
+        if kmax is None or kmax.shape[0] != proj.shape[0] or proj.shape[1] % kmax.shape[1]:
+            return own
+        rel = (kmax - c).repeat_interleave(proj.shape[1] // kmax.shape[1], dim=1)  # [b, h, 1, m], <= 0
+        return torch.maximum((proj + rel).amax(-1, keepdim=True), own - 60.0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stabilize={self.stabilize}"
+
+
+class FavorFeatureMap(_PositiveRandomFeatureMap):
+    """FAVOR+ positive orthogonal random features (Choromanski et al., "Rethinking Attention with Performers",
+    2021, eq. of Lemma 1: positive random features for the softmax kernel).
+
+    ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * d^-1/4``, so that
+    ``E[phi(q) . phi(k)] = exp(q . k / sqrt(d))``: the softmax kernel, estimated without bias. ``m =
+    num_features``. ``stabilize=True`` (default) subtracts each query's largest exponent and the keys' largest
+    exponent (one per batch and head), factors that cancel in the normalised output only; pass
+    ``stabilize=False`` for the unnormalised kernel estimate.
+    """
+
+    name = "favor"
 
 
 class TrigFeatureMap(_RandomFeatureMap):
@@ -273,12 +397,13 @@ def _dct_matrix(d: int) -> torch.Tensor:
     return c
 
 
-class DiJiangFeatureMap(_RandomFeatureMap):
+class DiJiangFeatureMap(_PositiveRandomFeatureMap):
     """DiJiang's frequency-domain kernelization (Chen et al., "DiJiang: Efficient Large Language Models through
     Compact Kernelization", 2024): ``phi(x) = D exp(T C x' - |x'|^2/2)`` with ``C`` the orthonormal DCT,
     ``T [m, d]`` quasi-Monte-Carlo Gaussian samples (a scrambled Sobol sequence through the Gaussian inverse
     CDF) and ``D`` the weights, here the equal weights ``1/sqrt(m)``. Positive; estimates ``exp(q.k/sqrt(d))``
     with lower variance than i.i.d. Monte Carlo at equal ``m``. ``orthogonal`` is ignored (QMC instead).
+    Stabilised like FAVOR+ (``stabilize``).
     """
 
     name = "dijiang"
@@ -289,12 +414,6 @@ class DiJiangFeatureMap(_RandomFeatureMap):
         u = sobol.draw(self.num_features, dtype=torch.float64).clamp(1e-7, 1 - 1e-7)
         t = math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)  # QMC samples of N(0, I)
         return t @ _dct_matrix(d)  # W = T C
-
-    def feature_dim(self, head_dim: int) -> int:
-        return self.num_features
-
-    def phi(self, x, *, is_query, offset=0):
-        return _exp(_positive_exponent(x, self._projection(x), self.num_features))
 
 
 class CosformerFeatureMap(FeatureMap):

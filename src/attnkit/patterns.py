@@ -278,8 +278,16 @@ class _Fixed(Pattern):
 
 
 class _GlobalTokens(Pattern):
-    def __init__(self, indices: torch.Tensor):
-        self.indices = indices
+    def __init__(self, indices: torch.Tensor, strict: bool = True):
+        self.indices, self.strict = indices, strict
+
+    def check(self, q_len, kv_len, batch, heads):
+        if self.strict and self.indices.numel() and int(self.indices.max()) >= kv_len:
+            raise ValueError(
+                f"global_tokens(indices): index {int(self.indices.max())} is beyond the sequence "
+                f"(kv_len={kv_len}); indices must be < kv_len, or build the pattern with strict=False to "
+                f"ignore the ones a shorter sequence does not reach"
+            )
 
     def _flags(self, length: int, device) -> torch.Tensor:
         idx = self.indices.to(device)
@@ -395,6 +403,13 @@ class _KeyBelow(Pattern):
         return self._name
 
 
+def _broadcast_or_none(a: torch.Size, b: torch.Size) -> torch.Size | None:
+    try:
+        return torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return None
+
+
 class _Custom(Pattern):
     def __init__(self, fn: Callable, batch_dependent: bool, head_dependent: bool):
         self.fn = fn
@@ -408,6 +423,12 @@ class _Custom(Pattern):
         out = self.fn(b, h, q_idx, kv_idx)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise TypeError("custom(fn): fn(b, h, q_idx, kv_idx) must return a bool tensor")
+        expected = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        if out.dim() > len(expected) or _broadcast_or_none(out.shape, expected) != expected:
+            raise ValueError(
+                f"custom(fn): fn(b, h, q_idx, kv_idx) returned shape {tuple(out.shape)}; expected a bool tensor "
+                f"broadcastable to {tuple(expected)} (the broadcast shape of its index arguments)"
+            )
         return out
 
 
@@ -530,13 +551,15 @@ def fixed(block_size: int, num_summary: int, *, causal: bool = True) -> Pattern:
     return _Fixed(block_size, num_summary, causal)
 
 
-def global_tokens(indices: Sequence[int] | torch.Tensor) -> Pattern:
+def global_tokens(indices: Sequence[int] | torch.Tensor, *, strict: bool = True) -> Pattern:
     """Tokens at ``indices`` attend to everything and are attended by everything (Longformer-style);
-    combine with a local pattern: ``sliding_window(128) | global_tokens([0])``."""
+    combine with a local pattern: ``sliding_window(128) | global_tokens([0])``. An index at or beyond the
+    sequence length is an error, unless ``strict=False`` (a pattern built once for sequences of any length:
+    the global tokens a sequence reaches)."""
     idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
     if (idx < 0).any():
         raise ValueError("global_tokens(indices): indices must be non-negative")
-    return _GlobalTokens(idx)
+    return _GlobalTokens(idx, bool(strict))
 
 
 def document(segment_ids: torch.Tensor) -> Pattern:

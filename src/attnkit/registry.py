@@ -6,10 +6,13 @@ adding a family means adding one line to ``FAMILY_MODULES``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from attnkit.errors import UnknownMechanismError
 
 __all__ = ["Mechanism", "register", "get", "list_mechanisms", "mechanism_info", "FAMILY_MODULES"]
 
@@ -121,13 +124,17 @@ def _load_families() -> None:
 
 
 def mechanism_info(name: str) -> Mechanism:
-    """The registry record of ``name``; raises ``KeyError`` listing the known names."""
+    """The registry record of ``name``; raises :class:`~attnkit.errors.UnknownMechanismError` (a ``ValueError``
+    and a ``KeyError``) naming the closest registered names and listing all of them."""
     _load_families()
     try:
         return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"no mechanism named {name!r}; known mechanisms: {known}") from None
+    except (KeyError, TypeError):
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise UnknownMechanismError(
+            f"no mechanism named {name!r}; {hint}known mechanisms: {', '.join(known)}") from None
 
 
 def get(name: str, **params: Any) -> Callable[..., Any]:

@@ -80,19 +80,20 @@ def compose(*mods: ScoreMod) -> ScoreMod:
     return flat[0] if len(flat) == 1 else _Compose(flat)
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
+def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ALiBi's head slopes ("Train Short, Test Long", Press et al.): the geometric sequence 2^(-8/n * (h+1))
-    for the closest power of two n <= num_heads, then the odd terms of the sequence for 2n (float32 [heads])."""
+    for the closest power of two n <= num_heads, then the odd terms of the sequence for 2n (``[heads]`` in
+    ``dtype``). Computed in float64 and rounded once, so they equal the published slopes to ``dtype``'s
+    precision."""
 
     def powers(n: int) -> list[float]:
-        start = 2 ** (-8 / n)
-        return [start ** (i + 1) for i in range(n)]
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
 
     n = 2 ** int(math.floor(math.log2(num_heads)))
     slopes = powers(n)
     if n < num_heads:
         slopes += powers(2 * n)[0::2][: num_heads - n]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float64).to(dtype)
 
 
 class _Alibi(ScoreMod):
@@ -103,13 +104,19 @@ class _Alibi(ScoreMod):
         super().__init__()
         self.num_heads = num_heads
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+        self._slopes64 = alibi_slopes(num_heads, torch.float64).tolist()  # for float64 scores (not a buffer:
+        # some devices have no float64)
 
     def check(self, heads):
         if heads != self.num_heads:
             raise ValueError(f"alibi(num_heads={self.num_heads}) used with {heads} query heads; they must match")
 
     def forward(self, score, b, h, q_idx, kv_idx, q_len, kv_len):
-        slope = self.slopes.to(score.dtype)[_head_index(h, score)]
+        if score.dtype == torch.float64:
+            slopes = torch.tensor(self._slopes64, dtype=torch.float64, device=score.device)
+        else:
+            slopes = self.slopes.to(score.dtype)
+        slope = slopes[_head_index(h, score)]
         return score - slope * _distance(q_idx, kv_idx, q_len, kv_len).abs().to(score.dtype)
 
     def extra_repr(self):
@@ -149,13 +156,27 @@ class _RelativeBias(ScoreMod):
 
     def __init__(self, table: torch.Tensor, max_distance: int, bidirectional: bool):
         super().__init__()
-        if table.requires_grad and not isinstance(table, nn.Parameter):
-            table = nn.Parameter(table.detach())
         if isinstance(table, nn.Parameter):
             self.table = table
+        elif table.requires_grad and table.is_leaf:
+            self.table = nn.Parameter(table)  # the same storage: the caller's tensor receives the gradient
+        elif table.requires_grad:
+            # computed (a dynamic position bias, an MLP's output): kept as given, so the gradient flows back
+            # through whatever computed it; neither a parameter nor a buffer
+            self._computed = table
         else:
             self.register_buffer("table", table)
         self.max_distance, self.bidirectional = max_distance, bidirectional
+
+    def __getattr__(self, name):
+        if name == "table" and "_computed" in self.__dict__:
+            return self.__dict__["_computed"]
+        return super().__getattr__(name)
+
+    def grad_tensors(self):
+        if "_computed" in self.__dict__:
+            return [self._computed]
+        return super().grad_tensors()
 
     def check(self, heads):
         if self.table.shape[1] != heads:
@@ -170,7 +191,9 @@ class _RelativeBias(ScoreMod):
 def relative_bias(table: torch.Tensor, *, max_distance: int = 128, bidirectional: bool = True) -> ScoreMod:
     """T5-style learned relative position bias: ``s_ij + table[bucket(p - j), h]`` (Raffel et al., T5).
 
-    ``table``: ``[num_buckets, heads]``; a tensor with ``requires_grad`` becomes a trainable ``nn.Parameter``.
+    ``table``: ``[num_buckets, heads]``. A leaf tensor with ``requires_grad`` becomes a trainable
+    ``nn.Parameter`` (sharing its storage); a computed tensor (not a leaf: a dynamic position bias, an MLP's
+    output) is used as given, so gradients reach what computed it; pass a new ``relative_bias`` per step.
     """
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         raise ValueError("relative_bias(table) takes a tensor [num_buckets, heads]")
@@ -258,7 +281,21 @@ class _Custom(ScoreMod):
             b = torch.zeros((), dtype=torch.long, device=score.device)
         if h is None:
             h = torch.zeros((), dtype=torch.long, device=score.device)
-        return self.fn(score, b, h, q_idx, kv_idx)
+        out = self.fn(score, b, h, q_idx, kv_idx)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"custom(fn): fn(score, b, h, q_idx, kv_idx) must return a tensor, got "
+                            f"{type(out).__name__}")
+        expected = torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        try:
+            ok = out.dim() <= len(expected) and torch.broadcast_shapes(out.shape, expected) == expected
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"custom(fn): fn(score, b, h, q_idx, kv_idx) returned shape {tuple(out.shape)}; expected the "
+                f"score's shape {tuple(expected)} (or one that broadcasts to it)"
+            )
+        return out
 
 
 def custom(fn: Callable, *, params: list[torch.Tensor] | tuple[torch.Tensor, ...] = ()) -> ScoreMod:

@@ -21,15 +21,27 @@ from attnkit.feature_maps import get as get_feature_map
 from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
-from ._comm import Exchange, group_info
+from ._comm import Exchange, check_agreement, group_info
 
 __all__ = ["lasp"]
 
 
-def _run(q, k, v, s_ext, offset, kw):
-    state = LinearAttentionState(s_ext[..., :-1], s_ext[..., -1], offset)
+def _run(q, k, v, s_ext, offset, kw, key_shift):
+    state = LinearAttentionState(s_ext[..., :-1], s_ext[..., -1], offset, key_shift)
     out, st = linear_attention(q, k, v, causal=True, state=state, return_state=True, **kw)
     return out, torch.cat([st.S, st.z[..., None]], dim=-1)
+
+
+def _global_key_shift(q, k, fm, group, work) -> torch.Tensor | None:
+    """Stabilised maps (FAVOR+): one key shift for the whole sequence, the maximum over the ranks, so every
+    rank's state is summed on one scale (``[b, heads]``, as a state carries it)."""
+    c = getattr(fm, "key_shift", lambda _: None)(k.to(work))
+    if c is None:
+        return None
+    c = c.contiguous()
+    dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)
+    b, hk, h = k.shape[0], k.shape[1], q.shape[1]
+    return c.view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
 
 
 class _LASP(torch.autograd.Function):
@@ -38,13 +50,14 @@ class _LASP(torch.autograd.Function):
         rank, world = group_info(group, "lasp")
         offset = rank * q.shape[2]
         s_prev = torch.zeros(state_shape, dtype=work, device=q.device)
+        shift = _global_key_shift(q, k, kw["feature_map"], group, work)  # every rank, before the chain
         if rank > 0:
             s_prev = Exchange(None, None, s_prev, rank - 1, group, 0, "lasp (forward)").wait()
-        out, s_next = _run(q, k, v, s_prev, offset, kw)
+        out, s_next = _run(q, k, v, s_prev, offset, kw, shift)
         if rank < world - 1:
             Exchange(s_next.contiguous(), rank + 1, None, None, group, 0, "lasp (forward)").wait()
         ctx.save_for_backward(q, k, v, s_prev)
-        ctx.group, ctx.kw, ctx.offset = group, kw, offset
+        ctx.group, ctx.kw, ctx.offset, ctx.shift = group, kw, offset, shift
         return out
 
     @staticmethod
@@ -56,7 +69,7 @@ class _LASP(torch.autograd.Function):
             d_next = Exchange(None, None, d_next, rank + 1, ctx.group, 1, "lasp (backward)").wait()
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v, s_prev)]
-            out, s_next = _run(*leaves, ctx.offset, ctx.kw)
+            out, s_next = _run(*leaves, ctx.offset, ctx.kw, ctx.shift)
             grads = torch.autograd.grad([out, s_next], leaves, [grad_out, d_next], allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
         if rank > 0:
@@ -92,5 +105,10 @@ def lasp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessG
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     b, h, n, d = q.shape
     m = fm.feature_dim(d)
+    decay_code = None if decay is None else tuple(torch.as_tensor(decay, dtype=torch.float64).reshape(-1).tolist())
+    check_agreement(group, "lasp", {"dtype": q.dtype, "batch": b, "heads": h, "kv_heads": k.shape[1],
+                                    "local length": n, "dim": d, "dim_v": v.shape[-1], "feature map": fm.name,
+                                    "stabilised": bool(getattr(fm, "stabilize", False)),
+                                    "features": m, "decay": decay_code, "normalize": normalize}, q.device)
     kw = dict(feature_map=fm, decay=decay, normalize=normalize, chunk_size=chunk_size)
     return _LASP.apply(q, k, v, group, kw, (b, h, m, v.shape[-1] + 1), work)

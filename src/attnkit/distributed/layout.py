@@ -19,7 +19,9 @@ __all__ = ["LAYOUTS", "shard_positions", "shard", "unshard", "unshard_list"]
 LAYOUTS = ("contiguous", "striped")
 
 
-def _check(seq_len: int, world_size: int, layout: str) -> None:
+def _check(seq_len: int, world_size: int, layout: str, rank: int | None = None) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size):
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if world_size < 1 or seq_len % world_size:
@@ -30,7 +32,7 @@ def _check(seq_len: int, world_size: int, layout: str) -> None:
 def shard_positions(seq_len: int, rank: int, world_size: int, layout: str = "contiguous",
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Global positions ``[seq_len // world_size]`` held by ``rank`` (long)."""
-    _check(seq_len, world_size, layout)
+    _check(seq_len, world_size, layout, rank)
     n = seq_len // world_size
     if layout == "contiguous":
         return torch.arange(rank * n, (rank + 1) * n, device=device)
@@ -41,7 +43,7 @@ def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: str = "contigu
     """The part of the full sequence ``x`` (sequence axis ``dim``, default 2 of ``[batch, heads, seq, dim]``) that
     ``rank`` holds in ``layout``. No communication: every rank slices the same full tensor."""
     dim = dim % x.dim()
-    _check(x.shape[dim], world_size, layout)
+    _check(x.shape[dim], world_size, layout, rank)
     n = x.shape[dim] // world_size
     if layout == "contiguous":
         return x.narrow(dim, rank * n, n)

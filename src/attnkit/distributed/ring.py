@@ -20,7 +20,7 @@ import torch.distributed as dist
 from attnkit import patterns as P
 from attnkit._checks import check_qkv, default_scale
 
-from ._comm import Exchange, group_info
+from ._comm import Exchange, check_agreement, group_info
 from .layout import shard_positions
 from .merge import block_attention, block_attention_backward, merge_partials
 
@@ -142,10 +142,20 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
     total = q.shape[2] * world
     shard_positions(total, rank, world, layout)  # validates the layout
+    scale = default_scale(q, scale)
+    check_agreement(group, "ring_attention (forward)", _meta(q, k, v, causal=bool(causal), layout=layout,
+                                                             scale=scale), q.device)
     eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
     if eff is not None:
         eff.check(total, total, q.shape[0], q.shape[1])
-    return _RingAttention.apply(q, k, v, group, eff, layout, default_scale(q, scale))
+    return _RingAttention.apply(q, k, v, group, eff, layout, scale)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> dict:
+    """What every rank of a sequence-parallel call must agree on: dtype, shapes and options."""
+    b, h, n, d = q.shape
+    return {"dtype": q.dtype, "batch": b, "heads": h, "kv_heads": k.shape[1], "local length": n, "dim": d,
+            "dim_v": v.shape[-1], **options}
 
 
 def striped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from attnkit._checks import default_scale, repeat_kv
 
-from ._comm import group_info
+from ._comm import check_agreement, group_info
 
 __all__ = ["tree_decode", "local_decode_stats", "attention_energy"]
 
@@ -59,8 +59,13 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.P
         raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need the "
                          f"same batch, k and v the same heads and length, q heads a multiple of k heads)")
     rank, _ = group_info(group, "tree_decode")
+    scale = default_scale(q, scale)
+    # shards may differ in length, nothing else may
+    check_agreement(group, "tree_decode", {"dtype": q.dtype, "batch": q.shape[0], "heads": q.shape[1],
+                                           "kv_heads": k.shape[1], "queries": q.shape[2], "dim": q.shape[3],
+                                           "dim_v": v.shape[-1], "scale": scale}, q.device)
     with torch.no_grad():
-        m, s, n = local_decode_stats(q, k, v, default_scale(q, scale))
+        m, s, n = local_decode_stats(q, k, v, scale)
         try:
             g = m.clone()
             dist.all_reduce(g, op=dist.ReduceOp.MAX, group=group)

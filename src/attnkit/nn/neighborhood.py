@@ -62,8 +62,8 @@ class NeighborhoodAttention(nn.Module):
         self.stride = _tuple("stride", stride, ndim)
         self.is_causal = _tuple("is_causal", is_causal, ndim)
         for k in self.kernel_size:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
-                raise ValueError(f"kernel_size must be odd positive ints (as NATTEN), got {kernel_size!r}")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"kernel_size must be positive ints, got {kernel_size!r}")
         self.scale = self.head_dim ** -0.5 if qk_scale is None else float(qk_scale)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -18,6 +18,9 @@ O(n m d + m^3) time, O(n m) memory.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from attnkit.ops.approx._common import check_positive_int, prepare, refuse_causal, segment_means, upcast
@@ -28,8 +31,21 @@ __all__ = ["soft_attention", "soft_reference", "gaussian_kernel", "gaussian_kern
 
 def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     """``exp(-|x_i - y_j|^2 scale / 2)`` for ``x [.., n, d]``, ``y [.., m, d]``: ``[.., n, m]``."""
+    return torch.exp(_log_gaussian(x, y, scale))
+
+
+def _log_gaussian(x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
-    return torch.exp(-0.5 * scale * sq.clamp_min(0))
+    return -0.5 * scale * sq.clamp_min(0)
+
+
+def _shifted_gaussian(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(L - g), g)`` with ``L`` the log-kernel and ``g [.., 1, 1]`` its maximum (no gradient): the kernel
+    up to one factor per (batch, head). Unshifted, every entry underflows once ``|x - y|^2 scale / 2`` passes
+    ~87 (float32; q, k of 5x unit scale at d = 64) and the output collapses to zeros."""
+    log_k = _log_gaussian(x, y, scale)
+    g = log_k.detach().amax((-2, -1), keepdim=True)
+    return torch.exp(log_k - g), g
 
 
 def _check(q, k, num_landmarks, causal):
@@ -68,10 +84,22 @@ def soft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_lan
     # Half precisions run in float32: |q - k|^2 cancels and the pseudo-inverse amplifies rounding.
     q, k, v = upcast(q), upcast(k), upcast(v)
     q_l, k_l = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
-    p1 = gaussian_kernel(q, k_l, scale)  # [b, h, n, m]
-    z = pseudo_inverse(gaussian_kernel(q_l, k_l, scale), pinv, newton_iterations)
-    p2 = gaussian_kernel(q_l, k, scale)  # [b, h, m, n_k]
-    return _normalise(p1, z, p2, v, normalize).to(dtype)
+    # Each kernel up to a factor e^g per (batch, head) (pinv(e^g W) = e^-g pinv(W)): the factors cancel in the
+    # normalised form and multiply the plain one once at the end, in the log domain.
+    p1, g1 = _shifted_gaussian(q, k_l, scale)  # [b, h, n, m]
+    w, g3 = _shifted_gaussian(q_l, k_l, scale)
+    z = pseudo_inverse(w, pinv, newton_iterations)
+    p2, g2 = _shifted_gaussian(q_l, k, scale)  # [b, h, m, n_k]
+    out = _normalise(p1, z, p2, v, normalize)
+    if not normalize:
+        log_scale = g1 + g2 - g3
+        if bool((log_scale < math.log(torch.finfo(dtype).tiny)).any()):
+            warnings.warn(
+                "soft_attention: the Gaussian kernel exp(-|q - k|^2 / (2 sqrt(d))) of these queries and keys is "
+                f"below {dtype}'s range (every |q - k| is large), so the unnormalised output underflows to 0. "
+                "Pass normalize=True (its scale cancels) or scale q and k down", RuntimeWarning, stacklevel=2)
+        out = out * torch.exp(log_scale)  # the kernel's own scale: tiny for far-apart q, k, as S itself
+    return out.to(dtype)
 
 
 def soft_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 64,
@@ -83,9 +111,10 @@ def soft_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_lan
     k, v, scale = prepare(q, k, v, scale)
     qd, kd = q.double(), k.double()
     q_l, k_l = segment_means(qd, num_landmarks), segment_means(kd, num_landmarks)
-    s_hat = (gaussian_kernel(qd, k_l, scale) @ pseudo_inverse(gaussian_kernel(q_l, k_l, scale), pinv,
-                                                              newton_iterations)
-             @ gaussian_kernel(q_l, kd, scale))
+    (p1, g1), (w, g3), (p2, g2) = (_shifted_gaussian(a, b, scale) for a, b in ((qd, k_l), (q_l, k_l), (q_l, kd)))
+    s_hat = p1 @ pseudo_inverse(w, pinv, newton_iterations) @ p2  # S^ up to exp(g1 + g2 - g3), as in the fast path
+    if not normalize:
+        s_hat = s_hat * torch.exp(g1 + g2 - g3)
     if normalize:
         row, col = s_hat.sum(-1).clamp_min(1e-12), s_hat.sum(-2).clamp_min(1e-12)
         s_hat = s_hat * row.rsqrt()[..., :, None] * col.rsqrt()[..., None, :]
@@ -98,7 +127,9 @@ def gaussian_kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The exact target of SOFT (float64, quadratic): ``S V`` with the full Gaussian kernel ``S``
     (symmetrically normalised when ``normalize``)."""
     k, v, scale = prepare(q, k, v, scale)
-    s = gaussian_kernel(q.double(), k.double(), scale)
+    s, g = _shifted_gaussian(q.double(), k.double(), scale)  # a global factor: cancels when normalised
+    if not normalize:
+        s = s * torch.exp(g)
     if normalize:
         s = s * s.sum(-1).rsqrt()[..., :, None] * s.sum(-2).rsqrt()[..., None, :]
     out = (s @ v.double()).to(q.dtype)

@@ -126,6 +126,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     mod = _resolve_score_mod(score_mod)
     norm = resolve(normalization)
     scale = default_scale(q, scale)
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):  # checked whichever engine runs
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"{name} must be a positive int (or None for the default), got {val!r}")
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     if pattern is not None:

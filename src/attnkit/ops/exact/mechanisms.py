@@ -103,7 +103,7 @@ register(_pattern_mechanism(
 ))
 register(_pattern_mechanism(
     "longformer", "Longformer-style sliding window with global tokens",
-    lambda window=256, num_global=16: P.sliding_window(window) | P.global_tokens(range(num_global)),
+    lambda window=256, num_global=16: P.sliding_window(window) | P.global_tokens(range(num_global), strict=False),
     "sliding window plus global tokens", {"window": 256, "num_global": 16},
 ))
 

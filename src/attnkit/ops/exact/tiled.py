@@ -573,6 +573,9 @@ def choose_blocks(q_len: int, kv_len: int, block_q: int | None, block_kv: int | 
     # The fused kernel is most efficient on short query blocks (its own inner split is 32 rows below 192), and
     # small key blocks follow a pattern's boundary closely: fewer wasted scores on partial tiles.
     default = 32 if fused else 64
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"{name} must be a positive int (or None for the default {default}), got {val!r}")
     bq = block_q or default
     bk = block_kv or default
     return max(1, min(bq, q_len)), max(1, min(bk, kv_len))
@@ -586,6 +589,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     ``v [B, Hkv, Lk, Dv]`` -> ``[B, H, Lq, Dv]``. Rows with no allowed key give zeros."""
     b, h, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
+    if b == 0:  # an empty batch has an empty result (as every other engine gives); no plan to make
+        return q.new_zeros(0, h, q_len, v.shape[-1]) + (q.sum() + k.sum() + v.sum()) * 0
     fused = can_fuse(q, v, score_mod, normalization)
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
     row_cost = b * h * bq * bk

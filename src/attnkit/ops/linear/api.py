@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from attnkit._checks import check_qkv
 from attnkit.errors import NotSupportedError
-from attnkit.feature_maps import FeatureMap
+from attnkit.feature_maps import FeatureMap, _PositiveRandomFeatureMap
 from attnkit.feature_maps import get as get_feature_map
 from attnkit.ops.linear._common import NORMALIZE, make_finalize
 from attnkit.ops.linear.chunked import chunked_forward
@@ -32,9 +34,11 @@ def _log_decay(decay, heads: int, device: torch.device) -> torch.Tensor | None:
     return torch.log(lam).to(device)
 
 
-def _resolve_state(state, b: int, h: int, dv: int, device) -> tuple[torch.Tensor | None, int]:
+def _resolve_state(state, b: int, h: int, dv: int, device, fm: FeatureMap,
+                   head_dim: int) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+    """``(S_ext [b, h, m, d_v + 1] or None, offset, key_shift [b, h] or None)`` of a given state, checked."""
     if state is None:
-        return None, 0
+        return None, 0, None
     if isinstance(state, (tuple, list)) and len(state) == 2:
         state = LinearAttentionState(state[0], state[1], 0)
     if not isinstance(state, LinearAttentionState):
@@ -47,7 +51,46 @@ def _resolve_state(state, b: int, h: int, dv: int, device) -> tuple[torch.Tensor
         )
     if tuple(z.shape) != tuple(S.shape[:3]):
         raise ValueError(f"state.z must have shape {tuple(S.shape[:3])}, got {tuple(z.shape)}")
-    return state._extended().to(device), state.offset
+    m = fm.feature_dim(head_dim)
+    if state.feature_map is not None and state.feature_map != fm.name or S.shape[2] != m:
+        made = f"feature map {state.feature_map!r}" if state.feature_map else f"{S.shape[2]} features"
+        raise ValueError(
+            f"state was made by {made} and cannot be continued with feature map {fm.name!r} ({m} features); "
+            f"continue a state with the feature map (and parameters) that made it"
+        )
+    shift = state.key_shift
+    if shift is not None and tuple(shift.shape) != (b, h):
+        raise ValueError(f"state.key_shift must have shape [batch={b}, heads={h}], got {tuple(shift.shape)}")
+    return state._extended().to(device), state.offset, shift
+
+
+def _rescale_state(ctx: dict, h: int, s0: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:
+    """A stabilised map's key shift for this call and a carried state: ``c = max(this call's keys' shift, the
+    state's)`` is written back to ``ctx`` and the state rescaled to it, ``S <- S exp(c_old - c)`` (a factor
+    <= 1: no overflow; a state without a shift was summed with shift 0)."""
+    c = ctx.get("key_shift")
+    if c is None or s0 is None:
+        return s0
+    b, hk = c.shape[:2]
+    c_old = torch.zeros(b, h, dtype=c.dtype, device=c.device) if old is None else old.to(c)
+    c = torch.maximum(c, c_old.view(b, hk, h // hk).amax(-1)[..., None, None])
+    ctx["key_shift"] = c
+    rescale = torch.exp(c_old - c.view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h))
+    return s0 * rescale[..., None, None].to(s0.dtype)
+
+
+def _watch_underflow(finalize):
+    """``finalize`` that records whether any denominator was 0 (a stabilised positive map's denominators are
+    positive unless they underflow), so the caller can say so instead of returning zeros silently."""
+
+    def watched(o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not watched.underflowed and bool((o[..., -1] <= 0).any()):
+            watched.underflowed = True
+        return finalize(o) if out is None else finalize(o, out=out)
+
+    watched.underflowed = False  # type: ignore[attr-defined]
+    watched.dtype = finalize.dtype  # type: ignore[attr-defined]
+    return watched
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -71,7 +114,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         chunk_size: tokens per chunk in chunked mode (a speed knob; results do not depend on it).
         decay: per-head decay ``lambda in (0, 1]`` of the state (float or ``[heads]``); causal only:
             ``S_i = lambda S_{i-1} + phi(k_i) v_i^T`` (RetNet / Lightning style).
-        normalize: ``"denominator"`` (divide by ``phi(q_i)^T z_i``, pushed away from 0 to ``+-eps``),
+        normalize: ``"denominator"`` (divide by ``phi(q_i)^T z_i``, pushed away from 0 to ``+-eps``; for the
+            stabilised positive random features of FAVOR+ and DiJiang, positive by construction, only from 0),
             ``"none"`` (no denominator; TransNormer applies a norm after) or ``"rms"`` (RMS-normalised output).
         state: a :class:`LinearAttentionState` (``S [batch, heads, m, d_v]``, ``z [batch, heads, m]``) from a
             previous call: this call continues that sequence.
@@ -112,22 +156,52 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             f"beta=, stabilize=False)"
         )
 
+    if normalize != "denominator" and isinstance(fm, _PositiveRandomFeatureMap) and fm.stabilize:
+        # rms: eps inside rsqrt makes a per-row factor not quite cancel
+        if isinstance(feature_map, str):  # built here: the unshifted kernel is the one asked for
+            fm = get_feature_map(feature_map, stabilize=False)
+        else:
+            raise ValueError(
+                f"feature map {fm.name!r} is stabilised by shifts that cancel only with normalize='denominator'; "
+                f"with normalize={normalize!r} build it with stabilize=False"
+            )
+
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qw, kw, vw = (t.to(work) for t in (q, k, v))
-    s0, offset = _resolve_state(state, b, h, dv, q.device)
+    s0, offset, old_shift = _resolve_state(state, b, h, dv, q.device, fm, q.shape[-1])
     s0 = None if s0 is None else s0.to(work)
     ld = _log_decay(decay, h, q.device)
     ld = None if ld is None else ld.to(work)
-    finalize = make_finalize(normalize, eps, q.dtype)
 
-    if mode == "parallel":
-        out, s = parallel_forward(qw, kw, vw, fm, causal=causal, log_decay=ld, s0=s0, offset=offset,
-                                  finalize=finalize)
-    elif mode == "chunked":
-        out, s = chunked_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, chunk_size=chunk_size,
-                                 finalize=finalize)
-    else:
-        out, s = recurrent_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, finalize=finalize)
+    # One scope for the whole call (engines compute features block by block): random maps count one call, and
+    # stabilised maps (FAVOR+) share one key shift across the blocks and with the carried state.
+    with fm.call(kw, qw, causal=causal, offset=offset) as ctx:
+        s0 = _rescale_state(ctx, h, s0, old_shift)
+        if "key_shift" in ctx and normalize == "denominator":
+            # positive by construction, and rows whose keys all sit far from the query have small but exact
+            # denominators: guard only against 0 (eps would bias them)
+            eps = min(eps, torch.finfo(work).tiny)
+        finalize = make_finalize(normalize, eps, q.dtype)
+        if "key_shift" in ctx:
+            finalize = _watch_underflow(finalize)
+        if mode == "parallel":
+            out, s = parallel_forward(qw, kw, vw, fm, causal=causal, log_decay=ld, s0=s0, offset=offset,
+                                      finalize=finalize)
+        elif mode == "chunked":
+            out, s = chunked_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, chunk_size=chunk_size,
+                                     finalize=finalize)
+        else:
+            out, s = recurrent_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, finalize=finalize)
+    if getattr(finalize, "underflowed", False):
+        warnings.warn(
+            f"linear_attention: with feature map {fm.name!r} some rows' denominators underflowed to 0 (those "
+            f"outputs are 0): the key features span more than {str(work).replace('torch.', '')} can hold even "
+            f"after stabilisation (q, k of very large norm, causal rows that see only keys far smaller than the "
+            f"largest). Normalise or rescale q and k, or compute in float64", RuntimeWarning, stacklevel=2)
     if not return_state:
         return out
-    return out, LinearAttentionState._from_extended(s, offset + k.shape[2])
+    shift = None
+    if "key_shift" in ctx:
+        hk = k.shape[1]
+        shift = ctx["key_shift"].view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
+    return out, LinearAttentionState._from_extended(s, offset + k.shape[2], shift, fm.name)

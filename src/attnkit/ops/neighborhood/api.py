@@ -37,7 +37,8 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         q: ``[batch, heads, *spatial, dim]`` with 1, 2 or 3 spatial axes.
         k, v: ``[batch, kv_heads, *spatial, dim]`` / ``[..., dim_v]`` on the same grid (``heads`` a multiple of
             ``kv_heads``: grouped-query attention).
-        kernel_size: odd window size, one int or one per axis (``<=`` the axis length).
+        kernel_size: window size, one int or one per axis (``<=`` the axis length); an even size ``2r`` sees
+            ``r`` keys before the query and ``r - 1`` after (NATTEN's rule), an odd one is centred.
         dilation: per-axis dilation; the window is taken inside the query's residue class ``x % dilation``
             (needs ``dilation * kernel_size <= length``).
         stride: per-axis stride ``1 <= stride <= kernel_size``; queries in a tile of ``stride`` positions share

@@ -4,7 +4,7 @@ Neighborhood attention (NA, "Neighborhood Attention Transformer", Hassani et al.
 (dilated NA, "Dilated Neighborhood Attention Transformer"; causal NA, "Faster Neighborhood Attention";
 strided NA, "Generalized Neighborhood Attention") are *separable*: a query may attend to a key iff, on every
 spatial axis, the key's coordinate lies in the query's window on that axis. On one axis of length ``L``
-with kernel ``k`` (odd), dilation ``d``, stride ``s`` and a causal flag, exactly as NATTEN defines it:
+with kernel ``k``, dilation ``d``, stride ``s`` and a causal flag, exactly as NATTEN defines it:
 
 1. **Dilation groups.** Coordinate ``x`` belongs to group ``g = x % d`` and sits at ``x // d`` inside it.
    Queries only see keys of their own group; the group holds ``L_g = ceil((L - g) / d)`` positions and the
@@ -12,10 +12,12 @@ with kernel ``k`` (odd), dilation ``d``, stride ``s`` and a causal flag, exactly
 2. **Stride tiles.** Queries are grouped in tiles of ``s`` consecutive (group) positions that share one
    window, the window of the tile's *leader*: the centre query ``(x // s) * s + s // 2`` (the last one,
    ``(x // s) * s + s - 1``, when causal), capped at ``L_g - 1``. ``s = 1`` is plain NA.
-3. **Window.** Non-causal: the window is centred on the leader and *clamped* (shifted inwards, not
-   truncated) so that it stays inside the axis: ``centre = clamp(leader, k // 2, L_g - 1 - k // 2)``,
-   window ``[centre - k // 2, centre + k // 2]``: always exactly ``k`` keys. Causal: keys ``t <= x`` (the
-   query itself, not the leader) with ``leader - t < k``: up to ``k`` keys at or before the query.
+3. **Window.** Non-causal: the window starts ``k // 2`` before the leader and is *clamped* (shifted inwards,
+   not truncated) so that it stays inside the axis: ``start = clamp(leader - k // 2, 0, L_g - k)``, window
+   ``[start, start + k - 1]``: always exactly ``k`` keys. An odd ``k`` centres the leader; an even ``k = 2r``
+   gives ``r`` keys before it and ``r - 1`` after (NATTEN's rule for even kernels, since 0.17.5). Causal:
+   keys ``t <= x`` (the query itself, not the leader) with ``leader - t < k``: up to ``k`` keys at or before
+   the query.
 
 A 1-D picture, ``L = 9``, ``k = 3``; each row is one query (``q``) and the keys it attends to (``#``)::
 
@@ -25,7 +27,7 @@ A 1-D picture, ``L = 9``, ``k = 3``; each row is one query (``q``) and the keys 
       5     ....###..    ...###...  (leader 4)     ...#.#.#.   (odd group 1, 3, 5, 7: centred on 5)
       8     ......###    ......###                 ....#.#.#   (clamped: shifted left)
 
-Requirements (NATTEN's): ``k`` odd, ``k * d <= L`` (so every group holds a whole window), ``1 <= s <= k``.
+Requirements (NATTEN's): ``k >= 1``, ``k * d <= L`` (so every group holds a whole window), ``1 <= s <= k``.
 """
 
 from __future__ import annotations
@@ -114,9 +116,8 @@ def make_spec(spatial_shape: Sequence[int], kernel_size, dilation=1, stride=1, i
     cs = _per_axis("is_causal", is_causal, nd, bool)
     axes = []
     for i, (n, k, d, s, c) in enumerate(zip(shape, ks, ds, ss, cs)):
-        if k < 1 or k % 2 == 0:
-            raise ValueError(f"kernel_size on axis {i} is {k}: neighborhood attention needs an odd kernel size "
-                             f">= 1 (as NATTEN); use {k + 1 if k > 0 else 1}")
+        if k < 1:
+            raise ValueError(f"kernel_size on axis {i} is {k}: neighborhood attention needs a kernel size >= 1")
         if k > n:
             raise ValueError(f"kernel_size {k} on axis {i} is larger than the input ({n}); use a kernel <= {n} "
                              f"(kernel == input size is full attention along that axis)")
@@ -139,10 +140,10 @@ def group_bounds(x: torch.Tensor, length, kernel: int, stride: int, causal: bool
     if causal:
         leader = torch.minimum(torch.div(x, stride, rounding_mode="floor") * stride + (stride - 1), length - 1)
         return (leader - (kernel - 1)).clamp_min(0), x
-    h = kernel // 2
     leader = torch.minimum(torch.div(x, stride, rounding_mode="floor") * stride + stride // 2, length - 1)
-    centre = torch.maximum(torch.minimum(leader, length - 1 - h), torch.full_like(leader, h))
-    return centre - h, centre + h
+    # kernel // 2 keys before the leader (odd: centred; even 2r: r before, r - 1 after), shifted inwards
+    start = torch.minimum((leader - kernel // 2).clamp_min(0), length - kernel)
+    return start, start + (kernel - 1)
 
 
 def axis_bounds(x: torch.Tensor, axis: AxisSpec):
