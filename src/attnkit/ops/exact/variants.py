@@ -168,7 +168,9 @@ def pack_nnlshp(lengths: Sequence[int], max_len: int, max_per_pack: int = 3,
         for n in combo:
             a[row[n], s] += 1
     h = np.array([hist[n] for n in values], dtype=float)
-    x, _ = nnls(a, h)
+    # The paper penalises padding: among the (many) strategy mixes that fit the histogram, prefer few packs. With
+    # the total token count fixed, padding = packs * max_len - tokens, so a small weight on the pack count does it.
+    x, _ = nnls(np.vstack([a, np.full((1, len(strategies)), 0.1)]), np.append(h, 0.0))
     remaining = dict(hist)
     chosen = []
     order = np.argsort(-np.array([sum(c) for c in strategies]))  # fullest strategies first
