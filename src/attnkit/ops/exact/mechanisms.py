@@ -318,3 +318,168 @@ register(Mechanism(
     flops=lambda batch, heads, q_len, kv_len, head_dim, ratio=4, **_: _dense_flops(
         batch, heads, q_len, -(-kv_len // ratio ** 2), head_dim),
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisations, score modifiers and modules (issue 16, catalogue C3-C21)
+# ---------------------------------------------------------------------------------------------------------
+
+register(Mechanism(
+    name="standardized_attention", family="exact", exact=True, complexity="O(n^2 d), O(n) memory", causal=True,
+    paper="Normalized Attention Without Probability Cage (Richter & Wattenhofer, 2020), Sec. 3",
+    factory=_dense_factory("standardize"), flops=_dense_flops, max_bench_len=8192, reference=_DENSE_REFERENCE,
+    summary="logits standardised per row over visible keys (no simplex); two-pass statistics in the tiled engine",
+))
+
+
+def _lssa_factory(causal: bool = False, base: float = 512.0, power: float = 2.0):
+    from attnkit.normalizations import softplus
+
+    pattern = P.causal() if causal else None
+    mod, norm = S.length_scale(base), softplus(power)
+
+    def run(q, k, v):
+        return attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm)
+
+    run.pattern, run.score_mod, run.normalization = pattern, mod, norm  # type: ignore[attr-defined]
+    return run
+
+
+register(Mechanism(
+    name="lssar", family="exact", exact=True, complexity="O(n^2 d), O(n) memory", causal=True,
+    paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models (LSSA(R))",
+    factory=_lssa_factory, flops=_dense_flops, max_bench_len=8192, bench_params={"base": 512.0, "power": 2.0},
+    small_params={"base": 16.0, "power": 2.0},
+    reference=_reference_of(lambda built: {"pattern": built.pattern, "score_mod": built.score_mod,
+                                           "normalization": built.normalization}),
+    summary="softplus + l1 normalisation, log-length logit scale, power re-weighting (power=1: LSSA)",
+))
+
+
+def _module_reference(built, *inputs, **_):
+    return built.reference(*inputs)
+
+
+def _module_factory(cls, *shape_args: str, **fixed):
+    """``factory(causal=False, **params)`` building ``cls(*shape params, causal=causal, **params)``."""
+
+    def factory(causal: bool = False, **params):
+        kwargs = {**fixed, **params}
+        missing = [a for a in shape_args if a not in kwargs]
+        if missing:
+            raise TypeError(f"missing shape parameters {missing}")
+        if causal:
+            kwargs["causal"] = True
+        return cls(**kwargs)
+
+    return factory
+
+
+def _nn():
+    import attnkit.nn.exact as E
+
+    return E
+
+
+def _lazy(name: str):
+    return lambda *a, **kw: getattr(_nn(), name)(*a, **kw)
+
+
+def _coca_factory(causal: bool = False, base: float = 10000.0):
+    def run(q, k, v):
+        return _nn().coca_attention(q, k, v, causal=causal, base=base)
+
+    run.causal, run.base = causal, base  # type: ignore[attr-defined]
+    return run
+
+
+def _quadratic(name, paper, factory, summary, *, needs=(), causal=True, small=None, bench=None, kind="attention",
+               example_inputs=None, exact=True, reference=_module_reference, max_len=4096, flops=_dense_flops,
+               tolerance_scale=1.0):
+    register(Mechanism(
+        name=name, family="exact", paper=paper, exact=exact, complexity="O(n^2 d)", causal=causal, factory=factory,
+        summary=summary, needs=needs, bench_params=bench or {}, small_params=small or {}, reference=reference,
+        kind=kind, example_inputs=example_inputs, max_bench_len=max_len, flops=flops,
+        tolerance_scale=tolerance_scale,
+    ))
+
+
+_quadratic("selective_attention", "Selective Attention: Enhancing Transformer through Principled Context Control "
+           "(Zhang et al., 2024), Sec. 3", _module_factory(_lazy("SelectiveAttention"), "num_heads", "head_dim"),
+           "per-query temperature (token + log-position) and value temperature; runs on any engine",
+           needs=("num_heads", "head_dim"), max_len=16384)
+_quadratic("qk_position", "Improve Transformer Models with Better Relative Position Embeddings (Huang et al., "
+           "2020), method 4", _module_factory(_lazy("QueryKeyPositionAttention"), "num_heads", "head_dim"),
+           "relative embeddings interacting with queries and keys, gathered per logit (O(n) memory, tiled)",
+           needs=("num_heads", "head_dim"), small={"max_distance": 4}, bench={"max_distance": 16})
+register(Mechanism(
+    name="coca", family="exact", paper="Cure the headache of Transformers via Collinear Constrained Attention "
+    "(CoCA), Sec. 3", exact=True, complexity="O(n^2 d)", causal=True, factory=_coca_factory, flops=_dense_flops,
+    summary="keys collinear with the query in every RoPE plane; factored into q', k' for any engine",
+    reference=lambda built, q, k, v, **_: _nn().coca_reference(q, k, v, causal=built.causal, base=built.base),
+))
+_quadratic("gpsa", "ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases, Eq. 5",
+           _module_factory(_lazy("GatedPositionalAttention"), "num_heads"),
+           "gated mix of content softmax and a learned positional softmax (soft convolution at init)",
+           needs=("num_heads",))
+_quadratic("neural_attention", "Neural Attention: A Novel Mechanism for Enhanced Expressive Power in Transformer "
+           "Models", _module_factory(_lazy("NeuralAttention"), "head_dim"),
+           "MLP on each (query, key) pair as the logit; chunked over queries with recomputation",
+           needs=("head_dim",), small={"hidden": 8, "chunk": 16}, bench={"hidden": 16, "chunk": 64}, max_len=2048,
+           flops=lambda batch, heads, q_len, kv_len, head_dim, hidden=16, **_: 2.0 * batch * heads * q_len * kv_len
+           * hidden * (head_dim + 3) + _dense_flops(batch, heads, q_len, kv_len, head_dim) / 2)
+_quadratic("karat", "Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision Transformers?",
+           _module_factory(_lazy("KolmogorovArnoldAttention"), "num_heads"),
+           "learnable Fourier activation of the logits with l1 row normalisation (softmax-like at init)",
+           needs=("num_heads",), small={"grid": 4, "chunk": 16}, bench={"grid": 8, "chunk": 64}, max_len=4096)
+
+
+def _points_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, heads * head_dim, generator=g)
+    # coordinates on a 1/16 grid: exact in every dtype, so the k-NN sets agree across precisions
+    pos = torch.randint(0, 64, (batch, seq_len, 3), generator=g) / 16
+    return x.to(dtype), pos.to(dtype)
+
+
+def _typed_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, heads * head_dim, generator=g)
+    types = (torch.rand(batch, seq_len, generator=g) < 0.3).long()
+    return x.to(dtype), types
+
+
+for _name, _cls, _paper, _summary, _kw in [
+    ("carrier_tokens", "CarrierTokenAttention", "FasterViT: Fast Vision Transformers with Hierarchical Attention "
+     "(HAT), Sec. 3.2", "window attention with per-window carrier tokens that attend globally", {
+         "small": {"window": 6, "carriers": 2}, "bench": {"window": 64, "carriers": 2}, "causal": False,
+         "max_len": 16384}),
+    ("registers", "RegisterAttention", "Vision Transformers Need Registers (Darcet et al., 2024)",
+     "self-attention with learnable register tokens, dropped at the output", {"causal": False}),
+    ("relational_attention", "RelationalAttention", "Disentangling and Integrating Relational and Sensory "
+     "Information in Transformer Architectures (DAT), Sec. 3", "relational heads: attention-weighted learned "
+     "relations plus symbols", {}),
+    ("gem", "GEMSelfSelfAttention", "Grounding Everything: Emerging Localization Properties in Vision-Language "
+     "Transformers (GEM), Sec. 3", "q-q, k-k and v-v self-self attention ensemble (training-free path)",
+     {"causal": False, "exact": False}),
+    ("multi_head_embedding", "MultiHeadEmbeddingAttention", "Pit One Against Many: Leveraging Attention-head "
+     "Embeddings for Parameter-efficient Multi-head Attention", "one shared projection plus a vector per head", {}),
+    ("optimised_attention", "PayBetterAttention", "You Need to Pay Better Attention (Optimised attention)",
+     "no value projection per head (folded into the output map)", {"fixed": {"variant": "optimised"}}),
+    ("efficient_attention", "PayBetterAttention", "You Need to Pay Better Attention (Efficient attention)",
+     "no key or value projection: half the parameters", {"fixed": {"variant": "efficient"}}),
+    ("super_attention", "PayBetterAttention", "You Need to Pay Better Attention (Super attention)",
+     "efficient attention with a learned sequence-mixing matrix on the values",
+     {"fixed": {"variant": "super"}, "needs": ("dim", "seq_len"), "max_len": 2048}),
+    ("point_transformer", "PointTransformerLayer", "Point Transformer (Zhao et al., 2021), Eq. 3",
+     "vector attention over k-NN point neighbourhoods with relative-position MLPs",
+     {"causal": False, "small": {"k": 8}, "bench": {"k": 16}, "inputs": _points_inputs, "max_len": 2048}),
+    ("luke", "EntityAwareAttention", "LUKE: Deep Contextualized Entity Representations with Entity-aware "
+     "Self-attention, Sec. 3.2", "four query matrices chosen by the (word, entity) types of each pair",
+     {"causal": False, "inputs": _typed_inputs}),
+]:
+    _fixed = _kw.get("fixed", {})
+    _needs = _kw.get("needs", ("dim",))
+    _quadratic(_name, _paper, _module_factory(_lazy(_cls), *_needs, **_fixed), _summary, needs=_needs,
+               causal=_kw.get("causal", True), small=_kw.get("small"), bench=_kw.get("bench"), kind="mixer",
+               example_inputs=_kw.get("inputs"), exact=_kw.get("exact", True), max_len=_kw.get("max_len", 4096))
