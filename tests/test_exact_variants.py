@@ -284,3 +284,52 @@ def test_multihead_attention_head_dim_is_independent_of_num_heads():
 
 def test_rotary_helper_is_the_one_used():
     assert callable(apply_rotary)
+
+
+def test_issue16_records_train_through_multihead_attention_and_factories():
+    """Attention-kind records through nn.MultiheadAttention (what `attnkit quality` builds), mixers through their
+    factory with dim= and causal=; forward and backward at a length that is no multiple of any block."""
+    names = ["axial", "halo", "multi_scale_heads", "hepos", "hdt", "block_attention", "varlen", "gsa",
+             "standardized_attention", "lssar", "selective_attention", "qk_position", "coca", "gpsa",
+             "neural_attention", "karat", "carrier_tokens", "registers", "relational_attention", "gem",
+             "multi_head_embedding", "optimised_attention", "efficient_attention", "super_attention"]
+    x = torch.randn(2, 36, 32, requires_grad=True)
+    for name in names:
+        info = attnkit.mechanism_info(name)
+        params = dict(info.small_params)
+        for causal in ([False, True] if info.causal else [False]):
+            if info.kind == "attention":
+                layer = MultiheadAttention(32, 2, mechanism=name, causal=causal, max_seq_len=36,
+                                           mechanism_kwargs=params or None)
+            else:
+                layer = info.build(dim=32, causal=causal, **params)
+            out = layer(x)
+            assert out.shape == x.shape, name
+            out.square().mean().backward()
+            assert torch.isfinite(x.grad).all(), name
+            x.grad = None
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_per_head_patterns_run_head_groups_on_their_own_tiles(kv_heads):
+    """Heads with different windows run as separate tiled calls (their own tiles, not the union), GQA included."""
+    from attnkit.ops.exact.tiled import _head_groups
+
+    pattern = P.per_head_window([2, 2, 9, None])
+    groups = _head_groups(pattern, None, 40, 40, 8, 8, 1, 4)
+    assert [g for g, _ in groups] == [[0, 1], [2], [3]]
+    q, k, v = random_qkv(2, 4, 40, 40, 8, kv_heads=kv_heads, dtype=torch.float64, requires_grad=True)
+    out = attnkit.attention(q, k, v, pattern=pattern, engine="tiled", block_q=8, block_kv=8)
+    ref = attnkit.attention(q, k, v, pattern=pattern, engine="reference")
+    assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 3])
+def test_hepos_gathered_path_equals_the_head_strided_mask(kv_heads):
+    q, k, v = random_qkv(2, 6, 7, 23, 8, kv_heads=kv_heads, dtype=torch.float64)
+    for s in (1, 4, 30):
+        assert_close(V.head_strided_attention(q, k, v, s),
+                     attnkit.attention(q, k, v, pattern=P.head_strides(s), engine="reference"))

@@ -26,12 +26,13 @@ def _dense_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
 def _pattern_mechanism(name: str, paper: str, make: Callable[..., P.Pattern], summary: str,
                        bench_params: dict, in_default_bench: bool = False, small_params: dict | None = None,
                        dynamic: bool = False, complexity: str = "O(n * w * d)",
-                       varlen: bool = False) -> Mechanism:
+                       varlen: bool = False, fast: Callable[..., Any] | None = None) -> Mechanism:
     """A mechanism that is exact softmax attention restricted to a pattern (tiled engine).
 
     ``make(**params)`` builds the pattern; with ``dynamic=True`` it is ``make(seq_len=, heads=, causal=,
     **params)`` and is called per input shape (grids read from the length, one window per head), its result
-    cached. ``varlen``: the pattern is a ``cu_seqlens`` packing, run through ``attention(cu_seqlens=)``."""
+    cached. ``varlen``: the pattern is a ``cu_seqlens`` packing, run through ``attention(cu_seqlens=)``.
+    ``fast(q, k, v, causal=, **params)``: a specialised exact path (None where it does not apply)."""
 
     def pattern_for(seq_len: int | None = None, causal: bool = False, heads: int = 8, **params) -> P.Pattern:
         if dynamic:
@@ -54,6 +55,10 @@ def _pattern_mechanism(name: str, paper: str, make: Callable[..., P.Pattern], su
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             check_qkv(q, k, v)
+            if fast is not None:
+                out = fast(q, k, v, causal=causal, **params)
+                if out is not None:
+                    return out
             if varlen:
                 cu = _regular_cu_seqlens(k.shape[2], params.get("doc_len", 64), k.device)
                 return attention(q, k, v, pattern=P.causal() if causal else None, cu_seqlens=cu)
@@ -204,6 +209,12 @@ register(Mechanism(
 # Pattern variants (issue 16): grids, per-head patterns, hierarchical and packed documents
 # ---------------------------------------------------------------------------------------------------------
 
+def _variants():
+    from . import variants
+
+    return variants
+
+
 def _grid(seq_len: int, shape) -> tuple[int, ...]:
     from .variants import grid_shape
 
@@ -270,8 +281,10 @@ for _rec in [
         {"window": 64}, small_params={"window": 2}, dynamic=True, complexity="O(n * sum_h w_h * d)"),
     _pattern_mechanism(
         "hepos", "Efficient Attentions for Long Document Summarization (Hepos), Sec. 3.2", _hepos,
-        "head h attends to keys j with j % stride == h % stride", {"stride": 4}, small_params={"stride": 2},
-        dynamic=True, complexity="O(n^2 d / stride)"),
+        "head h attends to keys j with j % stride == h % stride (non-causal: gathered keys, 1/stride of the work)",
+        {"stride": 4}, small_params={"stride": 2}, dynamic=True, complexity="O(n^2 d / stride)",
+        fast=lambda q, k, v, causal, stride=4: None if causal else _variants().head_strided_attention(
+            q, k, v, stride)),
     _pattern_mechanism(
         "hdt", "HDT: Hierarchical Document Transformer (He et al., 2024), Sec. 3.2", _hdt,
         "hierarchical anchor mask: tokens see their sentence, anchors their siblings and parent",
@@ -470,7 +483,7 @@ for _name, _cls, _paper, _summary, _kw in [
      "no key or value projection: half the parameters", {"fixed": {"variant": "efficient"}}),
     ("super_attention", "PayBetterAttention", "You Need to Pay Better Attention (Super attention)",
      "efficient attention with a learned sequence-mixing matrix on the values",
-     {"fixed": {"variant": "super"}, "needs": ("dim", "seq_len"), "max_len": 2048}),
+     {"fixed": {"variant": "super", "seq_len": 256}, "bench": {"seq_len": 2048}, "max_len": 2048}),
     ("point_transformer", "PointTransformerLayer", "Point Transformer (Zhao et al., 2021), Eq. 3",
      "vector attention over k-NN point neighbourhoods with relative-position MLPs",
      {"causal": False, "small": {"k": 8}, "bench": {"k": 16}, "inputs": _points_inputs, "max_len": 2048}),

@@ -712,6 +712,20 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     hkv, kv_len = k.shape[1], k.shape[2]
     fused = can_fuse(q, v, score_mod, normalization)
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
+    groups = _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h)
+    if groups is not None:
+        # Heads whose patterns need different tiles (per-head windows) run as separate calls, each on its own
+        # tiles: one call would compute the union of every head's tiles for all heads.
+        outs, order = [], []
+        for heads, sub in groups:
+            idx = torch.tensor(heads, device=q.device)
+            kv_idx = torch.div(idx, h // hkv, rounding_mode="floor")
+            outs.append(tiled_attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx),
+                                        pattern=sub, score_mod=score_mod, normalization=normalization, scale=scale,
+                                        block_q=block_q, block_kv=block_kv, tile_elements=tile_elements))
+            order += heads
+        inverse = torch.argsort(torch.tensor(order, device=q.device))
+        return torch.cat(outs, dim=1).index_select(1, inverse)
     row_cost = b * h * bq * bk
     if fused:  # the kernel never materialises a step's scores: every query block's keys go in one step
         tile_elements = max(tile_elements, row_cost * -(-kv_len // bk))
@@ -723,6 +737,54 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv, fused)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
+
+
+class _HeadSubset(Pattern):
+    """Heads ``heads`` of a head-dependent pattern, renumbered ``0 .. len(heads) - 1``."""
+
+    head_dependent = True
+
+    def __init__(self, pattern: Pattern, heads: list[int], total: int):
+        self.pattern, self.heads, self.total = pattern, heads, total
+        self.batch_dependent = pattern.batch_dependent
+        self._idx = torch.tensor(heads)
+
+    def check(self, q_len, kv_len, batch, heads):
+        self.pattern.check(q_len, kv_len, batch, self.total)
+
+    def allowed(self, b, h, q_idx, kv_idx, q_len, kv_len):
+        return self.pattern.allowed(b, None if h is None else self._idx.to(q_idx.device)[h], q_idx, kv_idx,
+                                    q_len, kv_len)
+
+    def _classify(self, q_len, kv_len, block_q, block_kv, batch, heads, device):
+        cls = self.pattern.tile_classes(q_len, kv_len, block_q, block_kv, batch=batch, heads=self.total,
+                                        device=device)
+        return cls[:, self._idx.to(cls.device)] if cls.shape[1] > 1 else cls
+
+    def __repr__(self):
+        return f"{self.pattern!r}[heads={self.heads}]"
+
+
+def _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h):
+    """For a head-dependent pattern: ``[(heads, sub-pattern), ...]`` grouping heads with identical non-empty
+    tiles, or None when one call serves every head (one group, or a head-dependent score modifier that would see
+    renumbered heads)."""
+    if pattern is None or not pattern.head_dependent or h == 1 or isinstance(pattern, _HeadSubset) or (
+            score_mod is not None and score_mod.head_dependent):
+        return None
+    cache = pattern.__dict__.setdefault("_head_group_cache", {})
+    key = (q_len, kv_len, bq, bk, b, h)
+    if key not in cache:
+        if len(cache) > 16:
+            cache.clear()
+        cls = pattern.tile_classes(q_len, kv_len, bq, bk, batch=b, heads=h, device="cpu")
+        groups: dict[bytes, list[int]] = {}
+        if cls.shape[1] == h:
+            nonempty = (cls.amax(dim=0) != EMPTY).to(torch.uint8)
+            for head in range(h):
+                groups.setdefault(nonempty[head].numpy().tobytes(), []).append(head)
+        cache[key] = None if len(groups) < 2 else [(hs, _HeadSubset(pattern, hs, h)) for hs in groups.values()]
+    return cache[key]
 
 
 def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,

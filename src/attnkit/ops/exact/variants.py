@@ -313,3 +313,32 @@ def sub_sampled_attention_reference(q, k, v, ratio: int, shape: Sequence[int] | 
     from .api import attention
 
     return attention(q, torch.stack(ks, 2), torch.stack(vs, 2), scale=scale, engine="reference")
+
+
+def head_strided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int, *,
+                           scale: float | None = None) -> torch.Tensor:
+    """Hepos cross-attention ("Efficient Attentions for Long Document Summarization", Sec. 3.2) by gathering:
+    head ``h`` attends to the keys ``j = h % stride, h % stride + stride, ...`` only, so each residue class's heads
+    run dense attention on ``kv_len / stride`` gathered keys (SDPA): ``1 / stride`` of full attention's work,
+    exactly equal to ``attention(pattern=head_strides(stride))``. ``q [batch, heads, q_len, dim]``, ``k, v
+    [batch, kv_heads, kv_len, dim]``."""
+    from attnkit._checks import check_qkv
+
+    from .api import attention
+
+    check_qkv(q, k, v)
+    h, hkv = q.shape[1], k.shape[1]
+    outs, order = [], []
+    for r in range(min(stride, h)):
+        heads = list(range(r, h, stride))
+        idx = torch.tensor(heads, device=q.device)
+        kv_idx = torch.div(idx, h // hkv, rounding_mode="floor")
+        ks, vs = k.index_select(1, kv_idx)[:, :, r::stride], v.index_select(1, kv_idx)[:, :, r::stride]
+        qs = q.index_select(1, idx)
+        if ks.shape[2] == 0:  # no key of this residue: the rows are fully masked, zeros by convention
+            outs.append(q.new_zeros(*qs.shape[:-1], v.shape[-1]))
+        else:
+            outs.append(attention(qs, ks, vs, scale=scale if scale is not None else q.shape[-1] ** -0.5))
+        order += heads
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    return torch.cat(outs, dim=1).index_select(1, inverse)
