@@ -333,3 +333,16 @@ def test_hepos_gathered_path_equals_the_head_strided_mask(kv_heads):
     for s in (1, 4, 30):
         assert_close(V.head_strided_attention(q, k, v, s),
                      attnkit.attention(q, k, v, pattern=P.head_strides(s), engine="reference"))
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 5), 0), ((2, 3, 4), 1), ((4, 2, 3), 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_axial_and_varlen_dense_paths_equal_their_patterns(shape, axis, causal):
+    n = math.prod(shape)
+    q, k, v = random_qkv(2, 4, n, n, 8, kv_heads=2, dtype=torch.float64)
+    assert_close(V.axial_attention(q, k, v, shape, axis, causal=causal),
+                 attnkit.attention(q, k, v, pattern=P.axial(shape, axis, causal=causal), engine="reference"))
+    cu = V.cu_seqlens_from_lengths([3, n - 7, 4])
+    assert_close(V.varlen_attention(q, k, v, cu, causal=causal),
+                 attnkit.attention(q, k, v, cu_seqlens=cu, pattern=P.causal() if causal else None,
+                                   engine="reference"))

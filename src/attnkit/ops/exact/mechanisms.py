@@ -269,7 +269,9 @@ for _rec in [
     _pattern_mechanism(
         "axial", "Axial Attention in Multidimensional Transformers (Ho et al., 2019), Sec. 3", _axial,
         "attention along one axis of a grid (rows by default; the flat sequence read as a near-square grid)",
-        {"axis": -1}, dynamic=True, complexity="O(n * sqrt(n) * d)"),
+        {"axis": -1}, dynamic=True, complexity="O(n * sqrt(n) * d)",
+        fast=lambda q, k, v, causal, axis=-1, shape=None: _variants().axial_attention(
+            q, k, v, _grid(k.shape[2], shape), axis, causal=causal) if q.shape[2] == k.shape[2] else None),
     _pattern_mechanism(
         "halo", "Scaling Local Self-Attention for Parameter Efficient Visual Backbones (HaloNet), Sec. 3.1", _halo,
         "blocked local attention: each b x b block attends to its block plus a halo, borders cut",
@@ -299,7 +301,10 @@ for _rec in [
         "varlen", "Efficient Sequence Packing without Cross-contamination (Krell et al., 2021)", _varlen,
         "packed documents (cu_seqlens): block-diagonal attention, cross-document tiles skipped",
         {"doc_len": 1024}, small_params={"doc_len": 10}, dynamic=True, varlen=True,
-        complexity="O(sum_s L_s^2 d)"),
+        complexity="O(sum_s L_s^2 d)",
+        fast=lambda q, k, v, causal, doc_len=1024: _variants().varlen_attention(
+            q, k, v, _regular_cu_seqlens(k.shape[2], doc_len, k.device), causal=causal)
+        if q.shape[2] == k.shape[2] else None),
 ]:
     register(_rec)
 

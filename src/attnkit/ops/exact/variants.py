@@ -342,3 +342,53 @@ def head_strided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
         order += heads
     inverse = torch.argsort(torch.tensor(order, device=q.device))
     return torch.cat(outs, dim=1).index_select(1, inverse)
+
+
+def axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Sequence[int], axis: int, *,
+                    causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Axial attention by moving the axis last (one transposed copy of q, k, v) and running every line as a batch
+    element of dense attention (SDPA): the same operator as ``attention(pattern=axial(shape, axis))``, without
+    the strided masks a non-contiguous axis (columns) puts on every tile. ``q, k, v [batch, heads, prod(shape),
+    dim]`` (self-attention over the grid)."""
+    from attnkit._checks import check_qkv, repeat_kv
+
+    check_qkv(q, k, v)
+    shape = tuple(shape)
+    n = 1
+    for s in shape:
+        n *= s
+    if q.shape[2] != n or k.shape[2] != n:
+        raise ValueError(f"axial_attention: q and k must hold the {n} tokens of the grid {shape}, got "
+                         f"{q.shape[2]} and {k.shape[2]}")
+    axis = axis % len(shape)
+    b, h = q.shape[:2]
+    k, v = repeat_kv(k, h), repeat_kv(v, h)
+
+    def to_lines(x):
+        g = x.reshape(b, h, *shape, x.shape[-1]).movedim(2 + axis, -2)
+        return g.reshape(b, -1, shape[axis], x.shape[-1]), g.shape
+
+    (ql, _), (kl, _), (vl, moved) = to_lines(q), to_lines(k), to_lines(v)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        ql, kl, vl, is_causal=causal, scale=scale if scale is not None else q.shape[-1] ** -0.5)
+    return out.reshape(moved).movedim(-2, 2 + axis).reshape(b, h, n, v.shape[-1])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                     causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Packed documents run one by one through dense attention (SDPA): exactly ``attention(cu_seqlens=...)``,
+    O(sum_s L_s^2 d) with no partial boundary tiles; a Python loop over documents, so for many short documents
+    the block-sparse ``attention(cu_seqlens=)`` is the better call. ``q, k, v [batch, heads, total, dim]``."""
+    from attnkit._checks import check_qkv, repeat_kv
+
+    check_qkv(q, k, v)
+    cu = check_cu_seqlens(cu_seqlens, k.shape[2]).tolist()
+    h = q.shape[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    outs = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            ks, vs = repeat_kv(k[:, :, a:b], h), repeat_kv(v[:, :, a:b], h)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], ks, vs, is_causal=causal,
+                                                                         scale=scale))
+    return torch.cat(outs, dim=2)
