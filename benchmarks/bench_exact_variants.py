@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "varlen_attention causal": lambda: per_doc(True),
     }, reps)
     results["varlen_causal"] = show("varlen, causal", med, {}, "varlen_attention causal")
-    del mask
+    mask = None  # free the n x n boolean mask before the next sections
 
     # 2. axial attention
     side = 32 if quick else 128
