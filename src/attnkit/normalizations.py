@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Normalization", "softmax", "sigmoid", "relu", "softplus", "sinkhorn", "resolve"]
+__all__ = ["Normalization", "softmax", "sigmoid", "relu", "softplus", "sinkhorn", "standardize", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class Normalization:
     iterations: int = 3  # sinkhorn
     row_normalized: bool = True
     is_global: bool = False
+    power: float = 1.0  # softplus: re-weighting exponent (1 = none)
+    eps: float = 1e-5  # standardize: added to the variance
+    gain: float = 1.0  # standardize: output gain
 
     def weight(self, scores: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Unnormalised weights ``f(s)`` for the elementwise normalisations (not softmax / sinkhorn)."""
@@ -34,7 +37,8 @@ class Normalization:
         if self.name == "relu":
             return torch.relu(scores) / kv_len
         if self.name == "softplus":
-            return torch.nn.functional.softplus(scores)
+            w = torch.nn.functional.softplus(scores)
+            return w if self.power == 1.0 else w.pow(self.power)
         raise ValueError(f"{self.name} has no elementwise weight")
 
 
@@ -55,11 +59,31 @@ def relu() -> Normalization:
     return Normalization("relu", row_normalized=False)
 
 
-def softplus() -> Normalization:
+def softplus(power: float = 1.0) -> Normalization:
     """Softplus attention ``w_ij = softplus(s_ij) / sum_j softplus(s_ij)``: softmax's exp replaced by softplus,
     keeping the l1 row normalisation ("Softplus Attention with Re-weighting Boosts Length Extrapolation in
-    Large Language Models"). The paper's length scaling and re-weighting are not included."""
-    return Normalization("softplus")
+    Large Language Models", Gao & Spratling, 2025, Sec. 3: LSSA).
+
+    ``power > 1`` adds the paper's re-weighting (LSSAR) as a power of the normalised weights, renormalised:
+    ``w'_ij = w_ij^p / sum_j w_ij^p`` (= ``softplus(s_ij)^p / sum_j softplus(s_ij)^p``): strong weights grow,
+    weak ones shrink, the argmax stays and the row entropy never rises. [mem?] The paper's exact sharpening
+    function could not be checked offline; this is the power form the catalogue names. The paper's length
+    scale ``lambda(n) * s_ij`` is the score modifier ``attnkit.score_mods.length_scale``."""
+    if not isinstance(power, (int, float)) or isinstance(power, bool) or power < 1:
+        raise ValueError(f"softplus(power) must be a number >= 1 (1: no re-weighting), got {power!r}")
+    return Normalization("softplus", power=float(power))
+
+
+def standardize(gain: float = 1.0, eps: float = 1e-5) -> Normalization:
+    """Normalised attention without the probability cage ("Normalized Attention Without Probability Cage",
+    Richter & Wattenhofer, 2020, Sec. 3): each row of logits is standardised over its visible keys,
+    ``a_ij = gain * (s_ij - mu_i) / sqrt(var_i + eps)`` (biased variance), and ``o_i = sum_j a_ij v_j``; weights
+    may be negative and do not sum to 1. The tiled engine takes the statistics in two passes over the keys
+    (mean first, then centred variance and the output), never holding a row of scores; masked keys are left
+    out of the statistics and rows with no visible key give zeros."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"standardize(eps) must be a positive number, got {eps!r}")
+    return Normalization("standardize", row_normalized=False, eps=float(eps), gain=float(gain))
 
 
 def sinkhorn(iterations: int = 3) -> Normalization:
@@ -71,7 +95,8 @@ def sinkhorn(iterations: int = 3) -> Normalization:
     return Normalization("sinkhorn", iterations=iterations, is_global=True)
 
 
-_BY_NAME = {"softmax": softmax, "sigmoid": sigmoid, "relu": relu, "softplus": softplus, "sinkhorn": sinkhorn}
+_BY_NAME = {"softmax": softmax, "sigmoid": sigmoid, "relu": relu, "softplus": softplus, "sinkhorn": sinkhorn,
+            "standardize": standardize}
 
 
 def resolve(normalization: str | Normalization) -> Normalization:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_bias", "t5_buckets", "kerple_log", "kerple_power",
-           "softcap", "custom", "compose"]
+           "softcap", "custom", "compose", "length_scale", "query_key_position", "position_temperature"]
 
 
 def _distance(q_idx: torch.Tensor, kv_idx: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
@@ -305,3 +305,86 @@ def custom(fn: Callable, *, params: list[torch.Tensor] | tuple[torch.Tensor, ...
     if not callable(fn):
         raise TypeError("custom(fn): fn must be callable as fn(score, b, h, q_idx, kv_idx)")
     return _Custom(fn, list(params))
+
+
+class _LengthScale(ScoreMod):
+    def __init__(self, base: float, per_row: bool):
+        super().__init__()
+        self.base, self.per_row = base, per_row
+
+    def forward(self, score, b, h, q_idx, kv_idx, q_len, kv_len):
+        if self.per_row:
+            n = (q_idx + (kv_len - q_len + 1)).to(score.dtype)  # keys up to the query's position
+        else:
+            n = torch.full((), float(kv_len), dtype=score.dtype, device=score.device)
+        return score * (torch.log(n) / math.log(self.base))
+
+    def extra_repr(self):
+        return f"base={self.base}, per_row={self.per_row}"
+
+
+def length_scale(base: float = 512.0, *, per_row: bool = True) -> ScoreMod:
+    """Entropy-invariant length scale ``s_ij * log(n_i) / log(base)`` of LSSA ("Softplus Attention with
+    Re-weighting Boosts Length Extrapolation in Large Language Models", Gao & Spratling, 2025, Sec. 3.1): logits
+    sharpen as the context grows so the attention entropy stays near its training value. ``n_i``: the keys up to
+    the query's position (``per_row``, the causal LM's context length) or ``kv_len``; ``base``: the training
+    length at which the scale is 1. Combine with ``normalizations.softplus(power)`` for LSSA(R)."""
+    if not isinstance(base, (int, float)) or base <= 1:
+        raise ValueError(f"length_scale(base) must be a number > 1 (the training length), got {base!r}")
+    return _LengthScale(float(base), bool(per_row))
+
+
+class _QueryKeyPosition(ScoreMod):
+    head_dependent = True
+
+    def __init__(self, qa: torch.Tensor, ka: torch.Tensor, max_distance: int):
+        super().__init__()
+        self.qa, self.ka, self.max_distance = qa, ka, max_distance
+
+    def grad_tensors(self):
+        return [t for t in (self.qa, self.ka) if t.requires_grad]
+
+    def forward(self, score, b, h, q_idx, kv_idx, q_len, kv_len):
+        b = torch.zeros((), dtype=torch.long, device=score.device) if b is None else b
+        h = _head_index(h, score)
+        r = _distance(q_idx, kv_idx, q_len, kv_len).clamp(-self.max_distance, self.max_distance) + self.max_distance
+        return score + (self.qa[b, h, q_idx, r] + self.ka[b, h, kv_idx, r]).to(score.dtype)
+
+
+def query_key_position(qa: torch.Tensor, ka: torch.Tensor, max_distance: int) -> ScoreMod:
+    """Query-key-position interaction ("Improve Transformer Models with Better Relative Position Embeddings",
+    Huang et al., 2020, method 4): ``s_ij + (q_i . a_ij + k_j . a_ij) * scale`` with ``a_ij = table[clip(p - j,
+    -K, K) + K]``. Pass ``qa = (q @ table.T) * scale [batch, heads, q_len, 2K + 1]`` and ``ka = (k @ table.T) *
+    scale [batch, heads, kv_len, 2K + 1]`` (products with every embedding, O(n K d), never O(n^2 d)); each logit
+    then gathers its two terms. Gradients reach q, k and the table through ``qa`` and ``ka``
+    (``attnkit.nn.QueryKeyPositionAttention`` wires it)."""
+    if qa.dim() != 4 or ka.dim() != 4 or qa.shape[-1] != 2 * max_distance + 1 or ka.shape[-1] != qa.shape[-1]:
+        raise ValueError(f"query_key_position: qa and ka must be [batch, heads, len, 2 * max_distance + 1 = "
+                         f"{2 * max_distance + 1}], got {tuple(qa.shape)} and {tuple(ka.shape)}")
+    return _QueryKeyPosition(qa, ka, max_distance)
+
+
+class _PositionTemperature(ScoreMod):
+    head_dependent = True
+
+    def __init__(self, num_heads: int, alpha):
+        super().__init__()
+        self.num_heads = num_heads
+        a = torch.as_tensor(alpha, dtype=torch.float32)
+        self.alpha = nn.Parameter(a.expand(num_heads).clone() if a.dim() == 0 else a.clone())
+
+    def check(self, heads):
+        if heads != self.num_heads:
+            raise ValueError(f"position_temperature(num_heads={self.num_heads}) used with {heads} query heads")
+
+    def forward(self, score, b, h, q_idx, kv_idx, q_len, kv_len):
+        p = (q_idx + (kv_len - q_len)).to(score.dtype)
+        return score * (1 + self.alpha.to(score.dtype)[_head_index(h, score)] * torch.log1p(p))
+
+
+def position_temperature(num_heads: int, alpha: float | torch.Tensor = 0.0) -> ScoreMod:
+    """The position part of selective attention's query temperature ("Selective Attention: Enhancing Transformer
+    through Principled Context Control", Zhang et al., 2024, Sec. 3): ``s_ij * (1 + alpha_h * log(1 + p))``, a
+    learnable per-head sharpening that grows with the query position against attention dilution. ``alpha = 0``
+    is plain attention. The token part lives in ``attnkit.nn.SelectiveAttention``."""
+    return _PositionTemperature(num_heads, alpha)

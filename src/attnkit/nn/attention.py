@@ -22,8 +22,12 @@ class MultiheadAttention(nn.Module):
     """Multi-head (or grouped-query) attention over ``[batch, seq, embed_dim]`` inputs.
 
     Args:
-        embed_dim: model width; split into ``num_heads`` heads of ``embed_dim // num_heads`` channels.
+        embed_dim: model width; split into ``num_heads`` heads of ``embed_dim // num_heads`` channels unless
+            ``head_dim`` is given.
         num_heads: query heads.
+        head_dim: channels per head, independent of ``num_heads`` ("Low-Rank Bottleneck in Multi-head Attention
+            Models", Bhojanapalli et al., 2020: ``head_dim >= seq_len`` lets each head's logit matrix reach full
+            rank); the projections map ``embed_dim -> num_heads * head_dim`` and back.
         kv_heads: key/value heads (``num_heads`` by default; fewer gives GQA, 1 gives MQA).
         mechanism: a registered mechanism name (``attnkit list``). ``"softmax"`` runs ``attnkit.attention`` with
             ``pattern``, ``score_mod`` and ``normalization``; other names are built with
@@ -34,8 +38,11 @@ class MultiheadAttention(nn.Module):
         max_seq_len: passed to mechanisms that need a fixed length (e.g. Linformer).
         bias: whether the projections have biases.
 
-    ``forward(x, context=None, *, cache=None, lengths=None)``: ``x [batch, q_len, embed_dim]``; ``context
-    [batch, kv_len, embed_dim]`` for cross-attention (defaults to ``x``). Returns ``[batch, q_len, embed_dim]``.
+    ``forward(x, context=None, *, cache=None, lengths=None, cu_seqlens=None)``: ``x [batch, q_len, embed_dim]``;
+    ``context [batch, kv_len, embed_dim]`` for cross-attention (defaults to ``x``). Returns
+    ``[batch, q_len, embed_dim]``. ``cu_seqlens [num_docs + 1]``: ``x`` holds documents packed along the sequence
+    (varlen, "Efficient Sequence Packing without Cross-contamination"): attention stays inside each document and
+    rotary positions restart at 0 in each, so every document's output equals running it alone.
 
     Decoding (``mechanism="softmax"`` self-attention): pass an ``attnkit.KVCache`` (or ``SlidingWindowCache``,
     ``AdaptiveKVCache``) as ``cache=``: the first call prefills the prompt, later calls feed the new tokens
@@ -51,20 +58,23 @@ class MultiheadAttention(nn.Module):
                  pattern: P.Pattern | None = None, score_mod: ScoreMod | None = None,
                  normalization: str = "softmax", causal: bool = False, rotary: bool = False,
                  max_seq_len: int | None = None, bias: bool = False,
-                 mechanism_kwargs: dict[str, Any] | None = None):
+                 mechanism_kwargs: dict[str, Any] | None = None, head_dim: int | None = None):
         super().__init__()
         kv_heads = num_heads if kv_heads is None else kv_heads
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if head_dim is None and embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} (or pass head_dim=)")
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         if num_heads % kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
         self.embed_dim, self.num_heads, self.kv_heads = embed_dim, num_heads, kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.mechanism, self.causal = mechanism, causal
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        inner = num_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim) if rotary else None
         self.score_mod = score_mod
         self.normalization = normalization
@@ -97,9 +107,11 @@ class MultiheadAttention(nn.Module):
         return apply_rotary(x, cos.view(shape), sin.view(shape))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, cache: Any = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [batch, seq, {self.embed_dim}], got {tuple(x.shape)}")
+        if cu_seqlens is not None:
+            return self._forward_varlen(x, context, cache, cu_seqlens)
         if cache is not None:
             return self._forward_cached(x, context, cache, lengths)
         if lengths is not None:
@@ -121,7 +133,25 @@ class MultiheadAttention(nn.Module):
         if _capture.is_active():  # attnkit.analysis.capture is recording
             out = _capture.record_attention(self, q, k, v, out)
         b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _forward_varlen(self, x: torch.Tensor, context, cache, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        from attnkit.ops.exact.variants import check_cu_seqlens, position_ids
+
+        if context is not None or cache is not None or self.inner is not None:
+            raise ValueError("cu_seqlens= packs self-attention of mechanism='softmax' (no context, cache or other "
+                             "mechanism)")
+        cu = check_cu_seqlens(cu_seqlens.to(x.device), x.shape[1])
+        q = self._split(self.q_proj(x), self.num_heads)
+        k = self._split(self.k_proj(x), self.kv_heads)
+        v = self._split(self.v_proj(x), self.kv_heads)
+        if self.rotary is not None:
+            pos = position_ids(cu)[None]  # restart at 0 in every document
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
+        out = attention(q, k, v, pattern=self.pattern, score_mod=self.score_mod, normalization=self.normalization,
+                        cu_seqlens=cu)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
     def step(self, x: torch.Tensor, cache: Any, *, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding call: ``forward(x, cache=cache)`` (``x [batch, n_new, embed_dim]``, usually ``n_new=1``)."""
@@ -146,4 +176,4 @@ class MultiheadAttention(nn.Module):
             q, k = self._rotate(q, pos), self._rotate(k, pos)
         out = cache.attend(q, k, v, pattern=self.pattern, causal=self.causal, score_mod=self.score_mod,
                            normalization=self.normalization, lengths=lengths)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -99,7 +99,8 @@ def _resolve_score_mod(score_mod) -> ScoreMod | None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None = None,
               score_mod: ScoreMod | Sequence[ScoreMod] | None = None,
               normalization: str | Normalization = "softmax", scale: float | None = None,
-              engine: str = "auto", block_q: int | None = None, block_kv: int | None = None) -> torch.Tensor:
+              engine: str = "auto", block_q: int | None = None, block_kv: int | None = None,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention ``o_i = sum_j w_ij v_j`` with ``w = normalization(score_mod(q_i . k_j * scale))`` over
     the pairs ``pattern`` allows.
 
@@ -115,6 +116,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         scale: score scale, default ``1/sqrt(dim)``.
         engine: "auto", "sdpa", "tiled" or "reference" (see the module docstring for what each supports).
         block_q, block_kv: tile sizes of the tiled engine (performance knobs; default 64).
+        cu_seqlens: varlen packing (FlashAttention's convention): ``[num_docs + 1]`` cumulative lengths of the
+            documents packed along the sequence axis (``q_len == kv_len``); queries attend only inside their
+            document (``pattern`` is intersected with that block-diagonal mask, whose empty tiles are skipped).
+            Restart positions per document with ``attnkit.ops.exact.variants.position_ids``.
 
     Returns:
         ``[batch, heads, q_len, dim_v]``. A query whose row the pattern masks completely gets zeros (no NaN,
@@ -131,6 +136,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
             raise ValueError(f"{name} must be a positive int (or None for the default), got {val!r}")
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
+    if cu_seqlens is not None:
+        from .variants import check_cu_seqlens, varlen_pattern
+
+        if q_len != kv_len:
+            raise ValueError(f"cu_seqlens packs self-attention: q_len ({q_len}) must equal kv_len ({kv_len})")
+        docs = varlen_pattern(check_cu_seqlens(cu_seqlens, kv_len))
+        pattern = docs if pattern is None else pattern & docs
     if pattern is not None:
         pattern.check(q_len, kv_len, batch, heads)
     if mod is not None:

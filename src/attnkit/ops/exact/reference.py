@@ -47,6 +47,14 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, *, pattern: Pattern | No
             dim = -1 if t % 2 == 0 else -2  # rows first: one iteration is softmax
             log_k = log_k - _lse(log_k, dim)
         return torch.exp(log_k)
+    if normalization.name == "standardize":
+        vis = ~torch.isneginf(s)
+        count = vis.sum(-1, keepdim=True)
+        s0 = torch.where(vis, s, torch.zeros_like(s))
+        mu = s0.sum(-1, keepdim=True) / count.clamp_min(1)
+        z = torch.where(vis, s - mu, torch.zeros_like(s))
+        var = z.square().sum(-1, keepdim=True) / count.clamp_min(1)
+        return normalization.gain * z / torch.sqrt(var + normalization.eps)
     w = normalization.weight(s, kv_len)  # f(-inf) = 0 for sigmoid, relu and softplus
     if normalization.row_normalized:
         w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)

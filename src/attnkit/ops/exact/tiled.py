@@ -549,10 +549,130 @@ def tiled_backward(cfg: _Config, q, k, v, out, stat, grad_out, params: list[torc
     return dq, dk, dv_, dparams
 
 
+def _standardize_pass(cfg: _Config, qb, kb, vb, batch: int, fn, raw_grad: bool = False) -> None:
+    """Visit every step with its scores ``s [B, Hkv, R, G*bq, C*bk]`` and visibility mask (keys not masked)."""
+    for step in cfg.plan.steps:
+        r = step.r1 - step.r0
+        with torch.enable_grad() if raw_grad else torch.no_grad():
+            s, raw = _scores(cfg, qb[:, :, step.r0: step.r1], _gather(kb, step), step, batch, raw_grad=raw_grad)
+            s = s.reshape(batch, qb.shape[1], r, qb.shape[3], -1)
+        fn(step, s, raw, ~torch.isneginf(s.detach()), _gather(vb, step))
+
+
+def standardize_forward(cfg: _Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Standardised attention ("Normalized Attention Without Probability Cage") in two passes over the key tiles:
+    the row mean first, then the centred variance and ``sum_j (s_ij - mu_i) v_j`` together (two-pass statistics:
+    no cancellation of ``E[s^2] - E[s]^2``). Returns ``out`` and the per-row ``[mu, sigma, count]``."""
+    plan = cfg.plan
+    bq = plan.block_q
+    cdt = _compute_dtype(q)
+    acc_dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qb = _blocks_q(q.to(cdt) * cfg.scale, cfg.kv_heads, plan.nq, bq)
+    kb, vb = _blocks_kv(k.to(cdt), plan.nk, plan.block_kv), _blocks_kv(v.to(cdt), plan.nk, plan.block_kv)
+    b, hkv, nq, gbq, _ = qb.shape
+    count = torch.zeros(b, hkv, nq, gbq, dtype=acc_dt, device=q.device)
+    total = torch.zeros_like(count)
+
+    def first(step, s, raw, vis, vs):
+        rows = slice(step.r0, step.r1)
+        count[:, :, rows] += vis.sum(-1).to(acc_dt)
+        total[:, :, rows] += torch.where(vis, s, 0.0).sum(-1).to(acc_dt)
+
+    _standardize_pass(cfg, qb, kb, vb, b, first)
+    mu = total / count.clamp_min(1)
+    out = torch.zeros(b, hkv, nq, gbq, v.shape[-1], dtype=acc_dt, device=q.device)
+    var = torch.zeros_like(count)
+
+    def second(step, s, raw, vis, vs):
+        rows = slice(step.r0, step.r1)
+        z = torch.where(vis, s - mu[:, :, rows, :, None].to(s.dtype), 0.0)
+        var[:, :, rows] += z.square().sum(-1).to(acc_dt)
+        out[:, :, rows] += torch.matmul(z.to(vs.dtype), vs).to(acc_dt)
+
+    _standardize_pass(cfg, qb, kb, vb, b, second)
+    sigma = torch.sqrt(var / count.clamp_min(1) + cfg.norm.eps)
+    out = out * (cfg.norm.gain / sigma)[..., None]
+    stat = torch.stack([mu, sigma, count], dim=-1)
+    return (_unblock_q(out, cfg.heads, cfg.q_len, bq).to(q.dtype),
+            _unblock_q(stat, cfg.heads, cfg.q_len, bq))
+
+
+def standardize_backward(cfg: _Config, q, k, v, out, stat, grad_out, params: list[torch.Tensor]):
+    """With ``z = s - mu``, ``a = g z / sigma`` and ``e_ij = dO_i . v_j``, the logit gradient is
+    ``dL/ds_ij = (g / sigma_i) (e_ij - mean_j e_ij - z_ij (dO_i . o_i) / (g sigma_i n_i))`` over the ``n_i``
+    visible keys: one
+    pass for ``mean_j e_ij``, one for the gradients (scores recomputed, never stored)."""
+    plan = cfg.plan
+    bq = plan.block_q
+    cdt = _compute_dtype(q)
+    acc_dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qb = _blocks_q(q.to(cdt) * cfg.scale, cfg.kv_heads, plan.nq, bq)
+    kb, vb = _blocks_kv(k.to(cdt), plan.nk, plan.block_kv), _blocks_kv(v.to(cdt), plan.nk, plan.block_kv)
+    dob = _blocks_q(grad_out.to(cdt), cfg.kv_heads, plan.nq, bq)
+    statb = _blocks_q(stat.to(acc_dt), cfg.kv_heads, plan.nq, bq)
+    mu, sigma, count = statb.unbind(-1)
+    sigma = torch.where(count > 0, sigma, torch.ones_like(sigma))  # padded / fully masked rows: no gradient
+    g = cfg.norm.gain
+    do_o = _blocks_q((grad_out.to(acc_dt) * out.to(acc_dt)).sum(-1, keepdim=True), cfg.kv_heads, plan.nq, bq)[..., 0]
+    b, hkv, nq, gbq, _ = qb.shape
+    e_sum = torch.zeros_like(mu)
+
+    def first(step, s, raw, vis, vs):
+        rows = slice(step.r0, step.r1)
+        e = torch.matmul(dob[:, :, rows], vs.transpose(-1, -2))
+        e_sum[:, :, rows] += torch.where(vis, e, 0.0).sum(-1).to(acc_dt)
+
+    _standardize_pass(cfg, qb, kb, vb, b, first)
+    e_mean = e_sum / count.clamp_min(1)
+    dqb = torch.zeros(qb.shape, dtype=acc_dt, device=q.device)
+    dkb = torch.zeros(kb.shape, dtype=acc_dt, device=q.device)
+    dvb = torch.zeros(vb.shape, dtype=acc_dt, device=q.device)
+    dparams = [torch.zeros_like(p) for p in params]
+    use_autograd = cfg.score_mod is not None
+
+    def second(step, s, raw, vis, vs):
+        rows = slice(step.r0, step.r1)
+        r = step.r1 - step.r0
+        sig = sigma[:, :, rows, :, None]
+        z = torch.where(vis, s.detach() - mu[:, :, rows, :, None].to(s.dtype), 0.0)
+        dos = dob[:, :, rows]
+        e = torch.matmul(dos, vs.transpose(-1, -2))
+        n = count[:, :, rows, :, None].clamp_min(1)
+        ds = (g / sig) * (e - e_mean[:, :, rows, :, None] - z * (do_o[:, :, rows, :, None] / (g * sig * n)))
+        ds = torch.where(vis, ds, 0.0)
+        if use_autograd:
+            grads = torch.autograd.grad(s, [raw, *params], ds.to(s.dtype), allow_unused=True)
+            d_raw = grads[0]
+            for i, gp in enumerate(grads[1:]):
+                if gp is not None:
+                    dparams[i] += gp
+        else:
+            d_raw = ds
+        a = (g / sig) * z
+        dvs = torch.matmul(a.transpose(-1, -2).to(dos.dtype), dos).to(acc_dt)
+        d_raw = d_raw.reshape(b, hkv, r, gbq, -1).to(cdt)
+        qs, ks = qb[:, :, rows], _gather(kb, step)
+        dqb[:, :, rows] += torch.matmul(d_raw, ks).to(acc_dt)
+        dks = torch.matmul(d_raw.transpose(-1, -2), qs).to(acc_dt)
+        flat = step.idx.reshape(-1)
+        c = step.idx.shape[1]
+        dkb.index_add_(2, flat, dks.view(b, hkv, r * c, plan.block_kv, -1))
+        dvb.index_add_(2, flat, dvs.view(b, hkv, r * c, plan.block_kv, -1))
+
+    _standardize_pass(cfg, qb, kb, vb, b, second, raw_grad=use_autograd)
+    dq = _unblock_q(dqb * cfg.scale, cfg.heads, cfg.q_len, bq).to(q.dtype)
+    dk = dkb.view(b, hkv, -1, k.shape[-1])[:, :, : cfg.kv_len].to(k.dtype)
+    dv_ = dvb.view(b, hkv, -1, v.shape[-1])[:, :, : cfg.kv_len].to(v.dtype)
+    return dq, dk, dv_, dparams
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, q, k, v, *params):
-        out, stat = (fused_forward if cfg.fused else tiled_forward)(cfg, q, k, v)
+        if cfg.norm.name == "standardize":
+            out, stat = standardize_forward(cfg, q, k, v)
+        else:
+            out, stat = (fused_forward if cfg.fused else tiled_forward)(cfg, q, k, v)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, stat if stat is not None else torch.empty(0), *params)
         ctx.has_stat = stat is not None
@@ -563,6 +683,10 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, stat, *params = ctx.saved_tensors
         if ctx.cfg.fused:
             return (None, *fused_backward(ctx.cfg, q, k, v, out, stat, grad_out.contiguous()))
+        if ctx.cfg.norm.name == "standardize":
+            dq, dk, dv, dparams = standardize_backward(ctx.cfg, q, k, v, out, stat, grad_out.contiguous(),
+                                                       list(params))
+            return (None, dq, dk, dv, *dparams)
         dq, dk, dv, dparams = tiled_backward(ctx.cfg, q, k, v, out, stat if ctx.has_stat else None,
                                              grad_out.contiguous(), list(params))
         return (None, dq, dk, dv, *dparams)
@@ -593,6 +717,20 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
         return q.new_zeros(0, h, q_len, v.shape[-1]) + (q.sum() + k.sum() + v.sum()) * 0
     fused = can_fuse(q, v, score_mod, normalization)
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
+    groups = _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h)
+    if groups is not None:
+        # Heads whose patterns need different tiles (per-head windows) run as separate calls, each on its own
+        # tiles: one call would compute the union of every head's tiles for all heads.
+        outs, order = [], []
+        for heads, sub in groups:
+            idx = torch.tensor(heads, device=q.device)
+            kv_idx = torch.div(idx, h // hkv, rounding_mode="floor")
+            outs.append(tiled_attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx),
+                                        pattern=sub, score_mod=score_mod, normalization=normalization, scale=scale,
+                                        block_q=block_q, block_kv=block_kv, tile_elements=tile_elements))
+            order += heads
+        inverse = torch.argsort(torch.tensor(order, device=q.device))
+        return torch.cat(outs, dim=1).index_select(1, inverse)
     row_cost = b * h * bq * bk
     if fused:  # the kernel never materialises a step's scores: every query block's keys go in one step
         tile_elements = max(tile_elements, row_cost * -(-kv_len // bk))
@@ -604,6 +742,54 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv, fused)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
+
+
+class _HeadSubset(Pattern):
+    """Heads ``heads`` of a head-dependent pattern, renumbered ``0 .. len(heads) - 1``."""
+
+    head_dependent = True
+
+    def __init__(self, pattern: Pattern, heads: list[int], total: int):
+        self.pattern, self.heads, self.total = pattern, heads, total
+        self.batch_dependent = pattern.batch_dependent
+        self._idx = torch.tensor(heads)
+
+    def check(self, q_len, kv_len, batch, heads):
+        self.pattern.check(q_len, kv_len, batch, self.total)
+
+    def allowed(self, b, h, q_idx, kv_idx, q_len, kv_len):
+        return self.pattern.allowed(b, None if h is None else self._idx.to(q_idx.device)[h], q_idx, kv_idx,
+                                    q_len, kv_len)
+
+    def _classify(self, q_len, kv_len, block_q, block_kv, batch, heads, device):
+        cls = self.pattern.tile_classes(q_len, kv_len, block_q, block_kv, batch=batch, heads=self.total,
+                                        device=device)
+        return cls[:, self._idx.to(cls.device)] if cls.shape[1] > 1 else cls
+
+    def __repr__(self):
+        return f"{self.pattern!r}[heads={self.heads}]"
+
+
+def _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h):
+    """For a head-dependent pattern: ``[(heads, sub-pattern), ...]`` grouping heads with identical non-empty
+    tiles, or None when one call serves every head (one group, or a head-dependent score modifier that would see
+    renumbered heads)."""
+    if pattern is None or not pattern.head_dependent or h == 1 or isinstance(pattern, _HeadSubset) or (
+            score_mod is not None and score_mod.head_dependent):
+        return None
+    cache = pattern.__dict__.setdefault("_head_group_cache", {})
+    key = (q_len, kv_len, bq, bk, b, h)
+    if key not in cache:
+        if len(cache) > 16:
+            cache.clear()
+        cls = pattern.tile_classes(q_len, kv_len, bq, bk, batch=b, heads=h, device="cpu")
+        groups: dict[bytes, list[int]] = {}
+        if cls.shape[1] == h:
+            nonempty = (cls.amax(dim=0) != EMPTY).to(torch.uint8)
+            for head in range(h):
+                groups.setdefault(nonempty[head].numpy().tobytes(), []).append(head)
+        cache[key] = None if len(groups) < 2 else [(hs, _HeadSubset(pattern, hs, h)) for hs in groups.values()]
+    return cache[key]
 
 
 def _cached_plan(pattern, q_len, kv_len, bq, bk, b, h, hkv, row_cost, device, tile_elements,
