@@ -56,8 +56,8 @@ Allowed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x [b, h, n, d]`` at ``idx [b, h, c, w]`` (``-1``: row 0) -> ``[b, h, c, w, d]``."""
-    flat = idx.clamp_min(0).flatten(2)
+    """Rows of ``x [b, h, n, d]`` at ``idx [b, h, c, w]`` (out of range, e.g. ``-1``: clamped; mask them) -> ``[b, h, c, w, d]``."""
+    flat = idx.clamp(0, x.shape[2] - 1).flatten(2)
     return x.gather(2, flat[..., None].expand(-1, -1, -1, x.shape[-1])).unflatten(2, idx.shape[2:])
 
 
@@ -275,12 +275,15 @@ def sea_block_estimate(q: torch.Tensor, k: torch.Tensor, num_blocks: int, *, num
     qs, ks = q.detach().to(acc) * d ** -0.25, k.detach().to(acc) * d ** -0.25
     aq = qs @ w - qs.square().sum(-1, keepdim=True) / 2  # [b, h, n, m]
     ak = ks @ w - ks.square().sum(-1, keepdim=True) / 2  # [b, h, n_k, m]
-    # Per-row / global shifts keep exp() finite; they scale each row's estimates alike.
+    # Shifts keep exp() finite: per query row (the ranking within a row ignores it) and per key block (added
+    # back in log space), so a block's estimate depends on its own keys only (causal: no future key enters).
     pq = torch.exp(aq - aq.amax(-1, keepdim=True))
-    pk = torch.exp(ak - ak.amax(dim=(-1, -2), keepdim=True))
     seg = segment_ids(nk, num_blocks, k.device)
+    bmax = torch.full((*ak.shape[:2], num_blocks), float("-inf"), dtype=acc, device=k.device)
+    bmax = bmax.scatter_reduce(2, seg.expand(*ak.shape[:2], -1), ak.amax(-1), "amax")
+    pk = torch.exp(ak - bmax.gather(2, seg.expand(*ak.shape[:2], -1))[..., None])
     sums = torch.zeros(*pk.shape[:2], num_blocks, num_features, dtype=acc, device=k.device).index_add(2, seg, pk)
-    return torch.log((pq @ sums.transpose(-1, -2)).clamp_min(torch.finfo(acc).tiny))
+    return torch.log((pq @ sums.transpose(-1, -2)).clamp_min(torch.finfo(acc).tiny)) + bmax[..., None, :]
 
 
 def _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed):
@@ -298,12 +301,11 @@ def _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed):
     return top.indices, torch.isfinite(top.values)
 
 
-def _check_sea(q, k, num_blocks, top_k, num_features):
+def _check_sea(q, k, num_blocks, top_k, num_features) -> int:
     check_positive_int("num_blocks", num_blocks)
     check_positive_int("top_k", top_k)
     check_positive_int("num_features", num_features)
-    if num_blocks > k.shape[2]:
-        raise ValueError(f"num_blocks={num_blocks} exceeds kv_len={k.shape[2]}; use num_blocks <= kv_len")
+    return min(num_blocks, k.shape[2])  # more blocks than keys: one key per block
 
 
 def sea_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_blocks: int = 64, top_k: int = 8,
@@ -312,7 +314,7 @@ def sea_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
     """Plain reference: the selected blocks interpolated to a dense ``[b, h, n, n_k]`` mask (plus the own block
     when causal, intersected with ``j <= i``); masked softmax in float64."""
     k, v, scale = prepare(q, k, v, scale)
-    _check_sea(q, k, num_blocks, top_k, num_features)
+    num_blocks = _check_sea(q, k, num_blocks, top_k, num_features)
     n, nk = q.shape[2], k.shape[2]
     blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed)
     chosen = torch.zeros(*blocks.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
@@ -333,13 +335,15 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
     (``num_features``, ``seed``), exact softmax over their keys (and its own block's ``j <= i`` when causal).
     Time O(n (num_blocks m + top_k n_k / num_blocks d))."""
     k, v, scale = prepare(q, k, v, scale)
-    _check_sea(q, k, num_blocks, top_k, num_features)
+    num_blocks = _check_sea(q, k, num_blocks, top_k, num_features)
     check_positive_int("chunk_size", chunk_size)
     b, h, n, _ = q.shape
     nk = k.shape[2]
     dev = q.device
     blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed)
-    starts = torch.div(torch.arange(num_blocks + 1, device=dev) * nk, num_blocks, rounding_mode="floor")
+    # Block c holds the positions j with floor(j C / n_k) = c: ceil(c n_k / C) .. ceil((c + 1) n_k / C) - 1.
+    starts = torch.div(torch.arange(num_blocks + 1, device=dev) * nk + num_blocks - 1, num_blocks,
+                       rounding_mode="floor")
     width = int((starts[1:] - starts[:-1]).max())
     if causal:
         seg = segment_ids(nk, num_blocks, dev)
