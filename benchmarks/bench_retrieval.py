@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--num-sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--ef-search", type=int, default=128, help="faiss HNSW search breadth (default 128)")
+    ap.add_argument("--ef-search", type=int, default=64, help="faiss HNSW search breadth (default 64)")
     ap.add_argument("--num-probes", type=int, default=16, help="IVF lists scanned per query (default 16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     error = {name: [] for name in names}
     k64, v64 = cache_k.double(), cache_v.double()
     with torch.no_grad():
-        for step, qq in enumerate(queries):
+        for qq in queries:
             for name in names:  # interleaved: every method sees the same machine state per query
                 fn = exact if name == "exact" else decoders[name].step
                 fn(qq)  # warm (first touches, allocator)

@@ -25,7 +25,7 @@ from attnkit.ops.approx.retrieval import (
 )
 from attnkit.testing import assert_close
 
-needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed (pip install attnkit[retrieval])")
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed (attnkit[retrieval])")
 APPROX_INDEXES = ["ivf", pytest.param("faiss", marks=needs_faiss)]
 
 
@@ -108,7 +108,7 @@ def test_index_bad_arguments():
 @needs_faiss
 def test_faiss_keys_longer_than_the_augmentation_go_to_the_exact_side_list():
     q, k, _ = qkv(n=3, nk=60, b=1, h=1, dtype=torch.float32)
-    ix = KeyIndex("faiss").add(k[:, :, :50])
+    ix = KeyIndex("faiss", metric="l2_augmented").add(k[:, :, :50])
     long = k[:, :, 50:] * 10  # beyond M: cannot be augmented
     ix.add(long)
     allk = torch.cat([k[:, :, :50], long], dim=2)
@@ -232,7 +232,7 @@ def test_decoder_with_an_approximate_index_recalls_the_top_k(kind):
     q, k, v = clustered(3000 + 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit kind never warns
-        dec = RetrievalDecoder("retrieval", top_k=16, num_sink=4, window=32, index=kind, rerank_extra=8)
+        dec = RetrievalDecoder("retrieval", top_k=16, num_sink=4, window=32, index=kind)
     dec.prefill(k[:, :, :3000], v[:, :, :3000])
     recalls = []
     for s in range(8):
@@ -261,3 +261,13 @@ def test_multihead_attention_runs_iceformer():
     x = torch.randn(2, 20, 32)
     out = mha(x)
     assert out.shape == x.shape
+
+
+@needs_faiss
+def test_faiss_augmented_metric_finds_the_exact_top_k_on_separated_data():
+    q, k, _ = clustered(500, d=16)
+    true = KeyIndex("exact").add(k).search(q[:, :, :20], 5)
+    ix = KeyIndex("faiss", metric="l2_augmented", ef_search=200).add(k)
+    assert topk_recall(ix.search(q[:, :, :20], 5), true) >= 0.98
+    with pytest.raises(ValueError, match="metric"):
+        KeyIndex("faiss", metric="cosine")

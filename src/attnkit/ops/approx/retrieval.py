@@ -56,9 +56,14 @@ Allowed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x [b, h, n, d]`` at ``idx [b, h, c, w]`` (out of range, e.g. ``-1``: clamped; mask them) -> ``[b, h, c, w, d]``."""
-    flat = idx.clamp(0, x.shape[2] - 1).flatten(2)
-    return x.gather(2, flat[..., None].expand(-1, -1, -1, x.shape[-1])).unflatten(2, idx.shape[2:])
+    """Rows of ``x [b, h, n, d]`` at ``idx [b, h, c, w]`` -> ``[b, h, c, w, d]`` (out-of-range ids are clamped:
+    mask them)."""
+    b, h, n, d = x.shape
+    flat = idx.clamp(0, n - 1).flatten(2)
+    if x.is_contiguous() and idx.shape[:2] == (b, h):  # one index_select over [b h n, d] (faster than gather)
+        flat = flat + torch.arange(b * h, device=x.device).view(b, h, 1) * n
+        return x.view(b * h * n, d).index_select(0, flat.flatten()).view(*idx.shape, d)
+    return x.gather(2, flat[..., None].expand(-1, -1, -1, d)).unflatten(2, idx.shape[2:])
 
 
 def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
@@ -372,20 +377,18 @@ class RetrievalDecoder:
     (optional) and returns the attention of ``q [batch, heads, 1, d]`` (or several queries, all placed after
     every cached key) ``[batch, heads, m, dv]``. IceFormer (``method="iceformer"``) indexes every key;
     RetrievalAttention (``method="retrieval"``) keeps the first ``num_sink`` and last ``window`` keys out of
-    the index (attended exactly), and a key enters the index when it leaves the window. Candidates from the
-    index are re-ranked by exact ``q . k`` over ``top_k + rerank_extra`` keys. Heads must match (expand GQA
-    k/v first).
+    the index (attended exactly), and a key enters the index when it leaves the window. Every index ranks its
+    candidates by the exact ``q . k``. Heads must match (expand GQA k/v first). ``index_params`` go to
+    :class:`KeyIndex` (e.g. ``ef_search``, ``num_probes``).
     """
 
     def __init__(self, method: str = "iceformer", *, top_k: int = 64, num_sink: int = 4, window: int = 64,
-                 index: str = "auto", rerank_extra: int = 0, scale: float | None = None, **index_params):
+                 index: str = "auto", scale: float | None = None, **index_params):
         if method not in ("iceformer", "retrieval"):
             raise ValueError(f"method must be 'iceformer' or 'retrieval', got {method!r}")
         _check_retrieval(top_k, num_sink, window)
-        check_positive_int("rerank_extra", rerank_extra, minimum=0)
         self.method, self.top_k, self.scale = method, top_k, scale
         self.num_sink, self.window = (num_sink, window) if method == "retrieval" else (0, 0)
-        self.rerank_extra = rerank_extra
         self.index = KeyIndex(index, **index_params)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -427,17 +430,12 @@ class RetrievalDecoder:
 
     def retrieve(self, q: torch.Tensor) -> torch.Tensor:
         """Cache positions ``[batch, heads, m, top_k]`` (``-1``: none) of the keys each query ``q [batch, heads,
-        m, d]`` retrieves from the index (re-ranked by exact ``q . k``; the static set not included)."""
+        m, d]`` retrieves from the index (the static set not included)."""
         if not self._indexed:
             return torch.full((*q.shape[:3], self.top_k), -1, dtype=torch.long, device=q.device)
-        want = self.top_k + self.rerank_extra
-        slots = self.index.search(q, min(want, self._indexed)) + self.num_sink
-        slots = slots.masked_fill(slots < self.num_sink, -1)
-        if self.rerank_extra or self.index.kind != "exact":
-            s = torch.einsum("bhmd,bhmwd->bhmw", upcast(q), upcast(_gather(self.k[:, :, :self.length], slots)))
-            s = s.masked_fill(slots < 0, float("-inf"))
-            top = s.topk(min(self.top_k, s.shape[-1]), dim=-1)
-            slots = slots.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1)
+        slots = self.index.search(q, min(self.top_k, self._indexed))
+        # index slots are positions after the sinks; every backend ranks its candidates by the exact q . k
+        return torch.where(slots >= 0, slots + self.num_sink, slots)
         return slots
 
     def static_positions(self) -> torch.Tensor:
@@ -461,7 +459,8 @@ class RetrievalDecoder:
         o, lse = None, None
         if self._indexed:
             slots = self.retrieve(q)
-            o, lse = attend_selected(q, k_all, v_all, slots, slots >= 0, scale)
+            # the whole (contiguous) capacity buffers: slots < length, and gathering needs no copy
+            o, lse = attend_selected(q, self.k, self.v, slots, slots >= 0, scale)
         if self.method == "retrieval":
             static = self.static_positions()
             sk, sv = k_all[:, :, static], v_all[:, :, static]
