@@ -1,14 +1,16 @@
 """Registers the approx family's retrieval and structured-selection methods (issue 17): IceFormer,
 RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse/Axial/Mixture bases.
 Imported by :mod:`attnkit.ops.approx.mechanisms`; factories return
-:class:`~attnkit.ops.approx._common.ApproxAttention` (``reference``, ``attention_matrix``)."""
+:class:`~attnkit.ops.approx._common.ApproxAttention` (``reference``, ``attention_matrix``), Select-and-Pack an
+``nn.Module`` with its gate."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from attnkit.ops.approx import retrieval
-from attnkit.ops.approx.mechanisms import FAMILY, _fn_factory
+from attnkit.ops.approx import boat, retrieval, sgformer
+from attnkit.ops.approx.mechanisms import FAMILY, _fn_factory, _no_extra_shapes
 from attnkit.registry import Mechanism, register
 
 
@@ -53,3 +55,64 @@ register(Mechanism(
             "interpolated to a key mask, exact sparse softmax on it (untrained estimator: FAVOR+)",
     bench_params={"num_blocks": 128, "top_k": 8}, small_params={"num_blocks": 6, "top_k": 2},
     reference=_ref, flops=_flops_sea))
+
+
+def _flops_boat(*, batch, heads, q_len, kv_len, head_dim, causal=False, cluster_size=64, window=64, **_):
+    levels = max(0, math.ceil(math.log2(max(kv_len / cluster_size, 1))))
+    clustering = levels * 6 * kv_len * head_dim  # power iterations and projections per level
+    return batch * heads * (clustering + 4 * q_len * max(cluster_size, window) * head_dim)
+
+
+def _flops_sgformer(*, batch, heads, q_len, kv_len, head_dim, causal=False, region_size=64, rates=(1, 4, 16),
+                    fractions=None, **_):
+    fractions = fractions or (1 / len(rates),) * len(rates)
+    kept = kv_len * sum(f / r for f, r in zip(fractions, rates, strict=True))
+    significance = 2 * q_len * math.ceil(kv_len / region_size) * head_dim
+    return batch * heads * (significance + 4 * q_len * kept * head_dim)
+
+
+def _select_pack_factory(*, num_heads: int, head_dim: int, threshold: float = 0.0, causal: bool = False,
+                         chunk_size: int = 256, scale: float | None = None, seed: int = 0, **shape: Any):
+    _no_extra_shapes(shape)
+    from attnkit.ops.approx._common import refuse_causal
+
+    refuse_causal("select_pack", causal, "tokens are selected from the whole image")
+    from attnkit.nn.approx import SelectPackAttention
+
+    return SelectPackAttention(num_heads, head_dim, threshold=threshold, chunk_size=chunk_size, scale=scale,
+                               seed=seed)
+
+
+def _flops_select_pack(*, batch, heads, q_len, kv_len, head_dim, causal=False, **_):
+    # About half the tokens pass an untrained gate at threshold 0: a quarter of the dense pairs.
+    return batch * heads * (2 * kv_len * head_dim + 4 * (q_len / 2) * (kv_len / 2) * head_dim)
+
+
+register(Mechanism(
+    name="boat", family=FAMILY, paper="BOAT: Bilateral Local Attention Vision Transformer",
+    exact=False, complexity="O(n (c + w) d + n d^2 log(n / c))", causal=False,
+    factory=_fn_factory("boat", boat.boat_attention, boat.boat_reference, False),
+    summary="half the heads attend within image-space windows, half within balanced feature-space clusters "
+            "(recursive median bisection on the principal direction)",
+    bench_params={"cluster_size": 64, "window": 64}, small_params={"cluster_size": 8, "window": 6},
+    reference=_ref, flops=_flops_boat))
+
+register(Mechanism(
+    name="sgformer", family=FAMILY,
+    paper="SG-Former: Self-guided Transformer with Evolving Token Reallocation",
+    exact=False, complexity="O(n n' d)", causal=False,
+    factory=_fn_factory("sgformer", sgformer.sgformer_attention, sgformer.sgformer_reference, False),
+    summary="key regions ranked by a coarse-attention significance map and pooled at rates (1, 4, 16): salient "
+            "regions keep their tokens, minor ones are pooled; full-resolution queries",
+    bench_params={"region_size": 64, "rates": (1, 4, 16)}, small_params={"region_size": 6, "rates": (1, 3)},
+    reference=_ref, flops=_flops_sgformer))
+
+register(Mechanism(
+    name="select_pack", family=FAMILY,
+    paper="Context-Aware Token Selection and Packing for Enhanced Vision Transformer",
+    exact=False, complexity="O(sum_b n_b^2 d)", causal=False, factory=_select_pack_factory,
+    needs=("num_heads", "head_dim"),
+    summary="a linear gate selects tokens per image; the selected tokens of the batch are packed into one "
+            "sequence with a block-diagonal mask, attended, and scattered back (unselected: zero output; "
+            "module, untrained gate in benchmarks)",
+    bench_params={"threshold": 0.0}, reference=_ref, flops=_flops_select_pack))
