@@ -148,17 +148,19 @@ SMALL = {"linformer": dict(proj_len=8), "nystrom": dict(num_landmarks=8), "soft"
          "loki": dict(top_k=6, rank=4)}
 
 
-# Registered too, tested in test_approx_extra.py (all three have a causal form).
-EXTRA = {"transformer_vq", "combiner", "sparsek"}
+# Registered too, tested in test_approx_extra.py and test_approx_retrieval.py / test_approx_structured.py
+# (name: has a causal form).
+EXTRA = {"transformer_vq": True, "combiner": True, "sparsek": True, "iceformer": True, "retrieval_attention": True,
+         "sea": True, "boat": False, "sgformer": False, "select_pack": False}
 
 
 def test_registry_records():
     records = {m.name: m for m in attnkit.list_mechanisms("approx")}
-    assert set(records) == set(NAMES) | EXTRA
+    assert set(records) == set(NAMES) | set(EXTRA)
     assert sum(m.in_default_bench for m in records.values()) == 3
     for m in records.values():
         assert not m.exact and m.flops is not None and m.bench_params
-        assert m.causal == (CASES[m.name][3] if m.name in CASES else True)
+        assert m.causal == (CASES[m.name][3] if m.name in CASES else EXTRA[m.name])
         f = m.flops(batch=1, heads=8, q_len=16384, kv_len=16384, head_dim=64, causal=False, **m.bench_params)
         # Every one is cheaper than dense attention at 16k.
         assert 0 < f < 4 * 8 * 16384 ** 2 * 64, m.name

@@ -6,7 +6,8 @@
   (Roy et al., 2021);
 - :class:`TransformerVQAttention`: Transformer-VQ with an EMA k-means codebook (Lingle, 2024);
 - :class:`CombinerAttention`: Combiner-Fixed with a learned within-region distribution (Ren et al., 2021);
-- :class:`SparseKAttention`: SPARSEK attention with its learned linear key scorer (Lou et al., 2024).
+- :class:`SparseKAttention`: SPARSEK attention with its learned linear key scorer (Lou et al., 2024);
+- :class:`SelectPackAttention`: Select-and-Pack attention with its learned token gate (Zhang et al., 2024).
 
 Each takes ``q [batch, heads, seq, dim]``, ``k``, ``v`` and returns ``[batch, heads, seq, dim_v]``.
 """
@@ -22,11 +23,12 @@ from attnkit.ops.approx.combiner import combiner_attention, combiner_reference
 from attnkit.ops.approx.linformer import linformer_attention, linformer_reference
 from attnkit.ops.approx.nystrom import nystrom_attention, nystrom_reference
 from attnkit.ops.approx.routing import kmeans_ema_update, routing_attention
+from attnkit.ops.approx.select_pack import select_pack_attention, select_pack_reference
 from attnkit.ops.approx.sparsek import sparsek_attention, sparsek_reference
 from attnkit.ops.approx.transformer_vq import vq_assign, vq_attention, vq_codebook, vq_commitment_loss, vq_reference
 
 __all__ = ["LinformerAttention", "NystromAttention", "RoutingAttention", "TransformerVQAttention",
-           "CombinerAttention", "SparseKAttention"]
+           "CombinerAttention", "SparseKAttention", "SelectPackAttention"]
 
 _SHARING = ("none", "headwise", "kv")
 
@@ -250,3 +252,31 @@ class SparseKAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, window={self.window}, causal={self.causal}"
+
+
+class SelectPackAttention(nn.Module):
+    """Select-and-Pack attention (Zhang et al., 2024) with its gating layer: token scores
+    ``u_j = mean_h (k_j^h . w_h) + c`` (``w [num_heads, head_dim]``, ``c`` scalar), tokens with ``u_j > threshold``
+    selected, packed across the batch and attended within their image; trained through a straight-through gate.
+    See :func:`attnkit.ops.approx.select_pack_attention`."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, threshold: float = 0.0, chunk_size: int = 256,
+                 scale: float | None = None, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_weight = nn.Parameter(torch.randn(num_heads, head_dim, generator=g) / math.sqrt(head_dim))
+        self.gate_bias = nn.Parameter(torch.zeros(()))
+        self.threshold, self.chunk_size, self.scale = float(threshold), chunk_size, scale
+
+    def _params(self) -> dict:
+        return dict(gate_weight=self.gate_weight, gate_bias=self.gate_bias, threshold=self.threshold,
+                    chunk_size=self.chunk_size, scale=self.scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return select_pack_attention(q, k, v, **self._params())
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return select_pack_reference(q, k, v, **self._params())
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"

@@ -252,3 +252,6 @@ register(Mechanism(
     summary="learned key scorer + differentiable SPARSEK top-k mask per query, attention over the selected keys "
             "(module; untrained scorer in benchmarks)",
     bench_params={"top_k": 256}, flops=_flops_sparsek))
+
+# Issue 17: retrieval (IceFormer, RetrievalAttention, SEA) and structured-selection records.
+from attnkit.ops.approx import mechanisms_retrieval  # noqa: E402,F401

@@ -1,0 +1,334 @@
+"""A maximum-inner-product (MIPS) index over keys, shared by the retrieval methods (IceFormer, RetrievalAttention,
+SEA's selection, Loki's decode step): exact top-k, an inverted-file index in plain torch, and faiss's HNSW graph.
+
+:class:`KeyIndex` keeps one index per ``[batch, heads]`` group of keys ``[batch, heads, n, dim]`` and answers
+``search(q, top_k)`` with the slots (insertion order, 0-based) of each query's top-k keys by ``q . k``. Keys are
+added incrementally (``add``), as a decoder appends one key per step.
+
+Backends (``kind``):
+
+- ``"exact"``: scores every key (``q K^T`` and ``topk``); the oracle the others are measured against.
+- ``"faiss"``: an HNSW graph from faiss-cpu (``pip install attnkit[retrieval]``). ``metric="ip"`` (default):
+  faiss's inner-product HNSW over the keys as they are. ``metric="l2_augmented"``: a Euclidean HNSW over keys
+  augmented to ``[k, sqrt(M^2 - |k|^2)]``, the MIPS-to-nearest-neighbour reduction IceFormer uses (Mazaheri et
+  al. 2024, after Bachrach et al. 2014: ``|q' - k'|^2 = |q|^2 + M^2 - 2 q . k`` for ``q' = [q, 0]``, so the
+  nearest augmented key has the largest inner product); ``M`` is fixed at the first ``add`` (times
+  ``max_norm_margin``) and a later, longer key goes to a side list scanned exactly. On the benchmark's clustered
+  keys (64K, head dim 64, M = 32, efConstruction = 128) the inner-product graph had the higher recall at equal
+  search time (0.96 vs 0.88 at efSearch = 64), hence the default.
+  Why faiss rather than hnswlib: faiss-cpu ships binary wheels for every platform and Python attnkit supports
+  (hnswlib often builds from source), is actively maintained (Meta), releases the GIL, and offers IVF/PQ
+  indexes beside HNSW behind the same calls. IceFormer's own index (Prioritized DCI) has no maintained package.
+- ``"ivf"``: an inverted-file index in plain torch (no extra): k-means centroids of a sample of the keys, keys
+  stored sorted by their nearest centroid, a query scans the lists of its ``num_probes`` best centroids by
+  ``q . c``. Keys added after the build wait in a tail that is scanned exactly and merged into the lists every
+  ``tail_limit`` keys. This is the fallback for ``"auto"`` when faiss is absent, and it says so (a warning).
+- ``"auto"``: faiss when importable, else ``"ivf"`` with a warning.
+
+Every backend returns the exact top-k of the candidates it examined (HNSW stores full vectors; IVF scores its
+lists exactly), so results are ordered by the true ``q . k``; callers that filter candidates (causal, static
+sets) ask for a few extra and re-rank.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from attnkit.ops.approx._common import check_positive_int
+
+__all__ = ["KeyIndex", "INDEX_KINDS", "faiss_available", "mips_augment", "topk_recall"]
+
+INDEX_KINDS = ("auto", "exact", "ivf", "faiss")
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mips_augment(keys: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Keys ``[..., n, d]`` -> ``[..., n, d + 1]`` with the extra coordinate ``sqrt(M^2 - |k|^2)``: the nearest
+    augmented key (Euclidean) to ``[q, 0]`` is the one with the largest ``q . k``. Requires ``|k| <= M``."""
+    sq = keys.double().square().sum(-1, keepdim=True)
+    if bool((sq > max_norm ** 2 * (1 + 1e-9)).any()):
+        raise ValueError(f"mips_augment needs every key norm <= max_norm={max_norm}; pass a larger max_norm")
+    extra = (max_norm ** 2 - sq).clamp_min(0).sqrt().to(keys.dtype)
+    return torch.cat([keys, extra], dim=-1)
+
+
+def topk_recall(found: torch.Tensor, true: torch.Tensor) -> float:
+    """Mean fraction of the true top-k slots ``true [..., k]`` present in ``found [..., k']`` (``-1``: none)."""
+    hit = (found[..., :, None] == true[..., None, :]).any(-2)  # [..., k]
+    return float(hit.double().mean())
+
+
+def _kmeans(x: torch.Tensor, num_lists: int, iterations: int, seed: int) -> torch.Tensor:
+    """Lloyd's k-means of ``x [G, n, d]`` (float32) -> centroids ``[G, C, d]``; empty lists keep their centroid."""
+    g = torch.Generator().manual_seed(int(seed))
+    n = x.shape[1]
+    start = torch.randperm(n, generator=g)[:num_lists].to(x.device)
+    c = x[:, start].clone()
+    for _ in range(iterations):
+        assign = _nearest(x, c)
+        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand_as(x), x)
+        counts = torch.zeros(c.shape[:2], dtype=x.dtype, device=x.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=x.dtype))
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)
+    return c
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (Euclidean) of each row of ``x [G, n, d]`` among ``c [G, C, d]``: ``[G, n]``."""
+    return (c.square().sum(-1)[:, None, :] - 2 * x @ c.transpose(-1, -2)).argmin(-1)
+
+
+class KeyIndex:
+    """A top-k inner-product index over the keys of ``groups`` (batch x heads) sequences; see the module doc.
+
+    ``num_lists`` (ivf; default ``2 sqrt(n)`` at build), ``num_probes`` (ivf lists scanned per query),
+    ``hnsw_m``, ``ef_construction``, ``ef_search`` (faiss HNSW), ``tail_limit`` (ivf: keys kept in the exact
+    tail before they are merged into the lists), ``seed`` (k-means start). The index keeps its own float32
+    copy of the keys (on the keys' device for exact/ivf; in faiss's memory for faiss).
+    """
+
+    def __init__(self, kind: str = "auto", *, num_lists: int | None = None, num_probes: int = 16,
+                 hnsw_m: int = 32, ef_construction: int = 128, ef_search: int = 64, metric: str = "ip",
+                 max_norm_margin: float = 1.0, tail_limit: int = 4096,
+                 kmeans_iterations: int = 5, seed: int = 0):
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        if kind == "auto":
+            if faiss_available():
+                kind = "faiss"
+            else:
+                warnings.warn("attnkit retrieval: faiss is not installed, using the pure-torch IVF index instead "
+                              "(slower and lower recall at equal work); `pip install attnkit[retrieval]` for "
+                              "faiss-cpu", RuntimeWarning, stacklevel=2)
+                kind = "ivf"
+        if kind == "faiss" and not faiss_available():
+            raise ImportError("index='faiss' needs faiss-cpu: `pip install attnkit[retrieval]` (or "
+                              "`pip install faiss-cpu`), or use index='ivf' (pure torch) or 'exact'")
+        for name, value in (("num_probes", num_probes), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
+                            ("ef_search", ef_search), ("tail_limit", tail_limit)):
+            check_positive_int(name, value)
+        if num_lists is not None:
+            check_positive_int("num_lists", num_lists)
+        self.kind = kind
+        self.num_lists, self.num_probes = num_lists, num_probes
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        if metric not in ("ip", "l2_augmented"):
+            raise ValueError(f"metric must be 'ip' (faiss's inner-product HNSW) or 'l2_augmented' (the MIPS -> "
+                             f"nearest-neighbour reduction), got {metric!r}")
+        if not max_norm_margin >= 1.0:
+            raise ValueError(f"max_norm_margin must be >= 1 (M = margin x the largest first-batch key norm), got "
+                             f"{max_norm_margin!r}")
+        self.metric, self.max_norm_margin = metric, float(max_norm_margin)
+        self.tail_limit, self.kmeans_iterations, self.seed = tail_limit, kmeans_iterations, seed
+        self.groups: int | None = None
+        self.dim: int | None = None
+        self.size = 0
+        # exact: keys [G, cap, d]; ivf: sorted keys, their slots, list offsets, centroids, and the tail.
+        self._keys: torch.Tensor | None = None
+        self._sorted = self._slots = self._offsets = self._centroids = None
+        self._tail: list[torch.Tensor] = []
+        self._tail_start = 0
+        self._faiss: list = []
+        self._max_norm = 0.0
+        self._overflow: list[list[torch.Tensor]] = []
+        self._overflow_slots: list[list[torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"KeyIndex(kind={self.kind!r}, groups={self.groups}, size={self.size})"
+
+    # ------------------------------------------------------------------ adding keys
+    def add(self, keys: torch.Tensor) -> KeyIndex:
+        """Append keys ``[batch, heads, m, d]`` (or ``[groups, m, d]``); their slots are ``len(self) ..``."""
+        x = self._as_groups(keys).detach().float()
+        if x.shape[1] == 0:
+            return self
+        if self.kind == "exact":
+            self._keys = x if self._keys is None else torch.cat([self._keys, x], dim=1)
+        elif self.kind == "ivf":
+            self._add_ivf(x)
+        else:
+            self._add_faiss(x)
+        self.size += x.shape[1]
+        return self
+
+    def _as_groups(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+            raise ValueError("keys/queries must be tensors [batch, heads, n, dim] (or [groups, n, dim]), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        x = x.flatten(0, 1) if x.dim() == 4 else x
+        if self.groups is None:
+            self.groups, self.dim = x.shape[0], x.shape[-1]
+        elif x.shape[0] != self.groups or x.shape[-1] != self.dim:
+            raise ValueError(f"this index holds {self.groups} groups of dim {self.dim}; got groups={x.shape[0]}, "
+                             f"dim={x.shape[-1]} (batch x heads must match the keys it was built on)")
+        return x
+
+    def _add_ivf(self, x: torch.Tensor) -> None:
+        if self._centroids is None:
+            n = x.shape[1]
+            c = self.num_lists or max(1, min(n, int(2 * math.sqrt(n))))
+            sample = x
+            if n > 32 * c:  # k-means on a sample: 32 points per centroid are plenty
+                g = torch.Generator().manual_seed(self.seed + 1)
+                sample = x[:, torch.randperm(n, generator=g)[:32 * c].to(x.device)]
+            self._centroids = _kmeans(sample, min(c, n), self.kmeans_iterations, self.seed)
+            self._store_lists(x, torch.arange(n, device=x.device).expand(x.shape[0], n))
+            self._tail_start = n
+            return
+        self._tail.append(x)
+        if sum(t.shape[1] for t in self._tail) >= self.tail_limit:
+            self._merge_tail()
+
+    def _store_lists(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        assign = _nearest(x, self._centroids)
+        order = assign.argsort(dim=1, stable=True)
+        self._sorted = x.gather(1, order[..., None].expand_as(x))
+        self._slots = slots.gather(1, order)
+        counts = torch.zeros(assign.shape[0], self._centroids.shape[1] + 1, dtype=torch.long, device=x.device)
+        counts[:, 1:].scatter_add_(1, assign, torch.ones_like(assign))
+        self._offsets = counts.cumsum(1)
+
+    def _merge_tail(self) -> None:
+        tail = torch.cat(self._tail, dim=1)
+        new_slots = torch.arange(self._tail_start, self._tail_start + tail.shape[1], device=tail.device)
+        x = torch.cat([self._sorted, tail], dim=1)
+        slots = torch.cat([self._slots, new_slots.expand(tail.shape[0], -1)], dim=1)
+        self._store_lists(x, slots)
+        self._tail, self._tail_start = [], self._tail_start + tail.shape[1]
+
+    def _add_faiss(self, x: torch.Tensor) -> None:
+        import faiss
+
+        if not self._faiss:
+            self._max_norm = float(x.norm(dim=-1).max()) * self.max_norm_margin * (1 + 1e-6)
+            for _ in range(x.shape[0]):
+                if self.metric == "ip":
+                    index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                else:
+                    index = faiss.IndexHNSWFlat(self.dim + 1, self.hnsw_m)
+                index.hnsw.efConstruction = self.ef_construction
+                self._faiss.append(index)
+                self._overflow.append([])
+                self._overflow_slots.append([])
+        if self.metric == "ip":
+            xc = x.cpu()
+            for g, index in enumerate(self._faiss):
+                index.add(xc[g].contiguous().numpy())
+            return
+        norms = x.norm(dim=-1).cpu()
+        base = self.size
+        xc = x.cpu()
+        for g, index in enumerate(self._faiss):
+            fits = norms[g] <= self._max_norm
+            if not bool(fits.all()):
+                # Too long for the augmentation: scanned exactly from a side list. In the graph they are zero
+                # vectors (faiss ids are insertion order, so ids stay equal to slots); search merges both.
+                self._overflow[g].append(xc[g][~fits])
+                self._overflow_slots[g].append(base + torch.nonzero(~fits).flatten())
+            index.add(mips_augment(xc[g].masked_fill(~fits[:, None], 0.0), self._max_norm).numpy())
+
+    # ------------------------------------------------------------------ searching
+    def search(self, q: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Slots ``[batch, heads, m, top_k]`` (or ``[groups, m, top_k]``) of the top-k keys of each query
+        ``q [batch, heads, m, d]`` by inner product (exact for ``kind="exact"``, candidates otherwise; ``-1``
+        where the index holds fewer keys)."""
+        check_positive_int("top_k", top_k)
+        shape = q.shape
+        x = self._as_groups(q).detach().float()
+        if self.size == 0:
+            out = torch.full((*x.shape[:2], top_k), -1, dtype=torch.long, device=q.device)
+        elif self.kind == "exact":
+            out = self._topk(x, self._keys, None, top_k)[1]
+        elif self.kind == "ivf":
+            out = self._search_ivf(x, top_k)
+        else:
+            out = self._search_faiss(x, top_k).to(q.device)
+        return out.view(*shape[:-1], top_k) if len(shape) == 4 else out
+
+    @staticmethod
+    def _topk(x: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor | None, top_k: int,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of ``x [G, m, d]`` against ``keys [G, w, d]`` or ``[G, m, w, d]`` (``slots`` alike, else
+        the key's position): ``(scores, slots) [G, m, top_k]``, padded with ``-inf`` / ``-1``."""
+        if keys.dim() == 3:
+            s = x @ keys.transpose(-1, -2)
+        else:
+            s = torch.einsum("gmd,gmwd->gmw", x, keys)
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        kk = min(top_k, s.shape[-1])
+        top = s.topk(kk, dim=-1)
+        idx = top.indices
+        if slots is not None:
+            idx = slots.gather(-1, idx) if slots.dim() == idx.dim() else slots.gather(1, idx.flatten(1)).view_as(idx)
+        return _pad(top.values, idx.masked_fill(~torch.isfinite(top.values), -1), top_k)
+
+    def _search_ivf(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        G, m, d = x.shape
+        c = self._centroids
+        probes = min(self.num_probes, c.shape[1])
+        lists = (x @ c.transpose(-1, -2)).topk(probes, dim=-1).indices  # [G, m, P]
+        lo = self._offsets.gather(1, lists.flatten(1)).view_as(lists)
+        hi = self._offsets.gather(1, (lists + 1).flatten(1)).view_as(lists)
+        width = max(int((hi - lo).max()), 1)
+        pos = lo[..., None] + torch.arange(width, device=x.device)  # [G, m, P, W]
+        valid = (pos < hi[..., None]).flatten(2)
+        pos = pos.clamp_max(self._sorted.shape[1] - 1).flatten(2)  # [G, m, P W]
+        cand = self._sorted.gather(1, pos.flatten(1)[..., None].expand(-1, -1, d)).view(G, m, -1, d)
+        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, -1)
+        scores, found = self._topk(x, cand, slots, top_k, valid)
+        if self._tail:
+            tail = torch.cat(self._tail, dim=1)
+            tail_slots = torch.arange(self._tail_start, self._tail_start + tail.shape[1], device=x.device)
+            s2, f2 = self._topk(x, tail, tail_slots.expand(G, -1), top_k)
+            scores, found = _merge(scores, found, s2, f2, top_k)
+        return found
+
+    def _search_faiss(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        xc = x.cpu().contiguous()
+        xs = xc.numpy() if self.metric == "ip" else torch.nn.functional.pad(xc, (0, 1)).numpy()  # [q, 0]
+        qq = xc.double().square().sum(-1, keepdim=True)
+        out = []
+        for g, index in enumerate(self._faiss):
+            index.hnsw.efSearch = max(self.ef_search, top_k)
+            dist, ids = index.search(xs[g], top_k)
+            found = torch.from_numpy(ids)
+            if self._overflow[g]:
+                # |q' - k'|^2 = |q|^2 + M^2 - 2 q.k gives the inner products back; merge with the exact side list.
+                scores = (qq[g] + self._max_norm ** 2 - torch.from_numpy(dist).double()) / 2
+                slots = torch.cat(self._overflow_slots[g])
+                scores = scores.masked_fill((found < 0) | torch.isin(found, slots), float("-inf"))
+                extra = torch.cat(self._overflow[g], dim=0)
+                s2, f2 = self._topk(xc[g][None], extra[None], slots[None], top_k)
+                _, found = _merge(scores[None].float(), found[None], s2, f2, top_k)
+                found = found[0]
+            out.append(found)
+        return torch.stack(out)
+
+
+def _pad(scores: torch.Tensor, idx: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    short = top_k - idx.shape[-1]
+    if short <= 0:
+        return scores, idx
+    return (torch.nn.functional.pad(scores, (0, short), value=float("-inf")),
+            torch.nn.functional.pad(idx, (0, short), value=-1))
+
+
+def _merge(s1, i1, s2, i2, top_k):
+    """Top-k of two candidate lists (scores, slots) over disjoint keys."""
+    s, i = torch.cat([s1, s2], dim=-1), torch.cat([i1, i2], dim=-1)
+    top = s.topk(min(top_k, s.shape[-1]), dim=-1)
+    return _pad(top.values, i.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1), top_k)

@@ -1,0 +1,273 @@
+"""Issue 17: the shared key index, IceFormer, RetrievalAttention, SEA and their decode step (catalogue E13-E15)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnkit
+import attnkit.nn
+from attnkit.bench.workloads import make_inputs
+from attnkit.ops.approx import knn
+from attnkit.ops.approx.error import exact_softmax
+from attnkit.ops.approx.knn import KeyIndex, faiss_available, mips_augment, topk_recall
+from attnkit.ops.approx.retrieval import (
+    RetrievalDecoder,
+    attend_selected,
+    iceformer_attention,
+    iceformer_reference,
+    retrieval_attention,
+    retrieval_reference,
+    sea_attention,
+    sea_reference,
+)
+from attnkit.testing import assert_close
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed (attnkit[retrieval])")
+APPROX_INDEXES = ["ivf", pytest.param("faiss", marks=needs_faiss)]
+
+
+def qkv(n=36, nk=None, b=2, h=2, d=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nk = n if nk is None else nk
+    return (torch.randn(b, h, n, d, generator=g, dtype=dtype), torch.randn(b, h, nk, d, generator=g, dtype=dtype),
+            torch.randn(b, h, nk, d, generator=g, dtype=dtype))
+
+
+def clustered(n, h=2, d=32, seed=0):
+    return make_inputs("clustered", (1, h, n, d), torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- the index
+def test_mips_augmentation_preserves_the_inner_product_ranking():
+    q, k, _ = qkv(n=5, nk=50, b=1, h=1)
+    m = float(k.norm(dim=-1).max())
+    ka = mips_augment(k, m)
+    qa = torch.nn.functional.pad(q, (0, 1))
+    by_ip = (q @ k.transpose(-1, -2)).argsort(-1, descending=True)
+    by_dist = torch.cdist(qa, ka).argsort(-1)
+    assert torch.equal(by_ip, by_dist)
+    with pytest.raises(ValueError, match="max_norm"):
+        mips_augment(k, m / 2)
+
+
+def test_exact_index_is_incremental_and_matches_topk():
+    q, k, _ = qkv(n=7, nk=40)
+    ix = KeyIndex("exact").add(k[:, :, :13]).add(k[:, :, 13:])
+    assert len(ix) == 40
+    got = ix.search(q, 5)
+    want = (q @ k.transpose(-1, -2)).topk(5, dim=-1).indices
+    assert torch.equal(got, want)
+    # more than it holds: padded with -1
+    small = KeyIndex("exact").add(k[:, :, :3]).search(q, 5)
+    assert (small[..., 3:] == -1).all() and (small[..., :3] >= 0).all()
+
+
+@pytest.mark.parametrize("kind", APPROX_INDEXES)
+def test_approximate_index_recall_on_clustered_keys(kind):
+    q, k, _ = clustered(4096 + 16)
+    cache, queries = k[:, :, :4096], q[:, :, 4096:]
+    true = KeyIndex("exact").add(cache).search(queries, 32)
+    params = {"num_probes": 16} if kind == "ivf" else {}
+    # built in two parts: incremental adds (ivf: the second part waits in the exact tail)
+    ix = KeyIndex(kind, **params).add(cache[:, :, :3000]).add(cache[:, :, 3000:])
+    assert topk_recall(ix.search(queries, 32), true) >= 0.9
+
+
+def test_ivf_tail_merges_into_lists():
+    q, k, _ = clustered(600)
+    ix = KeyIndex("ivf", tail_limit=64, num_probes=1000).add(k[:, :, :300])
+    for start in range(300, 600, 50):  # a decoder appending keys: the tail merges every 64
+        ix.add(k[:, :, start:start + 50])
+    assert len(ix) == 600 and len(ix._tail) < 2
+    # probing every list is exact
+    assert torch.equal(ix.search(q[:, :, :9], 7), KeyIndex("exact").add(k).search(q[:, :, :9], 7))
+
+
+def test_auto_index_announces_the_fallback(monkeypatch):
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="faiss is not installed"):
+        ix = KeyIndex("auto")
+    assert ix.kind == "ivf"
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        KeyIndex("faiss")
+
+
+def test_index_bad_arguments():
+    with pytest.raises(ValueError, match="index kind"):
+        KeyIndex("annoy")
+    with pytest.raises(ValueError, match="num_probes"):
+        KeyIndex("ivf", num_probes=0)
+    ix = KeyIndex("exact").add(torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="groups"):
+        ix.search(torch.randn(1, 3, 1, 4), 2)
+
+
+@needs_faiss
+def test_faiss_keys_longer_than_the_augmentation_go_to_the_exact_side_list():
+    q, k, _ = qkv(n=3, nk=60, b=1, h=1, dtype=torch.float32)
+    ix = KeyIndex("faiss", metric="l2_augmented").add(k[:, :, :50])
+    long = k[:, :, 50:] * 10  # beyond M: cannot be augmented
+    ix.add(long)
+    allk = torch.cat([k[:, :, :50], long], dim=2)
+    want = (q @ allk.transpose(-1, -2)).topk(4, dim=-1).indices
+    assert torch.equal(ix.search(q, 4).sort(-1).values, want.sort(-1).values)
+
+
+# ------------------------------------------------------------------------------------- the mechanisms
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 37])
+def test_fast_paths_match_references(causal, n):
+    q, k, v = qkv(n=n)
+    for fn, ref, kw in [(iceformer_attention, iceformer_reference, dict(top_k=7)),
+                        (retrieval_attention, retrieval_reference, dict(top_k=5, num_sink=2, window=3)),
+                        (sea_attention, sea_reference, dict(num_blocks=6, top_k=2))]:
+        assert_close(fn(q, k, v, causal=causal, chunk_size=8, **kw), ref(q, k, v, causal=causal, **kw))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_keys_selected_is_exact_attention(causal):
+    q, k, v = qkv(n=29)
+    want = exact_softmax(q, k, v, causal=causal)
+    assert_close(iceformer_attention(q, k, v, top_k=29, causal=causal), want)
+    assert_close(retrieval_attention(q, k, v, top_k=29, num_sink=3, window=4, causal=causal), want)
+    assert_close(sea_attention(q, k, v, num_blocks=5, top_k=5, causal=causal), want)
+
+
+def test_top_k_one_picks_the_largest_inner_product():
+    q, k, v = qkv(n=6, nk=20)
+    out = iceformer_attention(q, k, v, top_k=1)
+    best = (q @ k.transpose(-1, -2)).argmax(-1)
+    assert_close(out, v.gather(2, best[..., None].expand(-1, -1, -1, v.shape[-1])))
+
+
+@pytest.mark.parametrize("kind", APPROX_INDEXES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_index_backends_agree_with_exact_selection_on_separated_data(kind, causal):
+    # Well-separated synthetic data: the retrieved set equals the exact top-k (catalogue E14 test 3).
+    q, k, v = clustered(300, d=16)
+    q, k, v = q.double(), k.double(), v.double()
+    params = {"num_probes": 64} if kind == "ivf" else {"ef_search": 300}
+    for fn, kw in [(iceformer_attention, dict(top_k=6)), (retrieval_attention, dict(top_k=6, num_sink=2, window=5))]:
+        got = fn(q, k, v, causal=causal, index=kind, index_params=params, chunk_size=64, **kw)
+        assert_close(got, fn(q, k, v, causal=causal, index="exact", **kw))
+
+
+def test_lse_merge_of_static_and_retrieved_equals_attention_over_the_union():
+    q, k, v = qkv(n=4, nk=30)
+    scale = 16 ** -0.5
+    a = torch.tensor([0, 1, 2, 28, 29]).expand(2, 2, 4, -1)
+    b = torch.tensor([5, 9, 17]).expand(2, 2, 4, -1)
+    union = torch.cat([a, b], dim=-1)
+    o1, l1 = attend_selected(q, k, v, a, torch.ones_like(a, dtype=torch.bool), scale)
+    o2, l2 = attend_selected(q, k, v, b, torch.ones_like(b, dtype=torch.bool), scale)
+    from attnkit.ops.approx._common import merge_lse
+
+    merged, lse = merge_lse(o1, l1, o2, l2)
+    o, lse_u = attend_selected(q, k, v, union, torch.ones_like(union, dtype=torch.bool), scale)
+    assert_close(merged, o)
+    assert_close(lse, lse_u)
+
+
+def test_retrieval_static_set_is_always_attended():
+    q, k, v = qkv(n=20)
+    w = retrieval_reference(q, k, v, top_k=2, num_sink=3, window=4, causal=True, return_attention=True)[1]
+    i = torch.arange(20)[:, None]
+    j = torch.arange(20)[None, :]
+    static = ((j < 3) | ((j > i - 4) & (j <= i))) & (j <= i)
+    assert (w[..., static] > 0).all()
+    assert ((w > 0).sum(-1) <= static.sum(-1) + 2).all()
+
+
+def test_sea_mask_is_causal_and_block_shaped():
+    q, k, v = qkv(n=24)
+    w = sea_reference(q, k, v, num_blocks=6, top_k=2, causal=True, return_attention=True)[1]
+    assert (w.triu(1) == 0).all()
+    # each query attends at most its own block plus 2 complete earlier blocks of 4 keys
+    assert ((w > 0).sum(-1) <= 3 * 4).all()
+
+
+def test_sea_error_decreases_with_top_k():
+    q, k, v = clustered(256, d=32)
+    errs = [attnkit.approximation_error("sea", q, k, v, num_blocks=32, top_k=t).output_relative for t in (2, 8, 32)]
+    assert errs[0] >= errs[1] >= errs[2] and errs[2] < 1e-5
+
+
+def test_iceformer_error_decreases_with_top_k_on_clustered_inputs():
+    q, k, v = clustered(256, d=32)
+    errs = [attnkit.approximation_error("iceformer", q, k, v, top_k=t, index="exact").output_relative
+            for t in (4, 32, 256)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5
+
+
+def test_bad_arguments_are_clear():
+    q, k, v = qkv(n=8)
+    with pytest.raises(ValueError, match="top_k"):
+        iceformer_attention(q, k, v, top_k=0)
+    with pytest.raises(ValueError, match="index"):
+        iceformer_attention(q, k, v, index="hnsw")
+    with pytest.raises(ValueError, match="window"):
+        retrieval_attention(q, k, v, window=-1)
+    with pytest.raises(ValueError, match="num_blocks"):
+        sea_attention(q, k, v, num_blocks=0)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("method", ["iceformer", "retrieval"])
+def test_decoder_steps_equal_the_batched_causal_pass(method):
+    q, k, v = qkv(n=40, b=1)
+    kw = dict(top_k=5) if method == "iceformer" else dict(top_k=5, num_sink=2, window=6)
+    fn = iceformer_attention if method == "iceformer" else retrieval_attention
+    want = fn(q, k, v, causal=True, **kw)
+    dec = RetrievalDecoder(method, index="exact", **kw).prefill(k[:, :, :10], v[:, :, :10])
+    outs = [dec.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(10, 40)]
+    assert_close(torch.cat(outs, dim=2), want[:, :, 10:])
+    assert dec.length == 40
+
+
+@pytest.mark.parametrize("kind", APPROX_INDEXES)
+def test_decoder_with_an_approximate_index_recalls_the_top_k(kind):
+    q, k, v = clustered(3000 + 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit kind never warns
+        dec = RetrievalDecoder("retrieval", top_k=16, num_sink=4, window=32, index=kind)
+    dec.prefill(k[:, :, :3000], v[:, :, :3000])
+    recalls = []
+    for s in range(8):
+        qq = q[:, :, 3000 + s:3001 + s]
+        dec.step(qq, k[:, :, 3000 + s:3001 + s], v[:, :, 3000 + s:3001 + s])
+        keys = k[:, :, :dec.length]
+        true = (qq @ keys.transpose(-1, -2)).topk(16, dim=-1).indices
+        got = torch.cat([dec.retrieve(qq), dec.static_positions().expand(1, 2, 1, -1)], dim=-1)
+        recalls.append(topk_recall(got, true))
+    assert sum(recalls) / len(recalls) >= 0.9
+
+
+def test_decoder_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        RetrievalDecoder("loki")
+    dec = RetrievalDecoder("iceformer", index="exact")
+    with pytest.raises(ValueError, match="empty"):
+        dec.step(torch.randn(1, 2, 1, 4))
+    dec.prefill(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="q must be"):
+        dec.step(torch.randn(1, 3, 1, 4))
+
+
+def test_multihead_attention_runs_iceformer():
+    mha = attnkit.nn.MultiheadAttention(32, 4, mechanism="iceformer", causal=True)
+    x = torch.randn(2, 20, 32)
+    out = mha(x)
+    assert out.shape == x.shape
+
+
+@needs_faiss
+def test_faiss_augmented_metric_finds_the_exact_top_k_on_separated_data():
+    q, k, _ = clustered(500, d=16)
+    true = KeyIndex("exact").add(k).search(q[:, :, :20], 5)
+    ix = KeyIndex("faiss", metric="l2_augmented", ef_search=200).add(k)
+    assert topk_recall(ix.search(q[:, :, :20], 5), true) >= 0.98
+    with pytest.raises(ValueError, match="metric"):
+        KeyIndex("faiss", metric="cosine")

@@ -1,0 +1,158 @@
+"""Issue 17: BOAT (E8), SG-Former (E16) and Select-and-Pack (E17): references, the catalogue's invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.errors import NotSupportedError
+from attnkit.ops.approx.boat import balanced_clusters, boat_attention, boat_reference
+from attnkit.ops.approx.error import exact_softmax
+from attnkit.ops.approx.select_pack import gate_scores, select_pack_attention, select_pack_reference
+from attnkit.ops.approx.sgformer import (
+    sgformer_attention,
+    sgformer_levels,
+    sgformer_reference,
+    sgformer_significance,
+)
+from attnkit.testing import assert_close
+
+
+def qkv(n=36, nk=None, b=2, h=2, d=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nk = n if nk is None else nk
+    return (torch.randn(b, h, n, d, generator=g, dtype=dtype), torch.randn(b, h, nk, d, generator=g, dtype=dtype),
+            torch.randn(b, h, nk, d, generator=g, dtype=dtype))
+
+
+# ------------------------------------------------------------------------------------------------ BOAT
+@pytest.mark.parametrize("n", [1, 7, 37, 64])
+def test_boat_matches_reference(n):
+    q, k, v = qkv(n)
+    assert_close(boat_attention(q, k, v, cluster_size=8, window=6, chunk_size=5),
+                 boat_reference(q, k, v, cluster_size=8, window=6))
+
+
+@pytest.mark.parametrize("n,c", [(64, 8), (64, 16), (48, 3)])
+def test_boat_clusters_have_equal_size(n, c):
+    _, k, _ = qkv(n)
+    ids = balanced_clusters(k, c)
+    for row in ids.flatten(0, 1):
+        sizes = torch.bincount(row)
+        assert (sizes == c).all(), sizes
+
+
+def test_boat_clusters_group_separated_points():
+    # two far-apart blobs, cluster size = blob size: each cluster is one blob
+    g = torch.Generator().manual_seed(1)
+    pts = torch.randn(1, 1, 32, 8, generator=g, dtype=torch.float64) * 0.1
+    pts[..., :16, 0] += 10
+    perm = torch.randperm(32, generator=g)
+    ids = balanced_clusters(pts[:, :, perm], 16)[0, 0]
+    blob = (perm < 16).long()
+    assert len(set(zip(ids.tolist(), blob.tolist(), strict=True))) == 2
+
+
+def test_boat_full_size_is_full_attention_and_permutation_equivariant():
+    q, k, v = qkv(32)
+    assert_close(boat_attention(q, k, v, cluster_size=32, window=32), exact_softmax(q, k, v))
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(3))
+    # feature-space heads only (window = n: the image heads see everything, so they are equivariant too)
+    out = boat_attention(q, k, v, cluster_size=8, window=32)
+    out_p = boat_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], cluster_size=8, window=32)
+    assert_close(out_p, out[:, :, perm])
+
+
+def test_boat_errors():
+    q, k, v = qkv(8)
+    with pytest.raises(NotSupportedError):
+        boat_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="q_len"):
+        boat_attention(q[:, :, :4], k, v)
+    with pytest.raises(ValueError, match="image_heads"):
+        boat_attention(q, k, v, image_heads=5)
+
+
+# ------------------------------------------------------------------------------------------- SG-Former
+@pytest.mark.parametrize("n,nk", [(1, 1), (7, 7), (36, 36), (10, 37)])
+@pytest.mark.parametrize("rates,fractions", [((1, 4), None), ((1, 2, 5), (0.2, 0.3, 0.5))])
+def test_sgformer_matches_reference(n, nk, rates, fractions):
+    q, k, v = qkv(n, nk)
+    kw = dict(region_size=6, rates=rates, fractions=fractions)
+    assert_close(sgformer_attention(q, k, v, chunk_size=4, **kw), sgformer_reference(q, k, v, **kw))
+
+
+def test_sgformer_rate_one_is_full_attention():
+    q, k, v = qkv(29)
+    assert_close(sgformer_attention(q, k, v, region_size=8, rates=(1,)), exact_softmax(q, k, v))
+    assert_close(sgformer_attention(q, k, v, region_size=8, rates=(1, 1), fractions=(0.5, 0.5)),
+                 exact_softmax(q, k, v))
+
+
+def test_sgformer_token_budget_and_salient_regions_kept():
+    q, k, v = qkv(64)
+    sig = sgformer_significance(q, k, 8, 16 ** -0.5)
+    assert_close(sig.sum(-1), torch.ones_like(sig.sum(-1)))
+    levels = sgformer_levels(sig, (0.25, 0.75))
+    assert ((levels == 0).sum(-1) == 2).all()  # 8 regions: the 2 most significant keep rate 1
+    top = sig.argmax(-1, keepdim=True)
+    assert (levels.gather(-1, top) == 0).all()
+    # budget: 2 regions x 8 tokens at rate 1 + 6 regions x 2 tokens at rate 4 = 28 distinct key rows
+    w = sgformer_reference(q, k, v, region_size=8, rates=(1, 4), fractions=(0.25, 0.75), return_attention=True)[1]
+    distinct = torch.unique(w[0, 0, 0].round(decimals=12)).numel()
+    assert distinct == 28
+
+
+def test_sgformer_errors():
+    q, k, v = qkv(8)
+    with pytest.raises(NotSupportedError):
+        sgformer_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="fractions"):
+        sgformer_attention(q, k, v, rates=(1, 4), fractions=(0.9, 0.5))
+    with pytest.raises(ValueError, match="rates"):
+        sgformer_attention(q, k, v, rates=())
+
+
+# ------------------------------------------------------------------------------------- Select-and-Pack
+@pytest.mark.parametrize("n", [1, 7, 36])
+def test_select_pack_matches_per_image_reference(n):
+    q, k, v = qkv(n, b=3)
+    w = torch.randn(2, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_close(select_pack_attention(q, k, v, gate_weight=w, chunk_size=5),
+                 select_pack_reference(q, k, v, gate_weight=w))
+
+
+def test_select_pack_packed_equals_each_image_alone():
+    q, k, v = qkv(20, b=3)
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[0, :5] = True
+    keep[1, 3:17] = True
+    keep[2, ::3] = True
+    out = select_pack_attention(q, k, v, keep=keep)
+    for i in range(3):
+        idx = torch.nonzero(keep[i]).flatten()
+        alone = exact_softmax(q[i:i + 1, :, idx], k[i:i + 1, :, idx], v[i:i + 1, :, idx])
+        assert_close(out[i:i + 1, :, idx], alone)
+        assert (out[i][:, ~keep[i]] == 0).all()
+
+
+def test_select_pack_all_selected_is_full_attention_and_gate_learns():
+    q, k, v = qkv(12)
+    assert_close(select_pack_attention(q, k, v, keep=torch.ones(2, 12, dtype=torch.bool)), exact_softmax(q, k, v))
+    w = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    select_pack_attention(q, k, v, gate_weight=w).square().sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert gate_scores(k, w).shape == (2, 12)
+
+
+def test_select_pack_errors_and_module():
+    q, k, v = qkv(8)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_pack_attention(q, k, v)
+    with pytest.raises(ValueError, match="keep"):
+        select_pack_attention(q, k, v, keep=torch.ones(2, 8))
+    with pytest.raises(NotSupportedError):
+        attnkit.get("select_pack", num_heads=2, head_dim=16, causal=True)
+    mod = attnkit.get("select_pack", num_heads=2, head_dim=16)
+    assert mod(q.float(), k.float(), v.float()).shape == (2, 2, 8, 16)
