@@ -8,8 +8,11 @@ from attnkit.nn.approx import __all__ as _approx_all
 from attnkit.nn.attention import MultiheadAttention
 from attnkit.nn.linear import *  # noqa: F401,F403
 from attnkit.nn.linear import __all__ as _linear_all
+from attnkit.nn.mixers import *  # noqa: F401,F403
+from attnkit.nn.mixers import __all__ as _mixers_all
 from attnkit.nn.neighborhood import *  # noqa: F401,F403
 from attnkit.nn.neighborhood import __all__ as _neighborhood_all
 from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
 
-__all__ = ["MultiheadAttention", "RotaryEmbedding", "apply_rotary", *_linear_all, *_neighborhood_all, *_approx_all]
+__all__ = ["MultiheadAttention", "RotaryEmbedding", "apply_rotary", *_linear_all, *_neighborhood_all, *_approx_all,
+           *_mixers_all]
