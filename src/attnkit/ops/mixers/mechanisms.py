@@ -233,7 +233,7 @@ _rec("aft_full", AFT + ", eq. 2", "O(n^2 d)", True, M.AFTFull,
      bench={"max_len": 16384}, small={"max_len": 64}, flops=_flops_aft_full)
 _rec("aft_simple", AFT + ", eq. 3", "O(n d)", True, M.AFTSimple,
      "AFT-simple: sigmoid(Q) * softmax_t(K)-weighted sum of V per channel; causal by running sums",
-     flops=_flops_aft_linear(0), state=_state_aft_simple, in_default=True)
+     flops=_flops_aft_linear(0), state=_state_aft_simple)
 _rec("aft_local", AFT + ", eq. 4", "O(n s d)", True, M.AFTLocal,
      "AFT-local: learned biases only within a window of s (0 outside): global sums + windowed correction",
      bench={"max_len": 65536, "window": 32}, small={"max_len": 64, "window": 4}, flops=_flops_aft_linear(32))
@@ -243,10 +243,10 @@ _rec("aft_conv", AFT + ", eq. 5", "O(n s d)", True, M.AFTConv,
 _rec("mega", "Mega: Moving Average Equipped Gated Attention (Ma et al., 2023), eq. 2-3, 6-12", "O(n c d + n log n d)",
      True, M.Mega, "damped multi-dimensional EMA (FFT of its closed-form kernel) + single-head gated attention "
      "within chunks (Mega-chunk)", bench={"chunk_size": 128}, small={"chunk_size": 8, "ema_dim": 4},
-     flops=_flops_mega, state=_state_mega, in_default=True)
+     flops=_flops_mega, state=_state_mega)
 _rec("xca", "XCiT: Cross-Covariance Image Transformers (El-Nouby et al., 2021), eq. 5", "O(n d^2 / h)", False,
      M.XCA, "cross-covariance attention: a d_h x d_h softmax map of L2-normalised (over tokens) Q, K per head",
-     flops=_flops_channel, in_default=True)
+     flops=_flops_channel)
 _rec("davit_channel", "DaViT: Dual Attention Vision Transformers (Ding et al., 2022), eq. 3", "O(n d^2 / G)",
      False, M.ChannelGroupAttention, "channel group attention: softmax(Q_g^T K_g / sqrt(C_g)) over channel groups",
      flops=_flops_channel)
@@ -257,7 +257,7 @@ _rec("lambda", "LambdaNetworks: Modeling Long-Range Interactions Without Attenti
 _rec("lightconv", "Pay Less Attention with Lightweight and Dynamic Convolutions (Wu et al., 2019), eq. 2-3",
      "O(n k d)", True, M.LightConv,
      "lightweight convolution: softmax-normalised depthwise kernel shared per head, GLU in, linear out",
-     small={"kernel_size": 3}, flops=_flops_conv1d(7), state=_state_conv(7), in_default=True)
+     small={"kernel_size": 3}, flops=_flops_conv1d(7), state=_state_conv(7))
 _rec("dynamic_conv", "Pay Less Attention with Lightweight and Dynamic Convolutions (Wu et al., 2019), eq. 4",
      "O(n k d)", True, M.DynamicConv, "dynamic convolution: a softmax kernel per position predicted from the token",
      small={"kernel_size": 3}, flops=_flops_conv1d(7, dynamic=True), state=_state_conv(7))
@@ -271,7 +271,7 @@ _rec("swiftformer", "SwiftFormer: Efficient Additive Attention for Transformer-b
      flops=_flops_swift)
 _rec("lka", "Visual Attention Network (Guo et al., 2022), eq. 1-2", "O(n d (k0^2 + k1^2 + d))", False,
      M.LargeKernelAttention, "large kernel attention (2-D): 5x5 dwconv, 7x7 dwconv dilation 3, 1x1 conv, gating",
-     small={"kernel_size": 9, "dilation": 2}, flops=_flops_lka, spatial=2, in_default=True)
+     small={"kernel_size": 9, "dilation": 2}, flops=_flops_lka, spatial=2)
 _rec("lkca", "LKCA: Large Kernel Convolutional Attention (Li et al., 2024)", "O(n K^2 d)", False, M.LKCA,
      "one large depthwise convolution as fixed Toeplitz attention (2-D)", small={"kernel_size": 5},
      flops=_flops_lkca, spatial=2)
@@ -282,7 +282,7 @@ _rec("parcnet_v2", "ParCNetV2: Oversized Kernel with Enhanced Attention (Xu et a
 _rec("aff", "Adaptive Frequency Filters As Efficient Global Token Mixers (Huang et al., 2023), eq. 4-6",
      "O(n log n d)", False, M.AdaptiveFrequencyFilter,
      "adaptive frequency filtering (2-D): rfft2, complex mask from grouped 1x1 convs of the spectrum, irfft2",
-     flops=_flops_aff, spatial=2, in_default=True)
+     flops=_flops_aff, spatial=2)
 _rec("spectformer", "SpectFormer: Frequency and Attention is what you need in a Vision Transformer "
      "(Patro et al., 2023), eq. 1-3", "O(n log n d)", False, M.SpectralGating,
      "spectral gating (2-D, GFNet-style): irfft2(W * rfft2(X)) with a learned complex filter",
@@ -296,7 +296,7 @@ _rec("hrrformer", "Recasting Self-Attention with Holographic Reduced Representat
      flops=_flops_hrr, state=_state_hrr, tolerance_scale=4.0)
 _rec("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data (Romero et al., 2022), eq. 3-5",
      "O(n log n d)", True, M.CKConv, "SIREN-generated depthwise kernel as long as the input, by FFT; pointwise mix",
-     small={"ref_len": 64}, flops=_flops_ckconv, in_default=True)
+     small={"ref_len": 64}, flops=_flops_ckconv)
 _rec("smpconv", "SMPConv: Self-moving Point Representations for Continuous Convolution (Kim & Park, 2023), "
      "eq. 4-5", "O(n K d)", True, M.SMPConv,
      "depthwise kernel from learnable points (positions, radii, weights) by linear interpolation",
@@ -306,7 +306,7 @@ _rec("mamba_nd", "Mamba-ND: Selective State Space Modeling for Multi-Dimensional
      "Mamba selective scan (chunked) over x [batch, *spatial, dim] flattened in one scan order; registered with "
      "1-D inputs, where the forward order is causal and decodes step by step",
      small={"state_size": 4, "expand": 1}, bench={"expand": 1}, flops=_flops_mamba, state=_state_mamba,
-     in_default=True)
+     )
 _rec("metamixer", "MetaMixer Is All You Need (Yun et al., 2024), sec. 3", "O(n K^2 d)", False, M.MetaMixer,
      "FFNified attention (2-D): W2 DWConv(GELU(DWConv(W1 X)))", small={"kernel_size": 3}, flops=_flops_metamixer,
      spatial=2)

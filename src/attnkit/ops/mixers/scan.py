@@ -82,13 +82,20 @@ def ema_coefficients(alpha, delta, beta, eta):
     return alpha * beta, 1.0 - alpha * delta, eta
 
 
-def ema_kernel(p, q, g, n: int, *, block: int = 4096):
-    """``k_j = sum_h g p q^j``, ``j < n``: ``[n, C]``, by blocks of ``block`` lags (memory block x C x h)."""
+def ema_kernel(p, q, g, n: int, *, block: int = 2048):
+    """``k_j = sum_h g p q^j``, ``j < n``: ``[n, C]``. One table of powers ``q^i`` (``i < block``) serves every
+    block of lags: block ``s`` is ``q^i`` times the weights ``g p q^s`` (a batched mat-vec per channel, no
+    exponentials after the first block); memory ``block x C x h``."""
+    block = max(1, min(block, n))
+    i = torch.arange(block, device=q.device, dtype=q.dtype)
+    powers = torch.exp(i[None, :, None] * torch.log(q)[:, None, :])  # [C, block, h]
+    w = g * p  # [C, h]
+    step = q ** block
     out = []
-    logq = torch.log(q)
     for s in range(0, n, block):
-        j = torch.arange(s, min(s + block, n), device=q.device, dtype=q.dtype)
-        out.append((torch.exp(j[:, None, None] * logq) * (g * p)).sum(-1))
+        length = min(block, n - s)
+        out.append(torch.bmm(powers[:, :length], w[:, :, None])[..., 0].t())  # [length, C]
+        w = w * step
     return torch.cat(out, 0)
 
 
