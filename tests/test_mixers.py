@@ -465,3 +465,23 @@ def test_half_precision_fft_paths_return_the_input_dtype():
     x = _x(1, 20, 4, dtype=torch.float16)
     k = torch.randn(20, 4, dtype=torch.float16)
     assert conv_fft(x, k).dtype == torch.float16
+
+
+# ---- `attnkit bench` runs mixers at the width of the attention runs ------------------------------------------
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_bench_measures_mixers_beside_sdpa(backward):
+    from attnkit.bench import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(mechanisms=["aft_simple", "lka"], seq_lens=[16, 36], heads=2, head_dim=8, repeats=1,
+                      cell_budget_s=0.05, time_budget_s=60, flex=False, memory=False, error_rows=4,
+                      causal="both", backward=backward)
+    doc = run_benchmark(cfg, progress=False)
+    cells = {(c["label"], c["seq_len"]): c for c in doc["results"]}
+    for label in ("aft_simple", "aft_simple causal", "lka", "sdpa"):
+        for n in (16, 36):
+            assert cells[(label, n)]["status"] == "ok", cells[(label, n)]["message"]
+    assert cells[("lka causal", 16)]["status"] == "unsupported"
+    assert cells[("aft_simple causal", 36)]["state_bytes"] == 3 * 16 * 4  # three running [dim] vectors
+    assert cells[("aft_simple", 36)]["flops"] > 0 and cells[("aft_simple", 36)]["vs_sdpa"] is not None
+    assert cells[("aft_simple", 36)]["error"] is None  # no softmax to compare a mixer with

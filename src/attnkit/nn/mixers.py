@@ -388,23 +388,17 @@ class LambdaLayer(_Mixer):
         b, n = x.shape[:2]
         content = torch.einsum("bnhk,bkv->bnhv", q, k.transpose(1, 2) @ v)
         a = q @ self.embedding.t()  # [b, n, h, r]: sum_k q_nk E_jk, the lambda conv folded into the queries
-        pos = torch.zeros_like(content)
         m = self.r // 2
-        for j in range(self.r):
-            s = j - m  # context position n + s
-            if abs(s) >= n:
-                continue
-            if s >= 0:
-                pos[:, : n - s] += a[:, : n - s, :, j, None] * v[:, s:, None, :]
-            else:
-                pos[:, -s:] += a[:, -s:, :, j, None] * v[:, : n + s, None, :]
-        return (content + pos).reshape(b, n, self.dim)
+        # content + sum_j a[n, h, j] v[n + j - m]: context position n + j - m, zero outside the sequence
+        dynconv.shifted_products(content, a[:, :, :, None, :], v[:, :, None, :], [j - m for j in range(self.r)])
+        return content.reshape(b, n, self.dim)
 
     def position_lambdas(self, x):
         """The position lambdas ``E_n^T V`` materialised: ``[batch, seq, key_dim, v]`` (O(seq^2) reference)."""
         _, _, v = self._qkv(x)
         n = x.shape[1]
-        rel = torch.arange(n)[None, :] - torch.arange(n)[:, None] + self.r // 2  # [n, m] index into E
+        pos = torch.arange(n, device=v.device)
+        rel = pos[None, :] - pos[:, None] + self.r // 2  # [n, m] index into E
         inside = (rel >= 0) & (rel < self.r)
         table = self.embedding[rel.clamp(0, self.r - 1)] * inside[..., None].to(v.dtype)  # E_n: [n, m, k]
         return torch.einsum("nmk,bmv->bnkv", table, v)
@@ -651,7 +645,8 @@ class LKCA(_Mixer2d):
     def attention_matrix(self, h: int, w: int) -> torch.Tensor:
         """``[dim, h * w, h * w]``: the weight of input position q for output position p."""
         k = self.weight.shape[-1]
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        dev = self.weight.device
+        ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
         ys, xs = ys.reshape(-1), xs.reshape(-1)
         dy = ys[None, :] - ys[:, None] + k // 2
         dx = xs[None, :] - xs[:, None] + k // 2
@@ -721,7 +716,8 @@ class ParCNetV2Mixer(_Mixer2d):
     @staticmethod
     def toeplitz(k: torch.Tensor, n: int) -> torch.Tensor:
         """``[C, n_out, n_in]`` with entry ``k[n_in - n_out + n - 1]`` (the cross-correlation as a matrix)."""
-        idx = torch.arange(n)[None, :] - torch.arange(n)[:, None] + n - 1
+        pos = torch.arange(n, device=k.device)
+        idx = pos[None, :] - pos[:, None] + n - 1
         return k[:, idx]
 
     def reference(self, x):
@@ -1185,7 +1181,8 @@ class Extractor(_Mixer):
         self._check(x)
         q, v = self.qv(x).chunk(2, dim=-1)
         n = x.shape[1]
-        lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        pos = torch.arange(n, device=x.device)
+        lag = pos[:, None] - pos[None, :]
         inside = (lag >= 0) & (lag < self.max_len)
         w = self.weight[lag.clamp(0, self.max_len - 1)] * inside[..., None].to(x.dtype)  # [t, j, dim]
         return self.out(q * torch.einsum("tjc,bjc->btc", w, v))

@@ -93,7 +93,7 @@ def aft_simple_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
 
 
 def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.Tensor, *,
-                 causal: bool = False, per_position: bool = False) -> torch.Tensor:
+                 causal: bool = False, per_position: bool = False, block: int = 1024) -> torch.Tensor:
     """AFT-local / AFT-conv (eq. 4-5). ``corr = exp(w) - 1`` inside the window of half-width ``s``:
 
     - ``per_position=False`` (AFT-conv): ``corr [2s - 1, C]``, the same for every position (a depthwise conv);
@@ -111,17 +111,19 @@ def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.
     s = (width + 1) // 2
     both = torch.cat([ekv, ek], dim=-1)
     if per_position:
-        extra = torch.zeros_like(both)
+        extra = torch.empty_like(both)
         last = s if causal else width  # offsets o with t' - t = o - s + 1 <= 0 when causal
-        for o in range(last):
-            off = o - s + 1  # t' = t + off
-            if abs(off) >= n:
-                continue
-            c = corr[:n, o, None].to(ct)  # [T, 1]
-            if off >= 0:
-                extra[:, : n - off] += c[: n - off] * both[:, off:]
-            else:
-                extra[:, -off:] += c[-off:] * both[:, : n + off]
+        corr = corr.to(ct)
+        # Blocks of output positions, so the window's partial sums stay in cache however long the sequence.
+        for b0 in range(0, n, block):
+            b1 = min(b0 + block, n)
+            acc = torch.zeros_like(both[:, b0:b1])
+            for o in range(last):
+                off = o - s + 1  # t' = t + off
+                lo, hi = max(b0, -off), min(b1, n - off)
+                if lo < hi:
+                    acc[:, lo - b0: hi - b0].addcmul_(corr[lo:hi, o, None], both[:, lo + off: hi + off])
+            extra[:, b0:b1] = acc
     else:
         c = corr.to(ct)
         # conv convention y_t = sum_j k[j] x_{t - j + left}: offset t' - t = left - j.

@@ -43,6 +43,22 @@ def lightconv_reference(x: torch.Tensor, weight: torch.Tensor, *, causal: bool =
     return torch.einsum("bnhck,hk->bnhc", win, w).reshape(b, n, c)
 
 
+def shifted_products(out: torch.Tensor, coeff: torch.Tensor, x: torch.Tensor, shifts, *,
+                     block: int = 1024) -> torch.Tensor:
+    """``out[:, i] += coeff[:, i, ..., j] * x[:, i + shifts[j]]`` for every tap ``j`` (zero outside the sequence),
+    by blocks of ``block`` positions so the partial sums stay in cache at any length. ``out, x [batch, seq,
+    ...]``; ``coeff [batch, seq, ..., taps]`` broadcasting against them (with the tap axis last)."""
+    n = x.shape[1]
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        acc = out[:, b0:b1]
+        for j, s in enumerate(shifts):
+            lo, hi = max(b0, -s), min(b1, n - s)
+            if lo < hi:
+                acc[:, lo - b0: hi - b0].addcmul_(coeff[:, lo:hi, ..., j], x[:, lo + s: hi + s])
+    return out
+
+
 def dynamic_conv(x: torch.Tensor, weights: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
     """DynamicConv: per-position kernels ``weights [batch, seq, H, k]`` (already softmax-normalised), shared
     by each head's channels. One shifted product per tap: O(seq k C) time, O(seq C) extra memory."""
@@ -51,14 +67,7 @@ def dynamic_conv(x: torch.Tensor, weights: torch.Tensor, *, causal: bool = False
     left = pad_left(k, causal)
     xh = x.view(b, n, h, c // h)
     y = torch.zeros_like(xh)
-    for j in range(k):
-        s = j - left  # y_i += w_ij x_{i + s}
-        if abs(s) >= n:
-            continue
-        if s >= 0:
-            y[:, : n - s] += weights[:, : n - s, :, j, None] * xh[:, s:]
-        else:
-            y[:, -s:] += weights[:, -s:, :, j, None] * xh[:, : n + s]
+    shifted_products(y, weights[:, :, :, None, :], xh, [j - left for j in range(k)])  # y_i += w_ij x_{i + j - left}
     return y.view(b, n, c)
 
 
