@@ -11,7 +11,7 @@ import torch
 import attnkit
 from attnkit import patterns as P
 from attnkit import score_mods as S
-from attnkit.testing import assert_close, random_qkv
+from attnkit.testing import assert_close, mechanism_inputs, random_qkv
 
 # ATTNKIT_TEST_DEVICE=cpu dry-runs these checks on the CPU (to debug the tests themselves without a GPU).
 CUDA = os.environ.get("ATTNKIT_TEST_DEVICE", "cuda")
@@ -118,6 +118,9 @@ def test_every_registered_mechanism_runs_on_cuda(name):
     n, h, d = 256, 4, 64
     params = dict(m.bench_params)
     params.update(shape_params(m, heads=h, head_dim=d, seq_len=n))
+    if m.kind == "mixer":
+        _mixer_runs_on_cuda(m, params, mechanism_inputs(m, batch=1, heads=h, head_dim=d, seq_len=n, seed=1))
+        return
     q, k, v = random_qkv(1, h, n, n, d, seed=1)
     torch.manual_seed(0)
     fn_cpu = m.build(**params)
@@ -134,6 +137,19 @@ def test_every_registered_mechanism_runs_on_cuda(name):
     if m.exact or m.family == "linear":
         torch.manual_seed(0)
         assert_close(out.detach().cpu(), fn_cpu(q, k, v), scale=5.0)
+
+
+def _mixer_runs_on_cuda(m, params, inputs):
+    torch.manual_seed(0)
+    mixer = m.build(**params)
+    x = inputs[0]
+    expected = m.reference(mixer.double(), x.double(), **params)  # float64 on the CPU
+    xg = x.to(CUDA).requires_grad_()
+    out = mixer.float().to(CUDA)(xg)
+    assert out.device.type == torch.device(CUDA).type and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert_close(out.detach().cpu(), expected, dtype=torch.float32, scale=20.0)
 
 
 def test_multihead_attention_module_on_cuda():

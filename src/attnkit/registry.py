@@ -23,6 +23,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "attnkit.ops.linear.mechanisms",
     "attnkit.ops.approx.mechanisms",
     "attnkit.ops.longctx.mechanisms",
+    "attnkit.ops.mixers.mechanisms",
 )
 
 # Shape arguments a caller (``nn.MultiheadAttention``, the benchmark) supplies to factories that declare them.

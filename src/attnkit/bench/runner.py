@@ -39,12 +39,22 @@ def decode_state_bytes(v: Variant, n: int, config: BenchConfig) -> int | None:
     (``extras["state_bytes"]`` per head), or the full KV cache of exact softmax (SDPA); None where not defined."""
     elem = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
     per_head = None
+    if _is_mixer(v) and "state_bytes" in v.mechanism.extras:  # mixers: bytes per sequence at width heads x dim
+        per_seq = call_with_accepted(v.mechanism.extras["state_bytes"], dim=config.heads * config.head_dim,
+                                     dtype=getattr(torch, config.dtype), **v.params)
+        return int(per_seq) * config.batch
     if v.kind == "mechanism" and v.mechanism is not None and "state_bytes" in v.mechanism.extras:
         per_head = call_with_accepted(v.mechanism.extras["state_bytes"], head_dim=config.head_dim,
                                       dtype=getattr(torch, config.dtype), **v.params)
     elif v.causal and (v.kind == "baseline" or v.name == "softmax"):
         per_head = 2 * n * config.head_dim * elem
     return None if per_head is None else int(per_head) * config.heads * config.batch
+
+
+def _is_mixer(v: Variant) -> bool:
+    """Token mixers (``kind == "mixer"``) take ``x [batch, seq, heads * head_dim]`` (or their own example
+    inputs, e.g. a 2-D grid of the same number of tokens) instead of ``q, k, v``: same width, same length."""
+    return v.kind == "mechanism" and v.mechanism is not None and v.mechanism.kind == "mixer"
 
 
 # Every cell of results.json / results.csv has exactly these keys (None where it does not apply).
@@ -209,23 +219,35 @@ class _Run:
             fn = fn.to(device=self.device, dtype=self.dtype)
         return fn
 
-    def caller(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
+    def mixer_input(self, v: Variant, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        q = inputs[0]
+        b, h, n, d = q.shape
+        m = v.mechanism
+        if m.example_inputs is not None:
+            x = m.example_inputs(batch=b, seq_len=n, dtype=torch.float32, seed=self.config.seed + n, heads=h,
+                                 head_dim=d)[0]
+            return x.to(self.device, self.dtype)
+        return q.transpose(1, 2).reshape(b, n, h * d)
+
+    def caller(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+               variant: Variant | None = None) -> Callable[[], torch.Tensor]:
         q, k, v, grad = inputs
+        args = (self.mixer_input(variant, inputs),) if variant is not None and _is_mixer(variant) else (q, k, v)
         if not self.config.backward:
             def forward() -> torch.Tensor:
                 with torch.no_grad():
-                    out = fn(q, k, v)
+                    out = fn(*args)
                 return out[0] if isinstance(out, tuple) else out
 
             return forward
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        leaves = [t.detach().requires_grad_(True) for t in args]
         params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
 
         def forward_backward() -> torch.Tensor:
             out = fn(*leaves)
             out = out[0] if isinstance(out, tuple) else out
-            torch.autograd.grad(out, leaves + params, grad[..., : out.shape[-1]].expand_as(out),
-                                allow_unused=True)
+            g = grad[..., : out.shape[-1]].expand_as(out) if len(args) == 3 else torch.ones_like(out)
+            torch.autograd.grad(out, leaves + params, g, allow_unused=True)
             return out.detach()
 
         return forward_backward
@@ -234,7 +256,7 @@ class _Run:
         c = self.config
         t0 = time.perf_counter()
         fn = self.build(v, n)
-        call = self.caller(fn, inputs)
+        call = self.caller(fn, inputs, v)
         cell["build_s"] = time.perf_counter() - t0
 
         # First call: warm-up (and compilation for FlexAttention); traced for memory unless it compiles.
@@ -266,6 +288,9 @@ class _Run:
 
     def error(self, v: Variant, n: int, inputs, out: torch.Tensor, cell: dict[str, Any]) -> None:
         q, k, v_, _ = inputs
+        if _is_mixer(v):
+            cell["error_reference"] = "none: a token mixer computes its own operator, not softmax attention"
+            return
         expected_shape = (q.shape[0], q.shape[1], n, v_.shape[-1])
         if tuple(out.shape) != expected_shape:
             cell["message"] = f"output shape {tuple(out.shape)} != {expected_shape}: error not computed"

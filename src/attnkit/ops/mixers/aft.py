@@ -1,0 +1,148 @@
+"""Attention Free Transformer (Zhai et al., "An Attention Free Transformer", 2021), eq. 2-5.
+
+``Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_{t,t'}) V_t' / sum_t' exp(K_t' + w_{t,t'})``, per channel.
+Shapes: ``q, k, v [batch, seq, channels]``; position biases ``w [seq, seq]``.
+
+- AFT-full: learned ``w`` (here factorised ``w = U V^T`` by the module, as the paper does for large T);
+  exact in O(T^2 C) time by row blocks of ``exp(w) @ (exp(K) * V)``, O(T C + block T) memory.
+- AFT-simple: ``w = 0``: a softmax over positions per channel, O(T C) (cumulative sums when causal).
+- AFT-local / AFT-conv: ``w`` non-zero only inside a window (zero, not -inf, outside), so the output is the
+  global AFT-simple sums plus a windowed correction ``sum_{window} (exp(w) - 1) exp(K) V`` (eq. 5): O(T s C).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.ops.mixers._common import compute_dtype, conv_direct
+
+
+def _exp_keys(k: torch.Tensor) -> torch.Tensor:
+    # exp(K - max_t K) per channel: the offset cancels in the ratio; it keeps exp() from overflowing.
+    return torch.exp(k - k.amax(dim=1, keepdim=True))
+
+
+def aft_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None = None, *,
+                  causal: bool = False) -> torch.Tensor:
+    """The definition materialised: weights ``softmax_t'(K_t' + w_{t,t'})`` as ``[batch, T, T, C]``."""
+    n = q.shape[1]
+    logits = k[:, None, :, :].expand(-1, n, -1, -1)
+    if w is not None:  # [T, T] shared by the channels, or [T, T, C]
+        logits = logits + (w[..., None] if w.dim() == 2 else w)[None].to(k.dtype)
+    if causal:
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future[None, :, :, None], float("-inf"))
+    weights = torch.softmax(logits, dim=2)  # over t'
+    return torch.sigmoid(q) * (weights * v[:, None]).sum(2)
+
+
+def aft_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *, causal: bool = False,
+             block: int = 1024) -> torch.Tensor:
+    """AFT-full (eq. 2): ``exp(w) @ (exp(K) * V) / exp(w) @ exp(K)`` by blocks of ``block`` query rows, so the
+    T x T bias is never exponentiated whole. ``w [T, T]``."""
+    ct = compute_dtype(q.dtype)
+    n = q.shape[1]
+    ek = _exp_keys(k.to(ct))
+    ekv = ek * v.to(ct)
+    both = torch.cat([ekv, ek], dim=-1)  # one matmul for numerator and denominator
+    out = []
+    for s in range(0, n, block):
+        wb = w[s: s + block].to(ct)
+        if causal:
+            rows = torch.arange(s, s + wb.shape[0], device=w.device)[:, None]
+            wb = wb.masked_fill(torch.arange(n, device=w.device)[None, :] > rows, float("-inf"))
+        ew = torch.exp(wb - wb.amax(dim=1, keepdim=True))  # row offsets cancel in the ratio
+        nd = torch.matmul(ew, both)  # [batch, rows, 2C]
+        num, den = nd.chunk(2, dim=-1)
+        out.append(num / den)
+    return (torch.sigmoid(q.to(ct)) * torch.cat(out, dim=1)).to(q.dtype)
+
+
+def _global_sums(ekv: torch.Tensor, ek: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if causal:
+        return ekv.cumsum(1), ek.cumsum(1)
+    return ekv.sum(1, keepdim=True), ek.sum(1, keepdim=True)
+
+
+def aft_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """AFT-simple (eq. 3): ``sigmoid(Q_t) * sum_t' softmax_t'(K) V_t'``; causal by running sums (eq. 2 with
+    ``t' <= t``). Numerical hazard: the causal form offsets ``K`` by its per-channel maximum over the whole
+    sequence, so a channel whose keys span more than ~80 (float32) underflows at early positions."""
+    ct = compute_dtype(q.dtype)
+    ek = _exp_keys(k.to(ct))
+    num, den = _global_sums(ek * v.to(ct), ek, causal)
+    return (torch.sigmoid(q.to(ct)) * num / den).to(q.dtype)
+
+
+def aft_simple_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
+    """One causal decoding step of AFT-simple. ``q_t, k_t, v_t [batch, C]``; ``state = (num, den, max)`` each
+    ``[batch, C]`` (None at the start): running sums rescaled to a running maximum, so nothing overflows."""
+    ct = compute_dtype(q_t.dtype)
+    k_t, v_t = k_t.to(ct), v_t.to(ct)
+    if state is None:
+        m = k_t
+        num, den = v_t.clone(), torch.ones_like(k_t)
+    else:
+        num, den, m_old = state
+        m = torch.maximum(m_old, k_t)
+        old, new = torch.exp(m_old - m), torch.exp(k_t - m)
+        num, den = num * old + new * v_t, den * old + new
+    y = torch.sigmoid(q_t.to(ct)) * num / den
+    return y.to(q_t.dtype), (num, den, m)
+
+
+def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.Tensor, *,
+                 causal: bool = False, per_position: bool = False, block: int = 1024) -> torch.Tensor:
+    """AFT-local / AFT-conv (eq. 4-5). ``corr = exp(w) - 1`` inside the window of half-width ``s``:
+
+    - ``per_position=False`` (AFT-conv): ``corr [2s - 1, C]``, the same for every position (a depthwise conv);
+    - ``per_position=True`` (AFT-local): ``corr [T, 2s - 1]`` shared by the channels (``corr[t, o]`` weights
+      ``t' = t + o - s + 1``).
+
+    Causal forms use only offsets ``t' <= t``.
+    """
+    ct = compute_dtype(q.dtype)
+    n = q.shape[1]
+    ek = _exp_keys(k.to(ct))
+    ekv = ek * v.to(ct)
+    num, den = _global_sums(ekv, ek, causal)
+    width = corr.shape[-1] if per_position else corr.shape[-2]
+    s = (width + 1) // 2
+    both = torch.cat([ekv, ek], dim=-1)
+    if per_position:
+        extra = torch.empty_like(both)
+        last = s if causal else width  # offsets o with t' - t = o - s + 1 <= 0 when causal
+        corr = corr.to(ct)
+        # Blocks of output positions, so the window's partial sums stay in cache however long the sequence.
+        for b0 in range(0, n, block):
+            b1 = min(b0 + block, n)
+            acc = torch.zeros_like(both[:, b0:b1])
+            for o in range(last):
+                off = o - s + 1  # t' = t + off
+                lo, hi = max(b0, -off), min(b1, n - off)
+                if lo < hi:
+                    acc[:, lo - b0: hi - b0].addcmul_(corr[lo:hi, o, None], both[:, lo + off: hi + off])
+            extra[:, b0:b1] = acc
+    else:
+        c = corr.to(ct)
+        # conv convention y_t = sum_j k[j] x_{t - j + left}: offset t' - t = left - j.
+        kern = c[:s].flip(0) if causal else c.flip(0)
+        extra = conv_direct(both, torch.cat([kern, kern], dim=-1), left=0 if causal else s - 1)
+    en, ed = extra.chunk(2, dim=-1)
+    return (torch.sigmoid(q.to(ct)) * (num + en) / (den + ed)).to(q.dtype)
+
+
+def window_bias_matrix(corr: torch.Tensor, n: int, *, per_position: bool) -> torch.Tensor:
+    """The dense biases ``w`` (``log(1 + corr)`` inside the window, 0 outside) for the references: ``[T, T]``
+    from AFT-local's ``corr [T, 2s - 1]``, ``[T, T, C]`` from AFT-conv's ``corr [2s - 1, C]``."""
+    width = corr.shape[-2] if not per_position else corr.shape[-1]
+    s = (width + 1) // 2
+    shape = (n, n) if per_position else (n, n, corr.shape[-1])
+    w = torch.zeros(shape, dtype=corr.dtype, device=corr.device)
+    for t in range(n):
+        for o in range(width):
+            tp = t + o - s + 1
+            if 0 <= tp < n:
+                w[t, tp] = torch.log1p(corr[t, o] if per_position else corr[o])
+    return w
