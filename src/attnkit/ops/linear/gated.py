@@ -36,6 +36,8 @@ in float32 and the state is float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -246,6 +248,32 @@ def _blocks(N: int, c: int):
         yield lo, min(N, lo + per)
 
 
+def _scan(trans, add, s):
+    """States at the start of each chunk of a block and after it: ``s <- trans_t (*|@) s + add_t``. ``trans``
+    ``[b, h, nb, d_k or 1, 1]`` multiplies elementwise (a diagonal decay), ``[b, h, nb, d_k, d_k]`` as a
+    matrix (the delta rule). The only sequential work of the chunked forms: one fused op per chunk."""
+    starts = []
+    matrix = trans.shape[-1] > 1
+    for t in range(add.shape[2]):
+        starts.append(s)
+        s = torch.baddbmm(add[:, :, t].flatten(0, 1), trans[:, :, t].flatten(0, 1), s.flatten(0, 1)).view_as(s) \
+            if matrix else torch.addcmul(add[:, :, t], trans[:, :, t], s)
+    return torch.stack(starts, dim=2), s
+
+
+# Largest log-decay span of a chunk (|G_last|) for which the whole-chunk factorisation exp(G_i - G_m) *
+# exp(G_m - G_j) through the chunk's middle position m keeps every factor within exp(-span) .. exp(span): no
+# overflow or underflow, and products keep full relative precision. Beyond it, sub-chunks are used.
+def _max_span(dtype: torch.dtype) -> float:
+    return 0.5 * math.log(torch.finfo(dtype).max)
+
+
+def _intra_vector_fast(q, k, G) -> torch.Tensor:
+    """``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` (not yet masked) as one matmul through the middle position."""
+    ref = G[..., G.shape[-2] // 2:G.shape[-2] // 2 + 1, :]
+    return (q * torch.exp(G - ref)) @ (k * torch.exp(ref - G)).transpose(-1, -2)
+
+
 def _gated_chunked(q, k, v, g, s, c):
     b, h, n, _ = q.shape
     c = min(c, n)
@@ -253,24 +281,21 @@ def _gated_chunked(q, k, v, g, s, c):
     N = qc.shape[2]
     mask = _causal_mask(c, q.device)
     vector = gc.shape[-1] > 1
+    span = _max_span(q.dtype)
     outs = []
     for lo, hi in _blocks(N, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
-        if vector:
-            A = _intra_vector(qb, kb, G, SUB_CHUNK)
-        else:
-            A = (qb @ kb.transpose(-1, -2)) * _decay_matrix(G[..., 0], mask)
-        o = A @ vb  # [b, h, nb, c, d_v]
         last = G[..., -1:, :]
-        q_in = qb * torch.exp(G)  # reads the state at the chunk start
+        if bool(last.detach().amin() >= -span):  # the usual case: one matmul, scalar or vector gates alike
+            A = _intra_vector_fast(qb, kb, G).masked_fill(~mask, 0.0)
+        elif not vector:
+            A = (qb @ kb.transpose(-1, -2)) * _decay_matrix(G[..., 0], mask)
+        else:
+            A = _intra_vector(qb, kb, G, SUB_CHUNK)
         kv = (kb * torch.exp(last - G)).transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
-        dec = torch.exp(last).transpose(-1, -2)  # [b, h, nb, d_k or 1, 1]
-        inter = []
-        for t in range(hi - lo):
-            inter.append(q_in[:, :, t] @ s)
-            s = dec[:, :, t] * s + kv[:, :, t]
-        outs.append(o + torch.stack(inter, dim=2))
+        starts, s = _scan(torch.exp(last).transpose(-1, -2), kv, s)  # decay [b, h, nb, d_k or 1, 1]
+        outs.append(A @ vb + (qb * torch.exp(G)) @ starts)
     out = torch.cat(outs, dim=2).reshape(b, h, N * c, -1)[:, :, :n]
     return out, s
 
@@ -356,6 +381,7 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     N = qc.shape[2]
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
+    eye_c = torch.eye(c, dtype=q.dtype, device=q.device)
     outs = []
     for lo, hi in _blocks(N, c):
         qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
@@ -363,28 +389,27 @@ def _delta_chunked(q, k, v, beta, g, s, c):
         if gc is not None:
             G = gc[:, :, lo:hi, :, 0].cumsum(-1)  # [b, h, nb, c]
             gam = torch.exp(G)[..., None]  # gamma_i: decay from the chunk start to i (inclusive)
-            Gam = _decay_matrix(G, incl)  # Gamma_ij = gamma_i / gamma_j, j <= i
-            kk = (kb @ kt) * Gam
-            qk = (qb @ kt) * Gam
+            Gam = _decay_matrix(G, incl)  # Gamma_ij = gamma_i / gamma_j for j <= i, else 0
+            kk, qk = (kb @ kt) * Gam, (qb @ kt) * Gam
             last = G[..., -1:, None]
-            k_st = kb * torch.exp(last - G[..., None])
-            dec = torch.exp(last)  # [b, h, nb, 1, 1]
+            k_st, dec = kb * torch.exp(last - G[..., None]), torch.exp(last)  # dec [b, h, nb, 1, 1]
             q_in, k_in = qb * gam, kb * gam
         else:
             kk, qk = kb @ kt, (qb @ kt).masked_fill(~incl, 0.0)
             k_st, dec, q_in, k_in = kb, None, qb, kb
         lower = (bb[..., :, None] * kk).masked_fill(~strict, 0.0)
-        eye = torch.eye(c, dtype=q.dtype, device=q.device)
-        rhs = bb[..., None] * torch.cat([vb, k_in], dim=-1)
-        x = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
-        u_tilde, w = x[..., :dv], x[..., dv:]  # U = u_tilde - w S_0 (the UT transform)
-        inter = []
+        x = torch.linalg.solve_triangular(eye_c + lower, bb[..., None] * torch.cat([vb, k_in], dim=-1),
+                                          upper=False, unitriangular=True)
+        u_tilde, w = x[..., :dv], x[..., dv:]  # the chunk's pseudo-values are U = u_tilde - w S_0 (UT transform)
+        k_stt = k_st.transpose(-1, -2)
+        us, starts = [], []
         for t in range(hi - lo):
+            starts.append(s)
             u = u_tilde[:, :, t] - w[:, :, t] @ s
-            inter.append(q_in[:, :, t] @ s + qk[:, :, t] @ u)
-            s = s + k_st[:, :, t].transpose(-1, -2) @ u if dec is None else \
-                dec[:, :, t] * s + k_st[:, :, t].transpose(-1, -2) @ u
-        outs.append(torch.stack(inter, dim=2))
+            us.append(u)
+            s = s + k_stt[:, :, t] @ u if dec is None else torch.addcmul(k_stt[:, :, t] @ u, dec[:, :, t], s)
+        # O = q_in S_0 + qk U, batched over the block
+        outs.append(q_in @ torch.stack(starts, dim=2) + qk @ torch.stack(us, dim=2))
     out = torch.cat(outs, dim=2).reshape(b, h, N * c, dv)[:, :, :n]
     return out, s
 
