@@ -300,3 +300,88 @@ def test_fla_naive_delta_rule_oracle():
     ref, s_ref = delta_rule_attention(q, k, v, beta, initial_state=s0, chunk_size=8, return_state=True)
     assert_close(out, ref)
     assert_close(s, s_ref)
+
+
+# -- registry records of the gated engine, Cottention and causal LLN --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet"])
+def test_gated_records_train_through_multihead_attention(name):
+    import attnkit
+    from attnkit.nn import MultiheadAttention
+
+    layer = MultiheadAttention(32, 4, mechanism=name, causal=True)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    y = layer(x)
+    y.square().mean().backward()
+    gate_params = [p for n, p in layer.named_parameters() if "inner" in n]
+    assert gate_params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in gate_params)
+    # causal: the output of a prefix does not depend on the rest
+    assert_close(layer(x[:, :7]), y[:, :7], scale=5.0)
+    assert attnkit.mechanism_info(name).flops(batch=1, heads=4, q_len=64, kv_len=64, head_dim=8, causal=True) > 0
+
+
+def test_cottention_output_stays_at_the_scale_of_v():
+    """The fix of the signed-denominator blow-up: with the length scale, |out_i| <= L_i^(1 - sigmoid(m)) max|v|
+    for any inputs, including keys that nearly cancel (where a denominator sum_j cos_ij would approach 0)."""
+    import attnkit
+
+    fn = attnkit.get("cottention", causal=True, num_heads=2).double()
+    q, k, v = random_qkv(1, 2, 300, dim=8, dtype=F64, seed=30)
+    k = torch.cat([k[:, :, :150], -k[:, :, :150]], dim=2)  # cosine sums cancel exactly at the end
+    out = fn(q, k, v)
+    power = torch.sigmoid(fn.norm_const.detach())
+    bound = torch.arange(1, 301, dtype=F64)[None, :] ** (1 - power[:, None]) * v.abs().amax()
+    assert (out.norm(dim=-1)[0] <= bound * 8**0.5 + 1e-9).all()
+    assert out.abs().max() < 300 * v.abs().max()
+
+
+def test_cottention_invariants_and_decoding():
+    import attnkit
+    from attnkit.ops.linear.cottention import cottention_reference
+
+    fn = attnkit.get("cottention", causal=True, num_heads=2).double()
+    with torch.no_grad():
+        fn.norm_const.copy_(torch.tensor([-1.0, 2.0]))
+    q, k, v = random_qkv(2, 2, 40, dim=8, dtype=F64, seed=31)
+    out = fn(q, k, v)
+    assert_close(out, cottention_reference(fn, q, k, v))
+    assert_close(fn(q * 3.0, k * 0.25, v), out)  # scale invariance of q and k (D12 test 2)
+    # RNN form: prefill then one-token steps with the carried state (the length scale follows the offset)
+    o1, s = fn(q[:, :, :25], k[:, :, :25], v[:, :, :25], return_state=True)
+    steps = [o1]
+    for t in range(25, 40):
+        o, s = fn(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state=s, return_state=True)
+        steps.append(o)
+    assert_close(torch.cat(steps, dim=2), out)
+    full = attnkit.get("cottention", num_heads=2).double()
+    assert_close(full(q, k, v), cottention_reference(full, q, k, v))
+
+
+def test_lln_causal_uses_prefix_statistics_only():
+    from attnkit import feature_maps as fmaps
+    from attnkit.errors import NotSupportedError
+
+    q, k, v = random_qkv(1, 2, 64, dim=8, dtype=F64, seed=32)
+    out = linear_attention(q, k, v, feature_map="lln", causal=True, chunk_size=16)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 40:] = 30.0 * torch.randn_like(k2[:, :, 40:])  # a wild future would shift global statistics/max
+    v2[:, :, 40:] = 0.0
+    out2 = linear_attention(q, k2, v2, feature_map="lln", causal=True, chunk_size=16)
+    assert torch.equal(out2[:, :, :40], out[:, :, :40])
+    # at the last position the prefix statistics are the whole call's
+    causal_map, full_map = fmaps.LogNormalFeatureMap(causal=True), fmaps.LogNormalFeatureMap()
+    a_c, b_c = causal_map.temperatures(q, k)
+    a_f, b_f = full_map.temperatures(q, k)
+    assert_close(a_c[:, :, -1:], a_f, dtype=torch.float32)
+    assert_close(b_c[:, :, -1:], b_f, dtype=torch.float32)
+    ref = linear_attention_reference_lln(q, k, v)
+    assert_close(out, ref)
+    with pytest.raises(NotSupportedError, match="causal=True"):
+        linear_attention(q, k, v, feature_map=fmaps.LogNormalFeatureMap(), causal=True)
+
+
+def linear_attention_reference_lln(q, k, v):
+    from attnkit.ops.linear import linear_attention_reference
+
+    return linear_attention_reference(q, k, v, feature_map="lln", causal=True)

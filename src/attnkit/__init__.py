@@ -8,7 +8,7 @@ from attnkit.cache import AdaptiveKVCache, KVCache, RecurrentStateCache, Sliding
 from attnkit.errors import NotSupportedError
 from attnkit.ops.approx.error import ApproximationError, approximation_error
 from attnkit.ops.exact.api import attention, not_supported_reasons
-from attnkit.ops.linear import LinearAttentionState, linear_attention
+from attnkit.ops.linear import LinearAttentionState, delta_rule_attention, gated_linear_attention, linear_attention
 from attnkit.ops.neighborhood import neighborhood
 from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, register
 
@@ -19,4 +19,5 @@ __all__ = [
     "attention", "feature_maps", "get", "linear_attention", "list_mechanisms", "mechanism_info", "neighborhood",
     "normalizations", "not_supported_reasons", "patterns", "register", "score_mods", "__version__",
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
+    "gated_linear_attention", "delta_rule_attention",
 ]
