@@ -381,7 +381,6 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     N = qc.shape[2]
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
-    eye_c = torch.eye(c, dtype=q.dtype, device=q.device)
     outs = []
     for lo, hi in _blocks(N, c):
         qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
@@ -395,12 +394,14 @@ def _delta_chunked(q, k, v, beta, g, s, c):
             k_st, dec = kb * torch.exp(last - G[..., None]), torch.exp(last)  # dec [b, h, nb, 1, 1]
             q_in, k_in = qb * gam, kb * gam
         else:
-            kk, qk = kb @ kt, (qb @ kt).masked_fill(~incl, 0.0)
+            kk, qk = kb @ kt, (qb @ kt).masked_fill_(~incl, 0.0)
             k_st, dec, q_in, k_in = kb, None, qb, kb
-        lower = (bb[..., :, None] * kk).masked_fill(~strict, 0.0)
-        x = torch.linalg.solve_triangular(eye_c + lower, bb[..., None] * torch.cat([vb, k_in], dim=-1),
-                                          upper=False, unitriangular=True)
-        u_tilde, w = x[..., :dv], x[..., dv:]  # the chunk's pseudo-values are U = u_tilde - w S_0 (UT transform)
+        # T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) by one batched unit-triangular solve; then
+        # u_tilde = T V and w = T diag(gamma) K: the chunk's pseudo-values are U = u_tilde - w S_0 (UT transform)
+        system = (bb[..., :, None] * kk).masked_fill_(~strict, 0.0)
+        system.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        t_mat = torch.linalg.solve_triangular(system, torch.diag_embed(bb), upper=False, unitriangular=True)
+        u_tilde, w = t_mat @ vb, t_mat @ k_in
         k_stt = k_st.transpose(-1, -2)
         us, starts = [], []
         for t in range(hi - lo):
