@@ -79,16 +79,26 @@ def test_strong_gates_stay_finite_and_exact(gate):
         assert_close(gated_linear_attention(q, k, v, g, chunk_size=c), ref)
 
 
-def test_sub_chunk_path_equals_reference_at_every_sub_chunk_offset():
-    q, k, v, s0, _ = _case(n=64, seed=5)
-    g = _gate((2, 3, 64, 8), seed=6)
-    ref = gated_linear_attention_reference(q, k, v, g, initial_state=s0)
-    A = gated._intra_vector(q.reshape(2, 3, 1, 64, 8), k.reshape(2, 3, 1, 64, 8),
-                            g.reshape(2, 3, 1, 64, 8).cumsum(-2), 16)
-    fast = gated._intra_vector_fast(q.reshape(2, 3, 1, 64, 8), k.reshape(2, 3, 1, 64, 8),
-                                    g.reshape(2, 3, 1, 64, 8).cumsum(-2)).tril()
-    assert_close(A, fast)
-    assert_close(gated_linear_attention(q, k, v, g, initial_state=s0, chunk_size=64), ref)
+def test_sub_chunk_path_equals_the_materialised_intra_chunk_product():
+    q, k, _, _, _ = _case(n=64, seed=5)
+    G = _gate((2, 3, 64, 8), seed=6).cumsum(-2)
+    A = gated._intra_vector(q[:, :, None], k[:, :, None], G[:, :, None], 16)[:, :, 0]  # 4 sub-chunks
+    i = torch.arange(64)
+    diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~(i[None, :] <= i[:, None])[..., None], -torch.inf)
+    assert_close(A, (q[:, :, :, None, :] * k[:, :, None, :, :] * diff.exp()).sum(-1))
+
+
+def test_strong_gates_in_the_gated_delta_rule():
+    n = 70
+    q, k, v, s0, beta = _case(n=n, seed=25)
+    k = F.normalize(k, dim=-1)
+    g = -8.0 * torch.rand(2, 3, n, generator=torch.Generator().manual_seed(26), dtype=F64) - 0.5
+    ref = delta_rule_reference(q, k, v, beta, log_decay=g, initial_state=s0)
+    for c in (16, 64):
+        out = delta_rule_attention(q.float(), k.float(), v.float(), beta.float(), log_decay=g.float(),
+                                   initial_state=s0.float(), chunk_size=c)
+        assert torch.isfinite(out).all()
+        assert_close(out, ref, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["gla_scalar", "gla_vector", "delta", "gated_delta"])

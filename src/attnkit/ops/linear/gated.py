@@ -268,12 +268,6 @@ def _max_span(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
 
-def _intra_vector_fast(q, k, G) -> torch.Tensor:
-    """``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` (not yet masked) as one matmul through the middle position."""
-    ref = G[..., G.shape[-2] // 2:G.shape[-2] // 2 + 1, :]
-    return (q * torch.exp(G - ref)) @ (k * torch.exp(ref - G)).transpose(-1, -2)
-
-
 def _gated_chunked(q, k, v, g, s, c):
     b, h, n, _ = q.shape
     c = min(c, n)
@@ -287,15 +281,22 @@ def _gated_chunked(q, k, v, g, s, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
         last = G[..., -1:, :]
-        if bool(last.detach().amin() >= -span):  # the usual case: one matmul, scalar or vector gates alike
-            A = _intra_vector_fast(qb, kb, G).masked_fill(~mask, 0.0)
-        elif not vector:
-            A = (qb @ kb.transpose(-1, -2)) * _decay_matrix(G[..., 0], mask)
+        if bool(last.detach().amin() >= -span):
+            # The usual case, one matmul for scalar and vector gates alike: with E = exp(G - G_c) in
+            # [1, exp(span)], A_ij = (q_i E_i) . (k_j / E_j); k / E is also the key of the chunk's state update,
+            # and q E exp(G_c) = q exp(G) the query that reads the carried state.
+            e = torch.exp(G - last)
+            k_out = kb / e
+            q_hat = qb * e
+            A = (q_hat @ k_out.transpose(-1, -2)).masked_fill_(~mask, 0.0)
+            q_in = q_hat * torch.exp(last)
         else:
-            A = _intra_vector(qb, kb, G, SUB_CHUNK)
-        kv = (kb * torch.exp(last - G)).transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
+            A = (qb @ kb.transpose(-1, -2)) * _decay_matrix(G[..., 0], mask) if not vector else \
+                _intra_vector(qb, kb, G, SUB_CHUNK)
+            k_out, q_in = kb * torch.exp(last - G), qb * torch.exp(G)
+        kv = k_out.transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
         starts, s = _scan(torch.exp(last).transpose(-1, -2), kv, s)  # decay [b, h, nb, d_k or 1, 1]
-        outs.append(A @ vb + (qb * torch.exp(G)) @ starts)
+        outs.append((A @ vb).add_(q_in @ starts))
     out = torch.cat(outs, dim=2).reshape(b, h, N * c, -1)[:, :, :n]
     return out, s
 
@@ -329,7 +330,7 @@ def gated_linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
-                         log_decay: torch.Tensor | None = None, mode: str = "auto", chunk_size: int = 64,
+                         log_decay: torch.Tensor | None = None, mode: str = "auto", chunk_size: int = 32,
                          initial_state: torch.Tensor | None = None, return_state: bool = False):
     """The delta rule (DeltaNet; Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
     Sequence Length", eq. 1): ``S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T``, ``o_t = S_t q_t``
@@ -342,7 +343,8 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         v: ``[batch, kv_heads, n, d_v]``.
         beta: ``[batch, heads, n]`` writing strengths (``sigmoid`` of a projection in DeltaNet).
         log_decay: optional ``[batch, heads, n]``, ``<= 0``: one decay per head and token.
-        mode, chunk_size, initial_state, return_state: as :func:`gated_linear_attention`.
+        mode, chunk_size, initial_state, return_state: as :func:`gated_linear_attention` (the default chunk is 32
+            here: the triangular solve grows as ``c^2`` per token; 32 was fastest on CPU, see docs/benchmarks.md).
 
     Returns:
         ``out [batch, heads, n, d_v]`` (and the state ``[batch, heads, d_k, d_v]`` with ``return_state``).
@@ -381,18 +383,27 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     N = qc.shape[2]
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
+    span = _max_span(q.dtype)
     outs = []
     for lo, hi in _blocks(N, c):
         qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
         kt = kb.transpose(-1, -2)
         if gc is not None:
-            G = gc[:, :, lo:hi, :, 0].cumsum(-1)  # [b, h, nb, c]
-            gam = torch.exp(G)[..., None]  # gamma_i: decay from the chunk start to i (inclusive)
-            Gam = _decay_matrix(G, incl)  # Gamma_ij = gamma_i / gamma_j for j <= i, else 0
-            kk, qk = (kb @ kt) * Gam, (qb @ kt) * Gam
-            last = G[..., -1:, None]
-            k_st, dec = kb * torch.exp(last - G[..., None]), torch.exp(last)  # dec [b, h, nb, 1, 1]
-            q_in, k_in = qb * gam, kb * gam
+            G = gc[:, :, lo:hi, :, 0].cumsum(-1)[..., None]  # [b, h, nb, c, 1]: log gamma_i from the chunk start
+            last = G[..., -1:, :]
+            dec = torch.exp(last)  # [b, h, nb, 1, 1]
+            if bool(last.detach().amin() >= -span):
+                # as in GLA: e_i = gamma_i / gamma_c in [1, exp(span)] folds Gamma_ij = e_i / e_j into the products
+                e = torch.exp(G - last)
+                k_st = kb / e  # k_j gamma_c / gamma_j: the key of the chunk's state update
+                ke = kb * e
+                kk, qk = ke @ k_st.transpose(-1, -2), ((qb * e) @ k_st.transpose(-1, -2)).masked_fill_(~incl, 0.0)
+                q_in, k_in = qb * (e * dec), ke * dec
+            else:
+                Gam = _decay_matrix(G[..., 0], incl)  # Gamma_ij = gamma_i / gamma_j for j <= i, else 0
+                kk, qk = (kb @ kt) * Gam, (qb @ kt) * Gam
+                gam = torch.exp(G)
+                k_st, q_in, k_in = kb * torch.exp(last - G), qb * gam, kb * gam
         else:
             kk, qk = kb @ kt, (qb @ kt).masked_fill_(~incl, 0.0)
             k_st, dec, q_in, k_in = kb, None, qb, kb
@@ -408,9 +419,10 @@ def _delta_chunked(q, k, v, beta, g, s, c):
             starts.append(s)
             u = u_tilde[:, :, t] - w[:, :, t] @ s
             us.append(u)
-            s = s + k_stt[:, :, t] @ u if dec is None else torch.addcmul(k_stt[:, :, t] @ u, dec[:, :, t], s)
+            update = k_stt[:, :, t] @ u
+            s = s + update if dec is None else torch.addcmul(update, dec[:, :, t], s)
         # O = q_in S_0 + qk U, batched over the block
-        outs.append(q_in @ torch.stack(starts, dim=2) + qk @ torch.stack(us, dim=2))
+        outs.append((qk @ torch.stack(us, dim=2)).add_(q_in @ torch.stack(starts, dim=2)))
     out = torch.cat(outs, dim=2).reshape(b, h, N * c, dv)[:, :, :n]
     return out, s
 

@@ -96,7 +96,7 @@ class DeltaNetAttention(_GatedBase):
     ``q [batch, heads, n, d]``, ``k, v [batch, kv_heads, n, d / d_v]`` -> ``[batch, heads, n, d_v]``.
     """
 
-    def __init__(self, head_dim: int, *, causal: bool = False, chunk_size: int = 64, gated: bool = False,
+    def __init__(self, head_dim: int, *, causal: bool = False, chunk_size: int = 32, gated: bool = False,
                  norm: bool = True):
         super().__init__(head_dim, causal=causal, chunk_size=chunk_size, norm=norm)
         self.gated = gated

@@ -228,7 +228,7 @@ def _cottention_factory(causal: bool = False, num_heads: int | None = None, chun
 
 def _gated_flops(vector_gate: bool, delta: bool) -> Callable[..., float]:
     def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
-              chunk_size: int = 64, **params: Any) -> float:
+              chunk_size: int = 32 if delta else 64, **params: Any) -> float:
         """Matmul FLOPs of the chunked engine (``gated_chunked_flops``), twice when bidirectional."""
         one = gated_chunked_flops(q_len, head_dim, head_dim, chunk_size, vector_gate=vector_gate, delta=delta)
         return float(batch * heads * one * (1 if causal else 2))
