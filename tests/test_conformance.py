@@ -18,7 +18,7 @@ MECHANISMS = attnkit.list_mechanisms()
 NAMES = [m.name for m in MECHANISMS]
 WITH_REFERENCE = [m.name for m in MECHANISMS if m.reference is not None]
 # Known defects, each with the issue that fixes it; strict, so the mark must go when the fix lands.
-KNOWN_CAUSAL_LEAKS = {"lln": "LLN's moment-matched temperatures use whole-sequence statistics (issue 15, D11)"}
+KNOWN_CAUSAL_LEAKS: dict[str, str] = {}
 CAUSAL = [pytest.param(m.name, marks=pytest.mark.xfail(reason=KNOWN_CAUSAL_LEAKS[m.name], strict=True))
           if m.name in KNOWN_CAUSAL_LEAKS else m.name for m in MECHANISMS if m.causal]
 

@@ -264,7 +264,7 @@ def test_errors_are_helpful():
 
 # -- registry records ---------------------------------------------------------------------------------------
 
-LINEAR_MECHANISMS = ["based", "cosformer", "cottention", "dijiang", "efficientvit", "focused", "hedgehog",
+LINEAR_MECHANISMS = ["based", "cosformer", "dijiang", "efficientvit", "focused", "hedgehog",
                      "lightning", "linear_elu", "lln", "performer", "rebased", "trig_rf"]
 
 

@@ -9,7 +9,7 @@ from attnkit.errors import NotSupportedError
 from attnkit.ops.approx.error import ApproximationError, approximation_error
 from attnkit.ops.exact.api import attention, not_supported_reasons
 from attnkit.ops.exact.weights import attention_lse, attention_weights
-from attnkit.ops.linear import LinearAttentionState, linear_attention
+from attnkit.ops.linear import LinearAttentionState, delta_rule_attention, gated_linear_attention, linear_attention
 from attnkit.ops.neighborhood import neighborhood
 from attnkit.paged_cache import PagedKVCache
 from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, register
@@ -22,4 +22,5 @@ __all__ = [
     "normalizations", "not_supported_reasons", "patterns", "register", "score_mods", "__version__",
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
     "attention_weights", "attention_lse", "PagedKVCache",
+    "gated_linear_attention", "delta_rule_attention",
 ]

@@ -638,30 +638,49 @@ class LogNormalFeatureMap(FeatureMap):
     ``b = -0.3549``; ``sq, sk`` the standard deviations of q and k, without gradient). The shifts cancel in the
     normalised output. With fixed ``alpha``/``beta`` and ``stabilize=False`` the map is token-local (needed to
     carry a state across calls); otherwise the statistics are those of the whole call. ``m = d``.
+
+    ``causal=True`` (what causal attention needs): the statistics of position ``i`` are those of the prefix
+    ``0..i`` (running mean and variance of q and k over positions and features), so ``alpha_i`` and ``beta_i``
+    never see later tokens, and the keys' global max shift (which would) is dropped; features are exponentials of
+    moderate numbers (``|beta k|`` of a few units for standardised keys) computed in at least float32.
     """
 
     name = "lln"
     A, B = 0.1486, -0.3549
 
-    def __init__(self, alpha: float | None = None, beta: float | None = None, *, stabilize: bool = True):
+    def __init__(self, alpha: float | None = None, beta: float | None = None, *, stabilize: bool = True,
+                 causal: bool = False):
         super().__init__()
-        self.alpha, self.beta, self.stabilize = alpha, beta, stabilize
+        self.alpha, self.beta, self.stabilize, self.causal = alpha, beta, stabilize, causal
 
     @property
     def token_local(self) -> bool:
-        return self.alpha is not None and self.beta is not None and not self.stabilize
+        return self.alpha is not None and self.beta is not None and not (self.stabilize and not self.causal)
 
     def feature_dim(self, head_dim: int) -> int:
         return head_dim
 
+    @staticmethod
+    def _std(x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Standard deviation over positions and features: ``[b, h, 1, 1]``, or with ``causal`` the prefix
+        statistics ``[b, h, n, 1]`` (running sums in float64: long prefixes would cancel in float32)."""
+        if not causal:
+            return x.float().std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        x = x.double()
+        count = x.shape[-1] * torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype)[:, None]
+        s1 = x.sum(-1, keepdim=True).cumsum(-2)
+        s2 = (x * x).sum(-1, keepdim=True).cumsum(-2)
+        var = (s2 - s1 * s1 / count).clamp_min(0) / (count - 1).clamp_min(1)
+        return var.sqrt().float().clamp_min(1e-6)
+
     def temperatures(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``alpha, beta [b, h, 1, 1]`` (``h`` of q and of k respectively) by moment matching, or the fixed ones."""
+        """``alpha [b, h, 1 or n, 1]``, ``beta [b, h_kv, 1 or n, 1]`` by moment matching (per position from the
+        prefix when ``causal``), or the fixed ones."""
         with torch.no_grad():
-            sq = q.float().std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-            sk = k.float().std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+            sq, sk = self._std(q, self.causal), self._std(k, self.causal)
             if sk.shape[1] != sq.shape[1]:
                 sk_q = sk.repeat_interleave(sq.shape[1] // sk.shape[1], dim=1)
-                sq_k = sq.view(sq.shape[0], sk.shape[1], -1, 1, 1).mean(2)
+                sq_k = sq.view(sq.shape[0], sk.shape[1], -1, *sq.shape[2:]).mean(2)
             else:
                 sk_q, sq_k = sk, sq
             st_q = ((sq**2 * sk_q**2 - self.B) / (2 * self.A)).sqrt()
@@ -671,17 +690,21 @@ class LogNormalFeatureMap(FeatureMap):
         return alpha.to(q.dtype), beta.to(k.dtype)
 
     def forward(self, q, k, *, q_offset=0, k_offset=0):
+        if self.causal and q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"lln causal=True needs as many queries as keys (prefix statistics), got "
+                             f"{q.shape[-2]} and {k.shape[-2]}")
         alpha, beta = self.temperatures(q, k)
         aq = alpha * q
         bk = beta * k
         # Per-query shift (cancels between numerator and denominator); the key shift is global so it cancels too.
         aq = aq - aq.amax(-1, keepdim=True).detach()
-        if self.stabilize:
+        if self.stabilize and not self.causal:
             bk = bk - bk.amax(dim=(-2, -1), keepdim=True).detach()
         return torch.exp(aq), torch.exp(bk)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, alpha={self.alpha}, beta={self.beta}, stabilize={self.stabilize}"
+        return (f"name={self.name!r}, alpha={self.alpha}, beta={self.beta}, stabilize={self.stabilize}, "
+                f"causal={self.causal}")
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {

@@ -7,9 +7,26 @@ from collections.abc import Callable
 import torch
 
 from attnkit._checks import repeat_kv
-from attnkit.feature_maps import FeatureMap
+from attnkit.errors import NotSupportedError
+from attnkit.feature_maps import FeatureMap, LogNormalFeatureMap
+from attnkit.feature_maps import get as get_feature_map
 
 NORMALIZE = ("denominator", "none", "rms")
+
+
+def resolve_feature_map(feature_map: str | FeatureMap, causal: bool) -> FeatureMap:
+    """The map to run. Maps whose statistics span the call must use causal statistics in causal attention: the
+    ``"lln"`` name builds a causal LLN map; an LLN instance built without ``causal=True`` is refused."""
+    if causal and isinstance(feature_map, str) and feature_map == "lln":
+        return LogNormalFeatureMap(causal=True)
+    fm = get_feature_map(feature_map)
+    if causal and isinstance(fm, LogNormalFeatureMap) and not fm.causal and not fm.token_local:
+        raise NotSupportedError(
+            "this LogNormalFeatureMap takes its temperatures and key shift from the whole call, so causal "
+            "attention would see the future through them; build it with LogNormalFeatureMap(causal=True) "
+            "(prefix statistics) or with fixed alpha=, beta= and stabilize=False"
+        )
+    return fm
 
 
 def features(fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, q_offset: int,

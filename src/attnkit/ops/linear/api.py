@@ -10,7 +10,7 @@ from attnkit._checks import check_qkv
 from attnkit.errors import NotSupportedError
 from attnkit.feature_maps import FeatureMap, _PositiveRandomFeatureMap
 from attnkit.feature_maps import get as get_feature_map
-from attnkit.ops.linear._common import NORMALIZE, make_finalize
+from attnkit.ops.linear._common import NORMALIZE, make_finalize, resolve_feature_map
 from attnkit.ops.linear.chunked import chunked_forward
 from attnkit.ops.linear.parallel import parallel_forward
 from attnkit.ops.linear.recurrent import recurrent_forward
@@ -126,7 +126,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ``return_state`` the pair ``(out, LinearAttentionState)``.
     """
     check_qkv(q, k, v)
-    fm = get_feature_map(feature_map)
+    fm = resolve_feature_map(feature_map, causal)
     b, h, n, _ = q.shape
     dv = v.shape[-1]
     if mode not in MODES:

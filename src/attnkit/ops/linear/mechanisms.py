@@ -24,6 +24,10 @@ from attnkit.registry import SHAPE_PARAMS, Mechanism, register
 
 from .api import linear_attention
 from .chunked import chunked_flops
+from .cottention import CottentionAttention, cottention_reference
+from .gated import gated_chunked_flops
+from .gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
+from .reference import linear_attention_reference
 
 __all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
 
@@ -63,6 +67,15 @@ class KernelizedAttention(nn.Module):
         return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
 
 
+def _kernel_reference(built: KernelizedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      **_: Any) -> torch.Tensor:
+    """The registry reference of every feature-map record: the materialised quadratic form with the same map."""
+    return linear_attention_reference(q, k, v, feature_map=built.feature_map, causal=built.causal,
+                                      decay=built.engine.get("decay"),
+                                      normalize=built.engine.get("normalize", "denominator"),
+                                      eps=built.engine.get("eps", 1e-6))
+
+
 def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     engine = {k: params.pop(k) for k in list(params) if k in ENGINE_PARAMS}
     return engine, params
@@ -84,9 +97,11 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
                       map_defaults: dict[str, Any] | None = None, engine_defaults: dict[str, Any] | None = None,
                       needs: tuple[str, ...] = (), bench_params: dict[str, Any] | None = None,
                       in_default_bench: bool = False, max_bench_len: int | None = None,
-                      decay_for: Callable[[int], torch.Tensor] | None = None) -> Mechanism:
+                      decay_for: Callable[[int], torch.Tensor] | None = None,
+                      map_causal: bool = False, small_params: dict[str, Any] | None = None) -> Mechanism:
     """A mechanism: linear attention with feature map ``map_name`` (``needs``: shape arguments its
-    constructor takes; ``decay_for(num_heads)``: a default per-head decay, causal only)."""
+    constructor takes; ``decay_for(num_heads)``: a default per-head decay, causal only; ``map_causal``: the
+    map's constructor takes ``causal`` too, because its statistics must not see later tokens)."""
     map_defaults = dict(map_defaults or {})
     engine_defaults = dict(engine_defaults or {})
     all_needs = tuple(sorted(set(needs) | ({"num_heads"} if decay_for else set())))
@@ -98,6 +113,8 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
             if "num_heads" not in shapes:
                 raise TypeError(f"{name} needs num_heads (for its per-head decay) or an explicit decay=")
             engine["decay"] = decay_for(shapes["num_heads"])
+        if map_causal:
+            map_params.setdefault("causal", causal)
         fm = _make_map(map_name, map_params, shapes, needs)
         return KernelizedAttention(fm, causal=causal, **engine)
 
@@ -135,6 +152,7 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
         factory=factory, summary=summary, needs=all_needs, bench_params=dict(bench_params or {}),
         in_default_bench=in_default_bench, max_bench_len=max_bench_len, flops=flops,
         extras={"feature_map": map_name, "feature_dim": feature_dim, "state_bytes": state_bytes},
+        reference=_kernel_reference, small_params=dict(small_params or {}),
     )
 
 
@@ -188,18 +206,84 @@ _MECHANISMS = [
         map_defaults={"num_features": 256}, bench_params={"num_features": 256},
     ),
     _linear_mechanism(
-        "cottention", "cosine", "Cottention: Linear Transformers With Cosine Attention",
-        "cosine similarity weights q.k / (|q| |k|), no denominator, RMS-normalised output; m = d",
-        engine_defaults={"normalize": "rms"},
-    ),
-    _linear_mechanism(
         "lln", "lln", "Linear Log-Normal Attention with Unbiased Concentration",
-        "exp features with moment-matched temperatures (whole-call statistics); m = d",
+        "exp features with moment-matched temperatures (whole-call statistics; prefix statistics when causal); "
+        "m = d", map_causal=True,
     ),
     _linear_mechanism(
         "lightning", "identity", "Lightning Attention-2 / The Devil in Linear Transformer (TransNormer)",
         "phi(x) = x with a per-head decayed state (1 - 2^(-5-h) when causal), no denominator, RMS output",
         engine_defaults={"normalize": "rms"}, decay_for=retention_decay,
+    ),
+]
+
+
+
+def _cottention_factory(causal: bool = False, num_heads: int | None = None, chunk_size: int = 64,
+                        init: float = 0.5, **shapes: Any) -> CottentionAttention:
+    if num_heads is None:
+        raise TypeError("cottention needs num_heads (one learnable length exponent per head)")
+    return CottentionAttention(num_heads, causal=causal, chunk_size=chunk_size, init=init)
+
+
+def _gated_flops(vector_gate: bool, delta: bool) -> Callable[..., float]:
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+              chunk_size: int = 32 if delta else 64, **params: Any) -> float:
+        """Matmul FLOPs of the chunked engine (``gated_chunked_flops``), twice when bidirectional."""
+        one = gated_chunked_flops(q_len, head_dim, head_dim, chunk_size, vector_gate=vector_gate, delta=delta)
+        return float(batch * heads * one * (1 if causal else 2))
+
+    return flops
+
+
+def _gated_factory(cls: type, **fixed: Any) -> Callable[..., Any]:
+    def factory(causal: bool = False, head_dim: int | None = None, **params: Any):
+        if head_dim is None:
+            raise TypeError(f"{cls.__name__} needs head_dim (its gate projections act on keys)")
+        params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+        return cls(head_dim, causal=causal, **fixed, **params)
+
+    return factory
+
+
+_MECHANISMS += [
+    Mechanism(
+        name="cottention", family="linear", kind="attention", exact=False, causal=True,
+        paper="Cottention: Linear Transformers With Cosine Attention (cosine weights, sec. 3; learnable length "
+              "scale L^sigmoid(m_h))",
+        complexity="O(n d^2)", factory=_cottention_factory, needs=("num_heads",), reference=cottention_reference,
+        summary="cosine-similarity weights N(q).N(k) in [-1, 1], no denominator; output divided by "
+                "L^sigmoid(m_h) (L keys attended, m_h learnable per head)",
+        flops=lambda batch, heads, q_len, kv_len, head_dim, causal=False, **p: float(
+            batch * heads * (chunked_flops(q_len, head_dim, head_dim, 64) if causal
+                             else 4.0 * (q_len + kv_len) * head_dim * (head_dim + 1))),
+        extras={"feature_map": "cosine"},
+    ),
+    Mechanism(
+        name="gla", family="linear", kind="attention", exact=False, causal=True,
+        paper="Gated Linear Attention Transformers with Hardware-Efficient Training (GLA, eq. 3-4; chunkwise form "
+              "with secondary chunking, sec. 4)",
+        complexity="O(n d^2)", factory=_gated_factory(GatedLinearAttention), needs=("head_dim",),
+        reference=gated_reference, flops=_gated_flops(True, False), in_default_bench=False,
+        summary="S_t = diag(a_t) S_{t-1} + k_t v_t^T with data-dependent a_t = sigmoid(k_t W + b)^(1/16) per key "
+                "dim; RMS norm per head; bidirectional scan when non-causal",
+    ),
+    Mechanism(
+        name="deltanet", family="linear", kind="attention", exact=False, causal=True,
+        paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length (DeltaNet, eq. 1; WY/UT "
+              "chunkwise form, sec. 3)",
+        complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention), needs=("head_dim",),
+        reference=gated_reference, flops=_gated_flops(False, True),
+        summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit q, k; beta_t = "
+                "sigmoid(k_t.w + b); RMS norm per head; bidirectional scan when non-causal",
+    ),
+    Mechanism(
+        name="gated_deltanet", family="linear", kind="attention", exact=False, causal=True,
+        paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (eq. 10; chunkwise WY form)",
+        complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention, gated=True), needs=("head_dim",),
+        reference=gated_reference, flops=_gated_flops(False, True),
+        summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, a_t = "
+                "sigmoid(k_t.w_a + b_a) per head",
     ),
 ]
 

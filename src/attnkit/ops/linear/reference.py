@@ -14,7 +14,7 @@ import torch
 
 from attnkit._checks import repeat_kv
 from attnkit.feature_maps import FeatureMap
-from attnkit.feature_maps import get as get_feature_map
+from attnkit.ops.linear._common import resolve_feature_map
 from attnkit.ops.linear.state import LinearAttentionState
 
 __all__ = ["linear_attention_reference"]
@@ -27,7 +27,7 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                return_state: bool = False):
     """Quadratic reference. ``q [b, h, n, d]``, ``k [b, h_kv, n_k, d]``, ``v [b, h_kv, n_k, d_v]`` ->
     ``out [b, h, n, d_v]`` in the inputs' dtype (pass float64 inputs for an oracle)."""
-    fm = get_feature_map(feature_map)
+    fm = resolve_feature_map(feature_map, causal)
     b, h, n, _ = q.shape
     nk = k.shape[2]
     offset = state.offset if state is not None else 0
