@@ -4,6 +4,7 @@ Layout is ``[batch, heads, seq, dim]`` everywhere, as in ``torch.nn.functional.s
 """
 
 from attnkit import feature_maps, normalizations, patterns, score_mods
+from attnkit.backends import list_backends
 from attnkit.cache import AdaptiveKVCache, KVCache, RecurrentStateCache, SlidingWindowCache
 from attnkit.errors import NotSupportedError
 from attnkit.ops.approx.error import ApproximationError, approximation_error
@@ -19,4 +20,5 @@ __all__ = [
     "attention", "feature_maps", "get", "linear_attention", "list_mechanisms", "mechanism_info", "neighborhood",
     "normalizations", "not_supported_reasons", "patterns", "register", "score_mods", "__version__",
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
+    "list_backends",
 ]

@@ -80,6 +80,21 @@ def _run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- attnkit backends ---------------------------------------------------------------------------------------
+def _backends_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--operation", choices=("attention", "neighborhood", "linear"),
+                   help="show only the backends of this operation")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+
+
+def _run_backends(args: argparse.Namespace) -> int:
+    from attnkit.backends.base import backends, format_table
+
+    records = backends(args.operation)
+    print(json.dumps(records, indent=1) if args.json else format_table(records))
+    return 0
+
+
 # -- attnkit bench ------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -269,6 +284,10 @@ COMMANDS: dict[str, Command] = {
         Command("list", "list the registered attention mechanisms", _list_arguments, _run_list,
                 "Every registered mechanism with its family, paper, exact or approximate, complexity and causal "
                 "support."),
+        Command("backends", "list the kernels (backends) installed and usable here", _backends_arguments,
+                _run_backends, "Every backend of attention, neighborhood and linear attention with what it supports "
+                "(devices, dtypes, head dims, patterns, score modifiers, normalisations), whether it is installed "
+                "and usable on this machine, and its rank in engine='auto'."),
         Command("bench", "benchmark mechanisms against SDPA and write a report", _bench_arguments, _run_bench,
                 "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
                 "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "

@@ -23,8 +23,8 @@ import torch
 
 from attnkit.errors import NotSupportedError
 
-__all__ = ["Backend", "register_backend", "get_backend", "list_backends", "backends", "select", "AUTO_ONLY_WHEN_NAMED",
-           "OPERATIONS"]
+__all__ = ["Backend", "register_backend", "get_backend", "list_backends", "backends", "select", "all_reasons",
+           "format_table", "AUTO_ONLY_WHEN_NAMED", "OPERATIONS"]
 
 OPERATIONS = ("attention", "neighborhood", "linear")
 # Rank of a backend that ``engine="auto"`` never picks on that device (it runs only when named).
@@ -193,6 +193,30 @@ def _rank_key(b: Backend, device_type: str) -> float:
 def backends(operation: str | None = None) -> list[dict[str, Any]]:
     """What is installed and usable here: one record per backend (``attnkit backends`` prints these)."""
     return [b.describe() for b in list_backends(operation)]
+
+
+def _span(dims: list[int]) -> str:
+    return "any" if dims[1] >= 1 << 30 else f"{dims[0]}..{dims[1]}"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """``attnkit backends``' table: one line per backend, then what each supports."""
+    header = ("operation", "backend", "installed", "usable here", "auto cpu/cuda", "summary")
+    rows = []
+    for r in records:
+        inst = (r["version"] or "yes") if r["installed"] else f"no: pip install 'attnkit[{r['extra']}]'"
+        rank = "/".join("-" if r["auto_rank"].get(d) is None else str(r["auto_rank"][d]) for d in ("cpu", "cuda"))
+        rows.append((r["operation"], r["name"], inst, ", ".join(r["usable_devices"]) or "-", rank, r["summary"]))
+    widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in [header] + rows]
+    lines.append("")
+    for r in records:
+        lines.append(f"{r['operation']}/{r['name']}: devices {', '.join(r['devices'])}; dtypes {', '.join(r['dtypes'])}; "
+                     f"head dims {_span(r['head_dims'])}; patterns: {r['patterns']}; "
+                     f"score mods: {r['score_mods']}; normalisations: {r['normalizations']}"
+                     + (f"; {r['notes']}" if r["notes"] else ""))
+    lines.append("\nauto: the lowest rank on the call's device that supports the call runs ('-': only when named).")
+    return "\n".join(lines)
 
 
 def select(operation: str, engine: str, call: Mapping[str, Any]) -> Backend:
