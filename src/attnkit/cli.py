@@ -173,6 +173,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a mechanism's benchmark parameter, e.g. performer.num_features=128")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-flex", action="store_true", help="do not run the FlexAttention peers")
+    p.add_argument("--engines", type=_name_list, metavar="NAMES",
+                   help="also measure each selected mechanism through these backends (e.g. flex,tiled,natten,fla,"
+                        "flash; see `attnkit backends`), one line per mechanism@engine")
+    p.add_argument("--no-peers", action="store_true",
+                   help="do not run NATTEN's and fla's own kernels as peers (run on CUDA where installed)")
     p.add_argument("--no-memory", action="store_true", help="do not trace peak memory")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -214,6 +219,10 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["max_call_s"] = args.max_call
     if args.no_flex:
         overrides["flex"] = False
+    if args.engines:
+        overrides["engines"] = args.engines
+    if args.no_peers:
+        overrides["peers"] = False
     if args.no_memory:
         overrides["memory"] = False
     return quick_config(**overrides) if args.quick else default_config(**overrides)

@@ -6,6 +6,6 @@ the first backend, by its rank on the call's device, that supports the call; a n
 raises ``attnkit.NotSupportedError`` with its reasons.
 """
 
-from attnkit.backends.base import Backend, backends, get_backend, list_backends, register_backend, select
+from attnkit.backends.base import Backend, backends, get_backend, list_backends, register_backend, select, use_engine
 
-__all__ = ["Backend", "backends", "get_backend", "list_backends", "register_backend", "select"]
+__all__ = ["Backend", "backends", "get_backend", "list_backends", "register_backend", "select", "use_engine"]

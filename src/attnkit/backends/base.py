@@ -12,10 +12,11 @@ of its operation per device type (lower runs first under ``engine="auto"``). One
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from attnkit.errors import NotSupportedError
 
 __all__ = ["Backend", "register_backend", "get_backend", "list_backends", "backends", "select", "all_reasons",
-           "format_table", "AUTO_ONLY_WHEN_NAMED", "OPERATIONS"]
+           "format_table", "use_engine", "AUTO_ONLY_WHEN_NAMED", "OPERATIONS"]
 
 OPERATIONS = ("attention", "neighborhood", "linear")
 # Rank of a backend that ``engine="auto"`` never picks on that device (it runs only when named).
@@ -211,7 +212,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in [header] + rows]
     lines.append("")
     for r in records:
-        lines.append(f"{r['operation']}/{r['name']}: devices {', '.join(r['devices'])}; dtypes {', '.join(r['dtypes'])}; "
+        lines.append(f"{r['operation']}/{r['name']}: devices {', '.join(r['devices'])}; "
+                     f"dtypes {', '.join(r['dtypes'])}; "
+                     f"dtypes {', '.join(r['dtypes'])}; "
                      f"head dims {_span(r['head_dims'])}; patterns: {r['patterns']}; "
                      f"score mods: {r['score_mods']}; normalisations: {r['normalizations']}"
                      + (f"; {r['notes']}" if r["notes"] else ""))
@@ -219,11 +222,33 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_FORCED: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def use_engine(operation: str, name: str) -> Iterator[None]:
+    """Within the block, ``engine="auto"`` calls of ``operation`` run ``name`` (raising ``NotSupportedError`` if it
+    cannot run a call): measures a mechanism built by the registry through one backend (``attnkit bench
+    --engines``) without changing its factory."""
+    get_backend(operation, name)  # validate the name now
+    old = _FORCED.get(operation)
+    _FORCED[operation] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            _FORCED.pop(operation, None)
+        else:
+            _FORCED[operation] = old
+
+
 def select(operation: str, engine: str, call: Mapping[str, Any]) -> Backend:
     """The backend that runs ``call``: the named one (raising ``NotSupportedError`` with its reasons if it cannot)
     or, for ``"auto"``, the first by rank on the call's device that can."""
     _load()
     table = _BACKENDS[operation]
+    if engine == "auto" and operation in _FORCED:
+        engine = _FORCED[operation]
     if engine != "auto":
         if not isinstance(engine, str) or engine not in table:
             raise ValueError(f"engine must be one of {('auto', *table)} for {operation}, got {engine!r}")
