@@ -44,19 +44,31 @@ def band_of(pattern) -> tuple[float, float] | None:
     return None
 
 
-def split_document(pattern):
-    """``(document_pattern, (lo, hi))`` if ``pattern`` is a document pattern, possibly intersected with a band."""
+def _and_leaves(pattern) -> list:
     from attnkit import patterns as P
 
-    if isinstance(pattern, P._Document):
-        return pattern, (-_INF, _INF)
     if type(pattern) is P._And:
-        for d, other in ((pattern.a, pattern.b), (pattern.b, pattern.a)):
-            if isinstance(d, P._Document):
-                band = band_of(other)
-                if band is not None:
-                    return d, band
-    return None
+        return _and_leaves(pattern.a) + _and_leaves(pattern.b)
+    return [pattern]
+
+
+def split_document(pattern):
+    """``(document_pattern, (lo, hi))`` if ``pattern`` is one document pattern intersected with bands (or alone)."""
+    from attnkit import patterns as P
+
+    leaves = _and_leaves(pattern)
+    docs = [p for p in leaves if isinstance(p, P._Document)]
+    if len(docs) != 1:
+        return None
+    lo, hi = -_INF, _INF
+    for p in leaves:
+        if p is docs[0]:
+            continue
+        band = band_of(p)
+        if band is None:
+            return None
+        lo, hi = max(lo, band[0]), min(hi, band[1])
+    return docs[0], (lo, hi)
 
 
 def _runs(doc, batch: int, length: int) -> tuple[torch.Tensor, int] | None:

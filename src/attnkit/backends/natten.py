@@ -23,8 +23,12 @@ def natten_reasons(call) -> list[str]:
     why = []
     if call["score_mod"] is not None:
         why.append("score_mod given (NATTEN >= 0.20 takes no score modifier or positional bias)")
-    if call["device"].type == "cpu" and call["needs_grad"]:
-        why.append("gradients requested on CPU (NATTEN's CPU path, flex-fna, has no backward there)")
+    if call["device"].type == "cpu":
+        if call["needs_grad"]:
+            why.append("gradients requested on CPU (NATTEN's CPU path, flex-fna, has no backward there)")
+        if call["head_dim_v"] != call["head_dim"]:
+            why.append(f"value head dim {call['head_dim_v']} != {call['head_dim']} on CPU (NATTEN's flex-fna needs "
+                       f"equal head dims)")
     natten = _natten_version()
     if natten is not None and natten < (0, 20):
         why.append(f"natten {'.'.join(map(str, natten))} is older than 0.20 (the na*d API this adapter targets)")
