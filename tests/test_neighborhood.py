@@ -615,7 +615,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
         neighborhood(q, torch.cat([k] * 3, 1), torch.cat([v] * 3, 1), 3)
     with pytest.raises(NotSupportedError, match="choose one of"):
-        neighborhood(q, k, v, 3, engine="natten")
+        neighborhood(q, k, v, 3, engine="cudnn")
     with pytest.raises(TypeError, match="score_mod must be an attnkit.score_mods.ScoreMod"):
         neighborhood(q, k, v, 3, score_mod=lambda s, *a: s)
     with pytest.raises(ValueError, match="NeighborhoodBias has 3 heads, the input has 2"):

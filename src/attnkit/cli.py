@@ -80,6 +80,21 @@ def _run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- attnkit backends ---------------------------------------------------------------------------------------
+def _backends_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--operation", choices=("attention", "neighborhood", "linear"),
+                   help="show only the backends of this operation")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+
+
+def _run_backends(args: argparse.Namespace) -> int:
+    from attnkit.backends.base import backends, format_table
+
+    records = backends(args.operation)
+    print(json.dumps(records, indent=1) if args.json else format_table(records))
+    return 0
+
+
 # -- attnkit bench ------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -158,6 +173,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a mechanism's benchmark parameter, e.g. performer.num_features=128")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-flex", action="store_true", help="do not run the FlexAttention peers")
+    p.add_argument("--engines", type=_name_list, metavar="NAMES",
+                   help="also measure each selected mechanism through these backends (e.g. flex,tiled,natten,fla,"
+                        "flash; see `attnkit backends`), one line per mechanism@engine")
+    p.add_argument("--no-peers", action="store_true",
+                   help="do not run NATTEN's and fla's own kernels as peers (run on CUDA where installed)")
     p.add_argument("--no-memory", action="store_true", help="do not trace peak memory")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -200,6 +220,10 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["max_call_s"] = args.max_call
     if args.no_flex:
         overrides["flex"] = False
+    if args.engines:
+        overrides["engines"] = args.engines
+    if args.no_peers:
+        overrides["peers"] = False
     if args.no_memory:
         overrides["memory"] = False
     return quick_config(**overrides) if args.quick else default_config(**overrides)
@@ -328,6 +352,10 @@ COMMANDS: dict[str, Command] = {
         Command("list", "list the registered attention mechanisms", _list_arguments, _run_list,
                 "Every registered mechanism with its family, paper, exact or approximate, complexity and causal "
                 "support."),
+        Command("backends", "list the kernels (backends) installed and usable here", _backends_arguments,
+                _run_backends, "Every backend of attention, neighborhood and linear attention with what it supports "
+                "(devices, dtypes, head dims, patterns, score modifiers, normalisations), whether it is installed "
+                "and usable on this machine, and its rank in engine='auto'."),
         Command("bench", "benchmark mechanisms against SDPA and write a report", _bench_arguments, _run_bench,
                 "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
                 "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "

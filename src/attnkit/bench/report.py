@@ -63,10 +63,11 @@ def _duration(s: float) -> str:
 # -- tables as data -----------------------------------------------------------------------------------------
 def _labels(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Variants in report order: baselines first, then by family and name."""
-    order = {"baseline": 0, "mechanism": 1, "flex": 1}
+    order = {"baseline": 0, "mechanism": 1, "flex": 1, "engine": 1, "peer": 1}
     seen, out = set(), []
-    for v in sorted(doc["variants"], key=lambda v: (order[v["kind"]], v["family"] if v["kind"] != "flex"
-                                                    else "~", v["name"], v["causal"])):
+    for v in sorted(doc["variants"], key=lambda v: (order.get(v["kind"], 1), v["family"]
+                                                    if v["kind"] not in ("flex", "peer") else "~", v["name"],
+                                                    v["causal"])):
         if v["label"] not in seen:
             seen.add(v["label"])
             out.append(v)
@@ -84,9 +85,10 @@ def _lengths(doc: dict[str, Any]) -> list[int]:
 def _kind_word(v: dict[str, Any]) -> str:
     if v["kind"] == "baseline":
         return "baseline"
-    if v["kind"] == "flex":
+    if v["kind"] in ("flex", "peer"):
         return "peer"
-    return "exact" if v["exact"] else "approx"
+    word = "exact" if v["exact"] else "approx"
+    return f"{word} via {v.get('engine')}" if v["kind"] == "engine" else word
 
 
 def time_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -78,6 +78,48 @@ class _Skip(Exception):
     pass
 
 
+def _peer(v: Variant, n: int, c: BenchConfig) -> Callable[..., Any]:
+    """The library's own kernel on the same problem: NATTEN's ``na*d`` on the mechanism's grid (heads-last copies
+    made once per input, outside the timing, as a NATTEN user holds them), or fla's ``chunk_linear_attn`` on the
+    mechanism's feature map (``normalize=True``: fla's own denominator)."""
+    m = v.mechanism
+    if v.engine == "natten":
+        import natten
+
+        spec = call_with_accepted(m.extras["pattern"], n, causal=v.causal, **v.params).spec
+        fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[spec.ndim]
+        kw = dict(kernel_size=spec.kernel_size, stride=tuple(a.stride for a in spec.axes),
+                  dilation=tuple(a.dilation for a in spec.axes), is_causal=tuple(a.causal for a in spec.axes))
+        held: dict[int, torch.Tensor] = {}
+
+        def heads_last(t: torch.Tensor) -> torch.Tensor:
+            key = t.data_ptr()
+            if key not in held:
+                held[key] = t.detach().reshape(*t.shape[:2], *spec.shape, t.shape[-1]).movedim(1, -2).contiguous()
+                held[key].requires_grad_(t.requires_grad)
+            return held[key]
+
+        def run_natten(q, k, v_):
+            return fn(heads_last(q), heads_last(k), heads_last(v_), **kw).movedim(-2, 1).reshape(q.shape)
+
+        return run_natten
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    built = m.build(causal=v.causal, **v.params, **shape_params(m, heads=c.heads, head_dim=c.head_dim, seq_len=n))
+    fm = built.feature_map.to(torch.device(c.device))
+    if getattr(built, "engine", {}).get("decay") is not None:
+        raise NotImplementedError("fla peer: decayed mechanisms are compared through fla's simple_gla via "
+                                  "the fla engine, not chunk_linear_attn")
+
+    def run_fla(q, k, v_):
+        pq, pk = fm(q, k)
+        o, _ = chunk_linear_attn(pq.transpose(1, 2), pk.transpose(1, 2), v_.transpose(1, 2), scale=1.0,
+                                 normalize=True)
+        return o.transpose(1, 2)
+
+    return run_fla
+
+
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
@@ -181,7 +223,7 @@ class _Run:
             raise _Skip
         if key in self.oom_at:
             raise _Skip(f"ran out of memory at n={self.oom_at[key]}")
-        if key in self.failed_at and v.kind == "flex":
+        if key in self.failed_at and (v.kind == "flex" or v.engine == "flex"):
             raise _Skip(f"failed at n={self.failed_at[key]} (compiling again would fail the same way)")
         remaining = c.time_budget_s - (time.perf_counter() - self.start)
         if remaining <= 0:
@@ -212,11 +254,24 @@ class _Run:
                                    Q_LEN=n, KV_LEN=n, device=self.device)
             flex = _flex()
             return lambda q, k, v_: flex(q, k, v_, block_mask=bm)
+        if v.kind == "peer":
+            return _peer(v, n, c)
         m = v.mechanism
         fn = m.build(causal=v.causal, **v.params,
                      **shape_params(m, heads=c.heads, head_dim=c.head_dim, seq_len=n))
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(device=self.device, dtype=self.dtype)
+        if v.kind == "engine":
+            from attnkit.backends import use_engine
+            from attnkit.bench.workloads import FAMILY_OPERATIONS
+
+            inner, op, engine = fn, FAMILY_OPERATIONS[m.family], v.engine
+
+            def through(q, k, v_):
+                with use_engine(op, engine):
+                    return inner(q, k, v_)
+
+            return through
         return fn
 
     def mixer_input(self, v: Variant, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -260,7 +315,8 @@ class _Run:
         cell["build_s"] = time.perf_counter() - t0
 
         # First call: warm-up (and compilation for FlexAttention); traced for memory unless it compiles.
-        traced_first = c.memory and v.kind != "flex"
+        compiles = v.kind == "flex" or v.engine == "flex"
+        traced_first = c.memory and not compiles
         t0 = time.perf_counter()
         if traced_first:
             out, peak = measure.peak_memory(call, self.device)
@@ -283,7 +339,7 @@ class _Run:
         times = measure.time_calls(call, self.device, repeats=max(c.repeats, 1), budget_s=c.cell_budget_s)
         cell.update(measure.summarize(times))
         cell["repeats"] = len(times)
-        if v.kind == "flex":
+        if compiles:
             cell["compile_s"] = max(first - cell["time_s"], 0.0)
 
     def error(self, v: Variant, n: int, inputs, out: torch.Tensor, cell: dict[str, Any]) -> None:
@@ -322,12 +378,12 @@ class _Run:
             return  # nothing measured: no derived numbers (and no slow pattern counting)
         shape = dict(batch=c.batch, heads=c.heads, q_len=n, kv_len=n, head_dim=c.head_dim, causal=v.causal)
         flops = None
-        if v.kind == "mechanism" and v.mechanism.flops is not None:
+        if v.kind in ("mechanism", "engine", "peer") and v.mechanism.flops is not None:
             try:
                 flops = float(call_with_accepted(v.mechanism.flops, **shape, **v.params))
             except Exception as exc:
                 cell["message"] = (cell["message"] or "") + f" flops() raised {type(exc).__name__}: {exc}"
-        if flops is None and (v.kind != "mechanism" or v.mechanism.flops is None):
+        if flops is None and (v.kind in ("baseline", "flex") or v.mechanism.flops is None):
             flops = measure.dense_flops(**shape, density=density)
         if flops is not None:
             cell["flops"] = flops * mult
@@ -404,7 +460,8 @@ def run_benchmark(config: BenchConfig, *, variants: list[Variant] | None = None,
         "memory_method": measure.MEMORY_METHOD.get(device.type, "not measured on this device"),
         "variants": [{"name": v.name, "label": v.label, "kind": v.kind, "family": v.family, "exact": v.exact,
                       "causal": v.causal, "complexity": v.complexity, "paper": v.paper,
-                      "seq_lens": v.seq_lens, "params": dict(v.params), "unsupported": v.unsupported}
+                      "seq_lens": v.seq_lens, "params": dict(v.params), "unsupported": v.unsupported,
+                      "engine": v.engine}
                      for v in variants],
         "results": run.cells,
         "interrupted": False,

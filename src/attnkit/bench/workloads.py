@@ -59,6 +59,10 @@ class BenchConfig:
     max_call_s: float = 6.0  # skip a cell whose predicted single call is longer than this
     time_budget_s: float = 170.0  # the whole run; remaining cells are skipped (and reported) beyond it
     flex: bool = True  # FlexAttention peers for mechanisms with a sparsity pattern
+    # Backends to measure each selected mechanism through (``name@engine`` lines, ``attnkit backends``), and the
+    # libraries' own kernels as peers (``natten[...]``, ``fla[...]``) where installed on the device.
+    engines: list[str] | None = None
+    peers: bool = True
     memory: bool = True  # trace peak memory (one extra traced call per cell)
     error_rows: int = 256  # query rows sampled for the error against exact softmax
     seed: int = 0
@@ -121,8 +125,8 @@ def quick_config(**overrides: Any) -> BenchConfig:
 class Variant:
     """One line of the report: what is called, in which causal mode, at which lengths."""
 
-    name: str  # registry name, "sdpa", or "flex[<name>]"
-    kind: str  # "baseline", "mechanism" or "flex"
+    name: str  # registry name, "sdpa", "flex[<name>]", "<name>@<engine>", "natten[<name>]" or "fla[<name>]"
+    kind: str  # "baseline", "mechanism", "flex", "engine" (a mechanism through one backend) or "peer"
     causal: bool
     family: str
     exact: bool
@@ -132,6 +136,7 @@ class Variant:
     params: dict[str, Any] = field(default_factory=dict)
     mechanism: Mechanism | None = None  # the registry record (for "flex", the mechanism whose pattern it runs)
     unsupported: str = ""  # why this variant cannot run at all (reported, not dropped)
+    engine: str = ""  # kind "engine": the backend; kind "peer": the library ("natten", "fla")
 
     @property
     def label(self) -> str:
@@ -236,6 +241,8 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
                     lens = [n for n in lens if n in FLEX_DEFAULT_LENS]
                 variants.append(Variant(f"flex[{m.name}]", "flex", causal, "torch", True, m.complexity,
                                         "FlexAttention (PyTorch), with the pattern of " + m.name, lens, params, m))
+            if not why:
+                variants.extend(_backend_variants(m, causal, params, config))
     causal_modes = sorted({v.causal for v in variants}) or _causal_modes(None, config.causal)
     # The baseline runs at every length some quadratic-cost variant uses (it is quadratic itself).
     base_lens: set[int] = set()
@@ -248,6 +255,37 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
                          "torch.nn.functional.scaled_dot_product_attention", sorted(base_lens))
                  for c in causal_modes]
     return baselines + variants
+
+
+# The backend operation each family's mechanisms run through.
+FAMILY_OPERATIONS = {"exact": "attention", "neighborhood": "neighborhood", "linear": "linear"}
+
+
+def _backend_variants(m: Mechanism, causal: bool, params: dict[str, Any], config: BenchConfig) -> list[Variant]:
+    """``name@engine`` for each requested backend of the mechanism's operation, and the libraries' own kernels
+    (NATTEN for neighborhoods, fla for causal linear attention) as peers where they are installed."""
+    from attnkit.backends import list_backends
+
+    op = FAMILY_OPERATIONS.get(m.family)
+    if op is None:
+        return []
+    lens = _lengths_for(m, config)
+    out = []
+    names = {b.name: b for b in list_backends(op)}
+    for engine in config.engines or []:
+        if engine in names:
+            out.append(Variant(f"{m.name}@{engine}", "engine", causal, m.family, m.exact, m.complexity,
+                               f"{m.paper} (through the {engine} backend)", lens, params, m, engine=engine))
+    device = torch.device(config.device).type
+    if config.peers and device == "cuda":
+        if op == "neighborhood" and names["natten"].installed():
+            out.append(Variant(f"natten[{m.name}]", "peer", causal, "natten", True, m.complexity,
+                               "NATTEN's na*d on the same grid", lens, params, m, engine="natten"))
+        if op == "linear" and causal and names["fla"].installed() and "feature_map" in m.extras \
+                and params.get("decay") is None:
+            out.append(Variant(f"fla[{m.name}]", "peer", causal, "fla", m.exact, m.complexity,
+                               "fla chunk_linear_attn on the same features", lens, params, m, engine="fla"))
+    return out
 
 
 def parse_param_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -6,12 +6,15 @@ cannot run a call raises ``NotSupportedError`` with its reasons (and those of th
 | engine      | patterns                       | score_mod | normalisations                      | memory        |
 |-------------|--------------------------------|-----------|-------------------------------------|---------------|
 | `sdpa`      | none, `full()`, `causal()` (*) | no        | softmax                             | torch's       |
+| `flash`     | windows, contiguous documents  | alibi, softcap | softmax (CUDA, `attnkit[flash]`) | O(n)          |
+| `flex`      | any                            | any       | softmax (torch FlexAttention)       | O(n)          |
 | `tiled`     | any                            | any       | softmax, sigmoid, relu, softplus    | O(n)          |
 | `reference` | any                            | any       | all, including sinkhorn             | O(q_len*kv_len)|
 
 (*) ``causal()`` only when ``q_len == kv_len``: SDPA aligns causal masks top-left, attnkit bottom-right.
-``auto`` order: sdpa, tiled, reference; the reference is chosen automatically only for Sinkhorn, which needs
-the whole matrix (column sums) by definition.
+``auto`` order (``attnkit.backends.catalog``): CUDA sdpa, flash, flex, tiled; CPU sdpa, tiled, flex (the
+fused CPU path beats FlexAttention there); the reference is chosen automatically only for Sinkhorn, which needs
+the whole matrix (column sums) by definition. ``attnkit backends`` lists what is installed and usable here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, default_scale, repeat_kv
-from attnkit.errors import NotSupportedError
 from attnkit.normalizations import Normalization, resolve
 from attnkit.patterns import Pattern, _Band, _Full
 from attnkit.score_mods import ScoreMod, compose
@@ -63,24 +65,25 @@ _REASONS: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def not_supported_reasons(q, k, v, *, pattern=None, score_mod=None, normalization="softmax") -> dict[str, list[str]]:
-    """For each engine, the reasons it cannot run this call (an empty list: it can)."""
-    norm = resolve(normalization)
-    return {name: fn(q, k, v, pattern, score_mod, norm) for name, fn in _REASONS.items()}
+def not_supported_reasons(q, k, v, *, pattern=None, score_mod=None, normalization="softmax",
+                          return_lse: bool = False) -> dict[str, list[str]]:
+    """For each engine (every registered attention backend), the reasons it cannot run this call (empty: it can)."""
+    from attnkit.backends.base import all_reasons
+    from attnkit.backends.catalog import attention_call
+
+    call = attention_call(q, k, v, pattern=pattern, score_mod=_resolve_score_mod(score_mod),
+                          norm=resolve(normalization), scale=default_scale(q, None), return_lse=return_lse)
+    return all_reasons("attention", call)
 
 
-def select_engine(q, k, v, pattern, score_mod, norm: Normalization, engine: str) -> str:
-    if engine not in (*ENGINES, "auto"):
-        raise ValueError(f"engine must be one of {('auto', *ENGINES)}, got {engine!r}")
-    reasons = {name: fn(q, k, v, pattern, score_mod, norm) for name, fn in _REASONS.items()}
-    if engine != "auto":
-        if reasons[engine]:
-            raise NotSupportedError(f"engine={engine!r} cannot run this call", {engine: reasons[engine]})
-        return engine
-    for name in ENGINES:
-        if not reasons[name]:
-            return name
-    raise NotSupportedError("no engine can run this call", reasons)  # pragma: no cover
+def select_engine(q, k, v, pattern, score_mod, norm: Normalization, engine: str, scale: float | None = None,
+                  return_lse: bool = False) -> str:
+    from attnkit.backends.base import select
+    from attnkit.backends.catalog import attention_call
+
+    call = attention_call(q, k, v, pattern=pattern, score_mod=score_mod, norm=norm,
+                          scale=default_scale(q, scale), return_lse=return_lse)
+    return select("attention", engine, call).name
 
 
 def _resolve_score_mod(score_mod) -> ScoreMod | None:
@@ -100,7 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
               score_mod: ScoreMod | Sequence[ScoreMod] | None = None,
               normalization: str | Normalization = "softmax", scale: float | None = None,
               engine: str = "auto", block_q: int | None = None, block_kv: int | None = None,
-              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+              cu_seqlens: torch.Tensor | None = None,
+              return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``o_i = sum_j w_ij v_j`` with ``w = normalization(score_mod(q_i . k_j * scale))`` over
     the pairs ``pattern`` allows.
 
@@ -114,16 +118,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         normalization: "softmax", "sigmoid", "relu", "softplus", "sinkhorn" or an
             ``attnkit.normalizations`` object.
         scale: score scale, default ``1/sqrt(dim)``.
-        engine: "auto", "sdpa", "tiled" or "reference" (see the module docstring for what each supports).
+        engine: "auto", "sdpa", "flash", "flex", "tiled" or "reference" (see the module docstring for what each
+            supports; ``attnkit.backends.backends()`` for what is installed here).
         block_q, block_kv: tile sizes of the tiled engine (performance knobs; default 64).
         cu_seqlens: varlen packing (FlashAttention's convention): ``[num_docs + 1]`` cumulative lengths of the
             documents packed along the sequence axis (``q_len == kv_len``); queries attend only inside their
             document (``pattern`` is intersected with that block-diagonal mask, whose empty tiles are skipped).
             Restart positions per document with ``attnkit.ops.exact.variants.position_ids``.
+        return_lse: also return the natural-log log-sum-exp of each row's modified, masked scores
+            ``[batch, heads, q_len]`` (float32; ``-inf`` for a fully masked row), softmax only (engines flex and
+            flash on CUDA, reference).
 
     Returns:
         ``[batch, heads, q_len, dim_v]``. A query whose row the pattern masks completely gets zeros (no NaN,
-        in the forward or the backward).
+        in the forward or the backward). With ``return_lse``, the pair ``(out, lse)``.
     """
     check_qkv(q, k, v)
     if pattern is not None and not isinstance(pattern, Pattern):
@@ -148,7 +156,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     if mod is not None:
         mod.check(heads)
         mod.to(q.device)
-    chosen = select_engine(q, k, v, pattern, mod, norm, engine)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if return_lse and norm.name != "softmax":
+        raise ValueError(f"return_lse=True needs normalization='softmax' (got {norm.name!r}): the log-sum-exp is "
+                         f"softmax's normaliser")
+    chosen = select_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
+    if chosen not in ENGINES:
+        from attnkit.backends import get_backend
+        from attnkit.backends.catalog import attention_call
+
+        call = attention_call(q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=scale,
+                              return_lse=return_lse)
+        return get_backend("attention", chosen).run(call)
+    if return_lse:  # only the reference among the built-in engines
+        from attnkit.backends.exact_lse import reference_lse
+
+        out = reference_attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale)
+        return out, reference_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
     if chosen == "sdpa":
         is_causal = pattern is not None and not isinstance(pattern, _Full)
         if k.shape[1] != heads and _SDPA_HAS_GQA:

@@ -98,7 +98,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      chunk_size: int = 64, decay: float | torch.Tensor | None = None,
                      normalize: str = "denominator", eps: float = 1e-6,
                      state: LinearAttentionState | tuple[torch.Tensor, torch.Tensor] | None = None,
-                     return_state: bool = False):
+                     return_state: bool = False, engine: str = "auto"):
     """Kernelized linear attention ``o_i = phi(q_i)^T S_i / phi(q_i)^T z_i`` (Katharopoulos et al., 2020).
 
     Args:
@@ -120,6 +120,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         state: a :class:`LinearAttentionState` (``S [batch, heads, m, d_v]``, ``z [batch, heads, m]``) from a
             previous call: this call continues that sequence.
         return_state: also return the state after the last token.
+        engine: ``"auto"`` (flash-linear-attention's chunked kernels for causal calls on CUDA when ``attnkit[fla]``
+            is installed, else attnkit's own modes), ``"attnkit"`` or ``"fla"`` (see ``attnkit backends``).
 
     Returns:
         ``out [batch, heads, n, d_v]`` in the dtype of ``q`` (half precisions compute in float32), and with
@@ -142,8 +144,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         )
     if decay is not None and not causal:
         raise NotSupportedError("decay is defined for causal attention only; pass causal=True or decay=None")
+    from attnkit.backends import select
+    from attnkit.backends.catalog import linear_call
+
+    backend = select("linear", engine, linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode,
+                                                   features=fm.feature_dim(q.shape[-1])))
     if mode == "auto":
         mode = "parallel" if not causal else ("recurrent" if n == 1 else "chunked")
+    if backend.name == "fla":
+        mode = "fla"
     if not causal and mode != "parallel":
         raise NotSupportedError(
             f"mode={mode!r} is a causal form; non-causal linear attention runs in mode='parallel' "
@@ -184,7 +193,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         finalize = make_finalize(normalize, eps, q.dtype)
         if "key_shift" in ctx:
             finalize = _watch_underflow(finalize)
-        if mode == "parallel":
+        if mode == "fla":
+            from attnkit.backends.fla import fla_run
+            from attnkit.ops.linear._common import features, values_with_ones
+
+            qf, kf = features(fm, qw, kw, offset, offset)
+            o_ext, s = fla_run(qf, kf, values_with_ones(vw, h), log_decay=ld, s0=s0, dtype=q.dtype)
+            out = finalize(o_ext.to(work))
+        elif mode == "parallel":
             out, s = parallel_forward(qw, kw, vw, fm, causal=causal, log_decay=ld, s0=s0, offset=offset,
                                       finalize=finalize)
         elif mode == "chunked":

@@ -14,7 +14,7 @@ from attnkit.score_mods import ScoreMod
 
 __all__ = ["neighborhood", "NeighborhoodBias", "neighborhood_bias"]
 
-ENGINES = ("tiled", "reference")
+ENGINES = ("auto", "tiled", "reference", "natten", "flex")
 
 
 def _split(x: torch.Tensor, name: str) -> tuple[int, ...]:
@@ -28,7 +28,7 @@ def _split(x: torch.Tensor, name: str) -> tuple[int, ...]:
 
 def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, *, dilation=1, stride=1,
                  is_causal=False, score_mod: ScoreMod | None = None, scale: float | None = None,
-                 engine: str = "tiled", tiles=None) -> torch.Tensor:
+                 engine: str = "auto", tiles=None) -> torch.Tensor:
     """Neighborhood attention ("Neighborhood Attention Transformer", Hassani et al. 2023), with dilation
     ("Dilated Neighborhood Attention Transformer"), causal axes ("Faster Neighborhood Attention") and
     stride ("Generalized Neighborhood Attention"), with NATTEN's exact semantics.
@@ -47,8 +47,10 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         score_mod: an ``attnkit.score_mods.ScoreMod`` applied to the scaled scores on *flattened* (row-major)
             token indices, e.g. NAT's relative positional bias ``neighborhood_bias``.
         scale: score scale (default ``dim ** -0.5``).
-        engine: ``"tiled"`` (the fast path, linear memory, with backward) or ``"reference"`` (dense masked,
-            quadratic memory; tests).
+        engine: ``"auto"`` (NATTEN when installed on CUDA, then FlexAttention on CUDA, else the tiled engine;
+            see ``attnkit backends``), ``"tiled"`` (attnkit's fast path, linear memory, with backward),
+            ``"natten"`` (NATTEN's fused kernels, ``attnkit[natten]``; no score_mod), ``"flex"`` (torch
+            FlexAttention with the neighborhood BlockMask) or ``"reference"`` (dense masked, quadratic memory; tests).
         tiles: query tile size per axis for the tiled engine (default: chosen by a cost model).
 
     Returns ``[batch, heads, *spatial, dim_v]``. Every query attends exactly ``prod(kernel_size)`` keys unless
@@ -83,6 +85,15 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         raise NotSupportedError(f"neighborhood(engine={engine!r}): choose one of {ENGINES}")
     if q.shape[0] == 0:  # an empty batch: nothing to attend (SDPA returns the empty output too)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
+    if engine != "reference" and (engine != "tiled" or tiles is None):
+        from attnkit.backends import select
+        from attnkit.backends.catalog import neighborhood_call
+
+        call = neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc)
+        backend = select("neighborhood", engine if tiles is None else "tiled", call)
+        if backend.name not in ("tiled", "reference"):
+            return backend.run(call)
+        engine = backend.name
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
     if engine == "reference":

@@ -1,0 +1,215 @@
+"""The ``flex`` engine: attnkit patterns and score modifiers on PyTorch's FlexAttention.
+
+``torch.nn.attention.flex_attention`` ("FlexAttention: A Programming Model for Generating Optimized Attention
+Kernels", Dong et al., 2024) takes a ``mask_mod(b, h, q_idx, kv_idx)`` saying which logits exist, a
+``score_mod(score, b, h, q_idx, kv_idx)`` editing one logit, and a ``BlockMask`` recording which tiles are
+empty (skipped), full (no mask) or partial (``mask_mod`` evaluated). attnkit's patterns already carry all three:
+
+* the predicate ``Pattern.allowed`` becomes the ``mask_mod`` (tensors a pattern holds, e.g. segment ids or
+  global-token flags, are moved to the device once, outside the kernel);
+* the ``BlockMask`` is built from the pattern's own tile classes (``Pattern.tile_classes``), which structured
+  patterns compute analytically in O(tiles): no O(q_len * kv_len) mask evaluation (FlexAttention's
+  ``create_block_mask`` evaluates the predicate on every element);
+* a score modifier ``mod(score, b, h, q_idx, kv_idx, q_len, kv_len)`` becomes the ``score_mod``.
+
+Compiled kernels and block masks are cached per (pattern, modifier, shape, device). torch 2.13 compiles
+FlexAttention on CPU for inference only (no backward, no log-sum-exp); the engine declares that, so
+``engine="auto"`` never picks it there for a training call.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from attnkit.patterns import EMPTY, FULL, PARTIAL, Pattern
+from attnkit.score_mods import ScoreMod
+
+__all__ = ["flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles", "flex_attention_call",
+           "flex_reasons", "BLOCK_SIZE"]
+
+# FlexAttention's sparse block size (its default): the tile of the BlockMask, in queries and keys.
+BLOCK_SIZE = 128
+# Distinct (pattern, modifier, shape) entries kept; each holds one BlockMask (int32, O(tiles)).
+CACHE_SIZE = 32
+# Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
+# handful of patterns, after which dynamo would silently run the unfused (quadratic) eager path.
+RECOMPILE_LIMIT = 256
+
+
+@functools.cache
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(BlockMask, "from_kv_blocks")
+
+
+@functools.cache
+def _compiled() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _has_compiler() -> bool:
+    # Inductor's CPU backend writes C++ and needs a compiler; CUDA kernels are Triton.
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lowering attnkit's vocabulary
+# ------------------------------------------------------------------------------------------------------------
+
+def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.device) -> Callable:
+    """A ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``pattern.allowed(..., q_len, kv_len)``, with the tensors
+    the pattern reads prepared on ``device`` once (they are constants inside the compiled kernel)."""
+    from attnkit import patterns as P
+
+    if isinstance(pattern, P._And | P._Or):
+        fa, fb = lower_pattern(pattern.a, q_len, kv_len, device), lower_pattern(pattern.b, q_len, kv_len, device)
+        if isinstance(pattern, P._Or):
+            return lambda b, h, qi, ki: fa(b, h, qi, ki) | fb(b, h, qi, ki)
+        return lambda b, h, qi, ki: fa(b, h, qi, ki) & fb(b, h, qi, ki)
+    if isinstance(pattern, P._Not):
+        f = lower_pattern(pattern.a, q_len, kv_len, device)
+        return lambda b, h, qi, ki: ~f(b, h, qi, ki)
+    off = kv_len - q_len
+    if isinstance(pattern, P._GlobalTokens):
+        flags = pattern._flags(kv_len, device)
+        return lambda b, h, qi, ki: flags[ki] | flags[qi + off]
+    if isinstance(pattern, P._KeyBelow):
+        lim = pattern._limits(device)
+        if lim.numel() == 1:
+            return lambda b, h, qi, ki: ki < lim[0]
+        return lambda b, h, qi, ki: ki < lim[b]
+    if isinstance(pattern, P._Document):
+        ids = pattern._ids(device)
+        if ids.shape[0] == 1:
+            ids1 = ids[0]
+            return lambda b, h, qi, ki: ids1[qi + off] == ids1[ki]
+        return lambda b, h, qi, ki: ids[b, qi + off] == ids[b, ki]
+    return lambda b, h, qi, ki: pattern.allowed(b, h, qi, ki, q_len, kv_len)
+
+
+def lower_score_mod(mod: ScoreMod, q_len: int, kv_len: int) -> Callable:
+    """A ``score_mod(score, b, h, q_idx, kv_idx)`` equal to ``mod(score, b, h, q_idx, kv_idx, q_len, kv_len)``."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return mod(score, b, h, q_idx, kv_idx, q_len, kv_len)
+
+    return score_mod
+
+
+def block_mask_from_tiles(pattern: Pattern, q_len: int, kv_len: int, *, batch: int, heads: int,
+                          device: torch.device, block_size: int = BLOCK_SIZE, mask_mod: Callable | None = None):
+    """FlexAttention's ``BlockMask`` from ``pattern.tile_classes`` (analytic for structured patterns), with
+    ``mask_mod`` (default: the lowered predicate) evaluated on partial tiles only.
+
+    Tiles that hold padding (the last row or column when a length is not a multiple of ``block_size``) are
+    demoted from full to partial, so the kernel masks the padded positions whatever its boundary handling."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bq = bk = block_size
+    cls = pattern.tile_classes(q_len, kv_len, bq, bk, batch=batch, heads=heads, device=device).clone()
+    if kv_len % bk:
+        last = cls[..., -1]
+        last[last == FULL] = PARTIAL
+    if q_len % bq:
+        last = cls[..., -1, :]
+        last[last == FULL] = PARTIAL
+    partial, full = cls == PARTIAL, cls == FULL
+
+    def ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Selected key blocks first, in order: FlexAttention reads the first num_blocks indices of each row.
+        idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)
+        return sel.sum(-1).to(torch.int32), idx.to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    if mask_mod is None:
+        mask_mod = lower_pattern(pattern, q_len, kv_len, device)
+    assert int((cls == EMPTY).sum() + partial.sum() + full.sum()) == cls.numel()
+    return BlockMask.from_kv_blocks(kv_num.contiguous(), kv_idx.contiguous(), full_num.contiguous(),
+                                    full_idx.contiguous(), BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Capabilities and the call
+# ------------------------------------------------------------------------------------------------------------
+
+def flex_reasons(call) -> list[str]:
+    """Why the flex engine cannot run ``call`` (the attention call dict of ``attnkit.backends.catalog``)."""
+    why = []
+    if not flex_available():
+        return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention with BlockMask.from_kv_blocks "
+                f"(needs torch >= 2.5)"]
+    dev = call["device"].type
+    if call["norm"].name != "softmax":
+        why.append(f"normalization {call['norm'].name!r} (FlexAttention normalises with softmax only)")
+    if dev == "cpu":
+        if call["needs_grad"]:
+            why.append("gradients requested: torch compiles FlexAttention on CPU for inference only "
+                       "(call under torch.no_grad() or use engine='tiled')")
+        if call["return_lse"]:
+            why.append("return_lse on CPU: torch's compiled CPU FlexAttention returns no log-sum-exp")
+        if not _has_compiler():
+            why.append("no C++ compiler found: torch.compile's CPU backend needs one")
+    elif dev == "cuda" and call["head_dim"] < 16:
+        why.append(f"head dim {call['head_dim']} < 16 (FlexAttention's CUDA kernels need >= 16)")
+    mod = call["score_mod"]
+    if mod is not None and call["needs_grad"] and mod.grad_tensors():
+        why.append("the score modifier has learnable tensors: this adapter passes no gradients to them "
+                   "(use engine='tiled', whose backward does)")
+    return why
+
+
+_CACHE: OrderedDict = OrderedDict()
+
+
+def _entry(pattern: Pattern | None, mod: ScoreMod | None, q_len: int, kv_len: int, batch: int, heads: int,
+           device: torch.device):
+    key = (id(pattern), id(mod), q_len, kv_len, batch, heads, str(device))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is pattern and hit[1] is mod:
+        _CACHE.move_to_end(key)
+        return hit
+    block_mask = None if pattern is None else block_mask_from_tiles(pattern, q_len, kv_len, batch=batch,
+                                                                     heads=heads, device=device)
+    score_fn = None if mod is None else lower_score_mod(mod, q_len, kv_len)
+    # The pattern and modifier are kept alive by the entry, so their ids cannot be reused while it is cached.
+    entry = (pattern, mod, block_mask, score_fn)
+    _CACHE[key] = entry
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return entry
+
+
+def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None,
+                        score_mod: ScoreMod | None, scale: float, return_lse: bool = False):
+    """Run FlexAttention (compiled) on attnkit's ``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]``,
+    ``v [B, Hkv, Lk, Dv]``; returns ``out [B, H, Lq, Dv]`` and, with ``return_lse``, the natural-log
+    log-sum-exp ``[B, H, Lq]`` in float32 (``-inf`` for a row with no allowed key, whose output is zero)."""
+    b, h, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    _, _, block_mask, score_fn = _entry(pattern, score_mod, q_len, kv_len, b, h, q.device)
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses CPU inputs that require grad
+    kw = dict(score_mod=score_fn, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != h)
+    fn = _compiled()
+    if not return_lse:
+        return fn(q, k, v, **kw)
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+    return out, aux.lse
