@@ -100,6 +100,8 @@ class _MaskInfo:
 
     kind: str
     crop: int | None = None  # keep only the first ``crop`` keys (SDPA's top-left is_causal with more keys)
+    # ``full`` for one query of a causal layer: the same as bottom-right causal (mechanisms then run causally)
+    one_causal_query: bool = False
     window: int | None = None
     allowed: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -115,7 +117,7 @@ def _analyse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     if mask is None:
         if causal and q_len > 1:
             return _MaskInfo("causal", crop=q_len if kv_len > q_len else None)
-        return _MaskInfo("full")
+        return _MaskInfo("full", one_causal_query=causal and q_len == 1)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise TypeError(
             f"attention_mask must be None or a 4-D tensor [batch, 1 | heads, q_len, kv_len], got "
@@ -138,7 +140,7 @@ def _analyse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     kidx = torch.arange(kv_len, device=mask.device)[None, :]
     tril = kidx <= pos
     if q_len == 1 and bool(allowed.all()):
-        info = _MaskInfo("causal" if causal else "full")
+        info = _MaskInfo("full", one_causal_query=causal)
     elif bool(allowed.all()):
         info = _MaskInfo("full")
     elif bool((allowed == tril).all()):
@@ -335,12 +337,12 @@ class AttnkitAttention(nn.Module):
             raise NotSupportedError(f"attention logit softcapping applies to 'softmax', not {self.mechanism!r}")
         rec = _RECORDER
         if rec is None:
-            return self._mechanism(query, key, value, info, scaling, position_ids)
+            return self._mechanism(query, key, value, info, scaling, position_ids, module.training)
         teacher = _softmax(query, key, value, info, scaling, None)
         if rec.what == "distill" and rec.loss == "hedgehog":
             rec.add(self.label, self._hedgehog_loss(query, key, info, scaling))
             return teacher
-        student = self._mechanism(query, key, value, info, scaling, position_ids)
+        student = self._mechanism(query, key, value, info, scaling, position_ids, module.training)
         if rec.what == "distill":
             # LoLCATs' attention-output MSE, relative to the teacher's scale so layers weigh alike
             t = teacher.detach().float()
@@ -363,7 +365,7 @@ class AttnkitAttention(nn.Module):
 
     @staticmethod
     def _causal_of(info: _MaskInfo, q: torch.Tensor) -> bool:
-        return info.kind in ("causal", "window")
+        return info.kind in ("causal", "window") or info.one_causal_query
 
     @staticmethod
     def _scaled(q: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -373,7 +375,7 @@ class AttnkitAttention(nn.Module):
             return q
         return q * (scaling * math.sqrt(d))
 
-    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids) -> torch.Tensor:
+    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids, training: bool) -> torch.Tensor:
         if info.kind in ("mask", "bias"):
             raise NotSupportedError(
                 f"mechanism {self.mechanism!r} runs causal or bidirectional attention only, but the model passed "
@@ -386,14 +388,15 @@ class AttnkitAttention(nn.Module):
         q = self._scaled(q, scaling)
         inner = self.mechanism_module(causal, q.device)
         if isinstance(inner, KernelizedAttention) and causal:
-            return self._linear(inner, q, k, v, position_ids)
+            return self._linear(inner, q, k, v, position_ids, training)
         if self.record.family not in ("exact", "linear", "neighborhood"):
             # other families may not take grouped keys: repeat them (a view)
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return inner(q, k, v)
 
-    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids) -> torch.Tensor:
-        """Causal linear attention over the model's cache, continuing the layer's recurrent state."""
+    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool) -> torch.Tensor:
+        """Causal linear attention over the model's cache, continuing the layer's recurrent state (kept in
+        inference mode only: ``training`` is the transformers module's flag)."""
         fm, engine = inner.feature_map, inner.engine
         q_len, kv_len = q.shape[2], k.shape[2]
         past = kv_len - q_len  # cached tokens before the new ones (all of them unless the cache is windowed)
@@ -402,7 +405,7 @@ class AttnkitAttention(nn.Module):
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, 0]
             if bool((first == first[0]).all()):
                 start = int(first[0])
-        keep = not self.training and fm.token_local
+        keep = not training and fm.token_local
         if past == 0 and start == 0:
             if not keep:
                 self.reset_state()
@@ -449,6 +452,8 @@ def _make_attention_function(spec: tuple[str, dict[str, Any]] | None):
     """The function transformers calls. ``spec=None``: the dispatcher (each layer's own ``attnkit_attention``,
     exact softmax where there is none); otherwise ``(mechanism, params)`` for every layer."""
 
+    wanted = None if spec is None else AttnkitAttention(spec[0], params=spec[1]).spec
+
     def attnkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                   scaling: float | None = None, sliding_window: int | None = None,
@@ -460,7 +465,7 @@ def _make_attention_function(spec: tuple[str, dict[str, Any]] | None):
         att = getattr(module, CHILD, None)
         if spec is None:
             att = att if isinstance(att, AttnkitAttention) else _SOFTMAX
-        elif not isinstance(att, AttnkitAttention) or att.spec != AttnkitAttention(spec[0], params=spec[1]).spec:
+        elif not isinstance(att, AttnkitAttention) or att.spec != wanted:
             att = _attach(module, spec[0], spec[1], label=type(module).__name__)
         out = att.hf_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                              sliding_window=sliding_window, is_causal=is_causal, softcap=kwargs.get("softcap"),
@@ -540,6 +545,7 @@ def _attach(module: nn.Module, mechanism: str, params: dict[str, Any], *, label:
         att.mechanism_module(bool(getattr(module, "is_causal", False)),
                              weight.device if weight is not None else None)
     module.add_module(CHILD, att)
+    att.train(module.training)
     return att
 
 
@@ -758,7 +764,7 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
-                losses.append(float(total))
+                losses.append(float(total.detach()))
     finally:
         model.train(was)
     return losses
@@ -788,7 +794,7 @@ def finetune(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: floa
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     finally:
         model.train(was)
     return losses
