@@ -405,7 +405,7 @@ class AttnkitAttention(nn.Module):
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, 0]
             if bool((first == first[0]).all()):
                 start = int(first[0])
-        keep = not training and fm.token_local
+        keep = fm.token_local and not (training and torch.is_grad_enabled())  # generate runs without grad
         if past == 0 and start == 0:
             if not keep:
                 self.reset_state()
