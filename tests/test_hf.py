@@ -348,3 +348,18 @@ def test_attention_transfer_reports_before_and_after():
         assert 1.0 < value < 256.0
     assert report.error_after["model.layers.0.self_attn"] < report.error_before["model.layers.0.self_attn"]
     assert "perplexity" in report.table() and "model.layers.0.self_attn" in report.table()
+
+
+def test_mechanism_parameters_from_the_model_config():
+    name = akt.register("sliding_window", window=64)
+    narrow = llama_config()
+    narrow.attnkit_params = {"window": 2}  # the config overrides register()'s parameters
+    model, wide = build(narrow, name), build(llama_config(), name)
+    wide.load_state_dict(model.state_dict(), strict=False)
+    ids = token_ids(2, 10)
+    with torch.no_grad():
+        a, b = model(ids).logits, wide(ids).logits
+    assert model.model.layers[0].self_attn.attnkit_attention.params == {"window": 2}
+    assert wide.model.layers[0].self_attn.attnkit_attention.params == {"window": 64}
+    assert_close(a[:, :3], b[:, :3], dtype=torch.float32)  # the first tokens see the same keys
+    assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-4)

@@ -105,6 +105,7 @@ class _MaskInfo:
     window: int | None = None
     allowed: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    pattern: Any = None  # the mask as an attnkit pattern, built once and shared by every layer (and its tile plan)
 
 
 _memo: tuple[Any, tuple, _MaskInfo] | None = None  # (weakref to the mask, key, info): one mask serves every layer
@@ -193,7 +194,9 @@ def _softmax(q, k, v, info: _MaskInfo, scaling: float | None, softcap: float | N
     if info.kind == "window":
         pattern = P.causal() & P.sliding_window(info.window - 1, 0)
     elif info.kind == "mask":
-        pattern = _mask_pattern(info.allowed)
+        if info.pattern is None:
+            info.pattern = _mask_pattern(info.allowed)
+        pattern = info.pattern
     mods = [S.softcap(softcap)] if softcap else []
     if info.kind == "bias":
         mods.append(_bias_mod(info.bias))
@@ -285,7 +288,7 @@ class AttnkitAttention(nn.Module):
 
     @property
     def spec(self) -> tuple:
-        return (self.mechanism, tuple(sorted((k, repr(v)) for k, v in self.params.items())))
+        return _spec_key(self.mechanism, self.params)
 
     def extra_repr(self) -> str:
         return f"mechanism={self.mechanism!r}, params={self.params}"
@@ -448,11 +451,13 @@ class AttnkitAttention(nn.Module):
 _SOFTMAX = AttnkitAttention("softmax")
 
 
+def _spec_key(mechanism: str, params: dict[str, Any]) -> tuple:
+    return (mechanism, tuple(sorted((k, repr(v)) for k, v in params.items())))
+
+
 def _make_attention_function(spec: tuple[str, dict[str, Any]] | None):
     """The function transformers calls. ``spec=None``: the dispatcher (each layer's own ``attnkit_attention``,
     exact softmax where there is none); otherwise ``(mechanism, params)`` for every layer."""
-
-    wanted = None if spec is None else AttnkitAttention(spec[0], params=spec[1]).spec
 
     def attnkit_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   attention_mask: torch.Tensor | None, dropout: float = 0.0,
@@ -465,8 +470,11 @@ def _make_attention_function(spec: tuple[str, dict[str, Any]] | None):
         att = getattr(module, CHILD, None)
         if spec is None:
             att = att if isinstance(att, AttnkitAttention) else _SOFTMAX
-        elif not isinstance(att, AttnkitAttention) or att.spec != wanted:
-            att = _attach(module, spec[0], spec[1], label=type(module).__name__)
+        else:
+            # parameters from register(), overridden by the model config's ``attnkit_params`` dict
+            params = {**spec[1], **(getattr(getattr(module, "config", None), "attnkit_params", None) or {})}
+            if not isinstance(att, AttnkitAttention) or att.spec != _spec_key(spec[0], params):
+                att = _attach(module, spec[0], params, label=type(module).__name__)
         out = att.hf_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                              sliding_window=sliding_window, is_causal=is_causal, softcap=kwargs.get("softcap"),
                              position_ids=kwargs.get("position_ids"))
@@ -487,8 +495,9 @@ def register(mechanism: str = "softmax", *, name: str | None = None, **params: A
     ``attn_implementation`` (default ``"attnkit_<mechanism>"``; registering a name again replaces it).
 
     Every attention layer of a model using the name runs the mechanism; parameters of the mechanism are
-    created on each layer's first call (as the layer's ``attnkit_attention`` child). To choose layers, or to
-    create trainable parameters before training, use :func:`convert`.
+    created on each layer's first call (as the layer's ``attnkit_attention`` child). A model config's
+    ``attnkit_params`` dict (e.g. ``LlamaConfig(..., attnkit_params={"window": 64})``) overrides ``params`` for
+    that model. To choose layers, or to create trainable parameters before training, use :func:`convert`.
 
     Example::
 
