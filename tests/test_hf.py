@@ -363,3 +363,31 @@ def test_mechanism_parameters_from_the_model_config():
     assert wide.model.layers[0].self_attn.attnkit_attention.params == {"window": 64}
     assert_close(a[:, :3], b[:, :3], dtype=torch.float32)  # the first tokens see the same keys
     assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-4)
+
+
+def test_decoding_edge_cases_sliding_cache_beams_static_cache():
+    ids = token_ids(2, 9)
+    # Mistral's cache keeps only the window; the converted layers' state still continues the whole sequence
+    mistral = build(mistral_config(), "sdpa")
+    attnkit.convert(mistral, "hedgehog")
+    assert torch.equal(generate(mistral, ids, max_new_tokens=6), generate(mistral, ids, max_new_tokens=6,
+                                                                          use_cache=False))
+    # beam search reorders the cache: the state is rebuilt from it (with a warning), results unchanged
+    llama = build(llama_config(), "sdpa")
+    attnkit.convert(llama, "hedgehog")
+    beams = generate(llama, ids, max_new_tokens=5, num_beams=3)
+    assert torch.equal(beams, generate(llama, ids, max_new_tokens=5, num_beams=3, use_cache=False))
+    with pytest.raises(NotSupportedError, match="static-cache"):
+        generate(llama, ids, max_new_tokens=4, cache_implementation="static")
+    # softmax runs the static cache's masks exactly
+    ref, ours = twins(llama_config(), "eager")
+    assert torch.equal(generate(ours, ids, max_new_tokens=5, cache_implementation="static"),
+                       generate(ref, ids, max_new_tokens=5, cache_implementation="static"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_half_precision(dtype):
+    ref, ours = twins(llama_config(), "sdpa", dtype=dtype)
+    ids = token_ids(2, 11)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, ref(ids).logits, dtype=dtype, scale=4.0)

@@ -382,8 +382,9 @@ class AttnkitAttention(nn.Module):
         if info.kind in ("mask", "bias"):
             raise NotSupportedError(
                 f"mechanism {self.mechanism!r} runs causal or bidirectional attention only, but the model passed "
-                f"a {'padding' if info.kind == 'mask' else 'float'} mask; use prompts of equal length without "
-                f"padding (attention_mask=None), or mechanism 'softmax'"
+                f"a {'padding (or static-cache)' if info.kind == 'mask' else 'float'} mask; use prompts of equal "
+                f"length without padding (attention_mask=None) and the default dynamic cache, or mechanism "
+                f"'softmax'"
             )
         if info.crop is not None:
             k, v = k[:, :, :info.crop], v[:, :, :info.crop]
