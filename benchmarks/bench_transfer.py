@@ -12,9 +12,10 @@ are held out. Then, from copies of that model:
    output MSE) and after fine-tuning the converted attention modules; per-layer relative error of the attention
    output against softmax at each stage. Baselines: mechanisms without trainable maps (Performer, elu + 1),
    fine-tuned for the same number of steps without distillation.
-2. decoding: CPU seconds per generated token (``time.process_time``, one thread, median of interleaved repeats)
-   after a long prompt, for sdpa, attnkit's ``softmax`` and the converted (Hedgehog) model, whose layers carry
-   an O(1) recurrent state, against the same converted model recomputing the sequence (``use_cache=False``).
+2. decoding: CPU seconds per generated token (``time.process_time``, one thread, median of interleaved repeats;
+   the prefill is not timed) after prompts of 256 and 4,096 tokens, for sdpa, attnkit's ``softmax`` and the
+   converted (Hedgehog) model, whose layers carry an O(1) recurrent state, against the same converted model
+   recomputing the sequence every step (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=512, help="prompt length of the decoding measurement")
+    ap.add_argument("--prompt", type=int, nargs="+", default=[256, 4096],
+                    help="prompt lengths of the decoding measurement")
     ap.set_defaults(threads=1)
     args = ap.parse_args()
     if args.quick:
-        args.pretrain_steps, args.distill_steps, args.finetune_steps, args.prompt, args.repeats = 20, 5, 3, 32, 1
+        args.pretrain_steps, args.distill_steps, args.finetune_steps, args.prompt, args.repeats = 20, 5, 3, [32, 64], 1
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -51,7 +53,7 @@ def main() -> None:
     data = akt.byte_sequences(akt.sample_text(), args.seq_len)
     train, held = data[:-32], data[-32:]
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     t = time.process_time()
     pre = akt.finetune(base, train, steps=args.pretrain_steps, lr=3e-3, batch_size=16, progress=False)
@@ -89,33 +91,48 @@ def main() -> None:
         runs.append({**record, "loss": loss, "params": params, "cpu_s": cpu})
 
     # -- decoding cost ------------------------------------------------------------------------------------
-    prompt = held.reshape(-1)[: args.prompt].repeat(1 + args.prompt // held.numel())[: args.prompt][None]
-    new = 16
+    steps = 16
     models = {"sdpa": copy.deepcopy(base), "attnkit softmax": copy.deepcopy(base)}
     models["attnkit softmax"].set_attn_implementation(akt.register("softmax"))
     models["hedgehog (state)"] = copy.deepcopy(base)
     akt.convert(models["hedgehog (state)"], "hedgehog")
-    times: dict[str, list[float]] = {name: [] for name in [*models, "hedgehog (use_cache=False)"]}
-
-    def decode(model, use_cache: bool) -> float:
+    for model in models.values():
         model.eval()
-        t0 = time.process_time()
-        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                       use_cache=use_cache)
-        return time.process_time() - t0
+    stream = held.reshape(-1).repeat(1 + (max(args.prompt) + steps) // held.numel())
 
+    def decode(model, n: int, use_cache: bool) -> float:
+        """CPU seconds per token of ``steps`` greedy one-token steps after an ``n``-token prefill (not timed);
+        without a cache each step recomputes the whole sequence."""
+        ids = stream[None, :n]
+        out = model(ids, use_cache=use_cache)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        t0 = time.process_time()
+        for _ in range(steps):
+            if use_cache:
+                out = model(nxt, cache=cache, use_cache=True)
+                cache = out.cache
+            else:
+                ids = torch.cat([ids, nxt], 1)
+                out = model(ids, use_cache=False)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return (time.process_time() - t0) / steps
+
+    decoding: dict[str, dict[int, float]] = {}
+    print(f"\ndecoding: CPU ms per token ({steps} greedy steps after the prompt), median of {args.repeats} "
+          f"interleaved repeats")
+    print(f"  {'prompt':<28}" + "".join(f"{n:>10}" for n in args.prompt))
     with torch.no_grad():
+        variants = [(name, m, True) for name, m in models.items()]
+        variants.append(("hedgehog (use_cache=False)", models["hedgehog (state)"], False))
+        times = {(name, n): [] for name, _, _ in variants for n in args.prompt}
         for _ in range(args.repeats):  # interleaved: every variant sees the same machine load
-            for name, model in models.items():
-                times[name].append(decode(model, True))
-            times["hedgehog (use_cache=False)"].append(decode(models["hedgehog (state)"], False))
-    print(f"\ngenerate {new} tokens after a {args.prompt}-token prompt (prefill included), CPU s, median of "
-          f"{args.repeats}:")
-    decoding = {}
-    for name, ts in times.items():
-        decoding[name] = statistics.median(ts)
-        print(f"  {name:<28}{decoding[name]:8.3f}   (min {min(ts):.3f}, max {max(ts):.3f})")
-    write_json(args.json, {"machine": machine, "args": vars(args), "runs": runs, "decoding_cpu_s": decoding},
+            for n in args.prompt:
+                for name, model, use_cache in variants:
+                    times[(name, n)].append(decode(model, n, use_cache))
+        for name, _, _ in variants:
+            decoding[name] = {n: statistics.median(times[(name, n)]) for n in args.prompt}
+            print(f"  {name:<28}" + "".join(f"{1e3 * decoding[name][n]:>10.2f}" for n in args.prompt))
+    write_json(args.json, {"machine": machine, "args": vars(args), "runs": runs, "decoding_cpu_s_per_token": decoding},
                default=str)
 
 
