@@ -17,6 +17,15 @@ from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, re
 
 __version__ = "0.1.0"
 
+
+def convert(model, mechanism: str = "hedgehog", **kwargs):
+    """Swap a Hugging Face transformers model's attention to an attnkit mechanism in place, keeping its weights
+    (see :func:`attnkit.integrations.transformers.convert`; needs ``attnkit[hf]``)."""
+    from attnkit.integrations.transformers import convert as _convert
+
+    return _convert(model, mechanism, **kwargs)
+
+
 __all__ = [
     "ApproximationError", "LinearAttentionState", "Mechanism", "NotSupportedError", "approximation_error",
     "attention", "feature_maps", "get", "linear_attention", "list_mechanisms", "mechanism_info", "neighborhood",
@@ -25,4 +34,5 @@ __all__ = [
     "attention_weights", "attention_lse", "PagedKVCache",
     "gated_linear_attention", "delta_rule_attention",
     "list_backends",
+    "convert",
 ]
