@@ -172,7 +172,7 @@ def _dense_from_block_mask(bm, q_len, kv_len):
 
 PATTERNS = {
     "causal_window": lambda n: P.causal() & P.sliding_window(100),
-    "global": lambda n: P.sliding_window(16) | P.global_tokens([0, 300]),
+    "global": lambda n: P.sliding_window(16) | P.global_tokens([0, 300], strict=False),
     "document": lambda n: P.document(torch.arange(n) * 4 // n) & P.causal(),
     "padding": lambda n: P.key_padding([0, n - 3]),
     "not_block_local": lambda n: ~P.block_local(200),
@@ -365,7 +365,10 @@ def test_fla_adapter_carries_attnkit_semantics_and_state(kw, monkeypatch):
     monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", _fake_fla_simple_gla())
     q, k, v = random_qkv(1, 4, 24, 24, 8, kv_heads=2, dtype=torch.float64)
     kw = dict(kw)
-    fm = attnkit.feature_maps.get(kw.pop("feature_map", "elu"), **({"seed": 0} if "favor" in str(kw) else {}))
+    # favor unstabilised: raw features() calls here do not share the per-call key shift that linear_attention's
+    # feature-map scope keeps across blocks and carried states
+    name = kw.pop("feature_map", "elu")
+    fm = attnkit.feature_maps.get(name, **({"seed": 0, "stabilize": False} if name == "favor" else {}))
     from attnkit.backends.fla import fla_run
     from attnkit.ops.linear._common import features, make_finalize, values_with_ones
     from attnkit.ops.linear.reference import linear_attention_reference
