@@ -690,7 +690,9 @@ class EntityAwareAttention(nn.Module):
         if types.shape != x.shape[:2] or types.dtype.is_floating_point:
             raise ValueError(f"types must be integer [batch, seq] = {tuple(x.shape[:2])}, got {tuple(types.shape)}")
 
-    def forward(self, x, types):
+    def forward(self, x, types=None):
+        if types is None:  # no entities: every token a word (the word-to-word query matrix everywhere)
+            types = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
         self._check(x, types)
         ent = (types == 1)[:, None, :, None]  # [b, 1, n, 1]
         qs = [_heads(m(x), self.heads) for m in self.queries]

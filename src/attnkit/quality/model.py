@@ -297,6 +297,21 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class _OnGrid(nn.Module):
+    """A 2-D / 3-D token mixer on a 1-D sequence: ``x [batch, seq, dim]`` laid out row-major on the most balanced
+    grid of ``seq`` tokens (``grid_shape``, as the neighborhood family does), mixed, and flattened back."""
+
+    def __init__(self, mixer: nn.Module, ndim: int):
+        super().__init__()
+        self.mixer, self.ndim = mixer, ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from attnkit.ops.neighborhood.mechanisms import grid_shape
+
+        b, n, c = x.shape
+        return self.mixer(x.reshape(b, *grid_shape(n, self.ndim), c)).reshape(b, n, c)
+
+
 class QualityModel(nn.Module):
     """The Zoology / Based model: an embedding (tokens, or a linear map of real vectors), ``num_layers`` pre-norm
     residual blocks ``[short causal depthwise conv -> token mixer under test]`` + MLP, a final norm and a linear
@@ -366,7 +381,8 @@ class QualityModel(nn.Module):
             if not isinstance(mixer, nn.Module):
                 raise TypeError(f"mixer {spec.mechanism!r}: its factory returned {type(mixer).__name__}, not an "
                                 f"nn.Module")
-            return mixer
+            spatial = int(info.extras.get("spatial", 1))
+            return _OnGrid(mixer, spatial) if spatial > 1 else mixer
         from attnkit.nn import MultiheadAttention
 
         return MultiheadAttention(embed_dim, num_heads, mechanism=spec.mechanism, causal=causal,

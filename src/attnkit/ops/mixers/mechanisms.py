@@ -218,6 +218,8 @@ def _state_mamba(*, dim, dtype=torch.float32, state_size=16, expand=2, conv_size
 def _rec(name, paper, complexity, causal, cls, summary, *, bench=None, small=None, flops=None, state=None,
          spatial=1, in_default=False, max_bench_len=None, tolerance_scale=1.0):
     extras = {"state_bytes": state} if state is not None else {}
+    if spatial > 1:
+        extras["spatial"] = spatial  # x [batch, *grid, channels]: 1-D callers lay tokens out on a grid
     return register(Mechanism(
         name=name, family=FAMILY, paper=paper, exact=False, complexity=complexity, causal=causal,
         factory=_factory(cls), summary=summary, needs=("dim",), bench_params=bench or {}, small_params=small or {},
