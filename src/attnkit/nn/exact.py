@@ -530,7 +530,10 @@ class PointTransformerLayer(nn.Module):
         d = (p[:, :, None] - p[:, None]).square().sum(-1)
         return d.topk(min(self.k, pos.shape[1]), dim=-1, largest=False).indices
 
-    def forward(self, x, pos):
+    def forward(self, x, pos=None):
+        if pos is None:  # a sequence: points on a line at their token index (k-NN = a local window)
+            pos = torch.zeros(*x.shape[:2], self.theta[0].in_features, dtype=x.dtype, device=x.device)
+            pos[..., 0] = torch.arange(x.shape[1], dtype=x.dtype, device=x.device)
         self._check(x, pos)
         idx = self.neighbours(pos)  # [b, n, k]
         b, n, kk = idx.shape
