@@ -166,3 +166,14 @@ def test_caches_refuse_other_heads_and_dtypes(cache_name):
 def test_unknown_mechanism_is_a_value_error_with_close_matches():
     with pytest.raises(ValueError, match="did you mean 'sliding_window'"):
         attnkit.get("sliding_windw")
+
+
+def test_linear_state_continued_with_another_feature_map():
+    q, k, v = random_qkv(1, 2, 6, 6, 4)
+    _, state = attnkit.linear_attention(q, k, v, causal=True, feature_map="elu", return_state=True)
+    with pytest.raises(ValueError, match="state was made by feature map 'elu' and cannot be continued with "
+                                         "feature map 'relu'"):
+        attnkit.linear_attention(q, k, v, causal=True, feature_map="relu", state=state)
+    with pytest.raises(ValueError, match="state was made by 4 features and cannot be continued with feature "
+                                         "map 'taylor'"):
+        attnkit.linear_attention(q, k, v, causal=True, feature_map="taylor", state=(state.S, state.z))

@@ -248,11 +248,15 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
 
 class _PositiveRandomFeatureMap(_RandomFeatureMap):
     """Positive random features ``exp(W x' - |x'|^2 / 2) / sqrt(m)`` (``x' = x d^-1/4``), stabilised as the
-    Performer paper does (Choromanski et al. 2021, sec. 4 / its reference code): each query's exponents minus
-    their maximum (a per-query factor) and the keys' exponents minus one maximum over all keys of the call (a
-    per-(batch, head) factor). Both factors cancel in the normalised output ``phi(q) S / phi(q) z``; without
-    them ``exp`` underflows to 0 for every feature once ``|x|^2 / (2 sqrt(d))`` passes ~87 (float32), e.g. for
-    q, k of 5x unit scale at d = 64, and the output collapses to zeros. ``stabilize=False`` gives the unshifted
+    Performer paper does (Choromanski et al. 2021, sec. 4 / its reference code): the keys' exponents minus one
+    maximum over all keys of the call (a per-(batch, head) factor ``e^-c``; ``attnkit.linear_attention`` keeps
+    it in a carried state and raises it, rescaling the state, when later keys need more), each query's minus a
+    per-query shift (Performer: the query's own maximum; here chosen against the keys, so that the denominator
+    cannot underflow when q and the keys peak on different features: see ``_pair``). Both factors cancel in
+    the normalised output ``phi(q) S / phi(q) z``; without them ``exp`` underflows to 0 for every feature once
+    ``|x|^2 / (2 sqrt(d))`` passes ~87 (float32), e.g. for q, k of 5x unit scale at d = 64, and the output
+    collapses to zeros. Keys more than ~e^87 below the largest key still vanish in float32 (then a causal row
+    that sees only such keys gets 0, and ``linear_attention`` warns). ``stabilize=False`` gives the unshifted
     (unbiased) kernel estimate, for unnormalised use."""
 
     def __init__(self, head_dim: int | None = None, num_features: int = 256, *, seed: int = 0,
