@@ -89,6 +89,16 @@ def test_empty_batch_with_a_pattern_gives_an_empty_result_on_every_engine():
             assert out.shape == (0, 2, 8, 4), (engine, pat)
 
 
+def test_zero_heads_in_modules_and_caches():
+    with pytest.raises(ValueError, match="kv_heads must be a positive int, got 0"):
+        attnkit.nn.MultiheadAttention(16, 4, kv_heads=0)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        attnkit.nn.MultiheadAttention(16, 0)
+    q, k, v = random_qkv(1, 2, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"k/v heads \(0\), both >= 1"):
+        attnkit.KVCache().attend(q, k[:, :0], v[:, :0])
+
+
 def test_zero_heads_and_bad_blocks_and_scale():
     q, k, v = random_qkv(1, 2, 8, 8, 4)
     with pytest.raises(ValueError, match="0 heads"):
