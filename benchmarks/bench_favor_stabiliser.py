@@ -40,7 +40,7 @@ def main() -> None:
                     "plain": FavorFeatureMap(d, m, seed=1, stabilize=False)}
             times: dict[str, list[float]] = {name: [] for name in maps}
             with torch.no_grad():
-                for name, fm in maps.items():  # warm-up
+                for fm in maps.values():  # warm-up
                     attnkit.linear_attention(q, k, v, feature_map=fm, causal=causal)
                 for _ in range(args.repeats):
                     for name, fm in maps.items():  # interleaved A/B
