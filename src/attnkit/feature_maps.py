@@ -79,10 +79,11 @@ class FeatureMap(nn.Module):
     def call(self, k: torch.Tensor, q: torch.Tensor | None = None, *, causal: bool = False, offset: int = 0):
         """Scope of one attention call over the keys ``k [batch, kv_heads, n_k, d]`` (and the queries ``q``,
         ``causal`` or not, first position ``offset``), inside which an engine may compute features block by
-        block: random maps count one call (``redraw_interval``) and stabilised maps fix their key and query
-        shifts for the whole call. Yields a dict; ``"key_shift"`` ``[batch, kv_heads, 1, 1]``, when present, is
-        the constant subtracted from every key's log-features (it cancels in a normalised output); a caller
-        carrying a state may raise it (never lower it)."""
+        block: random maps count one call (``redraw_interval``) and stabilised maps (FAVOR+) fix one key shift
+        for the whole call. Yields the scope's dict; for a stabilised map ``ctx["stabilised"]`` is set and
+        ``fm.call_key_shift(ctx)`` ``[batch, kv_heads, 1, 1]`` is the constant subtracted from every key's
+        log-features (it cancels in a normalised output); a caller carrying a state may raise
+        ``ctx["key_shift"]`` after reading it (never lower it)."""
         prev = self.__dict__.get("_call")
         ctx = self._begin_call(k, q, causal, offset)
         self.__dict__["_call"] = ctx
@@ -360,10 +361,10 @@ class _PositiveRandomFeatureMap(_RandomFeatureMap):
 
     def _query_shift(self, proj: torch.Tensor, ctx: dict, offset: int) -> torch.Tensor:
         """Per query: ``max_r (a_r + K_r - c)`` with ``K_r`` the largest exponent of feature ``r`` among the
-        call's keys and ``c`` the key shift, so that its
-        best-matching key contributes ``exp(0) = 1`` to the denominator (a plain per-query maximum can leave
-        every product ``phi(q)_r phi(k)_r`` underflowing when q and the keys peak on different features); at
-        most ``60`` below the query's own maximum, so no feature of the query exceeds ``e^60``."""
+        call's keys and ``c`` the key shift, so that its best-matching key contributes ``exp(0) = 1`` to the
+        denominator (a plain per-query maximum can leave every product ``phi(q)_r phi(k)_r`` underflowing when q
+        and the keys peak on different features); at most ``60`` below the query's own maximum, so no feature
+        of the query exceeds ``e^60``."""
         if ctx.get("stabilised"):
             self.call_key_shift(ctx)
         kmax, c = ctx.get("key_features_max"), ctx.get("key_shift")
@@ -383,8 +384,8 @@ class FavorFeatureMap(_PositiveRandomFeatureMap):
 
     ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * d^-1/4``, so that
     ``E[phi(q) . phi(k)] = exp(q . k / sqrt(d))``: the softmax kernel, estimated without bias. ``m =
-    num_features``. ``stabilize=True`` (default) subtracts each query's largest exponent and the keys' largest
-    exponent (one per batch and head), factors that cancel in the normalised output only; pass
+    num_features``. ``stabilize=True`` (default) subtracts a per-query shift and the keys' largest exponent
+    (one per batch and head; Performer sec. 4), factors that cancel in the normalised output only; pass
     ``stabilize=False`` for the unnormalised kernel estimate.
     """
 
