@@ -85,11 +85,11 @@ def _watch_underflow(finalize):
     positive unless they underflow), so the caller can say so instead of returning zeros silently."""
 
     def watched(o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not watched.underflowed and bool((o[..., -1] <= 0).any()):
-            watched.underflowed = True
+        zero = (o[..., -1] <= 0).any()  # a tensor: read once at the end (no device sync per block)
+        watched.zeros = zero if watched.zeros is None else watched.zeros | zero
         return finalize(o) if out is None else finalize(o, out=out)
 
-    watched.underflowed = False  # type: ignore[attr-defined]
+    watched.zeros = None  # type: ignore[attr-defined]
     watched.dtype = finalize.dtype  # type: ignore[attr-defined]
     return watched
 
@@ -193,7 +193,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                      finalize=finalize)
         else:
             out, s = recurrent_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, finalize=finalize)
-    if getattr(finalize, "underflowed", False):
+    if getattr(finalize, "zeros", None) is not None and bool(finalize.zeros):
         warnings.warn(
             f"linear_attention: with feature map {fm.name!r} some rows' denominators underflowed to 0 (those "
             f"outputs are 0): the key features span more than {str(work).replace('torch.', '')} can hold even "
