@@ -89,6 +89,16 @@ def test_empty_batch_with_a_pattern_gives_an_empty_result_on_every_engine():
             assert out.shape == (0, 2, 8, 4), (engine, pat)
 
 
+def test_zero_heads_in_modules_and_caches():
+    with pytest.raises(ValueError, match="kv_heads must be a positive int, got 0"):
+        attnkit.nn.MultiheadAttention(16, 4, kv_heads=0)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        attnkit.nn.MultiheadAttention(16, 0)
+    q, k, v = random_qkv(1, 2, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"k/v heads \(0\), both >= 1"):
+        attnkit.KVCache().attend(q, k[:, :0], v[:, :0])
+
+
 def test_zero_heads_and_bad_blocks_and_scale():
     q, k, v = random_qkv(1, 2, 8, 8, 4)
     with pytest.raises(ValueError, match="0 heads"):
@@ -166,3 +176,14 @@ def test_caches_refuse_other_heads_and_dtypes(cache_name):
 def test_unknown_mechanism_is_a_value_error_with_close_matches():
     with pytest.raises(ValueError, match="did you mean 'sliding_window'"):
         attnkit.get("sliding_windw")
+
+
+def test_linear_state_continued_with_another_feature_map():
+    q, k, v = random_qkv(1, 2, 6, 6, 4)
+    _, state = attnkit.linear_attention(q, k, v, causal=True, feature_map="elu", return_state=True)
+    with pytest.raises(ValueError, match="state was made by feature map 'elu' and cannot be continued with "
+                                         "feature map 'relu'"):
+        attnkit.linear_attention(q, k, v, causal=True, feature_map="relu", state=state)
+    with pytest.raises(ValueError, match="state was made by 4 features and cannot be continued with feature "
+                                         "map 'taylor'"):
+        attnkit.linear_attention(q, k, v, causal=True, feature_map="taylor", state=(state.S, state.z))

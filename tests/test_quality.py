@@ -367,6 +367,11 @@ def test_cli_quality_end_to_end(tmp_path, capsys):
     (["--steps", "0"], "positive integer"), (["--mechanisms", "softmax", "--param", "linear:elu.eps=1"],
                                            "not among the selected"),
     (["--mechanisms", "linear:elu", "--param", "linear:elu.x=1"], "takes no parameter x"),
+    (["--mechanisms", "softmax", "--param", "softmax.nope=3"], "mechanism 'softmax' does not accept nope=3"),
+    (["--mechanisms", "sliding_window", "--param", "sliding_window.window=abc"],
+     "mechanism 'sliding_window' does not accept window='abc'"),
+    (["--mechanisms", "linear:favor", "--param", "linear:favor.num_features=8x"],
+     "mechanism 'linear:favor' does not accept num_features='8x'"),
 ])
 def test_cli_quality_bad_options(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -656,3 +661,13 @@ def test_every_registered_mechanism_trains_or_says_why():
     # every mechanism trains on at least one of a causal and a bidirectional task
     ok = {r["mechanism"] for e in doc["tasks"] for r in e["results"] if r["status"] == "ok"}
     assert ok == set(names), sorted(set(names) - ok)
+
+
+def test_cli_quality_every_run_failed_exits_non_zero(tmp_path, capsys):
+    from test_bench_fakes import registered
+
+    with registered("fake_failing"):
+        code = main(["quality", "--task", "listops", "--seq-len", "16",  # non-causal: fake_failing runs there
+                     "--mechanisms", "fake_failing", "--steps", "1", "--batch", "2", "--eval-examples", "2",
+                     "--embed-dim", "16", "--out", str(tmp_path / "r"), "--no-progress", "--no-plots"])
+    assert code == 1 and "every run failed" in capsys.readouterr().err

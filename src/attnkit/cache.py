@@ -68,8 +68,8 @@ def _check_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"new q, k, v must have the same length and k, v the same batch/heads: got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}), both >= 1")
 
 
 def _as_lengths(lengths, batch: int, n: int, device) -> torch.Tensor:

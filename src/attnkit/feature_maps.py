@@ -79,10 +79,11 @@ class FeatureMap(nn.Module):
     def call(self, k: torch.Tensor, q: torch.Tensor | None = None, *, causal: bool = False, offset: int = 0):
         """Scope of one attention call over the keys ``k [batch, kv_heads, n_k, d]`` (and the queries ``q``,
         ``causal`` or not, first position ``offset``), inside which an engine may compute features block by
-        block: random maps count one call (``redraw_interval``) and stabilised maps fix their key and query
-        shifts for the whole call. Yields a dict; ``"key_shift"`` ``[batch, kv_heads, 1, 1]``, when present, is
-        the constant subtracted from every key's log-features (it cancels in a normalised output); a caller
-        carrying a state may raise it (never lower it)."""
+        block: random maps count one call (``redraw_interval``) and stabilised maps (FAVOR+) fix one key shift
+        for the whole call. Yields the scope's dict; for a stabilised map ``ctx["stabilised"]`` is set and
+        ``fm.call_key_shift(ctx)`` ``[batch, kv_heads, 1, 1]`` is the constant subtracted from every key's
+        log-features (it cancels in a normalised output); a caller carrying a state may raise
+        ``ctx["key_shift"]`` after reading it (never lower it)."""
         prev = self.__dict__.get("_call")
         ctx = self._begin_call(k, q, causal, offset)
         self.__dict__["_call"] = ctx
@@ -248,11 +249,15 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
 
 class _PositiveRandomFeatureMap(_RandomFeatureMap):
     """Positive random features ``exp(W x' - |x'|^2 / 2) / sqrt(m)`` (``x' = x d^-1/4``), stabilised as the
-    Performer paper does (Choromanski et al. 2021, sec. 4 / its reference code): each query's exponents minus
-    their maximum (a per-query factor) and the keys' exponents minus one maximum over all keys of the call (a
-    per-(batch, head) factor). Both factors cancel in the normalised output ``phi(q) S / phi(q) z``; without
-    them ``exp`` underflows to 0 for every feature once ``|x|^2 / (2 sqrt(d))`` passes ~87 (float32), e.g. for
-    q, k of 5x unit scale at d = 64, and the output collapses to zeros. ``stabilize=False`` gives the unshifted
+    Performer paper does (Choromanski et al. 2021, sec. 4 / its reference code): the keys' exponents minus one
+    maximum over all keys of the call (a per-(batch, head) factor ``e^-c``; ``attnkit.linear_attention`` keeps
+    it in a carried state and raises it, rescaling the state, when later keys need more), each query's minus a
+    per-query shift (Performer: the query's own maximum; here chosen against the keys, so that the denominator
+    cannot underflow when q and the keys peak on different features: see ``_pair``). Both factors cancel in
+    the normalised output ``phi(q) S / phi(q) z``; without them ``exp`` underflows to 0 for every feature once
+    ``|x|^2 / (2 sqrt(d))`` passes ~87 (float32), e.g. for q, k of 5x unit scale at d = 64, and the output
+    collapses to zeros. Keys more than ~e^87 below the largest key still vanish in float32 (then a causal row
+    that sees only such keys gets 0, and ``linear_attention`` warns). ``stabilize=False`` gives the unshifted
     (unbiased) kernel estimate, for unnormalised use."""
 
     def __init__(self, head_dim: int | None = None, num_features: int = 256, *, seed: int = 0,
@@ -270,39 +275,27 @@ class _PositiveRandomFeatureMap(_RandomFeatureMap):
     def _begin_call(self, k: torch.Tensor, q: torch.Tensor | None = None, causal: bool = False,
                     offset: int = 0) -> dict:
         ctx = super()._begin_call(k, q, causal, offset)  # a redraw happens before the statistics are taken
-        if not self.stabilize or k.shape[2] == 0:
-            return ctx
-        w = self._projection(k)
-        m = self.num_features
-        causal = causal and q is not None and q.shape[:3] == (k.shape[0], q.shape[1], k.shape[2]) \
-            and q.shape[1] % k.shape[1] == 0
-        with torch.no_grad():
-            # Keys' largest exponent per feature, [b, h_kv, 1, m], over the call or (causal) over each prefix;
-            # token blocks keep the [.., block, m] temporaries small.
-            step = max(1, (1 << 22) // max(1, k.shape[0] * k.shape[1] * m))
-            kmax, prefix = None, []
-            for i in range(0, k.shape[2], step):
-                e = _positive_exponent(k[:, :, i:i + step], w, m)
-                if causal:
-                    e = e.cummax(-2).values
-                    if kmax is not None:
-                        e = torch.maximum(e, kmax)
-                    prefix.append(e)
-                    kmax = e[:, :, -1:]
-                else:
-                    e = e.amax(-2, keepdim=True)
-                    kmax = e if kmax is None else torch.maximum(kmax, e)
-            c = kmax.amax(-1, keepdim=True)
-            ctx["key_features_max"], ctx["key_shift"] = kmax, c
-            if causal:  # each query row's shift against the keys it sees (its prefix), [b, h, n, 1]
-                g = q.shape[1] // k.shape[1]
-                shifts = []
-                for i, e in zip(range(0, k.shape[2], step), prefix):
-                    a = _positive_exponent(q[:, :, i:i + step], w.to(q.dtype), m)
-                    rel = (e - c).repeat_interleave(g, dim=1)
-                    shifts.append(torch.maximum((a + rel).amax(-1, keepdim=True), a.amax(-1, keepdim=True) - 60))
-                ctx["query_shift"], ctx["offset"] = torch.cat(shifts, 2), offset
+        if self.stabilize and k.shape[2] > 0:
+            # statistics on first use: from the features themselves when one forward sees the whole call
+            # (parallel / recurrent modes), else in one pass over the keys (blocks, carried states)
+            ctx.update(stabilised=True, causal=causal, keys=k, offset=offset)
         return ctx
+
+    def call_key_shift(self, ctx: dict, ek: torch.Tensor | None = None, offset: int | None = None):
+        """The key shift ``[b, h_kv, 1, 1]`` of the call whose scope is ``ctx`` (computed once, on first use;
+        from ``ek``, the key exponents of a forward, when they cover the whole call)."""
+        if "key_shift" not in ctx:
+            k = ctx["keys"]
+            with torch.no_grad():
+                if ek is not None and ek.shape == k.shape[:3] + (self.num_features,) and offset == ctx["offset"]:
+                    kmax = ek.amax(-2, keepdim=True)
+                else:  # token blocks bound the memory of the [.., block, m] exponents
+                    w, m = self._projection(k), self.num_features
+                    step = max(1, (1 << 22) // max(1, k.shape[0] * k.shape[1] * m))
+                    kmax = torch.stack([_positive_exponent(k[:, :, i:i + step], w, m).amax(-2, keepdim=True)
+                                        for i in range(0, k.shape[2], step)]).amax(0)
+            ctx["key_features_max"], ctx["key_shift"] = kmax, kmax.amax(-1, keepdim=True)
+        return ctx["key_shift"]
 
     def key_shift(self, k: torch.Tensor) -> torch.Tensor | None:
         """The key shift a call over ``k`` alone would use, ``[b, h_kv, 1, 1]`` (None when not stabilised):
@@ -316,6 +309,41 @@ class _PositiveRandomFeatureMap(_RandomFeatureMap):
                                                                                                   keepdim=True)
                                 for i in range(0, k.shape[2], step)]).amax(0)
 
+    def forward(self, q, k, *, q_offset=0, k_offset=0):
+        if not self.stabilize:
+            return super().forward(q, k, q_offset=q_offset, k_offset=k_offset)
+        if self.__dict__.get("_call") is None:  # a call of its own
+            with self.call(k):
+                return self._pair(q, k, q_offset, k_offset)
+        return self._pair(q, k, q_offset, k_offset)
+
+    def _pair(self, q: torch.Tensor, k: torch.Tensor, q_offset: int, k_offset: int):
+        """Both features with the call's shifts. Causal self-attention (same positions for q and k): a query's
+        shift is ``max_r (a_r + b_r) - c`` with ``b`` its own key's exponents (always visible), so that product
+        is 1 and the denominator >= 1; otherwise against the keys' per-feature maxima (see ``_query_shift``).
+        Either way at most 60 below the query's own maximum (query features <= e^60: no overflow)."""
+        ctx = self.__dict__["_call"]
+        eq, ek = self._exponent(q), self._exponent(k)
+        b, h, n, m = eq.shape
+        hk = ek.shape[1]
+        if not ctx.get("stabilised"):  # a scope opened on other keys (empty): this forward's own statistics
+            ctx = {"stabilised": True, "keys": k, "offset": k_offset}
+        c = self.call_key_shift(ctx, ek.detach(), k_offset)
+        aligned = ctx.get("causal") and ek.shape[2] == n and q_offset == k_offset and ek.shape[0] == b \
+            and h % hk == 0 and c.shape[:2] == (b, hk)
+        with torch.no_grad():
+            if aligned:
+                diag = (eq.view(b, hk, h // hk, n, m) + ek[:, :, None]).amax(-1, keepdim=True) - c[:, :, None]
+                shift = torch.maximum(diag.view(b, h, n, 1), eq.amax(-1, keepdim=True) - 60.0)
+            else:
+                shift = self._query_shift(eq, ctx, q_offset)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        c = c.to(ek.dtype)
+        shift = shift.to(eq.dtype)
+        if grad:
+            return torch.exp(eq - shift), torch.exp(ek - c)
+        return eq.sub_(shift).exp_(), ek.sub_(c).exp_()
+
     def phi(self, x, *, is_query, offset=0):
         proj = self._exponent(x)
         if self.stabilize:
@@ -326,30 +354,25 @@ class _PositiveRandomFeatureMap(_RandomFeatureMap):
             proj = proj - shift if torch.is_grad_enabled() and proj.requires_grad else proj.sub_(shift)
         return _exp(proj)
 
-    @staticmethod
-    def _key_shift(proj: torch.Tensor, ctx: dict) -> torch.Tensor:
-        c = ctx.get("key_shift")
-        return proj.amax((-2, -1), keepdim=True) if c is None else c
+    def _key_shift(self, proj: torch.Tensor, ctx: dict) -> torch.Tensor:
+        if not ctx.get("stabilised"):
+            return proj.amax((-2, -1), keepdim=True)
+        return self.call_key_shift(ctx)
 
-    @staticmethod
-    def _query_shift(proj: torch.Tensor, ctx: dict, offset: int) -> torch.Tensor:
-        """Per query: ``max_r (a_r + K_r - c)`` with ``K_r`` the largest exponent of feature ``r`` among the keys
-        the query sees (all of the call's, or its causal prefix) and ``c`` the key shift, so that its
-        best-matching key contributes ``exp(0) = 1`` to the denominator (a plain per-query maximum can leave
-        every product ``phi(q)_r phi(k)_r`` underflowing when q and the keys peak on different features); at
-        most ``60`` below the query's own maximum, so no feature of the query exceeds ``e^60``."""
-        own = proj.amax(-1, keepdim=True)
-        pre = ctx.get("query_shift")
-        if pre is not None:
-            r0 = offset - ctx["offset"]
-            if pre.shape[:2] == proj.shape[:2] and 0 <= r0 and r0 + proj.shape[2] <= pre.shape[2]:
-                return pre[:, :, r0:r0 + proj.shape[2]]
-            return own
+    def _query_shift(self, proj: torch.Tensor, ctx: dict, offset: int) -> torch.Tensor:
+        """Per query: ``max_r (a_r + K_r - c)`` with ``K_r`` the largest exponent of feature ``r`` among the
+        call's keys and ``c`` the key shift, so that its best-matching key contributes ``exp(0) = 1`` to the
+        denominator (a plain per-query maximum can leave every product ``phi(q)_r phi(k)_r`` underflowing when q
+        and the keys peak on different features); at most ``60`` below the query's own maximum, so no feature
+        of the query exceeds ``e^60``."""
+        if ctx.get("stabilised"):
+            self.call_key_shift(ctx)
         kmax, c = ctx.get("key_features_max"), ctx.get("key_shift")
         if kmax is None or kmax.shape[0] != proj.shape[0] or proj.shape[1] % kmax.shape[1]:
-            return own
-        rel = (kmax - c).repeat_interleave(proj.shape[1] // kmax.shape[1], dim=1)  # [b, h, 1, m], <= 0
-        return torch.maximum((proj + rel).amax(-1, keepdim=True), own - 60.0)
+            return proj.amax(-1, keepdim=True)
+        # max(max_r (a_r + rel_r), own - 60) == max_r (a_r + max(rel_r, -60)): one pass over [.., n, m]
+        rel = (kmax - c).clamp_min(-60.0).repeat_interleave(proj.shape[1] // kmax.shape[1], dim=1)  # [b, h, 1, m]
+        return (proj + rel.to(proj.dtype)).amax(-1, keepdim=True)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stabilize={self.stabilize}"
@@ -361,8 +384,8 @@ class FavorFeatureMap(_PositiveRandomFeatureMap):
 
     ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * d^-1/4``, so that
     ``E[phi(q) . phi(k)] = exp(q . k / sqrt(d))``: the softmax kernel, estimated without bias. ``m =
-    num_features``. ``stabilize=True`` (default) subtracts each query's largest exponent and the keys' largest
-    exponent (one per batch and head), factors that cancel in the normalised output only; pass
+    num_features``. ``stabilize=True`` (default) subtracts a per-query shift and the keys' largest exponent
+    (one per batch and head; Performer sec. 4), factors that cancel in the normalised output only; pass
     ``stabilize=False`` for the unnormalised kernel estimate.
     """
 

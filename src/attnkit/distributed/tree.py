@@ -55,7 +55,7 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.P
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, dim], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1] \
-            or q.shape[1] % k.shape[1]:
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need the "
                          f"same batch, k and v the same heads and length, q heads a multiple of k heads)")
     rank, _ = group_info(group, "tree_decode")

@@ -61,6 +61,9 @@ class MultiheadAttention(nn.Module):
                  mechanism_kwargs: dict[str, Any] | None = None, head_dim: int | None = None):
         super().__init__()
         kv_heads = num_heads if kv_heads is None else kv_heads
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kv_heads", kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if head_dim is None and embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} (or pass head_dim=)")
         if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):

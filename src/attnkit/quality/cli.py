@@ -177,14 +177,34 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     config = QualityConfig(**overrides)
     try:
         config.check()
-        for m in config.mechanisms:
-            parse_mechanism(m, mechanism_overrides(config, m))
+        specs = {m: parse_mechanism(m, mechanism_overrides(config, m)) for m in config.mechanisms}
     except ValueError as exc:
         parser.error(str(exc))
+    _check_overridden(config, specs, task_params[tasks[0]], parser)
     unknown = set(config.params) - set(config.mechanisms) - {m.partition("@")[0] for m in config.mechanisms}
     if unknown:
         parser.error(f"argument --param: {', '.join(sorted(unknown))} not among the selected mechanisms")
     return config
+
+
+def _check_overridden(config, specs: dict, task_params: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """Mechanisms given ``--param`` (or ``name@k=v``) are built once in a one-layer model before anything is
+    trained: an unknown parameter or a value of the wrong type is a usage error, not a failed row."""
+    from attnkit.errors import NotSupportedError
+    from attnkit.quality.model import QualityModel
+
+    for name, spec in specs.items():
+        if not spec.params:
+            continue
+        try:
+            QualityModel(spec, vocab_size=8, num_outputs=2, embed_dim=config.embed_dim, num_heads=config.num_heads,
+                         num_layers=1, max_seq_len=int(task_params.get("seq_len", 64)), causal=spec.causal)
+        except NotSupportedError:
+            pass  # reported per task as n/a
+        except (TypeError, ValueError) as exc:
+            given = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
+            parser.error(f"argument --param: mechanism {name!r} does not accept {given}: "
+                         f"{str(exc).splitlines()[0]}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,4 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if doc["interrupted"]:
         print("attnkit quality: interrupted; the results gathered so far were written", file=sys.stderr)
         return 130
+    results = [r for t in doc["tasks"] for r in t["results"]]
+    if results and all(r["status"] == "failed" for r in results):
+        print("attnkit quality: every run failed (see the notes in the report)", file=sys.stderr)
+        return 1
     return 0

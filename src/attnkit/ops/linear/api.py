@@ -64,13 +64,14 @@ def _resolve_state(state, b: int, h: int, dv: int, device, fm: FeatureMap,
     return state._extended().to(device), state.offset, shift
 
 
-def _rescale_state(ctx: dict, h: int, s0: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:
+def _rescale_state(fm: FeatureMap, ctx: dict, h: int, s0: torch.Tensor | None,
+                   old: torch.Tensor | None) -> torch.Tensor | None:
     """A stabilised map's key shift for this call and a carried state: ``c = max(this call's keys' shift, the
     state's)`` is written back to ``ctx`` and the state rescaled to it, ``S <- S exp(c_old - c)`` (a factor
     <= 1: no overflow; a state without a shift was summed with shift 0)."""
-    c = ctx.get("key_shift")
-    if c is None or s0 is None:
+    if not ctx.get("stabilised") or s0 is None:
         return s0
+    c = fm.call_key_shift(ctx)
     b, hk = c.shape[:2]
     c_old = torch.zeros(b, h, dtype=c.dtype, device=c.device) if old is None else old.to(c)
     c = torch.maximum(c, c_old.view(b, hk, h // hk).amax(-1)[..., None, None])
@@ -84,11 +85,11 @@ def _watch_underflow(finalize):
     positive unless they underflow), so the caller can say so instead of returning zeros silently."""
 
     def watched(o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not watched.underflowed and bool((o[..., -1] <= 0).any()):
-            watched.underflowed = True
+        zero = (o[..., -1] <= 0).any()  # a tensor: read once at the end (no device sync per block)
+        watched.zeros = zero if watched.zeros is None else watched.zeros | zero
         return finalize(o) if out is None else finalize(o, out=out)
 
-    watched.underflowed = False  # type: ignore[attr-defined]
+    watched.zeros = None  # type: ignore[attr-defined]
     watched.dtype = finalize.dtype  # type: ignore[attr-defined]
     return watched
 
@@ -185,13 +186,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     # One scope for the whole call (engines compute features block by block): random maps count one call, and
     # stabilised maps (FAVOR+) share one key shift across the blocks and with the carried state.
     with fm.call(kw, qw, causal=causal, offset=offset) as ctx:
-        s0 = _rescale_state(ctx, h, s0, old_shift)
-        if "key_shift" in ctx and normalize == "denominator":
+        s0 = _rescale_state(fm, ctx, h, s0, old_shift)
+        if ctx.get("stabilised") and normalize == "denominator":
             # positive by construction, and rows whose keys all sit far from the query have small but exact
             # denominators: guard only against 0 (eps would bias them)
             eps = min(eps, torch.finfo(work).tiny)
         finalize = make_finalize(normalize, eps, q.dtype)
-        if "key_shift" in ctx:
+        if ctx.get("stabilised"):
             finalize = _watch_underflow(finalize)
         if mode == "fla":
             from attnkit.backends.fla import fla_run
@@ -208,7 +209,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                      finalize=finalize)
         else:
             out, s = recurrent_forward(qw, kw, vw, fm, log_decay=ld, s0=s0, offset=offset, finalize=finalize)
-    if getattr(finalize, "underflowed", False):
+    if getattr(finalize, "zeros", None) is not None and bool(finalize.zeros):
         warnings.warn(
             f"linear_attention: with feature map {fm.name!r} some rows' denominators underflowed to 0 (those "
             f"outputs are 0): the key features span more than {str(work).replace('torch.', '')} can hold even "
@@ -217,7 +218,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if not return_state:
         return out
     shift = None
-    if "key_shift" in ctx:
+    if ctx.get("stabilised"):
         hk = k.shape[1]
-        shift = ctx["key_shift"].view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
+        shift = fm.call_key_shift(ctx).view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
     return out, LinearAttentionState._from_extended(s, offset + k.shape[2], shift, fm.name)
