@@ -77,3 +77,21 @@ def test_score_mod_head_count_must_match():
 def test_mechanism_without_causal_form_refuses_causal():
     with pytest.raises(attnkit.NotSupportedError, match="no causal form"):
         attnkit.get("sinkhorn", causal=True)
+
+
+def test_exact_variant_parameters_are_checked():
+    q, k, v = random_qkv(1, 2, 12, 12, 8)
+    with pytest.raises(ValueError, match="axial"):
+        attnkit.attention(q, k, v, pattern=P.axial((3, 5), 0))  # 15 grid tokens, 12 given
+    with pytest.raises(ValueError, match="axis"):
+        P.axial((3, 4), 2)
+    with pytest.raises(ValueError, match="per-head"):
+        attnkit.attention(q, k, v, pattern=P.per_head_window([1, 2, 3]))
+    with pytest.raises(ValueError, match="halo"):
+        P.halo((3, 4), (2,), 1)
+    with pytest.raises(ValueError, match="levels"):
+        P.hierarchical(torch.tensor([0, 5]), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="power"):
+        N.softplus(power=0.0)
+    with pytest.raises(ValueError, match="base"):
+        S.length_scale(1.0)
