@@ -346,3 +346,16 @@ def test_axial_and_varlen_dense_paths_equal_their_patterns(shape, axis, causal):
     assert_close(V.varlen_attention(q, k, v, cu, causal=causal),
                  attnkit.attention(q, k, v, cu_seqlens=cu, pattern=P.causal() if causal else None,
                                    engine="reference"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_axial_on_a_strided_axis_moves_lines_together_with_gradients(causal):
+    pattern = P.axial((4, 3, 5), 0, causal=causal)
+    q, k, v = random_qkv(2, 4, 60, 60, 8, kv_heads=2, dtype=torch.float64, requires_grad=True)
+    for norm in ("softmax", "softplus"):
+        out = attnkit.attention(q, k, v, pattern=pattern, normalization=norm, engine="tiled", block_q=4, block_kv=4)
+        ref = attnkit.attention(q, k, v, pattern=pattern, normalization=norm, engine="reference")
+        assert_close(out, ref)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            assert_close(a, b)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.normalizations import Normalization
-from attnkit.patterns import EMPTY, FULL, Pattern
+from attnkit.patterns import EMPTY, FULL, Pattern, _Axial
+from attnkit.patterns import axial as _axial
 from attnkit.score_mods import ScoreMod
 
 # Scores computed per step (all batch elements and heads together). 2^21 float32 = 8 MiB: large enough for
@@ -712,6 +713,20 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     hkv, kv_len = k.shape[1], k.shape[2]
     fused = can_fuse(q, v, score_mod, normalization)
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
+    if isinstance(pattern, _Axial) and pattern._stride > 1 and score_mod is None and q_len == kv_len:
+        # Lines along a non-contiguous axis (columns) are strided: every tile would be partial with a sparse
+        # mask. Moving the axis last makes each line a contiguous block (full tiles); only positions move, and
+        # without a score modifier nothing reads them.
+        shape, axis = pattern.shape, pattern.axis
+        moved = (*shape[:axis], *shape[axis + 1:], shape[axis])
+
+        def to_lines(x):
+            return x.reshape(*x.shape[:2], *shape, x.shape[-1]).movedim(2 + axis, -2).reshape(x.shape)
+
+        out = tiled_attention(to_lines(q), to_lines(k), to_lines(v), pattern=_axial(moved, len(shape) - 1,
+                              causal=pattern.causal), score_mod=None, normalization=normalization, scale=scale,
+                              block_q=block_q, block_kv=block_kv, tile_elements=tile_elements)
+        return out.reshape(*out.shape[:2], *moved, out.shape[-1]).movedim(-2, 2 + axis).reshape(out.shape)
     groups = _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h)
     if groups is not None:
         # Heads whose patterns need different tiles (per-head windows) run as separate calls, each on its own
