@@ -359,3 +359,20 @@ def test_tiled_axial_on_a_strided_axis_moves_lines_together_with_gradients(causa
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape,block,size", [((8, 8), 4, 1), ((6, 9), 3, 2), ((4, 6, 2), (2, 3, 1), (1, 1, 0))])
+def test_halo_runs_block_major_with_exact_block_tiles(shape, block, size):
+    pattern = P.halo(shape, block, size)
+    bm = P._HaloBlockMajor(pattern)
+    n = math.prod(shape)
+    for mult in (1, 2, 3):
+        t = bm.area * mult
+        assert torch.equal(bm.tile_classes(n, n, t, t), _classify_by_evaluation(bm, n, n, t, t, 1, 1, None))
+    q, k, v = random_qkv(2, 4, n, n, 8, kv_heads=2, dtype=torch.float64, requires_grad=True)
+    out = attnkit.attention(q, k, v, pattern=pattern, engine="tiled")
+    ref = attnkit.attention(q, k, v, pattern=pattern, engine="reference")
+    assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b)
