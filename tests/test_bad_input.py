@@ -187,3 +187,19 @@ def test_linear_state_continued_with_another_feature_map():
     with pytest.raises(ValueError, match="state was made by 4 features and cannot be continued with feature "
                                          "map 'taylor'"):
         attnkit.linear_attention(q, k, v, causal=True, feature_map="taylor", state=(state.S, state.z))
+def test_exact_variant_parameters_are_checked():
+    q, k, v = random_qkv(1, 2, 12, 12, 8)
+    with pytest.raises(ValueError, match="axial"):
+        attnkit.attention(q, k, v, pattern=P.axial((3, 5), 0))  # 15 grid tokens, 12 given
+    with pytest.raises(ValueError, match="axis"):
+        P.axial((3, 4), 2)
+    with pytest.raises(ValueError, match="per-head"):
+        attnkit.attention(q, k, v, pattern=P.per_head_window([1, 2, 3]))
+    with pytest.raises(ValueError, match="halo"):
+        P.halo((3, 4), (2,), 1)
+    with pytest.raises(ValueError, match="levels"):
+        P.hierarchical(torch.tensor([0, 5]), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="power"):
+        N.softplus(power=0.0)
+    with pytest.raises(ValueError, match="base"):
+        S.length_scale(1.0)

@@ -365,3 +365,20 @@ def test_low_rank_context_pooling_weights_sum_to_one_and_match_explicit_pooling(
     assert_close(m(h), torch.einsum("brn,bnd->brd", w, h))
     short = m(h, lengths=torch.tensor([11, 5]))
     assert_close(short[1], m(h[1:, :5])[0])
+
+
+def test_sub_sampled_attention_ratio_one_with_identity_reduction_is_full_attention():
+    torch.manual_seed(0)
+    m = ann.SubSampledAttention(8, 2, ratio=1, shape=(3, 4)).double()
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    with torch.no_grad():
+        m.reduce.weight.copy_(torch.eye(8, dtype=torch.float64).view(8, 8, 1, 1))
+        m.reduce.bias.zero_()
+    m.norm = torch.nn.Identity()
+    q = m.q(x).view(2, 12, 2, 4).transpose(1, 2)
+    k, v = (t.view(2, 12, 2, 4).transpose(1, 2) for t in m.kv(x).chunk(2, dim=-1))
+    want = m.out(attnkit.attention(q, k, v).transpose(1, 2).reshape(2, 12, 8))
+    assert_close(m(x), want)
+    m3 = ann.SubSampledAttention(8, 2, ratio=3).double()
+    x = torch.randn(1, 20, 8, dtype=torch.float64)  # 4 x 5 grid, padded to 6 x 6 windows
+    assert_close(m3(x), m3.reference(x))

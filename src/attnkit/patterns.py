@@ -769,6 +769,55 @@ class _Halo(Pattern):
         return _box_tile_counts(self.shape, self._bounds, block_q, block_kv, device)
 
 
+class _HaloBlockMajor(Pattern):
+    """A halo pattern over tokens reordered block-major (each ``block`` of the grid contiguous, blocks in
+    row-major order): what the tiled engine runs, so that a tile of ``prod(block)`` queries is one image block
+    sharing one key region. Needs a grid divisible by the block. Tiles that are whole numbers of image blocks are
+    classified exactly from the blocks' regions; other tilings fall back to evaluation."""
+
+    def __init__(self, halo: _Halo):
+        self.halo = halo
+        self.grid = tuple(n // b for n, b in zip(halo.shape, halo.block))
+        self.area = math.prod(halo.block)
+
+    def _raster(self, idx: torch.Tensor) -> torch.Tensor:
+        """Raster (row-major) index of block-major token ``idx``."""
+        blk, inner = torch.div(idx, self.area, rounding_mode="floor"), torch.remainder(idx, self.area)
+        bc, ic = _decode(blk, self.grid), _decode(inner, self.halo.block)
+        flat = 0
+        for g, i, b, n in zip(bc, ic, self.halo.block, self.halo.shape):
+            flat = flat * n + g * b + i
+        return flat
+
+    def check(self, q_len, kv_len, batch, heads):
+        self.halo.check(q_len, kv_len, batch, heads)
+
+    def allowed(self, b, h, q_idx, kv_idx, q_len, kv_len):
+        return self.halo.allowed(b, h, self._raster(q_idx), self._raster(kv_idx), q_len, kv_len)
+
+    def _classify(self, q_len, kv_len, block_q, block_kv, batch, heads, device):
+        a = self.area
+        if block_q % a or block_kv % a:
+            return None
+        nb = math.prod(self.grid)
+        blocks = torch.arange(nb, device=device)
+        qc, kc = _decode(blocks.view(-1, 1), self.grid), _decode(blocks.view(1, -1), self.grid)
+        nonempty = full = torch.ones(nb, nb, dtype=torch.bool, device=device)
+        for qa, ka, b_, h_, n in zip(qc, kc, self.halo.block, self.halo.halo, self.halo.shape):
+            lo, hi = (qa * b_ - h_).clamp(min=0), (qa * b_ + b_ - 1 + h_).clamp(max=n - 1)
+            k0, k1 = ka * b_, ka * b_ + b_ - 1
+            nonempty = nonempty & (k0 <= hi) & (k1 >= lo)
+            full = full & (k0 >= lo) & (k1 <= hi)
+        cls = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+        rq, rk = block_q // a, block_kv // a
+        nq, nk = -(-nb // rq), -(-nb // rk)
+        padded = torch.nn.functional.pad(cls, (0, nk * rk - nb, 0, nq * rq - nb), value=-1).view(nq, rq, nk, rk)
+        lo_ = torch.where(padded < 0, torch.full_like(padded, FULL), padded).amin(dim=(1, 3))
+        hi_ = padded.amax(dim=(1, 3))
+        out = torch.where(hi_ == EMPTY, EMPTY, torch.where(lo_ == FULL, FULL, PARTIAL)).to(torch.int8)
+        return out[None, None]
+
+
 class _PerHeadBand(Pattern):
     """Head ``h`` sees keys ``p - left[h] <= j <= p + right[h]`` (infinite entries: unbounded)."""
 

@@ -29,6 +29,7 @@ __all__ = [
     "GatedPositionalAttention", "NeuralAttention", "KolmogorovArnoldAttention", "CarrierTokenAttention",
     "RegisterAttention", "PointTransformerLayer", "RelationalAttention", "GEMSelfSelfAttention",
     "EntityAwareAttention", "MultiHeadEmbeddingAttention", "PayBetterAttention", "LowRankContextPooling",
+    "SubSampledAttention",
 ]
 
 
@@ -836,3 +837,50 @@ class LowRankContextPooling(nn.Module):
         logits = torch.einsum("d,rdk,rek,bne->brn", self.context.to(h.dtype), self.p.to(h.dtype),
                               self.q.to(h.dtype), h)
         return torch.softmax(logits, dim=-1)
+
+
+class SubSampledAttention(nn.Module):
+    """Twins' global sub-sampled attention with its learned reduction ("Twins: Revisiting the Design of Spatial
+    Attention in Vision Transformers", Chu et al., 2021, Sec. 3.2): keys and values come from one representative
+    per ``ratio x ratio`` window of the token grid, made by a strided convolution (kernel = stride = ``ratio``)
+    and a LayerNorm; every token queries all of them. ``x [batch, rows * cols, dim]`` on the grid ``shape``
+    (default a near-square grid); O(n^2 / ratio^2 * d). Grids not divisible by ``ratio`` are zero-padded before
+    the convolution."""
+
+    def __init__(self, dim: int, num_heads: int = 2, *, ratio: int = 2, shape: tuple[int, int] | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.dim, self.heads, self.ratio, self.shape = dim, num_heads, ratio, shape
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.reduce = nn.Conv2d(dim, dim, ratio, ratio)
+        self.norm = nn.LayerNorm(dim)
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        shape = self.shape or grid_shape(n)
+        if shape[0] * shape[1] != n:
+            raise ValueError(f"SubSampledAttention(shape={shape}) holds {shape[0] * shape[1]} tokens, got {n}")
+        return shape
+
+    def _reduced(self, x: torch.Tensor, explicit: bool = False) -> torch.Tensor:
+        b, n, c = x.shape
+        rows, cols = self._grid(n)
+        r = self.ratio
+        img = x.transpose(1, 2).reshape(b, c, rows, cols)
+        img = F.pad(img, (0, -cols % r, 0, -rows % r))
+        if not explicit:
+            red = self.reduce(img).flatten(2).transpose(1, 2)
+        else:  # the convolution as a linear map of each window's unfolded pixels
+            win = F.unfold(img, r, stride=r).transpose(1, 2)  # [b, windows, c * r * r]
+            red = win @ self.reduce.weight.reshape(c, -1).T + self.reduce.bias
+        return self.norm(red)
+
+    def forward(self, x, *, dense: bool = False):
+        _check_tokens(x, self.dim, "SubSampledAttention")
+        q = _heads(self.q(x), self.heads)
+        k, v = (_heads(t, self.heads) for t in self.kv(self._reduced(x, explicit=dense)).chunk(2, dim=-1))
+        out = attention(q, k, v, engine="reference" if dense else "auto")
+        return self.out(_merge(out))
+
+    def reference(self, x):
+        return self.forward(x, dense=True)

@@ -492,6 +492,9 @@ for _name, _cls, _paper, _summary, _kw in [
     ("point_transformer", "PointTransformerLayer", "Point Transformer (Zhao et al., 2021), Eq. 3",
      "vector attention over k-NN point neighbourhoods with relative-position MLPs",
      {"causal": False, "small": {"k": 8}, "bench": {"k": 16}, "inputs": _points_inputs, "max_len": 2048}),
+    ("gsa_conv", "SubSampledAttention", "Twins: Revisiting the Design of Spatial Attention in Vision Transformers "
+     "(GSA with its strided-conv reduction), Sec. 3.2", "every token attends to one conv-reduced token per r x r "
+     "window", {"causal": False, "exact": False, "small": {"ratio": 2}, "bench": {"ratio": 4}, "max_len": 16384}),
     ("luke", "EntityAwareAttention", "LUKE: Deep Contextualized Entity Representations with Entity-aware "
      "Self-attention, Sec. 3.2", "four query matrices chosen by the (word, entity) types of each pair",
      {"causal": False, "inputs": _typed_inputs}),

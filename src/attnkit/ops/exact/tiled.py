@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.normalizations import Normalization
-from attnkit.patterns import EMPTY, FULL, Pattern
+from attnkit.patterns import EMPTY, FULL, Pattern, _Axial, _Halo, _HaloBlockMajor
+from attnkit.patterns import axial as _axial
 from attnkit.score_mods import ScoreMod
 
 # Scores computed per step (all batch elements and heads together). 2^21 float32 = 8 MiB: large enough for
@@ -717,6 +718,25 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
         return q.new_zeros(0, h, q_len, v.shape[-1]) + (q.sum() + k.sum() + v.sum()) * 0
     fused = can_fuse(q, v, score_mod, normalization)
     bq, bk = choose_blocks(q_len, kv_len, block_q, block_kv, fused)
+    if isinstance(pattern, _Axial) and pattern._stride > 1 and score_mod is None and q_len == kv_len:
+        # Lines along a non-contiguous axis (columns) are strided: every tile would be partial with a sparse
+        # mask. Moving the axis last makes each line a contiguous block (full tiles); only positions move, and
+        # without a score modifier nothing reads them.
+        shape, axis = pattern.shape, pattern.axis
+        moved = (*shape[:axis], *shape[axis + 1:], shape[axis])
+
+        def to_lines(x):
+            return x.reshape(*x.shape[:2], *shape, x.shape[-1]).movedim(2 + axis, -2).reshape(x.shape)
+
+        out = tiled_attention(to_lines(q), to_lines(k), to_lines(v), pattern=_axial(moved, len(shape) - 1,
+                              causal=pattern.causal), score_mod=None, normalization=normalization, scale=scale,
+                              block_q=block_q, block_kv=block_kv, tile_elements=tile_elements)
+        return out.reshape(*out.shape[:2], *moved, out.shape[-1]).movedim(-2, 2 + axis).reshape(out.shape)
+    if (isinstance(pattern, _Halo) and score_mod is None and q_len == kv_len and block_q is None
+            and block_kv is None and all(n % blk == 0 for n, blk in zip(pattern.shape, pattern.block))):
+        # Raster order scatters a block's queries over many rows: every tile is partial. Block-major order
+        # makes each image block one tile of queries sharing one key region (exact tile classes per block).
+        return _halo_block_major(q, k, v, pattern, normalization, scale, tile_elements)
     groups = _head_groups(pattern, score_mod, q_len, kv_len, bq, bk, b, h)
     if groups is not None:
         # Heads whose patterns need different tiles (per-head windows) run as separate calls, each on its own
@@ -742,6 +762,35 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, patter
     cfg = _Config(pattern, score_mod, normalization, scale, plan, q_len, kv_len, h, hkv, fused)
     params = score_mod.grad_tensors() if score_mod is not None else []
     return _TiledAttention.apply(cfg, q, k, v, *params)
+
+
+def _halo_block_major(q, k, v, pattern, normalization, scale, tile_elements):
+    shape, block = pattern.shape, pattern.block
+    grid = [n // blk for n, blk in zip(shape, block)]
+    nd = len(shape)
+    split = [d for g, blk in zip(grid, block) for d in (g, blk)]
+    to_bm = [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)]  # grid axes first, then in-block
+
+    def to_blocks(x):
+        b_, h_, n, d = x.shape
+        return x.reshape(b_, h_, *split, d).permute(0, 1, *to_bm, 2 + 2 * nd).reshape(b_, h_, n, d)
+
+    def from_blocks(x):
+        b_, h_, n, d = x.shape
+        inner = [*grid, *block]
+        inverse = [0] * (2 * nd)
+        for pos, ax in enumerate(to_bm):
+            inverse[ax - 2] = pos + 2
+        return x.reshape(b_, h_, *inner, d).permute(0, 1, *inverse, 2 + 2 * nd).reshape(b_, h_, n, d)
+
+    bm = pattern.__dict__.get("_block_major")
+    if bm is None:
+        bm = pattern.__dict__["_block_major"] = _HaloBlockMajor(pattern)
+    area = bm.area
+    out = tiled_attention(to_blocks(q), to_blocks(k), to_blocks(v), pattern=bm, score_mod=None,
+                          normalization=normalization, scale=scale, block_q=area, block_kv=area,
+                          tile_elements=tile_elements)
+    return from_blocks(out)
 
 
 class _HeadSubset(Pattern):
