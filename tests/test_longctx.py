@@ -340,3 +340,12 @@ def test_kvcache_cli_judges_policies_on_a_quality_checkpoint(tmp_path):
     assert by[("full", "all")]["output_error"] == 0.0 and by[("full", "all")]["kept_fraction"] == 1.0
     assert by[("window", "0.25")]["kv_bytes"] < by[("full", "all")]["kv_bytes"]
     assert (out / "kvcache.png").exists()
+
+
+def test_s2_decoding_rows_equal_the_full_call():
+    """Fewer queries than keys: the queries are the last positions (bottom-right), as in every pattern."""
+    q, k, v = random_qkv(1, 4, 36, 36, 8, dtype=torch.float64)
+    fn = attnkit.get("s2_attention", num_heads=4, stride=3, window=2, causal=True)
+    assert_close(fn(q[:, :, -4:], k, v), fn(q, k, v)[:, :, -4:])
+    with pytest.raises(ValueError, match="built for 4 heads"):
+        fn(q[:, :2], k[:, :2], v[:, :2])
