@@ -625,7 +625,7 @@ _TEXT_MODULES = (
 
 def sample_text() -> str:
     """English text that ships with attnkit: the docstrings of its main modules and their public functions and
-    classes, in a fixed order (about 60 kB). Deterministic; nothing is downloaded."""
+    classes, in a fixed order (about 50 kB). Deterministic; nothing is downloaded."""
     import importlib
 
     parts: list[str] = []
