@@ -391,3 +391,28 @@ def test_softmax_half_precision(dtype):
     ids = token_ids(2, 11)
     with torch.no_grad():
         assert_close(ours(ids).logits, ref(ids).logits, dtype=dtype, scale=4.0)
+
+
+def test_vit_attention_transfer_bidirectional():
+    model = build(vit_config(), "eager", auto=AutoModelForImageClassification)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(48, 3, 4, 4, generator=g).repeat_interleave(4, -1).repeat_interleave(4, -2) * 2
+    attnkit.convert(model, "hedgehog")
+    assert all(not layer.mechanism_module(False).causal for layer in akt.converted_layers(model))
+    before = akt.attention_errors(model, images[:16])
+    akt.distill(model, images[16:], steps=20, lr=3e-2, progress=False)
+    after = akt.attention_errors(model, images[:16])
+    assert len(before) == 2 and all(after[k] < 0.7 * before[k] for k in before), (before, after)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_softmax_gradients_match_eager(padded):
+    ref, ours = twins(llama_config(), "eager")
+    ids = token_ids(2, 9)
+    mask = left_padding(2, 9, [0, 3]) if padded else None
+    for model in (ref, ours):
+        logits = model(ids, attention_mask=mask).logits
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        logits[keep].square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, dtype=torch.float32, scale=4.0, msg=name)

@@ -663,6 +663,21 @@ def _check_ids(data: torch.Tensor, name: str = "data") -> None:
                         f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
 
 
+def _check_inputs(data: torch.Tensor) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or not (data.dtype == torch.long
+                                                                   or data.is_floating_point()):
+        raise TypeError(f"data must be token ids [num_sequences, seq_len] (torch.long) or images [num, channels, "
+                        f"height, width] (floating), got {getattr(data, 'dtype', type(data).__name__)} "
+                        f"{tuple(getattr(data, 'shape', ()))}")
+
+
+def _run(model: nn.Module, batch: torch.Tensor) -> Any:
+    """One forward pass: token ids go in as ``input_ids`` (no cache), floating tensors as ``pixel_values``."""
+    if batch.dtype == torch.long:
+        return model(input_ids=batch, use_cache=False)
+    return model(pixel_values=batch.to(next(model.parameters()).dtype))
+
+
 def _chunks(data: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, data.shape[0], batch_size):
         yield data[i:i + batch_size]
@@ -699,8 +714,9 @@ def perplexity(model: nn.Module, data: torch.Tensor, *, batch_size: int = 16) ->
 def attention_errors(model: nn.Module, data: torch.Tensor, *, batch_size: int = 16) -> dict[str, float]:
     """Per converted layer, the relative error ``||o - o_softmax|| / ||o_softmax||`` of its attention output
     against exact softmax attention on the same queries, keys and values, over ``data [num, seq_len]``. The model
-    runs on the softmax outputs meanwhile, so each layer is measured on exact inputs (no compounding)."""
-    _check_ids(data)
+    runs on the softmax outputs meanwhile, so each layer is measured on exact inputs (no compounding). ``data``
+    may also be images ``[num, channels, height, width]`` for a vision model (ViT)."""
+    _check_inputs(data)
     if not converted_layers(model):
         raise ValueError("the model has no converted layer; call attnkit.convert(model, mechanism=...) first")
     was, dev = model.training, _device(model)
@@ -709,7 +725,7 @@ def attention_errors(model: nn.Module, data: torch.Tensor, *, batch_size: int = 
     try:
         for ids in _chunks(data, batch_size):
             with _recording("compare") as rec:
-                model(input_ids=ids.to(dev), use_cache=False)
+                _run(model, ids.to(dev))
             for label, vals in rec.values.items():
                 s = torch.stack(vals).pow(2).sum(0)
                 sums[label] = sums.get(label, 0) + s
@@ -751,9 +767,10 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
             square (LoLCATs, eq. 5; any trainable mechanism).
 
     The model runs on the softmax outputs (the teacher) during distillation, so every layer learns from exact
-    inputs, as in both papers.
+    inputs, as in both papers. ``data`` may also be images ``[num, channels, height, width]`` for a vision
+    model (ViT; bidirectional attention).
     """
-    _check_ids(data)
+    _check_inputs(data)
     if loss not in ("hedgehog", "mse"):
         raise ValueError(f"loss must be 'hedgehog' or 'mse', got {loss!r}")
     layers = converted_layers(model)
@@ -769,7 +786,7 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
         with _only_training(model, params):
             for ids in tqdm(_batches(data, batch_size, steps, seed), total=steps, desc="distill", disable=not progress):
                 with _recording("distill", loss) as rec:
-                    model(input_ids=ids.to(dev), use_cache=False)
+                    _run(model, ids.to(dev))
                 total = sum(torch.stack(v).sum() for v in rec.values.values()) / max(len(rec.values), 1)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
