@@ -12,11 +12,12 @@ registers attnkit there:
   weight (the mechanism's own parameters, e.g. Hedgehog feature maps, are added to the attention modules as
   ``attnkit_attention``); the other layers keep exact softmax attention.
 - :func:`distill`: attention transfer (Zhang et al., "The Hedgehog & the Porcupine: Expressive Linear Attentions
-  with Softmax Mimicry", ICLR 2024, eq. 4 (cross-entropy between softmax and linear attention weights); and
-  LoLCATs, Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models", 2024, eq. 5 (MSE between
-  attention outputs)): every converted layer's mechanism learns to mimic that layer's softmax attention on the
-  same queries and keys, while the model runs on softmax outputs (so each layer is trained on exact inputs).
-  :func:`finetune` then optionally trains the converted model end to end on next-token prediction.
+  with Softmax Mimicry", ICLR 2024: its attention-distillation loss, the cross-entropy between softmax and linear
+  attention weights; and LoLCATs, Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models",
+  2024: its attention-transfer loss, the MSE between attention outputs): every converted layer's mechanism learns
+  to mimic that layer's softmax attention on the same queries and keys, while the model runs on softmax outputs
+  (so each layer is trained on exact inputs). :func:`finetune` then optionally trains the converted model on
+  next-token prediction.
 - :func:`attention_errors` (per-layer relative error of the attention output against softmax), :func:`perplexity`,
   and :func:`attention_transfer`, which runs the whole recipe and reports both before and after.
 - :func:`sample_text` / :func:`byte_sequences`: English text that ships with the package (attnkit's own
@@ -208,7 +209,7 @@ def _softmax(q, k, v, info: _MaskInfo, scaling: float | None, softcap: float | N
 # ------------------------------------------------------------------------------------------------------------
 
 def _weights_cross_entropy(fm, q: torch.Tensor, k: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """Hedgehog's distillation loss (eq. 4): cross-entropy between the softmax weights ``softmax(q.k / sqrt(d))``
+    """Hedgehog's attention-distillation loss: cross-entropy between the softmax weights ``softmax(q.k / sqrt(d))``
     and the linear attention weights ``phi(q).phi(k) / sum``. ``k`` keeps its ``kv_heads``: the features of a
     grouped key are computed once, as in the forward pass (:func:`attnkit.feature_maps.hedgehog_distillation_loss`
     is the same for equal head counts)."""
@@ -762,9 +763,9 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
     Args:
         data: token ids ``[num, seq_len]``; random batches of ``batch_size`` rows are drawn (``seed``).
         loss: ``"hedgehog"``: cross-entropy between the softmax attention weights and the linear attention
-            weights ``phi(q).phi(k) / sum`` (Hedgehog, eq. 4; materialises ``seq_len^2`` weights per head: use
+            weights ``phi(q).phi(k) / sum`` (Hedgehog's loss; materialises ``seq_len^2`` weights per head: use
             short sequences); ``"mse"``: mean squared error of the attention outputs over the teacher's mean
-            square (LoLCATs, eq. 5; any trainable mechanism).
+            square (LoLCATs' attention transfer; any trainable mechanism).
 
     The model runs on the softmax outputs (the teacher) during distillation, so every layer learns from exact
     inputs, as in both papers. ``data`` may also be images ``[num, channels, height, width]`` for a vision
