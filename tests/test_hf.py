@@ -416,3 +416,8 @@ def test_softmax_gradients_match_eager(padded):
         logits[keep].square().mean().backward()
     for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
         assert_close(q.grad, p.grad, dtype=torch.float32, scale=4.0, msg=name)
+
+
+def test_convert_rejects_non_models():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        attnkit.convert(None, "hedgehog")

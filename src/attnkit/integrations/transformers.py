@@ -578,6 +578,9 @@ def convert(model: nn.Module, mechanism: str = "hedgehog", *, layers: Sequence[i
     Each chosen module gets an ``attnkit_attention`` child (:class:`AttnkitAttention`) holding the mechanism and
     its parameters (on the module's device), and the model's ``attn_implementation`` becomes ``"attnkit"``.
     """
+    _interfaces()  # ImportError with the install hint when transformers is missing
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {type(model).__name__}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"found no attention module calling transformers' AttentionInterface in "
