@@ -421,3 +421,24 @@ def test_softmax_gradients_match_eager(padded):
 def test_convert_rejects_non_models():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         attnkit.convert(None, "hedgehog")
+
+
+def test_state_cache_decodes_in_constant_memory():
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "hedgehog")
+    ids = token_ids(2, 7)
+    sizes = []
+    for new in (3, 12):
+        cache = akt.state_cache()
+        seq = generate(model, ids, max_new_tokens=new, cache=cache)
+        assert torch.equal(seq, generate(model, ids, max_new_tokens=new))  # the model's default cache
+        assert [layer.seen for layer in cache.layers] == [7 + new - 1] * 2
+        sizes.append(cache.nbytes)
+    # S [2, 4 heads, 16 features, 8] and z [2, 4, 16] per layer, float32, whatever the length
+    assert sizes == [2 * (2 * 4 * 16 * 8 + 2 * 4 * 16) * 4] * 2
+    beams = generate(model, ids, max_new_tokens=5, num_beams=3, cache=akt.state_cache())
+    assert torch.equal(beams, generate(model, ids, max_new_tokens=5, num_beams=3))
+    partial = build(llama_config(), "sdpa")
+    attnkit.convert(partial, "hedgehog", layers=[0])  # layer 1 stays softmax: it needs keys and values
+    with pytest.raises(NotSupportedError, match="state_cache"):
+        generate(partial, ids, max_new_tokens=3, cache=akt.state_cache())

@@ -69,7 +69,7 @@ from attnkit.registry import mechanism_info
 __all__ = [
     "DISPATCH_NAME", "AttnkitAttention", "register", "convert", "attention_modules", "converted_layers",
     "distill", "finetune", "perplexity", "attention_errors", "attention_transfer", "TransferReport",
-    "sample_text", "byte_sequences",
+    "sample_text", "byte_sequences", "state_cache",
 ]
 
 # The name ``convert`` sets: each layer runs its own ``attnkit_attention`` (exact softmax where it has none).
@@ -333,6 +333,14 @@ class AttnkitAttention(nn.Module):
             )
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         info = _analyse(query, key, attention_mask, causal, sliding_window)
+        state_layer = _take_state_layer(key)
+        linear = (self.record is not None and self._causal_of(info, query)
+                  and isinstance(self.mechanism_module(True, query.device), KernelizedAttention))
+        if state_layer is not None and not (linear and _RECORDER is None):
+            raise NotSupportedError(
+                f"state_cache() holds recurrent states only, but this layer runs {self.mechanism!r} (or is being "
+                f"measured against softmax); convert every attention layer to a causal linear mechanism, or "
+                f"generate with the model's default cache")
         if self.num_heads is None:
             self.num_heads, self.head_dim = query.shape[1], query.shape[-1]
         if self.record is None:
@@ -341,7 +349,7 @@ class AttnkitAttention(nn.Module):
             raise NotSupportedError(f"attention logit softcapping applies to 'softmax', not {self.mechanism!r}")
         rec = _RECORDER
         if rec is None:
-            return self._mechanism(query, key, value, info, scaling, position_ids, module.training)
+            return self._mechanism(query, key, value, info, scaling, position_ids, module.training, state_layer)
         teacher = _softmax(query, key, value, info, scaling, None)
         if rec.what == "distill" and rec.loss == "hedgehog":
             rec.add(self.label, self._hedgehog_loss(query, key, info, scaling))
@@ -379,7 +387,8 @@ class AttnkitAttention(nn.Module):
             return q
         return q * (scaling * math.sqrt(d))
 
-    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids, training: bool) -> torch.Tensor:
+    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids, training: bool,
+                   state_layer: Any = None) -> torch.Tensor:
         if info.kind in ("mask", "bias"):
             raise NotSupportedError(
                 f"mechanism {self.mechanism!r} runs causal or bidirectional attention only, but the model passed "
@@ -393,13 +402,14 @@ class AttnkitAttention(nn.Module):
         q = self._scaled(q, scaling)
         inner = self.mechanism_module(causal, q.device)
         if isinstance(inner, KernelizedAttention) and causal:
-            return self._linear(inner, q, k, v, position_ids, training)
+            return self._linear(inner, q, k, v, position_ids, training, state_layer)
         if self.record.family not in ("exact", "linear", "neighborhood"):
             # other families may not take grouped keys: repeat them (a view)
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return inner(q, k, v)
 
-    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool) -> torch.Tensor:
+    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool,
+                layer: Any = None) -> torch.Tensor:
         """Causal linear attention over the model's cache, continuing the layer's recurrent state (kept in
         inference mode only: ``training`` is the transformers module's flag)."""
         fm, engine = inner.feature_map, inner.engine
@@ -410,6 +420,14 @@ class AttnkitAttention(nn.Module):
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, 0]
             if bool((first == first[0]).all()):
                 start = int(first[0])
+        if layer is not None:  # a StateCache: it holds the state, the model passed only the new keys and values
+            if not fm.token_local:
+                raise NotSupportedError(f"feature map {fm.name!r} is not token-local as configured: it cannot use "
+                                        f"state_cache(); generate with use_cache=False")
+            st = layer.state if layer.seen else None
+            out, st = linear_attention(q, k, v, feature_map=fm, causal=True, state=st, return_state=True, **engine)
+            layer.state, layer.seen = st.detach(), st.offset
+            return out
         keep = fm.token_local and not (training and torch.is_grad_enabled())  # generate runs without grad
         if past == 0 and start == 0:
             if not keep:
@@ -444,6 +462,113 @@ class AttnkitAttention(nn.Module):
         if keep:
             self._state, self._last_key = st.detach(), k[:, :, -1].detach().clone()
         return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A transformers cache that holds recurrent states only
+# ------------------------------------------------------------------------------------------------------------
+
+# (state layer, the key tensor its ``update`` returned): the model passes that very tensor to the attention next
+_ACTIVE_STATE_LAYER: list[tuple[Any, torch.Tensor]] = []
+
+
+def _take_state_layer(key: torch.Tensor) -> Any:
+    """The state layer whose ``update`` returned ``key`` (identity, so a stale entry is never used)."""
+    if not _ACTIVE_STATE_LAYER:
+        return None
+    layer, returned = _ACTIVE_STATE_LAYER.pop()
+    return layer if returned is key else None
+
+
+_STATE_CLASSES: tuple[type, type] | None = None
+
+
+def _state_classes() -> tuple[type, type]:
+    """``(StateLayer, StateCache)``, defined on first use (transformers is optional)."""
+    global _STATE_CLASSES
+    if _STATE_CLASSES is not None:
+        return _STATE_CLASSES
+    _interfaces()
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class StateLayer(CacheLayerMixin):
+        """One layer's :class:`~attnkit.ops.linear.state.LinearAttentionState` (``S [batch, heads, m, d_v]``,
+        ``z``) and the number of tokens it has seen; ``update`` stores no keys or values."""
+
+        is_sliding = False
+        is_croppable = False
+
+        def __init__(self, **kwargs: Any):
+            super().__init__()
+            self.state: LinearAttentionState | None = None
+            self.seen = 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.device, self.is_initialized = key_states.device, True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            _ACTIVE_STATE_LAYER[:] = [(self, key_states)]
+            return key_states, value_states  # the attention sees the new tokens; the past is in the state
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return query_length, self.seen  # keys are the new tokens, at absolute positions seen, seen + 1, ...
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.state, self.seen = None, 0
+
+        def _map(self, fn) -> None:
+            if self.state is not None:
+                self.state = LinearAttentionState(fn(self.state.S), fn(self.state.z), self.state.offset)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._map(lambda t: t[indices])
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove:
+                raise NotSupportedError("a recurrent state cannot drop tokens; use the model's default cache")
+
+        @property
+        def nbytes(self) -> int:
+            return 0 if self.state is None else self.state.nbytes
+
+    class StateCache(Cache):
+        """A transformers ``Cache`` whose layers hold only attnkit's recurrent states: O(1) memory in the sequence
+        length. Every attention layer must run causal kernelized linear attention (``attnkit.convert(model,
+        "hedgehog")`` and the other ``linear`` family mechanisms)."""
+
+        def __init__(self) -> None:
+            super().__init__(layer_class_to_replicate=StateLayer)
+
+        @property
+        def nbytes(self) -> int:
+            """Bytes held by all the layers' states."""
+            return sum(layer.nbytes for layer in self.layers)
+
+    _STATE_CLASSES = (StateLayer, StateCache)
+    return _STATE_CLASSES
+
+
+def state_cache() -> Any:
+    """A transformers cache that keeps only attnkit's recurrent state per layer (``S [batch, heads, m, d_v]`` and
+    ``z [batch, heads, m]``), for a model whose attention layers were all converted to causal linear attention:
+    ``model.generate(ids, cache=attnkit.integrations.transformers.state_cache())`` decodes with memory constant in
+    the sequence length, where the default cache grows with every key and value. Beam search reorders the states.
+    ``.nbytes``: the memory held."""
+    return _state_classes()[1]()
 
 
 # ------------------------------------------------------------------------------------------------------------
