@@ -32,8 +32,10 @@ mask's structure (causal or bidirectional); a padding mask raises ``NotSupported
 is replaced by the mechanism's own pattern (the mechanism replaces the model's attention).
 
 Decoding (``generate``) uses the model's own cache for keys and values; causal kernelized linear attention
-(the ``linear`` family) also keeps its recurrent state (``attnkit.RecurrentStateCache``'s
-``LinearAttentionState``) on the layer, so each new token costs O(1) in the sequence length.
+(the ``linear`` family) also keeps its recurrent state (``LinearAttentionState``, as in
+``attnkit.RecurrentStateCache``) on the layer, so each new token costs O(1) in the sequence length. With every
+layer converted to such a mechanism, ``generate(..., cache=state_cache())`` keeps only those states: memory
+O(1) in the sequence length too.
 
 Shapes: transformers passes ``query [batch, heads, q_len, head_dim]``, ``key, value [batch, kv_heads, kv_len,
 head_dim]`` (grouped-query attention when ``kv_heads < heads``); the functions return ``[batch, q_len, heads,
@@ -334,9 +336,9 @@ class AttnkitAttention(nn.Module):
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         info = _analyse(query, key, attention_mask, causal, sliding_window)
         state_layer = _take_state_layer(key)
-        linear = (self.record is not None and self._causal_of(info, query)
-                  and isinstance(self.mechanism_module(True, query.device), KernelizedAttention))
-        if state_layer is not None and not (linear and _RECORDER is None):
+        if state_layer is not None and not (
+                self.record is not None and self._causal_of(info, query) and _RECORDER is None
+                and isinstance(self.mechanism_module(True, query.device), KernelizedAttention)):
             raise NotSupportedError(
                 f"state_cache() holds recurrent states only, but this layer runs {self.mechanism!r} (or is being "
                 f"measured against softmax); convert every attention layer to a causal linear mechanism, or "
@@ -748,13 +750,13 @@ def converted_layers(model: nn.Module) -> list[AttnkitAttention]:
 _TEXT_MODULES = (
     "attnkit", "attnkit.registry", "attnkit.patterns", "attnkit.score_mods", "attnkit.feature_maps",
     "attnkit.normalizations", "attnkit.cache", "attnkit.ops.exact.api", "attnkit.ops.linear.api",
-    "attnkit.ops.neighborhood", "attnkit.quality.tasks", "attnkit.integrations.transformers",
+    "attnkit.ops.neighborhood", "attnkit.quality.tasks",
 )
 
 
 def sample_text() -> str:
     """English text that ships with attnkit: the docstrings of its main modules and their public functions and
-    classes, in a fixed order (about 50 kB). Deterministic; nothing is downloaded."""
+    classes, in a fixed order (about 45 kB). Deterministic; nothing is downloaded."""
     import importlib
 
     parts: list[str] = []
