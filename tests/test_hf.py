@@ -442,3 +442,17 @@ def test_state_cache_decodes_in_constant_memory():
     attnkit.convert(partial, "hedgehog", layers=[0])  # layer 1 stays softmax: it needs keys and values
     with pytest.raises(NotSupportedError, match="state_cache"):
         generate(partial, ids, max_new_tokens=3, cache=akt.state_cache())
+
+
+def test_mechanisms_without_step_decoding_say_so():
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "routing", num_clusters=2)
+    ids = token_ids(2, 8)
+    assert generate(model, ids, max_new_tokens=3, use_cache=False).shape == (2, 11)
+    with pytest.raises(NotSupportedError, match="use_cache=False"):
+        generate(model, ids, max_new_tokens=3)
+    vit = build(vit_config(), "eager", auto=AutoModelForImageClassification)
+    attnkit.convert(vit, "linformer", proj_len=8)  # seq_len from the image: 16 patches and the class token
+    assert vit.vit.layers[0].attention.attnkit_attention.seq_len == 17
+    with torch.no_grad():
+        assert torch.isfinite(vit(torch.randn(2, 3, 16, 16)).logits).all()

@@ -402,6 +402,13 @@ class AttnkitAttention(nn.Module):
             k, v = k[:, :, :info.crop], v[:, :, :info.crop]
         causal = self._causal_of(info, q)
         q = self._scaled(q, scaling)
+        if causal and q.shape[2] != k.shape[2] and self.record.family not in ("exact", "linear"):
+            # measured: their causal outputs over a cache differ from the full pass (clusters, blocks, landmarks
+            # and windows are formed over the whole call), so decoding step by step would change the model
+            raise NotSupportedError(
+                f"mechanism {self.mechanism!r} ({self.record.family} family) has no step-by-step decoding over a "
+                f"cache; generate with use_cache=False (every step recomputes the sequence)"
+            )
         inner = self.mechanism_module(causal, q.device)
         if isinstance(inner, KernelizedAttention) and causal:
             return self._linear(inner, q, k, v, position_ids, training, state_layer)
@@ -675,7 +682,10 @@ def _shapes(module: nn.Module) -> tuple[int | None, int | None]:
 def _attach(module: nn.Module, mechanism: str, params: dict[str, Any], *, label: str,
             seq_len: int | None = None) -> AttnkitAttention:
     heads, head_dim = _shapes(module)
-    seq_len = seq_len or getattr(module.config, "max_position_embeddings", None)
+    cfg = module.config
+    seq_len = seq_len or getattr(cfg, "max_position_embeddings", None)
+    if seq_len is None and getattr(cfg, "image_size", None) and getattr(cfg, "patch_size", None):
+        seq_len = (int(cfg.image_size) // int(cfg.patch_size)) ** 2 + 1  # ViT: patches and the class token
     att = AttnkitAttention(mechanism, num_heads=heads, head_dim=head_dim, seq_len=seq_len, label=label,
                            params=params)
     weight = next(module.parameters(), None)
@@ -699,7 +709,8 @@ def convert(model: nn.Module, mechanism: str = "hedgehog", *, layers: Sequence[i
         layers: indices into :func:`attention_modules` (model order; negative indices count from the end);
             ``None``: every attention layer. The other layers keep their current attnkit mechanism, or exact
             softmax.
-        seq_len: for mechanisms that need a fixed length (default: the config's ``max_position_embeddings``).
+        seq_len: for mechanisms that need a fixed length (default: the config's ``max_position_embeddings``, or a
+            ViT's patches plus its class token).
         params: the mechanism's parameters (``attnkit.get(mechanism, **params)``).
 
     Each chosen module gets an ``attnkit_attention`` child (:class:`AttnkitAttention`) holding the mechanism and
