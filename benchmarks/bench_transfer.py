@@ -14,8 +14,9 @@ are held out. Then, from copies of that model:
    fine-tuned for the same number of steps without distillation.
 2. decoding: CPU seconds per generated token (``time.process_time``, one thread, median of interleaved repeats;
    the prefill is not timed) after prompts of 256 and 4,096 tokens, for sdpa, attnkit's ``softmax`` and the
-   converted (Hedgehog) model, whose layers carry an O(1) recurrent state, against the same converted model
-   recomputing the sequence every step (``use_cache=False``).
+   converted (Hedgehog) model, whose layers carry an O(1) recurrent state beside the model's key/value cache, or
+   keep only that state (``state_cache()``), against the same converted model recomputing the sequence every step
+   (``use_cache=False``); and the memory each cache holds at the end.
 """
 
 from __future__ import annotations
@@ -95,16 +96,26 @@ def main() -> None:
     models = {"sdpa": copy.deepcopy(base), "attnkit softmax": copy.deepcopy(base)}
     models["attnkit softmax"].set_attn_implementation(akt.register("softmax"))
     models["hedgehog (state)"] = copy.deepcopy(base)
-    akt.convert(models["hedgehog (state)"], "hedgehog")
+    akt.convert(models["hedgehog (state)"], "hedgehog")  # with the model's cache plus the layer's state
     for model in models.values():
         model.eval()
     stream = held.reshape(-1).repeat(1 + (max(args.prompt) + steps) // held.numel())
 
-    def decode(model, n: int, use_cache: bool) -> float:
+    cache_bytes: dict[str, dict[int, int]] = {}
+
+    def nbytes(cache) -> int:
+        if hasattr(cache, "nbytes"):
+            return cache.nbytes
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    def decode(name: str, model, n: int, use_cache: bool | str) -> float:
         """CPU seconds per token of ``steps`` greedy one-token steps after an ``n``-token prefill (not timed);
-        without a cache each step recomputes the whole sequence."""
+        without a cache each step recomputes the whole sequence; ``"state"``: attnkit's state_cache()."""
         ids = stream[None, :n]
-        out = model(ids, use_cache=use_cache)
+        if use_cache == "state":
+            out = model(ids, cache=akt.state_cache(), use_cache=True)
+        else:
+            out = model(ids, use_cache=bool(use_cache))
         cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         t0 = time.process_time()
         for _ in range(steps):
@@ -115,7 +126,10 @@ def main() -> None:
                 ids = torch.cat([ids, nxt], 1)
                 out = model(ids, use_cache=False)
             nxt = out.logits[:, -1:].argmax(-1)
-        return (time.process_time() - t0) / steps
+        elapsed = (time.process_time() - t0) / steps
+        if use_cache:
+            cache_bytes.setdefault(name, {})[n] = nbytes(cache)
+        return elapsed
 
     decoding: dict[str, dict[int, float]] = {}
     print(f"\ndecoding: CPU ms per token ({steps} greedy steps after the prompt), median of {args.repeats} "
@@ -123,16 +137,21 @@ def main() -> None:
     print(f"  {'prompt':<28}" + "".join(f"{n:>10}" for n in args.prompt))
     with torch.no_grad():
         variants = [(name, m, True) for name, m in models.items()]
+        variants.append(("hedgehog (state_cache)", models["hedgehog (state)"], "state"))
         variants.append(("hedgehog (use_cache=False)", models["hedgehog (state)"], False))
         times = {(name, n): [] for name, _, _ in variants for n in args.prompt}
         for _ in range(args.repeats):  # interleaved: every variant sees the same machine load
             for n in args.prompt:
                 for name, model, use_cache in variants:
-                    times[(name, n)].append(decode(model, n, use_cache))
+                    times[(name, n)].append(decode(name, model, n, use_cache))
         for name, _, _ in variants:
             decoding[name] = {n: statistics.median(times[(name, n)]) for n in args.prompt}
             print(f"  {name:<28}" + "".join(f"{1e3 * decoding[name][n]:>10.2f}" for n in args.prompt))
-    write_json(args.json, {"machine": machine, "args": vars(args), "runs": runs, "decoding_cpu_s_per_token": decoding},
+    print("cache memory at the end, KiB:")
+    for name, by_len in cache_bytes.items():
+        print(f"  {name:<28}" + "".join(f"{by_len[n] / 1024:>10.1f}" for n in args.prompt))
+    write_json(args.json, {"machine": machine, "args": vars(args), "runs": runs, "decoding_cpu_s_per_token": decoding,
+                             "cache_bytes": cache_bytes},
                default=str)
 
 

@@ -391,3 +391,68 @@ def test_softmax_half_precision(dtype):
     ids = token_ids(2, 11)
     with torch.no_grad():
         assert_close(ours(ids).logits, ref(ids).logits, dtype=dtype, scale=4.0)
+
+
+def test_vit_attention_transfer_bidirectional():
+    model = build(vit_config(), "eager", auto=AutoModelForImageClassification)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(48, 3, 4, 4, generator=g).repeat_interleave(4, -1).repeat_interleave(4, -2) * 2
+    attnkit.convert(model, "hedgehog")
+    assert all(not layer.mechanism_module(False).causal for layer in akt.converted_layers(model))
+    before = akt.attention_errors(model, images[:16])
+    akt.distill(model, images[16:], steps=20, lr=3e-2, progress=False)
+    after = akt.attention_errors(model, images[:16])
+    assert len(before) == 2 and all(after[k] < 0.7 * before[k] for k in before), (before, after)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_softmax_gradients_match_eager(padded):
+    ref, ours = twins(llama_config(), "eager")
+    ids = token_ids(2, 9)
+    mask = left_padding(2, 9, [0, 3]) if padded else None
+    for model in (ref, ours):
+        logits = model(ids, attention_mask=mask).logits
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        logits[keep].square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, dtype=torch.float32, scale=4.0, msg=name)
+
+
+def test_convert_rejects_non_models():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        attnkit.convert(None, "hedgehog")
+
+
+def test_state_cache_decodes_in_constant_memory():
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "hedgehog")
+    ids = token_ids(2, 7)
+    sizes = []
+    for new in (3, 12):
+        cache = akt.state_cache()
+        seq = generate(model, ids, max_new_tokens=new, cache=cache)
+        assert torch.equal(seq, generate(model, ids, max_new_tokens=new))  # the model's default cache
+        assert [layer.seen for layer in cache.layers] == [7 + new - 1] * 2
+        sizes.append(cache.nbytes)
+    # S [2, 4 heads, 16 features, 8] and z [2, 4, 16] per layer, float32, whatever the length
+    assert sizes == [2 * (2 * 4 * 16 * 8 + 2 * 4 * 16) * 4] * 2
+    beams = generate(model, ids, max_new_tokens=5, num_beams=3, cache=akt.state_cache())
+    assert torch.equal(beams, generate(model, ids, max_new_tokens=5, num_beams=3))
+    partial = build(llama_config(), "sdpa")
+    attnkit.convert(partial, "hedgehog", layers=[0])  # layer 1 stays softmax: it needs keys and values
+    with pytest.raises(NotSupportedError, match="state_cache"):
+        generate(partial, ids, max_new_tokens=3, cache=akt.state_cache())
+
+
+def test_mechanisms_without_step_decoding_say_so():
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "routing", num_clusters=2)
+    ids = token_ids(2, 8)
+    assert generate(model, ids, max_new_tokens=3, use_cache=False).shape == (2, 11)
+    with pytest.raises(NotSupportedError, match="use_cache=False"):
+        generate(model, ids, max_new_tokens=3)
+    vit = build(vit_config(), "eager", auto=AutoModelForImageClassification)
+    attnkit.convert(vit, "linformer", proj_len=8)  # seq_len from the image: 16 patches and the class token
+    assert vit.vit.layers[0].attention.attnkit_attention.seq_len == 17
+    with torch.no_grad():
+        assert torch.isfinite(vit(torch.randn(2, 3, 16, 16)).logits).all()

@@ -12,11 +12,12 @@ registers attnkit there:
   weight (the mechanism's own parameters, e.g. Hedgehog feature maps, are added to the attention modules as
   ``attnkit_attention``); the other layers keep exact softmax attention.
 - :func:`distill`: attention transfer (Zhang et al., "The Hedgehog & the Porcupine: Expressive Linear Attentions
-  with Softmax Mimicry", ICLR 2024, eq. 4 (cross-entropy between softmax and linear attention weights); and
-  LoLCATs, Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models", 2024, eq. 5 (MSE between
-  attention outputs)): every converted layer's mechanism learns to mimic that layer's softmax attention on the
-  same queries and keys, while the model runs on softmax outputs (so each layer is trained on exact inputs).
-  :func:`finetune` then optionally trains the converted model end to end on next-token prediction.
+  with Softmax Mimicry", ICLR 2024: its attention-distillation loss, the cross-entropy between softmax and linear
+  attention weights; and LoLCATs, Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models",
+  2024: its attention-transfer loss, the MSE between attention outputs): every converted layer's mechanism learns
+  to mimic that layer's softmax attention on the same queries and keys, while the model runs on softmax outputs
+  (so each layer is trained on exact inputs). :func:`finetune` then optionally trains the converted model on
+  next-token prediction.
 - :func:`attention_errors` (per-layer relative error of the attention output against softmax), :func:`perplexity`,
   and :func:`attention_transfer`, which runs the whole recipe and reports both before and after.
 - :func:`sample_text` / :func:`byte_sequences`: English text that ships with the package (attnkit's own
@@ -31,8 +32,10 @@ mask's structure (causal or bidirectional); a padding mask raises ``NotSupported
 is replaced by the mechanism's own pattern (the mechanism replaces the model's attention).
 
 Decoding (``generate``) uses the model's own cache for keys and values; causal kernelized linear attention
-(the ``linear`` family) also keeps its recurrent state (``attnkit.RecurrentStateCache``'s
-``LinearAttentionState``) on the layer, so each new token costs O(1) in the sequence length.
+(the ``linear`` family) also keeps its recurrent state (``LinearAttentionState``, as in
+``attnkit.RecurrentStateCache``) on the layer, so each new token costs O(1) in the sequence length. With every
+layer converted to such a mechanism, ``generate(..., cache=state_cache())`` keeps only those states: memory
+O(1) in the sequence length too.
 
 Shapes: transformers passes ``query [batch, heads, q_len, head_dim]``, ``key, value [batch, kv_heads, kv_len,
 head_dim]`` (grouped-query attention when ``kv_heads < heads``); the functions return ``[batch, q_len, heads,
@@ -68,7 +71,7 @@ from attnkit.registry import mechanism_info
 __all__ = [
     "DISPATCH_NAME", "AttnkitAttention", "register", "convert", "attention_modules", "converted_layers",
     "distill", "finetune", "perplexity", "attention_errors", "attention_transfer", "TransferReport",
-    "sample_text", "byte_sequences",
+    "sample_text", "byte_sequences", "state_cache",
 ]
 
 # The name ``convert`` sets: each layer runs its own ``attnkit_attention`` (exact softmax where it has none).
@@ -208,7 +211,7 @@ def _softmax(q, k, v, info: _MaskInfo, scaling: float | None, softcap: float | N
 # ------------------------------------------------------------------------------------------------------------
 
 def _weights_cross_entropy(fm, q: torch.Tensor, k: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """Hedgehog's distillation loss (eq. 4): cross-entropy between the softmax weights ``softmax(q.k / sqrt(d))``
+    """Hedgehog's attention-distillation loss: cross-entropy between the softmax weights ``softmax(q.k / sqrt(d))``
     and the linear attention weights ``phi(q).phi(k) / sum``. ``k`` keeps its ``kv_heads``: the features of a
     grouped key are computed once, as in the forward pass (:func:`attnkit.feature_maps.hedgehog_distillation_loss`
     is the same for equal head counts)."""
@@ -332,6 +335,14 @@ class AttnkitAttention(nn.Module):
             )
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         info = _analyse(query, key, attention_mask, causal, sliding_window)
+        state_layer = _take_state_layer(key)
+        if state_layer is not None and not (
+                self.record is not None and self._causal_of(info, query) and _RECORDER is None
+                and isinstance(self.mechanism_module(True, query.device), KernelizedAttention)):
+            raise NotSupportedError(
+                f"state_cache() holds recurrent states only, but this layer runs {self.mechanism!r} (or is being "
+                f"measured against softmax); convert every attention layer to a causal linear mechanism, or "
+                f"generate with the model's default cache")
         if self.num_heads is None:
             self.num_heads, self.head_dim = query.shape[1], query.shape[-1]
         if self.record is None:
@@ -340,7 +351,7 @@ class AttnkitAttention(nn.Module):
             raise NotSupportedError(f"attention logit softcapping applies to 'softmax', not {self.mechanism!r}")
         rec = _RECORDER
         if rec is None:
-            return self._mechanism(query, key, value, info, scaling, position_ids, module.training)
+            return self._mechanism(query, key, value, info, scaling, position_ids, module.training, state_layer)
         teacher = _softmax(query, key, value, info, scaling, None)
         if rec.what == "distill" and rec.loss == "hedgehog":
             rec.add(self.label, self._hedgehog_loss(query, key, info, scaling))
@@ -378,7 +389,8 @@ class AttnkitAttention(nn.Module):
             return q
         return q * (scaling * math.sqrt(d))
 
-    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids, training: bool) -> torch.Tensor:
+    def _mechanism(self, q, k, v, info: _MaskInfo, scaling, position_ids, training: bool,
+                   state_layer: Any = None) -> torch.Tensor:
         if info.kind in ("mask", "bias"):
             raise NotSupportedError(
                 f"mechanism {self.mechanism!r} runs causal or bidirectional attention only, but the model passed "
@@ -390,15 +402,23 @@ class AttnkitAttention(nn.Module):
             k, v = k[:, :, :info.crop], v[:, :, :info.crop]
         causal = self._causal_of(info, q)
         q = self._scaled(q, scaling)
+        if causal and q.shape[2] != k.shape[2] and self.record.family not in ("exact", "linear"):
+            # measured: their causal outputs over a cache differ from the full pass (clusters, blocks, landmarks
+            # and windows are formed over the whole call), so decoding step by step would change the model
+            raise NotSupportedError(
+                f"mechanism {self.mechanism!r} ({self.record.family} family) has no step-by-step decoding over a "
+                f"cache; generate with use_cache=False (every step recomputes the sequence)"
+            )
         inner = self.mechanism_module(causal, q.device)
         if isinstance(inner, KernelizedAttention) and causal:
-            return self._linear(inner, q, k, v, position_ids, training)
+            return self._linear(inner, q, k, v, position_ids, training, state_layer)
         if self.record.family not in ("exact", "linear", "neighborhood"):
             # other families may not take grouped keys: repeat them (a view)
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return inner(q, k, v)
 
-    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool) -> torch.Tensor:
+    def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool,
+                layer: Any = None) -> torch.Tensor:
         """Causal linear attention over the model's cache, continuing the layer's recurrent state (kept in
         inference mode only: ``training`` is the transformers module's flag)."""
         fm, engine = inner.feature_map, inner.engine
@@ -409,6 +429,14 @@ class AttnkitAttention(nn.Module):
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, 0]
             if bool((first == first[0]).all()):
                 start = int(first[0])
+        if layer is not None:  # a StateCache: it holds the state, the model passed only the new keys and values
+            if not fm.token_local:
+                raise NotSupportedError(f"feature map {fm.name!r} is not token-local as configured: it cannot use "
+                                        f"state_cache(); generate with use_cache=False")
+            st = layer.state if layer.seen else None
+            out, st = linear_attention(q, k, v, feature_map=fm, causal=True, state=st, return_state=True, **engine)
+            layer.state, layer.seen = st.detach(), st.offset
+            return out
         keep = fm.token_local and not (training and torch.is_grad_enabled())  # generate runs without grad
         if past == 0 and start == 0:
             if not keep:
@@ -443,6 +471,113 @@ class AttnkitAttention(nn.Module):
         if keep:
             self._state, self._last_key = st.detach(), k[:, :, -1].detach().clone()
         return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A transformers cache that holds recurrent states only
+# ------------------------------------------------------------------------------------------------------------
+
+# (state layer, the key tensor its ``update`` returned): the model passes that very tensor to the attention next
+_ACTIVE_STATE_LAYER: list[tuple[Any, torch.Tensor]] = []
+
+
+def _take_state_layer(key: torch.Tensor) -> Any:
+    """The state layer whose ``update`` returned ``key`` (identity, so a stale entry is never used)."""
+    if not _ACTIVE_STATE_LAYER:
+        return None
+    layer, returned = _ACTIVE_STATE_LAYER.pop()
+    return layer if returned is key else None
+
+
+_STATE_CLASSES: tuple[type, type] | None = None
+
+
+def _state_classes() -> tuple[type, type]:
+    """``(StateLayer, StateCache)``, defined on first use (transformers is optional)."""
+    global _STATE_CLASSES
+    if _STATE_CLASSES is not None:
+        return _STATE_CLASSES
+    _interfaces()
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class StateLayer(CacheLayerMixin):
+        """One layer's :class:`~attnkit.ops.linear.state.LinearAttentionState` (``S [batch, heads, m, d_v]``,
+        ``z``) and the number of tokens it has seen; ``update`` stores no keys or values."""
+
+        is_sliding = False
+        is_croppable = False
+
+        def __init__(self, **kwargs: Any):
+            super().__init__()
+            self.state: LinearAttentionState | None = None
+            self.seen = 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.device, self.is_initialized = key_states.device, True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            _ACTIVE_STATE_LAYER[:] = [(self, key_states)]
+            return key_states, value_states  # the attention sees the new tokens; the past is in the state
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return query_length, self.seen  # keys are the new tokens, at absolute positions seen, seen + 1, ...
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.state, self.seen = None, 0
+
+        def _map(self, fn) -> None:
+            if self.state is not None:
+                self.state = LinearAttentionState(fn(self.state.S), fn(self.state.z), self.state.offset)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._map(lambda t: t[indices])
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove:
+                raise NotSupportedError("a recurrent state cannot drop tokens; use the model's default cache")
+
+        @property
+        def nbytes(self) -> int:
+            return 0 if self.state is None else self.state.nbytes
+
+    class StateCache(Cache):
+        """A transformers ``Cache`` whose layers hold only attnkit's recurrent states: O(1) memory in the sequence
+        length. Every attention layer must run causal kernelized linear attention (``attnkit.convert(model,
+        "hedgehog")`` and the other ``linear`` family mechanisms)."""
+
+        def __init__(self) -> None:
+            super().__init__(layer_class_to_replicate=StateLayer)
+
+        @property
+        def nbytes(self) -> int:
+            """Bytes held by all the layers' states."""
+            return sum(layer.nbytes for layer in self.layers)
+
+    _STATE_CLASSES = (StateLayer, StateCache)
+    return _STATE_CLASSES
+
+
+def state_cache() -> Any:
+    """A transformers cache that keeps only attnkit's recurrent state per layer (``S [batch, heads, m, d_v]`` and
+    ``z [batch, heads, m]``), for a model whose attention layers were all converted to causal linear attention:
+    ``model.generate(ids, cache=attnkit.integrations.transformers.state_cache())`` decodes with memory constant in
+    the sequence length, where the default cache grows with every key and value. Beam search reorders the states.
+    ``.nbytes``: the memory held."""
+    return _state_classes()[1]()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -547,7 +682,10 @@ def _shapes(module: nn.Module) -> tuple[int | None, int | None]:
 def _attach(module: nn.Module, mechanism: str, params: dict[str, Any], *, label: str,
             seq_len: int | None = None) -> AttnkitAttention:
     heads, head_dim = _shapes(module)
-    seq_len = seq_len or getattr(module.config, "max_position_embeddings", None)
+    cfg = module.config
+    seq_len = seq_len or getattr(cfg, "max_position_embeddings", None)
+    if seq_len is None and getattr(cfg, "image_size", None) and getattr(cfg, "patch_size", None):
+        seq_len = (int(cfg.image_size) // int(cfg.patch_size)) ** 2 + 1  # ViT: patches and the class token
     att = AttnkitAttention(mechanism, num_heads=heads, head_dim=head_dim, seq_len=seq_len, label=label,
                            params=params)
     weight = next(module.parameters(), None)
@@ -571,12 +709,16 @@ def convert(model: nn.Module, mechanism: str = "hedgehog", *, layers: Sequence[i
         layers: indices into :func:`attention_modules` (model order; negative indices count from the end);
             ``None``: every attention layer. The other layers keep their current attnkit mechanism, or exact
             softmax.
-        seq_len: for mechanisms that need a fixed length (default: the config's ``max_position_embeddings``).
+        seq_len: for mechanisms that need a fixed length (default: the config's ``max_position_embeddings``, or a
+            ViT's patches plus its class token).
         params: the mechanism's parameters (``attnkit.get(mechanism, **params)``).
 
     Each chosen module gets an ``attnkit_attention`` child (:class:`AttnkitAttention`) holding the mechanism and
     its parameters (on the module's device), and the model's ``attn_implementation`` becomes ``"attnkit"``.
     """
+    _interfaces()  # ImportError with the install hint when transformers is missing
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (a torch.nn.Module), got {type(model).__name__}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"found no attention module calling transformers' AttentionInterface in "
@@ -619,13 +761,13 @@ def converted_layers(model: nn.Module) -> list[AttnkitAttention]:
 _TEXT_MODULES = (
     "attnkit", "attnkit.registry", "attnkit.patterns", "attnkit.score_mods", "attnkit.feature_maps",
     "attnkit.normalizations", "attnkit.cache", "attnkit.ops.exact.api", "attnkit.ops.linear.api",
-    "attnkit.ops.neighborhood", "attnkit.quality.tasks", "attnkit.integrations.transformers",
+    "attnkit.ops.neighborhood", "attnkit.quality.tasks",
 )
 
 
 def sample_text() -> str:
     """English text that ships with attnkit: the docstrings of its main modules and their public functions and
-    classes, in a fixed order (about 60 kB). Deterministic; nothing is downloaded."""
+    classes, in a fixed order (about 45 kB). Deterministic; nothing is downloaded."""
     import importlib
 
     parts: list[str] = []
@@ -661,6 +803,21 @@ def _check_ids(data: torch.Tensor, name: str = "data") -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long:
         raise TypeError(f"{name} must be token ids [num_sequences, seq_len] (torch.long), got "
                         f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
+
+
+def _check_inputs(data: torch.Tensor) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or not (data.dtype == torch.long
+                                                                   or data.is_floating_point()):
+        raise TypeError(f"data must be token ids [num_sequences, seq_len] (torch.long) or images [num, channels, "
+                        f"height, width] (floating), got {getattr(data, 'dtype', type(data).__name__)} "
+                        f"{tuple(getattr(data, 'shape', ()))}")
+
+
+def _run(model: nn.Module, batch: torch.Tensor) -> Any:
+    """One forward pass: token ids go in as ``input_ids`` (no cache), floating tensors as ``pixel_values``."""
+    if batch.dtype == torch.long:
+        return model(input_ids=batch, use_cache=False)
+    return model(pixel_values=batch.to(next(model.parameters()).dtype))
 
 
 def _chunks(data: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -699,8 +856,9 @@ def perplexity(model: nn.Module, data: torch.Tensor, *, batch_size: int = 16) ->
 def attention_errors(model: nn.Module, data: torch.Tensor, *, batch_size: int = 16) -> dict[str, float]:
     """Per converted layer, the relative error ``||o - o_softmax|| / ||o_softmax||`` of its attention output
     against exact softmax attention on the same queries, keys and values, over ``data [num, seq_len]``. The model
-    runs on the softmax outputs meanwhile, so each layer is measured on exact inputs (no compounding)."""
-    _check_ids(data)
+    runs on the softmax outputs meanwhile, so each layer is measured on exact inputs (no compounding). ``data``
+    may also be images ``[num, channels, height, width]`` for a vision model (ViT)."""
+    _check_inputs(data)
     if not converted_layers(model):
         raise ValueError("the model has no converted layer; call attnkit.convert(model, mechanism=...) first")
     was, dev = model.training, _device(model)
@@ -709,7 +867,7 @@ def attention_errors(model: nn.Module, data: torch.Tensor, *, batch_size: int = 
     try:
         for ids in _chunks(data, batch_size):
             with _recording("compare") as rec:
-                model(input_ids=ids.to(dev), use_cache=False)
+                _run(model, ids.to(dev))
             for label, vals in rec.values.items():
                 s = torch.stack(vals).pow(2).sum(0)
                 sums[label] = sums.get(label, 0) + s
@@ -746,14 +904,15 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
     Args:
         data: token ids ``[num, seq_len]``; random batches of ``batch_size`` rows are drawn (``seed``).
         loss: ``"hedgehog"``: cross-entropy between the softmax attention weights and the linear attention
-            weights ``phi(q).phi(k) / sum`` (Hedgehog, eq. 4; materialises ``seq_len^2`` weights per head: use
+            weights ``phi(q).phi(k) / sum`` (Hedgehog's loss; materialises ``seq_len^2`` weights per head: use
             short sequences); ``"mse"``: mean squared error of the attention outputs over the teacher's mean
-            square (LoLCATs, eq. 5; any trainable mechanism).
+            square (LoLCATs' attention transfer; any trainable mechanism).
 
     The model runs on the softmax outputs (the teacher) during distillation, so every layer learns from exact
-    inputs, as in both papers.
+    inputs, as in both papers. ``data`` may also be images ``[num, channels, height, width]`` for a vision
+    model (ViT; bidirectional attention).
     """
-    _check_ids(data)
+    _check_inputs(data)
     if loss not in ("hedgehog", "mse"):
         raise ValueError(f"loss must be 'hedgehog' or 'mse', got {loss!r}")
     layers = converted_layers(model)
@@ -769,7 +928,7 @@ def distill(model: nn.Module, data: torch.Tensor, *, steps: int = 100, lr: float
         with _only_training(model, params):
             for ids in tqdm(_batches(data, batch_size, steps, seed), total=steps, desc="distill", disable=not progress):
                 with _recording("distill", loss) as rec:
-                    model(input_ids=ids.to(dev), use_cache=False)
+                    _run(model, ids.to(dev))
                 total = sum(torch.stack(v).sum() for v in rec.values.values()) / max(len(rec.values), 1)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
