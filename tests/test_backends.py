@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,8 +152,9 @@ def test_optional_packages_are_imported_only_when_used():
             "attnkit.neighborhood(x, x, x, 3)\n"
             "attnkit.linear_attention(q, q, q, causal=True)\n"
             "print(sorted(m for m in ('natten', 'flash_attn', 'fla', 'triton') if m in sys.modules))\n")
+    src = str(Path(__file__).resolve().parent.parent / "src")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": "src"})
+                         env={**os.environ, "PYTHONPATH": src})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
