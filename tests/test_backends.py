@@ -122,6 +122,17 @@ def test_linear_and_neighborhood_dispatch_on_cpu():
         attnkit.neighborhood(x, x, x, 3, engine="natten", score_mod=S.softcap(2.0))
 
 
+def test_flex_declines_decoding_steps_under_auto():
+    """A decoding step changes kv_len every call, and FlexAttention compiles per length: auto leaves it to others."""
+    from attnkit.backends.flex import flex_reasons
+
+    q, k, v = random_qkv(1, 2, 1, 300, 16)
+    call = dict(_call(q, k, v, P.causal()), device=torch.device("cuda"), auto=True)
+    assert any("decoding" in r for r in flex_reasons(call))
+    call["auto"] = False
+    assert flex_reasons(call) == []
+
+
 # -- listing -----------------------------------------------------------------------------------------------
 
 def test_backends_listing_python_and_cli(capsys):

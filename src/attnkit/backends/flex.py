@@ -34,6 +34,8 @@ __all__ = ["flex_available", "lower_pattern", "lower_score_mod", "block_mask_fro
 
 # FlexAttention's sparse block size (its default): the tile of the BlockMask, in queries and keys.
 BLOCK_SIZE = 128
+# Below this many queries auto leaves a call to the other engines (decoding steps change kv_len every call).
+DECODE_Q_LEN = 16
 # Distinct (pattern, modifier, shape) entries kept; each holds one BlockMask (int32, O(tiles)).
 CACHE_SIZE = 32
 # Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
@@ -167,6 +169,10 @@ def flex_reasons(call) -> list[str]:
             why.append("no C++ compiler found: torch.compile's CPU backend needs one")
     elif dev == "cuda" and call["head_dim"] < 16:
         why.append(f"head dim {call['head_dim']} < 16 (FlexAttention's CUDA kernels need >= 16)")
+    if call.get("auto") and call["q_len"] < DECODE_Q_LEN:
+        # Decoding grows kv_len by one per call, and every new length compiles anew (seconds each).
+        why.append(f"q_len {call['q_len']} < {DECODE_Q_LEN} under auto (decoding: one compile per cache length; "
+                   f"name engine='flex' to force it)")
     mod = call["score_mod"]
     if mod is not None and call["needs_grad"] and mod.grad_tensors():
         why.append("the score modifier has learnable tensors: this adapter passes no gradients to them "
