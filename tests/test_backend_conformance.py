@@ -227,3 +227,59 @@ def check_linear_case(backend: str, case: str, device: str) -> None:
     ref, ref_state = linear_attention_reference(q.double(), k.double(), v.double(), return_state=True, **kw)
     assert_close(out, ref, scale=8.0, msg=f"{backend} {case}")
     assert_close(state.S, ref_state.S, dtype=dtype, scale=8.0)
+
+
+# -- every registered mechanism through every backend of its operation ---------------------------------------
+# The mechanism registry's records of the exact, neighborhood and linear families run through each installed
+# backend (``attnkit.backends.use_engine`` routes their ``engine="auto"`` calls): the result equals the record's
+# reference (or, without one, the same record run through the operation's reference backend in float64), or the
+# backend refuses with ``NotSupportedError``, never a wrong answer. The always-available
+# backends (tiled, attnkit) must run every record.
+_FAMILY_OPS = {"exact": "attention", "neighborhood": "neighborhood", "linear": "linear"}
+_MUST_RUN = {"tiled", "attnkit"}
+
+
+def _mechanism_params():
+    for m in attnkit.list_mechanisms():
+        op = _FAMILY_OPS.get(m.family)
+        if op is None or m.kind != "attention":
+            continue
+        for b in list_backends(op):
+            if b.name == "reference":
+                continue
+            marks = [pytest.mark.slow] if b.name == "flex" and DEVICE == "cpu" else []
+            yield pytest.param(m.name, op, b.name, marks=marks, id=f"{m.name}@{b.name}")
+
+
+@pytest.mark.parametrize(("name", "operation", "backend"), list(_mechanism_params()))
+def test_registered_mechanism_through_backend(name, operation, backend):
+    from attnkit.backends import use_engine
+    from attnkit.testing import build_small, mechanism_inputs
+
+    b = attnkit.backends.get_backend(operation, backend)
+    _skip_unusable(b)
+    m = attnkit.mechanism_info(name)
+    causal = m.causal
+    built, params = build_small(m, seq_len=36, causal=causal, dtype=torch.float64)
+    if isinstance(built, torch.nn.Module):
+        built = built.to(DEVICE)
+    inputs = tuple(t.to(DEVICE) for t in mechanism_inputs(m, seq_len=36, dtype=torch.float64))
+    if m.reference is not None:
+        expected = m.reference(built, *inputs, **params)
+    else:  # the operation's reference backend, materialised, in float64
+        with use_engine(operation, "reference"):
+            expected = built(*inputs)
+    dtype = torch.float32 if backend != "flash" else torch.bfloat16
+    built32, _ = build_small(m, seq_len=36, causal=causal, dtype=dtype)
+    if isinstance(built32, torch.nn.Module):
+        built32 = built32.to(DEVICE)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    try:
+        with use_engine(operation, backend), torch.no_grad():
+            out = built32(*low)
+    except attnkit.NotSupportedError as exc:
+        # the always-available engines refuse only what needs the whole matrix (Sinkhorn)
+        assert backend not in _MUST_RUN or "whole matrix" in str(exc), f"{name}: {backend} refused: {exc}"
+        assert backend in str(exc)
+        return
+    assert_close(out, expected, dtype=dtype, scale=4.0 * m.tolerance_scale, msg=f"{name} through {backend}")

@@ -13,6 +13,7 @@
 | neighborhood   | `reference` | cpu, cuda | named                | (attnkit)        |
 | linear         | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
 | linear         | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
+| linear         | `reference` | cpu, cuda | named                | (attnkit)        |
 
 (*) the reference runs automatically only for what nothing else runs (normalisations that need the whole matrix);
 it refuses the rest under ``auto``. On CPU the tiled engine ranks before flex: its fused kernel path beats compiled
@@ -197,3 +198,7 @@ register_backend(Backend(
     "attnkit", "linear", "attnkit's parallel / chunked / recurrent modes", _no_reasons, _run_builtin,
     patterns="causal, non-causal", score_mods="decay per head",
     normalizations="denominator, none, rms", rank={"cpu": 0, "cuda": 1}))
+register_backend(Backend(
+    "reference", "linear", "the materialised quadratic form (linear_attention_reference): the spec", _no_reasons,
+    _run_builtin, patterns="causal, non-causal", score_mods="decay per head",
+    normalizations="denominator, none, rms", rank={}))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnkit.patterns import EMPTY, FULL, PARTIAL, Pattern
+from attnkit.patterns import FULL, PARTIAL, Pattern
 from attnkit.score_mods import ScoreMod
 
 __all__ = ["flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles", "flex_attention_call",
@@ -140,7 +140,6 @@ def block_mask_from_tiles(pattern: Pattern, q_len: int, kv_len: int, *, batch: i
     full_num, full_idx = ordered(full)
     if mask_mod is None:
         mask_mod = lower_pattern(pattern, q_len, kv_len, device)
-    assert int((cls == EMPTY).sum() + partial.sum() + full.sum()) == cls.numel()
     return BlockMask.from_kv_blocks(kv_num.contiguous(), kv_idx.contiguous(), full_num.contiguous(),
                                     full_idx.contiguous(), BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                     seq_lengths=(q_len, kv_len))
