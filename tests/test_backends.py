@@ -266,6 +266,28 @@ def test_flex_engine_on_cpu_inference_matches_reference():
     assert (out[0] == 0).all()  # batch 0 has no key: zeros, as every attnkit engine
 
 
+@pytest.mark.slow  # two failing compile attempts: ~30 s on a busy 2-core machine
+def test_a_pattern_flex_cannot_compile_is_refused_then_remembered():
+    """Forced: NotSupportedError with torch's reason. Under auto the run returns None with a warning (the caller
+    then picks the next engine), and flex's reasons name the failure from then on."""
+    from attnkit.backends.catalog import run_attention_backend
+
+    def data_dependent(b, h, q_idx, kv_idx):
+        keep = torch.nonzero(kv_idx.reshape(-1) % 7 == 0)  # data-dependent shape: not traceable
+        return (q_idx >= kv_idx) & (keep.numel() >= 0)
+
+    q, k, v = random_qkv(1, 2, 64, 64, 16)
+    pattern = P.custom(data_dependent, batch_dependent=False, head_dependent=False)
+    with torch.no_grad():
+        with pytest.raises(attnkit.NotSupportedError, match="could not compile"):
+            attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+        assert "could not compile" in " ".join(attnkit.not_supported_reasons(q, k, v, pattern=pattern)["flex"])
+        other = P.custom(data_dependent, batch_dependent=False, head_dependent=False)
+        with pytest.warns(RuntimeWarning, match="runs the next engine"):
+            assert run_attention_backend("flex", "auto", q, k, v, pattern=other, score_mod=None,
+                                         norm=resolve("softmax"), scale=0.25, return_lse=False) is None
+
+
 # -- optional libraries through stand-ins of their documented APIs -----------------------------------------
 
 def _fake_flash_module():

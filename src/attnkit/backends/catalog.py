@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnkit.backends.base import Backend, register_backend
+from attnkit.backends.base import Backend, get_backend, register_backend
 from attnkit.backends.fla import fla_reasons
 from attnkit.backends.flash import flash_reasons
 from attnkit.backends.flex import flex_reasons
@@ -75,6 +75,26 @@ def _reference_auto_reasons(c: Mapping[str, Any]) -> list[str]:
     if not c["norm"].is_global and c.get("auto"):
         why = why + ["the reference is chosen automatically only for normalisations that need the whole matrix"]
     return why
+
+
+def run_attention_backend(name, engine, q, k, v, *, pattern, score_mod, norm, scale, return_lse):
+    """Run the non-built-in backend ``name``. Under ``engine="auto"`` a pattern or modifier FlexAttention cannot
+    compile is remembered (flex then refuses it with that reason), a warning says so, and None is returned so the
+    caller picks the next engine; a named engine raises."""
+    from attnkit.backends.flex import FlexCompileError
+
+    call = attention_call(q, k, v, pattern=pattern, score_mod=score_mod, norm=norm, scale=scale,
+                          return_lse=return_lse)
+    try:
+        return get_backend("attention", name).run(call)
+    except FlexCompileError as exc:
+        if engine != "auto":
+            raise
+        import warnings
+
+        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def _run_builtin(c):  # the built-in engines run inside attnkit.attention itself

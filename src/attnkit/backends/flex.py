@@ -26,11 +26,12 @@ from collections.abc import Callable
 
 import torch
 
+from attnkit.errors import NotSupportedError
 from attnkit.patterns import FULL, PARTIAL, Pattern
 from attnkit.score_mods import ScoreMod
 
-__all__ = ["flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles", "flex_attention_call",
-           "flex_reasons", "BLOCK_SIZE"]
+__all__ = ["FlexCompileError", "flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles",
+           "flex_attention_call", "flex_reasons", "BLOCK_SIZE"]
 
 # FlexAttention's sparse block size (its default): the tile of the BlockMask, in queries and keys.
 BLOCK_SIZE = 128
@@ -41,6 +42,19 @@ CACHE_SIZE = 32
 # Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
 # handful of patterns, after which dynamo would silently run the unfused (quadratic) eager path.
 RECOMPILE_LIMIT = 256
+
+
+class FlexCompileError(NotSupportedError):
+    """FlexAttention could not trace or compile a pattern's ``mask_mod`` or a modifier's ``score_mod``."""
+
+
+# Patterns / modifiers that failed to compile (by id, holding the object so the id stays theirs): flex refuses them.
+_FAILED: dict[int, tuple[object, str]] = {}
+
+
+def _failed_reason(obj) -> str | None:
+    hit = _FAILED.get(id(obj))
+    return hit[1] if hit is not None and hit[0] is obj else None
 
 
 @functools.cache
@@ -172,6 +186,10 @@ def flex_reasons(call) -> list[str]:
         # Decoding grows kv_len by one per call, and every new length compiles anew (seconds each).
         why.append(f"q_len {call['q_len']} < {DECODE_Q_LEN} under auto (decoding: one compile per cache length; "
                    f"name engine='flex' to force it)")
+    for obj in (call["pattern"], call["score_mod"]):
+        failed = None if obj is None else _failed_reason(obj)
+        if failed:
+            why.append(f"FlexAttention could not compile {obj!r} before: {failed}")
     mod = call["score_mod"]
     if mod is not None and call["needs_grad"] and mod.grad_tensors():
         why.append("the score modifier has learnable tensors: this adapter passes no gradients to them "
@@ -212,9 +230,22 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pa
         q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses CPU inputs that require grad
     kw = dict(score_mod=score_fn, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != h)
     fn = _compiled()
-    if not return_lse:
-        return fn(q, k, v, **kw)
-    from torch.nn.attention.flex_attention import AuxRequest
+    try:
+        if not return_lse:
+            return fn(q, k, v, **kw)
+        from torch.nn.attention.flex_attention import AuxRequest
 
-    out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
-    return out, aux.lse
+        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+        return out, aux.lse
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        msg = f"{type(exc).__name__}: {first}"
+        for obj in (pattern, score_mod):
+            if obj is not None:
+                _FAILED[id(obj)] = (obj, msg)
+        while len(_FAILED) > CACHE_SIZE:
+            _FAILED.pop(next(iter(_FAILED)))
+        raise FlexCompileError(f"FlexAttention could not compile pattern {pattern!r} / score_mod {score_mod!r}: "
+                               f"{msg}") from exc
