@@ -288,6 +288,44 @@ def test_a_pattern_flex_cannot_compile_is_refused_then_remembered():
                                          norm=resolve("softmax"), scale=0.25, return_lse=False) is None
 
 
+@pytest.mark.parametrize(("shape", "kw"), [((32, 128), dict(kernel_size=13)),
+                                           ((32, 48), dict(kernel_size=(5, 7), dilation=(2, 3), stride=(1, 3),
+                                                           is_causal=(True, False))),
+                                           ((8, 16, 32), dict(kernel_size=(3, 5, 7), is_causal=(False, True, False)))])
+def test_neighborhood_tiles_of_the_permuted_layout_are_exact(shape, kw):
+    """Spatial-tile layout for FlexAttention: the analytic classes (per-axis any/all, outer product) equal the
+    dense mask's blocks, and the permutation is one."""
+    from attnkit.backends.flex import neighborhood_tile_classes, tile_permutation, tile_shape_for
+    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.ops.neighborhood.windows import make_spec
+
+    spec = make_spec(shape, kw["kernel_size"], kw.get("dilation", 1), kw.get("stride", 1), kw.get("is_causal", False))
+    tile = tile_shape_for(shape)
+    assert math.prod(tile) == 128 and all(s % t == 0 for s, t in zip(shape, tile))
+    n = spec.num_tokens
+    perm = tile_permutation(shape, tile, "cpu")
+    assert torch.equal(perm.sort().values, torch.arange(n))
+    dense = _cached_pattern(spec).materialize(n, n)[0, 0][perm][:, perm].view(n // 128, 128, n // 128, 128)
+    cls = neighborhood_tile_classes(spec, tile, "cpu")[0, 0]
+    assert torch.equal(cls != 0, dense.any(dim=(1, 3)))
+    assert torch.equal(cls == 2, dense.all(dim=(1, 3)))
+
+
+@pytest.mark.slow  # one FlexAttention compile on CPU
+def test_flex_neighborhood_in_spatial_tiles_matches_reference():
+    """A grid where spatial tiles compute fewer blocks than row-major strips (32 x 128, 13 x 13 windows), with
+    NAT's relative positional bias: the score modifier sees the original token indices."""
+    from attnkit.ops.neighborhood import neighborhood_bias, neighborhood_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 128, 16, generator=g) for _ in range(3))
+    bias = neighborhood_bias(2, (32, 128), 13)
+    with torch.no_grad():
+        out = attnkit.neighborhood(q, k, v, 13, engine="flex", score_mod=bias)
+        ref = neighborhood_reference(q.double(), k.double(), v.double(), 13, score_mod=bias.double())
+    assert_close(out, ref, scale=4.0)
+
+
 # -- optional libraries through stand-ins of their documented APIs -----------------------------------------
 
 def _fake_flash_module():

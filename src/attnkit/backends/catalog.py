@@ -161,14 +161,9 @@ def _nb_flex_reasons(c):
 
 
 def _run_nb_flex(c):
-    from attnkit.backends.flex import flex_attention_call
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.backends.flex import neighborhood_flex_call
 
-    q, k, v, spec = c["q"], c["k"], c["v"], c["spec"]
-    n = spec.num_tokens
-    flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]
-    out = flex_attention_call(*flat, pattern=_cached_pattern(spec), score_mod=c["score_mod"], scale=c["scale"])
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    return neighborhood_flex_call(c["q"], c["k"], c["v"], c["spec"], score_mod=c["score_mod"], scale=c["scale"])
 
 
 def _run_natten(c):
@@ -186,7 +181,8 @@ register_backend(Backend(
     dtypes=HALF_AND_SINGLE, patterns="neighborhood (kernel, dilation, stride, causal per axis)", score_mods="none",
     rank={"cuda": 0}, requires="natten", extra="natten", notes="CPU (flex-fna, unfused): inference only, named only"))
 register_backend(Backend(
-    "flex", "neighborhood", "torch FlexAttention on the flattened grid with the neighborhood BlockMask",
+    "flex", "neighborhood", "torch FlexAttention, tokens row-major or permuted into spatial tiles (whichever "
+    "computes fewer tiles), BlockMask from the windows' analytic tile classes",
     _nb_flex_reasons, _run_nb_flex, dtypes=HALF_AND_SINGLE, patterns="neighborhood", score_mods="any",
     rank={"cuda": 1}, notes="CPU: inference only, named only"))
 register_backend(Backend(
