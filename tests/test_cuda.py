@@ -262,3 +262,20 @@ def test_bench_cli_engines_and_peers_on_cuda(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     labels = {c["label"] for c in doc["results"]}
     assert {"sliding_window@flex", "sliding_window@tiled", "neighborhood_2d@tiled"} <= labels
+
+
+def test_flex_neighborhood_in_spatial_tiles_on_cuda():
+    """The flex neighborhood engine in its spatial-tile layout (32 x 128, 13 x 13 windows), forward and backward."""
+    from attnkit.ops.neighborhood import neighborhood_reference
+
+    _cpu_dry_run_skips("flex")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 32, 128, 32, generator=g).to(CUDA, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    out = attnkit.neighborhood(q, k, v, 13, engine="flex")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = neighborhood_reference(q64, k64, v64, 13)
+    assert_close(out, ref, scale=2.0)
+    g2 = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g2.to(torch.bfloat16)), _grads(ref, (q64, k64, v64), g2)):
+        assert_close(a, b, scale=8.0)
