@@ -146,7 +146,7 @@ def test_backends_listing_python_and_cli(capsys):
     assert flash["devices"] == ["cuda"] and flash["extra"] == "flash"
     tiled = next(r for r in records if r["name"] == "tiled" and r["operation"] == "attention")
     assert tiled["installed"] and "cpu" in tiled["usable_devices"]
-    assert [b.name for b in attnkit.list_backends("linear")] == ["fla", "attnkit"]
+    assert [b.name for b in attnkit.list_backends("linear")] == ["fla", "attnkit", "reference"]
     assert main(["backends", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == records
     assert main(["backends", "--operation", "neighborhood"]) == 0
