@@ -70,29 +70,35 @@ def _attention_params():
                 yield pytest.param(b.name, case, dtype, marks=marks, id=f"{b.name}-{case}-{str(dtype)[6:]}")
 
 
-def _skip_unusable(b):
+def _skip_unusable(b, device=DEVICE):
     if not b.installed():
         pytest.skip(f"{b.name}: {', '.join(b.missing())} not installed (attnkit[{b.extra}])")
-    if torch.device(DEVICE).type not in b.devices:
-        pytest.skip(f"{b.name} runs on {', '.join(b.devices)}, the test device is {DEVICE}")
+    if torch.device(device).type not in b.devices:
+        pytest.skip(f"{b.name} runs on {', '.join(b.devices)}, the test device is {device}")
 
 
-def _grad_here() -> bool:
+def _grad_here(device=DEVICE) -> bool:
     # CPU FlexAttention and NATTEN's CPU path are inference-only: on CPU the generated cases check the forward
     # (the engines' own test files cover CPU gradients of the tiled engines).
-    return DEVICE.startswith("cuda")
+    return str(device).startswith("cuda")
 
 
 @pytest.mark.parametrize(("backend", "case", "dtype"), list(_attention_params()))
 def test_attention_backend_matches_reference_or_refuses(backend, case, dtype):
+    check_attention_case(backend, case, dtype, DEVICE)
+
+
+def check_attention_case(backend: str, case: str, dtype: torch.dtype, device: str) -> None:
+    """Forced ``engine=backend`` on ``case`` agrees with the float64 reference (with gradients on CUDA), or the
+    backend's declared reasons refuse it and forcing it raises ``NotSupportedError``."""
     b = attnkit.backends.get_backend("attention", backend)
-    _skip_unusable(b)
-    kw = ATTENTION_CASES[case](N, DEVICE)
-    grad = _grad_here()
-    q, k, v = random_qkv(2, HEADS, N, N, DIM, kv_heads=KV_HEADS, dtype=dtype, device=DEVICE, requires_grad=grad)
+    _skip_unusable(b, device)
+    kw = ATTENTION_CASES[case](N, device)
+    grad = _grad_here(device)
+    q, k, v = random_qkv(2, HEADS, N, N, DIM, kv_heads=KV_HEADS, dtype=dtype, device=device, requires_grad=grad)
     mod = kw.get("score_mod")
     if mod is not None:
-        mod.to(DEVICE)
+        mod.to(device)
     call = attention_call(q, k, v, pattern=kw.get("pattern"), score_mod=mod,
                           norm=resolve(kw.get("normalization", "softmax")), scale=DIM ** -0.5)
     why = b.not_supported_reasons(call)
@@ -116,10 +122,14 @@ def test_attention_backend_matches_reference_or_refuses(backend, case, dtype):
 
 @pytest.mark.parametrize("backend", ["flex", "flash"])
 def test_return_lse_matches_reference(backend):
+    check_return_lse(backend, DEVICE)
+
+
+def check_return_lse(backend: str, device: str) -> None:
     b = attnkit.backends.get_backend("attention", backend)
-    _skip_unusable(b)
+    _skip_unusable(b, device)
     pattern = P.causal() & P.sliding_window(40)
-    q, k, v = random_qkv(2, HEADS, N, N, DIM, kv_heads=KV_HEADS, dtype=torch.bfloat16, device=DEVICE)
+    q, k, v = random_qkv(2, HEADS, N, N, DIM, kv_heads=KV_HEADS, dtype=torch.bfloat16, device=device)
     call = attention_call(q, k, v, pattern=pattern, score_mod=None, norm=resolve("softmax"), scale=DIM ** -0.5,
                           return_lse=True)
     if b.not_supported_reasons(call):
@@ -152,14 +162,18 @@ def _neighborhood_params():
 
 @pytest.mark.parametrize(("backend", "case"), list(_neighborhood_params()))
 def test_neighborhood_backend_matches_reference_or_refuses(backend, case):
+    check_neighborhood_case(backend, case, DEVICE)
+
+
+def check_neighborhood_case(backend: str, case: str, device: str) -> None:
     b = attnkit.backends.get_backend("neighborhood", backend)
-    _skip_unusable(b)
+    _skip_unusable(b, device)
     shape, dim_v, kw = NEIGHBORHOOD_CASES[case]
-    grad = _grad_here()
-    dtype = torch.bfloat16 if DEVICE.startswith("cuda") else torch.float32
+    grad = _grad_here(device)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, 4, *shape, 16, generator=g).to(DEVICE, dtype) for _ in range(2))
-    v = torch.randn(2, 4, *shape, dim_v, generator=g).to(DEVICE, dtype)
+    q, k = (torch.randn(2, 4, *shape, 16, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.randn(2, 4, *shape, dim_v, generator=g).to(device, dtype)
     for t in (q, k, v):
         t.requires_grad_(grad)
     spec = make_spec(shape, kw["kernel_size"], kw.get("dilation", 1), kw.get("stride", 1), kw.get("is_causal", False))
@@ -192,11 +206,15 @@ LINEAR_CASES = {
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
 @pytest.mark.parametrize("backend", [b.name for b in list_backends("linear")])
 def test_linear_backend_matches_reference_or_refuses(backend, case):
+    check_linear_case(backend, case, DEVICE)
+
+
+def check_linear_case(backend: str, case: str, device: str) -> None:
     b = attnkit.backends.get_backend("linear", backend)
-    _skip_unusable(b)
+    _skip_unusable(b, device)
     kw = dict(LINEAR_CASES[case])
-    dtype = torch.bfloat16 if DEVICE.startswith("cuda") else torch.float32
-    q, k, v = random_qkv(2, HEADS, 150, 150, DIM, kv_heads=KV_HEADS, dtype=dtype, device=DEVICE)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    q, k, v = random_qkv(2, HEADS, 150, 150, DIM, kv_heads=KV_HEADS, dtype=dtype, device=device)
     fm = attnkit.feature_maps.get(kw["feature_map"])
     call = linear_call(q, k, v, feature_map=fm, causal=kw["causal"], mode=kw.get("mode", "auto"),
                        features=fm.feature_dim(DIM))
@@ -209,3 +227,59 @@ def test_linear_backend_matches_reference_or_refuses(backend, case):
     ref, ref_state = linear_attention_reference(q.double(), k.double(), v.double(), return_state=True, **kw)
     assert_close(out, ref, scale=8.0, msg=f"{backend} {case}")
     assert_close(state.S, ref_state.S, dtype=dtype, scale=8.0)
+
+
+# -- every registered mechanism through every backend of its operation ---------------------------------------
+# The mechanism registry's records of the exact, neighborhood and linear families run through each installed
+# backend (``attnkit.backends.use_engine`` routes their ``engine="auto"`` calls): the result equals the record's
+# reference (or, without one, the same record run through the operation's reference backend in float64), or the
+# backend refuses with ``NotSupportedError``, never a wrong answer. The always-available
+# backends (tiled, attnkit) must run every record.
+_FAMILY_OPS = {"exact": "attention", "neighborhood": "neighborhood", "linear": "linear"}
+_MUST_RUN = {"tiled", "attnkit"}
+
+
+def _mechanism_params():
+    for m in attnkit.list_mechanisms():
+        op = _FAMILY_OPS.get(m.family)
+        if op is None or m.kind != "attention":
+            continue
+        for b in list_backends(op):
+            if b.name == "reference":
+                continue
+            marks = [pytest.mark.slow] if b.name == "flex" and DEVICE == "cpu" else []
+            yield pytest.param(m.name, op, b.name, marks=marks, id=f"{m.name}@{b.name}")
+
+
+@pytest.mark.parametrize(("name", "operation", "backend"), list(_mechanism_params()))
+def test_registered_mechanism_through_backend(name, operation, backend):
+    from attnkit.backends import use_engine
+    from attnkit.testing import build_small, mechanism_inputs
+
+    b = attnkit.backends.get_backend(operation, backend)
+    _skip_unusable(b)
+    m = attnkit.mechanism_info(name)
+    causal = m.causal
+    built, params = build_small(m, seq_len=36, causal=causal, dtype=torch.float64)
+    if isinstance(built, torch.nn.Module):
+        built = built.to(DEVICE)
+    inputs = tuple(t.to(DEVICE) for t in mechanism_inputs(m, seq_len=36, dtype=torch.float64))
+    if m.reference is not None:
+        expected = m.reference(built, *inputs, **params)
+    else:  # the operation's reference backend, materialised, in float64
+        with use_engine(operation, "reference"):
+            expected = built(*inputs)
+    dtype = torch.float32 if backend != "flash" else torch.bfloat16
+    built32, _ = build_small(m, seq_len=36, causal=causal, dtype=dtype)
+    if isinstance(built32, torch.nn.Module):
+        built32 = built32.to(DEVICE)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    try:
+        with use_engine(operation, backend), torch.no_grad():
+            out = built32(*low)
+    except attnkit.NotSupportedError as exc:
+        # the always-available engines refuse only what needs the whole matrix (Sinkhorn)
+        assert backend not in _MUST_RUN or "whole matrix" in str(exc), f"{name}: {backend} refused: {exc}"
+        assert backend in str(exc)
+        return
+    assert_close(out, expected, dtype=dtype, scale=4.0 * m.tolerance_scale, msg=f"{name} through {backend}")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +122,17 @@ def test_linear_and_neighborhood_dispatch_on_cpu():
         attnkit.neighborhood(x, x, x, 3, engine="natten", score_mod=S.softcap(2.0))
 
 
+def test_flex_declines_decoding_steps_under_auto():
+    """A decoding step changes kv_len every call, and FlexAttention compiles per length: auto leaves it to others."""
+    from attnkit.backends.flex import flex_reasons
+
+    q, k, v = random_qkv(1, 2, 1, 300, 16)
+    call = dict(_call(q, k, v, P.causal()), device=torch.device("cuda"), auto=True)
+    assert any("decoding" in r for r in flex_reasons(call))
+    call["auto"] = False
+    assert flex_reasons(call) == []
+
+
 # -- listing -----------------------------------------------------------------------------------------------
 
 def test_backends_listing_python_and_cli(capsys):
@@ -133,7 +146,7 @@ def test_backends_listing_python_and_cli(capsys):
     assert flash["devices"] == ["cuda"] and flash["extra"] == "flash"
     tiled = next(r for r in records if r["name"] == "tiled" and r["operation"] == "attention")
     assert tiled["installed"] and "cpu" in tiled["usable_devices"]
-    assert [b.name for b in attnkit.list_backends("linear")] == ["fla", "attnkit"]
+    assert [b.name for b in attnkit.list_backends("linear")] == ["fla", "attnkit", "reference"]
     assert main(["backends", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == records
     assert main(["backends", "--operation", "neighborhood"]) == 0
@@ -150,8 +163,9 @@ def test_optional_packages_are_imported_only_when_used():
             "attnkit.neighborhood(x, x, x, 3)\n"
             "attnkit.linear_attention(q, q, q, causal=True)\n"
             "print(sorted(m for m in ('natten', 'flash_attn', 'fla', 'triton') if m in sys.modules))\n")
+    src = str(Path(__file__).resolve().parent.parent / "src")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": "src"})
+                         env={**os.environ, "PYTHONPATH": src})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -250,6 +264,66 @@ def test_flex_engine_on_cpu_inference_matches_reference():
                             engine="reference")
     assert_close(out, ref, scale=4.0)
     assert (out[0] == 0).all()  # batch 0 has no key: zeros, as every attnkit engine
+
+
+@pytest.mark.slow  # two failing compile attempts: ~30 s on a busy 2-core machine
+def test_a_pattern_flex_cannot_compile_is_refused_then_remembered():
+    """Forced: NotSupportedError with torch's reason. Under auto the run returns None with a warning (the caller
+    then picks the next engine), and flex's reasons name the failure from then on."""
+    from attnkit.backends.catalog import run_attention_backend
+
+    def data_dependent(b, h, q_idx, kv_idx):
+        keep = torch.nonzero(kv_idx.reshape(-1) % 7 == 0)  # data-dependent shape: not traceable
+        return (q_idx >= kv_idx) & (keep.numel() >= 0)
+
+    q, k, v = random_qkv(1, 2, 64, 64, 16)
+    pattern = P.custom(data_dependent, batch_dependent=False, head_dependent=False)
+    with torch.no_grad():
+        with pytest.raises(attnkit.NotSupportedError, match="could not compile"):
+            attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+        assert "could not compile" in " ".join(attnkit.not_supported_reasons(q, k, v, pattern=pattern)["flex"])
+        other = P.custom(data_dependent, batch_dependent=False, head_dependent=False)
+        with pytest.warns(RuntimeWarning, match="runs the next engine"):
+            assert run_attention_backend("flex", "auto", q, k, v, pattern=other, score_mod=None,
+                                         norm=resolve("softmax"), scale=0.25, return_lse=False) is None
+
+
+@pytest.mark.parametrize(("shape", "kw"), [((32, 128), dict(kernel_size=13)),
+                                           ((32, 48), dict(kernel_size=(5, 7), dilation=(2, 3), stride=(1, 3),
+                                                           is_causal=(True, False))),
+                                           ((8, 16, 32), dict(kernel_size=(3, 5, 7), is_causal=(False, True, False)))])
+def test_neighborhood_tiles_of_the_permuted_layout_are_exact(shape, kw):
+    """Spatial-tile layout for FlexAttention: the analytic classes (per-axis any/all, outer product) equal the
+    dense mask's blocks, and the permutation is one."""
+    from attnkit.backends.flex import neighborhood_tile_classes, tile_permutation, tile_shape_for
+    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.ops.neighborhood.windows import make_spec
+
+    spec = make_spec(shape, kw["kernel_size"], kw.get("dilation", 1), kw.get("stride", 1), kw.get("is_causal", False))
+    tile = tile_shape_for(shape)
+    assert math.prod(tile) == 128 and all(s % t == 0 for s, t in zip(shape, tile))
+    n = spec.num_tokens
+    perm = tile_permutation(shape, tile, "cpu")
+    assert torch.equal(perm.sort().values, torch.arange(n))
+    dense = _cached_pattern(spec).materialize(n, n)[0, 0][perm][:, perm].view(n // 128, 128, n // 128, 128)
+    cls = neighborhood_tile_classes(spec, tile, "cpu")[0, 0]
+    assert torch.equal(cls != 0, dense.any(dim=(1, 3)))
+    assert torch.equal(cls == 2, dense.all(dim=(1, 3)))
+
+
+@pytest.mark.slow  # one FlexAttention compile on CPU
+def test_flex_neighborhood_in_spatial_tiles_matches_reference():
+    """A grid where spatial tiles compute fewer blocks than row-major strips (32 x 128, 13 x 13 windows), with
+    NAT's relative positional bias: the score modifier sees the original token indices."""
+    from attnkit.ops.neighborhood import neighborhood_bias, neighborhood_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 128, 16, generator=g) for _ in range(3))
+    bias = neighborhood_bias(2, (32, 128), 13)
+    with torch.no_grad():
+        out = attnkit.neighborhood(q, k, v, 13, engine="flex", score_mod=bias)
+        ref = neighborhood_reference(q.double(), k.double(), v.double(), 13, score_mod=bias.double())
+    assert_close(out, ref, scale=4.0)
 
 
 # -- optional libraries through stand-ins of their documented APIs -----------------------------------------

@@ -167,3 +167,144 @@ def test_bench_cli_quick_on_cuda(tmp_path):
     rc = main(["bench", "--quick", "--device", CUDA, "--mechanisms", "softmax,sliding_window,nystrom",
                "--out", str(tmp_path), "--no-progress", "--no-plots"])
     assert rc == 0 and (tmp_path / "results.json").exists()
+
+
+# -- backends (issue 18): every installed backend against the reference on the GPU ---------------------------
+# The same generated cases as tests/test_backend_conformance.py, with gradients, on CUDA. Backends whose package
+# is missing are skipped with the extra to install. The CPU dry-run (ATTNKIT_TEST_DEVICE=cpu) runs them without
+# gradients and leaves FlexAttention's per-case CPU compiles to `pytest -m slow tests/test_backend_conformance.py`.
+from test_backend_conformance import (  # noqa: E402
+    ATTENTION_CASES,
+    LINEAR_CASES,
+    NEIGHBORHOOD_CASES,
+    check_attention_case,
+    check_linear_case,
+    check_neighborhood_case,
+    check_return_lse,
+)
+
+_ON_GPU = CUDA.startswith("cuda")
+_BACKEND_DTYPES = [torch.bfloat16, torch.float16] if _ON_GPU else [torch.float32]
+
+
+def _cpu_dry_run_skips(backend: str) -> None:
+    if not _ON_GPU and backend == "flex":
+        pytest.skip("CPU dry-run: FlexAttention compiles per case on CPU "
+                    "(pytest -m slow tests/test_backend_conformance.py runs them)")
+
+
+# FlexAttention compiles forward and backward per case (~10-20 s on a GPU): a representative set runs here, in
+# bf16; `pytest tests/test_backend_conformance.py` on the GPU runs every case and dtype.
+FLEX_GPU_CASES = ("causal_window", "document_causal", "global", "key_padding_empty_row", "alibi_causal",
+                  "softcap_alibi_window", "relative_bias")
+
+
+def _attention_backend_params():
+    for backend in ("sdpa", "flash", "tiled"):
+        for case in sorted(ATTENTION_CASES):
+            for dtype in _BACKEND_DTYPES:
+                yield pytest.param(backend, case, dtype, id=f"{backend}-{case}-{str(dtype)[6:]}")
+    for case in FLEX_GPU_CASES:
+        yield pytest.param("flex", case, _BACKEND_DTYPES[0], id=f"flex-{case}")
+
+
+@pytest.mark.parametrize(("backend", "case", "dtype"), list(_attention_backend_params()))
+def test_attention_backends_on_cuda(backend, case, dtype):
+    _cpu_dry_run_skips(backend)
+    check_attention_case(backend, case, dtype, CUDA)
+
+
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_return_lse_on_cuda(backend):
+    _cpu_dry_run_skips(backend)
+    check_return_lse(backend, CUDA)
+
+
+@pytest.mark.parametrize("case", sorted(NEIGHBORHOOD_CASES))
+@pytest.mark.parametrize("backend", ["natten", "flex", "tiled"])
+def test_neighborhood_backends_on_cuda(backend, case):
+    _cpu_dry_run_skips(backend)
+    check_neighborhood_case(backend, case, CUDA)
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+@pytest.mark.parametrize("backend", ["fla", "attnkit"])
+def test_linear_backends_on_cuda(backend, case):
+    check_linear_case(backend, case, CUDA)
+
+
+def test_auto_picks_the_fast_backend_per_device():
+    """engine='auto' on CUDA: flash-attn (if installed) or FlexAttention for a window, NATTEN (if installed) or
+    FlexAttention for a neighborhood, fla (if installed) for causal linear; on CPU today's fused paths."""
+    from attnkit.backends import get_backend, select
+    from attnkit.backends.catalog import attention_call, linear_call, neighborhood_call
+    from attnkit.normalizations import resolve
+    from attnkit.ops.neighborhood.windows import make_spec
+
+    q, k, v = random_qkv(1, 4, 256, 256, 64, dtype=torch.bfloat16, device=CUDA, requires_grad=True)
+    call = attention_call(q, k, v, pattern=P.causal() & P.sliding_window(64), score_mod=None,
+                          norm=resolve("softmax"), scale=0.125)
+    chosen = select("attention", "auto", call).name
+    if _ON_GPU:
+        assert chosen == ("flash" if get_backend("attention", "flash").installed() else "flex")
+    else:
+        assert chosen == "tiled"
+    x = torch.randn(1, 4, 16, 16, 64, dtype=torch.bfloat16, device=CUDA, requires_grad=True)
+    nb = select("neighborhood", "auto", neighborhood_call(x, x, x, make_spec((16, 16), 7), score_mod=None,
+                                                          scale=0.125)).name
+    if _ON_GPU:
+        assert nb == ("natten" if get_backend("neighborhood", "natten").installed() else "flex")
+    else:
+        assert nb == "tiled"
+    fm = attnkit.feature_maps.get("elu")
+    lin = select("linear", "auto", linear_call(q, k, v, feature_map=fm, causal=True, mode="auto")).name
+    assert lin == ("fla" if _ON_GPU and get_backend("linear", "fla").installed() else "attnkit")
+
+
+def test_flex_sliding_window_long_bf16_matches_tiled_and_is_cached():
+    """The issue's target shape (sliding window, bf16) through the flex engine, against the tiled engine on sampled
+    rows; the second call reuses the cached BlockMask and compiled kernel."""
+    from attnkit.backends import flex as flex_mod
+
+    _cpu_dry_run_skips("flex")
+    n = 16384
+    pattern = P.causal() & P.sliding_window(1024)
+    q, k, v = random_qkv(1, 8, n, n, 64, dtype=torch.bfloat16, device=CUDA)
+    out = attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+    entries = len(flex_mod._CACHE)
+    out2 = attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+    assert len(flex_mod._CACHE) == entries and torch.equal(out, out2)
+    rows = slice(n - 300, n)
+    ref = attnkit.attention(q[:, :, rows].double(), k.double(), v.double(), pattern=pattern, engine="tiled")
+    assert_close(out[:, :, rows], ref, dtype=torch.bfloat16, scale=2.0)
+
+
+def test_bench_cli_engines_and_peers_on_cuda(tmp_path):
+    from attnkit.cli import main
+
+    rc = main(["bench", "--quick", "--device", CUDA, "--mechanisms", "sliding_window,neighborhood_2d,linear_elu",
+               "--engines", "flex,tiled,natten,fla,flash,attnkit", "--seq-lens", "1024", "--out", str(tmp_path),
+               "--no-progress", "--no-plots", "--time-budget", "120"])
+    assert rc == 0
+    import json
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    labels = {c["label"] for c in doc["results"]}
+    assert {"sliding_window@flex", "sliding_window@tiled", "neighborhood_2d@tiled"} <= labels
+
+
+def test_flex_neighborhood_in_spatial_tiles_on_cuda():
+    """The flex neighborhood engine in its spatial-tile layout (32 x 128, 13 x 13 windows), forward and backward."""
+    from attnkit.ops.neighborhood import neighborhood_reference
+
+    _cpu_dry_run_skips("flex")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 32, 128, 32, generator=g).to(CUDA, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    out = attnkit.neighborhood(q, k, v, 13, engine="flex")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = neighborhood_reference(q64, k64, v64, 13)
+    assert_close(out, ref, scale=2.0)
+    g2 = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g2.to(torch.bfloat16)), _grads(ref, (q64, k64, v64), g2)):
+        assert_close(a, b, scale=8.0)

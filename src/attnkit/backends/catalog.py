@@ -13,6 +13,7 @@
 | neighborhood   | `reference` | cpu, cuda | named                | (attnkit)        |
 | linear         | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
 | linear         | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
+| linear         | `reference` | cpu, cuda | named                | (attnkit)        |
 
 (*) the reference runs automatically only for what nothing else runs (normalisations that need the whole matrix);
 it refuses the rest under ``auto``. On CPU the tiled engine ranks before flex: its fused kernel path beats compiled
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnkit.backends.base import Backend, register_backend
+from attnkit.backends.base import Backend, get_backend, register_backend
 from attnkit.backends.fla import fla_reasons
 from attnkit.backends.flash import flash_reasons
 from attnkit.backends.flex import flex_reasons
@@ -74,6 +75,26 @@ def _reference_auto_reasons(c: Mapping[str, Any]) -> list[str]:
     if not c["norm"].is_global and c.get("auto"):
         why = why + ["the reference is chosen automatically only for normalisations that need the whole matrix"]
     return why
+
+
+def run_attention_backend(name, engine, q, k, v, *, pattern, score_mod, norm, scale, return_lse):
+    """Run the non-built-in backend ``name``. Under ``engine="auto"`` a pattern or modifier FlexAttention cannot
+    compile is remembered (flex then refuses it with that reason), a warning says so, and None is returned so the
+    caller picks the next engine; a named engine raises."""
+    from attnkit.backends.flex import FlexCompileError
+
+    call = attention_call(q, k, v, pattern=pattern, score_mod=score_mod, norm=norm, scale=scale,
+                          return_lse=return_lse)
+    try:
+        return get_backend("attention", name).run(call)
+    except FlexCompileError as exc:
+        if engine != "auto":
+            raise
+        import warnings
+
+        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def _run_builtin(c):  # the built-in engines run inside attnkit.attention itself
@@ -140,14 +161,9 @@ def _nb_flex_reasons(c):
 
 
 def _run_nb_flex(c):
-    from attnkit.backends.flex import flex_attention_call
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.backends.flex import neighborhood_flex_call
 
-    q, k, v, spec = c["q"], c["k"], c["v"], c["spec"]
-    n = spec.num_tokens
-    flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]
-    out = flex_attention_call(*flat, pattern=_cached_pattern(spec), score_mod=c["score_mod"], scale=c["scale"])
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    return neighborhood_flex_call(c["q"], c["k"], c["v"], c["spec"], score_mod=c["score_mod"], scale=c["scale"])
 
 
 def _run_natten(c):
@@ -165,7 +181,8 @@ register_backend(Backend(
     dtypes=HALF_AND_SINGLE, patterns="neighborhood (kernel, dilation, stride, causal per axis)", score_mods="none",
     rank={"cuda": 0}, requires="natten", extra="natten", notes="CPU (flex-fna, unfused): inference only, named only"))
 register_backend(Backend(
-    "flex", "neighborhood", "torch FlexAttention on the flattened grid with the neighborhood BlockMask",
+    "flex", "neighborhood", "torch FlexAttention, tokens row-major or permuted into spatial tiles (whichever "
+    "computes fewer tiles), BlockMask from the windows' analytic tile classes",
     _nb_flex_reasons, _run_nb_flex, dtypes=HALF_AND_SINGLE, patterns="neighborhood", score_mods="any",
     rank={"cuda": 1}, notes="CPU: inference only, named only"))
 register_backend(Backend(
@@ -197,3 +214,7 @@ register_backend(Backend(
     "attnkit", "linear", "attnkit's parallel / chunked / recurrent modes", _no_reasons, _run_builtin,
     patterns="causal, non-causal", score_mods="decay per head",
     normalizations="denominator, none, rms", rank={"cpu": 0, "cuda": 1}))
+register_backend(Backend(
+    "reference", "linear", "the materialised quadratic form (linear_attention_reference): the spec", _no_reasons,
+    _run_builtin, patterns="causal, non-causal", score_mods="decay per head",
+    normalizations="denominator, none, rms", rank={}))

@@ -35,6 +35,8 @@ def fla_reasons(call) -> list[str]:
         why.append("non-causal (fla's kernels are causal; attnkit's parallel mode runs the non-causal form)")
     if call["mode"] not in ("auto", "chunked"):
         why.append(f"mode={call['mode']!r} (fla runs the chunked form; use mode='auto' or 'chunked')")
+    if call.get("auto") and call["q"].shape[2] == 1:
+        why.append("a single token under auto (decoding: attnkit's recurrent step reads the state once)")
     m = call.get("features")
     if m is not None and m > MAX_FEATURES:
         why.append(f"{m} features > {MAX_FEATURES} (fla's chunk kernels)")

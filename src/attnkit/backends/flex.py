@@ -20,25 +20,42 @@ FlexAttention on CPU for inference only (no backward, no log-sum-exp); the engin
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
-from attnkit.patterns import EMPTY, FULL, PARTIAL, Pattern
+from attnkit.errors import NotSupportedError
+from attnkit.patterns import FULL, PARTIAL, Pattern
 from attnkit.score_mods import ScoreMod
 
-__all__ = ["flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles", "flex_attention_call",
-           "flex_reasons", "BLOCK_SIZE"]
+__all__ = ["FlexCompileError", "flex_available", "lower_pattern", "lower_score_mod", "block_mask_from_tiles",
+           "flex_attention_call", "flex_reasons", "neighborhood_flex_call", "tile_shape_for", "BLOCK_SIZE"]
 
 # FlexAttention's sparse block size (its default): the tile of the BlockMask, in queries and keys.
 BLOCK_SIZE = 128
+# Below this many queries auto leaves a call to the other engines (decoding steps change kv_len every call).
+DECODE_Q_LEN = 16
 # Distinct (pattern, modifier, shape) entries kept; each holds one BlockMask (int32, O(tiles)).
 CACHE_SIZE = 32
 # Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
 # handful of patterns, after which dynamo would silently run the unfused (quadratic) eager path.
 RECOMPILE_LIMIT = 256
+
+
+class FlexCompileError(NotSupportedError):
+    """FlexAttention could not trace or compile a pattern's ``mask_mod`` or a modifier's ``score_mod``."""
+
+
+# Patterns / modifiers that failed to compile (by id, holding the object so the id stays theirs): flex refuses them.
+_FAILED: dict[int, tuple[object, str]] = {}
+
+
+def _failed_reason(obj) -> str | None:
+    hit = _FAILED.get(id(obj))
+    return hit[1] if hit is not None and hit[0] is obj else None
 
 
 @functools.cache
@@ -138,7 +155,6 @@ def block_mask_from_tiles(pattern: Pattern, q_len: int, kv_len: int, *, batch: i
     full_num, full_idx = ordered(full)
     if mask_mod is None:
         mask_mod = lower_pattern(pattern, q_len, kv_len, device)
-    assert int((cls == EMPTY).sum() + partial.sum() + full.sum()) == cls.numel()
     return BlockMask.from_kv_blocks(kv_num.contiguous(), kv_idx.contiguous(), full_num.contiguous(),
                                     full_idx.contiguous(), BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                     seq_lengths=(q_len, kv_len))
@@ -167,6 +183,14 @@ def flex_reasons(call) -> list[str]:
             why.append("no C++ compiler found: torch.compile's CPU backend needs one")
     elif dev == "cuda" and call["head_dim"] < 16:
         why.append(f"head dim {call['head_dim']} < 16 (FlexAttention's CUDA kernels need >= 16)")
+    if call.get("auto") and call["q_len"] < DECODE_Q_LEN:
+        # Decoding grows kv_len by one per call, and every new length compiles anew (seconds each).
+        why.append(f"q_len {call['q_len']} < {DECODE_Q_LEN} under auto (decoding: one compile per cache length; "
+                   f"name engine='flex' to force it)")
+    for obj in (call["pattern"], call["score_mod"]):
+        failed = None if obj is None else _failed_reason(obj)
+        if failed:
+            why.append(f"FlexAttention could not compile {obj!r} before: {failed}")
     mod = call["score_mod"]
     if mod is not None and call["needs_grad"] and mod.grad_tensors():
         why.append("the score modifier has learnable tensors: this adapter passes no gradients to them "
@@ -207,9 +231,164 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pa
         q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses CPU inputs that require grad
     kw = dict(score_mod=score_fn, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != h)
     fn = _compiled()
-    if not return_lse:
-        return fn(q, k, v, **kw)
-    from torch.nn.attention.flex_attention import AuxRequest
+    try:
+        if not return_lse:
+            return fn(q, k, v, **kw)
+        from torch.nn.attention.flex_attention import AuxRequest
 
-    out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
-    return out, aux.lse
+        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+        return out, aux.lse
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        msg = f"{type(exc).__name__}: {first}"
+        for obj in (pattern, score_mod):
+            if obj is not None:
+                _FAILED[id(obj)] = (obj, msg)
+        while len(_FAILED) > CACHE_SIZE:
+            _FAILED.pop(next(iter(_FAILED)))
+        raise FlexCompileError(f"FlexAttention could not compile pattern {pattern!r} / score_mod {score_mod!r}: "
+                               f"{msg}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Neighborhoods: tokens permuted into spatial tiles where that skips more
+# ------------------------------------------------------------------------------------------------------------
+# Flattened row-major, a block of 128 tokens of a 2-D grid is a strip; permuted so that each block is a spatial
+# tile (8 x 16 in 2-D), a tile's neighbours form a small box of tiles ("Generalized Neighborhood Attention",
+# Hassani et al. 2025; NATTEN's token permutation for its flex backend). Which layout computes fewer tiles depends
+# on the kernel: 128 x 128 with 13 x 13 windows needs 1,012 tiles permuted against 1,664 row-major, 7 x 7 windows
+# 1,012 against 896, and 16 x 32 x 32 with 3 x 7 x 7 2,200 against 1,056. Both counts are analytic, so the engine
+# takes the layout with fewer non-empty tiles.
+
+def tile_shape_for(shape: tuple[int, ...], block: int = BLOCK_SIZE) -> tuple[int, ...] | None:
+    """The most cubic tile of ``block`` tokens whose sides divide ``shape`` (None for 1-D or when none divides)."""
+    if len(shape) == 1:
+        return None
+    best = None
+
+    def rec(prefix: tuple[int, ...], left: int) -> None:
+        nonlocal best
+        axis = len(prefix)
+        if axis == len(shape) - 1:
+            t = prefix + (left,)
+            if all(s % x == 0 for s, x in zip(shape, t)):
+                spread = max(t) / min(t)
+                if best is None or spread < best[0]:
+                    best = (spread, t)
+            return
+        x = 1
+        while x <= left:
+            if left % x == 0 and shape[axis] % x == 0:
+                rec(prefix + (x,), left // x)
+            x *= 2
+
+    rec((), block)
+    return None if best is None else best[1]
+
+
+def tile_permutation(shape: tuple[int, ...], tile: tuple[int, ...], device) -> torch.Tensor:
+    """``perm`` with ``perm[new] = old``: flat row-major indices listed tile by tile (tiles row-major, tokens
+    row-major inside each tile)."""
+    nd = len(shape)
+    split = []
+    for s, t in zip(shape, tile):
+        split += [s // t, t]
+    idx = torch.arange(math.prod(shape), device=device).view(*split)
+    order = [2 * a for a in range(nd)] + [2 * a + 1 for a in range(nd)]
+    return idx.permute(*order).reshape(-1)
+
+
+def neighborhood_tile_classes(spec, tile: tuple[int, ...], device) -> torch.Tensor:
+    """Tile classes ``[1, 1, n_tiles, n_tiles]`` of the permuted layout. Neighborhoods are a product over axes of
+    1-D windows, so a (query tile, key tile) pair is empty if on some axis no query-key pair of the two tiles is
+    allowed, and full if on every axis all are: per-axis ``any`` / ``all`` tables, then an outer product."""
+    from attnkit.ops.neighborhood.windows import axis_bounds, member
+
+    some = every = None
+    for axis, t in zip(spec.axes, tile):
+        n = axis.length
+        x = torch.arange(n, device=device)
+        g, lo, hi = axis_bounds(x.view(-1, 1), axis)
+        m = member(g, lo, hi, x.view(1, -1), axis.dilation).view(n // t, t, n // t, t)
+        s_a, e_a = m.any(dim=(1, 3)), m.all(dim=(1, 3))  # [query tiles of the axis, key tiles of the axis]
+        if some is None:
+            some, every = s_a, e_a
+            continue
+        a, b = some.shape
+        c, d = s_a.shape
+        some = (some.view(a, 1, b, 1) & s_a.view(1, c, 1, d)).reshape(a * c, b * d)
+        every = (every.view(a, 1, b, 1) & e_a.view(1, c, 1, d)).reshape(a * c, b * d)
+    cls = torch.full(some.shape, PARTIAL, dtype=torch.int8, device=device)
+    cls[~some] = 0
+    cls[every] = FULL
+    return cls[None, None]
+
+
+def _ordered_blocks(cls: torch.Tensor):
+    def ordered(sel):
+        idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)
+        return sel.sum(-1).to(torch.int32).contiguous(), idx.to(torch.int32).contiguous()
+
+    return (*ordered(cls == PARTIAL), *ordered(cls == FULL))
+
+
+_NB_CACHE: OrderedDict = OrderedDict()
+
+
+def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, *, score_mod: ScoreMod | None,
+                           scale: float) -> torch.Tensor:
+    """Neighborhood attention through FlexAttention on ``[B, H, *spatial, D]`` tensors, in the token layout
+    (row-major or spatial tiles) that computes fewer tiles; ``score_mod`` sees the original flat token indices."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from attnkit.ops.neighborhood.pattern import _cached_pattern
+
+    n = spec.num_tokens
+    flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]
+    pattern = _cached_pattern(spec)
+    key = (spec, id(score_mod), str(q.device))
+    hit = _NB_CACHE.get(key)
+    if hit is None or hit[0] is not score_mod:
+        tile = tile_shape_for(spec.shape)
+        cls = None if tile is None else neighborhood_tile_classes(spec, tile, q.device)
+        if cls is not None:
+            rowmajor = pattern.tile_classes(n, n, BLOCK_SIZE, BLOCK_SIZE, device=q.device)
+            if int((cls != 0).sum()) >= int((rowmajor != 0).sum()):
+                cls = None
+        if cls is None:
+            hit = (score_mod, None)
+        else:
+            perm = tile_permutation(spec.shape, tile, q.device)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(n, device=q.device)
+
+            def mask_mod(b, h, qi, ki):
+                return pattern.allowed(b, h, perm[qi], perm[ki], n, n)
+
+            bm = BlockMask.from_kv_blocks(*_ordered_blocks(cls), BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
+                                          mask_mod=mask_mod, seq_lengths=(n, n))
+            score_fn = None
+            if score_mod is not None:
+                def score_fn(score, b, h, qi, ki):
+                    return score_mod(score, b, h, perm[qi], perm[ki], n, n)
+            hit = (score_mod, (perm, inv, bm, score_fn))
+        _NB_CACHE[key] = hit
+        while len(_NB_CACHE) > CACHE_SIZE:
+            _NB_CACHE.popitem(last=False)
+    if hit[1] is None:
+        out = flex_attention_call(*flat, pattern=pattern, score_mod=score_mod, scale=scale)
+        return out.reshape(*q.shape[:-1], v.shape[-1])
+    perm, inv, bm, score_fn = hit[1]
+    qp, kp, vp = (t[:, :, perm] for t in flat)
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
+    try:
+        out = _compiled()(qp, kp, vp, score_mod=score_fn, block_mask=bm, scale=scale,
+                          enable_gqa=k.shape[1] != q.shape[1])
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        raise FlexCompileError(f"FlexAttention could not compile {pattern!r}: {type(exc).__name__}") from exc
+    return out[:, :, inv].reshape(*q.shape[:-1], v.shape[-1])

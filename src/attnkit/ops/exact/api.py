@@ -163,12 +163,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
                          f"softmax's normaliser")
     chosen = select_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
     if chosen not in ENGINES:
-        from attnkit.backends import get_backend
-        from attnkit.backends.catalog import attention_call
+        from attnkit.backends.catalog import run_attention_backend
 
-        call = attention_call(q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=scale,
-                              return_lse=return_lse)
-        return get_backend("attention", chosen).run(call)
+        out = run_attention_backend(chosen, engine, q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=scale,
+                                    return_lse=return_lse)
+        if out is not None:
+            return out
+        chosen = select_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)  # the failed one now refuses
+        if chosen not in ENGINES:
+            return run_attention_backend(chosen, "named", q, k, v, pattern=pattern, score_mod=mod, norm=norm,
+                                         scale=scale, return_lse=return_lse)
     if return_lse:  # only the reference among the built-in engines
         from attnkit.backends.exact_lse import reference_lse
 

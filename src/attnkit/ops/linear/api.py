@@ -122,7 +122,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             previous call: this call continues that sequence.
         return_state: also return the state after the last token.
         engine: ``"auto"`` (flash-linear-attention's chunked kernels for causal calls on CUDA when ``attnkit[fla]``
-            is installed, else attnkit's own modes), ``"attnkit"`` or ``"fla"`` (see ``attnkit backends``).
+            is installed, else attnkit's own modes), ``"attnkit"``, ``"fla"`` or ``"reference"`` (the materialised
+            quadratic form, for tests; see ``attnkit backends``).
 
     Returns:
         ``out [batch, heads, n, d_v]`` in the dtype of ``q`` (half precisions compute in float32), and with
@@ -150,6 +151,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     backend = select("linear", engine, linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode,
                                                    features=fm.feature_dim(q.shape[-1])))
+    if backend.name == "reference":
+        from attnkit.ops.linear.reference import linear_attention_reference
+
+        if isinstance(state, (tuple, list)):
+            state = LinearAttentionState(state[0], state[1], 0)
+        return linear_attention_reference(q, k, v, feature_map=fm, causal=causal, decay=decay, normalize=normalize,
+                                          eps=eps, state=state, return_state=return_state)
     if mode == "auto":
         mode = "parallel" if not causal else ("recurrent" if n == 1 else "chunked")
     if backend.name == "fla":
