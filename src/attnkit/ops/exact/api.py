@@ -173,11 +173,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         if chosen not in ENGINES:
             return run_attention_backend(chosen, "named", q, k, v, pattern=pattern, score_mod=mod, norm=norm,
                                          scale=scale, return_lse=return_lse)
-    if return_lse:  # only the reference among the built-in engines
+    if return_lse:
+        # built-in engines: the output as usual, the log-sum-exp by blocks of query rows (memory O(block * kv_len))
         from attnkit.backends.exact_lse import reference_lse
 
-        out = reference_attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale)
-        return out, reference_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
+        from .weights import attention_lse
+
+        out = attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale, engine=chosen,
+                        block_q=block_q, block_kv=block_kv)
+        if chosen == "reference":
+            return out, reference_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
+        return out, attention_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
     if chosen == "sdpa":
         is_causal = pattern is not None and not isinstance(pattern, _Full)
         if k.shape[1] != heads and _SDPA_HAS_GQA:

@@ -121,6 +121,11 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, *, pattern: Pattern | None =
     mod, _, scale = _prepare(q, k, pattern, score_mod, "softmax", scale)
     q_len, kv_len = q.shape[2], k.shape[2]
     idx = torch.arange(q_len, device=q.device)
-    out = [torch.logsumexp(_scores(q[:, :, s:s + block_q], k, idx[s:s + block_q], pattern, mod, scale, q_len,
-                                   kv_len), dim=-1) for s in range(0, q_len, block_q)]
+    out = []
+    for s in range(0, q_len, block_q):
+        sc = _scores(q[:, :, s:s + block_q], k, idx[s:s + block_q], pattern, mod, scale, q_len, kv_len)
+        empty = torch.isneginf(sc).all(dim=-1, keepdim=True)
+        # fill rows with no allowed key before the reduction, so the backward stays finite, then mark them -inf
+        lse = torch.logsumexp(sc.masked_fill(empty, 0.0), dim=-1)
+        out.append(lse.masked_fill(empty[..., 0], float("-inf")))
     return torch.cat(out, dim=2) if out else q.new_zeros(q.shape[0], q.shape[1], 0, dtype=torch.float32)
