@@ -93,8 +93,14 @@ def test_half_precision_runs(name, dtype):
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_fast_path_matches_reference(name, seq_len, dtype):
     m = attnkit.mechanism_info(name)
-    built64, params = build_small(m, seq_len=seq_len, dtype=torch.float64)
     inputs64 = mechanism_inputs(m, seq_len=seq_len, dtype=torch.float64)
+    try:
+        built64, params = build_small(m, seq_len=seq_len, dtype=torch.float64)
+        _run(m, built64, inputs64)
+    except ValueError:
+        if seq_len == 1:  # a clear refusal of length 1 (kernels, landmarks): test_shape_finite_and_gradients
+            pytest.skip("refuses length 1")
+        raise
     if not m.deterministic:
         torch.manual_seed(0)
     expected = m.reference(built64, *inputs64, **params)

@@ -84,6 +84,10 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
             if q.dim() != 4:
                 raise ValueError(f"{name} takes [batch, heads, seq, dim] tensors (seq laid out on a {ndim}-D grid), "
                                  f"got q of shape {tuple(q.shape)}; call attnkit.neighborhood for spatial inputs")
+            if k.dim() != 4 or v.dim() != 4 or k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+                raise ValueError(f"{name} is self-attention on one grid: q, k and v must be [batch, heads, seq, dim] "
+                                 f"with the same seq, got q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+                                 f"{tuple(v.shape)} (decoding with fewer queries than keys is not supported)")
             n = q.shape[2]
             grid = _grid(n, ndim, spatial_shape)
             kw = dict(params)
@@ -93,6 +97,17 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
 
         run.pattern_for = pattern_for  # type: ignore[attr-defined]
         return run
+
+    def reference(built: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  kernel_size=None, dilation=None, stride=None, spatial_shape=None, **_: Any) -> torch.Tensor:
+        from .reference import neighborhood_reference
+
+        n = q.shape[2]
+        grid = _grid(n, ndim, spatial_shape)
+        kw = params_of(causal, kernel_size, dilation, stride)
+        out = neighborhood_reference(*(t.reshape(*t.shape[:2], *grid, t.shape[-1]) for t in (q, k, v)),
+                                     kw.pop("kernel_size"), **kw)
+        return out.reshape(*q.shape[:2], n, v.shape[-1])
 
     def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
               kernel_size=None, dilation=None, stride=None, spatial_shape=None, **_: Any) -> float:
@@ -112,7 +127,7 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
         name=name, family="neighborhood", paper=paper, exact=True,
         complexity=f"O(n * k^{ndim} * d)" if ndim > 1 else "O(n * k * d)", causal=True, factory=factory,
         summary=summary, bench_params=dict(defaults), in_default_bench=in_default_bench,
-        max_bench_len=max_bench_len, flops=flops, small_params={**defaults, "kernel_size": 3},
+        max_bench_len=max_bench_len, flops=flops, small_params={**defaults, "kernel_size": 3}, reference=reference,
         extras={"pattern": pattern_for, "speed_of_light": speed_of_light, "ndim": ndim,
                 "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, ndim, spatial_shape),
                 "default_kernel_size": k},
