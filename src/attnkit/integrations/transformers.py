@@ -400,6 +400,12 @@ class AttnkitAttention(nn.Module):
             )
         if info.crop is not None:
             k, v = k[:, :, :info.crop], v[:, :, :info.crop]
+        if info.kind == "window" and not getattr(self, "_warned_window", False):
+            # said once per layer, never silently: the mechanism's own pattern replaces the model's window
+            warnings.warn(f"mechanism {self.mechanism!r} replaces the model's sliding window ({info.window} tokens) "
+                          f"with its own causal pattern; use mechanism 'softmax' (or a windowed mechanism such as "
+                          f"'sliding_window') to keep the window", RuntimeWarning, stacklevel=3)
+            self._warned_window = True
         causal = self._causal_of(info, q)
         q = self._scaled(q, scaling)
         if causal and q.shape[2] != k.shape[2] and self.record.family not in ("exact", "linear"):
