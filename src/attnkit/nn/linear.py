@@ -6,7 +6,10 @@
   decoding interface of :class:`attnkit.nn.MultiheadAttention` (``attnkit.RecurrentStateCache``);
 - :class:`BasedAttention`: the Based layer (Arora et al., "Simple linear attention language models balance the
   recall-throughput tradeoff", 2024): a short causal depthwise convolution, Taylor linear attention on small
-  projected feature dimensions, and exact sliding-window softmax attention.
+  projected feature dimensions, and exact sliding-window softmax attention;
+- :class:`RetentionLayer`: multi-scale retention (RetNet, Sun et al. 2023; ViR, Hatamizadeh et al. 2023) with
+  per-head decays, GroupNorm and a swish gate, in parallel, recurrent or chunked mode;
+- :class:`TTTLayer`: TTT-Linear / TTT-MLP (Sun et al. 2024): the state is an inner model trained at test time.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from attnkit.ops.exact.api import attention
 from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
-__all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention"]
+__all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer"]
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
@@ -219,3 +222,154 @@ class BasedAttention(nn.Module):
         out = linear + local.to(linear.dtype)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+
+def default_heads(dim: int, head_dim: int = 16) -> int:
+    """Heads for a mixer built from ``dim`` alone: ``dim // head_dim`` rounded down to a divisor of ``dim``."""
+    heads = max(1, dim // head_dim)
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
+class RetentionLayer(nn.Module):
+    """Multi-scale retention (RetNet: Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large
+    Language Models", eq. 5-9; ViR: Hatamizadeh et al. 2023, "ViR: Vision Retention Networks"), a token mixer
+    ``x [batch, seq, dim] -> [batch, seq, dim]``:
+
+    ``retention_h = (Q_h K_h^T / sqrt(d) * D_h) V_h`` with ``D_h[n, m] = gamma_h^(n - m)`` for ``n >= m`` (causal)
+    or ``gamma_h^|n - m|`` (``causal=False``: ViR's bidirectional form, a forward plus a backward scan less the
+    shared diagonal); ``gamma_h = 1 - 2^(-5 - h)`` (``decays`` to override);
+    ``Y = GroupNorm_h(retention)``, ``out = (swish(X W_G) * Y) W_O``.
+
+    ``mode``: ``"parallel"`` (the masked quadratic form), ``"chunked"`` or ``"recurrent"``
+    (``S_n = gamma S_{n-1} + k_n^T v_n``, ``o_n = q_n S_n``): the three forms agree (the paper's dual form).
+    ``forward(x, state=..., return_state=True)`` carries the per-head states ``[batch, heads, d, d_v]`` (causal).
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, causal: bool = True, mode: str = "chunked",
+                 chunk_size: int = 64, decays: list[float] | torch.Tensor | None = None, bias: bool = False):
+        super().__init__()
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        if mode not in ("parallel", "chunked", "recurrent"):
+            raise ValueError(f"mode must be 'parallel', 'chunked' or 'recurrent', got {mode!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.causal, self.mode, self.chunk_size = causal, mode, chunk_size
+        from attnkit.ops.linear.mechanisms import retention_decay
+
+        # float64 and not a buffer: .half() must not round 1 - 2^-12 to 1 (the engine moves it to the device)
+        self.decays = retention_decay(num_heads) if decays is None else _resolve_decay(decays, num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.gate = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.norm = nn.GroupNorm(num_heads, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def retention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state=None, return_state=False):
+        """The retention of ``[batch, heads, n, d]`` heads (no projections, no norm)."""
+        kw = dict(feature_map="identity", normalize="none", decay=self.decays.double(), chunk_size=self.chunk_size)
+        k = k * self.head_dim ** -0.5
+        if self.causal:
+            return linear_attention(q, k, v, causal=True, mode=self.mode, state=state, return_state=return_state,
+                                    **kw)
+        if state is not None or return_state:
+            raise ValueError("a recurrent state continues a causal sequence; build the layer with causal=True")
+        fwd = linear_attention(q, k, v, causal=True, mode=self.mode, **kw)
+        bwd = linear_attention(q.flip(2), k.flip(2), v.flip(2), causal=True, mode=self.mode, **kw).flip(2)
+        return fwd + bwd - (q * k).sum(-1, keepdim=True) * v  # the diagonal (gamma^0) was counted twice
+
+    def forward(self, x: torch.Tensor, *, state=None, return_state: bool = False):
+        _check_x(x, self.dim)
+        q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        res = self.retention(q, k, v, state=state, return_state=return_state)
+        ret, new_state = res if return_state else (res, None)
+        b, _, n, _ = ret.shape
+        y = ret.transpose(1, 2).reshape(b * n, self.dim)
+        y = self.norm(y.to(self.norm.weight.dtype)).view(b, n, self.dim)
+        out = self.out_proj(F.silu(self.gate(x)) * y)
+        return (out, new_state) if return_state else out
+
+
+def retention_reference(built: RetentionLayer, x: torch.Tensor, **_: object) -> torch.Tensor:
+    """The parallel form materialised: ``D_h[n, m] = gamma_h^(n - m) [n >= m]`` (or ``gamma_h^|n - m|``),
+    ``(Q K^T / sqrt(d) * D) V``, GroupNorm, swish gate, output projection."""
+    q, k, v = (built._heads(t) for t in built.qkv(x).chunk(3, dim=-1))
+    n = x.shape[1]
+    i = torch.arange(n, device=x.device)
+    rel = (i[:, None] - i[None, :]).to(torch.float64)
+    gam = built.decays.to(device=x.device, dtype=torch.float64)[:, None, None]
+    dist = rel.clamp_min(0) if built.causal else rel.abs()
+    d = torch.where((rel >= 0) | (not built.causal), gam ** dist, torch.zeros((), dtype=torch.float64,
+                                                                                device=x.device))
+    ret = ((q @ k.transpose(-1, -2)) * built.head_dim ** -0.5 * d.to(q.dtype)) @ v
+    b = x.shape[0]
+    y = built.norm(ret.transpose(1, 2).reshape(b * n, built.dim)).view(b, n, built.dim)
+    return built.out_proj(F.silu(built.gate(x)) * y)
+
+
+class TTTLayer(nn.Module):
+    """A test-time-training layer (Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with Expressive Hidden
+    States", TTT-Linear / TTT-MLP), a token mixer ``x [batch, seq, dim] -> [batch, seq, dim]``.
+
+    ``q, k, v = theta_Q x, theta_K x, theta_V x`` per head; the inner model ``f(.; W)`` (``model="linear"`` or
+    ``"mlp"``) starts from learnable weights ``W_0`` (learned by the outer loop, as in the paper) and takes
+    gradient steps on ``||f(k_t; W) - v_t||^2`` in mini-batches of ``mini_batch`` tokens with the learnable
+    per-token rate ``eta_t = eta_base * sigmoid(x_t . w_eta + b_eta)`` (one per head); ``z_t = f(q_t; W_t)``
+    through :func:`attnkit.ops.linear.ttt.ttt` (dual form); output ``W_O rms_norm(z)``. ``causal=False`` is the
+    full-batch setting (one step over all tokens).
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, model: str = "linear", mini_batch: int = 16,
+                 causal: bool = True, eta_base: float = 1.0, hidden: int | None = None, bias: bool = False):
+        super().__init__()
+        from attnkit.ops.linear.ttt import default_weights
+
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.model, self.mini_batch, self.causal, self.eta_base = model, mini_batch, causal, float(eta_base)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.eta_proj = nn.Linear(dim, num_heads)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        init = default_weights(model, 1, num_heads, self.head_dim, self.head_dim, hidden, None, torch.float32)
+        self.initial = nn.ParameterList([nn.Parameter(w[0].clone()) for w in init])  # W_0 per head
+
+    def inputs(self, x: torch.Tensor):
+        """``q, k, v [batch, heads, n, d]`` (q, k scaled by ``d^-1/2``, keeping inner steps stable) and
+        ``eta [batch, heads, n]``."""
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        eta = self.eta_base * torch.sigmoid(self.eta_proj(x)).transpose(1, 2) / self.head_dim
+        scale = self.head_dim ** -0.5
+        return q * scale, k * scale, v, eta
+
+    def state0(self, batch: int) -> tuple:
+        return tuple(w.expand(batch, *w.shape) for w in self.initial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from attnkit.ops.linear.ttt import ttt
+
+        _check_x(x, self.dim)
+        q, k, v, eta = self.inputs(x)
+        z = ttt(q, k, v, eta, model=self.model, mini_batch=self.mini_batch, causal=self.causal,
+                initial_state=self.state0(x.shape[0]))
+        b, _, n, _ = z.shape
+        zw = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        z = (zw * torch.rsqrt(zw.pow(2).mean(-1, keepdim=True) + 1e-6)).to(z.dtype)
+        return self.out_proj(z.transpose(1, 2).reshape(b, n, self.dim).to(x.dtype))
+
+
+def ttt_layer_reference(built: TTTLayer, x: torch.Tensor, **_: object) -> torch.Tensor:
+    """The layer with the inner loop run token by token with autograd (``ttt_reference``)."""
+    from attnkit.ops.linear.ttt import ttt_reference
+
+    q, k, v, eta = built.inputs(x)
+    z = ttt_reference(q, k, v, eta, model=built.model, mini_batch=built.mini_batch, causal=built.causal,
+                      initial_state=built.state0(x.shape[0]))
+    b, _, n, _ = z.shape
+    z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return built.out_proj(z.transpose(1, 2).reshape(b, n, built.dim))

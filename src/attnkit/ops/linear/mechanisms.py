@@ -287,6 +287,78 @@ _MECHANISMS += [
     ),
 ]
 
+
+
+def _retention_factory(dim: int | None = None, causal: bool = False, num_heads: int | None = None,
+                       mode: str = "chunked", chunk_size: int = 64, **shapes: Any) -> nn.Module:
+    from attnkit.nn.linear import RetentionLayer
+
+    if dim is None:
+        raise TypeError("retention is a token mixer: pass dim= (the channels of x [batch, seq, dim])")
+    return RetentionLayer(dim, num_heads, causal=causal, mode=mode, chunk_size=chunk_size)
+
+
+def _retention_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
+    from attnkit.nn.linear import retention_reference
+
+    return retention_reference(built, x)
+
+
+def _mixer_flops(per_head: Callable[[int, int, bool], float], projections: int) -> Callable[..., float]:
+    """Mixer FLOPs for ``dim = heads * head_dim`` channels: ``per_head(n, head_dim, causal)`` per head plus
+    ``projections`` dense ``dim x dim`` layers on every token."""
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+              **params: Any) -> float:
+        dim = heads * head_dim
+        return float(batch * (heads * per_head(q_len, head_dim, causal) + projections * 2.0 * q_len * dim * dim))
+
+    return flops
+
+
+_MECHANISMS.append(Mechanism(
+    name="retention", family="linear", kind="mixer", exact=False, causal=True,
+    paper="Retentive Network: A Successor to Transformer for Large Language Models (multi-scale retention, eq. "
+          "5-9) / ViR: Vision Retention Networks (bidirectional)",
+    complexity="O(n d^2) chunked / recurrent; O(n^2 d) parallel", factory=_retention_factory, needs=("dim",),
+    reference=_retention_reference,
+    summary="per-head decays 1 - 2^(-5-h), (QK^T * D)V in parallel, recurrent or chunked form, GroupNorm per "
+            "head, swish gate; bidirectional gamma^|n-m| when non-causal",
+    flops=_mixer_flops(lambda n, d, causal: chunked_flops(n, d, d, 64, decay=True) * (1 if causal else 2), 5),
+))
+
+
+
+def _ttt_factory(model: str) -> Callable[..., nn.Module]:
+    def factory(dim: int | None = None, causal: bool = False, num_heads: int | None = None, mini_batch: int = 16,
+                **params: Any) -> nn.Module:
+        from attnkit.nn.linear import TTTLayer
+
+        if dim is None:
+            raise TypeError(f"ttt_{model} is a token mixer: pass dim= (the channels of x [batch, seq, dim])")
+        params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+        return TTTLayer(dim, num_heads, model=model, mini_batch=mini_batch, causal=causal, **params)
+
+    return factory
+
+
+def _ttt_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
+    from attnkit.nn.linear import ttt_layer_reference
+
+    return ttt_layer_reference(built, x)
+
+
+for _model, _inner_flops in (("linear", lambda n, d: 10.0 * n * d * d), ("mlp", lambda n, d: 40.0 * n * d * d)):
+    _MECHANISMS.append(Mechanism(
+        name=f"ttt_{_model}", family="linear", kind="mixer", exact=False, causal=True,
+        paper="Learning to (Learn at Test Time): RNNs with Expressive Hidden States (TTT-" + _model.upper()
+              + ", mini-batch inner loop and dual form, sec. 2.7); full batch: Learning to (Learn at Test Time)",
+        complexity="O(n (b + d) d) per head (b: inner mini-batch)", factory=_ttt_factory(_model), needs=("dim",),
+        reference=_ttt_reference,
+        summary=f"inner {_model} model trained at test time on ||f(k; W) - v||^2 with learnable W_0 and per-token "
+                "rates; mini-batch gradients at the batch start, dual form; full batch when non-causal",
+        flops=_mixer_flops(lambda n, d, causal, f=_inner_flops: f(n, d) + 4.0 * n * 16 * d, 4),
+    ))
+
 for _m in _MECHANISMS:
     register(_m)
 
