@@ -98,3 +98,82 @@ def test_retention_state_carry_and_unit_decay():
     q, k, v = (layer1._heads(t) for t in layer1.qkv(x).chunk(3, dim=-1))
     assert_close(layer1.retention(q, k, v), linear_attention(q, k * 8**-0.5, v, causal=True,
                                                              feature_map="identity", normalize="none"))
+
+
+# -- Titans --------------------------------------------------------------------------------------------------
+
+
+def _titans_case(n=21, seed=10):
+    q, k, v = (t * 0.5 for t in random_qkv(2, 3, n, dim=8, dtype=F64, seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    theta, eta, alpha = (torch.rand(2, 3, n, generator=g, dtype=F64) * s for s in (0.2, 1.0, 0.3))
+    return q, k, v, theta, eta, alpha
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize("chunk", [1, 4, 16, 30])
+def test_titans_chunk_parallel_equals_sequential_updates(model, chunk):
+    """D24 test 1: the parallel (matrix) form over chunks equals the token-by-token updates with gradients taken
+    at the chunk-start memory (chunk 1: the exact sequential rule)."""
+    from attnkit.ops.linear.titans import titans_memory, titans_memory_reference
+
+    args = _titans_case()
+    ref, (m_ref, s_ref) = titans_memory_reference(*args, model=model, chunk_size=chunk, return_state=True)
+    out, (m, s) = titans_memory(*args, model=model, chunk_size=chunk, return_state=True)
+    assert_close(out, ref)
+    for a, b in zip(m + s, m_ref + s_ref):
+        assert_close(a, b)
+
+
+def test_titans_linear_memory_without_momentum_or_forgetting_is_the_delta_rule():
+    """D24 test 2: a linear memory with eta = alpha = 0 takes delta-rule steps M <- M - 2 theta (M k - v) k^T."""
+    from attnkit.ops.linear.titans import titans_memory
+
+    q, k, v, theta, _, _ = _titans_case(seed=12)
+    out = titans_memory(q, k, v, theta, 0.0, 0.0, model="linear", chunk_size=1)
+    assert_close(out, delta_rule_attention(q, k, v, 2 * theta))
+
+
+def test_titans_state_carries_and_forgetting_erases():
+    from attnkit.ops.linear.titans import titans_memory
+
+    q, k, v, theta, eta, alpha = _titans_case(n=24, seed=13)
+    full, st_full = titans_memory(q, k, v, theta, eta, alpha, chunk_size=8, return_state=True)
+    a, st = titans_memory(*(t[:, :, :16] for t in (q, k, v, theta, eta, alpha)), chunk_size=8, return_state=True)
+    b = titans_memory(*(t[:, :, 16:] for t in (q, k, v, theta, eta, alpha)), chunk_size=8, initial_state=st)
+    assert_close(torch.cat([a, b], dim=2), full)
+    # alpha = 1 forgets the past memory at every step and eta = 0 keeps no momentum: with every gradient taken
+    # at M_0 = 0 (one chunk), token t reads only its own step -theta_t grad l(0; k_t, v_t) = 2 theta_t k_t v_t^T
+    ones = torch.ones_like(alpha)
+    zeros = torch.zeros_like(eta)
+    out = titans_memory(q, k, v, theta, zeros, ones, model="linear", chunk_size=24)
+    expect = -2 * theta[..., None] * (q * k).sum(-1, keepdim=True) * (0 - v)  # M_t = S_t = -theta grad at 0
+    assert_close(out, expect)
+
+
+def test_titans_gradients_and_bad_input():
+    from attnkit.ops.linear.titans import titans_memory
+
+    args = [t.requires_grad_(True) for t in _titans_case(n=5, seed=14)]
+    assert torch.autograd.gradcheck(lambda *a: titans_memory(*a, chunk_size=2, hidden=4), tuple(args))
+    with pytest.raises(ValueError, match="theta must lie in"):
+        titans_memory(*args[:3], 1.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="model"):
+        titans_memory(*args, model="rnn")
+
+
+@pytest.mark.parametrize("arrangement", ["mac", "mag", "mal"])
+def test_titans_layer_decodes_segment_by_segment_causally(arrangement):
+    """The layer's output for a prefix equals the prefix of the output (causal arrangements, MAC's segments
+    included), and every parameter gets a gradient."""
+    from attnkit.nn import TitansLayer
+
+    torch.manual_seed(0)
+    layer = TitansLayer(32, 2, arrangement=arrangement, window=8, chunk_size=4).double()
+    x = torch.randn(2, 29, 32, dtype=F64)
+    out = layer(x)
+    assert_close(layer(x[:, :13]), out[:, :13])
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    with pytest.raises(ValueError, match="arrangement"):
+        TitansLayer(32, 2, arrangement="mam")

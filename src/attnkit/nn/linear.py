@@ -9,7 +9,9 @@
   projected feature dimensions, and exact sliding-window softmax attention;
 - :class:`RetentionLayer`: multi-scale retention (RetNet, Sun et al. 2023; ViR, Hatamizadeh et al. 2023) with
   per-head decays, GroupNorm and a swish gate, in parallel, recurrent or chunked mode;
-- :class:`TTTLayer`: TTT-Linear / TTT-MLP (Sun et al. 2024): the state is an inner model trained at test time.
+- :class:`TTTLayer`: TTT-Linear / TTT-MLP (Sun et al. 2024): the state is an inner model trained at test time;
+- :class:`TitansLayer`: Titans (Behrouz et al. 2024): neural long-term memory with sliding-window attention and
+  persistent memory, arranged as memory-as-context (MAC), memory-as-gate (MAG) or memory-as-layer (MAL).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from attnkit.ops.exact.api import attention
 from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
-__all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer"]
+__all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer",
+           "TitansLayer"]
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
@@ -373,3 +376,158 @@ def ttt_layer_reference(built: TTTLayer, x: torch.Tensor, **_: object) -> torch.
     b, _, n, _ = z.shape
     z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
     return built.out_proj(z.transpose(1, 2).reshape(b, n, built.dim))
+
+
+ARRANGEMENTS = ("mac", "mag", "mal")
+
+
+class TitansLayer(nn.Module):
+    """Titans (Behrouz et al. 2024, "Titans: Learning to Memorize at Test Time", sec. 4), a token mixer
+    ``x [batch, seq, dim] -> [batch, seq, dim]`` combining three memories:
+
+    - long-term: the neural memory of :func:`attnkit.ops.linear.titans.titans_memory` (``memory="mlp"`` or
+      ``"linear"``), per head, keys and queries L2-normalised, gates ``theta_t, eta_t, alpha_t = sigmoid(x W_g)``
+      (data-dependent, one per head), learnable initial memory;
+    - short-term: exact sliding-window attention over the last ``window`` tokens;
+    - persistent: ``persistent`` learnable tokens every query attends to (task knowledge, input-independent).
+
+    ``arrangement``:
+
+    - ``"mag"`` (memory as a gate, eq. 26-28): ``o = W_O (rms(SWA*(x)) * sigmoid(W_G M(x)))``;
+    - ``"mal"`` (memory as a layer, eq. 29-31): ``o = W_O SWA*(M(x))``;
+    - ``"mac"`` (memory as context, eq. 21-25): the sequence is cut into segments of ``window`` tokens; for a
+      segment, ``h = M*_{prev}(q)`` is read from the memory left by the earlier segments (no update), attention
+      runs over ``[persistent, h, segment]`` (``h`` and the segment causally), the memory is then updated with the
+      attention output ``y`` and ``o = W_O (y * sigmoid(W_G M_t(y_t)))`` with ``M_t`` the memory after token ``t``.
+      (The paper reads with the memory after the whole segment; reading after token ``t`` keeps it causal.)
+
+    ``causal=False``: memory scans in both directions (summed), attention windows symmetric.
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, arrangement: str = "mag", window: int = 64,
+                 persistent: int = 4, memory: str = "mlp", chunk_size: int = 16, causal: bool = True,
+                 hidden: int | None = None, bias: bool = False):
+        super().__init__()
+        from attnkit.ops.linear.ttt import default_weights
+
+        if arrangement not in ARRANGEMENTS:
+            raise ValueError(f"arrangement must be one of {', '.join(ARRANGEMENTS)}, got {arrangement!r}")
+        for name, val in (("window", window), ("chunk_size", chunk_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not isinstance(persistent, int) or persistent < 0:
+            raise ValueError(f"persistent must be an int >= 0, got {persistent!r}")
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.arrangement, self.window, self.memory_model = arrangement, window, memory
+        self.chunk_size, self.causal = chunk_size, causal
+        self.mem_qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.gates = nn.Linear(dim, 3 * num_heads)
+        with torch.no_grad():  # start with small steps, strong momentum, little forgetting
+            self.gates.bias.copy_(torch.tensor([-4.0, 1.0, -4.0]).repeat_interleave(num_heads))
+        init = default_weights(memory, 1, num_heads, self.head_dim, self.head_dim, hidden, None, torch.float32)
+        self.memory_init = nn.ParameterList([nn.Parameter(w[0].clone()) for w in init])
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.persistent = nn.Parameter(torch.randn(persistent, dim) * dim**-0.5)
+        self.gate_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = t.shape
+        return t.transpose(1, 2).reshape(b, n, self.dim)
+
+    def memory_inputs(self, x: torch.Tensor):
+        """Memory queries, keys, values ``[batch, heads, n, d]`` and gates ``theta, eta, alpha [batch, heads, n]``."""
+        q, k, v = (self._heads(t) for t in self.mem_qkv(x).chunk(3, dim=-1))
+        logits = self.gates(x)
+        gates = torch.sigmoid(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
+        gates = gates.transpose(1, 2)  # [b, 3 heads, n]
+        theta, eta, alpha = gates.chunk(3, dim=1)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, theta, eta, alpha
+
+    def _state0(self, batch: int):
+        weights = tuple(w.expand(batch, *w.shape) for w in self.memory_init)
+        return weights, tuple(torch.zeros_like(w) for w in weights)
+
+    def long_term(self, x: torch.Tensor, state=None, return_state: bool = False, memory_fn=None):
+        """``M_t(q_t)`` over ``x``: ``[batch, n, dim]`` (both directions summed when not causal)."""
+        from attnkit.ops.linear.titans import titans_memory
+
+        memory_fn = memory_fn or titans_memory
+        q, k, v, theta, eta, alpha = self.memory_inputs(x)
+        kw = dict(model=self.memory_model, chunk_size=self.chunk_size)
+        state = state if state is not None else self._state0(x.shape[0])
+        if self.causal:
+            res = memory_fn(q, k, v, theta, eta, alpha, initial_state=state, return_state=return_state, **kw)
+            y, new_state = res if return_state else (res, None)
+        else:
+            if return_state:
+                raise ValueError("a memory state continues a causal sequence; build the layer with causal=True")
+            y = memory_fn(q, k, v, theta, eta, alpha, initial_state=state, **kw)
+            flip = [t.flip(2) for t in (q, k, v, theta, eta, alpha)]
+            y = y + memory_fn(*flip, initial_state=state, **kw).flip(2)
+            new_state = None
+        y = self._merge(y.to(x.dtype))
+        return (y, new_state) if return_state else y
+
+    def _allowed(self, n_prefix: int, n_ctx: int):
+        """Pattern over ``[persistent (n_prefix), context (n_ctx), tokens]``: persistent keys always; context and
+        token keys within the window (causal) or, for MAC's retrieved context, causally aligned to the token."""
+        w, causal = self.window, self.causal
+
+        def allowed(b, h, qi, kj):
+            keep = kj < n_prefix
+            if n_ctx:  # MAC: context j (position kj - n_prefix) aligned with token j
+                in_ctx = (kj >= n_prefix) & (kj < n_prefix + n_ctx)
+                rel = (qi - n_prefix - n_ctx) - (kj - n_prefix)
+                keep = keep | (in_ctx & ((rel >= 0) if causal else (rel == rel)))
+            tok = kj >= n_prefix + n_ctx
+            d = qi - kj
+            keep = keep | (tok & (((d >= 0) & (d < w)) if causal else (d.abs() <= w // 2)))
+            return keep
+
+        return P.custom(allowed, batch_dependent=False, head_dependent=False)
+
+    def short_term(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Sliding-window attention of ``x [batch, n, dim]`` with the persistent tokens (and MAC's context)."""
+        b, n, _ = x.shape
+        parts = [self.persistent.to(x.dtype).expand(b, -1, -1)] + ([context] if context is not None else []) + [x]
+        z = torch.cat(parts, dim=1)
+        q, k, v = (self._heads(t) for t in self.attn_qkv(z).chunk(3, dim=-1))
+        n_ctx = 0 if context is None else context.shape[1]
+        out = attention(q, k, v, pattern=self._allowed(self.persistent.shape[0], n_ctx))
+        return self._merge(out)[:, -n:]
+
+    def forward(self, x: torch.Tensor, memory_fn=None) -> torch.Tensor:
+        """``memory_fn``: the memory routine (``titans_memory``; tests pass the token-by-token reference)."""
+        from attnkit.ops.linear.titans import titans_memory, titans_read
+
+        _check_x(x, self.dim)
+        memory_fn = memory_fn or titans_memory
+        if self.arrangement == "mag":
+            y = self.short_term(x)
+            m = self.long_term(x, memory_fn=memory_fn)
+            y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+            return self.out_proj(y * torch.sigmoid(self.gate_proj(m)))
+        if self.arrangement == "mal":
+            return self.out_proj(self.short_term(self.long_term(x, memory_fn=memory_fn)))
+        # mac: segment by segment
+        state = self._state0(x.shape[0])
+        outs = []
+        for lo in range(0, x.shape[1], self.window):
+            seg = x[:, lo:lo + self.window]
+            q, _, _, _, _, _ = self.memory_inputs(seg)
+            work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+            h = self._merge(titans_read(q.to(work), tuple(w.to(work) for w in state[0])).to(x.dtype))
+            y = self.short_term(seg, context=h)
+            if self.causal:
+                m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
+            else:
+                m = self.long_term(y, state=state, memory_fn=memory_fn)
+            outs.append(y * torch.sigmoid(self.gate_proj(m)))
+        return self.out_proj(torch.cat(outs, dim=1))

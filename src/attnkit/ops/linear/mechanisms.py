@@ -359,6 +359,45 @@ for _model, _inner_flops in (("linear", lambda n, d: 10.0 * n * d * d), ("mlp", 
         flops=_mixer_flops(lambda n, d, causal, f=_inner_flops: f(n, d) + 4.0 * n * 16 * d, 4),
     ))
 
+
+
+def _titans_factory(arrangement: str) -> Callable[..., nn.Module]:
+    def factory(dim: int | None = None, causal: bool = False, num_heads: int | None = None, **params: Any):
+        from attnkit.nn.linear import TitansLayer
+
+        if dim is None:
+            raise TypeError(f"titans_{arrangement} is a token mixer: pass dim= (the channels of x [batch, seq, dim])")
+        params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+        return TitansLayer(dim, num_heads, arrangement=arrangement, causal=causal, **params)
+
+    return factory
+
+
+def _titans_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
+    from .titans import titans_memory_reference
+
+    return built(x, memory_fn=titans_memory_reference)
+
+
+_TITANS = {
+    "mac": "memory as context: per segment, attention over [persistent, memory read, segment], then memory update "
+           "with its output and a memory gate",
+    "mag": "memory as a gate: sliding-window attention with persistent tokens, gated by the neural memory's output",
+    "mal": "memory as a layer: the neural memory, then sliding-window attention with persistent tokens",
+}
+for _arr, _summary in _TITANS.items():
+    _MECHANISMS.append(Mechanism(
+        name=f"titans_{_arr}", family="linear", kind="mixer", exact=False, causal=True,
+        paper="Titans: Learning to Memorize at Test Time (neural memory eq. 10-15, chunk-parallel training sec. 3.2; "
+              f"{_arr.upper()} sec. 4)",
+        complexity="O(n (c + w) d + n d h) (c: memory chunk, w: window, h: memory MLP width)",
+        factory=_titans_factory(_arr), needs=("dim",), reference=_titans_reference,
+        small_params={"window": 8, "chunk_size": 8},
+        summary=_summary + "; MLP memory with momentum and forgetting gates",
+        flops=_mixer_flops(lambda n, d, causal: (4.0 * n * 16 * 4 * d + 40.0 * n * d * d + 4.0 * n * 64 * d)
+                           * (1 if causal else 2), 6),
+    ))
+
 for _m in _MECHANISMS:
     register(_m)
 
