@@ -430,7 +430,7 @@ class TitansLayer(nn.Module):
         self.memory_init = nn.ParameterList([nn.Parameter(w[0].clone()) for w in init])
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.persistent = nn.Parameter(torch.randn(persistent, dim) * dim**-0.5)
-        self.gate_proj = nn.Linear(dim, dim, bias=bias)
+        self.gate_proj = nn.Linear(dim, dim, bias=bias) if arrangement != "mal" else None
         self.out_proj = nn.Linear(dim, dim, bias=bias)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
