@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnkit.ops.linear.gated import delta_rule_attention
 from attnkit.ops.linear.ttt import ttt, ttt_reference
@@ -177,3 +178,56 @@ def test_titans_layer_decodes_segment_by_segment_causally(arrangement):
     assert all(p.grad is not None for p in layer.parameters())
     with pytest.raises(ValueError, match="arrangement"):
         TitansLayer(32, 2, arrangement="mam")
+
+
+# -- variants: Galerkin / Fourier, ESSA, LLN + block-diagonal softmax, FLatten's DWC ------------------------
+
+
+def test_galerkin_is_invariant_to_duplicating_every_token():
+    """D22 test 2: the 1/n factor makes the non-causal output invariant to duplicating every token."""
+    import attnkit
+
+    fn = attnkit.get("galerkin", head_dim=8).double()
+    q, k, v = random_qkv(1, 2, 15, dim=8, dtype=F64, seed=20)
+    dup = [t.repeat_interleave(2, dim=2) for t in (k, v)]
+    assert_close(fn(q, *dup), fn(q, k, v))
+
+
+def test_essa_shift_and_scale_invariance():
+    """D13 test 1: the SCC kernel ignores adding a constant to all channels of a query or key and positive
+    rescaling."""
+    import attnkit
+
+    fn = attnkit.get("essa")
+    q, k, v = random_qkv(1, 2, 20, dim=8, dtype=F64, seed=21)
+    out = fn(q, k, v)
+    assert_close(fn(q * 3.0 + 1.5, k * 0.2 - 4.0, v), out)
+
+
+def test_lln_diag_halves():
+    import attnkit
+    from attnkit import attention
+    from attnkit import patterns as P
+
+    fn = attnkit.get("lln_diag", causal=True)
+    q, k, v = random_qkv(1, 2, 40, dim=8, dtype=F64, seed=22)
+    lln = attnkit.linear_attention(q, k, v, feature_map="lln", causal=True)
+    diag = attention(q, k, v, pattern=P.block_local(8) & P.causal())
+    assert_close(fn(q, k, v), 0.5 * (lln + diag))
+    assert lln.shape == diag.shape
+
+
+def test_focused_dwc_reduces_to_relu_linear_attention():
+    """D7 tests 1-2: ||phi_p(x)|| = ||relu(x)||; with p = 1 and a zero convolution it is ReLU linear attention."""
+    import attnkit
+    from attnkit import feature_maps as fmaps
+
+    x = torch.randn(3, 5, 8, dtype=F64)
+    phi = fmaps.FocusedFeatureMap(p=3.0, eps=0.0).phi(x, is_query=True)
+    assert_close(phi.norm(dim=-1), F.relu(x).norm(dim=-1))
+    fn = attnkit.get("focused_dwc", head_dim=8, num_heads=2, p=1.0).double()
+    torch.nn.init.zeros_(fn.dwc.weight)
+    torch.nn.init.zeros_(fn.dwc.bias)
+    fn.feature_map.eps = 0.0
+    q, k, v = random_qkv(1, 2, 20, dim=8, dtype=F64, seed=23)
+    assert_close(fn(q, k, v), attnkit.linear_attention(q, k, v, feature_map="relu"))

@@ -398,6 +398,78 @@ for _arr, _summary in _TITANS.items():
                            * (1 if causal else 2), 6),
     ))
 
+
+
+def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...], paper: str, summary: str,
+             complexity: str = "O(n d^2)", causal: bool = True, quadratic: bool = False) -> Mechanism:
+    from .variants import variant_reference
+
+    def factory(causal: bool = False, **params: Any) -> nn.Module:
+        shapes = {k: params.pop(k) for k in list(params) if k in SHAPE_PARAMS}
+        missing = [k for k in needs if k not in shapes]
+        if missing:
+            raise TypeError(f"{name} needs {', '.join(missing)}")
+        return build(causal=causal, **{k: shapes[k] for k in needs}, **params)
+
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+              **params: Any) -> float:
+        per_head = 4.0 * q_len * kv_len * head_dim if quadratic and not causal else \
+            chunked_flops(q_len, head_dim, head_dim, 64) if causal else 4.0 * (q_len + kv_len) * head_dim * head_dim
+        return float(batch * heads * per_head)
+
+    return Mechanism(name=name, family="linear", kind="attention", exact=False, causal=causal, paper=paper,
+                     complexity=complexity, factory=factory, needs=needs, reference=variant_reference,
+                     summary=summary, flops=flops)
+
+
+def _build_galerkin(kind: str) -> Callable[..., nn.Module]:
+    from .variants import GalerkinAttention
+
+    return lambda causal=False, head_dim=None, **p: GalerkinAttention(head_dim, kind=kind, causal=causal, **p)
+
+
+def _build_essa(causal=False, **p):
+    from .variants import ESSAttention
+
+    if causal:
+        raise ValueError("essa has no causal form")
+    return ESSAttention(**p)
+
+
+def _build_lln_diag(causal=False, **p):
+    from .variants import LLNDiagAttention
+
+    return LLNDiagAttention(causal=causal, **p)
+
+
+def _build_focused_dwc(causal=False, head_dim=None, num_heads=None, **p):
+    from .variants import FocusedDWCAttention
+
+    return FocusedDWCAttention(head_dim, num_heads, causal=causal, **p)
+
+
+_MECHANISMS += [
+    _variant("galerkin", _build_galerkin("galerkin"), ("head_dim",),
+             "Choose a Transformer: Fourier or Galerkin (Galerkin-type attention, eq. 2.5)",
+             "Q (LN(K)^T LN(V)) / n, no softmax; causal: 1/(i+1) over the prefix"),
+    _variant("fourier_attention", _build_galerkin("fourier"), ("head_dim",),
+             "Choose a Transformer: Fourier or Galerkin (Fourier-type attention, eq. 2.4)",
+             "(LN(Q) LN(K)^T) V / n, no softmax (computed in the linear order; the same product)",
+             complexity="O(n^2 d) as written; O(n d^2) here"),
+    _variant("essa", _build_essa, (),
+             "ESSAformer: Efficient Transformer for Hyperspectral Image Super-resolution (SCC-kernel ESSA)",
+             "centred squared normalised q, k (SCC kernel); V + q_hat (k_hat^T V) / sqrt(n); non-causal",
+             causal=False),
+    _variant("lln_diag", _build_lln_diag, (),
+             "Linear Log-Normal Attention with Unbiased Concentration (LLN averaged with block-diagonal softmax)",
+             "(LLN + block-diagonal softmax with blocks of d tokens) / 2; prefix statistics when causal",
+             complexity="O(n d^2 + n b d)"),
+    _variant("focused_dwc", _build_focused_dwc, ("head_dim", "num_heads"),
+             "FLatten Transformer: Vision Transformer using Focused Linear Attention (eq. 8: + DWC(V))",
+             "focused linear attention plus a depthwise convolution of V over the sequence (5 taps; causal: "
+             "left-padded)"),
+]
+
 for _m in _MECHANISMS:
     register(_m)
 
