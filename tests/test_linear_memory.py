@@ -231,3 +231,51 @@ def test_focused_dwc_reduces_to_relu_linear_attention():
     fn.feature_map.eps = 0.0
     q, k, v = random_qkv(1, 2, 20, dim=8, dtype=F64, seed=23)
     assert_close(fn(q, k, v), attnkit.linear_attention(q, k, v, feature_map="relu"))
+
+
+# -- TransNormer / TransNormerLLM ----------------------------------------------------------------------------
+
+
+def test_norm_attention_gradients_stay_bounded_when_q_and_k_grow():
+    """D16 test 3: without the denominator (NormAttention) the gradient w.r.t. v does not blow up as q and k are
+    scaled x100; with an RMS norm after, the output is invariant to scaling v."""
+    from attnkit import linear_attention
+    from attnkit.nn.linear import srms_norm
+
+    q, k, v = random_qkv(1, 2, 30, dim=8, dtype=F64, seed=30)
+    norms = []
+    for scale in (1.0, 100.0):
+        vv = v.clone().requires_grad_(True)
+        out = srms_norm(linear_attention(q * scale, k * scale, vv, causal=True, normalize="none"))
+        (out * torch.linspace(-1, 1, 8, dtype=F64)).sum().backward()
+        norms.append(vv.grad.norm())
+    assert norms[1] < 10 * norms[0]
+    out = srms_norm(linear_attention(q, k, v, causal=True, normalize="none"))
+    assert_close(srms_norm(linear_attention(q, k, 7.0 * v, causal=True, normalize="none")), out)
+
+
+def test_transnormer_llm_lrpe_depends_on_relative_position_only():
+    """D17 test 2: after the LRPE rotation, q_s . k_t depends on s - t only (shifting both positions by c keeps
+    every logit)."""
+    from attnkit.nn.rotary import RotaryEmbedding
+
+    rot = RotaryEmbedding(8).double()
+    q, k = (t[:, :, :1].expand(1, 2, 12, 8) for t in random_qkv(1, 2, 1, dim=8, dtype=F64, seed=31)[:2])
+    a = rot(q) @ rot(k).transpose(-1, -2)
+    b = rot(q, offset=17) @ rot(k, offset=17).transpose(-1, -2)
+    assert_close(a, b)
+    for d in range(-5, 6):
+        diag = torch.diagonal(a, offset=d, dim1=-2, dim2=-1)
+        assert_close(diag, diag[..., :1].expand_as(diag))
+
+
+def test_transnormer_llm_decays_are_learnable_and_sglu_has_no_activation():
+    from attnkit.nn import SGLU, TransNormerLLMLayer
+
+    torch.manual_seed(0)
+    layer = TransNormerLLMLayer(32, 4).double()
+    layer(torch.randn(2, 20, 32, dtype=F64)).square().sum().backward()
+    assert layer.decay_logit.grad is not None and layer.decay_logit.grad.abs().sum() > 0
+    sglu = SGLU(16).double()
+    x = torch.randn(3, 16, dtype=F64)
+    assert_close(sglu(2 * x), 4 * sglu(x))  # bilinear: no activation between the branches

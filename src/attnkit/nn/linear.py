@@ -11,7 +11,9 @@
   per-head decays, GroupNorm and a swish gate, in parallel, recurrent or chunked mode;
 - :class:`TTTLayer`: TTT-Linear / TTT-MLP (Sun et al. 2024): the state is an inner model trained at test time;
 - :class:`TitansLayer`: Titans (Behrouz et al. 2024): neural long-term memory with sliding-window attention and
-  persistent memory, arranged as memory-as-context (MAC), memory-as-gate (MAG) or memory-as-layer (MAL).
+  persistent memory, arranged as memory-as-context (MAC), memory-as-gate (MAG) or memory-as-layer (MAL);
+- :class:`TransNormerLayer` (NormAttention / DiagAttention) and :class:`TransNormerLLMLayer` (decay, LRPE,
+  SRMSNorm, output gate) with its :class:`SGLU` channel mixer.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from torch import nn
 from attnkit import patterns as P
 from attnkit.feature_maps import FeatureMap, TaylorFeatureMap
 from attnkit.feature_maps import get as get_feature_map
+from attnkit.nn.rotary import RotaryEmbedding
 from attnkit.ops.exact.api import attention
 from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
 __all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer",
-           "TitansLayer"]
+           "TitansLayer", "TransNormerLayer", "TransNormerLLMLayer", "SGLU"]
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
@@ -531,3 +534,137 @@ class TitansLayer(nn.Module):
                 m = self.long_term(y, state=state, memory_fn=memory_fn)
             outs.append(y * torch.sigmoid(self.gate_proj(m)))
         return self.out_proj(torch.cat(outs, dim=1))
+
+
+def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """SRMSNorm (TransNormerLLM): ``x / ||x|| * sqrt(d)`` over the last axis, no learnable weight."""
+    xw = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class TransNormerLayer(nn.Module):
+    """TransNormer's token mixers (Qin et al. 2022, "The Devil in Linear Transformer"), ``x [batch, seq, dim] ->
+    [batch, seq, dim]``:
+
+    - ``kind="norm"``: NormAttention ``out = Norm(phi(Q) (phi(K)^T V))`` with ``phi = 1 + elu`` and no
+      denominator (the source of unbounded gradients the paper identifies); ``Norm`` is an RMS norm per head;
+    - ``kind="diag"``: DiagAttention, softmax attention within non-overlapping blocks of ``block`` tokens (used in
+      the early layers against attention dilution; causal within the block when ``causal``).
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, kind: str = "norm", block: int = 64,
+                 causal: bool = True, chunk_size: int = 64, bias: bool = False):
+        super().__init__()
+        if kind not in ("norm", "diag"):
+            raise ValueError(f"kind must be 'norm' or 'diag', got {kind!r}")
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kind, self.block, self.causal, self.chunk_size = kind, block, causal, chunk_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def heads(self, x: torch.Tensor):
+        b, n, _ = x.shape
+        return [t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)]
+
+    def pattern(self):
+        p = P.block_local(self.block)
+        return p & P.causal() if self.causal else p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_x(x, self.dim)
+        q, k, v = self.heads(x)
+        if self.kind == "norm":
+            out = srms_norm(linear_attention(q, k, v, feature_map="elu", normalize="none", causal=self.causal,
+                                             chunk_size=self.chunk_size))
+        else:
+            out = attention(q, k, v, pattern=self.pattern())
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.dim).to(x.dtype))
+
+
+class TransNormerLLMLayer(nn.Module):
+    """TransNormerLLM's token mixer (Qin et al. 2023, "Scaling TransNormer to 175 Billion Parameters", sec. 3):
+    ``x [batch, seq, dim] -> [batch, seq, dim]``,
+
+    ``a_st = q_s^T R(theta (s - t)) k_t lambda_h^(s - t)`` for ``s >= t`` (LRPE as a rotation of q and k, an
+    exponential decay per head), computed unnormalised by the gated engine (``lambda_h = sigmoid(w_h)`` is
+    learnable; initialised on the paper's geometric schedule ``1 - 2^(-5 - 8 h / H)``);
+    ``O = SRMSNorm(A V) * sigmoid(X W_u)``, ``out = O W_o``. ``q, k`` use SiLU (the paper's activation).
+    ``causal=False``: a forward and a backward scan (decays ``lambda^|s - t|``).
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, causal: bool = True, chunk_size: int = 64,
+                 bias: bool = False):
+        super().__init__()
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.causal, self.chunk_size = causal, chunk_size
+        self.qkvu = nn.Linear(dim, 4 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim)
+        lam = 1.0 - 2.0 ** (-5.0 - 8.0 * torch.arange(num_heads, dtype=torch.float64) / num_heads)
+        self.decay_logit = nn.Parameter(torch.logit(lam).float())
+
+    def inputs(self, x: torch.Tensor):
+        b, n, _ = x.shape
+        q, k, v, u = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkvu(x).chunk(4, -1))
+        q, k = self.rotary(F.silu(q)), self.rotary(F.silu(k)) * self.head_dim ** -0.5
+        log_decay = F.logsigmoid(self.decay_logit.to(torch.float32 if q.dtype != torch.float64 else q.dtype))
+        return q, k, v, u, log_decay
+
+    def mix(self, q, k, v, log_decay, fn=None):
+        from attnkit.ops.linear.gated import gated_linear_attention
+
+        fn = fn or (lambda q, k, v, g: gated_linear_attention(q, k, v, g, chunk_size=self.chunk_size))
+        b, h, n, _ = q.shape
+        g = log_decay.to(q.dtype)[None, :, None].expand(b, h, n)
+        out = fn(q, k, v, g)
+        if not self.causal:
+            out = out + fn(q.flip(2), k.flip(2), v.flip(2), g).flip(2) - (q * k).sum(-1, keepdim=True) * v
+        return out
+
+    def forward(self, x: torch.Tensor, fn=None) -> torch.Tensor:
+        """``fn``: the attention routine ``(q, k, v, log_decay [b, h, n])`` (tests pass the quadratic reference)."""
+        _check_x(x, self.dim)
+        q, k, v, u, log_decay = self.inputs(x)
+        o = srms_norm(self.mix(q, k, v, log_decay, fn)) * torch.sigmoid(u)
+        b, _, n, _ = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, self.dim).to(x.dtype))
+
+
+class SGLU(nn.Module):
+    """TransNormerLLM's channel mixer, a GLU without activation: ``out = ((X W_v) * (X W_u)) W_o``."""
+
+    def __init__(self, dim: int, hidden: int | None = None, bias: bool = False):
+        super().__init__()
+        hidden = 4 * dim if hidden is None else hidden
+        self.v, self.u, self.o = (nn.Linear(dim, hidden, bias=bias), nn.Linear(dim, hidden, bias=bias),
+                                  nn.Linear(hidden, dim, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.v(x) * self.u(x))
+
+
+def transnormer_reference(built: nn.Module, x: torch.Tensor, **_: object) -> torch.Tensor:
+    """Materialised forms: NormAttention as ``RMS(((phi(Q) phi(K)^T) * M) V)``, DiagAttention as a masked softmax
+    over the blocks, TransNormerLLM through the quadratic gated reference."""
+    from attnkit.ops.linear.gated import gated_linear_attention_reference
+
+    if isinstance(built, TransNormerLLMLayer):
+        return built(x, fn=gated_linear_attention_reference)
+    q, k, v = built.heads(x)
+    n = x.shape[1]
+    i = torch.arange(n, device=x.device)
+    causal = (i[None, :] <= i[:, None]) if built.causal else torch.ones(n, n, dtype=torch.bool, device=x.device)
+    if built.kind == "norm":
+        fq, fk = F.elu(q) + 1, F.elu(k) + 1
+        out = srms_norm(((fq @ fk.transpose(-1, -2)) * causal) @ v)
+    else:
+        keep = causal & ((i[:, None] // built.block) == (i[None, :] // built.block))
+        s = (q @ k.transpose(-1, -2)) * built.head_dim ** -0.5
+        out = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+    b = x.shape[0]
+    return built.out_proj(out.transpose(1, 2).reshape(b, n, built.dim))

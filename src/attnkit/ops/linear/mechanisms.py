@@ -470,6 +470,55 @@ _MECHANISMS += [
              "left-padded)"),
 ]
 
+
+
+def _transnormer_factory(kind: str) -> Callable[..., nn.Module]:
+    def factory(dim: int | None = None, causal: bool = False, num_heads: int | None = None, **params: Any):
+        from attnkit.nn.linear import TransNormerLayer, TransNormerLLMLayer
+
+        if dim is None:
+            raise TypeError("transnormer layers are token mixers: pass dim= (the channels of x [batch, seq, dim])")
+        params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+        if kind == "llm":
+            return TransNormerLLMLayer(dim, num_heads, causal=causal, **params)
+        return TransNormerLayer(dim, num_heads, kind=kind, causal=causal, **params)
+
+    return factory
+
+
+def _transnormer_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
+    from attnkit.nn.linear import transnormer_reference
+
+    return transnormer_reference(built, x)
+
+
+_MECHANISMS += [
+    Mechanism(
+        name="transnormer_norm", family="linear", kind="mixer", exact=False, causal=True,
+        paper="The Devil in Linear Transformer (TransNormer: NormAttention, sec. 4.1)", complexity="O(n d^2)",
+        factory=_transnormer_factory("norm"), needs=("dim",), reference=_transnormer_reference,
+        summary="1 + elu linear attention without denominator, RMS norm after (bounded gradients)",
+        flops=_mixer_flops(lambda n, d, causal: chunked_flops(n, d, d, 64) if causal else 4.0 * n * d * (d + 1), 4),
+    ),
+    Mechanism(
+        name="transnormer_diag", family="linear", kind="mixer", exact=False, causal=True,
+        paper="The Devil in Linear Transformer (TransNormer: DiagAttention, sec. 4.2)", complexity="O(n b d)",
+        factory=_transnormer_factory("diag"), needs=("dim",), reference=_transnormer_reference,
+        small_params={"block": 8},
+        summary="softmax attention within non-overlapping blocks (early layers, against attention dilution)",
+        flops=_mixer_flops(lambda n, d, causal: 4.0 * n * 64 * d / (2 if causal else 1), 4),
+    ),
+    Mechanism(
+        name="transnormer_llm", family="linear", kind="mixer", exact=False, causal=True,
+        paper="Scaling TransNormer to 175 Billion Parameters (TransNormerLLM: LRPE with decay, SRMSNorm, output "
+              "gate, sec. 3)", complexity="O(n d^2)",
+        factory=_transnormer_factory("llm"), needs=("dim",), reference=_transnormer_reference,
+        summary="q_s R(theta(s-t)) k_t lambda_h^(s-t) with learnable per-head decays (gated engine), SRMSNorm, "
+                "sigmoid output gate",
+        flops=_mixer_flops(lambda n, d, causal: gated_chunked_flops(n, d, d, 64) * (1 if causal else 2), 5),
+    ),
+]
+
 for _m in _MECHANISMS:
     register(_m)
 
