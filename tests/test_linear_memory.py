@@ -279,3 +279,27 @@ def test_transnormer_llm_decays_are_learnable_and_sglu_has_no_activation():
     sglu = SGLU(16).double()
     x = torch.randn(3, 16, dtype=F64)
     assert_close(sglu(2 * x), 4 * sglu(x))  # bilinear: no activation between the branches
+
+
+# -- Fastmax --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fastmax_equals_explicit_polynomial_normalisation(order, causal):
+    """D10 tests 1-3: the factorised output equals f(q.k) normalised over keys, f > 0, and adding a constant to
+    every feature of every query changes nothing (mean-centring)."""
+    import attnkit
+    from attnkit.ops.linear.fastmax import FastmaxFeatureMap
+
+    q, k, v = random_qkv(1, 2, 30, dim=6, dtype=F64, seed=40)
+    fn = attnkit.get("fastmax", order=order, temperature=2.0, causal=causal)
+    out = fn(q, k, v)
+    fm = FastmaxFeatureMap(order=order, temperature=2.0, causal=causal)
+    x = (fm.normalise(q) @ fm.normalise(k).transpose(-1, -2)) / 2.0
+    f = 1 + x + (x * x / 2 if order == 2 else 0)
+    assert (f > 0).all()
+    if causal:
+        f = f * torch.ones(30, 30, dtype=torch.bool).tril()
+    assert_close(out, (f @ v) / f.sum(-1, keepdim=True))
+    assert_close(fn(q + 3.0, k, v), out)

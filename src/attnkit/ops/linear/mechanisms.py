@@ -519,6 +519,31 @@ _MECHANISMS += [
     ),
 ]
 
+
+
+def _fastmax_factory(causal: bool = False, order: int = 2, temperature: float = 1.0, chunk_size: int = 64,
+                     **shapes: Any) -> KernelizedAttention:
+    from .fastmax import FastmaxFeatureMap
+
+    fm = FastmaxFeatureMap(order=order, temperature=temperature, causal=causal)
+    return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size)
+
+
+def _fastmax_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+                   order: int = 2, **params: Any) -> float:
+    m = 1 + head_dim + (head_dim * (head_dim + 1) // 2 if order == 2 else 0)
+    per_head = chunked_flops(q_len, m, head_dim, 64) if causal else 2.0 * (q_len + kv_len) * m * (head_dim + 1)
+    return float(batch * heads * per_head)
+
+
+_MECHANISMS.append(Mechanism(
+    name="fastmax", family="linear", kind="attention", exact=False, causal=True,
+    paper="FAST: Factorizable Attention for Speeding up Transformers (Fastmax, orders 1 and 2)",
+    complexity="O(n d^2) (order 1) / O(n d^3) (order 2)", factory=_fastmax_factory, reference=_kernel_reference,
+    summary="mean-centred, max-norm-scaled q, k; score 1 + x (+ x^2/2) normalised over keys; prefix statistics "
+            "when causal", flops=_fastmax_flops, max_bench_len=8192, extras={"feature_map": "fastmax"},
+))
+
 for _m in _MECHANISMS:
     register(_m)
 
