@@ -303,3 +303,17 @@ def test_fastmax_equals_explicit_polynomial_normalisation(order, causal):
         f = f * torch.ones(30, 30, dtype=torch.bool).tril()
     assert_close(out, (f @ v) / f.sum(-1, keepdim=True))
     assert_close(fn(q + 3.0, k, v), out)
+
+
+def test_efficientvit_multiscale_all_negative_queries_stay_finite():
+    """D6 test 2: where relu(q) is all zero the eps-guarded denominator keeps the output finite (zero)."""
+    from attnkit.nn import MultiScaleLinearAttention
+    from attnkit.nn.linear import multiscale_reference
+
+    torch.manual_seed(0)
+    layer = MultiScaleLinearAttention(16, 2, scales=(3, 5)).double()
+    x = torch.randn(2, 23, 16, dtype=F64)
+    assert_close(layer(x), multiscale_reference(layer, x))
+    with torch.no_grad():
+        layer.qkv.weight[:16].zero_()  # q = 0 at every scale but the aggregated ones: relu(q) = 0 at scale 1
+    assert torch.isfinite(layer(x)).all()

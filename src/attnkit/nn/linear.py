@@ -31,7 +31,7 @@ from attnkit.ops.linear.api import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
 __all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer",
-           "TitansLayer", "TransNormerLayer", "TransNormerLLMLayer", "SGLU"]
+           "TitansLayer", "TransNormerLayer", "TransNormerLLMLayer", "SGLU", "MultiScaleLinearAttention"]
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
@@ -668,3 +668,66 @@ def transnormer_reference(built: nn.Module, x: torch.Tensor, **_: object) -> tor
         out = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
     b = x.shape[0]
     return built.out_proj(out.transpose(1, 2).reshape(b, n, built.dim))
+
+
+class MultiScaleLinearAttention(nn.Module):
+    """EfficientViT's multi-scale ReLU linear attention (Cai et al. 2023, "EfficientViT: Lightweight Multi-Scale
+    Attention for High-Resolution Dense Prediction", sec. 3.2), on token sequences ``x [batch, seq, dim] ->
+    [batch, seq, dim]``:
+
+    ``Q, K, V = x W``; for every kernel size ``s`` in ``scales`` the three are aggregated by a depthwise
+    convolution of ``s`` taps over the sequence followed by a grouped 1x1 convolution (one group per head and
+    tensor), giving multi-scale tokens; ReLU linear attention (``relu(q) . relu(k)`` normalised) runs per head on
+    the original and every aggregated scale; the outputs are concatenated and projected. Images are flattened
+    in raster order (the paper's 2-D convolutions become 1-D ones over that order); ``causal`` left-pads the
+    convolutions and makes the attention causal.
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, *, scales: tuple[int, ...] = (5,),
+                 causal: bool = False, chunk_size: int = 64, bias: bool = False):
+        super().__init__()
+        num_heads = default_heads(dim) if num_heads is None else num_heads
+        _check_heads(dim, num_heads, num_heads)
+        if any(not isinstance(s, int) or s < 1 for s in scales):
+            raise ValueError(f"scales must be positive ints, got {scales!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scales, self.causal, self.chunk_size = tuple(scales), causal, chunk_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.dw = nn.ModuleList(nn.Conv1d(3 * dim, 3 * dim, s, groups=3 * dim, bias=False) for s in self.scales)
+        self.pw = nn.ModuleList(nn.Conv1d(3 * dim, 3 * dim, 1, groups=3 * num_heads, bias=False)
+                                for _ in self.scales)
+        self.out_proj = nn.Linear(dim * (1 + len(self.scales)), dim, bias=bias)
+
+    def scale_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[q, k, v]`` concatenated ``[batch, seq, 3 dim]`` for the original scale and each aggregated one."""
+        qkv = self.qkv(x)
+        out = [qkv]
+        h = qkv.transpose(1, 2)  # [b, 3 dim, n]
+        for s, dw, pw in zip(self.scales, self.dw, self.pw):
+            left = s - 1 if self.causal else (s - 1) // 2
+            agg = pw(dw(F.pad(h, (left, s - 1 - left))))
+            out.append(agg.transpose(1, 2))
+        return out
+
+    def _heads(self, t: torch.Tensor) -> list[torch.Tensor]:
+        b, n, _ = t.shape
+        return [u.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for u in t.chunk(3, dim=-1)]
+
+    def forward(self, x: torch.Tensor, attend=None) -> torch.Tensor:
+        """``attend(q, k, v)``: the attention routine (tests pass the quadratic reference)."""
+        _check_x(x, self.dim)
+        attend = attend or (lambda q, k, v: linear_attention(q, k, v, feature_map="relu", causal=self.causal,
+                                                             chunk_size=self.chunk_size))
+        outs = []
+        for t in self.scale_tokens(x):
+            o = attend(*self._heads(t))
+            b, _, n, _ = o.shape
+            outs.append(o.transpose(1, 2).reshape(b, n, self.dim))
+        return self.out_proj(torch.cat(outs, dim=-1).to(x.dtype))
+
+
+def multiscale_reference(built: MultiScaleLinearAttention, x: torch.Tensor, **_: object) -> torch.Tensor:
+    from attnkit.ops.linear.reference import linear_attention_reference
+
+    return built(x, attend=lambda q, k, v: linear_attention_reference(q, k, v, feature_map="relu",
+                                                                      causal=built.causal))

@@ -319,7 +319,7 @@ _MECHANISMS.append(Mechanism(
     name="retention", family="linear", kind="mixer", exact=False, causal=True,
     paper="Retentive Network: A Successor to Transformer for Large Language Models (multi-scale retention, eq. "
           "5-9) / ViR: Vision Retention Networks (bidirectional)",
-    complexity="O(n d^2) chunked / recurrent; O(n^2 d) parallel", factory=_retention_factory, needs=("dim",),
+    complexity="O(n d^2); parallel O(n^2 d)", factory=_retention_factory, needs=("dim",),
     reference=_retention_reference,
     summary="per-head decays 1 - 2^(-5-h), (QK^T * D)V in parallel, recurrent or chunked form, GroupNorm per "
             "head, swish gate; bidirectional gamma^|n-m| when non-causal",
@@ -352,7 +352,7 @@ for _model, _inner_flops in (("linear", lambda n, d: 10.0 * n * d * d), ("mlp", 
         name=f"ttt_{_model}", family="linear", kind="mixer", exact=False, causal=True,
         paper="Learning to (Learn at Test Time): RNNs with Expressive Hidden States (TTT-" + _model.upper()
               + ", mini-batch inner loop and dual form, sec. 2.7); full batch: Learning to (Learn at Test Time)",
-        complexity="O(n (b + d) d) per head (b: inner mini-batch)", factory=_ttt_factory(_model), needs=("dim",),
+        complexity="O(n (b + d) d)", factory=_ttt_factory(_model), needs=("dim",),
         reference=_ttt_reference,
         summary=f"inner {_model} model trained at test time on ||f(k; W) - v||^2 with learnable W_0 and per-token "
                 "rates; mini-batch gradients at the batch start, dual form; full batch when non-causal",
@@ -390,7 +390,7 @@ for _arr, _summary in _TITANS.items():
         name=f"titans_{_arr}", family="linear", kind="mixer", exact=False, causal=True,
         paper="Titans: Learning to Memorize at Test Time (neural memory eq. 10-15, chunk-parallel training sec. 3.2; "
               f"{_arr.upper()} sec. 4)",
-        complexity="O(n (c + w) d + n d h) (c: memory chunk, w: window, h: memory MLP width)",
+        complexity="O(n (c + w + h) d)",
         factory=_titans_factory(_arr), needs=("dim",), reference=_titans_reference,
         small_params={"window": 8, "chunk_size": 8},
         summary=_summary + "; MLP memory with momentum and forgetting gates",
@@ -455,7 +455,7 @@ _MECHANISMS += [
     _variant("fourier_attention", _build_galerkin("fourier"), ("head_dim",),
              "Choose a Transformer: Fourier or Galerkin (Fourier-type attention, eq. 2.4)",
              "(LN(Q) LN(K)^T) V / n, no softmax (computed in the linear order; the same product)",
-             complexity="O(n^2 d) as written; O(n d^2) here"),
+             complexity="O(n d^2)"),
     _variant("essa", _build_essa, (),
              "ESSAformer: Efficient Transformer for Hyperspectral Image Super-resolution (SCC-kernel ESSA)",
              "centred squared normalised q, k (SCC kernel); V + q_hat (k_hat^T V) / sqrt(n); non-causal",
@@ -539,9 +539,37 @@ def _fastmax_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: in
 _MECHANISMS.append(Mechanism(
     name="fastmax", family="linear", kind="attention", exact=False, causal=True,
     paper="FAST: Factorizable Attention for Speeding up Transformers (Fastmax, orders 1 and 2)",
-    complexity="O(n d^2) (order 1) / O(n d^3) (order 2)", factory=_fastmax_factory, reference=_kernel_reference,
+    complexity="O(n d^3) (order 2)", factory=_fastmax_factory, reference=_kernel_reference,
     summary="mean-centred, max-norm-scaled q, k; score 1 + x (+ x^2/2) normalised over keys; prefix statistics "
             "when causal", flops=_fastmax_flops, max_bench_len=8192, extras={"feature_map": "fastmax"},
+))
+
+
+
+def _multiscale_factory(dim: int | None = None, causal: bool = False, num_heads: int | None = None,
+                        **params: Any) -> nn.Module:
+    from attnkit.nn.linear import MultiScaleLinearAttention
+
+    if dim is None:
+        raise TypeError("efficientvit_msa is a token mixer: pass dim= (the channels of x [batch, seq, dim])")
+    params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+    return MultiScaleLinearAttention(dim, num_heads, causal=causal, **params)
+
+
+def _multiscale_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
+    from attnkit.nn.linear import multiscale_reference
+
+    return multiscale_reference(built, x)
+
+
+_MECHANISMS.append(Mechanism(
+    name="efficientvit_msa", family="linear", kind="mixer", exact=False, causal=True,
+    paper="EfficientViT: Lightweight Multi-Scale Attention for High-Resolution Dense Prediction (multi-scale "
+          "linear attention, sec. 3.2)", complexity="O(n d^2) per scale",
+    factory=_multiscale_factory, needs=("dim",), reference=_multiscale_reference,
+    summary="ReLU linear attention on the original and on depthwise + grouped-1x1 aggregated q, k, v tokens "
+            "(kernel 5), concatenated; 1-D over raster order",
+    flops=_mixer_flops(lambda n, d, causal: 2 * (chunked_flops(n, d, d, 64) if causal else 4.0 * n * d * (d + 1)), 5),
 ))
 
 for _m in _MECHANISMS:
