@@ -317,3 +317,21 @@ def test_efficientvit_multiscale_all_negative_queries_stay_finite():
     with torch.no_grad():
         layer.qkv.weight[:16].zero_()  # q = 0 at every scale but the aggregated ones: relu(q) = 0 at scale 1
     assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("n", [32, 37])
+@pytest.mark.parametrize("causal", [False, True])
+def test_toeplitz_rpe_fft_equals_explicit_form(n, causal):
+    """D21 tests 1-3: the FFT path equals the O(n^2) form (power-of-two and other lengths), and b = 0 is the
+    plain kernelised attention with the same feature map."""
+    import attnkit
+    from attnkit.ops.linear.toeplitz import toeplitz_reference
+
+    fn = attnkit.get("kernel_rpe_fft", num_heads=2, seq_len=40, num_features=16, causal=causal).double()
+    q, k, v = random_qkv(1, 2, n, dim=8, dtype=F64, seed=50)
+    assert_close(fn(q, k, v), attnkit.linear_attention(q, k, v, feature_map=fn.feature_map, causal=causal))
+    with torch.no_grad():
+        fn.bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(51))
+    assert_close(fn(q, k, v), toeplitz_reference(fn, q, k, v))
+    with pytest.raises(ValueError, match="max_len"):
+        fn(*random_qkv(1, 2, 41, dim=8, dtype=F64))

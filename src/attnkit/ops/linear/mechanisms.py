@@ -572,6 +572,44 @@ _MECHANISMS.append(Mechanism(
     flops=_mixer_flops(lambda n, d, causal: 2 * (chunked_flops(n, d, d, 64) if causal else 4.0 * n * d * (d + 1)), 5),
 ))
 
+
+
+def _toeplitz_factory(causal: bool = False, num_heads: int | None = None, seq_len: int | None = None,
+                      num_features: int = 64, feature_map: str = "favor", **shapes: Any) -> nn.Module:
+    from .toeplitz import ToeplitzRPEAttention
+
+    if num_heads is None or seq_len is None:
+        raise TypeError("kernel_rpe_fft needs num_heads and seq_len (the relative-bias table covers 2 seq_len - 1 "
+                        "offsets per head)")
+    return ToeplitzRPEAttention(num_heads, seq_len, feature_map=feature_map, num_features=num_features,
+                                causal=causal)
+
+
+def _toeplitz_reference(built: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **p: Any):
+    from .toeplitz import toeplitz_reference
+
+    return toeplitz_reference(built, q, k, v)
+
+
+def _toeplitz_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+                    num_features: int = 64, **params: Any) -> float:
+    """FFTs of the ``m (d_v + 1)`` channel pairs (``~5 N log2 N`` each, ``N`` >= 3n) plus features and read-out."""
+    size = 1 << (3 * q_len - 2).bit_length()
+    pairs = num_features * (head_dim + 1)
+    fft = 2 * 5.0 * size * max(1, size.bit_length() - 1) * pairs
+    return float(batch * heads * (fft + 2.0 * q_len * pairs * 2 + 4.0 * q_len * head_dim * num_features))
+
+
+_MECHANISMS.append(Mechanism(
+    name="kernel_rpe_fft", family="linear", kind="attention", exact=False, causal=True,
+    paper="Stable, Fast and Accurate: Kernelized Attention with Relative Positional Encoding (Toeplitz RPE by FFT, "
+          "eq. 6-8)", complexity="O(n log n m d)", factory=_toeplitz_factory, needs=("num_heads", "seq_len"),
+    reference=_toeplitz_reference, flops=_toeplitz_flops, small_params={"num_features": 16}, max_bench_len=2048,
+    bench_params={"num_features": 32},
+    summary="Performer features with a learnable relative bias exp(b_{j-i}) (a Toeplitz matrix) applied by FFT "
+            "over the sequence; b = 0 is plain kernelised attention",
+))
+
 for _m in _MECHANISMS:
     register(_m)
 
