@@ -335,3 +335,33 @@ def test_toeplitz_rpe_fft_equals_explicit_form(n, causal):
     assert_close(fn(q, k, v), toeplitz_reference(fn, q, k, v))
     with pytest.raises(ValueError, match="max_len"):
         fn(*random_qkv(1, 2, 41, dim=8, dtype=F64))
+
+
+def test_gmm_rks_one_standard_component_estimates_the_gaussian_kernel():
+    """D3 test 1: a one-component standard-normal spectral mixture gives exp(-||q - k||^2 / 2) as m grows."""
+    from attnkit.ops.linear.learned_maps import SpectralFeatureMap
+
+    fm = SpectralFeatureMap(4, num_features=8192, components=1).double()
+    with torch.no_grad():
+        fm.log_sigma.zero_()
+    x = torch.randn(1, 1, 6, 4, dtype=F64, generator=torch.Generator().manual_seed(60)) * 0.5
+    pq, pk = fm(x, x)
+    est = pq @ pk.transpose(-1, -2)
+    exact = torch.exp(-0.5 * torch.cdist(x[0, 0], x[0, 0]).square())
+    assert (est[0, 0] - exact).abs().max() < 0.05
+
+
+def test_ecoformer_codes_hamming_identity_and_straight_through_gradient():
+    """D14 tests 1 and 3: with +-1 codes h(q) . h(k) = b - 2 Hamming(h(q), h(k)); gradients pass the sign."""
+    from attnkit.ops.linear.learned_maps import EcoHashFeatureMap
+
+    fm = EcoHashFeatureMap(8, bits=16).double()
+    x = torch.randn(2, 1, 10, 8, dtype=F64, requires_grad=True)
+    codes = fm.phi(x, is_query=True)
+    assert set(codes.detach().unique().tolist()) <= {0.0, 1.0}
+    pm = 2 * codes.detach() - 1
+    dots = pm @ pm.transpose(-1, -2)
+    hamming = (codes.detach()[..., :, None, :] != codes.detach()[..., None, :, :]).sum(-1)
+    assert torch.equal(dots, 16 - 2 * hamming.to(dots.dtype))
+    codes.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and fm.proj.grad.abs().sum() > 0

@@ -610,6 +610,64 @@ _MECHANISMS.append(Mechanism(
             "over the sequence; b = 0 is plain kernelised attention",
 ))
 
+
+
+def _learned_map_factory(kind: str) -> Callable[..., KernelizedAttention]:
+    def factory(causal: bool = False, head_dim: int | None = None, chunk_size: int = 64, **params: Any):
+        from .learned_maps import EcoHashFeatureMap, SpectralFeatureMap
+
+        if head_dim is None:
+            raise TypeError(f"{kind} needs head_dim (its map owns per-dimension parameters)")
+        params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
+        if kind == "ecoformer":
+            return KernelizedAttention(EcoHashFeatureMap(head_dim, **params), causal=causal, chunk_size=chunk_size)
+        fm = SpectralFeatureMap(head_dim, spectral="gmm" if kind == "gmm_rks" else "generative", **params)
+        return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size, normalize="rms")
+
+    return factory
+
+
+def _map_flops(features: Callable[[int, dict], int], proj: Callable[[int, dict], float]) -> Callable[..., float]:
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+              **params: Any) -> float:
+        m = features(head_dim, params)
+        att = chunked_flops(q_len, m, head_dim, 64) if causal else 2.0 * (q_len + kv_len) * m * (head_dim + 1)
+        return float(batch * heads * (att + (q_len + kv_len) * proj(head_dim, params)))
+
+    return flops
+
+
+_MECHANISMS += [
+    Mechanism(
+        name="gmm_rks", family="linear", kind="attention", exact=False, causal=True,
+        paper="On Learning the Transformer Kernel (KERNELIZED TRANSFORMER, GMM-RKS)", complexity="O(n m d)",
+        factory=_learned_map_factory("gmm_rks"), needs=("head_dim",), reference=_kernel_reference,
+        summary="random Fourier features with a learned Gaussian-mixture spectral distribution (reparameterised), "
+                "RMS-normalised output (signed kernel)",
+        flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
+        extras={"feature_map": "spectral"},
+    ),
+    Mechanism(
+        name="generative_rks", family="linear", kind="attention", exact=False, causal=True,
+        paper="On Learning the Transformer Kernel (KERNELIZED TRANSFORMER, generative RKS)", complexity="O(n m d)",
+        factory=_learned_map_factory("generative_rks"), needs=("head_dim",), reference=_kernel_reference,
+        summary="random Fourier features whose frequencies come from a learned MLP generator g(eps); RMS output",
+        flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
+        extras={"feature_map": "spectral"},
+    ),
+    Mechanism(
+        name="ecoformer", family="linear", kind="attention", exact=False, causal=True,
+        paper="EcoFormer: Energy-Saving Attention with Linear Complexity (kernelised hashing to binary codes)",
+        complexity="O(n b d)", factory=_learned_map_factory("ecoformer"), needs=("head_dim",),
+        reference=_kernel_reference,
+        summary="b-bit {0, 1} codes sign(A^T kbar(x)) from RBF kernels against learned anchors (straight-through "
+                "gradient); linear attention with phi = code",
+        flops=_map_flops(lambda d, p: p.get("bits", 16),
+                         lambda d, p: 3.0 * d * p.get("anchors", 32) + 2.0 * p.get("anchors", 32) * p.get("bits", 16)),
+        extras={"feature_map": "ecohash"},
+    ),
+]
+
 for _m in _MECHANISMS:
     register(_m)
 
