@@ -365,3 +365,19 @@ def test_ecoformer_codes_hamming_identity_and_straight_through_gradient():
     assert torch.equal(dots, 16 - 2 * hamming.to(dots.dtype))
     codes.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and fm.proj.grad.abs().sum() > 0
+
+
+def test_weighted_dijiang_starts_as_dijiang_and_learns_its_weights():
+    """D15: with equal weights the weighted map is DiJiang's; the weights receive gradients; the DCT is
+    orthonormal (D15 test 2)."""
+    import attnkit
+    from attnkit import feature_maps as fmaps
+
+    fn = attnkit.get("dijiang_weighted", head_dim=8, num_features=32).double()
+    q, k, v = random_qkv(1, 2, 20, dim=8, dtype=F64, seed=70)
+    out = fn(q, k, v)
+    assert_close(out, attnkit.linear_attention(q, k, v, feature_map=fmaps.DiJiangFeatureMap(8, 32)))
+    out.square().sum().backward()
+    assert fn.feature_map.log_weight.grad.abs().sum() > 0
+    c = fmaps._dct_matrix(8)
+    assert_close(c @ c.T, torch.eye(8, dtype=F64))

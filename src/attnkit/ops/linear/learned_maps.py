@@ -10,6 +10,9 @@ random-feature maps):
   ``b``-bit codes ``h(x) = [sign(A^T kbar(x)) + 1] / 2`` from a centred RBF kernel vector ``kbar(x)`` against
   learnable anchors; attention is linear attention with ``phi = code`` (non-negative, so products are sums of
   agreements). ``sign`` has a straight-through gradient (the derivative of ``tanh``).
+- :class:`WeightedDiJiangFeatureMap` (Chen et al. 2024, "DiJiang", weighted quasi-Monte-Carlo): DiJiang's DCT +
+  QMC positive features with learnable positive weights ``D`` per frequency (``phi = D * exp(T C x' - |x'|^2/2)``),
+  initialised to the equal QMC weights ``1 / sqrt(m)`` (where it equals the fixed map).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import math
 import torch
 from torch import nn
 
-from attnkit.feature_maps import FeatureMap
+from attnkit.feature_maps import DiJiangFeatureMap, FeatureMap
 
-__all__ = ["SpectralFeatureMap", "EcoHashFeatureMap"]
+__all__ = ["SpectralFeatureMap", "EcoHashFeatureMap", "WeightedDiJiangFeatureMap"]
 
 
 class SpectralFeatureMap(FeatureMap):
@@ -95,3 +98,17 @@ class EcoHashFeatureMap(FeatureMap):
         hard = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
         sign = hard + (soft - soft.detach())  # forward: sign; backward: tanh's derivative (straight-through)
         return (sign + 1) * 0.5
+
+
+class WeightedDiJiangFeatureMap(DiJiangFeatureMap):
+    """DiJiang with learnable per-frequency weights ``D = exp(log_weight) / sqrt(m)`` (``log_weight = 0``: the
+    equal-weight map). ``m = num_features``, positive features."""
+
+    name = "dijiang_weighted"
+
+    def __init__(self, head_dim: int | None = None, num_features: int = 256, *, seed: int = 0):
+        super().__init__(head_dim, num_features, seed=seed)
+        self.log_weight = nn.Parameter(torch.zeros(num_features))
+
+    def phi(self, x, *, is_query, offset=0):
+        return super().phi(x, is_query=is_query, offset=offset) * torch.exp(self.log_weight).to(x.dtype)

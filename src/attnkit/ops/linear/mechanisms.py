@@ -614,13 +614,16 @@ _MECHANISMS.append(Mechanism(
 
 def _learned_map_factory(kind: str) -> Callable[..., KernelizedAttention]:
     def factory(causal: bool = False, head_dim: int | None = None, chunk_size: int = 64, **params: Any):
-        from .learned_maps import EcoHashFeatureMap, SpectralFeatureMap
+        from .learned_maps import EcoHashFeatureMap, SpectralFeatureMap, WeightedDiJiangFeatureMap
 
         if head_dim is None:
             raise TypeError(f"{kind} needs head_dim (its map owns per-dimension parameters)")
         params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
         if kind == "ecoformer":
             return KernelizedAttention(EcoHashFeatureMap(head_dim, **params), causal=causal, chunk_size=chunk_size)
+        if kind == "dijiang_weighted":
+            return KernelizedAttention(WeightedDiJiangFeatureMap(head_dim, **params), causal=causal,
+                                       chunk_size=chunk_size)
         fm = SpectralFeatureMap(head_dim, spectral="gmm" if kind == "gmm_rks" else "generative", **params)
         return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size, normalize="rms")
 
@@ -665,6 +668,16 @@ _MECHANISMS += [
         flops=_map_flops(lambda d, p: p.get("bits", 16),
                          lambda d, p: 3.0 * d * p.get("anchors", 32) + 2.0 * p.get("anchors", 32) * p.get("bits", 16)),
         extras={"feature_map": "ecohash"},
+    ),
+    Mechanism(
+        name="dijiang_weighted", family="linear", kind="attention", exact=False, causal=True,
+        paper="DiJiang: Efficient Large Language Models through Compact Kernelization (weighted quasi-Monte-Carlo "
+              "DCT features)", complexity="O(n m d)", factory=_learned_map_factory("dijiang_weighted"),
+        needs=("head_dim",), reference=_kernel_reference, bench_params={"num_features": 256},
+        small_params={"num_features": 32},
+        summary="DCT + QMC positive features for the softmax kernel with learnable positive weights per frequency",
+        flops=_map_flops(lambda d, p: p.get("num_features", 256), lambda d, p: 2.0 * d * p.get("num_features", 256)),
+        extras={"feature_map": "dijiang_weighted"},
     ),
 ]
 
