@@ -381,3 +381,17 @@ def test_weighted_dijiang_starts_as_dijiang_and_learns_its_weights():
     assert fn.feature_map.log_weight.grad.abs().sum() > 0
     c = fmaps._dct_matrix(8)
     assert_close(c @ c.T, torch.eye(8, dtype=F64))
+
+
+def test_fastfood_frequencies_are_structured_gaussian_like_rows():
+    """FastFood-RKS at initialisation: Hadamard H H^T = d' I, and the structured rows S H G Pi H B have the entry
+    variance of the Gaussian rows they replace (d^-1/2 here), with gradients reaching the learned diagonals."""
+    from attnkit.ops.linear.learned_maps import SpectralFeatureMap, _hadamard
+
+    h = _hadamard(16)
+    assert torch.equal(h @ h.T, 16 * torch.eye(16))
+    fm = SpectralFeatureMap(8, num_features=2048, spectral="fastfood").double()
+    w = fm.frequencies()
+    assert abs(float(w.pow(2).mean()) - 8**-0.5) < 0.05 * 8**-0.5
+    w.square().sum().backward()
+    assert all(p.grad is not None for p in (fm.s_diag, fm.g_diag, fm.b_diag))

@@ -242,6 +242,16 @@ def _intra_vector(q, k, G, sub: int) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
+def _output(q: torch.Tensor, dv: int, N: int, c: int) -> torch.Tensor:
+    """The output ``[b, h, N, c, d_v]``, written block by block (no concatenation copy at the end)."""
+    return q.new_empty(q.shape[0], q.shape[1], N, c, dv)
+
+
+def _emit(out: torch.Tensor, lo: int, hi: int, block: torch.Tensor) -> None:
+    """Write a block's output; under autograd the write is recorded (``copy_`` into a slice) like a ``cat``."""
+    out[:, :, lo:hi] = block
+
+
 def _blocks(N: int, c: int):
     per = max(1, BLOCK_TOKENS // c)
     for lo in range(0, N, per):
@@ -276,7 +286,7 @@ def _gated_chunked(q, k, v, g, s, c):
     mask = _causal_mask(c, q.device)
     vector = gc.shape[-1] > 1
     span = _max_span(q.dtype)
-    outs = []
+    out = _output(q, v.shape[-1], N, c)
     for lo, hi in _blocks(N, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
@@ -296,8 +306,8 @@ def _gated_chunked(q, k, v, g, s, c):
             k_out, q_in = kb * torch.exp(last - G), qb * torch.exp(G)
         kv = k_out.transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
         starts, s = _scan(torch.exp(last).transpose(-1, -2), kv, s)  # decay [b, h, nb, d_k or 1, 1]
-        outs.append((A @ vb).add_(q_in @ starts))
-    out = torch.cat(outs, dim=2).reshape(b, h, N * c, -1)[:, :, :n]
+        _emit(out, lo, hi, (A @ vb).add_(q_in @ starts))
+    out = out.reshape(b, h, N * c, -1)[:, :, :n]
     return out, s
 
 
@@ -384,7 +394,7 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
     span = _max_span(q.dtype)
-    outs = []
+    out = _output(q, dv, N, c)
     for lo, hi in _blocks(N, c):
         qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
         kt = kb.transpose(-1, -2)
@@ -422,8 +432,8 @@ def _delta_chunked(q, k, v, beta, g, s, c):
             update = k_stt[:, :, t] @ u
             s = s + update if dec is None else torch.addcmul(update, dec[:, :, t], s)
         # O = q_in S_0 + qk U, batched over the block
-        outs.append((qk @ torch.stack(us, dim=2)).add_(q_in @ torch.stack(starts, dim=2)))
-    out = torch.cat(outs, dim=2).reshape(b, h, N * c, dv)[:, :, :n]
+        _emit(out, lo, hi, (qk @ torch.stack(us, dim=2)).add_(q_in @ torch.stack(starts, dim=2)))
+    out = out.reshape(b, h, N * c, dv)[:, :, :n]
     return out, s
 
 

@@ -4,7 +4,9 @@ random-feature maps):
 - :class:`SpectralFeatureMap` (Chowdhury et al. 2021, "On Learning the Transformer Kernel", KERNELIZED
   TRANSFORMER): random Fourier features ``m^-1/2 [cos(W x), sin(W x)]`` whose spectral distribution is learned:
   ``"gmm"`` (GMM-RKS, ``w = mu_c + sigma_c * eps`` by reparameterisation, ``m / C`` samples per component) or
-  ``"generative"`` (``w = g(eps)``, a small MLP generator). The ``eps`` are fixed seeded buffers, so the map is
+  ``"generative"`` (``w = g(eps)``, a small MLP generator) or ``"fastfood"`` (FastFood-RKS, blocks
+  ``W = S H G Pi H B / sqrt(d')`` of Hadamard ``H`` and learnable diagonals ``S, G, B``, a fixed permutation
+  ``Pi``; ``d'`` the head dim rounded up to a power of two). The ``eps`` are fixed seeded buffers, so the map is
   deterministic between redraws; ``phi(q) . phi(k)`` estimates the learned stationary kernel.
 - :class:`EcoHashFeatureMap` (Liu et al. 2022, "EcoFormer: Energy-Saving Attention with Linear Complexity"):
   ``b``-bit codes ``h(x) = [sign(A^T kbar(x)) + 1] / 2`` from a centred RBF kernel vector ``kbar(x)`` against
@@ -36,8 +38,8 @@ class SpectralFeatureMap(FeatureMap):
     def __init__(self, head_dim: int, num_features: int = 64, *, spectral: str = "gmm", components: int = 4,
                  hidden: int = 32, seed: int = 0):
         super().__init__()
-        if spectral not in ("gmm", "generative"):
-            raise ValueError(f"spectral must be 'gmm' or 'generative', got {spectral!r}")
+        if spectral not in ("gmm", "generative", "fastfood"):
+            raise ValueError(f"spectral must be 'gmm', 'generative' or 'fastfood', got {spectral!r}")
         if spectral == "gmm" and num_features % components:
             raise ValueError(f"num_features={num_features} must be a multiple of components={components}")
         self.head_dim, self.num_features, self.spectral, self.components = head_dim, num_features, spectral, components
@@ -47,8 +49,19 @@ class SpectralFeatureMap(FeatureMap):
             # component c starts as N(0, I / sqrt(d)): the softmax-like scale of q . k / sqrt(d)
             self.mu = nn.Parameter(torch.zeros(components, head_dim))
             self.log_sigma = nn.Parameter(torch.full((components, head_dim), -0.25 * math.log(head_dim)))
-        else:
+        elif spectral == "generative":
             self.generator = nn.Sequential(nn.Linear(head_dim, hidden), nn.Tanh(), nn.Linear(hidden, head_dim))
+        else:
+            dp = 1 << (head_dim - 1).bit_length()
+            blocks = -(-num_features // dp)
+            self.register_buffer("hadamard", _hadamard(dp))
+            self.register_buffer("perm", torch.stack([torch.randperm(dp, generator=g) for _ in range(blocks)]))
+            self.b_diag = nn.Parameter(torch.randint(0, 2, (blocks, dp), generator=g).float() * 2 - 1)
+            gauss = torch.randn(blocks, dp, generator=g)
+            self.g_diag = nn.Parameter(gauss)
+            # S rescales rows to chi_d' norms, as for Gaussian rows (Le et al. 2013), scaled like N(0, I / sqrt(d))
+            chi = torch.randn(blocks, dp, dp, generator=g).norm(dim=-1)
+            self.s_diag = nn.Parameter(chi / gauss.norm(dim=-1, keepdim=True) * head_dim**-0.25)
 
     def frequencies(self) -> torch.Tensor:
         """``W [num_features, head_dim]``: the learned spectral samples."""
@@ -57,7 +70,17 @@ class SpectralFeatureMap(FeatureMap):
             mu = self.mu.repeat_interleave(per, dim=0)
             sigma = self.log_sigma.exp().repeat_interleave(per, dim=0)
             return mu + sigma * self.eps
-        return self.generator(self.eps)
+        if self.spectral == "generative":
+            return self.generator(self.eps)
+        h = self.hadamard
+        dp = h.shape[0]
+        rows = []
+        for i in range(self.perm.shape[0]):  # W_i = S H G Pi H B / sqrt(d')
+            hb = h * self.b_diag[i]  # H B (B scales columns)
+            pi = hb[self.perm[i]]  # Pi H B
+            w = self.s_diag[i][:, None] * (h @ (self.g_diag[i][:, None] * pi)) / dp**0.5
+            rows.append(w)
+        return torch.cat(rows)[: self.num_features, : self.head_dim]
 
     def feature_dim(self, head_dim: int) -> int:
         return 2 * self.num_features
@@ -112,3 +135,11 @@ class WeightedDiJiangFeatureMap(DiJiangFeatureMap):
 
     def phi(self, x, *, is_query, offset=0):
         return super().phi(x, is_query=is_query, offset=offset) * torch.exp(self.log_weight).to(x.dtype)
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Walsh-Hadamard matrix ``[n, n]`` (``n`` a power of two), entries +-1 (``H H^T = n I``)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h

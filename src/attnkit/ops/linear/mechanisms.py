@@ -624,7 +624,8 @@ def _learned_map_factory(kind: str) -> Callable[..., KernelizedAttention]:
         if kind == "dijiang_weighted":
             return KernelizedAttention(WeightedDiJiangFeatureMap(head_dim, **params), causal=causal,
                                        chunk_size=chunk_size)
-        fm = SpectralFeatureMap(head_dim, spectral="gmm" if kind == "gmm_rks" else "generative", **params)
+        spectral = {"gmm_rks": "gmm", "generative_rks": "generative", "fastfood_rks": "fastfood"}[kind]
+        fm = SpectralFeatureMap(head_dim, spectral=spectral, **params)
         return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size, normalize="rms")
 
     return factory
@@ -655,6 +656,14 @@ _MECHANISMS += [
         paper="On Learning the Transformer Kernel (KERNELIZED TRANSFORMER, generative RKS)", complexity="O(n m d)",
         factory=_learned_map_factory("generative_rks"), needs=("head_dim",), reference=_kernel_reference,
         summary="random Fourier features whose frequencies come from a learned MLP generator g(eps); RMS output",
+        flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
+        extras={"feature_map": "spectral"},
+    ),
+    Mechanism(
+        name="fastfood_rks", family="linear", kind="attention", exact=False, causal=True,
+        paper="On Learning the Transformer Kernel (KERNELIZED TRANSFORMER, FastFood-RKS)", complexity="O(n m d)",
+        factory=_learned_map_factory("fastfood_rks"), needs=("head_dim",), reference=_kernel_reference,
+        summary="random Fourier features with FastFood frequencies S H G Pi H B and learned diagonals; RMS output",
         flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
         extras={"feature_map": "spectral"},
     ),
