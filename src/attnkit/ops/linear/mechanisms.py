@@ -236,6 +236,16 @@ def _gated_flops(vector_gate: bool, delta: bool) -> Callable[..., float]:
     return flops
 
 
+def _matrix_state_bytes(extra_column: bool = False) -> Callable[..., int]:
+    def state_bytes(head_dim: int, value_dim: int | None = None, dtype: torch.dtype = torch.float32,
+                    **params: Any) -> int:
+        """Bytes of one head's recurrent state ``S [d_k, d_v]`` (plus the denominator column when kept)."""
+        dv = head_dim if value_dim is None else value_dim
+        return head_dim * (dv + int(extra_column)) * torch.empty((), dtype=dtype).element_size()
+
+    return state_bytes
+
+
 def _gated_factory(cls: type, **fixed: Any) -> Callable[..., Any]:
     def factory(causal: bool = False, head_dim: int | None = None, **params: Any):
         if head_dim is None:
@@ -257,14 +267,14 @@ _MECHANISMS += [
         flops=lambda batch, heads, q_len, kv_len, head_dim, causal=False, **p: float(
             batch * heads * (chunked_flops(q_len, head_dim, head_dim, 64) if causal
                              else 4.0 * (q_len + kv_len) * head_dim * (head_dim + 1))),
-        extras={"feature_map": "cosine"},
+        extras={"feature_map": "cosine", "state_bytes": _matrix_state_bytes(True)},
     ),
     Mechanism(
         name="gla", family="linear", kind="attention", exact=False, causal=True,
         paper="Gated Linear Attention Transformers with Hardware-Efficient Training (GLA, eq. 3-4; chunkwise form "
               "with secondary chunking, sec. 4)",
         complexity="O(n d^2)", factory=_gated_factory(GatedLinearAttention), needs=("head_dim",),
-        reference=gated_reference, flops=_gated_flops(True, False), in_default_bench=False,
+        reference=gated_reference, flops=_gated_flops(True, False), extras={"state_bytes": _matrix_state_bytes()},
         summary="S_t = diag(a_t) S_{t-1} + k_t v_t^T with data-dependent a_t = sigmoid(k_t W + b)^(1/16) per key "
                 "dim; RMS norm per head; bidirectional scan when non-causal",
     ),
@@ -273,7 +283,7 @@ _MECHANISMS += [
         paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length (DeltaNet, eq. 1; WY/UT "
               "chunkwise form, sec. 3)",
         complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention), needs=("head_dim",),
-        reference=gated_reference, flops=_gated_flops(False, True),
+        reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
         summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit q, k; beta_t = "
                 "sigmoid(k_t.w + b); RMS norm per head; bidirectional scan when non-causal",
     ),
@@ -281,7 +291,7 @@ _MECHANISMS += [
         name="gated_deltanet", family="linear", kind="attention", exact=False, causal=True,
         paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (eq. 10; chunkwise WY form)",
         complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention, gated=True), needs=("head_dim",),
-        reference=gated_reference, flops=_gated_flops(False, True),
+        reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
         summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, a_t = "
                 "sigmoid(k_t.w_a + b_a) per head",
     ),
