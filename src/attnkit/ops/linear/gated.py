@@ -18,16 +18,20 @@ Modes: ``"recurrent"`` (token by token: the decoding path, O(d_k d_v) per token 
 
 - GLA: within a chunk with inclusive log-cumsum ``G``, ``o_i = (q_i * e^{G_i}) S_0 + sum_{j<=i} (sum_d q_id k_jd
   e^{G_id - G_jd}) v_j`` and ``S_c = e^{G_c} S_0 + sum_j (k_j * e^{G_c - G_j}) v_j^T``. Every exponent is a
-  difference ``G_i - G_j`` with ``j <= i``, so it is <= 0 and nothing overflows. Vector gates cannot be folded
-  into one ``q k^T`` product without exponents of both signs, so the chunk is cut into sub-chunks (GLA's
-  secondary chunking): pairs of different sub-chunks factor through the boundary between them (both factors
-  <= 1, one matmul), pairs within a sub-chunk are materialised ``[s, s, d_k]``.
+  difference ``G_i - G_j`` with ``j <= i``, so it is <= 0. Folded into one ``q k^T`` product as
+  ``(q_i E_i) . (k_j / E_j)`` with ``E = exp(G - G_c)`` (scalar and vector gates alike), the factors stay within
+  ``[exp(-span), exp(span)]`` when the chunk's total log-decay ``|G_c|`` is below ``span`` (half the log of the
+  dtype's largest value: 44 in float32), the usual case. Beyond it, exact fallbacks: the masked decay matrix
+  (scalar gates) or GLA's secondary chunking (vector gates): pairs of different sub-chunks factor through the
+  boundary between them (both factors <= 1, one matmul), pairs within a sub-chunk are materialised
+  ``[s, s, d_k]``.
 - delta rule: the WY/UT representation (Yang et al. 2024, sec. 3): writing ``S_t = S_0 + sum_{j<=t} k_j u_j^T``,
   the pseudo-values solve the unit lower-triangular system ``(I + tril(diag(beta) (K K^T * Gamma), -1)) U =
   diag(beta) (V - diag(gamma) K S_0)`` (``gamma_i = e^{G_i}``, ``Gamma_ij = e^{G_i - G_j}``; both 1 without a
-  gate), i.e. ``U = T V - (T diag(gamma) K) S_0`` with ``T`` from one batched triangular solve for all chunks
-  at once; then ``O = diag(gamma) Q S_0 + ((Q K^T) * Gamma * M) U`` and ``S_c = gamma_c S_0 + (K * gamma_c /
-  gamma)^T U``.
+  gate), i.e. ``U = T V - (T diag(gamma) K) S_0`` with ``T = (I + tril(..))^-1 diag(beta)`` from one batched
+  triangular solve for all chunks of a block; then ``O = diag(gamma) Q S_0 + ((Q K^T) * Gamma * M) U`` and
+  ``S_c = gamma_c S_0 + (K * gamma_c / gamma)^T U``. Only ``U = u_tilde - w S_0`` and the state update run in
+  sequence (two fused ``baddbmm`` per chunk).
 
 Chunks are processed in blocks of ``BLOCK_TOKENS`` tokens: every per-chunk product of a block is one batched
 op, and only the ``n / c`` state updates run in sequence, so memory is linear in tokens. Half precisions compute
@@ -258,22 +262,20 @@ def _blocks(N: int, c: int):
         yield lo, min(N, lo + per)
 
 
-def _scan(trans, add, s):
-    """States at the start of each chunk of a block and after it: ``s <- trans_t (*|@) s + add_t``. ``trans``
-    ``[b, h, nb, d_k or 1, 1]`` multiplies elementwise (a diagonal decay), ``[b, h, nb, d_k, d_k]`` as a
-    matrix (the delta rule). The only sequential work of the chunked forms: one fused op per chunk."""
+def _scan(decay, add, s):
+    """States at the start of each chunk of a block, and after the block: ``s <- decay_t * s + add_t`` with
+    ``decay [b, h, nb, d_k or 1, 1]`` (diagonal) and ``add [b, h, nb, d_k, d_v]``: the only sequential work of the
+    chunked GLA form, one fused op per chunk."""
     starts = []
-    matrix = trans.shape[-1] > 1
     for t in range(add.shape[2]):
         starts.append(s)
-        s = torch.baddbmm(add[:, :, t].flatten(0, 1), trans[:, :, t].flatten(0, 1), s.flatten(0, 1)).view_as(s) \
-            if matrix else torch.addcmul(add[:, :, t], trans[:, :, t], s)
+        s = torch.addcmul(add[:, :, t], decay[:, :, t], s)
     return torch.stack(starts, dim=2), s
 
 
-# Largest log-decay span of a chunk (|G_last|) for which the whole-chunk factorisation exp(G_i - G_m) *
-# exp(G_m - G_j) through the chunk's middle position m keeps every factor within exp(-span) .. exp(span): no
-# overflow or underflow, and products keep full relative precision. Beyond it, sub-chunks are used.
+# Largest log-decay span |G_c| of a chunk for which the factorisation exp(G_i - G_j) = E_i / E_j with
+# E = exp(G - G_c) in [1, exp(span)] has no overflow or underflow (products keep full relative precision;
+# masked pairs j > i stay finite). Beyond it the exact fallbacks run (decay matrix, or sub-chunks for vectors).
 def _max_span(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
