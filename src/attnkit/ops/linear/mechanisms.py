@@ -1,12 +1,22 @@
-"""Registry records of the linear family: kernelized linear attention with one feature map each.
+"""Registry records of the linear family.
 
-Every factory returns a :class:`KernelizedAttention` (an ``nn.Module``: feature maps may own parameters or
-random projections), a callable ``(q, k, v) -> out`` on ``[batch, heads, seq, dim]`` tensors that runs
+- kernelized linear attention with one feature map each (below: ``_linear_mechanism``), plus Fastmax, the
+  learned maps (GMM / generative / FastFood RKS, EcoFormer, weighted DiJiang) and Cottention;
+- the gated engine: ``gla``, ``deltanet``, ``gated_deltanet`` (``gated_attention.py``);
+- variants with an extra term: ``galerkin``, ``fourier_attention``, ``essa``, ``lln_diag``, ``focused_dwc``,
+  ``kernel_rpe_fft``;
+- token mixers (``kind="mixer"``, built with ``dim=``): ``retention``, ``ttt_linear``, ``ttt_mlp``,
+  ``titans_mac|mag|mal``, ``transnormer_norm|diag|llm``, ``efficientvit_msa`` (modules in ``attnkit.nn.linear``).
+
+Every record has a ``reference`` (materialised, looped or autograd form) that the conformance suite compares with.
+
+Every feature-map factory returns a :class:`KernelizedAttention` (an ``nn.Module``: feature maps may own
+parameters or random projections), a callable ``(q, k, v) -> out`` on ``[batch, heads, seq, dim]`` tensors that runs
 :func:`attnkit.linear_attention` in parallel mode (non-causal) or chunked mode (causal). Parameters split
 into the engine's (``chunk_size``, ``decay``, ``normalize``, ``mode``, ``eps``) and the feature map's (for
 example ``num_features`` of ``performer``); ``attnkit.get("performer", num_features=128, causal=True)``.
 
-Each record's ``extras`` carries ``feature_dim(head_dim, **params)`` and ``state_bytes(head_dim, value_dim,
+Each feature-map record's ``extras`` carries ``feature_dim(head_dim, **params)`` and ``state_bytes(head_dim, value_dim,
 dtype, **params)``: the size of one head's recurrent state (``S [m, d_v]`` plus ``z [m]``), the x-axis of
 Based's recall / memory trade-off.
 """

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, repeat_kv
 
-__all__ = ["ttt", "ttt_reference", "TTTState"]
-
-TTTState = tuple  # (W,) for the linear model, (W1, W2) for the MLP: each [batch, heads, ., .]
+__all__ = ["ttt", "ttt_reference", "default_weights"]
 
 
 def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
