@@ -404,7 +404,8 @@ class TitansLayer(nn.Module):
       attention output ``y`` and ``o = W_O (y * sigmoid(W_G M_t(y_t)))`` with ``M_t`` the memory after token ``t``.
       (The paper reads with the memory after the whole segment; reading after token ``t`` keeps it causal.)
 
-    ``causal=False``: memory scans in both directions (summed), attention windows symmetric.
+    ``causal=False``: memory scans in both directions (summed; MAC passes the forward scan's memory on to the next
+    segment), attention windows symmetric.
     """
 
     def __init__(self, dim: int, num_heads: int | None = None, *, arrangement: str = "mag", window: int = 64,
@@ -465,16 +466,11 @@ class TitansLayer(nn.Module):
         q, k, v, theta, eta, alpha = self.memory_inputs(x)
         kw = dict(model=self.memory_model, chunk_size=self.chunk_size)
         state = state if state is not None else self._state0(x.shape[0])
-        if self.causal:
-            res = memory_fn(q, k, v, theta, eta, alpha, initial_state=state, return_state=return_state, **kw)
-            y, new_state = res if return_state else (res, None)
-        else:
-            if return_state:
-                raise ValueError("a memory state continues a causal sequence; build the layer with causal=True")
-            y = memory_fn(q, k, v, theta, eta, alpha, initial_state=state, **kw)
+        res = memory_fn(q, k, v, theta, eta, alpha, initial_state=state, return_state=return_state, **kw)
+        y, new_state = res if return_state else (res, None)
+        if not self.causal:  # plus the backward scan; the state passed on is the forward scan's
             flip = [t.flip(2) for t in (q, k, v, theta, eta, alpha)]
             y = y + memory_fn(*flip, initial_state=state, **kw).flip(2)
-            new_state = None
         y = self._merge(y.to(x.dtype))
         return (y, new_state) if return_state else y
 
@@ -528,10 +524,7 @@ class TitansLayer(nn.Module):
             work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
             h = self._merge(titans_read(q.to(work), tuple(w.to(work) for w in state[0])).to(x.dtype))
             y = self.short_term(seg, context=h)
-            if self.causal:
-                m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
-            else:
-                m = self.long_term(y, state=state, memory_fn=memory_fn)
+            m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
             outs.append(y * torch.sigmoid(self.gate_proj(m)))
         return self.out_proj(torch.cat(outs, dim=1))
 
