@@ -28,6 +28,23 @@ def test_ttt_dual_and_primal_equal_the_autograd_inner_loop(model, mini_batch):
         assert_close(ttt(q, k, v, eta, model=model, mini_batch=mini_batch, form=form), ref, msg=form)
 
 
+@pytest.mark.parametrize("mini_batch", [1, 5, 30])
+def test_ttt_linear_with_layer_norm_dual_and_primal_equal_autograd(mini_batch):
+    """The paper's TTT-Linear f(x) = x + LN(x W): the analytic LN gradient in the dual and primal forms equals
+    autograd's, from a non-zero W_0 and with learned LN parameters."""
+    q, k, v, eta = _qkv_eta(seed=8)
+    v = v[..., :4].repeat(1, 1, 1, 2)  # d_v = d_k for the residual
+    g = torch.Generator().manual_seed(9)
+    ln = (torch.rand(3, 8, generator=g, dtype=F64) + 0.5, 0.1 * torch.randn(3, 8, generator=g, dtype=F64))
+    w0 = (0.3 * torch.randn(2, 3, 8, 8, generator=g, dtype=F64),)
+    ref = ttt_reference(q, k, v, eta, model="linear_ln", mini_batch=mini_batch, ln=ln, initial_state=w0)
+    for form in ("dual", "primal"):
+        out = ttt(q, k, v, eta, model="linear_ln", mini_batch=mini_batch, form=form, ln=ln, initial_state=w0)
+        assert_close(out, ref, msg=form)
+    with pytest.raises(ValueError, match="d_v must equal d_k"):
+        ttt(q, k, v[..., :6], eta, model="linear_ln")
+
+
 def test_ttt_linear_online_is_the_delta_rule():
     """Mini-batch 1: W_t = W_{t-1} - 2 eta k (k^T W - v)^T is the delta rule with beta = 2 eta."""
     q, k, v, eta = _qkv_eta(seed=2)

@@ -321,15 +321,16 @@ class TTTLayer(nn.Module):
     """A test-time-training layer (Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with Expressive Hidden
     States", TTT-Linear / TTT-MLP), a token mixer ``x [batch, seq, dim] -> [batch, seq, dim]``.
 
-    ``q, k, v = theta_Q x, theta_K x, theta_V x`` per head; the inner model ``f(.; W)`` (``model="linear"`` or
-    ``"mlp"``) starts from learnable weights ``W_0`` (learned by the outer loop, as in the paper) and takes
-    gradient steps on ``||f(k_t; W) - v_t||^2`` in mini-batches of ``mini_batch`` tokens with the learnable
-    per-token rate ``eta_t = eta_base * sigmoid(x_t . w_eta + b_eta)`` (one per head); ``z_t = f(q_t; W_t)``
-    through :func:`attnkit.ops.linear.ttt.ttt` (dual form); output ``W_O rms_norm(z)``. ``causal=False`` is the
+    ``q, k, v = theta_Q x, theta_K x, theta_V x`` per head; the inner model ``f(.; W)`` (``model="linear_ln"``:
+    the paper's TTT-Linear ``x + LN(x W)``; ``"linear"``: plain ``x W``; ``"mlp"``: TTT-MLP) starts from learnable
+    weights ``W_0`` (learned by the outer loop, as in the paper, like the inner LayerNorm's) and takes gradient
+    steps on ``||f(k_t; W) - v_t||^2`` in mini-batches of ``mini_batch`` tokens with the learnable per-token rate
+    ``eta_t = eta_base * sigmoid(x_t . w_eta + b_eta)`` (one per head); ``z_t = f(q_t; W_t)`` through
+    :func:`attnkit.ops.linear.ttt.ttt` (dual form); output ``W_O rms_norm(z)``. ``causal=False`` is the
     full-batch setting (one step over all tokens).
     """
 
-    def __init__(self, dim: int, num_heads: int | None = None, *, model: str = "linear", mini_batch: int = 16,
+    def __init__(self, dim: int, num_heads: int | None = None, *, model: str = "linear_ln", mini_batch: int = 16,
                  causal: bool = True, eta_base: float = 1.0, hidden: int | None = None, bias: bool = False):
         super().__init__()
         from attnkit.ops.linear.ttt import default_weights
@@ -343,6 +344,9 @@ class TTTLayer(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         init = default_weights(model, 1, num_heads, self.head_dim, self.head_dim, hidden, None, torch.float32)
         self.initial = nn.ParameterList([nn.Parameter(w[0].clone()) for w in init])  # W_0 per head
+        # the inner LayerNorm of TTT-Linear (x + LN(x W)): outer-loop parameters, one per head
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim)) if model == "linear_ln" else None
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if model == "linear_ln" else None
 
     def inputs(self, x: torch.Tensor):
         """``q, k, v [batch, heads, n, d]`` (q, k scaled by ``d^-1/2``, keeping inner steps stable) and
@@ -356,13 +360,16 @@ class TTTLayer(nn.Module):
     def state0(self, batch: int) -> tuple:
         return tuple(w.expand(batch, *w.shape) for w in self.initial)
 
+    def ln(self) -> tuple | None:
+        return None if self.ln_weight is None else (self.ln_weight, self.ln_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from attnkit.ops.linear.ttt import ttt
 
         _check_x(x, self.dim)
         q, k, v, eta = self.inputs(x)
         z = ttt(q, k, v, eta, model=self.model, mini_batch=self.mini_batch, causal=self.causal,
-                initial_state=self.state0(x.shape[0]))
+                initial_state=self.state0(x.shape[0]), ln=self.ln())
         b, _, n, _ = z.shape
         zw = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
         z = (zw * torch.rsqrt(zw.pow(2).mean(-1, keepdim=True) + 1e-6)).to(z.dtype)
@@ -375,7 +382,7 @@ def ttt_layer_reference(built: TTTLayer, x: torch.Tensor, **_: object) -> torch.
 
     q, k, v, eta = built.inputs(x)
     z = ttt_reference(q, k, v, eta, model=built.model, mini_batch=built.mini_batch, causal=built.causal,
-                      initial_state=built.state0(x.shape[0]))
+                      initial_state=built.state0(x.shape[0]), ln=built.ln())
     b, _, n, _ = z.shape
     z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
     return built.out_proj(z.transpose(1, 2).reshape(b, n, built.dim))

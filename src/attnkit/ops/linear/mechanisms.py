@@ -354,7 +354,7 @@ def _ttt_factory(model: str) -> Callable[..., nn.Module]:
         from attnkit.nn.linear import TTTLayer
 
         if dim is None:
-            raise TypeError(f"ttt_{model} is a token mixer: pass dim= (the channels of x [batch, seq, dim])")
+            raise TypeError("ttt layers are token mixers: pass dim= (the channels of x [batch, seq, dim])")
         params = {k: v for k, v in params.items() if k not in SHAPE_PARAMS}
         return TTTLayer(dim, num_heads, model=model, mini_batch=mini_batch, causal=causal, **params)
 
@@ -367,14 +367,16 @@ def _ttt_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Te
     return ttt_layer_reference(built, x)
 
 
-for _model, _inner_flops in (("linear", lambda n, d: 10.0 * n * d * d), ("mlp", lambda n, d: 40.0 * n * d * d)):
+for _name, _model, _inner_flops in (("linear", "linear_ln", lambda n, d: 10.0 * n * d * d),
+                                   ("mlp", "mlp", lambda n, d: 40.0 * n * d * d)):
     _MECHANISMS.append(Mechanism(
-        name=f"ttt_{_model}", family="linear", kind="mixer", exact=False, causal=True,
-        paper="Learning to (Learn at Test Time): RNNs with Expressive Hidden States (TTT-" + _model.upper()
+        name=f"ttt_{_name}", family="linear", kind="mixer", exact=False, causal=True,
+        paper="Learning to (Learn at Test Time): RNNs with Expressive Hidden States (TTT-" + _name.upper()
               + ", mini-batch inner loop and dual form, sec. 2.7); full batch: Learning to (Learn at Test Time)",
         complexity="O(n (b + d) d)", factory=_ttt_factory(_model), needs=("dim",),
         reference=_ttt_reference,
-        summary=f"inner {_model} model trained at test time on ||f(k; W) - v||^2 with learnable W_0 and per-token "
+        summary=("inner model x + LN(x W)" if _name == "linear" else "inner MLP gelu(x W1) W2")
+        + " trained at test time on ||f(k; W) - v||^2 with learnable W_0 and per-token "
                 "rates; mini-batch gradients at the batch start, dual form; full batch when non-causal",
         flops=_mixer_flops(lambda n, d, causal, f=_inner_flops: f(n, d) + 4.0 * n * 16 * d, 4),
     ))

@@ -37,10 +37,26 @@ def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
     return cdf + x * pdf
 
 
-def _batch_grads(k, v, weights):
+def _layer_norm(z: torch.Tensor, ln: tuple, eps: float = 1e-6):
+    """``LN(z) = weight * xhat + bias`` over the last axis with ``weight, bias [heads, d]``; returns the output,
+    ``xhat`` and ``1 / std`` (for the analytic gradient)."""
+    mu = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((z - mu).square().mean(-1, keepdim=True) + eps)
+    xhat = (z - mu) * rstd
+    w, b = (t.to(z.dtype)[None, :, None, :] for t in ln)
+    return w * xhat + b, xhat, rstd
+
+
+def _batch_grads(k, v, weights, ln=None):
     """Per-token gradient factors at the mini-batch's start weights (outer-product form):
     linear: ``grad_W l_s = 2 k_s e_s^T`` with ``e = k W - v``; mlp: ``grad_W2 = 2 a_s e_s^T``,
     ``grad_W1 = k_s g1_s^T`` with ``a = gelu(k W1)``, ``e = a W2 - v``, ``g1 = 2 (e W2^T) * gelu'(k W1)``."""
+    if len(weights) == 1 and ln is not None:
+        # TTT-Linear: f(x) = x + LN(x W); grad_W = k^T dz with dz the LN backward of 2 (f(k) - v) * weight
+        y, xhat, rstd = _layer_norm(k @ weights[0], ln)
+        g = 2.0 * (k + y - v) * ln[0].to(k.dtype)[None, :, None, :]
+        dz = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        return (dz,)
     if len(weights) == 1:
         return (2.0 * (k @ weights[0] - v),)
     w1, w2 = weights
@@ -51,16 +67,16 @@ def _batch_grads(k, v, weights):
     return g1, e2, a
 
 
-def _dual_batch(q, k, v, eta, weights):
+def _dual_batch(q, k, v, eta, weights, ln=None):
     """One mini-batch in the dual form: ``q, k [B, H, b, d]``, ``eta [B, H, b]`` -> outputs and end weights."""
     b = q.shape[-2]
     m_eta = torch.ones(b, b, dtype=torch.bool, device=q.device).tril() * eta[..., None, :]  # [.., t, s]
     qk = (q @ k.transpose(-1, -2)) * m_eta
     if len(weights) == 1:
-        (e,) = _batch_grads(k, v, weights)
-        z = q @ weights[0] - qk @ e
+        (e,) = _batch_grads(k, v, weights, ln)
+        z = q @ weights[0] - qk @ e  # q W_t without forming W_t
         w_end = weights[0] - k.transpose(-1, -2) @ (eta[..., None] * e)
-        return z, (w_end,)
+        return (z if ln is None else q + _layer_norm(z, ln)[0]), (w_end,)
     w1, w2 = weights
     g1, e2, a = _batch_grads(k, v, weights)
     hq = q @ w1 - qk @ g1
@@ -71,9 +87,9 @@ def _dual_batch(q, k, v, eta, weights):
     return z, (w1_end, w2_end)
 
 
-def _primal_batch(q, k, v, eta, weights):
+def _primal_batch(q, k, v, eta, weights, ln=None):
     """One mini-batch with every token's weights materialised: ``W_t = W_0 - sum_{s <= t} eta_s G_s``."""
-    grads = _batch_grads(k, v, weights)
+    grads = _batch_grads(k, v, weights, ln)
     if len(weights) == 1:
         per_token = [eta[..., None, None] * k[..., :, None] * grads[0][..., None, :]]  # [B, H, b, d_k, d_v]
         factors = [weights[0]]
@@ -85,6 +101,7 @@ def _primal_batch(q, k, v, eta, weights):
     w_t = [w[..., None, :, :] - g.cumsum(-3) for w, g in zip(factors, per_token)]  # weights after token t
     if len(weights) == 1:
         z = (q[..., None, :] @ w_t[0])[..., 0, :]
+        z = z if ln is None else q + _layer_norm(z, ln)[0]
     else:
         h = F.gelu((q[..., None, :] @ w_t[0])[..., 0, :])
         z = (h[..., None, :] @ w_t[1])[..., 0, :]
@@ -93,13 +110,15 @@ def _primal_batch(q, k, v, eta, weights):
 
 def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Tensor, *, model: str = "linear",
         mini_batch: int = 16, causal: bool = True, form: str = "dual", initial_state: tuple | None = None,
-        hidden: int | None = None, return_state: bool = False):
+        hidden: int | None = None, ln: tuple | None = None, return_state: bool = False):
     """A TTT layer's inner loop (Sun et al. 2024; see the module docstring).
 
     Args:
         q, k: ``[batch, heads, n, d_k]`` (``kv_heads`` for k); v: ``[batch, kv_heads, n, d_v]``.
         eta: inner learning rate: a float or per token ``[batch, heads, n]`` (the paper learns it from ``x``).
-        model: ``"linear"`` or ``"mlp"`` (hidden width ``hidden``, default ``4 d_k``).
+        model: ``"linear"`` (``f(x) = x W``), ``"linear_ln"`` (the paper's TTT-Linear ``f(x) = x + LN(x W)``,
+            ``d_k == d_v``; ``ln = (weight, bias)`` ``[heads, d]``, default 1 and 0) or ``"mlp"`` (hidden width
+            ``hidden``, default ``4 d_k``).
         mini_batch: tokens per inner mini-batch (gradients of a mini-batch are taken at its start weights).
         causal: ``False`` is the full-batch setting of MTTT: one gradient step over all tokens, every output read
             with the final weights (for the linear model from ``W_0 = 0``: ``2 eta (Q K^T) V``).
@@ -115,8 +134,10 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
     bsz, h, n, dk = q.shape
     if k.shape[2] != n:
         raise ValueError(f"ttt needs as many queries as keys, got {n} and {k.shape[2]}")
-    if model not in ("linear", "mlp"):
-        raise ValueError(f"model must be 'linear' or 'mlp', got {model!r}")
+    if model not in ("linear", "linear_ln", "mlp"):
+        raise ValueError(f"model must be 'linear', 'linear_ln' or 'mlp', got {model!r}")
+    if model == "linear_ln" and v.shape[-1] != dk:
+        raise ValueError(f"model='linear_ln' has a residual x + LN(x W): d_v must equal d_k ({dk}), got {v.shape[-1]}")
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'dual' or 'primal', got {form!r}")
     if not isinstance(mini_batch, int) or mini_batch < 1:
@@ -134,31 +155,40 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
     if initial_state is None:
         initial_state = default_weights(model, bsz, h, dk, dv, hidden, q.device, work)
     weights = tuple(w.to(work) for w in initial_state)
+    ln = _ln_params(model, ln, h, dk, q)
     step = _dual_batch if form == "dual" else _primal_batch
     if not causal:  # full batch: one step over every token, outputs read with the final weights
-        _, weights = step(q, k, v, eta_t, weights)
-        z = _read(q, weights)
+        _, weights = step(q, k, v, eta_t, weights, ln)
+        z = _read(q, weights, ln)
     else:
         outs = []
         for lo in range(0, n, mini_batch):
             hi = min(n, lo + mini_batch)
-            z, weights = step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], eta_t[:, :, lo:hi], weights)
+            z, weights = step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], eta_t[:, :, lo:hi], weights, ln)
             outs.append(z)
         z = torch.cat(outs, dim=2)
     z = z.to(dtype)
     return (z, weights) if return_state else z
 
 
-def _read(q, weights):
+def _ln_params(model: str, ln, h: int, d: int, like: torch.Tensor):
+    if model != "linear_ln":
+        return None
+    if ln is None:
+        return like.new_ones(h, d), like.new_zeros(h, d)
+    return tuple(t.to(device=like.device, dtype=like.dtype) for t in ln)
+
+
+def _read(q, weights, ln=None):
     if len(weights) == 1:
-        return q @ weights[0]
+        return q @ weights[0] if ln is None else q + _layer_norm(q @ weights[0], ln)[0]
     return F.gelu(q @ weights[0]) @ weights[1]
 
 
 def default_weights(model: str, bsz: int, h: int, dk: int, dv: int, hidden: int | None, device, dtype) -> tuple:
     """Zero weights for the linear model; for the MLP a seeded ``N(0, 1/fan_in)`` init (zeros have zero
     gradients), identical for every batch element and head."""
-    if model == "linear":
+    if model in ("linear", "linear_ln"):
         return (torch.zeros(bsz, h, dk, dv, device=device, dtype=dtype),)
     hid = 4 * dk if hidden is None else hidden
     g = torch.Generator().manual_seed(0)
@@ -168,7 +198,7 @@ def default_weights(model: str, bsz: int, h: int, dk: int, dv: int, hidden: int 
 
 
 def ttt_reference(q, k, v, eta, *, model: str = "linear", mini_batch: int = 16, causal: bool = True,
-                  initial_state: tuple | None = None, hidden: int | None = None):
+                  initial_state: tuple | None = None, hidden: int | None = None, ln: tuple | None = None):
     """Token by token with autograd: every gradient of a mini-batch taken at its start weights by
     ``torch.autograd.grad`` of ``||f(k_s; W) - v_s||^2`` (for tests; pass float64)."""
     bsz, h, n, dk = q.shape
@@ -177,18 +207,19 @@ def ttt_reference(q, k, v, eta, *, model: str = "linear", mini_batch: int = 16, 
     eta_t = eta_t.expand(bsz, h, n)
     weights = initial_state or default_weights(model, bsz, h, dk, v.shape[-1], hidden, q.device, q.dtype)
     weights = [w.detach().clone() for w in weights]
+    ln = _ln_params(model, ln, h, dk, q)
     span = n if not causal else mini_batch
     outs = []
     for lo in range(0, n, span):
         start = [w.clone().requires_grad_(True) for w in weights]
         current = [w.clone() for w in weights]
         for t in range(lo, min(n, lo + span)):
-            loss = (_read(k[:, :, t:t + 1], start) - v[:, :, t:t + 1]).square().sum(-1)  # [B, H, 1]
+            loss = (_read(k[:, :, t:t + 1], start, ln) - v[:, :, t:t + 1]).square().sum(-1)  # [B, H, 1]
             grads = torch.autograd.grad(loss.sum(), start)  # heads and batch are independent: sum is per W
             current = [c - eta_t[:, :, t, None, None] * g for c, g in zip(current, grads)]
             if causal:
-                outs.append(_read(q[:, :, t:t + 1], current))
+                outs.append(_read(q[:, :, t:t + 1], current, ln))
         weights = current
     if not causal:
-        return _read(q, weights)
+        return _read(q, weights, ln)
     return torch.cat(outs, dim=2)
