@@ -51,21 +51,23 @@ def inputs(n: int, h: int, d: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def variants(x: dict[str, torch.Tensor], chunk: int, delta_chunk: int, mode: str = "chunked", state=None):
+def variants(x: dict[str, torch.Tensor], chunk: int, delta_chunk: int, mode: str = "chunked", state=None,
+             return_state: bool = False):
     """``name -> zero-argument call`` (``state``: a dict of carried states per name, for decoding)."""
     st = state or {}
+    rs = {"return_state": return_state}
     return {
         "ungated": lambda: linear_attention(x["q"], x["k"], x["v"], feature_map="identity", normalize="none",
-                                            causal=True, mode=mode, chunk_size=chunk, state=st.get("ungated")),
+                                            causal=True, mode=mode, chunk_size=chunk, state=st.get("ungated"), **rs),
         "gla_scalar": lambda: gated_linear_attention(x["q"], x["k"], x["v"], x["g_scalar"], mode=mode,
-                                                     chunk_size=chunk, initial_state=st.get("gla_scalar")),
+                                                     chunk_size=chunk, initial_state=st.get("gla_scalar"), **rs),
         "gla_vector": lambda: gated_linear_attention(x["q"], x["k"], x["v"], x["g_vector"], mode=mode,
-                                                     chunk_size=chunk, initial_state=st.get("gla_vector")),
+                                                     chunk_size=chunk, initial_state=st.get("gla_vector"), **rs),
         "delta": lambda: delta_rule_attention(x["q"], x["kn"], x["v"], x["beta"], mode=mode,
-                                              chunk_size=delta_chunk, initial_state=st.get("delta")),
+                                              chunk_size=delta_chunk, initial_state=st.get("delta"), **rs),
         "gated_delta": lambda: delta_rule_attention(x["q"], x["kn"], x["v"], x["beta"], log_decay=x["g_scalar"],
                                                     mode=mode, chunk_size=delta_chunk,
-                                                    initial_state=st.get("gated_delta")),
+                                                    initial_state=st.get("gated_delta"), **rs),
     }
 
 
@@ -138,21 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for p in positions:
             x = inputs(p, h, d, seed=1)
-            states[p] = {}
-            for name, f in variants(x, cs, dcs).items():
-                fn = {"ungated": lambda x=x: linear_attention(x["q"], x["k"], x["v"], feature_map="identity",
-                                                              normalize="none", causal=True, chunk_size=cs,
-                                                              return_state=True)}.get(name)
-                if fn is None:
-                    if name.startswith("gla"):
-                        fn = (lambda x=x, name=name: gated_linear_attention(
-                            x["q"], x["k"], x["v"], x["g_" + name.split("_")[1]], chunk_size=cs,
-                            return_state=True))
-                    else:
-                        fn = (lambda x=x, name=name: delta_rule_attention(
-                            x["q"], x["kn"], x["v"], x["beta"], chunk_size=dcs, return_state=True,
-                            log_decay=x["g_scalar"] if name == "gated_delta" else None))
-                states[p][name] = fn()[1]
+            states[p] = {name: f()[1] for name, f in variants(x, cs, dcs, return_state=True).items()}
         one = inputs(1, h, d, seed=2)
         steps = 100 if args.quick else 400
         calls = {f"{name}@{p}": f for p in positions

@@ -20,11 +20,12 @@ def resolve_feature_map(feature_map: str | FeatureMap, causal: bool) -> FeatureM
     if causal and isinstance(feature_map, str) and feature_map == "lln":
         return LogNormalFeatureMap(causal=True)
     fm = get_feature_map(feature_map)
-    if causal and isinstance(fm, LogNormalFeatureMap) and not fm.causal and not fm.token_local:
+    # maps with a ``causal`` switch (LLN, Fastmax) take statistics over the call unless built causal
+    if causal and getattr(fm, "causal", None) is False and not fm.token_local:
         raise NotSupportedError(
-            "this LogNormalFeatureMap takes its temperatures and key shift from the whole call, so causal "
-            "attention would see the future through them; build it with LogNormalFeatureMap(causal=True) "
-            "(prefix statistics) or with fixed alpha=, beta= and stabilize=False"
+            f"this {type(fm).__name__} takes statistics (temperatures, shifts or scales) from the whole call, so "
+            f"causal attention would see the future through them; build it with causal=True (prefix "
+            f"statistics){' or with fixed alpha=, beta= and stabilize=False' if fm.name == 'lln' else ''}"
         )
     return fm
 

@@ -18,16 +18,20 @@ Modes: ``"recurrent"`` (token by token: the decoding path, O(d_k d_v) per token 
 
 - GLA: within a chunk with inclusive log-cumsum ``G``, ``o_i = (q_i * e^{G_i}) S_0 + sum_{j<=i} (sum_d q_id k_jd
   e^{G_id - G_jd}) v_j`` and ``S_c = e^{G_c} S_0 + sum_j (k_j * e^{G_c - G_j}) v_j^T``. Every exponent is a
-  difference ``G_i - G_j`` with ``j <= i``, so it is <= 0 and nothing overflows. Vector gates cannot be folded
-  into one ``q k^T`` product without exponents of both signs, so the chunk is cut into sub-chunks (GLA's
-  secondary chunking): pairs of different sub-chunks factor through the boundary between them (both factors
-  <= 1, one matmul), pairs within a sub-chunk are materialised ``[s, s, d_k]``.
+  difference ``G_i - G_j`` with ``j <= i``, so it is <= 0. Folded into one ``q k^T`` product as
+  ``(q_i E_i) . (k_j / E_j)`` with ``E = exp(G - G_c)`` (scalar and vector gates alike), the factors stay within
+  ``[exp(-span), exp(span)]`` when the chunk's total log-decay ``|G_c|`` is below ``span`` (half the log of the
+  dtype's largest value: 44 in float32), the usual case. Beyond it, exact fallbacks: the masked decay matrix
+  (scalar gates) or GLA's secondary chunking (vector gates): pairs of different sub-chunks factor through the
+  boundary between them (both factors <= 1, one matmul), pairs within a sub-chunk are materialised
+  ``[s, s, d_k]``.
 - delta rule: the WY/UT representation (Yang et al. 2024, sec. 3): writing ``S_t = S_0 + sum_{j<=t} k_j u_j^T``,
   the pseudo-values solve the unit lower-triangular system ``(I + tril(diag(beta) (K K^T * Gamma), -1)) U =
   diag(beta) (V - diag(gamma) K S_0)`` (``gamma_i = e^{G_i}``, ``Gamma_ij = e^{G_i - G_j}``; both 1 without a
-  gate), i.e. ``U = T V - (T diag(gamma) K) S_0`` with ``T`` from one batched triangular solve for all chunks
-  at once; then ``O = diag(gamma) Q S_0 + ((Q K^T) * Gamma * M) U`` and ``S_c = gamma_c S_0 + (K * gamma_c /
-  gamma)^T U``.
+  gate), i.e. ``U = T V - (T diag(gamma) K) S_0`` with ``T = (I + tril(..))^-1 diag(beta)`` from one batched
+  triangular solve for all chunks of a block; then ``O = diag(gamma) Q S_0 + ((Q K^T) * Gamma * M) U`` and
+  ``S_c = gamma_c S_0 + (K * gamma_c / gamma)^T U``. Only ``U = u_tilde - w S_0`` and the state update run in
+  sequence (two fused ``baddbmm`` per chunk).
 
 Chunks are processed in blocks of ``BLOCK_TOKENS`` tokens: every per-chunk product of a block is one batched
 op, and only the ``n / c`` state updates run in sequence, so memory is linear in tokens. Half precisions compute
@@ -242,28 +246,36 @@ def _intra_vector(q, k, G, sub: int) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
+def _output(q: torch.Tensor, dv: int, N: int, c: int) -> torch.Tensor:
+    """The output ``[b, h, N, c, d_v]``, written block by block (no concatenation copy at the end)."""
+    return q.new_empty(q.shape[0], q.shape[1], N, c, dv)
+
+
+def _emit(out: torch.Tensor, lo: int, hi: int, block: torch.Tensor) -> None:
+    """Write a block's output; under autograd the write is recorded (``copy_`` into a slice) like a ``cat``."""
+    out[:, :, lo:hi] = block
+
+
 def _blocks(N: int, c: int):
     per = max(1, BLOCK_TOKENS // c)
     for lo in range(0, N, per):
         yield lo, min(N, lo + per)
 
 
-def _scan(trans, add, s):
-    """States at the start of each chunk of a block and after it: ``s <- trans_t (*|@) s + add_t``. ``trans``
-    ``[b, h, nb, d_k or 1, 1]`` multiplies elementwise (a diagonal decay), ``[b, h, nb, d_k, d_k]`` as a
-    matrix (the delta rule). The only sequential work of the chunked forms: one fused op per chunk."""
+def _scan(decay, add, s):
+    """States at the start of each chunk of a block, and after the block: ``s <- decay_t * s + add_t`` with
+    ``decay [b, h, nb, d_k or 1, 1]`` (diagonal) and ``add [b, h, nb, d_k, d_v]``: the only sequential work of the
+    chunked GLA form, one fused op per chunk."""
     starts = []
-    matrix = trans.shape[-1] > 1
     for t in range(add.shape[2]):
         starts.append(s)
-        s = torch.baddbmm(add[:, :, t].flatten(0, 1), trans[:, :, t].flatten(0, 1), s.flatten(0, 1)).view_as(s) \
-            if matrix else torch.addcmul(add[:, :, t], trans[:, :, t], s)
+        s = torch.addcmul(add[:, :, t], decay[:, :, t], s)
     return torch.stack(starts, dim=2), s
 
 
-# Largest log-decay span of a chunk (|G_last|) for which the whole-chunk factorisation exp(G_i - G_m) *
-# exp(G_m - G_j) through the chunk's middle position m keeps every factor within exp(-span) .. exp(span): no
-# overflow or underflow, and products keep full relative precision. Beyond it, sub-chunks are used.
+# Largest log-decay span |G_c| of a chunk for which the factorisation exp(G_i - G_j) = E_i / E_j with
+# E = exp(G - G_c) in [1, exp(span)] has no overflow or underflow (products keep full relative precision;
+# masked pairs j > i stay finite). Beyond it the exact fallbacks run (decay matrix, or sub-chunks for vectors).
 def _max_span(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
@@ -276,7 +288,7 @@ def _gated_chunked(q, k, v, g, s, c):
     mask = _causal_mask(c, q.device)
     vector = gc.shape[-1] > 1
     span = _max_span(q.dtype)
-    outs = []
+    out = _output(q, v.shape[-1], N, c)
     for lo, hi in _blocks(N, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
@@ -296,8 +308,8 @@ def _gated_chunked(q, k, v, g, s, c):
             k_out, q_in = kb * torch.exp(last - G), qb * torch.exp(G)
         kv = k_out.transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
         starts, s = _scan(torch.exp(last).transpose(-1, -2), kv, s)  # decay [b, h, nb, d_k or 1, 1]
-        outs.append((A @ vb).add_(q_in @ starts))
-    out = torch.cat(outs, dim=2).reshape(b, h, N * c, -1)[:, :, :n]
+        _emit(out, lo, hi, (A @ vb).add_(q_in @ starts))
+    out = out.reshape(b, h, N * c, -1)[:, :, :n]
     return out, s
 
 
@@ -384,7 +396,7 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
     span = _max_span(q.dtype)
-    outs = []
+    out = _output(q, dv, N, c)
     for lo, hi in _blocks(N, c):
         qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
         kt = kb.transpose(-1, -2)
@@ -413,17 +425,23 @@ def _delta_chunked(q, k, v, beta, g, s, c):
         system.diagonal(dim1=-2, dim2=-1).fill_(1.0)
         t_mat = torch.linalg.solve_triangular(system, torch.diag_embed(bb), upper=False, unitriangular=True)
         u_tilde, w = t_mat @ vb, t_mat @ k_in
+        # the sequential part, on [b * h] batches so that each step is two fused baddbmm calls:
+        # U_t = u_tilde_t - w_t S and S <- dec S + K_t^T U_t
         k_stt = k_st.transpose(-1, -2)
+        s3 = s.flatten(0, 1)
         us, starts = [], []
         for t in range(hi - lo):
-            starts.append(s)
-            u = u_tilde[:, :, t] - w[:, :, t] @ s
+            starts.append(s3)
+            u = torch.baddbmm(u_tilde[:, :, t].flatten(0, 1), w[:, :, t].flatten(0, 1), s3, alpha=-1.0)
             us.append(u)
-            update = k_stt[:, :, t] @ u
-            s = s + update if dec is None else torch.addcmul(update, dec[:, :, t], s)
+            base = s3 if dec is None else dec[:, :, t].flatten(0, 1) * s3
+            s3 = torch.baddbmm(base, k_stt[:, :, t].flatten(0, 1), u)
+        s = s3.view(b, h, dk, dv)
         # O = q_in S_0 + qk U, batched over the block
-        outs.append((qk @ torch.stack(us, dim=2)).add_(q_in @ torch.stack(starts, dim=2)))
-    out = torch.cat(outs, dim=2).reshape(b, h, N * c, dv)[:, :, :n]
+        u_all = torch.stack(us, dim=1).view(b, h, hi - lo, c, dv)
+        s_all = torch.stack(starts, dim=1).view(b, h, hi - lo, dk, dv)
+        _emit(out, lo, hi, (qk @ u_all).add_(q_in @ s_all))
+    out = out.reshape(b, h, N * c, dv)[:, :, :n]
     return out, s
 
 
