@@ -142,10 +142,11 @@ def test_every_registered_mechanism_runs_on_cuda(name):
 def _mixer_runs_on_cuda(m, params, inputs):
     torch.manual_seed(0)
     mixer = m.build(**params)
-    x = inputs[0]
-    expected = m.reference(mixer.double(), x.double(), **params)  # float64 on the CPU
+    x, rest = inputs[0], inputs[1:]  # extra inputs (positions, token types) ride along unchanged
+    expected = m.reference(mixer.double(), x.double(), *(t.double() if t.is_floating_point() else t for t in rest),
+                           **params)  # float64 on the CPU
     xg = x.to(CUDA).requires_grad_()
-    out = mixer.float().to(CUDA)(xg)
+    out = mixer.float().to(CUDA)(xg, *(t.to(CUDA) for t in rest))
     assert out.device.type == torch.device(CUDA).type and torch.isfinite(out).all()
     out.square().mean().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
