@@ -298,17 +298,30 @@ class KeyIndex:
         return found
 
     def _search_faiss(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        import faiss
+
         xc = x.cpu().contiguous()
-        xs = xc.numpy() if self.metric == "ip" else torch.nn.functional.pad(xc, (0, 1)).numpy()  # [q, 0]
+        xs = xc if self.metric == "ip" else torch.nn.functional.pad(xc, (0, 1))  # augmented queries [q, 0]
+        G, m, _ = xs.shape
+        # One output buffer for all groups, filled through faiss's C entry point (the Python wrapper's checks
+        # and allocations cost more than a small HNSW search).
+        dist = torch.empty(G, m, top_k, dtype=torch.float32)
+        ids = torch.empty(G, m, top_k, dtype=torch.int64)
+        ef = max(self.ef_search, top_k)
+        for g, index in enumerate(self._faiss):
+            if index.hnsw.efSearch != ef:
+                index.hnsw.efSearch = ef
+            index.search_c(m, faiss.swig_ptr(xs[g].numpy()), top_k, faiss.swig_ptr(dist[g].numpy()),
+                           faiss.swig_ptr(ids[g].numpy()))
+        if not any(self._overflow):
+            return ids
         qq = xc.double().square().sum(-1, keepdim=True)
         out = []
-        for g, index in enumerate(self._faiss):
-            index.hnsw.efSearch = max(self.ef_search, top_k)
-            dist, ids = index.search(xs[g], top_k)
-            found = torch.from_numpy(ids)
+        for g in range(G):
+            found = ids[g]
             if self._overflow[g]:
                 # |q' - k'|^2 = |q|^2 + M^2 - 2 q.k gives the inner products back; merge with the exact side list.
-                scores = (qq[g] + self._max_norm ** 2 - torch.from_numpy(dist).double()) / 2
+                scores = (qq[g] + self._max_norm ** 2 - dist[g].double()) / 2
                 slots = torch.cat(self._overflow_slots[g])
                 scores = scores.masked_fill((found < 0) | torch.isin(found, slots), float("-inf"))
                 extra = torch.cat(self._overflow[g], dim=0)

@@ -455,19 +455,19 @@ class RetrievalDecoder:
             raise ValueError(f"q must be [batch, heads, m, dim] matching the cache {tuple(self.k.shape[:2])}, "
                              f"dim {self.k.shape[3]}; got {tuple(q.shape)}")
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        k_all, v_all = self.k[:, :, :self.length], self.v[:, :, :self.length]
-        o, lse = None, None
-        if self._indexed:
-            slots = self.retrieve(q)
-            # the whole (contiguous) capacity buffers: slots < length, and gathering needs no copy
-            o, lse = attend_selected(q, self.k, self.v, slots, slots >= 0, scale)
+        # One softmax over the retrieved keys and the static set: they are disjoint, so this equals the log-sum-exp
+        # merge of the two partial attentions (which retrieval_attention computes apart; tested equal) at half
+        # the small ops, which dominate a decode step.
+        parts = [self.retrieve(q)] if self._indexed else []
         if self.method == "retrieval":
-            static = self.static_positions()
-            sk, sv = k_all[:, :, static], v_all[:, :, static]
-            s = q @ sk.transpose(-1, -2) * scale
-            o2, lse2 = masked_attention_lse(s, sv)
-            o, lse = (o2, lse2) if o is None else merge_lse(o, lse, o2.to(o.dtype), lse2)
-        return o.to(v_all.dtype)
+            parts.append(self.static_positions().expand(*q.shape[:3], -1))
+        idx = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        valid = idx >= 0
+        # gather from the whole (contiguous) capacity buffers: positions < length, no copy of the cache
+        kc, vc = _gather(self.k, idx), _gather(self.v, idx)  # [b, h, m, w, .]
+        s = (kc @ q.unsqueeze(-1)).squeeze(-1) * scale
+        p = torch.softmax(upcast(s).masked_fill(~valid, float("-inf")), dim=-1)
+        return (p.unsqueeze(-2).to(vc.dtype) @ vc).squeeze(-2)
 
 
 def _flops_topk(batch, heads, q_len, kv_len, head_dim, top_k):
