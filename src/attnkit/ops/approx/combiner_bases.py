@@ -100,7 +100,7 @@ def combiner_logsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     k, v, scale = prepare(q, k, v, scale)
     check_positive_int("chunk_size", chunk_size)
     b, h, n, d = q.shape
-    nk, dv = k.shape[2], v.shape[-1]
+    nk = k.shape[2]
     dev = q.device
     L = math.ceil(math.log2(max(n, nk, 2))) + 1
     pk, pv = _prefix(k), _prefix(v)
@@ -128,11 +128,7 @@ def combiner_logsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         rvalid = cnt > 0
         hi = torch.where(rvalid, hi, lo)
 
-        def region_mean(p):
-            s = p[:, :, hi.flatten()] - p[:, :, lo.flatten()]  # [b, h, c R, e]
-            return (s / cnt.flatten().clamp_min(1)[:, None].to(s.dtype)).unflatten(2, hi.shape)
-
-        kr, vr = region_mean(pk).to(k.dtype), region_mean(pv).to(v.dtype)
+        kr, vr = _range_means(pk, lo, hi, cnt).to(k.dtype), _range_means(pv, lo, hi, cnt).to(v.dtype)
         kd, vd = k[:, :, dj.clamp(0, nk - 1)], v[:, :, dj.clamp(0, nk - 1)]  # [b, h, c, D, e]
         qc = q[:, :, start:start + chunk_size]
         s_d = torch.einsum("bhcd,bhcjd->bhcj", qc, kd) * scale
@@ -142,6 +138,12 @@ def combiner_logsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         o, _ = masked_attention_lse(scores, torch.cat([vd, vr], dim=-2), mask)
         out.append(o.squeeze(-2))
     return torch.cat(out, dim=2).to(v.dtype)
+
+
+def _range_means(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+    """Means of the key ranges ``[lo, hi)`` (``[c, R]``) from prefix sums ``p [b, h, n + 1, e]``: ``[b, h, c, R, e]``."""
+    s = p[:, :, hi.flatten()] - p[:, :, lo.flatten()]
+    return (s / cnt.flatten().clamp_min(1)[:, None].to(s.dtype)).unflatten(2, hi.shape)
 
 
 # ------------------------------------------------------------------------------------------------ Axial
