@@ -141,7 +141,8 @@ def combiner_logsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _range_means(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
-    """Means of the key ranges ``[lo, hi)`` (``[c, R]``) from prefix sums ``p [b, h, n + 1, e]``: ``[b, h, c, R, e]``."""
+    """Means of the key ranges ``[lo, hi)`` (``[c, R]``) from prefix sums ``p [b, h, n + 1, e]``:
+    ``[b, h, c, R, e]``."""
     s = p[:, :, hi.flatten()] - p[:, :, lo.flatten()]
     return (s / cnt.flatten().clamp_min(1)[:, None].to(s.dtype)).unflatten(2, hi.shape)
 
