@@ -247,7 +247,7 @@ def test_decoder_with_an_approximate_index_recalls_the_top_k(kind):
 
 def test_decoder_bad_input():
     with pytest.raises(ValueError, match="method"):
-        RetrievalDecoder("loki")
+        RetrievalDecoder("lsh")
     dec = RetrievalDecoder("iceformer", index="exact")
     with pytest.raises(ValueError, match="empty"):
         dec.step(torch.randn(1, 2, 1, 4))
@@ -271,3 +271,17 @@ def test_faiss_augmented_metric_finds_the_exact_top_k_on_separated_data():
     assert topk_recall(ix.search(q[:, :, :20], 5), true) >= 0.98
     with pytest.raises(ValueError, match="metric"):
         KeyIndex("faiss", metric="cosine")
+
+
+def test_loki_decoder_reuses_the_index_in_its_low_rank_space():
+    from attnkit.ops.approx import loki_attention, pca_basis
+
+    q, k, v = qkv(n=30, b=1)
+    basis = pca_basis(qkv(n=64, b=1, seed=5)[1])[0]  # calibrated on other keys, [heads, d, d]
+    want = loki_attention(q, k, v, top_k=6, rank=4, basis=basis, causal=True)
+    dec = RetrievalDecoder("loki", top_k=6, index="exact", basis=basis, rank=4)
+    dec.prefill(k[:, :, :8], v[:, :, :8])
+    outs = [dec.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(8, 30)]
+    assert_close(torch.cat(outs, dim=2), want[:, :, 8:])
+    with pytest.raises(ValueError, match="basis"):
+        RetrievalDecoder("loki")

@@ -370,23 +370,37 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
 
 # ---------------------------------------------------------------------------------------------- decoding
 class RetrievalDecoder:
-    """Incremental decoding with IceFormer or RetrievalAttention over a growing KV cache and a :class:`KeyIndex`.
+    """Incremental decoding with IceFormer, RetrievalAttention or Loki over a growing KV cache and a
+    :class:`KeyIndex`.
 
     ``prefill(k, v)`` stores the prompt's keys/values ``[batch, heads, n, d]`` and builds the index (the build
     time is the caller's to measure); ``step(q, k, v)`` appends one token's key/value ``[batch, heads, 1, d]``
     (optional) and returns the attention of ``q [batch, heads, 1, d]`` (or several queries, all placed after
     every cached key) ``[batch, heads, m, dv]``. IceFormer (``method="iceformer"``) indexes every key;
     RetrievalAttention (``method="retrieval"``) keeps the first ``num_sink`` and last ``window`` keys out of
-    the index (attended exactly), and a key enters the index when it leaves the window. Every index ranks its
-    candidates by the exact ``q . k``. Heads must match (expand GQA k/v first). ``index_params`` go to
-    :class:`KeyIndex` (e.g. ``ef_search``, ``num_probes``).
+    the index (attended exactly), and a key enters the index when it leaves the window. Loki
+    (``method="loki"``) reuses the same selection in its low-rank key space: the index holds ``k P_r`` (``basis
+    [heads, d, d]`` or ``[batch, heads, d, d]`` orthogonal, calibrated offline, e.g. ``pca_basis``; ``rank`` r
+    leading columns) and is searched with ``q P_r``; attention then runs in full dimension over the retrieved
+    keys (a step equals row i of ``loki_attention(causal=True)`` with ``index="exact"``). Every index ranks its
+    candidates by the exact inner product of what it holds. Heads must match (expand GQA k/v first).
+    ``index_params`` go to :class:`KeyIndex` (e.g. ``ef_search``, ``num_probes``).
     """
 
     def __init__(self, method: str = "iceformer", *, top_k: int = 64, num_sink: int = 4, window: int = 64,
-                 index: str = "auto", scale: float | None = None, **index_params):
-        if method not in ("iceformer", "retrieval"):
-            raise ValueError(f"method must be 'iceformer' or 'retrieval', got {method!r}")
+                 index: str = "auto", scale: float | None = None, basis: torch.Tensor | None = None,
+                 rank: int | None = None, **index_params):
+        if method not in ("iceformer", "retrieval", "loki"):
+            raise ValueError(f"method must be 'iceformer', 'retrieval' or 'loki', got {method!r}")
         _check_retrieval(top_k, num_sink, window)
+        if method == "loki":
+            if not isinstance(basis, torch.Tensor) or basis.dim() not in (3, 4) or basis.shape[-1] != basis.shape[-2]:
+                raise ValueError("method='loki' needs basis= ([heads, d, d] or [batch, heads, d, d], orthogonal, "
+                                 "e.g. attnkit.ops.approx.pca_basis(calibration_keys))")
+            rank = basis.shape[-1] if rank is None else check_positive_int("rank", rank)
+            self._proj = basis[..., :rank]
+        else:
+            self._proj = None
         self.method, self.top_k, self.scale = method, top_k, scale
         self.num_sink, self.window = (num_sink, window) if method == "retrieval" else (0, 0)
         self.index = KeyIndex(index, **index_params)
@@ -421,7 +435,7 @@ class RetrievalDecoder:
         target = max(self.length - self.window - self.num_sink, 0)
         if target > self._indexed:
             lo = self.num_sink + self._indexed
-            self.index.add(self.k[:, :, lo:self.num_sink + target])
+            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]))
             self._indexed = target
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> RetrievalDecoder:
@@ -433,10 +447,13 @@ class RetrievalDecoder:
         m, d]`` retrieves from the index (the static set not included)."""
         if not self._indexed:
             return torch.full((*q.shape[:3], self.top_k), -1, dtype=torch.long, device=q.device)
-        slots = self.index.search(q, min(self.top_k, self._indexed))
+        slots = self.index.search(self._project(q), min(self.top_k, self._indexed))
         # index slots are positions after the sinks; every backend ranks its candidates by the exact q . k
         return torch.where(slots >= 0, slots + self.num_sink, slots)
-        return slots
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Loki's low-rank key space ``x P_r`` (identity for the other methods)."""
+        return x if self._proj is None else x @ self._proj.to(x.dtype)
 
     def static_positions(self) -> torch.Tensor:
         """Cache positions of the static set (RetrievalAttention; empty for IceFormer)."""
