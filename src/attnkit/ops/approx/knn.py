@@ -135,7 +135,7 @@ class KeyIndex:
         self.size = 0
         # exact: keys [G, cap, d]; ivf: sorted keys, their slots, list offsets, centroids, and the tail.
         self._keys: torch.Tensor | None = None
-        self._sorted = self._slots = self._offsets = self._centroids = None
+        self._sorted = self._slots = self._offsets = self._centroids = self._lists = None
         self._tail: list[torch.Tensor] = []
         self._tail_start = 0
         self._faiss: list = []
@@ -197,6 +197,7 @@ class KeyIndex:
         order = assign.argsort(dim=1, stable=True)
         self._sorted = x.gather(1, order[..., None].expand_as(x))
         self._slots = slots.gather(1, order)
+        self._lists = assign.gather(1, order)  # list of each sorted row
         counts = torch.zeros(assign.shape[0], self._centroids.shape[1] + 1, dtype=torch.long, device=x.device)
         counts[:, 1:].scatter_add_(1, assign, torch.ones_like(assign))
         self._offsets = counts.cumsum(1)
@@ -284,18 +285,32 @@ class KeyIndex:
         lo = self._offsets.gather(1, lists.flatten(1)).view_as(lists)
         hi = self._offsets.gather(1, (lists + 1).flatten(1)).view_as(lists)
         width = max(int((hi - lo).max()), 1)
-        pos = lo[..., None] + torch.arange(width, device=x.device)  # [G, m, P, W]
-        valid = (pos < hi[..., None]).flatten(2)
-        pos = pos.clamp_max(self._sorted.shape[1] - 1).flatten(2)  # [G, m, P W]
-        cand = self._sorted.gather(1, pos.flatten(1)[..., None].expand(-1, -1, d)).view(G, m, -1, d)
-        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, -1)
-        scores, found = self._topk(x, cand, slots, top_k, valid)
+        n_sorted = self._sorted.shape[1]
+        if probes * width * 4 >= n_sorted:
+            # The probed lists cover a good part of the keys: scoring all of them with one matmul and masking the
+            # lists not probed beats gathering (prefill with many queries, small indexes).
+            s = x @ self._sorted.transpose(-1, -2)  # [G, m, n]
+            probed = torch.zeros(G, m, c.shape[1], dtype=torch.bool, device=x.device).scatter_(2, lists, True)
+            s = s.masked_fill(~probed.gather(2, self._lists[:, None, :].expand(G, m, n_sorted)), float("-inf"))
+            scores, found = _topk_scores(s, self._slots, top_k)
+        else:
+            scores, found = self._gathered(x, lo, hi, width, top_k)
         if self._tail:
             tail = torch.cat(self._tail, dim=1)
             tail_slots = torch.arange(self._tail_start, self._tail_start + tail.shape[1], device=x.device)
             s2, f2 = self._topk(x, tail, tail_slots.expand(G, -1), top_k)
             scores, found = _merge(scores, found, s2, f2, top_k)
         return found
+
+    def _gathered(self, x, lo, hi, width, top_k):
+        G, m, d = x.shape
+        pos = lo[..., None] + torch.arange(width, device=x.device)  # [G, m, P, W]
+        valid = (pos < hi[..., None]).flatten(2)
+        pos = pos.clamp_max(self._sorted.shape[1] - 1).flatten(2)  # [G, m, P W]
+        rows = (pos.flatten(1) + torch.arange(G, device=x.device)[:, None] * self._sorted.shape[1]).flatten()
+        cand = self._sorted.reshape(-1, d).index_select(0, rows).view(G, m, -1, d)  # faster than gather
+        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, -1)
+        return self._topk(x, cand, slots, top_k, valid)
 
     def _search_faiss(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
         import faiss
@@ -338,6 +353,13 @@ def _pad(scores: torch.Tensor, idx: torch.Tensor, top_k: int) -> tuple[torch.Ten
         return scores, idx
     return (torch.nn.functional.pad(scores, (0, short), value=float("-inf")),
             torch.nn.functional.pad(idx, (0, short), value=-1))
+
+
+def _topk_scores(s: torch.Tensor, slots: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of scores ``s [G, m, n]`` (``-inf``: excluded) -> scores and ``slots [G, n]`` entries (``-1``: none)."""
+    top = s.topk(min(top_k, s.shape[-1]), dim=-1)
+    idx = slots.gather(1, top.indices.flatten(1)).view_as(top.indices)
+    return _pad(top.values, idx.masked_fill(~torch.isfinite(top.values), -1), top_k)
 
 
 def _merge(s1, i1, s2, i2, top_k):
