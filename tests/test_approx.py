@@ -152,7 +152,7 @@ SMALL = {"linformer": dict(proj_len=8), "nystrom": dict(num_landmarks=8), "soft"
 # (name: has a causal form).
 EXTRA = {"transformer_vq": True, "combiner": True, "sparsek": True, "iceformer": True, "retrieval_attention": True,
          "sea": True, "boat": False, "sgformer": False, "select_pack": False, "combiner_logsparse": True,
-         "combiner_axial": True}
+         "combiner_axial": True, "combiner_mixture": True}
 
 
 def test_registry_records():

@@ -165,10 +165,13 @@ from attnkit.ops.approx.combiner_bases import (  # noqa: E402
     combiner_layout,
     combiner_logsparse_attention,
     combiner_logsparse_reference,
+    combiner_mixture_attention,
+    combiner_mixture_reference,
 )
 
 BASES = {"logsparse": (combiner_logsparse_attention, combiner_logsparse_reference, {}),
-         "axial": (combiner_axial_attention, combiner_axial_reference, {"block_size": 6})}
+         "axial": (combiner_axial_attention, combiner_axial_reference, {"block_size": 6}),
+         "mixture": (combiner_mixture_attention, combiner_mixture_reference, {"block_size": 6})}
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -178,7 +181,7 @@ def test_combiner_bases_match_references(base, n, nk, causal):
     fast, ref, kw = BASES[base]
     q, _, _ = qkv(n)
     _, k, v = qkv(nk, seed=1)
-    extra = {"chunk_size": 4} if base == "logsparse" else {}
+    extra = {"chunk_size": 4} if base != "axial" else {}
     assert_close(fast(q, k, v, causal=causal, **kw, **extra), ref(q, k, v, causal=causal, **kw))
 
 
@@ -233,3 +236,14 @@ def test_combiner_bases_causal_summaries_use_no_future_key(base):
     k2[:, :, 20:] += 5
     v2[:, :, 20:] -= 3
     assert_close(fast(q, k2, v2, causal=True, **kw)[:, :, :20], out[:, :, :20])
+
+
+def test_combiner_mixture_splits_heads_between_fixed_and_logsparse():
+    from attnkit.ops.approx import combiner_attention
+
+    q, k, v = qkv(30, h=4)
+    out = combiner_mixture_attention(q, k, v, block_size=5, causal=True)
+    assert_close(out[:, :2], combiner_attention(q[:, :2], k[:, :2], v[:, :2], block_size=5, causal=True))
+    assert_close(out[:, 2:], combiner_logsparse_attention(q[:, 2:], k[:, 2:], v[:, 2:], causal=True))
+    with pytest.raises(ValueError, match="fixed_heads"):
+        combiner_mixture_attention(q, k, v, fixed_heads=5)

@@ -13,6 +13,8 @@ from attnkit.ops.approx.combiner_bases import (
     combiner_layout,
     combiner_logsparse_attention,
     combiner_logsparse_reference,
+    combiner_mixture_attention,
+    combiner_mixture_reference,
 )
 from attnkit.ops.approx.error import ApproximationError, approximation_error, exact_softmax
 from attnkit.ops.approx.hyper import hyper_attention, hyper_reference
@@ -68,7 +70,7 @@ __all__ = [
     "yoso_attention", "yoso_expectation", "yoso_reference",
     "combiner_attention", "combiner_reference", "combiner_layout",
     "combiner_logsparse_attention", "combiner_logsparse_reference", "combiner_axial_attention",
-    "combiner_axial_reference",
+    "combiner_axial_reference", "combiner_mixture_attention", "combiner_mixture_reference",
     "sparsek_attention", "sparsek_reference", "sparsek_mask", "sparsek_threshold", "sparsek_scores",
     "vq_attention", "vq_reference", "vq_assign", "vq_codebook", "vq_quantize", "vq_commitment_loss",
     "SparseKDecodeCache",

@@ -18,6 +18,10 @@ positive weight and each row sums to 1.
   ``Omega_i^0`` = the query's row and column; the rest of each other column is one region (causal: the rows
   above the query's row; the query's own row is direct). O(n (2 B + n / B) d), O(n^1.5 d) at ``B ~ sqrt(n)``.
 
+- Mixture: the heads split between bases, the first ``fixed_heads`` (default half) on Combiner-Fixed (blocks
+  of ``block_size``), the rest on Combiner-Logsparse, so a layer has both a local and a multi-scale view. (This
+  per-head split is attnkit's reading of Combiner-Mixture; the catalogue does not fix how the bases mix.)
+
 Causal forms never use a future key, inside a region summary or directly. ``block_size = 1`` (axial) and short
 sequences (logsparse at n <= 3: every distance is a power of two) make every region empty: exact softmax.
 """
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from attnkit.ops.approx._common import check_positive_int, masked_attention_lse, prepare, upcast
 
 __all__ = ["combiner_logsparse_attention", "combiner_logsparse_reference", "combiner_axial_attention",
-           "combiner_axial_reference", "combiner_layout"]
+           "combiner_axial_reference", "combiner_mixture_attention", "combiner_mixture_reference", "combiner_layout"]
 
 
 def combiner_layout(base: str, n: int, nk: int, *, causal: bool, block_size: int = 8,
@@ -207,3 +211,58 @@ def combiner_axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                         vbar[:, :, :, None].expand(b, h, R, B, B, dv)], dim=-2)
     out, _ = masked_attention_lse(scores.unsqueeze(-2), values, mask.unsqueeze(-2))
     return out.squeeze(-2).reshape(b, h, R * B, dv)[:, :, :n].to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- Mixture
+def _split(q, k, v, fixed_heads):
+    from attnkit.ops.approx._common import repeat_kv
+
+    h = q.shape[1]
+    f = h // 2 if fixed_heads is None else fixed_heads
+    check_positive_int("fixed_heads", f, minimum=0)
+    if f > h:
+        raise ValueError(f"fixed_heads={f} exceeds the number of heads {h}")
+    if k.dim() == 4 and k.shape[1] != h:
+        k, v = repeat_kv(k, h), repeat_kv(v, h)
+    return f, k, v
+
+
+def combiner_mixture_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 128,
+                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 256,
+                               scale: float | None = None, return_attention: bool = False):
+    """Plain reference: the Fixed and Logsparse references on their heads, concatenated."""
+    from attnkit.ops.approx.combiner import combiner_reference
+
+    prepare(q, k, v, scale)
+    f, k, v = _split(q, k, v, fixed_heads)
+    parts = []
+    if f:
+        parts.append(combiner_reference(q[:, :f], k[:, :f], v[:, :f], block_size=block_size, causal=causal,
+                                        scale=scale, return_attention=return_attention))
+    if f < q.shape[1]:
+        parts.append(combiner_logsparse_reference(q[:, f:], k[:, f:], v[:, f:], causal=causal, scale=scale,
+                                                  return_attention=return_attention))
+    if not return_attention:
+        return torch.cat(parts, dim=1)
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+def combiner_mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 128,
+                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 256,
+                               scale: float | None = None) -> torch.Tensor:
+    """Combiner-Mixture. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` -> ``[b, h, n, dv]``:
+    heads ``< fixed_heads`` (default h // 2) on Combiner-Fixed blocks of ``block_size``, the others on
+    Combiner-Logsparse."""
+    from attnkit.ops.approx.combiner import combiner_attention
+
+    prepare(q, k, v, scale)
+    check_positive_int("block_size", block_size)
+    f, k, v = _split(q, k, v, fixed_heads)
+    parts = []
+    if f:
+        parts.append(combiner_attention(q[:, :f], k[:, :f], v[:, :f], block_size=block_size, causal=causal,
+                                        scale=scale))
+    if f < q.shape[1]:
+        parts.append(combiner_logsparse_attention(q[:, f:], k[:, f:], v[:, f:], causal=causal,
+                                                  chunk_size=chunk_size, scale=scale))
+    return torch.cat(parts, dim=1)

@@ -1,5 +1,5 @@
 """Registers the approx family's retrieval and structured-selection methods (issue 17): IceFormer,
-RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse and Axial bases.
+RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse, Axial and Mixture bases.
 Imported by :mod:`attnkit.ops.approx.mechanisms`; factories return
 :class:`~attnkit.ops.approx._common.ApproxAttention` (``reference``, ``attention_matrix``), Select-and-Pack an
 ``nn.Module`` with its gate."""
@@ -149,3 +149,25 @@ register(Mechanism(
             "column through its mean key/value (full support)",
     bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
     flops=_flops_combiner_axial))
+
+
+def _flops_combiner_mixture(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
+    from attnkit.ops.approx.mechanisms import _flops_combiner
+
+    fixed = heads // 2
+    return (_flops_combiner(batch=batch, heads=fixed, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                            causal=causal, block_size=block_size)
+            + _flops_combiner_logsparse(batch=batch, heads=heads - fixed, q_len=q_len, kv_len=kv_len,
+                                        head_dim=head_dim, causal=causal))
+
+
+register(Mechanism(
+    name="combiner_mixture", family=FAMILY,
+    paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
+    exact=False, complexity="O(n (b + n/b + log n) d)", causal=True,
+    factory=_fn_factory("combiner_mixture", combiner_bases.combiner_mixture_attention,
+                        combiner_bases.combiner_mixture_reference, True),
+    summary="Combiner-Mixture: half the heads on Combiner-Fixed blocks, half on Combiner-Logsparse (full support "
+            "in every head)",
+    bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
+    flops=_flops_combiner_mixture))
