@@ -408,6 +408,7 @@ class RetrievalDecoder:
         self.v: torch.Tensor | None = None
         self.length = 0
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
+        self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
 
     def _reserve(self, extra: int) -> None:
         need = self.length + extra
@@ -449,7 +450,7 @@ class RetrievalDecoder:
             return torch.full((*q.shape[:3], self.top_k), -1, dtype=torch.long, device=q.device)
         slots = self.index.search(self._project(q), min(self.top_k, self._indexed))
         # index slots are positions after the sinks; every backend ranks its candidates by the exact q . k
-        return torch.where(slots >= 0, slots + self.num_sink, slots)
+        return torch.where(slots >= 0, slots + self.num_sink, slots) if self.num_sink else slots
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """Loki's low-rank key space ``x P_r`` (identity for the other methods)."""
@@ -479,11 +480,17 @@ class RetrievalDecoder:
         if self.method == "retrieval":
             parts.append(self.static_positions().expand(*q.shape[:3], -1))
         idx = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        valid = idx >= 0
-        # gather from the whole (contiguous) capacity buffers: positions < length, no copy of the cache
-        kc, vc = _gather(self.k, idx), _gather(self.v, idx)  # [b, h, m, w, .]
-        s = (kc @ q.unsqueeze(-1)).squeeze(-1) * scale
-        p = torch.softmax(upcast(s).masked_fill(~valid, float("-inf")), dim=-1)
+        # Gather from the whole (contiguous) capacity buffers viewed as [b h cap, d] rows: positions < length, no
+        # copy of the cache; one row index serves keys and values.
+        b, h, m, d = q.shape
+        cap = self.k.shape[2]
+        if self._row_base is None or self._row_base[0] != cap:
+            self._row_base = (cap, torch.arange(b * h, device=q.device).view(b, h, 1, 1) * cap)
+        rows = (idx.clamp_min(0) + self._row_base[1]).flatten()
+        kc = self.k.view(-1, d).index_select(0, rows).view(b, h, m, -1, d)
+        vc = self.v.view(-1, self.v.shape[-1]).index_select(0, rows).view(b, h, m, -1, self.v.shape[-1])
+        s = (kc @ (q * scale).unsqueeze(-1)).squeeze(-1)  # [b, h, m, w]
+        p = torch.softmax(upcast(s).masked_fill(idx < 0, float("-inf")), dim=-1)
         return (p.unsqueeze(-2).to(vc.dtype) @ vc).squeeze(-2)
 
 
