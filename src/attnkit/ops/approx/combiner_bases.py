@@ -204,13 +204,17 @@ def combiner_axial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     s_reg = upcast(qg @ kbar.transpose(-1, -2) * scale) + cnt.clamp_min(1).to(upcast(q).dtype).log()[:, None, :]
     m_reg = (cnt > 0)[:, None, :] & (torch.arange(B, device=dev)[None, None, :]
                                      != torch.arange(B, device=dev)[None, :, None])  # [r, c, c']
+    # One softmax over the three score blocks; the value products stay per block (memory O(n (2B + R)), never
+    # the values expanded per query).
     scores = torch.cat([upcast(s_row), upcast(s_col), s_reg], dim=-1)
     mask = torch.cat([m_row, m_col, m_reg], dim=-1)
-    values = torch.cat([vg[:, :, :, None].expand(b, h, R, B, B, dv),
-                        vg.transpose(2, 3)[:, :, None].expand(b, h, R, B, R, dv),
-                        vbar[:, :, :, None].expand(b, h, R, B, B, dv)], dim=-2)
-    out, _ = masked_attention_lse(scores.unsqueeze(-2), values, mask.unsqueeze(-2))
-    return out.squeeze(-2).reshape(b, h, R * B, dv)[:, :, :n].to(v.dtype)
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1, keepdim=True)
+    p = torch.exp(scores.masked_fill(~mask, float("-inf")) - lse).to(v.dtype)
+    p_row, p_col, p_reg = p.split([B, R, B], dim=-1)
+    out = p_row @ vg  # [b, h, r, c, c'] @ [b, h, r, c', dv]
+    out = out + torch.einsum("bhrcs,bhscd->bhrcd", p_col, vg)
+    out = out + p_reg @ vbar  # [b, h, r, c, c'] @ [b, h, r, c', dv]
+    return out.reshape(b, h, R * B, dv)[:, :, :n]
 
 
 # ---------------------------------------------------------------------------------------------- Mixture
