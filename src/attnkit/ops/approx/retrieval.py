@@ -77,6 +77,17 @@ def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     return o.squeeze(-2), lse.squeeze(-1)
 
 
+def _attend_chunks(q, k, v, idx, valid, scale, chunk_size):
+    """:func:`attend_selected` over chunks of queries: the gathered keys/values stay O(chunk w d)."""
+    outs, lses = [], []
+    for start in range(0, q.shape[2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        o, lse = attend_selected(q[:, :, sl], k, v, idx[:, :, sl], valid[:, :, sl], scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def _check_index(index: str) -> None:
     if index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
@@ -186,7 +197,7 @@ def iceformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     check_positive_int("chunk_size", chunk_size)
     idx, valid = select_topk(q, k, top_k, causal=causal, index=index, chunk_size=chunk_size,
                              index_params=index_params)
-    return attend_selected(q, k, v, idx, valid, scale)[0]
+    return _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
 
 
 # ------------------------------------------------------------------------------------- RetrievalAttention
@@ -253,7 +264,7 @@ def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     idx, valid = select_topk(q, k, top_k, allowed=lambda i, j: ~static(i, j), causal=causal, index=index,
                              chunk_size=chunk_size, extra=num_sink + window,
                              index_params=index_params)
-    o1, lse1 = attend_selected(q, k, v, idx, valid, scale)
+    o1, lse1 = _attend_chunks(q, k, v, idx, valid, scale, chunk_size)
     outs = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
