@@ -84,7 +84,7 @@ def _dense(q, k, v, ids, scale, return_attention):
 
 # ---------------------------------------------------------------------------------------------- Logsparse
 def combiner_logsparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                                 chunk_size: int = 256, scale: float | None = None, return_attention: bool = False):
+                                 chunk_size: int = 64, scale: float | None = None, return_attention: bool = False):
     """Plain reference: the layout of :func:`combiner_layout`, the ``[b, h, n, n_k]`` matrix in float64."""
     k, v, scale = prepare(q, k, v, scale)
     ids = combiner_layout("logsparse", q.shape[2], k.shape[2], causal=causal, device=q.device)
@@ -98,7 +98,7 @@ def _prefix(x: torch.Tensor) -> torch.Tensor:
 
 
 def combiner_logsparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                                 chunk_size: int = 256, scale: float | None = None) -> torch.Tensor:
+                                 chunk_size: int = 64, scale: float | None = None) -> torch.Tensor:
     """Combiner-Logsparse. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` -> ``[b, h, n, dv]``:
     direct keys at distances 0 and ``2^t``, the gaps between them summarised by their mean key and value."""
     k, v, scale = prepare(q, k, v, scale)
@@ -232,7 +232,7 @@ def _split(q, k, v, fixed_heads):
 
 
 def combiner_mixture_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 128,
-                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 256,
+                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 64,
                                scale: float | None = None, return_attention: bool = False):
     """Plain reference: the Fixed and Logsparse references on their heads, concatenated."""
     from attnkit.ops.approx.combiner import combiner_reference
@@ -252,7 +252,7 @@ def combiner_mixture_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def combiner_mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 128,
-                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 256,
+                               fixed_heads: int | None = None, causal: bool = False, chunk_size: int = 64,
                                scale: float | None = None) -> torch.Tensor:
     """Combiner-Mixture. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` -> ``[b, h, n, dv]``:
     heads ``< fixed_heads`` (default h // 2) on Combiner-Fixed blocks of ``block_size``, the others on

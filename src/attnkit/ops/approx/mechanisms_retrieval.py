@@ -136,7 +136,7 @@ register(Mechanism(
                         combiner_bases.combiner_logsparse_reference, True),
     summary="Combiner-Logsparse: keys at distances 0 and 2^t direct, the gaps between them through their mean "
             "key/value (full support, prefix sums)",
-    bench_params={"chunk_size": 256}, small_params={"chunk_size": 16}, reference=_ref,
+    bench_params={"chunk_size": 64}, small_params={"chunk_size": 16}, reference=_ref,
     flops=_flops_combiner_logsparse))
 
 register(Mechanism(
