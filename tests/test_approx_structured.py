@@ -247,3 +247,21 @@ def test_combiner_mixture_splits_heads_between_fixed_and_logsparse():
     assert_close(out[:, 2:], combiner_logsparse_attention(q[:, 2:], k[:, 2:], v[:, 2:], causal=True))
     with pytest.raises(ValueError, match="fixed_heads"):
         combiner_mixture_attention(q, k, v, fixed_heads=5)
+
+
+NEW = ["iceformer", "retrieval_attention", "sea", "boat", "sgformer", "select_pack", "combiner_logsparse",
+       "combiner_axial", "combiner_mixture"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_approximation_error_on_the_bench_inputs(name):
+    # measured by approximation_error on the bench's clustered inputs (as `attnkit bench` and bench_approx do),
+    # with the attention matrix compared too where the record exposes one
+    from attnkit.bench.workloads import make_inputs
+
+    q, k, v = make_inputs("clustered", (1, 2, 96, 16), torch.Generator().manual_seed(0))
+    m = attnkit.mechanism_info(name)
+    err = attnkit.approximation_error(name, q, k, v, **dict(m.small_params))
+    assert 0 < err.output_relative < 1.5
+    if name != "select_pack":  # a module without attention_matrix
+        assert err.attention_relative is not None and err.attention_relative >= 0
