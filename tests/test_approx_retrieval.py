@@ -285,3 +285,19 @@ def test_loki_decoder_reuses_the_index_in_its_low_rank_space():
     assert_close(torch.cat(outs, dim=2), want[:, :, 8:])
     with pytest.raises(ValueError, match="basis"):
         RetrievalDecoder("loki")
+
+
+@pytest.mark.parametrize("probes", [2, 31])  # few lists: gathered; most lists: one masked matmul
+def test_ivf_search_is_the_exact_top_k_of_the_probed_lists(probes):
+    q, k, _ = clustered(1024 + 5, d=16)
+    keys, queries = k[:, :, :1024], q[:, :, 1024:]
+    ix = KeyIndex("ivf", num_lists=32, num_probes=probes).add(keys)
+    got = ix.search(queries, 10).flatten(0, 1)
+    c = ix._centroids
+    x = keys.flatten(0, 1).float()
+    assign = knn._nearest(x, c)  # [G, n]
+    lists = (queries.flatten(0, 1) @ c.transpose(-1, -2)).topk(probes, dim=-1).indices  # [G, m, P]
+    probed = (assign[:, None, :, None] == lists[:, :, None, :]).any(-1)  # [G, m, n]
+    s = (queries.flatten(0, 1) @ x.transpose(-1, -2)).masked_fill(~probed, float("-inf"))
+    want = s.topk(10, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

@@ -284,9 +284,10 @@ class KeyIndex:
         lists = (x @ c.transpose(-1, -2)).topk(probes, dim=-1).indices  # [G, m, P]
         lo = self._offsets.gather(1, lists.flatten(1)).view_as(lists)
         hi = self._offsets.gather(1, (lists + 1).flatten(1)).view_as(lists)
-        width = max(int((hi - lo).max()), 1)
+        sizes = hi - lo
+        total = max(int(sizes.sum(-1).max()), 1)  # most keys any query scans
         n_sorted = self._sorted.shape[1]
-        if probes * width * 4 >= n_sorted:
+        if total * 4 >= n_sorted:
             # The probed lists cover a good part of the keys: scoring all of them with one matmul and masking the
             # lists not probed beats gathering (prefill with many queries, small indexes).
             s = x @ self._sorted.transpose(-1, -2)  # [G, m, n]
@@ -294,7 +295,7 @@ class KeyIndex:
             s = s.masked_fill(~probed.gather(2, self._lists[:, None, :].expand(G, m, n_sorted)), float("-inf"))
             scores, found = _topk_scores(s, self._slots, top_k)
         else:
-            scores, found = self._gathered(x, lo, hi, width, top_k)
+            scores, found = self._gathered(x, lo, sizes, total, top_k)
         if self._tail:
             tail = torch.cat(self._tail, dim=1)
             tail_slots = torch.arange(self._tail_start, self._tail_start + tail.shape[1], device=x.device)
@@ -302,14 +303,18 @@ class KeyIndex:
             scores, found = _merge(scores, found, s2, f2, top_k)
         return found
 
-    def _gathered(self, x, lo, hi, width, top_k):
+    def _gathered(self, x, lo, sizes, total, top_k):
+        """Score the probed lists' keys, concatenated per query without padding lists to the longest one:
+        entry t of query (g, i) is in probe p = #{cumulative sizes <= t}, at row lo_p + t - start_p."""
         G, m, d = x.shape
-        pos = lo[..., None] + torch.arange(width, device=x.device)  # [G, m, P, W]
-        valid = (pos < hi[..., None]).flatten(2)
-        pos = pos.clamp_max(self._sorted.shape[1] - 1).flatten(2)  # [G, m, P W]
+        ends = sizes.cumsum(-1)  # [G, m, P]
+        t = torch.arange(total, device=x.device).expand(G, m, total).contiguous()
+        p = torch.searchsorted(ends, t, right=True).clamp_max(sizes.shape[-1] - 1)
+        valid = t < ends[..., -1:]
+        pos = (lo.gather(-1, p) + t - (ends - sizes).gather(-1, p)).clamp(0, self._sorted.shape[1] - 1)
         rows = (pos.flatten(1) + torch.arange(G, device=x.device)[:, None] * self._sorted.shape[1]).flatten()
-        cand = self._sorted.reshape(-1, d).index_select(0, rows).view(G, m, -1, d)  # faster than gather
-        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, -1)
+        cand = self._sorted.reshape(-1, d).index_select(0, rows).view(G, m, total, d)  # faster than gather
+        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, total)
         return self._topk(x, cand, slots, top_k, valid)
 
     def _search_faiss(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
