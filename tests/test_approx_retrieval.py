@@ -287,9 +287,10 @@ def test_loki_decoder_reuses_the_index_in_its_low_rank_space():
         RetrievalDecoder("loki")
 
 
-@pytest.mark.parametrize("probes", [2, 31])  # few lists: gathered; most lists: one masked matmul
-def test_ivf_search_is_the_exact_top_k_of_the_probed_lists(probes):
-    q, k, _ = clustered(1024 + 5, d=16)
+# one query, few lists: the probed keys are gathered; more queries or lists: one masked matmul
+@pytest.mark.parametrize("probes,queries", [(2, 1), (2, 5), (31, 1)])
+def test_ivf_search_is_the_exact_top_k_of_the_probed_lists(probes, queries):
+    q, k, _ = clustered(1024 + queries, d=16)
     keys, queries = k[:, :, :1024], q[:, :, 1024:]
     ix = KeyIndex("ivf", num_lists=32, num_probes=probes).add(keys)
     got = ix.search(queries, 10).flatten(0, 1)

@@ -287,13 +287,20 @@ class KeyIndex:
         sizes = hi - lo
         total = max(int(sizes.sum(-1).max()), 1)  # most keys any query scans
         n_sorted = self._sorted.shape[1]
-        if total * 4 >= n_sorted:
-            # The probed lists cover a good part of the keys: scoring all of them with one matmul and masking the
-            # lists not probed beats gathering (prefill with many queries, small indexes).
-            s = x @ self._sorted.transpose(-1, -2)  # [G, m, n]
-            probed = torch.zeros(G, m, c.shape[1], dtype=torch.bool, device=x.device).scatter_(2, lists, True)
-            s = s.masked_fill(~probed.gather(2, self._lists[:, None, :].expand(G, m, n_sorted)), float("-inf"))
-            scores, found = _topk_scores(s, self._slots, top_k)
+        if m * total * 4 >= n_sorted:
+            # Many queries, or probed lists covering much of the index: scoring every key with one matmul and
+            # masking the lists not probed beats gathering (the gathered copy would be m x total x d); queries go
+            # in sub-chunks so the [G, m, n] scores stay below 2^24 entries.
+            step = max(1, (1 << 24) // max(G * n_sorted, 1))
+            parts = []
+            for a in range(0, m, step):
+                xs, ls = x[:, a:a + step], lists[:, a:a + step]
+                s_ = xs @ self._sorted.transpose(-1, -2)  # [G, mc, n]
+                probed = torch.zeros(G, xs.shape[1], c.shape[1], dtype=torch.bool, device=x.device).scatter_(2, ls,
+                                                                                                               True)
+                keep = probed.gather(2, self._lists[:, None, :].expand(G, xs.shape[1], n_sorted))
+                parts.append(_topk_scores(s_.masked_fill(~keep, float("-inf")), self._slots, top_k))
+            scores, found = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
         else:
             scores, found = self._gathered(x, lo, sizes, total, top_k)
         if self._tail:
