@@ -151,7 +151,8 @@ SMALL = {"linformer": dict(proj_len=8), "nystrom": dict(num_landmarks=8), "soft"
 # Registered too, tested in test_approx_extra.py and test_approx_retrieval.py / test_approx_structured.py
 # (name: has a causal form).
 EXTRA = {"transformer_vq": True, "combiner": True, "sparsek": True, "iceformer": True, "retrieval_attention": True,
-         "sea": True, "boat": False, "sgformer": False, "select_pack": False}
+         "sea": True, "boat": False, "sgformer": False, "select_pack": False, "combiner_logsparse": True,
+         "combiner_axial": True, "combiner_mixture": True}
 
 
 def test_registry_records():

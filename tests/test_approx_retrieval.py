@@ -247,7 +247,7 @@ def test_decoder_with_an_approximate_index_recalls_the_top_k(kind):
 
 def test_decoder_bad_input():
     with pytest.raises(ValueError, match="method"):
-        RetrievalDecoder("loki")
+        RetrievalDecoder("lsh")
     dec = RetrievalDecoder("iceformer", index="exact")
     with pytest.raises(ValueError, match="empty"):
         dec.step(torch.randn(1, 2, 1, 4))
@@ -271,3 +271,34 @@ def test_faiss_augmented_metric_finds_the_exact_top_k_on_separated_data():
     assert topk_recall(ix.search(q[:, :, :20], 5), true) >= 0.98
     with pytest.raises(ValueError, match="metric"):
         KeyIndex("faiss", metric="cosine")
+
+
+def test_loki_decoder_reuses_the_index_in_its_low_rank_space():
+    from attnkit.ops.approx import loki_attention, pca_basis
+
+    q, k, v = qkv(n=30, b=1)
+    basis = pca_basis(qkv(n=64, b=1, seed=5)[1])[0]  # calibrated on other keys, [heads, d, d]
+    want = loki_attention(q, k, v, top_k=6, rank=4, basis=basis, causal=True)
+    dec = RetrievalDecoder("loki", top_k=6, index="exact", basis=basis, rank=4)
+    dec.prefill(k[:, :, :8], v[:, :, :8])
+    outs = [dec.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(8, 30)]
+    assert_close(torch.cat(outs, dim=2), want[:, :, 8:])
+    with pytest.raises(ValueError, match="basis"):
+        RetrievalDecoder("loki")
+
+
+# one query, few lists: the probed keys are gathered; more queries or lists: one masked matmul
+@pytest.mark.parametrize("probes,queries", [(2, 1), (2, 5), (31, 1)])
+def test_ivf_search_is_the_exact_top_k_of_the_probed_lists(probes, queries):
+    q, k, _ = clustered(1024 + queries, d=16)
+    keys, queries = k[:, :, :1024], q[:, :, 1024:]
+    ix = KeyIndex("ivf", num_lists=32, num_probes=probes).add(keys)
+    got = ix.search(queries, 10).flatten(0, 1)
+    c = ix._centroids
+    x = keys.flatten(0, 1).float()
+    assign = knn._nearest(x, c)  # [G, n]
+    lists = (queries.flatten(0, 1) @ c.transpose(-1, -2)).topk(probes, dim=-1).indices  # [G, m, P]
+    probed = (assign[:, None, :, None] == lists[:, :, None, :]).any(-1)  # [G, m, n]
+    s = (queries.flatten(0, 1) @ x.transpose(-1, -2)).masked_fill(~probed, float("-inf"))
+    want = s.topk(10, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

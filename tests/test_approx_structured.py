@@ -156,3 +156,112 @@ def test_select_pack_errors_and_module():
         attnkit.get("select_pack", num_heads=2, head_dim=16, causal=True)
     mod = attnkit.get("select_pack", num_heads=2, head_dim=16)
     assert mod(q.float(), k.float(), v.float()).shape == (2, 2, 8, 16)
+
+
+# ------------------------------------------------------------------------- Combiner-Logsparse / -Axial
+from attnkit.ops.approx.combiner_bases import (  # noqa: E402
+    combiner_axial_attention,
+    combiner_axial_reference,
+    combiner_layout,
+    combiner_logsparse_attention,
+    combiner_logsparse_reference,
+    combiner_mixture_attention,
+    combiner_mixture_reference,
+)
+
+BASES = {"logsparse": (combiner_logsparse_attention, combiner_logsparse_reference, {}),
+         "axial": (combiner_axial_attention, combiner_axial_reference, {"block_size": 6}),
+         "mixture": (combiner_mixture_attention, combiner_mixture_reference, {"block_size": 6})}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,nk", [(1, 1), (7, 7), (37, 37), (5, 13), (13, 5)])
+@pytest.mark.parametrize("base", list(BASES))
+def test_combiner_bases_match_references(base, n, nk, causal):
+    fast, ref, kw = BASES[base]
+    q, _, _ = qkv(n)
+    _, k, v = qkv(nk, seed=1)
+    extra = {"chunk_size": 4} if base != "axial" else {}
+    assert_close(fast(q, k, v, causal=causal, **kw, **extra), ref(q, k, v, causal=causal, **kw))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("base", list(BASES))
+def test_combiner_bases_full_support_rows_sum_to_one(base, causal):
+    _, ref, kw = BASES[base]
+    q, k, v = qkv(40)
+    w = ref(q, k, v, causal=causal, return_attention=True, **kw)[1]
+    visible = torch.ones(40, 40, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    assert (w[..., visible] > 0).all() and (w[..., ~visible] == 0).all()
+    assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+
+
+def test_combiner_bases_exact_limits():
+    q, k, v = qkv(24)
+    for causal in (False, True):
+        want = exact_softmax(q, k, v, causal=causal)
+        # axial with one row (block = n) or one column (block = 1): everything is direct
+        assert_close(combiner_axial_attention(q, k, v, block_size=24, causal=causal), want)
+        assert_close(combiner_axial_attention(q, k, v, block_size=1, causal=causal), want)
+        # logsparse at n <= 3: every distance is 0, 1 or 2
+        assert_close(combiner_logsparse_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=causal),
+                     exact_softmax(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=causal))
+    # a region of equal keys (and values) is exact: the log |r| bias restores its mass
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :] = k[:, :, :1]
+    v2[:, :, :] = v[:, :, :1]
+    assert_close(combiner_logsparse_attention(q, k2, v2), exact_softmax(q, k2, v2))
+
+
+def test_combiner_layouts_follow_the_definitions():
+    ids = combiner_layout("logsparse", 20, 20, causal=True)
+    i = 19
+    direct = torch.nonzero(ids[i] == -1).flatten().tolist()
+    assert direct == [3, 11, 15, 17, 18, 19]  # distances 16, 8, 4, 2, 1, 0
+    assert ids[i, 12:15].unique().numel() == 1 and ids[i, :3].unique().numel() == 1  # gaps are single regions
+    assert (ids[torch.ones(20, 20, dtype=torch.bool).triu(1)] == -2).all()
+    ax = combiner_layout("axial", 16, 16, causal=False, block_size=4)
+    assert (ax[5][[4, 6, 7, 1, 9, 13]] == -1).all()  # row 1 and column 1 of query 5
+    assert ax[5, 0] == ax[5, 8] == 0 and ax[5, 3] == 3
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_combiner_bases_causal_summaries_use_no_future_key(base):
+    fast, _, kw = BASES[base]
+    q, k, v = qkv(30)
+    out = fast(q, k, v, causal=True, **kw)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 5
+    v2[:, :, 20:] -= 3
+    assert_close(fast(q, k2, v2, causal=True, **kw)[:, :, :20], out[:, :, :20])
+
+
+def test_combiner_mixture_splits_heads_between_fixed_and_logsparse():
+    from attnkit.ops.approx import combiner_attention
+
+    q, k, v = qkv(30, h=4)
+    out = combiner_mixture_attention(q, k, v, block_size=5, causal=True)
+    assert_close(out[:, :2], combiner_attention(q[:, :2], k[:, :2], v[:, :2], block_size=5, causal=True))
+    assert_close(out[:, 2:], combiner_logsparse_attention(q[:, 2:], k[:, 2:], v[:, 2:], causal=True))
+    with pytest.raises(ValueError, match="fixed_heads"):
+        combiner_mixture_attention(q, k, v, fixed_heads=5)
+
+
+NEW = ["iceformer", "retrieval_attention", "sea", "boat", "sgformer", "select_pack", "combiner_logsparse",
+       "combiner_axial", "combiner_mixture"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_approximation_error_on_the_bench_inputs(name):
+    # measured by approximation_error on the bench's clustered inputs (as `attnkit bench` and bench_approx do),
+    # with the attention matrix compared too where the record exposes one
+    from attnkit.bench.workloads import make_inputs
+
+    q, k, v = make_inputs("clustered", (1, 2, 96, 16), torch.Generator().manual_seed(0))
+    m = attnkit.mechanism_info(name)
+    err = attnkit.approximation_error(name, q, k, v, **dict(m.small_params))
+    assert 0 < err.output_relative < 1.5
+    if name != "select_pack":  # a module without attention_matrix
+        assert err.attention_relative is not None and err.attention_relative >= 0

@@ -7,6 +7,15 @@ each with a plain reference, plus :func:`approximation_error` to measure any of 
 
 from attnkit.ops.approx.boat import balanced_clusters, boat_attention, boat_reference
 from attnkit.ops.approx.combiner import combiner_attention, combiner_reference
+from attnkit.ops.approx.combiner_bases import (
+    combiner_axial_attention,
+    combiner_axial_reference,
+    combiner_layout,
+    combiner_logsparse_attention,
+    combiner_logsparse_reference,
+    combiner_mixture_attention,
+    combiner_mixture_reference,
+)
 from attnkit.ops.approx.error import ApproximationError, approximation_error, exact_softmax
 from attnkit.ops.approx.hyper import hyper_attention, hyper_reference
 from attnkit.ops.approx.knn import KeyIndex, faiss_available, mips_augment, topk_recall
@@ -59,7 +68,9 @@ __all__ = [
     "kmeans_centroids", "routing_attention", "routing_reference",
     "gaussian_kernel_attention", "soft_attention", "soft_reference",
     "yoso_attention", "yoso_expectation", "yoso_reference",
-    "combiner_attention", "combiner_reference",
+    "combiner_attention", "combiner_reference", "combiner_layout",
+    "combiner_logsparse_attention", "combiner_logsparse_reference", "combiner_axial_attention",
+    "combiner_axial_reference", "combiner_mixture_attention", "combiner_mixture_reference",
     "sparsek_attention", "sparsek_reference", "sparsek_mask", "sparsek_threshold", "sparsek_scores",
     "vq_attention", "vq_reference", "vq_assign", "vq_codebook", "vq_quantize", "vq_commitment_loss",
     "SparseKDecodeCache",

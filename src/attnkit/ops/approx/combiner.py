@@ -19,7 +19,8 @@ Every visible key gets a positive weight (full support) and each row sums to 1. 
 choice) gives a block of equal keys the mass of its tokens, so a region of identical keys is exact; with
 ``block_size = 1`` every region is one token and the result is exact softmax. A causal region is a complete
 earlier block, so no summary contains a future token. Time and memory O(n (block_size + n / block_size) d):
-O(n^1.5 d) at ``block_size ~ sqrt(n)`` (the paper's Combiner-Axial/-Logsparse bases are not implemented).
+O(n^1.5 d) at ``block_size ~ sqrt(n)``. Combiner-Logsparse, -Axial and -Mixture:
+:mod:`attnkit.ops.approx.combiner_bases`.
 """
 
 from __future__ import annotations

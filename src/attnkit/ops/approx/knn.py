@@ -135,7 +135,7 @@ class KeyIndex:
         self.size = 0
         # exact: keys [G, cap, d]; ivf: sorted keys, their slots, list offsets, centroids, and the tail.
         self._keys: torch.Tensor | None = None
-        self._sorted = self._slots = self._offsets = self._centroids = None
+        self._sorted = self._slots = self._offsets = self._centroids = self._lists = None
         self._tail: list[torch.Tensor] = []
         self._tail_start = 0
         self._faiss: list = []
@@ -197,6 +197,7 @@ class KeyIndex:
         order = assign.argsort(dim=1, stable=True)
         self._sorted = x.gather(1, order[..., None].expand_as(x))
         self._slots = slots.gather(1, order)
+        self._lists = assign.gather(1, order)  # list of each sorted row
         counts = torch.zeros(assign.shape[0], self._centroids.shape[1] + 1, dtype=torch.long, device=x.device)
         counts[:, 1:].scatter_add_(1, assign, torch.ones_like(assign))
         self._offsets = counts.cumsum(1)
@@ -283,13 +284,25 @@ class KeyIndex:
         lists = (x @ c.transpose(-1, -2)).topk(probes, dim=-1).indices  # [G, m, P]
         lo = self._offsets.gather(1, lists.flatten(1)).view_as(lists)
         hi = self._offsets.gather(1, (lists + 1).flatten(1)).view_as(lists)
-        width = max(int((hi - lo).max()), 1)
-        pos = lo[..., None] + torch.arange(width, device=x.device)  # [G, m, P, W]
-        valid = (pos < hi[..., None]).flatten(2)
-        pos = pos.clamp_max(self._sorted.shape[1] - 1).flatten(2)  # [G, m, P W]
-        cand = self._sorted.gather(1, pos.flatten(1)[..., None].expand(-1, -1, d)).view(G, m, -1, d)
-        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, -1)
-        scores, found = self._topk(x, cand, slots, top_k, valid)
+        sizes = hi - lo
+        total = max(int(sizes.sum(-1).max()), 1)  # most keys any query scans
+        n_sorted = self._sorted.shape[1]
+        if m * total * 4 >= n_sorted:
+            # Many queries, or probed lists covering much of the index: scoring every key with one matmul and
+            # masking the lists not probed beats gathering (the gathered copy would be m x total x d); queries go
+            # in sub-chunks so the [G, m, n] scores stay below 2^24 entries.
+            step = max(1, (1 << 24) // max(G * n_sorted, 1))
+            parts = []
+            for a in range(0, m, step):
+                xs, ls = x[:, a:a + step], lists[:, a:a + step]
+                s_ = xs @ self._sorted.transpose(-1, -2)  # [G, mc, n]
+                probed = torch.zeros(G, xs.shape[1], c.shape[1], dtype=torch.bool, device=x.device).scatter_(2, ls,
+                                                                                                               True)
+                keep = probed.gather(2, self._lists[:, None, :].expand(G, xs.shape[1], n_sorted))
+                parts.append(_topk_scores(s_.masked_fill(~keep, float("-inf")), self._slots, top_k))
+            scores, found = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        else:
+            scores, found = self._gathered(x, lo, sizes, total, top_k)
         if self._tail:
             tail = torch.cat(self._tail, dim=1)
             tail_slots = torch.arange(self._tail_start, self._tail_start + tail.shape[1], device=x.device)
@@ -297,18 +310,45 @@ class KeyIndex:
             scores, found = _merge(scores, found, s2, f2, top_k)
         return found
 
+    def _gathered(self, x, lo, sizes, total, top_k):
+        """Score the probed lists' keys, concatenated per query without padding lists to the longest one:
+        entry t of query (g, i) is in probe p = #{cumulative sizes <= t}, at row lo_p + t - start_p."""
+        G, m, d = x.shape
+        ends = sizes.cumsum(-1)  # [G, m, P]
+        t = torch.arange(total, device=x.device).expand(G, m, total).contiguous()
+        p = torch.searchsorted(ends, t, right=True).clamp_max(sizes.shape[-1] - 1)
+        valid = t < ends[..., -1:]
+        pos = (lo.gather(-1, p) + t - (ends - sizes).gather(-1, p)).clamp(0, self._sorted.shape[1] - 1)
+        rows = (pos.flatten(1) + torch.arange(G, device=x.device)[:, None] * self._sorted.shape[1]).flatten()
+        cand = self._sorted.reshape(-1, d).index_select(0, rows).view(G, m, total, d)  # faster than gather
+        slots = self._slots.gather(1, pos.flatten(1)).view(G, m, total)
+        return self._topk(x, cand, slots, top_k, valid)
+
     def _search_faiss(self, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        import faiss
+
         xc = x.cpu().contiguous()
-        xs = xc.numpy() if self.metric == "ip" else torch.nn.functional.pad(xc, (0, 1)).numpy()  # [q, 0]
+        xs = xc if self.metric == "ip" else torch.nn.functional.pad(xc, (0, 1))  # augmented queries [q, 0]
+        G, m, _ = xs.shape
+        # One output buffer for all groups, filled through faiss's C entry point (the Python wrapper's checks
+        # and allocations cost more than a small HNSW search).
+        dist = torch.empty(G, m, top_k, dtype=torch.float32)
+        ids = torch.empty(G, m, top_k, dtype=torch.int64)
+        ef = max(self.ef_search, top_k)
+        for g, index in enumerate(self._faiss):
+            if index.hnsw.efSearch != ef:
+                index.hnsw.efSearch = ef
+            index.search_c(m, faiss.swig_ptr(xs[g].numpy()), top_k, faiss.swig_ptr(dist[g].numpy()),
+                           faiss.swig_ptr(ids[g].numpy()))
+        if not any(self._overflow):
+            return ids
         qq = xc.double().square().sum(-1, keepdim=True)
         out = []
-        for g, index in enumerate(self._faiss):
-            index.hnsw.efSearch = max(self.ef_search, top_k)
-            dist, ids = index.search(xs[g], top_k)
-            found = torch.from_numpy(ids)
+        for g in range(G):
+            found = ids[g]
             if self._overflow[g]:
                 # |q' - k'|^2 = |q|^2 + M^2 - 2 q.k gives the inner products back; merge with the exact side list.
-                scores = (qq[g] + self._max_norm ** 2 - torch.from_numpy(dist).double()) / 2
+                scores = (qq[g] + self._max_norm ** 2 - dist[g].double()) / 2
                 slots = torch.cat(self._overflow_slots[g])
                 scores = scores.masked_fill((found < 0) | torch.isin(found, slots), float("-inf"))
                 extra = torch.cat(self._overflow[g], dim=0)
@@ -325,6 +365,13 @@ def _pad(scores: torch.Tensor, idx: torch.Tensor, top_k: int) -> tuple[torch.Ten
         return scores, idx
     return (torch.nn.functional.pad(scores, (0, short), value=float("-inf")),
             torch.nn.functional.pad(idx, (0, short), value=-1))
+
+
+def _topk_scores(s: torch.Tensor, slots: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of scores ``s [G, m, n]`` (``-inf``: excluded) -> scores and ``slots [G, n]`` entries (``-1``: none)."""
+    top = s.topk(min(top_k, s.shape[-1]), dim=-1)
+    idx = slots.gather(1, top.indices.flatten(1)).view_as(top.indices)
+    return _pad(top.values, idx.masked_fill(~torch.isfinite(top.values), -1), top_k)
 
 
 def _merge(s1, i1, s2, i2, top_k):

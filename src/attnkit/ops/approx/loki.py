@@ -27,6 +27,7 @@ from attnkit.ops.approx._common import (
     prepare,
     upcast,
 )
+from attnkit.ops.approx.retrieval import attend_selected
 
 __all__ = ["loki_attention", "loki_reference", "pca_basis"]
 
@@ -106,11 +107,8 @@ def loki_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_k: 
         if causal:
             approx = approx.masked_fill(~causal_mask(n, nk, q.device)[start:stop], float("-inf"))
         sel = approx.topk(top_k, dim=-1)
-        idx = sel.indices  # [b, h, c, top_k]
-        kc = k.gather(2, idx.flatten(2)[..., None].expand(-1, -1, -1, d)).unflatten(2, idx.shape[2:])
-        vc = v.gather(2, idx.flatten(2)[..., None].expand(-1, -1, -1, v.shape[-1])).unflatten(2, idx.shape[2:])
-        s = torch.einsum("bhcd,bhckd->bhck", q[:, :, start:stop], kc) * scale
-        # Early causal rows have fewer than top_k visible keys: the extra picks carry -inf.
-        o, _ = masked_attention_lse(s.unsqueeze(-2), vc, torch.isfinite(sel.values).unsqueeze(-2))
-        out[:, :, start:stop] = o.squeeze(-2)
+        # Early causal rows have fewer than top_k visible keys: the extra picks carry -inf. The last step is the
+        # one IceFormer, RetrievalAttention and SEA share (attend each query's selected keys).
+        o, _ = attend_selected(q[:, :, start:stop], k, v, sel.indices, torch.isfinite(sel.values), scale)
+        out[:, :, start:stop] = o
     return out

@@ -1,5 +1,5 @@
 """Registers the approx family's retrieval and structured-selection methods (issue 17): IceFormer,
-RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse/Axial/Mixture bases.
+RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse, Axial and Mixture bases.
 Imported by :mod:`attnkit.ops.approx.mechanisms`; factories return
 :class:`~attnkit.ops.approx._common.ApproxAttention` (``reference``, ``attention_matrix``), Select-and-Pack an
 ``nn.Module`` with its gate."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from attnkit.ops.approx import boat, retrieval, sgformer
+from attnkit.ops.approx import boat, combiner_bases, retrieval, sgformer
 from attnkit.ops.approx.mechanisms import FAMILY, _fn_factory, _no_extra_shapes
 from attnkit.registry import Mechanism, register
 
@@ -116,3 +116,58 @@ register(Mechanism(
             "sequence with a block-diagonal mask, attended, and scattered back (unselected: zero output; "
             "module, untrained gate in benchmarks)",
     bench_params={"threshold": 0.0}, reference=_ref, flops=_flops_select_pack))
+
+
+def _flops_combiner_logsparse(*, batch, heads, q_len, kv_len, head_dim, causal=False, **_):
+    terms = (1 if causal else 2) * 2 * (math.ceil(math.log2(max(q_len, kv_len, 2))) + 1)  # direct + regions
+    return batch * heads * (4 * kv_len * head_dim + 4 * q_len * terms * head_dim)
+
+
+def _flops_combiner_axial(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
+    rows = math.ceil(max(q_len, kv_len) / block_size)
+    return batch * heads * (4 * kv_len * head_dim + 4 * q_len * (2 * block_size + rows) * head_dim)
+
+
+register(Mechanism(
+    name="combiner_logsparse", family=FAMILY,
+    paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
+    exact=False, complexity="O(n log n d)", causal=True,
+    factory=_fn_factory("combiner_logsparse", combiner_bases.combiner_logsparse_attention,
+                        combiner_bases.combiner_logsparse_reference, True),
+    summary="Combiner-Logsparse: keys at distances 0 and 2^t direct, the gaps between them through their mean "
+            "key/value (full support, prefix sums)",
+    bench_params={"chunk_size": 64}, small_params={"chunk_size": 16}, reference=_ref,
+    flops=_flops_combiner_logsparse))
+
+register(Mechanism(
+    name="combiner_axial", family=FAMILY,
+    paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
+    exact=False, complexity="O(n (b + n/b) d)", causal=True,
+    factory=_fn_factory("combiner_axial", combiner_bases.combiner_axial_attention,
+                        combiner_bases.combiner_axial_reference, True),
+    summary="Combiner-Axial: the query's row and column (rows of block_size) direct, the rest of every other "
+            "column through its mean key/value (full support)",
+    bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
+    flops=_flops_combiner_axial))
+
+
+def _flops_combiner_mixture(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
+    from attnkit.ops.approx.mechanisms import _flops_combiner
+
+    fixed = heads // 2
+    return (_flops_combiner(batch=batch, heads=fixed, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                            causal=causal, block_size=block_size)
+            + _flops_combiner_logsparse(batch=batch, heads=heads - fixed, q_len=q_len, kv_len=kv_len,
+                                        head_dim=head_dim, causal=causal))
+
+
+register(Mechanism(
+    name="combiner_mixture", family=FAMILY,
+    paper="Combiner: Full Attention Transformer with Sparse Computation Cost",
+    exact=False, complexity="O(n (b + n/b + log n) d)", causal=True,
+    factory=_fn_factory("combiner_mixture", combiner_bases.combiner_mixture_attention,
+                        combiner_bases.combiner_mixture_reference, True),
+    summary="Combiner-Mixture: half the heads on Combiner-Fixed blocks, half on Combiner-Logsparse (full support "
+            "in every head)",
+    bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
+    flops=_flops_combiner_mixture))

@@ -77,6 +77,17 @@ def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     return o.squeeze(-2), lse.squeeze(-1)
 
 
+def _attend_chunks(q, k, v, idx, valid, scale, chunk_size):
+    """:func:`attend_selected` over chunks of queries: the gathered keys/values stay O(chunk w d)."""
+    outs, lses = [], []
+    for start in range(0, q.shape[2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        o, lse = attend_selected(q[:, :, sl], k, v, idx[:, :, sl], valid[:, :, sl], scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def _check_index(index: str) -> None:
     if index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
@@ -186,7 +197,7 @@ def iceformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     check_positive_int("chunk_size", chunk_size)
     idx, valid = select_topk(q, k, top_k, causal=causal, index=index, chunk_size=chunk_size,
                              index_params=index_params)
-    return attend_selected(q, k, v, idx, valid, scale)[0]
+    return _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
 
 
 # ------------------------------------------------------------------------------------- RetrievalAttention
@@ -253,7 +264,7 @@ def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     idx, valid = select_topk(q, k, top_k, allowed=lambda i, j: ~static(i, j), causal=causal, index=index,
                              chunk_size=chunk_size, extra=num_sink + window,
                              index_params=index_params)
-    o1, lse1 = attend_selected(q, k, v, idx, valid, scale)
+    o1, lse1 = _attend_chunks(q, k, v, idx, valid, scale, chunk_size)
     outs = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
@@ -370,23 +381,37 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
 
 # ---------------------------------------------------------------------------------------------- decoding
 class RetrievalDecoder:
-    """Incremental decoding with IceFormer or RetrievalAttention over a growing KV cache and a :class:`KeyIndex`.
+    """Incremental decoding with IceFormer, RetrievalAttention or Loki over a growing KV cache and a
+    :class:`KeyIndex`.
 
     ``prefill(k, v)`` stores the prompt's keys/values ``[batch, heads, n, d]`` and builds the index (the build
     time is the caller's to measure); ``step(q, k, v)`` appends one token's key/value ``[batch, heads, 1, d]``
     (optional) and returns the attention of ``q [batch, heads, 1, d]`` (or several queries, all placed after
     every cached key) ``[batch, heads, m, dv]``. IceFormer (``method="iceformer"``) indexes every key;
     RetrievalAttention (``method="retrieval"``) keeps the first ``num_sink`` and last ``window`` keys out of
-    the index (attended exactly), and a key enters the index when it leaves the window. Every index ranks its
-    candidates by the exact ``q . k``. Heads must match (expand GQA k/v first). ``index_params`` go to
-    :class:`KeyIndex` (e.g. ``ef_search``, ``num_probes``).
+    the index (attended exactly), and a key enters the index when it leaves the window. Loki
+    (``method="loki"``) reuses the same selection in its low-rank key space: the index holds ``k P_r`` (``basis
+    [heads, d, d]`` or ``[batch, heads, d, d]`` orthogonal, calibrated offline, e.g. ``pca_basis``; ``rank`` r
+    leading columns) and is searched with ``q P_r``; attention then runs in full dimension over the retrieved
+    keys (a step equals row i of ``loki_attention(causal=True)`` with ``index="exact"``). Every index ranks its
+    candidates by the exact inner product of what it holds. Heads must match (expand GQA k/v first).
+    ``index_params`` go to :class:`KeyIndex` (e.g. ``ef_search``, ``num_probes``).
     """
 
     def __init__(self, method: str = "iceformer", *, top_k: int = 64, num_sink: int = 4, window: int = 64,
-                 index: str = "auto", scale: float | None = None, **index_params):
-        if method not in ("iceformer", "retrieval"):
-            raise ValueError(f"method must be 'iceformer' or 'retrieval', got {method!r}")
+                 index: str = "auto", scale: float | None = None, basis: torch.Tensor | None = None,
+                 rank: int | None = None, **index_params):
+        if method not in ("iceformer", "retrieval", "loki"):
+            raise ValueError(f"method must be 'iceformer', 'retrieval' or 'loki', got {method!r}")
         _check_retrieval(top_k, num_sink, window)
+        if method == "loki":
+            if not isinstance(basis, torch.Tensor) or basis.dim() not in (3, 4) or basis.shape[-1] != basis.shape[-2]:
+                raise ValueError("method='loki' needs basis= ([heads, d, d] or [batch, heads, d, d], orthogonal, "
+                                 "e.g. attnkit.ops.approx.pca_basis(calibration_keys))")
+            rank = basis.shape[-1] if rank is None else check_positive_int("rank", rank)
+            self._proj = basis[..., :rank]
+        else:
+            self._proj = None
         self.method, self.top_k, self.scale = method, top_k, scale
         self.num_sink, self.window = (num_sink, window) if method == "retrieval" else (0, 0)
         self.index = KeyIndex(index, **index_params)
@@ -394,6 +419,7 @@ class RetrievalDecoder:
         self.v: torch.Tensor | None = None
         self.length = 0
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
+        self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
 
     def _reserve(self, extra: int) -> None:
         need = self.length + extra
@@ -421,7 +447,7 @@ class RetrievalDecoder:
         target = max(self.length - self.window - self.num_sink, 0)
         if target > self._indexed:
             lo = self.num_sink + self._indexed
-            self.index.add(self.k[:, :, lo:self.num_sink + target])
+            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]))
             self._indexed = target
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> RetrievalDecoder:
@@ -433,10 +459,13 @@ class RetrievalDecoder:
         m, d]`` retrieves from the index (the static set not included)."""
         if not self._indexed:
             return torch.full((*q.shape[:3], self.top_k), -1, dtype=torch.long, device=q.device)
-        slots = self.index.search(q, min(self.top_k, self._indexed))
+        slots = self.index.search(self._project(q), min(self.top_k, self._indexed))
         # index slots are positions after the sinks; every backend ranks its candidates by the exact q . k
-        return torch.where(slots >= 0, slots + self.num_sink, slots)
-        return slots
+        return torch.where(slots >= 0, slots + self.num_sink, slots) if self.num_sink else slots
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Loki's low-rank key space ``x P_r`` (identity for the other methods)."""
+        return x if self._proj is None else x @ self._proj.to(x.dtype)
 
     def static_positions(self) -> torch.Tensor:
         """Cache positions of the static set (RetrievalAttention; empty for IceFormer)."""
@@ -455,19 +484,25 @@ class RetrievalDecoder:
             raise ValueError(f"q must be [batch, heads, m, dim] matching the cache {tuple(self.k.shape[:2])}, "
                              f"dim {self.k.shape[3]}; got {tuple(q.shape)}")
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        k_all, v_all = self.k[:, :, :self.length], self.v[:, :, :self.length]
-        o, lse = None, None
-        if self._indexed:
-            slots = self.retrieve(q)
-            # the whole (contiguous) capacity buffers: slots < length, and gathering needs no copy
-            o, lse = attend_selected(q, self.k, self.v, slots, slots >= 0, scale)
+        # One softmax over the retrieved keys and the static set: they are disjoint, so this equals the log-sum-exp
+        # merge of the two partial attentions (which retrieval_attention computes apart; tested equal) at half
+        # the small ops, which dominate a decode step.
+        parts = [self.retrieve(q)] if self._indexed else []
         if self.method == "retrieval":
-            static = self.static_positions()
-            sk, sv = k_all[:, :, static], v_all[:, :, static]
-            s = q @ sk.transpose(-1, -2) * scale
-            o2, lse2 = masked_attention_lse(s, sv)
-            o, lse = (o2, lse2) if o is None else merge_lse(o, lse, o2.to(o.dtype), lse2)
-        return o.to(v_all.dtype)
+            parts.append(self.static_positions().expand(*q.shape[:3], -1))
+        idx = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        # Gather from the whole (contiguous) capacity buffers viewed as [b h cap, d] rows: positions < length, no
+        # copy of the cache; one row index serves keys and values.
+        b, h, m, d = q.shape
+        cap = self.k.shape[2]
+        if self._row_base is None or self._row_base[0] != cap:
+            self._row_base = (cap, torch.arange(b * h, device=q.device).view(b, h, 1, 1) * cap)
+        rows = (idx.clamp_min(0) + self._row_base[1]).flatten()
+        kc = self.k.view(-1, d).index_select(0, rows).view(b, h, m, -1, d)
+        vc = self.v.view(-1, self.v.shape[-1]).index_select(0, rows).view(b, h, m, -1, self.v.shape[-1])
+        s = (kc @ (q * scale).unsqueeze(-1)).squeeze(-1)  # [b, h, m, w]
+        p = torch.softmax(upcast(s).masked_fill(idx < 0, float("-inf")), dim=-1)
+        return (p.unsqueeze(-2).to(vc.dtype) @ vc).squeeze(-2)
 
 
 def _flops_topk(batch, heads, q_len, kv_len, head_dim, top_k):

@@ -24,8 +24,8 @@ tie). Causal fast path: the threshold ``tau_i`` never decreases with i, so for a
 that can be selected scores above the previous chunk's last threshold: that pool (~ k + chunk keys) is gathered
 once and attended with one matmul; all rows' thresholds come from one sort of the pool. Work O(n (k + chunk)
 d) plus a scan of the prefix scores per chunk (O(n^2 / chunk), no head-dim factor); memory O(chunk (k +
-chunk)). The paper's incremental decode keeps O(k) keys per step, which this batched function does not model
-(a step equals row i of the full pass: see the tests).
+chunk)). The paper's incremental decode, O(k) keys kept per step, is
+:class:`~attnkit.ops.approx.SparseKDecodeCache` (a step equals row i of this function's causal pass: tested).
 """
 
 from __future__ import annotations
