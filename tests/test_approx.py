@@ -259,3 +259,16 @@ def test_soft_does_not_collapse_at_large_scale(scale):
         torch.testing.assert_close(plain64, want, rtol=1e-6, atol=0)
     with pytest.warns(RuntimeWarning, match="underflows to 0"):
         soft_attention(q.float(), k.float(), v.float(), num_landmarks=8)
+
+
+@pytest.mark.parametrize("name", ["combiner", "loki", "routing", "transformer_vq", "sparsek", "hyper", "iceformer"])
+def test_causal_approximations_refuse_decoding_calls(name):
+    """Their causal masks are formed for q_len == kv_len: fewer queries than keys is refused, never silently
+    misaligned."""
+    from attnkit.testing import build_small, random_qkv
+
+    m = attnkit.mechanism_info(name)
+    built, _ = build_small(m, seq_len=32, causal=True)
+    q, k, v = random_qkv(1, 2, 32, 32, 16)
+    with pytest.raises(attnkit.NotSupportedError, match="as many queries as keys"):
+        built(q[:, :, -4:], k, v)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from attnkit.ops.approx._common import refuse_causal_decoding
 from attnkit.ops.approx.combiner import combiner_attention, combiner_reference
 from attnkit.ops.approx.linformer import linformer_attention, linformer_reference
 from attnkit.ops.approx.nystrom import nystrom_attention, nystrom_reference
@@ -153,6 +154,7 @@ class TransformerVQAttention(nn.Module):
         return dict(codebook=self.codebook, block_size=self.block_size, causal=self.causal, scale=self.scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        refuse_causal_decoding("transformer_vq", self.causal, q, k)
         out = vq_attention(q, k, v, **self._params())
         if self.training:
             self._ema_update(k)
@@ -242,6 +244,7 @@ class SparseKAttention(nn.Module):
                     window=self.window, causal=self.causal, chunk_size=self.chunk_size, scale=self.scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        refuse_causal_decoding("sparsek", self.causal, q, k)
         return sparsek_attention(q, k, v, **self._params())
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,7 @@ class ApproxAttention:
         self.name, self.fn, self.ref, self.params = name, fn, ref, params
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        refuse_causal_decoding(self.name, bool(self.params.get("causal")), q, k)
         return self.fn(q, k, v, **self.params)
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -124,6 +125,21 @@ class ApproxAttention:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({args})"
+
+
+def refuse_causal_decoding(name: str, causal: bool, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The approximations form their clusters, blocks, landmarks and selections over the call's own keys with
+    causal masks aligned for ``q_len == kv_len``; a decoding call (fewer queries than keys) would silently see the
+    wrong keys, so it is refused (``RetrievalDecoder`` and ``SparseKCache`` decode IceFormer, RetrievalAttention,
+    Loki and SPARSEK)."""
+    if causal and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4 \
+            and q.shape[2] != k.shape[2]:
+        from attnkit.errors import NotSupportedError
+
+        raise NotSupportedError(
+            f"{name} with causal=True takes as many queries as keys (got {q.shape[2]} queries for {k.shape[2]} "
+            f"keys): its causal form is not defined for decoding over a cache; run the whole sequence, or decode "
+            f"with attnkit.ops.approx.RetrievalDecoder / the SPARSEK cache where the method has one")
 
 
 def refuse_causal(name: str, causal: bool, why: str) -> None:

@@ -13,6 +13,12 @@ from attnkit.ops.approx._common import ApproxAttention, refuse_causal
 from attnkit.registry import SHAPE_PARAMS, Mechanism, register
 
 
+def _built_reference(built: Any, q, k, v, **_: Any):
+    """The record's reference: the method's own materialised reference (its ``ref`` function or module method),
+    with the built object's parameters and weights."""
+    return built.reference(q, k, v)
+
+
 def _no_extra_shapes(shape: dict[str, Any]) -> None:
     unknown = set(shape) - SHAPE_PARAMS
     if unknown:
@@ -168,7 +174,7 @@ register(Mechanism(
     exact=False, complexity="O(n k d)", causal=False, factory=_linformer_factory, needs=("seq_len", "num_heads"),
     summary="learned projections E, F of the sequence axis of keys/values (module; untrained weights in "
             "benchmarks, so its error there is that of a random projection)",
-    bench_params={"proj_len": 256}, in_default_bench=True, flops=_flops_linformer))
+    bench_params={"proj_len": 256}, in_default_bench=True, flops=_flops_linformer, reference=_built_reference))
 
 register(Mechanism(
     name="nystrom", family=FAMILY,
@@ -177,7 +183,7 @@ register(Mechanism(
     factory=_fn_factory("nystrom", nystrom.nystrom_attention, nystrom.nystrom_reference, False),
     summary="segment-mean landmarks, iterative Moore-Penrose pseudo-inverse (conv skip: nn.NystromAttention)",
     bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, in_default_bench=True,
-    flops=_flops_nystrom))
+    flops=_flops_nystrom, reference=_built_reference))
 
 register(Mechanism(
     name="soft", family=FAMILY, paper="Softmax-free Linear Transformers",
@@ -185,7 +191,8 @@ register(Mechanism(
     factory=_fn_factory("soft", soft.soft_attention, soft.soft_reference, False),
     summary="softmax-free Gaussian-kernel attention, Nystrom landmarks, Newton-Raphson pseudo-inverse "
             "(approximates its own kernel, not softmax)",
-    bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, flops=_flops_soft))
+    bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, flops=_flops_soft,
+    reference=_built_reference))
 
 register(Mechanism(
     name="yoso", family=FAMILY,
@@ -194,6 +201,7 @@ register(Mechanism(
     factory=_fn_factory("yoso", yoso.yoso_attention, yoso.yoso_reference, True),
     summary="LSH collision probability (1 - arccos(q.k)/pi)^tau as attention weight, estimated by hashing "
             "(approximates its own kernel, not softmax)",
+    # no registry reference: hashing is discontinuous, so a half-precision input flips hash bits (tests/test_approx*)
     bench_params={"tau": 8, "num_hashes": 32, "normalize": True}, flops=_flops_yoso))
 
 register(Mechanism(
@@ -201,7 +209,8 @@ register(Mechanism(
     exact=False, complexity="O(n (b + s) d)", causal=True,
     factory=_fn_factory("hyper", hyper.hyper_attention, hyper.hyper_reference, True),
     summary="sorted-LSH block-diagonal exact part + uniformly sampled residual; causal by recursion",
-    bench_params={"block_size": 256, "sample_size": 256}, in_default_bench=True, flops=_flops_hyper))
+    bench_params={"block_size": 256, "sample_size": 256}, in_default_bench=True, flops=_flops_hyper,
+    reference=_built_reference))
 
 register(Mechanism(
     name="routing", family=FAMILY,
@@ -210,21 +219,21 @@ register(Mechanism(
     factory=_fn_factory("routing", routing.routing_attention, routing.routing_reference, True),
     summary="k-means clusters of queries/keys, exact softmax within each cluster "
             "(learned EMA centroids: nn.RoutingAttention)",
-    bench_params={"num_clusters": 128}, flops=_flops_routing))
+    bench_params={"num_clusters": 128}, flops=_flops_routing, reference=_built_reference))
 
 register(Mechanism(
     name="mra", family=FAMILY, paper="Multi Resolution Analysis (MRA) for Approximate Self-Attention",
     exact=False, complexity="O(n r b d + (n/b)^2 d)", causal=False,
     factory=_fn_factory("mra", mra.mra_attention, mra.mra_reference, False),
     summary="block-averaged coarse attention, top blocks refined to exact (MRA-2)",
-    bench_params={"block_size": 32, "num_refined": 8}, flops=_flops_mra))
+    bench_params={"block_size": 32, "num_refined": 8}, flops=_flops_mra, reference=_built_reference))
 
 register(Mechanism(
     name="loki", family=FAMILY, paper="Loki: Low-Rank Keys for Efficient Sparse Attention",
     exact=False, complexity="O(n^2 r + n k d)", causal=True,
     factory=_fn_factory("loki", loki.loki_attention, loki.loki_reference, True),
     summary="top-k keys by low-rank (PCA) scores, then exact attention over them",
-    bench_params={"top_k": 256, "rank": 16}, flops=_flops_loki))
+    bench_params={"top_k": 256, "rank": 16}, flops=_flops_loki, reference=_built_reference))
 
 register(Mechanism(
     name="transformer_vq", family=FAMILY,
@@ -233,7 +242,7 @@ register(Mechanism(
     needs=("num_heads", "head_dim"),
     summary="keys quantised to a codebook; exact softmax over them by blocks plus a compressed per-code cache "
             "(module; EMA k-means codebook, random until trained or fit())",
-    bench_params={"codebook_size": 256, "block_size": 256}, flops=_flops_transformer_vq))
+    bench_params={"codebook_size": 256, "block_size": 256}, flops=_flops_transformer_vq, reference=_built_reference))
 
 register(Mechanism(
     name="combiner", family=FAMILY,
@@ -242,7 +251,7 @@ register(Mechanism(
     factory=_fn_factory("combiner", combiner.combiner_attention, combiner.combiner_reference, True),
     summary="Combiner-Fixed: exact attention inside the block, every other block through one summary "
             "(full support; learned within-block scorer: nn.CombinerAttention)",
-    bench_params={"block_size": 128}, flops=_flops_combiner))
+    bench_params={"block_size": 128}, flops=_flops_combiner, reference=_built_reference))
 
 register(Mechanism(
     name="sparsek", family=FAMILY,
