@@ -45,17 +45,6 @@ NO_LINEAR_TARGET = {"parcnet_v2"}  # O(n (H + W)) = O(n^1.5) on square grids
 FFT_BASED = {"aff", "spectformer", "ckconv", "extractor", "mega", "hrrformer"}
 
 
-def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
 def fmt(t) -> str:
     med, lo, hi = t
     return f"{med * 1e3:9.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})"
@@ -69,27 +58,38 @@ def mixer_input(m, n: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def scaling(names, lens, width, repeats, results):
-    print(f"\n## 1-2. scaling and memory, width {width}: forward time (CPU s, median of {repeats}), peak bytes")
+    print(f"\n## 1-2. scaling and memory, width {width}: forward time (CPU s, median of {repeats}; the lengths "
+          f"interleaved), peak bytes")
     print(f"{'mixer':14s} {'n':>6s} {'time':>28s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'peak MiB':>9s} "
           f"{'peak/(n^2*4)':>12s}")
     for name in names:
         m = attnkit.mechanism_info(name)
         torch.manual_seed(0)
         mixer = m.factory(dim=width, **m.bench_params).eval()
+        run_lens = lens[:1] if name in QUADRATIC else lens
+        inputs = {n: mixer_input(m, n, width) for n in run_lens}
+        times: dict[int, list[float]] = {n: [] for n in run_lens}
+        with torch.no_grad():
+            for n in run_lens:
+                mixer(inputs[n])  # warm-up
+            for _ in range(repeats):  # interleaved, so drifting machine load hits every length alike
+                for n in run_lens:
+                    t0 = time.process_time()
+                    mixer(inputs[n])
+                    times[n].append(time.process_time() - t0)
         row = {}
-        for n in lens:
-            if name in QUADRATIC and n > min(lens):
-                continue
-            x = mixer_input(m, n, width)
+        for n in run_lens:
+            x = inputs[n]
             with torch.no_grad():
-                t = cpu_time(lambda: mixer(x), repeats)  # noqa: B023
                 _, peak = peak_memory(lambda: mixer(x), CPU)  # noqa: B023
+            t = (statistics.median(times[n]), min(times[n]), max(times[n]))
             flops = m.flops(batch=1, heads=1, q_len=n, kv_len=n, head_dim=width, **m.bench_params)
             shape = "x".join(map(str, x.shape[1:-1]))
             print(f"{name:14s} {n:6d} {fmt(t):>28s} {flops / 1e9:8.1f} {flops / t[0] / 1e9:8.2f} "
                   f"{peak / 2**20:9.1f} {peak / (n * n * 4):12.2e}   [{shape}]", flush=True)
             row[n] = {"time_s": t[0], "time_min_s": t[1], "time_max_s": t[2], "flops": flops, "peak_bytes": peak,
                       "grid": shape}
+        del inputs
         if len(row) == 2:
             a, b = (row[n]["time_s"] for n in sorted(row))
             ratio = b / a
