@@ -25,8 +25,9 @@ from attnkit.ops.mixers._common import (
     dwconv2d_reference,
     irfft2_reference,
     long_conv,
+    rfft2_channels_first,
     rfft2_reference,
-    spectral_filter,
+    spectral_filter_channels_first,
 )
 
 __all__ = [
@@ -790,11 +791,21 @@ class AdaptiveFrequencyFilter(_Mixer2d):
 
     def forward(self, x):
         self._check(x)
-        ct = compute_dtype(x.dtype)
         h, w = x.shape[1:3]
-        xf = torch.fft.rfft2(x.to(ct), dim=(1, 2), norm="ortho")
-        y = torch.fft.irfft2(self.mask(xf) * xf, s=(h, w), dim=(1, 2), norm="ortho")
-        return y.to(x.dtype)
+        g = self.groups
+        cg = self.dim // g
+        out = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
+        for i in range(g):  # groups do not interact: one group's spectra at a time stay in cache
+            xf = rfft2_channels_first(x[..., i * cg: (i + 1) * cg])  # [b, cg, H, Wf]
+            b, _, _, wf = xf.shape
+            # the group's mask network as two 1x1 convolutions over [Re, Im] (channels first)
+            feats = torch.cat([xf.real, xf.imag], 1)
+            hidden = F.relu(F.conv2d(feats, self.w1[i].t()[..., None, None].to(feats.dtype),
+                                     self.b1[i].to(feats.dtype)))
+            m = F.conv2d(hidden, self.w2[i].t()[..., None, None].to(feats.dtype), self.b2[i].to(feats.dtype))
+            y = torch.fft.irfft2(torch.complex(m[:, :cg], m[:, cg:]) * xf, s=(h, w), norm="ortho")
+            out[..., i * cg: (i + 1) * cg] = y.permute(0, 2, 3, 1)
+        return out.to(x.dtype)
 
     def reference(self, x):
         self._check(x)
@@ -815,20 +826,23 @@ class SpectralGating(_Mixer2d):
         _positive(size=size)
         self.weight = nn.Parameter(torch.randn(size, size // 2 + 1, dim, 2) * 0.02)
 
+    def filter_channels_first(self, h: int, w: int) -> torch.Tensor:
+        """Complex filter ``[dim, h, w // 2 + 1]``."""
+        wt = self.weight.permute(2, 3, 0, 1)  # [dim, 2, size, size // 2 + 1]
+        if wt.shape[2:] != (h, w // 2 + 1):
+            flat = F.interpolate(wt.reshape(1, -1, *wt.shape[2:]).float(), size=(h, w // 2 + 1), mode="bilinear",
+                                 align_corners=True)
+            wt = flat.view(self.dim, 2, h, w // 2 + 1)
+        wt = wt.to(compute_dtype(self.weight.dtype))
+        return torch.complex(wt[:, 0], wt[:, 1])
+
     def filter(self, h: int, w: int) -> torch.Tensor:
         """Complex filter ``[h, w // 2 + 1, dim]``."""
-        wt = self.weight
-        if wt.shape[:2] != (h, w // 2 + 1):
-            size = wt.shape[:2]
-            flat = wt.permute(2, 3, 0, 1).reshape(1, -1, *size).float()
-            flat = F.interpolate(flat, size=(h, w // 2 + 1), mode="bilinear", align_corners=True)
-            wt = flat.reshape(self.dim, 2, h, w // 2 + 1).permute(2, 3, 0, 1).to(wt.dtype)
-        wt = wt.to(compute_dtype(wt.dtype))
-        return torch.complex(wt[..., 0], wt[..., 1])
+        return self.filter_channels_first(h, w).permute(1, 2, 0)
 
     def forward(self, x):
         self._check(x)
-        return spectral_filter(x, self.filter(*x.shape[1:3]))
+        return spectral_filter_channels_first(x, self.filter_channels_first(*x.shape[1:3]))
 
     def reference(self, x):
         self._check(x)

@@ -105,15 +105,32 @@ def long_conv(x: torch.Tensor, k: torch.Tensor, left: int = 0, *, method: str = 
 
 # ---- 2-D spectral filtering -----------------------------------------------------------------------------
 
-def spectral_filter(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def spectral_filter(x: torch.Tensor, mask: torch.Tensor, *, block: int = 32) -> torch.Tensor:
     """``irfft2(mask * rfft2(x))`` over the spatial axes of ``x [batch, H, W, C]``; ``mask`` is complex,
     ``[H, W // 2 + 1, C]`` or ``[batch, H, W // 2 + 1, C]``. A circular convolution by the kernel
     ``irfft2(mask)`` (convolution theorem); the output is real by construction."""
-    h, w = x.shape[1], x.shape[2]
+    return spectral_filter_channels_first(x, mask.movedim(-1, -3), block=block)
+
+
+def spectral_filter_channels_first(x: torch.Tensor, mask: torch.Tensor, *, block: int = 32) -> torch.Tensor:
+    """:func:`spectral_filter` with the mask channels first (``[C, H, W // 2 + 1]``, optionally with a leading
+    batch axis), by blocks of ``block`` channels: channels do not interact, and a block's spectra stay in
+    cache where the whole ``[C, H, W]`` transform would stream through memory several times."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
     ct = compute_dtype(x.dtype)
-    xf = torch.fft.rfft2(x.to(ct), dim=(1, 2), norm="ortho")
-    y = torch.fft.irfft2(xf * mask, s=(h, w), dim=(1, 2), norm="ortho")
-    return y.to(x.dtype)
+    out = torch.empty(x.shape, dtype=ct, device=x.device)
+    for c0 in range(0, c, block):
+        c1 = min(c0 + block, c)
+        xf = rfft2_channels_first(x[..., c0:c1])
+        y = torch.fft.irfft2(xf * mask[..., c0:c1, :, :], s=(h, w), norm="ortho")
+        out[..., c0:c1] = y.permute(0, 2, 3, 1)
+    return out.to(x.dtype)
+
+
+def rfft2_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """``rfft2`` (ortho) of channels-last ``x [batch, H, W, C]`` as ``[batch, C, H, W // 2 + 1]`` (the 2-D
+    transforms then run over contiguous rows; channels-last strides make pocketfft gather every line)."""
+    return torch.fft.rfft2(x.to(compute_dtype(x.dtype)).permute(0, 3, 1, 2).contiguous(), norm="ortho")
 
 
 def _dft_matrices(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
