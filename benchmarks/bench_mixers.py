@@ -5,7 +5,10 @@
 
 CPU float32, batch 1, width 512 (``--width``), 1 thread (``--threads``); times are ``time.process_time`` (CPU
 seconds of this process: meaningful on a shared machine where wall time is not), medians of ``--repeats``
-forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flops`` formula beside them.
+forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flops`` formula beside them. On
+Linux the script re-executes itself with ``GLIBC_TUNABLES`` keeping freed memory in the heap (see
+``MALLOC_TUNABLES``; ``--default-malloc`` measures glibc's default, where every 64K-token call page-faults its
+128 MiB temporaries afresh).
 
 1. Scaling: each mixer at 8K and 64K tokens (2-D mixers on a 64 x 128 and 256 x 256 grid):
    ``t(64K) / t(8K)`` (target <= 9 for linear mixers, <= 10 for FFT-based ones; 8x more tokens). Quadratic
@@ -25,6 +28,7 @@ forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flop
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -187,8 +191,27 @@ def fast_paths(n, width, repeats, results):
            {"unfold": lambda: dynconv.dynamic_conv_reference(x, wd)}, repeats, results)
 
 
+# glibc returns every freed block above its mmap threshold (32 MiB by default) to the OS, so each call at 64K
+# tokens (128 MiB per [n, 512] float32 tensor) page-faults all its temporaries afresh, a system-time cost that
+# 8K tokens (16 MiB tensors, reused from the heap) never pay. Keep freed memory in the heap, as a caching
+# allocator does, so the ratio measures the mixers rather than the kernel's page zeroing.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def _reexec_with_caching_malloc(argv: list[str] | None) -> None:
+    if argv is not None or "--default-malloc" in sys.argv or os.environ.get("GLIBC_TUNABLES") is not None:
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _reexec_with_caching_malloc(argv)
     ap = script_parser(__doc__.splitlines()[0], head_dim=512, repeats=3)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default mmap threshold (freed blocks > 32 MiB go back to the OS)")
     ap.set_defaults(threads=1)
     ap.add_argument("--width", type=int, default=None, help="channels (default 512; 64 with --quick)")
     ap.add_argument("--mechanisms", default="", help="comma-separated mixers (default: all of the family)")
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_header("mixers")
+    machine["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES")
+    print(f"GLIBC_TUNABLES={machine['GLIBC_TUNABLES']}")
     width = args.width or (64 if args.quick else 512)
     lens = [1024, 8192] if args.quick else [8192, 65536]
     names = [s for s in args.mechanisms.split(",") if s] or [m.name for m in attnkit.list_mechanisms("mixers")]
