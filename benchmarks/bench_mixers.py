@@ -18,9 +18,9 @@ Linux the script re-executes itself with ``GLIBC_TUNABLES`` keeping freed memory
    lengths, and the ratio to an ``n x n`` float32 matrix (16 GiB at 64K): nothing may come near it.
 3. Fast paths against the best plain-torch formulation of the same computation, interleaved A/B in one
    process at 8K tokens (target: fast <= 1.5 x the best plain one):
-   FFT long convolution (CKConv, Extractor, Mega's EMA kernel): ``conv_fft`` vs ``F.conv1d`` and vs
+   FFT long convolution (CKConv, Extractor): ``conv_fft`` vs ``F.conv1d`` and vs
    ``torch.fft`` at a power-of-two size; AFF / SpectFormer's filter: ``rfft2`` vs a complex ``fft2``;
-   Mega's EMA: FFT of the closed-form kernel vs the sequential recurrence; Mamba-ND: chunked scan vs the
+   Mega's EMA: chunked vs the sequential recurrence and vs FFT of the closed-form kernel; Mamba-ND: chunked scan vs the
    sequential recurrence; causal AFT-simple: cumulative sums vs the token-by-token recurrence; LightConv:
    ``F.conv1d`` vs unfold; DynamicConv: shifted products vs unfold.
 """
@@ -163,8 +163,8 @@ def fast_paths(n, width, repeats, results):
         alpha, delta = torch.rand(width, e, generator=g), torch.rand(width, e, generator=g)
         beta, eta = torch.randn(width, e, generator=g), torch.randn(width, e, generator=g)
         p, q, gg = scan.ema_coefficients(alpha, delta, beta, eta)
-        ab("Mega EMA (h=16)", lambda: scan.ema_fft(x, p, q, gg), {"recurrence": lambda: scan.ema_reference(
-            x, p, q, gg)}, max(1, repeats // 2), results)
+        ab("Mega EMA (h=16)", lambda: scan.ema_chunked(x, p, q, gg), {"recurrence": lambda: scan.ema_reference(
+            x, p, q, gg), "fft": lambda: scan.ema_fft(x, p, q, gg)}, max(1, repeats // 2), results)
 
         N = 16
         dt = torch.rand(1, n, width, generator=g) * 0.1

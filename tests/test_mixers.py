@@ -127,6 +127,8 @@ def test_mega_ema_recurrence_equals_fft_convolution(n):
     u = _x(2, n, 16)
     expected, h_last = scan.ema_reference(u, p, q, g)
     assert_close(scan.ema_fft(u, p, q, g), expected)
+    for chunk in (1, 7, 32):
+        assert_close(scan.ema_chunked(u, p, q, g, chunk=chunk), expected)
     h, ys = None, []
     for t in range(n):
         y, h = mixer.ema_step(u[:, t], h)

@@ -200,8 +200,9 @@ class Mega(_Mixer):
     attention): multi-dimensional damped EMA ``X' = SiLU(EMA(X) + omega X)``, single-head attention of
     ``Q = kappa_q Z + mu_q``, ``K = kappa_k Z + mu_k`` (``Z = SiLU(X' W_z)``) over ``V = SiLU(X W_v)`` within
     chunks of ``chunk_size`` tokens (Mega-chunk; None: the whole sequence), reset gate ``r``, output
-    ``H = SiLU(X' W_h + (r * A V) W_o)`` and update gate ``Y = u H + (1 - u) X``. The EMA runs by FFT of its
-    closed-form kernel (reference: the recurrence). Not included: the relative-position bias ``b_rel`` and the
+    ``H = SiLU(X' W_h + (r * A V) W_o)`` and update gate ``Y = u H + (1 - u) X``. The EMA runs by chunks
+    (:func:`~attnkit.ops.mixers.scan.ema_chunked`; reference: the recurrence; :func:`~attnkit.ops.mixers.scan.
+    ema_fft` is its FFT form). Not included: the relative-position bias ``b_rel`` and the
     bidirectional EMA of the paper's encoders (the EMA here is always causal)."""
 
     def __init__(self, dim: int, *, ema_dim: int = 16, z_dim: int | None = None, chunk_size: int | None = 128,
@@ -247,7 +248,7 @@ class Mega(_Mixer):
     def forward(self, x):
         self._check(x)
         p, q, g = self.ema_coefficients()
-        ema_out = scan.ema_fft(x, p, q, g)
+        ema_out = scan.ema_chunked(x, p, q, g)
         return self._gated(x, ema_out, self._chunked_attention)
 
     def reference(self, x):
