@@ -46,7 +46,7 @@ from attnkit.testing import relative_error
 CPU = torch.device("cpu")
 QUADRATIC = {"aft_full", "convbert"}
 NO_LINEAR_TARGET = {"parcnet_v2"}  # O(n (H + W)) = O(n^1.5) on square grids
-FFT_BASED = {"aff", "spectformer", "ckconv", "extractor", "mega", "hrrformer"}
+FFT_BASED = {"aff", "spectformer", "ckconv", "extractor", "hrrformer"}
 
 
 def fmt(t) -> str:
