@@ -231,8 +231,9 @@ def test_causal_conv_sees_only_the_last_k_inputs(cls):
     assert touched.tolist() == [i in (4, 5, 6) for i in range(10)]
 
 
-def test_dynamic_conv_decoding_steps_equal_the_causal_forward():
-    mixer = _build(M.DynamicConv, dim=8, num_heads=2, kernel_size=4, causal=True)
+@pytest.mark.parametrize("cls", [M.LightConv, M.DynamicConv])
+def test_conv_decoding_steps_equal_the_causal_forward(cls):
+    mixer = _build(cls, dim=8, num_heads=2, kernel_size=4, causal=True)
     x = _x(2, 9, 8)
     window, ys = None, []
     for t in range(9):

@@ -448,6 +448,18 @@ class LightConv(_ConvGLU):
     def reference(self, x):
         return self.out(dynconv.lightconv_reference(self._glu(x), self.weight, causal=self.causal))
 
+    def step(self, x_t: torch.Tensor, window: torch.Tensor | None = None):
+        """Causal decoding: ``x_t [batch, dim]``; ``window [batch, kernel_size, dim]`` (the last GLU outputs).
+        Returns ``(y_t, window)``."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        g = F.glu(self.inp(x_t), dim=-1)
+        if window is None:
+            window = g.new_zeros(g.shape[0], self.kernel_size, self.dim)
+        window = torch.cat([window[:, 1:], g[:, None]], dim=1)
+        w = self.kernel().to(g.dtype).expand(g.shape[0], -1, -1)
+        return self.out(dynconv.dynamic_conv_step(window, w)), window
+
 
 class DynamicConv(_ConvGLU):
     """DynamicConv (Wu et al., eq. 4): LightConv with the kernel predicted from the current token,
