@@ -486,5 +486,6 @@ def test_bench_measures_mixers_beside_sdpa(backward):
             assert cells[(label, n)]["status"] == "ok", cells[(label, n)]["message"]
     assert cells[("lka causal", 16)]["status"] == "unsupported"
     assert cells[("aft_simple causal", 36)]["state_bytes"] == 3 * 16 * 4  # three running [dim] vectors
+    assert cells[("aft_simple", 36)]["state_bytes"] is None  # no decoding without the causal form
     assert cells[("aft_simple", 36)]["flops"] > 0 and cells[("aft_simple", 36)]["vs_sdpa"] is not None
     assert cells[("aft_simple", 36)]["error"] is None  # no softmax to compare a mixer with
