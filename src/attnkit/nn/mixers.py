@@ -27,6 +27,7 @@ from attnkit.ops.mixers._common import (
     long_conv,
     rfft2_channels_first,
     rfft2_reference,
+    shifted_products,
     spectral_filter_channels_first,
 )
 
@@ -392,7 +393,7 @@ class LambdaLayer(_Mixer):
         a = q @ self.embedding.t()  # [b, n, h, r]: sum_k q_nk E_jk, the lambda conv folded into the queries
         m = self.r // 2
         # content + sum_j a[n, h, j] v[n + j - m]: context position n + j - m, zero outside the sequence
-        dynconv.shifted_products(content, a[:, :, :, None, :], v[:, :, None, :], [j - m for j in range(self.r)])
+        shifted_products(content, a[:, :, :, None, :], v[:, :, None, :], [j - m for j in range(self.r)])
         return content.reshape(b, n, self.dim)
 
     def position_lambdas(self, x):

@@ -111,6 +111,22 @@ def long_conv(x: torch.Tensor, k: torch.Tensor, left: int = 0, *, method: str = 
     raise ValueError(f"method must be 'auto', 'direct' or 'fft', got {method!r}")
 
 
+def shifted_products(out: torch.Tensor, coeff: torch.Tensor, x: torch.Tensor, shifts, *,
+                     block: int = 1024) -> torch.Tensor:
+    """``out[:, i] += coeff[:, i, ..., j] * x[:, i + shifts[j]]`` for every tap ``j`` (zero outside the sequence),
+    by blocks of ``block`` positions so the partial sums stay in cache at any length. ``out, x [batch, seq,
+    ...]``; ``coeff [batch, seq, ..., taps]`` broadcasting against them (with the tap axis last)."""
+    n = x.shape[1]
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        acc = out[:, b0:b1]
+        for j, s in enumerate(shifts):
+            lo, hi = max(b0, -s), min(b1, n - s)
+            if lo < hi:
+                acc[:, lo - b0: hi - b0].addcmul_(coeff[:, lo:hi, ..., j], x[:, lo + s: hi + s])
+    return out
+
+
 # ---- 2-D spectral filtering -----------------------------------------------------------------------------
 
 def spectral_filter(x: torch.Tensor, mask: torch.Tensor, *, block: int = 32) -> torch.Tensor:

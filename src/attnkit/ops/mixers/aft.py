@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops.mixers._common import compute_dtype, conv_direct
+from attnkit.ops.mixers._common import compute_dtype, shifted_products
 
 
 def _exp_keys(k: torch.Tensor) -> torch.Tensor:
@@ -126,9 +126,10 @@ def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.
             extra[:, b0:b1] = acc
     else:
         c = corr.to(ct)
-        # conv convention y_t = sum_j k[j] x_{t - j + left}: offset t' - t = left - j.
-        kern = c[:s].flip(0) if causal else c.flip(0)
-        extra = conv_direct(both, torch.cat([kern, kern], dim=-1), left=0 if causal else s - 1)
+        c = torch.cat([c, c], dim=-1)  # the same weights for exp(K) V and exp(K): [2s - 1, 2C]
+        offsets = range(-(s - 1), 1 if causal else s)  # t' - t, corr index offset + s - 1
+        coeff = c[[o + s - 1 for o in offsets]].t()[None, None].expand(*both.shape, len(offsets))
+        extra = shifted_products(torch.zeros_like(both), coeff, both, list(offsets), block=block)
     en, ed = extra.chunk(2, dim=-1)
     return (torch.sigmoid(q.to(ct)) * (num + en) / (den + ed)).to(q.dtype)
 

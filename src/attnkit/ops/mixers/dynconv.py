@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.mixers._common import compute_dtype
+from attnkit.ops.mixers._common import compute_dtype, shifted_products
 
 
 def pad_left(kernel_size: int, causal: bool) -> int:
@@ -41,22 +41,6 @@ def lightconv_reference(x: torch.Tensor, weight: torch.Tensor, *, causal: bool =
     w = torch.softmax(weight, dim=-1)
     win = _unfold(x, k, pad_left(k, causal)).reshape(b, n, h, c // h, k)
     return torch.einsum("bnhck,hk->bnhc", win, w).reshape(b, n, c)
-
-
-def shifted_products(out: torch.Tensor, coeff: torch.Tensor, x: torch.Tensor, shifts, *,
-                     block: int = 1024) -> torch.Tensor:
-    """``out[:, i] += coeff[:, i, ..., j] * x[:, i + shifts[j]]`` for every tap ``j`` (zero outside the sequence),
-    by blocks of ``block`` positions so the partial sums stay in cache at any length. ``out, x [batch, seq,
-    ...]``; ``coeff [batch, seq, ..., taps]`` broadcasting against them (with the tap axis last)."""
-    n = x.shape[1]
-    for b0 in range(0, n, block):
-        b1 = min(b0 + block, n)
-        acc = out[:, b0:b1]
-        for j, s in enumerate(shifts):
-            lo, hi = max(b0, -s), min(b1, n - s)
-            if lo < hi:
-                acc[:, lo - b0: hi - b0].addcmul_(coeff[:, lo:hi, ..., j], x[:, lo + s: hi + s])
-    return out
 
 
 def dynamic_conv(x: torch.Tensor, weights: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
