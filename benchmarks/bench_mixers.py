@@ -21,8 +21,9 @@ Linux the script re-executes itself with ``GLIBC_TUNABLES`` keeping freed memory
    FFT long convolution (CKConv, Extractor): ``conv_fft`` vs ``F.conv1d`` and vs
    ``torch.fft`` at a power-of-two size; AFF / SpectFormer's filter: ``rfft2`` vs a complex ``fft2``;
    Mega's EMA: chunked vs the sequential recurrence and vs FFT of the closed-form kernel; Mamba-ND: chunked scan vs the
-   sequential recurrence; causal AFT-simple: cumulative sums vs the token-by-token recurrence; LightConv:
-   ``F.conv1d`` vs unfold; DynamicConv: shifted products vs unfold.
+   sequential recurrence; causal AFT-simple: cumulative sums vs the token-by-token recurrence; LightConv and
+   SMPConv's 31-tap kernel: blocked shifted products vs ``F.conv1d`` (and unfold); DynamicConv: shifted
+   products vs unfold.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import attnkit
 from attnkit.bench.measure import peak_memory
 from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.ops.mixers import aft, dynconv, scan
-from attnkit.ops.mixers._common import conv_fft, grid_shape, spectral_filter
+from attnkit.ops.mixers._common import conv_direct, conv_fft, grid_shape, long_conv, spectral_filter
 from attnkit.testing import relative_error
 
 CPU = torch.device("cpu")
@@ -184,8 +185,16 @@ def fast_paths(n, width, repeats, results):
            max(1, repeats // 2), results)
 
         wl = torch.randn(8, 7, generator=g)
+        wc = torch.softmax(wl, -1).repeat_interleave(width // 8, dim=0)[:, None]
+
+        def lightconv_conv1d():
+            return F.conv1d(F.pad(x.transpose(1, 2), (3, 3)), wc, groups=width).transpose(1, 2)
+
         ab("LightConv (k=7)", lambda: dynconv.lightconv(x, wl), {"unfold": lambda: dynconv.lightconv_reference(
-            x, wl)}, repeats, results)
+            x, wl), "F.conv1d": lightconv_conv1d}, repeats, results)
+        ks = torch.randn(31, width, generator=g)
+        ab("depthwise conv, 31 taps (SMPConv)", lambda: long_conv(x, ks, 15),
+           {"F.conv1d": lambda: conv_direct(x, ks, 15)}, repeats, results)
         wd = torch.softmax(torch.randn(1, n, 8, 7, generator=g), -1)
         ab("DynamicConv (k=7)", lambda: dynconv.dynamic_conv(x, wd),
            {"unfold": lambda: dynconv.dynamic_conv_reference(x, wd)}, repeats, results)

@@ -219,7 +219,13 @@ def test_lightconv_kernel_is_softmax_normalised_and_shared_per_head():
 @pytest.mark.parametrize("causal", [False, True])
 def test_lightconv_unfold_equals_conv1d(k, causal):
     x, w = _x(2, 13, 8), _x(2, k, seed=1)
-    assert_close(dynconv.lightconv(x, w, causal=causal), dynconv.lightconv_reference(x, w, causal=causal))
+    expected = dynconv.lightconv_reference(x, w, causal=causal)  # unfold
+    assert_close(dynconv.lightconv(x, w, causal=causal), expected)  # shifted products
+    grouped = torch.softmax(w, -1).repeat_interleave(4, dim=0)[:, None]  # [C, 1, k], shared per head
+    left = dynconv.pad_left(k, causal)
+    conv = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (left, k - 1 - left)), grouped,
+                                      groups=8)
+    assert_close(conv.transpose(1, 2), expected)
 
 
 @pytest.mark.parametrize("cls", [M.LightConv, M.DynamicConv])

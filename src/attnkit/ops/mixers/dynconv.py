@@ -25,13 +25,16 @@ def _unfold(x: torch.Tensor, k: int, left: int) -> torch.Tensor:
 
 def lightconv(x: torch.Tensor, weight: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
     """LightConv: ``weight [H, k]`` raw kernels; softmax over the kernel width and shared by the ``C / H``
-    channels of each head; ``F.conv1d`` with the weights repeated per channel (groups = C)."""
+    channels of each head."""
     b, n, c = x.shape
     h, k = weight.shape
-    w = torch.softmax(weight.to(compute_dtype(weight.dtype)), dim=-1).to(x.dtype).repeat_interleave(c // h, dim=0)
+    w = torch.softmax(weight.to(compute_dtype(weight.dtype)), dim=-1).to(x.dtype)  # [H, k]
     left = pad_left(k, causal)
-    xt = F.pad(x.transpose(1, 2), (left, k - 1 - left))
-    return F.conv1d(xt, w.unsqueeze(1), groups=c).transpose(1, 2)
+    # one shifted multiply-add per tap over blocks of positions (cache-resident at any length); the
+    # per-head weights broadcast over each head's channels
+    xh = x.view(b, n, h, c // h)
+    coeff = w[None, None, :, None, :].expand(b, n, h, 1, k)
+    return shifted_products(torch.zeros_like(xh), coeff, xh, [j - left for j in range(k)]).view(b, n, c)
 
 
 def lightconv_reference(x: torch.Tensor, weight: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
