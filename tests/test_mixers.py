@@ -107,6 +107,17 @@ def test_aft_simple_causal_recurrence_equals_masked_quadratic_form():
     assert_close(mixer(x), mixer.reference(x))
 
 
+@pytest.mark.parametrize("cls", [M.AFTLocal, M.AFTConv])
+def test_aft_windowed_decoding_steps_equal_the_causal_forward(cls):
+    mixer = _build(cls, window=4, causal=True)
+    x = _x(2, 11, 16)
+    state, ys = None, []
+    for t in range(11):
+        y, state = mixer.step(x[:, t], state)
+        ys.append(y)
+    assert_close(torch.stack(ys, 1), mixer(x))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_aft_local_with_a_window_covering_the_sequence_is_aft_full(causal):
     n, s = 9, 12

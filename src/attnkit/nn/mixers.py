@@ -169,6 +169,18 @@ class AFTLocal(_AFTBase):
         wmat = aft.window_bias_matrix(self._corr(x.shape[1]), x.shape[1], per_position=True)
         return self.out(aft.aft_reference(q, k, v, wmat, causal=self.causal))
 
+    def step(self, x_t: torch.Tensor, state=None):
+        """Causal decoding: ``x_t [batch, dim]`` -> ``(y_t, state)``; the state holds the running sums, the last
+        ``window - 1`` keys and values, and the position (AFT-local's biases depend on it)."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        t, inner = (0, None) if state is None else state
+        self._max_len(t + 1, self.max_len)
+        corr = torch.expm1(self.w[t, : self.window]).flip(0)[:, None]  # offsets 0, -1, ..., -(window - 1)
+        q, k, v = self.qkv(x_t).chunk(3, dim=-1)
+        y, inner = aft.aft_windowed_step(q, k, v, corr, inner)
+        return self.out(y), (t + 1, inner)
+
 
 class AFTConv(_AFTBase):
     """AFT-conv (eq. 5): relative biases ``w [heads, 2 window - 1]`` shared by each head's channels: the
@@ -192,6 +204,16 @@ class AFTConv(_AFTBase):
         q, k, v = self._qkv(x)
         wmat = aft.window_bias_matrix(self._corr(), x.shape[1], per_position=False)
         return self.out(aft.aft_reference(q, k, v, wmat, causal=self.causal))
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """Causal decoding: ``x_t [batch, dim]`` -> ``(y_t, state)``; the state holds the running sums and the
+        last ``window - 1`` keys and values (:func:`~attnkit.ops.mixers.aft.aft_windowed_step`)."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        q, k, v = self.qkv(x_t).chunk(3, dim=-1)
+        corr = self._corr()[: self.window].flip(0)  # offsets 0, -1, ..., -(window - 1)
+        y, state = aft.aft_windowed_step(q, k, v, corr, state)
+        return self.out(y), state
 
 
 # ---- F2: Mega ---------------------------------------------------------------------------------------------

@@ -147,3 +147,30 @@ def window_bias_matrix(corr: torch.Tensor, n: int, *, per_position: bool) -> tor
             if 0 <= tp < n:
                 w[t, tp] = torch.log1p(corr[t, o] if per_position else corr[o])
     return w
+
+
+def aft_windowed_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, corr_t: torch.Tensor, state):
+    """One causal decoding step of AFT-local / AFT-conv. ``q_t, k_t, v_t [batch, C]``; ``corr_t [s, C]`` (or
+    ``[s, 1]``): ``exp(w) - 1`` for the offsets ``0, -1, ..., -(s - 1)`` of this step. ``state = (num, den, max,
+    keys, values)``: the running global sums rescaled to a running maximum (as :func:`aft_simple_step`) and the
+    last ``s - 1`` keys and values ``[batch, s - 1, C]``; None at the start."""
+    ct = compute_dtype(q_t.dtype)
+    k_t, v_t = k_t.to(ct), v_t.to(ct)
+    s = corr_t.shape[0]
+    if state is None:
+        keys = k_t.new_zeros(k_t.shape[0], s - 1, k_t.shape[1])
+        values = torch.zeros_like(keys)
+        keys.fill_(float("-inf"))  # no token yet: exp(-inf) = 0 weight
+        num, den, m = v_t.clone(), torch.ones_like(k_t), k_t
+    else:
+        num, den, m_old, keys, values = state
+        m = torch.maximum(m_old, k_t)
+        old, new = torch.exp(m_old - m), torch.exp(k_t - m)
+        num, den = num * old + new * v_t, den * old + new
+    win_k = torch.cat([k_t[:, None], keys.flip(1)], 1)  # offsets 0, -1, ..., -(s - 1)
+    win_v = torch.cat([v_t[:, None], values.flip(1)], 1)
+    e = torch.exp(win_k - m[:, None]) * corr_t.to(ct)
+    y = torch.sigmoid(q_t.to(ct)) * (num + (e * win_v).sum(1)) / (den + e.sum(1))
+    keys = torch.cat([keys[:, 1:], k_t[:, None]], 1) if s > 1 else keys
+    values = torch.cat([values[:, 1:], v_t[:, None]], 1) if s > 1 else values
+    return y.to(q_t.dtype), (num, den, m, keys, values)
