@@ -5,7 +5,10 @@
 
 CPU float32, batch 1, width 512 (``--width``), 1 thread (``--threads``); times are ``time.process_time`` (CPU
 seconds of this process: meaningful on a shared machine where wall time is not), medians of ``--repeats``
-forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flops`` formula beside them.
+forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flops`` formula beside them. On
+Linux the script re-executes itself with ``GLIBC_TUNABLES`` keeping freed memory in the heap (see
+``MALLOC_TUNABLES``; ``--default-malloc`` measures glibc's default, where every 64K-token call page-faults its
+128 MiB temporaries afresh).
 
 1. Scaling: each mixer at 8K and 64K tokens (2-D mixers on a 64 x 128 and 256 x 256 grid):
    ``t(64K) / t(8K)`` (target <= 9 for linear mixers, <= 10 for FFT-based ones; 8x more tokens). Quadratic
@@ -15,16 +18,18 @@ forward calls under ``no_grad`` (min-max), with the FLOPs of the record's ``flop
    lengths, and the ratio to an ``n x n`` float32 matrix (16 GiB at 64K): nothing may come near it.
 3. Fast paths against the best plain-torch formulation of the same computation, interleaved A/B in one
    process at 8K tokens (target: fast <= 1.5 x the best plain one):
-   FFT long convolution (CKConv, Extractor, Mega's EMA kernel): ``conv_fft`` vs ``F.conv1d`` and vs
+   FFT long convolution (CKConv, Extractor): ``conv_fft`` vs ``F.conv1d`` and vs
    ``torch.fft`` at a power-of-two size; AFF / SpectFormer's filter: ``rfft2`` vs a complex ``fft2``;
-   Mega's EMA: FFT of the closed-form kernel vs the sequential recurrence; Mamba-ND: chunked scan vs the
-   sequential recurrence; causal AFT-simple: cumulative sums vs the token-by-token recurrence; LightConv:
-   ``F.conv1d`` vs unfold; DynamicConv: shifted products vs unfold.
+   Mega's EMA: chunked vs the sequential recurrence and vs FFT of the closed-form kernel; Mamba-ND: chunked scan vs the
+   sequential recurrence; causal AFT-simple: cumulative sums vs the token-by-token recurrence; LightConv and
+   SMPConv's 31-tap kernel: blocked shifted products vs ``F.conv1d`` (and unfold); DynamicConv: shifted
+   products vs unfold.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -36,24 +41,13 @@ import attnkit
 from attnkit.bench.measure import peak_memory
 from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.ops.mixers import aft, dynconv, scan
-from attnkit.ops.mixers._common import conv_fft, grid_shape, spectral_filter
+from attnkit.ops.mixers._common import conv_direct, conv_fft, grid_shape, long_conv, spectral_filter
 from attnkit.testing import relative_error
 
 CPU = torch.device("cpu")
 QUADRATIC = {"aft_full", "convbert"}
 NO_LINEAR_TARGET = {"parcnet_v2"}  # O(n (H + W)) = O(n^1.5) on square grids
-FFT_BASED = {"aff", "spectformer", "ckconv", "extractor", "mega", "hrrformer"}
-
-
-def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times), min(times), max(times)
+FFT_BASED = {"aff", "spectformer", "ckconv", "extractor", "hrrformer"}
 
 
 def fmt(t) -> str:
@@ -69,27 +63,38 @@ def mixer_input(m, n: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def scaling(names, lens, width, repeats, results):
-    print(f"\n## 1-2. scaling and memory, width {width}: forward time (CPU s, median of {repeats}), peak bytes")
+    print(f"\n## 1-2. scaling and memory, width {width}: forward time (CPU s, median of {repeats}; the lengths "
+          f"interleaved), peak bytes")
     print(f"{'mixer':14s} {'n':>6s} {'time':>28s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'peak MiB':>9s} "
           f"{'peak/(n^2*4)':>12s}")
     for name in names:
         m = attnkit.mechanism_info(name)
         torch.manual_seed(0)
         mixer = m.factory(dim=width, **m.bench_params).eval()
+        run_lens = lens[:1] if name in QUADRATIC else lens
+        inputs = {n: mixer_input(m, n, width) for n in run_lens}
+        times: dict[int, list[float]] = {n: [] for n in run_lens}
+        with torch.no_grad():
+            for n in run_lens:
+                mixer(inputs[n])  # warm-up
+            for _ in range(repeats):  # interleaved, so drifting machine load hits every length alike
+                for n in run_lens:
+                    t0 = time.process_time()
+                    mixer(inputs[n])
+                    times[n].append(time.process_time() - t0)
         row = {}
-        for n in lens:
-            if name in QUADRATIC and n > min(lens):
-                continue
-            x = mixer_input(m, n, width)
+        for n in run_lens:
+            x = inputs[n]
             with torch.no_grad():
-                t = cpu_time(lambda: mixer(x), repeats)  # noqa: B023
                 _, peak = peak_memory(lambda: mixer(x), CPU)  # noqa: B023
+            t = (statistics.median(times[n]), min(times[n]), max(times[n]))
             flops = m.flops(batch=1, heads=1, q_len=n, kv_len=n, head_dim=width, **m.bench_params)
             shape = "x".join(map(str, x.shape[1:-1]))
             print(f"{name:14s} {n:6d} {fmt(t):>28s} {flops / 1e9:8.1f} {flops / t[0] / 1e9:8.2f} "
                   f"{peak / 2**20:9.1f} {peak / (n * n * 4):12.2e}   [{shape}]", flush=True)
             row[n] = {"time_s": t[0], "time_min_s": t[1], "time_max_s": t[2], "flops": flops, "peak_bytes": peak,
                       "grid": shape}
+        del inputs
         if len(row) == 2:
             a, b = (row[n]["time_s"] for n in sorted(row))
             ratio = b / a
@@ -159,8 +164,8 @@ def fast_paths(n, width, repeats, results):
         alpha, delta = torch.rand(width, e, generator=g), torch.rand(width, e, generator=g)
         beta, eta = torch.randn(width, e, generator=g), torch.randn(width, e, generator=g)
         p, q, gg = scan.ema_coefficients(alpha, delta, beta, eta)
-        ab("Mega EMA (h=16)", lambda: scan.ema_fft(x, p, q, gg), {"recurrence": lambda: scan.ema_reference(
-            x, p, q, gg)}, max(1, repeats // 2), results)
+        ab("Mega EMA (h=16)", lambda: scan.ema_chunked(x, p, q, gg), {"recurrence": lambda: scan.ema_reference(
+            x, p, q, gg), "fft": lambda: scan.ema_fft(x, p, q, gg)}, max(1, repeats // 2), results)
 
         N = 16
         dt = torch.rand(1, n, width, generator=g) * 0.1
@@ -180,15 +185,42 @@ def fast_paths(n, width, repeats, results):
            max(1, repeats // 2), results)
 
         wl = torch.randn(8, 7, generator=g)
+        wc = torch.softmax(wl, -1).repeat_interleave(width // 8, dim=0)[:, None]
+
+        def lightconv_conv1d():
+            return F.conv1d(F.pad(x.transpose(1, 2), (3, 3)), wc, groups=width).transpose(1, 2)
+
         ab("LightConv (k=7)", lambda: dynconv.lightconv(x, wl), {"unfold": lambda: dynconv.lightconv_reference(
-            x, wl)}, repeats, results)
+            x, wl), "F.conv1d": lightconv_conv1d}, repeats, results)
+        ks = torch.randn(31, width, generator=g)
+        ab("depthwise conv, 31 taps (SMPConv)", lambda: long_conv(x, ks, 15),
+           {"F.conv1d": lambda: conv_direct(x, ks, 15)}, repeats, results)
         wd = torch.softmax(torch.randn(1, n, 8, 7, generator=g), -1)
         ab("DynamicConv (k=7)", lambda: dynconv.dynamic_conv(x, wd),
            {"unfold": lambda: dynconv.dynamic_conv_reference(x, wd)}, repeats, results)
 
 
+# glibc returns every freed block above its mmap threshold (32 MiB by default) to the OS, so each call at 64K
+# tokens (128 MiB per [n, 512] float32 tensor) page-faults all its temporaries afresh, a system-time cost that
+# 8K tokens (16 MiB tensors, reused from the heap) never pay. Keep freed memory in the heap, as a caching
+# allocator does, so the ratio measures the mixers rather than the kernel's page zeroing.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def _reexec_with_caching_malloc(argv: list[str] | None) -> None:
+    if argv is not None or "--default-malloc" in sys.argv or os.environ.get("GLIBC_TUNABLES") is not None:
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _reexec_with_caching_malloc(argv)
     ap = script_parser(__doc__.splitlines()[0], head_dim=512, repeats=3)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default mmap threshold (freed blocks > 32 MiB go back to the OS)")
     ap.set_defaults(threads=1)
     ap.add_argument("--width", type=int, default=None, help="channels (default 512; 64 with --quick)")
     ap.add_argument("--mechanisms", default="", help="comma-separated mixers (default: all of the family)")
@@ -197,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_header("mixers")
+    machine["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES")
+    print(f"GLIBC_TUNABLES={machine['GLIBC_TUNABLES']}")
     width = args.width or (64 if args.quick else 512)
     lens = [1024, 8192] if args.quick else [8192, 65536]
     names = [s for s in args.mechanisms.split(",") if s] or [m.name for m in attnkit.list_mechanisms("mixers")]

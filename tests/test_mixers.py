@@ -107,6 +107,17 @@ def test_aft_simple_causal_recurrence_equals_masked_quadratic_form():
     assert_close(mixer(x), mixer.reference(x))
 
 
+@pytest.mark.parametrize("cls", [M.AFTLocal, M.AFTConv])
+def test_aft_windowed_decoding_steps_equal_the_causal_forward(cls):
+    mixer = _build(cls, window=4, causal=True)
+    x = _x(2, 11, 16)
+    state, ys = None, []
+    for t in range(11):
+        y, state = mixer.step(x[:, t], state)
+        ys.append(y)
+    assert_close(torch.stack(ys, 1), mixer(x))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_aft_local_with_a_window_covering_the_sequence_is_aft_full(causal):
     n, s = 9, 12
@@ -127,6 +138,8 @@ def test_mega_ema_recurrence_equals_fft_convolution(n):
     u = _x(2, n, 16)
     expected, h_last = scan.ema_reference(u, p, q, g)
     assert_close(scan.ema_fft(u, p, q, g), expected)
+    for chunk in (1, 7, 32):
+        assert_close(scan.ema_chunked(u, p, q, g, chunk=chunk), expected)
     h, ys = None, []
     for t in range(n):
         y, h = mixer.ema_step(u[:, t], h)
@@ -217,7 +230,13 @@ def test_lightconv_kernel_is_softmax_normalised_and_shared_per_head():
 @pytest.mark.parametrize("causal", [False, True])
 def test_lightconv_unfold_equals_conv1d(k, causal):
     x, w = _x(2, 13, 8), _x(2, k, seed=1)
-    assert_close(dynconv.lightconv(x, w, causal=causal), dynconv.lightconv_reference(x, w, causal=causal))
+    expected = dynconv.lightconv_reference(x, w, causal=causal)  # unfold
+    assert_close(dynconv.lightconv(x, w, causal=causal), expected)  # shifted products
+    grouped = torch.softmax(w, -1).repeat_interleave(4, dim=0)[:, None]  # [C, 1, k], shared per head
+    left = dynconv.pad_left(k, causal)
+    conv = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (left, k - 1 - left)), grouped,
+                                      groups=8)
+    assert_close(conv.transpose(1, 2), expected)
 
 
 @pytest.mark.parametrize("cls", [M.LightConv, M.DynamicConv])
@@ -229,8 +248,9 @@ def test_causal_conv_sees_only_the_last_k_inputs(cls):
     assert touched.tolist() == [i in (4, 5, 6) for i in range(10)]
 
 
-def test_dynamic_conv_decoding_steps_equal_the_causal_forward():
-    mixer = _build(M.DynamicConv, dim=8, num_heads=2, kernel_size=4, causal=True)
+@pytest.mark.parametrize("cls", [M.LightConv, M.DynamicConv])
+def test_conv_decoding_steps_equal_the_causal_forward(cls):
+    mixer = _build(cls, dim=8, num_heads=2, kernel_size=4, causal=True)
     x = _x(2, 9, 8)
     window, ys = None, []
     for t in range(9):
@@ -483,5 +503,6 @@ def test_bench_measures_mixers_beside_sdpa(backward):
             assert cells[(label, n)]["status"] == "ok", cells[(label, n)]["message"]
     assert cells[("lka causal", 16)]["status"] == "unsupported"
     assert cells[("aft_simple causal", 36)]["state_bytes"] == 3 * 16 * 4  # three running [dim] vectors
+    assert cells[("aft_simple", 36)]["state_bytes"] is None  # no decoding without the causal form
     assert cells[("aft_simple", 36)]["flops"] > 0 and cells[("aft_simple", 36)]["vs_sdpa"] is not None
     assert cells[("aft_simple", 36)]["error"] is None  # no softmax to compare a mixer with

@@ -39,7 +39,9 @@ def decode_state_bytes(v: Variant, n: int, config: BenchConfig) -> int | None:
     (``extras["state_bytes"]`` per head), or the full KV cache of exact softmax (SDPA); None where not defined."""
     elem = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
     per_head = None
-    if _is_mixer(v) and "state_bytes" in v.mechanism.extras:  # mixers: bytes per sequence at width heads x dim
+    if _is_mixer(v):  # a causal mixer's recurrent state: bytes per sequence at width heads x head_dim
+        if not (v.causal and "state_bytes" in v.mechanism.extras):
+            return None
         per_seq = call_with_accepted(v.mechanism.extras["state_bytes"], dim=config.heads * config.head_dim,
                                      dtype=getattr(torch, config.dtype), **v.params)
         return int(per_seq) * config.batch

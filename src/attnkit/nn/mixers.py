@@ -25,8 +25,10 @@ from attnkit.ops.mixers._common import (
     dwconv2d_reference,
     irfft2_reference,
     long_conv,
+    rfft2_channels_first,
     rfft2_reference,
-    spectral_filter,
+    shifted_products,
+    spectral_filter_channels_first,
 )
 
 __all__ = [
@@ -167,6 +169,18 @@ class AFTLocal(_AFTBase):
         wmat = aft.window_bias_matrix(self._corr(x.shape[1]), x.shape[1], per_position=True)
         return self.out(aft.aft_reference(q, k, v, wmat, causal=self.causal))
 
+    def step(self, x_t: torch.Tensor, state=None):
+        """Causal decoding: ``x_t [batch, dim]`` -> ``(y_t, state)``; the state holds the running sums, the last
+        ``window - 1`` keys and values, and the position (AFT-local's biases depend on it)."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        t, inner = (0, None) if state is None else state
+        self._max_len(t + 1, self.max_len)
+        corr = torch.expm1(self.w[t, : self.window]).flip(0)[:, None]  # offsets 0, -1, ..., -(window - 1)
+        q, k, v = self.qkv(x_t).chunk(3, dim=-1)
+        y, inner = aft.aft_windowed_step(q, k, v, corr, inner)
+        return self.out(y), (t + 1, inner)
+
 
 class AFTConv(_AFTBase):
     """AFT-conv (eq. 5): relative biases ``w [heads, 2 window - 1]`` shared by each head's channels: the
@@ -191,6 +205,16 @@ class AFTConv(_AFTBase):
         wmat = aft.window_bias_matrix(self._corr(), x.shape[1], per_position=False)
         return self.out(aft.aft_reference(q, k, v, wmat, causal=self.causal))
 
+    def step(self, x_t: torch.Tensor, state=None):
+        """Causal decoding: ``x_t [batch, dim]`` -> ``(y_t, state)``; the state holds the running sums and the
+        last ``window - 1`` keys and values (:func:`~attnkit.ops.mixers.aft.aft_windowed_step`)."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        q, k, v = self.qkv(x_t).chunk(3, dim=-1)
+        corr = self._corr()[: self.window].flip(0)  # offsets 0, -1, ..., -(window - 1)
+        y, state = aft.aft_windowed_step(q, k, v, corr, state)
+        return self.out(y), state
+
 
 # ---- F2: Mega ---------------------------------------------------------------------------------------------
 
@@ -199,8 +223,9 @@ class Mega(_Mixer):
     attention): multi-dimensional damped EMA ``X' = SiLU(EMA(X) + omega X)``, single-head attention of
     ``Q = kappa_q Z + mu_q``, ``K = kappa_k Z + mu_k`` (``Z = SiLU(X' W_z)``) over ``V = SiLU(X W_v)`` within
     chunks of ``chunk_size`` tokens (Mega-chunk; None: the whole sequence), reset gate ``r``, output
-    ``H = SiLU(X' W_h + (r * A V) W_o)`` and update gate ``Y = u H + (1 - u) X``. The EMA runs by FFT of its
-    closed-form kernel (reference: the recurrence). Not included: the relative-position bias ``b_rel`` and the
+    ``H = SiLU(X' W_h + (r * A V) W_o)`` and update gate ``Y = u H + (1 - u) X``. The EMA runs by chunks
+    (:func:`~attnkit.ops.mixers.scan.ema_chunked`; reference: the recurrence; :func:`~attnkit.ops.mixers.scan.
+    ema_fft` is its FFT form). Not included: the relative-position bias ``b_rel`` and the
     bidirectional EMA of the paper's encoders (the EMA here is always causal)."""
 
     def __init__(self, dim: int, *, ema_dim: int = 16, z_dim: int | None = None, chunk_size: int | None = 128,
@@ -246,7 +271,7 @@ class Mega(_Mixer):
     def forward(self, x):
         self._check(x)
         p, q, g = self.ema_coefficients()
-        ema_out = scan.ema_fft(x, p, q, g)
+        ema_out = scan.ema_chunked(x, p, q, g)
         return self._gated(x, ema_out, self._chunked_attention)
 
     def reference(self, x):
@@ -390,7 +415,7 @@ class LambdaLayer(_Mixer):
         a = q @ self.embedding.t()  # [b, n, h, r]: sum_k q_nk E_jk, the lambda conv folded into the queries
         m = self.r // 2
         # content + sum_j a[n, h, j] v[n + j - m]: context position n + j - m, zero outside the sequence
-        dynconv.shifted_products(content, a[:, :, :, None, :], v[:, :, None, :], [j - m for j in range(self.r)])
+        shifted_products(content, a[:, :, :, None, :], v[:, :, None, :], [j - m for j in range(self.r)])
         return content.reshape(b, n, self.dim)
 
     def position_lambdas(self, x):
@@ -445,6 +470,18 @@ class LightConv(_ConvGLU):
 
     def reference(self, x):
         return self.out(dynconv.lightconv_reference(self._glu(x), self.weight, causal=self.causal))
+
+    def step(self, x_t: torch.Tensor, window: torch.Tensor | None = None):
+        """Causal decoding: ``x_t [batch, dim]``; ``window [batch, kernel_size, dim]`` (the last GLU outputs).
+        Returns ``(y_t, window)``."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        g = F.glu(self.inp(x_t), dim=-1)
+        if window is None:
+            window = g.new_zeros(g.shape[0], self.kernel_size, self.dim)
+        window = torch.cat([window[:, 1:], g[:, None]], dim=1)
+        w = self.kernel().to(g.dtype).expand(g.shape[0], -1, -1)
+        return self.out(dynconv.dynamic_conv_step(window, w)), window
 
 
 class DynamicConv(_ConvGLU):
@@ -790,11 +827,21 @@ class AdaptiveFrequencyFilter(_Mixer2d):
 
     def forward(self, x):
         self._check(x)
-        ct = compute_dtype(x.dtype)
         h, w = x.shape[1:3]
-        xf = torch.fft.rfft2(x.to(ct), dim=(1, 2), norm="ortho")
-        y = torch.fft.irfft2(self.mask(xf) * xf, s=(h, w), dim=(1, 2), norm="ortho")
-        return y.to(x.dtype)
+        g = self.groups
+        cg = self.dim // g
+        out = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
+        for i in range(g):  # groups do not interact: one group's spectra at a time stay in cache
+            xf = rfft2_channels_first(x[..., i * cg: (i + 1) * cg])  # [b, cg, H, Wf]
+            b, _, _, wf = xf.shape
+            # the group's mask network as two 1x1 convolutions over [Re, Im] (channels first)
+            feats = torch.cat([xf.real, xf.imag], 1)
+            hidden = F.relu(F.conv2d(feats, self.w1[i].t()[..., None, None].to(feats.dtype),
+                                     self.b1[i].to(feats.dtype)))
+            m = F.conv2d(hidden, self.w2[i].t()[..., None, None].to(feats.dtype), self.b2[i].to(feats.dtype))
+            y = torch.fft.irfft2(torch.complex(m[:, :cg], m[:, cg:]) * xf, s=(h, w), norm="ortho")
+            out[..., i * cg: (i + 1) * cg] = y.permute(0, 2, 3, 1)
+        return out.to(x.dtype)
 
     def reference(self, x):
         self._check(x)
@@ -815,20 +862,23 @@ class SpectralGating(_Mixer2d):
         _positive(size=size)
         self.weight = nn.Parameter(torch.randn(size, size // 2 + 1, dim, 2) * 0.02)
 
+    def filter_channels_first(self, h: int, w: int) -> torch.Tensor:
+        """Complex filter ``[dim, h, w // 2 + 1]``."""
+        wt = self.weight.permute(2, 3, 0, 1)  # [dim, 2, size, size // 2 + 1]
+        if wt.shape[2:] != (h, w // 2 + 1):
+            flat = F.interpolate(wt.reshape(1, -1, *wt.shape[2:]).float(), size=(h, w // 2 + 1), mode="bilinear",
+                                 align_corners=True)
+            wt = flat.view(self.dim, 2, h, w // 2 + 1)
+        wt = wt.to(compute_dtype(self.weight.dtype))
+        return torch.complex(wt[:, 0], wt[:, 1])
+
     def filter(self, h: int, w: int) -> torch.Tensor:
         """Complex filter ``[h, w // 2 + 1, dim]``."""
-        wt = self.weight
-        if wt.shape[:2] != (h, w // 2 + 1):
-            size = wt.shape[:2]
-            flat = wt.permute(2, 3, 0, 1).reshape(1, -1, *size).float()
-            flat = F.interpolate(flat, size=(h, w // 2 + 1), mode="bilinear", align_corners=True)
-            wt = flat.reshape(self.dim, 2, h, w // 2 + 1).permute(2, 3, 0, 1).to(wt.dtype)
-        wt = wt.to(compute_dtype(wt.dtype))
-        return torch.complex(wt[..., 0], wt[..., 1])
+        return self.filter_channels_first(h, w).permute(1, 2, 0)
 
     def forward(self, x):
         self._check(x)
-        return spectral_filter(x, self.filter(*x.shape[1:3]))
+        return spectral_filter_channels_first(x, self.filter_channels_first(*x.shape[1:3]))
 
     def reference(self, x):
         self._check(x)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.ops.mixers._common import compute_dtype, conv_direct
+from attnkit.ops.mixers._common import compute_dtype, shifted_products
 
 
 def _exp_keys(k: torch.Tensor) -> torch.Tensor:
@@ -126,9 +126,10 @@ def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.
             extra[:, b0:b1] = acc
     else:
         c = corr.to(ct)
-        # conv convention y_t = sum_j k[j] x_{t - j + left}: offset t' - t = left - j.
-        kern = c[:s].flip(0) if causal else c.flip(0)
-        extra = conv_direct(both, torch.cat([kern, kern], dim=-1), left=0 if causal else s - 1)
+        c = torch.cat([c, c], dim=-1)  # the same weights for exp(K) V and exp(K): [2s - 1, 2C]
+        offsets = range(-(s - 1), 1 if causal else s)  # t' - t, corr index offset + s - 1
+        coeff = c[[o + s - 1 for o in offsets]].t()[None, None].expand(*both.shape, len(offsets))
+        extra = shifted_products(torch.zeros_like(both), coeff, both, list(offsets), block=block)
     en, ed = extra.chunk(2, dim=-1)
     return (torch.sigmoid(q.to(ct)) * (num + en) / (den + ed)).to(q.dtype)
 
@@ -146,3 +147,30 @@ def window_bias_matrix(corr: torch.Tensor, n: int, *, per_position: bool) -> tor
             if 0 <= tp < n:
                 w[t, tp] = torch.log1p(corr[t, o] if per_position else corr[o])
     return w
+
+
+def aft_windowed_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, corr_t: torch.Tensor, state):
+    """One causal decoding step of AFT-local / AFT-conv. ``q_t, k_t, v_t [batch, C]``; ``corr_t [s, C]`` (or
+    ``[s, 1]``): ``exp(w) - 1`` for the offsets ``0, -1, ..., -(s - 1)`` of this step. ``state = (num, den, max,
+    keys, values)``: the running global sums rescaled to a running maximum (as :func:`aft_simple_step`) and the
+    last ``s - 1`` keys and values ``[batch, s - 1, C]``; None at the start."""
+    ct = compute_dtype(q_t.dtype)
+    k_t, v_t = k_t.to(ct), v_t.to(ct)
+    s = corr_t.shape[0]
+    if state is None:
+        keys = k_t.new_zeros(k_t.shape[0], s - 1, k_t.shape[1])
+        values = torch.zeros_like(keys)
+        keys.fill_(float("-inf"))  # no token yet: exp(-inf) = 0 weight
+        num, den, m = v_t.clone(), torch.ones_like(k_t), k_t
+    else:
+        num, den, m_old, keys, values = state
+        m = torch.maximum(m_old, k_t)
+        old, new = torch.exp(m_old - m), torch.exp(k_t - m)
+        num, den = num * old + new * v_t, den * old + new
+    win_k = torch.cat([k_t[:, None], keys.flip(1)], 1)  # offsets 0, -1, ..., -(s - 1)
+    win_v = torch.cat([v_t[:, None], values.flip(1)], 1)
+    e = torch.exp(win_k - m[:, None]) * corr_t.to(ct)
+    y = torch.sigmoid(q_t.to(ct)) * (num + (e * win_v).sum(1)) / (den + e.sum(1))
+    keys = torch.cat([keys[:, 1:], k_t[:, None]], 1) if s > 1 else keys
+    values = torch.cat([values[:, 1:], v_t[:, None]], 1) if s > 1 else values
+    return y.to(q_t.dtype), (num, den, m, keys, values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.mixers._common import compute_dtype
+from attnkit.ops.mixers._common import compute_dtype, shifted_products
 
 
 def pad_left(kernel_size: int, causal: bool) -> int:
@@ -25,13 +25,16 @@ def _unfold(x: torch.Tensor, k: int, left: int) -> torch.Tensor:
 
 def lightconv(x: torch.Tensor, weight: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
     """LightConv: ``weight [H, k]`` raw kernels; softmax over the kernel width and shared by the ``C / H``
-    channels of each head; ``F.conv1d`` with the weights repeated per channel (groups = C)."""
+    channels of each head."""
     b, n, c = x.shape
     h, k = weight.shape
-    w = torch.softmax(weight.to(compute_dtype(weight.dtype)), dim=-1).to(x.dtype).repeat_interleave(c // h, dim=0)
+    w = torch.softmax(weight.to(compute_dtype(weight.dtype)), dim=-1).to(x.dtype)  # [H, k]
     left = pad_left(k, causal)
-    xt = F.pad(x.transpose(1, 2), (left, k - 1 - left))
-    return F.conv1d(xt, w.unsqueeze(1), groups=c).transpose(1, 2)
+    # one shifted multiply-add per tap over blocks of positions (cache-resident at any length); the
+    # per-head weights broadcast over each head's channels
+    xh = x.view(b, n, h, c // h)
+    coeff = w[None, None, :, None, :].expand(b, n, h, 1, k)
+    return shifted_products(torch.zeros_like(xh), coeff, xh, [j - left for j in range(k)]).view(b, n, c)
 
 
 def lightconv_reference(x: torch.Tensor, weight: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
@@ -41,22 +44,6 @@ def lightconv_reference(x: torch.Tensor, weight: torch.Tensor, *, causal: bool =
     w = torch.softmax(weight, dim=-1)
     win = _unfold(x, k, pad_left(k, causal)).reshape(b, n, h, c // h, k)
     return torch.einsum("bnhck,hk->bnhc", win, w).reshape(b, n, c)
-
-
-def shifted_products(out: torch.Tensor, coeff: torch.Tensor, x: torch.Tensor, shifts, *,
-                     block: int = 1024) -> torch.Tensor:
-    """``out[:, i] += coeff[:, i, ..., j] * x[:, i + shifts[j]]`` for every tap ``j`` (zero outside the sequence),
-    by blocks of ``block`` positions so the partial sums stay in cache at any length. ``out, x [batch, seq,
-    ...]``; ``coeff [batch, seq, ..., taps]`` broadcasting against them (with the tap axis last)."""
-    n = x.shape[1]
-    for b0 in range(0, n, block):
-        b1 = min(b0 + block, n)
-        acc = out[:, b0:b1]
-        for j, s in enumerate(shifts):
-            lo, hi = max(b0, -s), min(b1, n - s)
-            if lo < hi:
-                acc[:, lo - b0: hi - b0].addcmul_(coeff[:, lo:hi, ..., j], x[:, lo + s: hi + s])
-    return out
 
 
 def dynamic_conv(x: torch.Tensor, weights: torch.Tensor, *, causal: bool = False) -> torch.Tensor:

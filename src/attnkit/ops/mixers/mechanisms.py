@@ -189,8 +189,12 @@ def _state_aft_simple(*, dim, dtype=torch.float32, **_):
     return 3 * dim * max(_elem(dtype), 4)  # running numerator, denominator and maximum (float32 for halves)
 
 
-def _state_aft_conv(*, dim, dtype=torch.float32, window=16, **_):
-    return 2 * dim * 4 + (window - 1) * 2 * dim * _elem(dtype)  # global sums + the window's exp(K)V, exp(K)
+def _state_aft_window(default_window):
+    def state(*, dim, dtype=torch.float32, window=default_window, **_):
+        # running global sums (float32) + the last window - 1 tokens' exp(K) V and exp(K)
+        return 2 * dim * 4 + (window - 1) * 2 * dim * _elem(dtype)
+
+    return state
 
 
 def _state_mega(*, dim, dtype=torch.float32, ema_dim=16, chunk_size=128, **_):
@@ -238,10 +242,11 @@ _rec("aft_simple", AFT + ", eq. 3", "O(n d)", True, M.AFTSimple,
      flops=_flops_aft_linear(0), state=_state_aft_simple)
 _rec("aft_local", AFT + ", eq. 4", "O(n s d)", True, M.AFTLocal,
      "AFT-local: learned biases only within a window of s (0 outside): global sums + windowed correction",
-     bench={"max_len": 65536, "window": 32}, small={"max_len": 64, "window": 4}, flops=_flops_aft_linear(32))
+     bench={"max_len": 65536, "window": 32}, small={"max_len": 64, "window": 4}, flops=_flops_aft_linear(32),
+     state=_state_aft_window(32))
 _rec("aft_conv", AFT + ", eq. 5", "O(n s d)", True, M.AFTConv,
      "AFT-conv: relative biases per head (depthwise conv of exp(K)V and exp(K)) + global sums",
-     bench={"window": 16}, small={"window": 4}, flops=_flops_aft_linear(16), state=_state_aft_conv)
+     bench={"window": 16}, small={"window": 4}, flops=_flops_aft_linear(16), state=_state_aft_window(16))
 _rec("mega", "Mega: Moving Average Equipped Gated Attention (Ma et al., 2023), eq. 2-3, 6-12", "O(n c d + n log n d)",
      True, M.Mega, "damped multi-dimensional EMA (FFT of its closed-form kernel) + single-head gated attention "
      "within chunks (Mega-chunk)", bench={"chunk_size": 128}, small={"chunk_size": 8, "ema_dim": 4},

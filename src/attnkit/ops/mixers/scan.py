@@ -6,7 +6,8 @@ uses it): ``h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t``, ``y_t = <C_t, h_t>``, 
 
 Damped EMA (Ma et al., "Mega", eq. 2-3): ``h_t = alpha beta u_t + (1 - alpha delta) h_{t-1}``,
 ``y_t = sum_h eta h_t`` per channel with expansion ``h``: a causal convolution by the closed-form kernel
-``k_j = sum_h eta alpha beta (1 - alpha delta)^j``, computed by FFT.
+``k_j = sum_h eta alpha beta (1 - alpha delta)^j``; computed by chunks (short Toeplitz matmuls inside chunks,
+states carried across them: the fast path) or by FFT of the whole kernel (the paper's long-convolution view).
 """
 
 from __future__ import annotations
@@ -114,6 +115,39 @@ def ema_step(u_t, p, q, g, h):
     """One decoding step of the EMA: ``u_t [batch, C]``, ``h [batch, C, h]``."""
     h = p * u_t[..., None] + q * h
     return (g * h).sum(-1), h
+
+
+def ema_chunked(u, p, q, g, *, chunk: int = 32):
+    """The EMA by chunks of ``chunk`` tokens (the fast path): inside a chunk a causal convolution by the first
+    ``chunk`` lags of the closed-form kernel (one ``chunk x chunk`` Toeplitz matmul per channel); across chunks
+    the ``[C, h]`` states carried by a scan over chunks and read out through ``g q^(j+1)``. O(n C (chunk + h)),
+    exact, with ``seq / chunk`` sequential steps instead of ``seq``."""
+    b, n, c_ = u.shape
+    ct = compute_dtype(u.dtype)
+    p, q, g = p.to(ct), q.to(ct), g.to(ct)
+    c = max(1, min(chunk, n))
+    nc = -(-n // c)
+    uc = torch.nn.functional.pad(u.to(ct), (0, 0, 0, nc * c - n)).view(b, nc, c, c_)
+    j = torch.arange(c, device=u.device, dtype=ct)
+    qpow = torch.exp(j[:, None, None] * torch.log(q))  # [c, C, h]: q^j
+    kern = (qpow * (g * p)).sum(-1)  # [c, C]: lags 0..c-1
+    lag = torch.arange(c, device=u.device)
+    lag = lag[:, None] - lag[None, :]  # [j, i]
+    toeplitz = kern[lag.clamp(min=0)] * (lag >= 0)[..., None].to(ct)  # [j, i, C]
+    # intra-chunk: y[k, j] = sum_{i <= j} K[j - i] u[k, i], a bmm per channel
+    u_cm = uc.permute(3, 0, 1, 2).reshape(c_, b * nc, c)  # [C, b nc, c]
+    y = torch.bmm(u_cm, toeplitz.permute(2, 1, 0))  # [C, b nc, j]
+    # states at chunk ends from zero starts, then carried across chunks
+    ends = torch.einsum("bkic,ich->bkch", uc, qpow.flip(0) * p)  # sum_i q^(c-1-i) p u_i
+    decay = q ** c
+    starts = [torch.zeros_like(ends[:, 0])]
+    for k in range(nc - 1):
+        starts.append(decay * starts[-1] + ends[:, k])
+    h0 = torch.stack(starts, 1)  # [b, nc, C, h]
+    read = g * qpow * q  # [j, C, h]: g q^(j+1)
+    carry = torch.bmm(h0.permute(2, 0, 1, 3).reshape(c_, b * nc, -1), read.permute(1, 2, 0))  # [C, b nc, j]
+    out = (y + carry).view(c_, b, nc, c).permute(1, 2, 3, 0).reshape(b, nc * c, c_)
+    return out[:, :n].to(u.dtype)
 
 
 def ema_fft(u, p, q, g):
