@@ -136,6 +136,14 @@ class WeightedDiJiangFeatureMap(DiJiangFeatureMap):
     def phi(self, x, *, is_query, offset=0):
         return super().phi(x, is_query=is_query, offset=offset) * torch.exp(self.log_weight).to(x.dtype)
 
+    def forward(self, q, k, *, q_offset=0, k_offset=0):
+        if not self.stabilize:  # the unshifted path goes through phi, which weights already
+            return super().forward(q, k, q_offset=q_offset, k_offset=k_offset)
+        # the stabilised pair path computes both features without phi: weight them here
+        fq, fk = super().forward(q, k, q_offset=q_offset, k_offset=k_offset)
+        w = torch.exp(self.log_weight)
+        return fq * w.to(fq.dtype), fk * w.to(fk.dtype)
+
 
 def _hadamard(n: int) -> torch.Tensor:
     """Sylvester's Walsh-Hadamard matrix ``[n, n]`` (``n`` a power of two), entries +-1 (``H H^T = n I``)."""
