@@ -362,10 +362,11 @@ COMMANDS: dict[str, Command] = {
                 "writes results.json, results.csv, report.md, report.html and PNG plots."),
         Command("quality", "train small models per mechanism on synthetic tasks and compare quality",
                 "attnkit.quality.cli:add_arguments", "attnkit.quality.cli:run",
-                "Trains a small model (embedding, attention + MLP blocks, readout) with each mechanism on freshly "
-                "generated MQAR, ListOps, copy or in-context regression data for a fixed number of steps; reports "
-                "accuracy (or MSE) against state size and training time in quality.json and a Quality section of "
-                "report.md / report.html, with the accuracy vs state size plot."),
+                "Trains a small model (the Zoology/Based block: [short causal conv -> mixer] + MLP) with each "
+                "mechanism on freshly generated MQAR, ListOps, copy or in-context regression data for a fixed number "
+                "of steps at each learning rate of a grid; reports the best accuracy (or MSE) against state size "
+                "and training time in quality.json and a Quality section of report.md / report.html, with the "
+                "accuracy vs state size plot."),
         Command("analyze", "look inside the attention of models saved by `attnkit quality --save`",
                 "attnkit.analysis.cli:add_arguments", "attnkit.analysis.cli:run",
                 "Runs each checkpoint on generated examples of its task and writes attention heatmaps, per-head "

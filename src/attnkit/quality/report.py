@@ -307,7 +307,10 @@ def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
             continue
         # Frontier: best metric reachable with at most this much state.
         front, best = [], -math.inf
-        for x, y, _ in sorted(pts):
+        top: dict[float, float] = {}  # the best point at each state size (several mechanisms may share one)
+        for x, y, _ in pts:
+            top[x] = max(top.get(x, -math.inf), y) if higher else min(top.get(x, math.inf), y)
+        for x, y in sorted(top.items()):
             score = y if higher else -y
             if score > best:
                 front.append((x, y))
@@ -317,9 +320,9 @@ def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
     c = doc["config"]
     what = "recall-memory frontier: " if c.get("sweep") == "state" else ""
     conv = f"conv {c['conv_kernel']} + mixer" if c.get("conv_kernel") else "no conv"
-    fig.suptitle(f"attnkit quality: {what}{c['num_layers']} blocks ({conv}), width {c['embed_dim']}, "
+    fig.suptitle(f"attnkit quality: {what}{c['num_layers']} blocks ({conv}), width {c['embed_dim']},\n"
                  f"{c['steps']} steps, best of lr {{{', '.join(f'{x:g}' for x in c['lrs'])}}} "
-                 f"({_machine_word(doc)})", fontsize=10)
+                 f"({_machine_word(doc)})", fontsize=9)
     fig.tight_layout()
     name = FRONTIER_PLOT if c.get("sweep") == "state" else PLOT
     fig.savefig(Path(out_dir) / name, dpi=110)
