@@ -214,7 +214,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         lines.append(f"{r['operation']}/{r['name']}: devices {', '.join(r['devices'])}; "
                      f"dtypes {', '.join(r['dtypes'])}; "
-                     f"dtypes {', '.join(r['dtypes'])}; "
                      f"head dims {_span(r['head_dims'])}; patterns: {r['patterns']}; "
                      f"score mods: {r['score_mods']}; normalisations: {r['normalizations']}"
                      + (f"; {r['notes']}" if r["notes"] else ""))
