@@ -670,3 +670,13 @@ def test_cli_quality_every_run_failed_exits_non_zero(tmp_path, capsys):
                      "--mechanisms", "fake_failing", "--steps", "1", "--batch", "2", "--eval-examples", "2",
                      "--embed-dim", "16", "--out", str(tmp_path / "r"), "--no-progress", "--no-plots"])
     assert code == 1 and "every run failed" in capsys.readouterr().err
+
+
+def test_state_size_of_gated_linear_records_and_mixers_comes_from_their_records():
+    from attnkit.quality.model import state_size
+
+    for name in ("gla", "deltanet"):
+        size, kind = state_size(parse_mechanism(name), head_dim=16, num_heads=2, seq_len=64, embed_dim=32)
+        assert (size, kind) == (16 * 16, "recurrent state")
+    size, kind = state_size(parse_mechanism("aft_simple"), head_dim=16, num_heads=2, seq_len=64, embed_dim=32)
+    assert kind == "mixer state" and size == 3 * 32  # running numerator, denominator and maximum per channel

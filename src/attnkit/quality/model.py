@@ -177,11 +177,20 @@ def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: i
     if spec.kind == "mixer":
         from attnkit.registry import mechanism_info
 
-        fn = mechanism_info(spec.mechanism).extras.get("state_size")
-        if fn is None:
-            return None, "unknown"
-        return int(fn(dim=embed_dim if embed_dim is not None else head_dim * num_heads, seq_len=seq_len,
-                      **spec.params)), "mixer state"
+        extras = mechanism_info(spec.mechanism).extras
+        dim = embed_dim if embed_dim is not None else head_dim * num_heads
+        fn = extras.get("state_size")
+        if fn is not None:
+            return int(fn(dim=dim, seq_len=seq_len, **spec.params)), "mixer state"
+        if extras.get("state_bytes") is not None and spec.causal:  # the bench's convention: bytes per sequence
+            from attnkit.bench.workloads import call_with_accepted
+
+            try:
+                nbytes = call_with_accepted(extras["state_bytes"], dim=dim, seq_len=seq_len, **spec.params)
+                return int(nbytes) // 4, "mixer state"  # float32 elements
+            except (TypeError, ValueError):
+                pass
+        return None, "unknown"
     fm_name = spec.feature_map
     if fm_name is None and spec.family == "linear":
         fm_name = spec.params.get("feature_map")
@@ -200,12 +209,16 @@ def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: i
             feature_dim = mechanism_info(spec.mechanism).extras.get("feature_dim")
         except KeyError:
             feature_dim = None
-        if feature_dim is None:
-            return None, "unknown"
         try:
-            return int(feature_dim(head_dim, **spec.params)) * head_dim, "recurrent state"
+            if feature_dim is not None:
+                return int(feature_dim(head_dim, **spec.params)) * head_dim, "recurrent state"
+            # gated / delta-rule records declare the bytes of one head's state (float32 here)
+            nbytes = mechanism_info(spec.mechanism).extras.get("state_bytes")
+            if nbytes is not None:
+                return int(nbytes(head_dim, dtype=torch.float32, **spec.params)) // 4, "recurrent state"
         except (KeyError, TypeError, ValueError):
-            return None, "unknown"
+            pass
+        return None, "unknown"
     p = spec.params
     if spec.mechanism in ("sliding_window", "longformer"):
         window = min(int(p.get("window", seq_len)) + int(p.get("num_global", 0)), seq_len)
