@@ -506,3 +506,20 @@ def test_bench_measures_mixers_beside_sdpa(backward):
     assert cells[("aft_simple", 36)]["state_bytes"] is None  # no decoding without the causal form
     assert cells[("aft_simple", 36)]["flops"] > 0 and cells[("aft_simple", 36)]["vs_sdpa"] is not None
     assert cells[("aft_simple", 36)]["error"] is None  # no softmax to compare a mixer with
+
+
+def test_causal_aft_simple_is_not_disturbed_by_a_huge_later_key():
+    """A large key at the end must not underflow (NaN) or change the earlier outputs: the causal form never
+    shifts by a maximum that includes later tokens (found by review: a key of 120 gave NaN at positions 0-2)."""
+    from attnkit.ops.mixers import aft
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 2, 40, 6, generator=g).unbind(0)
+    base = aft.aft_simple(q, k, v, causal=True)
+    k2 = k.clone()
+    k2[:, -1] = 120.0
+    out = aft.aft_simple(q, k2, v, causal=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :-1], base[:, :-1])
+    ref = aft.aft_reference(q.double(), k2.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-4)  # float32 against float64

@@ -12,6 +12,8 @@ Shapes: ``q, k, v [batch, seq, channels]``; position biases ``w [seq, seq]``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attnkit.ops.mixers._common import compute_dtype, shifted_products
@@ -64,11 +66,47 @@ def _global_sums(ekv: torch.Tensor, ek: torch.Tensor, causal: bool) -> tuple[tor
     return ekv.sum(1, keepdim=True), ek.sum(1, keepdim=True)
 
 
+def _gated_running_mean(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``A_t = sum_{s<=t} exp(k_s) v_s / sum_{s<=t} exp(k_s)`` per channel, ``k, v [batch, T, C]``, computed as the
+    recurrence ``A_t = (1 - p_t) A_{t-1} + p_t v_t`` with ``p_t = exp(k_t - L_t)``, ``L = logcumsumexp(k)``:
+    every factor lies in [0, 1], so no shift by a maximum over the sequence is needed and a large future key
+    cannot underflow earlier sums (the causal hazard of a global offset). Scanned by chunks of ~sqrt(T) tokens:
+    each chunk from a zero state, the chunk-boundary states carried, then each chunk again from its true start."""
+    b, n, c = k.shape
+    p = torch.exp(k - torch.logcumsumexp(k, dim=1))
+    a, u = 1.0 - p, p * v
+    size = chunk or max(int(math.isqrt(n)), 1)
+    nc = -(-n // size)
+    pad = nc * size - n
+    if pad:  # a = 1, u = 0 at padded steps: the state passes through unchanged
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
+        u = torch.nn.functional.pad(u, (0, 0, 0, pad))
+    a, u = a.view(b, nc, size, c), u.view(b, nc, size, c)
+    h = torch.zeros(b, nc, c, dtype=k.dtype, device=k.device)
+    for j in range(size):  # every chunk from a zero state, in parallel
+        h = a[:, :, j] * h + u[:, :, j]
+    decay = a.prod(dim=2)  # in [0, 1]: underflow to 0 only forgets what is negligible
+    starts = [torch.zeros_like(h[:, 0])]
+    for i in range(1, nc):
+        starts.append(decay[:, i - 1] * starts[-1] + h[:, i - 1])
+    h = torch.stack(starts, 1)
+    out = torch.empty_like(u)
+    for j in range(size):
+        h = a[:, :, j] * h + u[:, :, j]
+        out[:, :, j] = h
+    return out.view(b, nc * size, c)[:, :n]
+
+
 def aft_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """AFT-simple (eq. 3): ``sigmoid(Q_t) * sum_t' softmax_t'(K) V_t'``; causal by running sums (eq. 2 with
-    ``t' <= t``). Numerical hazard: the causal form offsets ``K`` by its per-channel maximum over the whole
-    sequence, so a channel whose keys span more than ~80 (float32) underflows at early positions."""
+    """AFT-simple (eq. 3): ``sigmoid(Q_t) * sum_t' softmax_t'(K) V_t'``; causal: eq. 2 with ``t' <= t``, as a
+    running weighted mean whose factors all lie in [0, 1] (:func:`_gated_running_mean`), so a large later key
+    never changes (or underflows) an earlier output."""
     ct = compute_dtype(q.dtype)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k and v must be [batch, seq, channels] of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if causal:
+        return (torch.sigmoid(q.to(ct)) * _gated_running_mean(k.to(ct), v.to(ct))).to(q.dtype)
     ek = _exp_keys(k.to(ct))
     num, den = _global_sums(ek * v.to(ct), ek, causal)
     return (torch.sigmoid(q.to(ct)) * num / den).to(q.dtype)
