@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit._checks import repeat_kv
+from attnkit.cache import _on_device
 from attnkit.errors import NotSupportedError
 from attnkit.ops.exact.api import attention
 from attnkit.ops.linear.api import linear_attention
@@ -155,17 +156,6 @@ def _analyse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
         info = _MaskInfo("mask", allowed=allowed)
     _memo = (weakref.ref(mask), memo_key, info)
     return info
-
-
-def _on_device(t: torch.Tensor):
-    copies = {t.device: t}
-
-    def get(device: torch.device) -> torch.Tensor:
-        if device not in copies:
-            copies[device] = t.to(device)
-        return copies[device]
-
-    return get
 
 
 def _mask_pattern(allowed: torch.Tensor) -> P.Pattern:

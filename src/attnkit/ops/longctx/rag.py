@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
+from attnkit.nn.rotary import RotaryEmbedding
+from attnkit.ops.exact.variants import rerotate
 
 __all__ = ["rerotate_keys"]
 
@@ -20,5 +21,4 @@ def rerotate_keys(k: torch.Tensor, delta: int, rotary: RotaryEmbedding) -> torch
         raise ValueError(f"k must be [batch, kv_heads, seq, dim], got shape {tuple(k.shape)}")
     if isinstance(delta, bool) or not isinstance(delta, int):
         raise TypeError(f"delta must be an int (a position offset), got {delta!r}")
-    cos, sin = rotary.angles(torch.tensor([delta], device=k.device))
-    return apply_rotary(k, cos, sin)
+    return rerotate(k, delta, rotary)
