@@ -175,14 +175,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
                                          scale=scale, return_lse=return_lse)
     if return_lse:
         # built-in engines: the output as usual, the log-sum-exp by blocks of query rows (memory O(block * kv_len))
-        from attnkit.backends.exact_lse import reference_lse
-
         from .weights import attention_lse
 
         out = attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale, engine=chosen,
                         block_q=block_q, block_kv=block_kv)
-        if chosen == "reference":
-            return out, reference_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
         return out, attention_lse(q, k, pattern=pattern, score_mod=mod, scale=scale)
     if chosen == "sdpa":
         is_causal = pattern is not None and not isinstance(pattern, _Full)
