@@ -412,6 +412,18 @@ def choose_policies(attn: torch.Tensor, *, threshold: float = 0.95, policies: Se
     return names, keep, recovery
 
 
+def pack_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
+    """The entries ``keep [batch, kv_heads, n]`` selects, packed per (batch, kv head) to the longest kept set:
+    ``(k, v [batch, kv_heads, stored, dim], valid [batch, kv_heads, stored], order)``, kept positions first in
+    position order (``order`` indexes the original positions)."""
+    n = k.shape[2]
+    stored = int(keep.sum(-1).max())
+    # stable order: the sort key puts dropped positions last
+    order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
+    return (k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1])),
+            v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1])), keep.gather(2, order), order)
+
+
 class AdaptiveKVCache:
     """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard", ICLR 2024).
 
@@ -472,12 +484,7 @@ class AdaptiveKVCache:
             w, threshold=self.threshold, policies=self.policy_order, special=self.special, punct=self.punct,
             local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
         self.kept = keep.sum(-1)
-        stored = int(self.kept.max())
-        # stable order: kept positions first, in position order (the sort key puts dropped ones last)
-        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
-        self.k = k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1]))
-        self.v = v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1]))
-        self.valid = keep.gather(2, order)
+        self.k, self.v, self.valid, _ = pack_kept(k, v, keep)
         self.prompt_len = n
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,

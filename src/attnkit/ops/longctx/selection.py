@@ -32,6 +32,7 @@ import torch
 
 from attnkit import patterns as P
 from attnkit._checks import default_scale, repeat_kv
+from attnkit.cache import _check_new, _on_device, pack_kept
 from attnkit.normalizations import resolve
 from attnkit.ops.exact.api import attention
 from attnkit.ops.exact.reference import attention_weights
@@ -263,12 +264,7 @@ class SelectiveKVCache:
             ck, sk, zk = quantize(k, self.low_bits)
             cv, sv, zv = quantize(v, self.low_bits)
             self.low = (ck, sk, zk, cv, sv, zv, ~keep)
-        stored = int(self.kept.max())
-        order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
-        self.order = order
-        self.k = k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1]))
-        self.v = v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1]))
-        self.valid = keep.gather(2, order)
+        self.k, self.v, self.valid, self.order = pack_kept(k, v, keep)
 
     def _prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt keys/values as attended after selection, and their validity ``[b, hkv, m]``."""
@@ -285,8 +281,6 @@ class SelectiveKVCache:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
                causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
                lengths=None) -> torch.Tensor:
-        from attnkit.cache import _check_new, _on_device
-
         _check_new(q, k, v)
         if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax":
             raise ValueError("SelectiveKVCache supports softmax attention over one length per batch, without "
