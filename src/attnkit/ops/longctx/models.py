@@ -25,7 +25,7 @@ from torch import nn
 from attnkit import patterns as P
 from attnkit.ops.exact.api import attention
 
-from .selection import token_type_mask
+from .selection import token_type_mask, token_type_rule
 
 __all__ = ["BlockTransformerMixer", "RecurrentAttentionMixer", "TokenTypeMixer"]
 
@@ -97,7 +97,8 @@ class BlockTransformerMixer(nn.Module):
         flat = tokens.view(b * nb, L + 1, c)
         q, k, v = self.token_attn.split(flat)
         valid = torch.ones(nb, L + 1, dtype=torch.bool, device=x.device)
-        valid[-1, L + 1 - pad:] = False if pad else valid[-1, L + 1 - pad:]
+        if pad:
+            valid[-1, L + 1 - pad:] = False
         vmask = valid.repeat(b, 1)  # [b * nb, L + 1]
 
         def fn(bi, h, qi, ki):
@@ -212,8 +213,7 @@ class TokenTypeMixer(nn.Module):
                 t = types.to(ki.device)[b, ki]
                 c = count.to(ki.device)
                 global_between = (c[b, qi] - glob.to(ki.device)[b, qi] - c[b, ki]) > 0
-                ok = (t == 0) | ((t == 1) & ~global_between) | ((t == 2) & (qi - ki < w)) | (qi == ki)
-                return ok & (ki <= qi)
+                return token_type_rule(t, global_between, qi, ki, w)
 
             return self.attn.merge(attention(q, k, v, pattern=P.custom(fn, head_dependent=False)))
         # training: the relaxed mask is a dense [batch, n, n] matrix (short training sequences only)

@@ -83,8 +83,16 @@ def token_type_mask(types: torch.Tensor, window: int) -> torch.Tensor:
     count = is_global.cumsum(-1)
     before_i = count - is_global
     global_after = (before_i.unsqueeze(-1) - count.unsqueeze(-2)) > 0  # [..., i, j]
-    ok = (t == GLOBAL) | ((t == LOCAL) & ~global_after) | ((t == SLIDING) & (i - j < window))
-    return (ok | (i == j)) & (j <= i)
+    return token_type_rule(t, global_after, i, j, window)
+
+
+def token_type_rule(key_type: torch.Tensor, global_between: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    window: int) -> torch.Tensor:
+    """NAtS's visibility of key ``k_pos`` (type ``key_type``) from query ``q_pos``, given whether a Global token
+    lies strictly between them: the one rule behind :func:`token_type_mask` and the tiled mask of the module."""
+    ok = (key_type == GLOBAL) | ((key_type == LOCAL) & ~global_between) | ((key_type == SLIDING)
+                                                                          & (q_pos - k_pos < window))
+    return (ok | (q_pos == k_pos)) & (k_pos <= q_pos)
 
 
 def span_index_mask(q: torch.Tensor, k: torch.Tensor, *, span: int, top_spans: int, window: int) -> torch.Tensor:
