@@ -210,6 +210,14 @@ def capture(model: nn.Module | None = None, *, layers: Sequence[str | int] | Non
                    max_bytes=max_bytes)
 
 
+def _applies(w: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+    from attnkit._checks import repeat_kv
+
+    with torch.no_grad():
+        applied = torch.matmul(w.to(torch.float64), repeat_kv(v, w.shape[1]).to(torch.float64))
+        return torch.allclose(applied, out.to(torch.float64), atol=1e-3, rtol=1e-2)
+
+
 def record_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, fn: Any = None) -> torch.Tensor:
     """Called by attnkit's attention modules (``records_attention = True``) after their mechanism ran, only while
@@ -239,9 +247,9 @@ def record_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: tor
             else:
                 w = probe_attention_matrix(module.inner, qq, kk)
                 kind = "probe"
-            applied = torch.matmul(w.to(torch.float64), repeat_kv(v, w.shape[1]).detach().to(torch.float64))
-        ok = torch.allclose(applied, out.detach().to(torch.float64), atol=1e-3, rtol=1e-2)
-        if not ok:
+        # a probe reads A off the mechanism's output, which is A v only for mechanisms linear in v; the softmax
+        # path's probabilities are exact by construction and need no check
+        if kind == "probe" and not _applies(w, v, out):
             cap._add(name, None, "none", mech, q, k, note="the mechanism is not linear in v (e.g. an RMS-normalised "
                      "output), so it applies no attention matrix")
             continue
