@@ -56,6 +56,18 @@ def _s2_factory(causal: bool = False, num_heads: int = 8, stride: int = 8, windo
     return run
 
 
+def _star_full_pattern(seq_len: int, causal: bool = False, block_size: int = 1024, anchor_size: int | None = None,
+                       num_query: int = 0, **_: Any):
+    """Both phases as one pattern over ``seq_len`` tokens (the benchmark's exactness check): context rows see the
+    anchor and their block among the context keys, query rows see everything (causally)."""
+    from attnkit import patterns as P
+
+    ctx = seq_len - min(num_query, seq_len)
+    query_rows = P.custom(lambda b, h, qi, ki: (qi >= ctx) & (ki >= 0), batch_dependent=False, head_dependent=False)
+    context = star_pattern(block_size, anchor_size, causal=causal) & P._KeyBelow(ctx, f"context({ctx})")
+    return context | (P.causal() & query_rows if causal else query_rows)
+
+
 def _s2_reference(built: Any, q, k, v, **_: Any) -> torch.Tensor:
     return attention(q, k, v, pattern=built.pattern, engine="reference")
 
@@ -68,6 +80,7 @@ register(Mechanism(
     summary="phase 1: each context block attends causally to the anchor block and itself; phase 2: the last "
             "num_query tokens attend to everything (exact, merged by log-sum-exp across hosts)",
     bench_params={"block_size": 1024}, small_params={"block_size": 8, "num_query": 4},
+    extras={"pattern": _star_full_pattern},
 ))
 
 register(Mechanism(
@@ -80,6 +93,8 @@ register(Mechanism(
             "together cover the context, each head stores ~1/S of the KV (the mask is exact; the paper's O(n^2 d / S) "
             "needs its per-head gather kernel, not here)",
     bench_params={"stride": 8, "window": 64}, small_params={"stride": 4, "window": 4},
+    extras={"pattern": lambda seq_len=None, causal=False, num_heads=8, stride=8, window=64, offsets=None, **_:
+            s2_pattern(num_heads, stride, window, offsets=offsets, causal=causal)},
 ))
 
 
