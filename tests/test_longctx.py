@@ -8,9 +8,9 @@ import torch
 import attnkit
 from attnkit import patterns as P
 from attnkit.distributed.launch import RankFailure, run_local
-from attnkit.nn.rotary import RotaryEmbedding
-from attnkit.ops.longctx import rerotate_keys, s2_kv_fraction, s2_pattern, star_attention, star_pattern
-from attnkit.ops.longctx.star import star_attention_distributed
+from attnkit.functional.star import star_attention, star_attention_distributed, star_pattern
+from attnkit.ops.longctx import rerotate_keys, s2_kv_fraction, s2_pattern
+from attnkit.rotary import RotaryEmbedding
 from attnkit.testing import assert_close, random_qkv
 
 
@@ -259,7 +259,7 @@ def test_selective_cache_with_everything_kept_is_exact_and_zipvl_saves_bytes():
 
 
 # -- model-level methods -------------------------------------------------------------------------------------
-from attnkit.ops.longctx.models import (  # noqa: E402
+from attnkit.nn.longctx import (  # noqa: E402
     BlockTransformerMixer,
     RecurrentAttentionMixer,
     TokenTypeMixer,

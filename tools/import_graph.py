@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 # Layer of a module: the longest prefix in this table wins. Lower layers must not import higher ones.
 LAYERS: dict[str, int] = {
+    "attnkit.rotary": 1,
     # 1. vocabulary: errors, input checks, patterns, score modifiers, normalisations, feature maps, testing
     "attnkit.errors": 1,
     "attnkit._checks": 1,
@@ -40,7 +41,7 @@ LAYERS: dict[str, int] = {
     "attnkit.paged_cache": 5,
     "attnkit.distributed": 5,
     # 6. the registry and its records (which name functions of 4 and modules of 5)
-    "attnkit.registry": 6,
+    "attnkit.registry": 1,
     "attnkit.records": 6,
     # 7. tools
     "attnkit.reporting": 7,

@@ -373,7 +373,7 @@ COMMANDS: dict[str, Command] = {
                 "entropy and mean attention distance, attention rollout, the rank-collapse curve and head "
                 "importance (loss change when a head is ablated) into report.md / report.html."),
         Command("kvcache", "judge KV-cache policies by recall on a model saved by `attnkit quality --save`",
-                "attnkit.ops.longctx.cli:add_arguments", "attnkit.ops.longctx.cli:run",
+                "attnkit.kvpolicy.cli:add_arguments", "attnkit.kvpolicy.cli:run",
                 "Prefills the MQAR context exactly, lets each KV-cache policy (window, random, FastGen, ZipVL's "
                 "cumulative mass, ActQKV's probe query) keep part of it at several budgets, and reports recall "
                 "accuracy and output error against the full cache, with a plot against KV bytes."),

@@ -63,10 +63,10 @@ from attnkit import score_mods as S
 from attnkit._checks import repeat_kv
 from attnkit.cache import _on_device
 from attnkit.errors import NotSupportedError
-from attnkit.ops.exact.api import attention
-from attnkit.ops.linear.api import linear_attention
-from attnkit.ops.linear.mechanisms import KernelizedAttention
+from attnkit.functional.exact import attention
+from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
+from attnkit.records.linear import KernelizedAttention
 from attnkit.registry import mechanism_info
 
 __all__ = [
@@ -756,7 +756,7 @@ def converted_layers(model: nn.Module) -> list[AttnkitAttention]:
 
 _TEXT_MODULES = (
     "attnkit", "attnkit.registry", "attnkit.patterns", "attnkit.score_mods", "attnkit.feature_maps",
-    "attnkit.normalizations", "attnkit.cache", "attnkit.ops.exact.api", "attnkit.ops.linear.api",
+    "attnkit.normalizations", "attnkit.cache", "attnkit.functional.exact", "attnkit.functional.linear",
     "attnkit.ops.neighborhood", "attnkit.quality.tasks",
 )
 

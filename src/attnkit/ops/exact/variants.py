@@ -240,7 +240,7 @@ def rerotate(k: torch.Tensor, delta: int | torch.Tensor, rotary) -> torch.Tensor
     """Move RoPE-rotated keys ``k [batch, heads, seq, dim]`` by ``delta`` positions: ``RoPE(k, p + delta) =
     R(delta) RoPE(k, p)`` (Block-Attention, Sec. 2.3: passages cached at position 0 are re-encoded at their
     offset in the assembled prompt). ``rotary``: the ``attnkit.nn.RotaryEmbedding`` that rotated them."""
-    from attnkit.nn.rotary import apply_rotary
+    from attnkit.rotary import apply_rotary
 
     pos = torch.as_tensor(delta, device=k.device).reshape(-1)
     cos, sin = rotary.angles(pos)
@@ -293,7 +293,7 @@ def sub_sampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
         pooled = torch.nn.functional.avg_pool2d(img, ratio, ratio, ceil_mode=True, count_include_pad=False)
         return pooled.reshape(b, hk, x.shape[-1], -1).transpose(-1, -2)
 
-    from .api import attention
+    from attnkit.functional.exact import attention
 
     return attention(q, pool(k), pool(v), scale=scale)
 
@@ -310,7 +310,7 @@ def sub_sampled_attention_reference(q, k, v, ratio: int, shape: Sequence[int] | 
             w = idx[r: r + ratio, c: c + ratio].reshape(-1)
             ks.append(k[:, :, w].mean(2))
             vs.append(v[:, :, w].mean(2))
-    from .api import attention
+    from attnkit.functional.exact import attention
 
     return attention(q, torch.stack(ks, 2), torch.stack(vs, 2), scale=scale, engine="reference")
 
@@ -323,8 +323,7 @@ def head_strided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     exactly equal to ``attention(pattern=head_strides(stride))``. ``q [batch, heads, q_len, dim]``, ``k, v
     [batch, kv_heads, kv_len, dim]``."""
     from attnkit._checks import check_qkv
-
-    from .api import attention
+    from attnkit.functional.exact import attention
 
     check_qkv(q, k, v)
     h, hkv = q.shape[1], k.shape[1]

@@ -33,8 +33,8 @@ import torch
 from attnkit import patterns as P
 from attnkit._checks import default_scale, repeat_kv
 from attnkit.cache import _check_new, _on_device, pack_kept
+from attnkit.functional.exact import attention
 from attnkit.normalizations import resolve
-from attnkit.ops.exact.api import attention
 from attnkit.ops.exact.reference import attention_weights
 
 __all__ = ["cumulative_mass", "token_type_mask", "span_index_mask", "probe_query_mask", "modality_mask",

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, default_scale, repeat_kv
 from attnkit.normalizations import Normalization, resolve
+from attnkit.ops.exact.reference import reference_attention
+from attnkit.ops.exact.tiled import tiled_attention
 from attnkit.patterns import Pattern, _Band, _Full
 from attnkit.score_mods import ScoreMod, compose
-
-from .reference import reference_attention
-from .tiled import tiled_attention
 
 ENGINES = ("sdpa", "tiled", "reference")
 # enable_gqa arrived in torch 2.5; with 2.4 k/v heads are repeated instead.
@@ -145,7 +144,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     if cu_seqlens is not None:
-        from .variants import check_cu_seqlens, varlen_pattern
+        from attnkit.ops.exact.variants import check_cu_seqlens, varlen_pattern
 
         if q_len != kv_len:
             raise ValueError(f"cu_seqlens packs self-attention: q_len ({q_len}) must equal kv_len ({kv_len})")
@@ -175,7 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
                                          scale=scale, return_lse=return_lse)
     if return_lse:
         # built-in engines: the output as usual, the log-sum-exp by blocks of query rows (memory O(block * kv_len))
-        from .weights import attention_lse
+        from attnkit.ops.exact.weights import attention_lse
 
         out = attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale, engine=chosen,
                         block_q=block_q, block_kv=block_kv)

@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Pattern", "full", "causal", "sliding_window", "dilated", "block_local",
-    "strided", "fixed", "global_tokens", "document", "prefix_lm", "key_padding", "custom", "neighborhood",
+    "strided", "fixed", "global_tokens", "document", "prefix_lm", "key_padding", "custom",
     "speed_of_light", "axial", "halo", "per_head_window", "head_strides", "hierarchical", "block_attention",
     "query_from",
 ]
@@ -599,14 +599,6 @@ def custom(fn: Callable, *, batch_dependent: bool = True, head_dependent: bool =
     if not callable(fn):
         raise TypeError("custom(fn): fn must be callable as fn(b, h, q_idx, kv_idx)")
     return _Custom(fn, batch_dependent, head_dependent)
-
-
-def neighborhood(spatial_shape, kernel_size, dilation=1, stride=1, is_causal=False) -> Pattern:
-    """Neighborhood attention over a flattened 1/2/3-D grid (see ``attnkit.neighborhood``)."""
-    from attnkit.ops.neighborhood import neighborhood_pattern
-
-    return neighborhood_pattern(spatial_shape, kernel_size, dilation=dilation, stride=stride,
-                                is_causal=is_causal)
 
 
 def speed_of_light(pattern: Pattern, q_len: int, kv_len: int | None = None, *, block_q: int = 64,

@@ -30,14 +30,13 @@ import torch
 from torch import nn
 
 from attnkit import feature_maps as fmaps
+from attnkit.functional.linear import linear_attention
+from attnkit.nn.linear_cottention import CottentionAttention, cottention_reference
+from attnkit.ops.linear.chunked import chunked_flops
+from attnkit.ops.linear.gated import gated_chunked_flops
+from attnkit.ops.linear.gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
+from attnkit.ops.linear.reference import linear_attention_reference
 from attnkit.registry import SHAPE_PARAMS, Mechanism, register
-
-from .api import linear_attention
-from .chunked import chunked_flops
-from .cottention import CottentionAttention, cottention_reference
-from .gated import gated_chunked_flops
-from .gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
-from .reference import linear_attention_reference
 
 __all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
 
@@ -396,7 +395,7 @@ def _titans_factory(arrangement: str) -> Callable[..., nn.Module]:
 
 
 def _titans_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
-    from .titans import titans_memory_reference
+    from attnkit.ops.linear.titans import titans_memory_reference
 
     return built(x, memory_fn=titans_memory_reference)
 
@@ -424,7 +423,7 @@ for _arr, _summary in _TITANS.items():
 
 def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...], paper: str, summary: str,
              complexity: str = "O(n d^2)", causal: bool = True, quadratic: bool = False) -> Mechanism:
-    from .variants import variant_reference
+    from attnkit.nn.linear_variants import variant_reference
 
     def factory(causal: bool = False, **params: Any) -> nn.Module:
         shapes = {k: params.pop(k) for k in list(params) if k in SHAPE_PARAMS}
@@ -445,13 +444,13 @@ def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...],
 
 
 def _build_galerkin(kind: str) -> Callable[..., nn.Module]:
-    from .variants import GalerkinAttention
+    from attnkit.nn.linear_variants import GalerkinAttention
 
     return lambda causal=False, head_dim=None, **p: GalerkinAttention(head_dim, kind=kind, causal=causal, **p)
 
 
 def _build_essa(causal=False, **p):
-    from .variants import ESSAttention
+    from attnkit.nn.linear_variants import ESSAttention
 
     if causal:
         raise ValueError("essa has no causal form")
@@ -459,13 +458,13 @@ def _build_essa(causal=False, **p):
 
 
 def _build_lln_diag(causal=False, **p):
-    from .variants import LLNDiagAttention
+    from attnkit.nn.linear_variants import LLNDiagAttention
 
     return LLNDiagAttention(causal=causal, **p)
 
 
 def _build_focused_dwc(causal=False, head_dim=None, num_heads=None, **p):
-    from .variants import FocusedDWCAttention
+    from attnkit.nn.linear_variants import FocusedDWCAttention
 
     return FocusedDWCAttention(head_dim, num_heads, causal=causal, **p)
 
@@ -545,7 +544,7 @@ _MECHANISMS += [
 
 def _fastmax_factory(causal: bool = False, order: int = 2, temperature: float = 1.0, chunk_size: int = 64,
                      **shapes: Any) -> KernelizedAttention:
-    from .fastmax import FastmaxFeatureMap
+    from attnkit.ops.linear.fastmax import FastmaxFeatureMap
 
     fm = FastmaxFeatureMap(order=order, temperature=temperature, causal=causal)
     return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size)
@@ -598,7 +597,7 @@ _MECHANISMS.append(Mechanism(
 
 def _toeplitz_factory(causal: bool = False, num_heads: int | None = None, seq_len: int | None = None,
                       num_features: int = 64, feature_map: str = "favor", **shapes: Any) -> nn.Module:
-    from .toeplitz import ToeplitzRPEAttention
+    from attnkit.ops.linear.toeplitz import ToeplitzRPEAttention
 
     if num_heads is None or seq_len is None:
         raise TypeError("kernel_rpe_fft needs num_heads and seq_len (the relative-bias table covers 2 seq_len - 1 "
@@ -608,7 +607,7 @@ def _toeplitz_factory(causal: bool = False, num_heads: int | None = None, seq_le
 
 
 def _toeplitz_reference(built: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **p: Any):
-    from .toeplitz import toeplitz_reference
+    from attnkit.ops.linear.toeplitz import toeplitz_reference
 
     return toeplitz_reference(built, q, k, v)
 
@@ -636,7 +635,7 @@ _MECHANISMS.append(Mechanism(
 
 def _learned_map_factory(kind: str) -> Callable[..., KernelizedAttention]:
     def factory(causal: bool = False, head_dim: int | None = None, chunk_size: int = 64, **params: Any):
-        from .learned_maps import EcoHashFeatureMap, SpectralFeatureMap, WeightedDiJiangFeatureMap
+        from attnkit.ops.linear.learned_maps import EcoHashFeatureMap, SpectralFeatureMap, WeightedDiJiangFeatureMap
 
         if head_dim is None:
             raise TypeError(f"{kind} needs head_dim (its map owns per-dimension parameters)")
