@@ -228,6 +228,12 @@ def _variants():
     return variants
 
 
+def _functional_variants():
+    from attnkit.functional import variants
+
+    return variants
+
+
 def _grid(seq_len: int, shape) -> tuple[int, ...]:
     from attnkit.ops.exact.variants import grid_shape
 
@@ -298,7 +304,7 @@ for _rec in [
         "hepos", "Efficient Attentions for Long Document Summarization (Hepos), Sec. 3.2", _hepos,
         "head h attends to keys j with j % stride == h % stride (non-causal: gathered keys, 1/stride of the work)",
         {"stride": 4}, small_params={"stride": 2}, dynamic=True, complexity="O(n^2 d / stride)",
-        fast=lambda q, k, v, causal, stride=4: None if causal else _variants().head_strided_attention(
+        fast=lambda q, k, v, causal, stride=4: None if causal else _functional_variants().head_strided_attention(
             q, k, v, stride)),
     _pattern_mechanism(
         "hdt", "HDT: Hierarchical Document Transformer (He et al., 2024), Sec. 3.2", _hdt,
@@ -323,7 +329,7 @@ for _rec in [
 
 
 def _gsa_factory(causal: bool = False, ratio: int = 4, shape=None):
-    from attnkit.ops.exact.variants import sub_sampled_attention
+    from attnkit.functional.variants import sub_sampled_attention
 
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ValueError(f"gsa(ratio) must be a positive int, got {ratio!r}")
@@ -336,7 +342,7 @@ def _gsa_factory(causal: bool = False, ratio: int = 4, shape=None):
 
 
 def _gsa_reference(built, q, k, v, **_):
-    from attnkit.ops.exact.variants import sub_sampled_attention_reference
+    from attnkit.functional.variants import sub_sampled_attention_reference
 
     return sub_sampled_attention_reference(q, k, v, built.ratio, built.shape)
 
