@@ -59,7 +59,7 @@ def _resolve_decay(decay: float | str | torch.Tensor | list | None, num_heads: i
     if isinstance(decay, str):
         if decay != "retention":
             raise ValueError(f"decay must be a float, one value per head, 'retention' or None, got {decay!r}")
-        from attnkit.records.linear import retention_decay
+        from attnkit.ops.linear._common import retention_decay
 
         return retention_decay(num_heads)
     lam = torch.as_tensor(decay, dtype=torch.float64).reshape(-1)
@@ -262,7 +262,7 @@ class RetentionLayer(nn.Module):
             raise ValueError(f"mode must be 'parallel', 'chunked' or 'recurrent', got {mode!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.causal, self.mode, self.chunk_size = causal, mode, chunk_size
-        from attnkit.records.linear import retention_decay
+        from attnkit.ops.linear._common import retention_decay
 
         # float64 and not a buffer: .half() must not round 1 - 2^-12 to 1 (the engine moves it to the device)
         self.decays = retention_decay(num_heads) if decays is None else _resolve_decay(decays, num_heads)

@@ -32,6 +32,7 @@ from torch import nn
 from attnkit import feature_maps as fmaps
 from attnkit.functional.linear import linear_attention
 from attnkit.nn.linear_cottention import CottentionAttention, cottention_reference
+from attnkit.ops.linear._common import retention_decay
 from attnkit.ops.linear.chunked import chunked_flops
 from attnkit.ops.linear.gated import gated_chunked_flops
 from attnkit.ops.linear.gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
@@ -42,14 +43,6 @@ __all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
 
 # Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
 ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
-
-
-def retention_decay(num_heads: int) -> torch.Tensor:
-    """Per-head decays ``1 - 2^(-5 - h)``, ``h = 0 .. num_heads - 1`` (RetNet's schedule, used with
-    Lightning Attention's per-head decayed state): ``[num_heads]`` float64."""
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    return 1.0 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
 
 
 class KernelizedAttention(nn.Module):
