@@ -21,6 +21,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Layer of a module: the longest prefix in this table wins. Lower layers must not import higher ones.
 LAYERS: dict[str, int] = {
     "attnkit.rotary": 1,
+    "attnkit._version": 1,
     # 1. vocabulary: errors, input checks, patterns, score modifiers, normalisations, feature maps, testing
     "attnkit.errors": 1,
     "attnkit._checks": 1,
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     # 5. modules (one file per family), decoding caches, distributed attention
     "attnkit.nn": 5,
     "attnkit.cache": 5,
+    "attnkit.selective_cache": 5,
     "attnkit.paged_cache": 5,
     "attnkit.distributed": 5,
     # 6. the registry and its records (which name functions of 4 and modules of 5)
