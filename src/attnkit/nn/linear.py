@@ -18,10 +18,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnkit import feature_maps as fmaps
 from attnkit import patterns as P
 from attnkit.feature_maps import FeatureMap, TaylorFeatureMap
 from attnkit.feature_maps import get as get_feature_map
@@ -35,6 +38,34 @@ __all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "Ret
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
+
+
+# Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
+ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
+
+
+class KernelizedAttention(nn.Module):
+    """``(q, k, v) -> linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, ...)``.
+
+    ``q [batch, heads, n, d]``, ``k [batch, kv_heads, n, d]``, ``v [batch, kv_heads, n, d_v]`` ->
+    ``[batch, heads, n, d_v]``. The feature map is a submodule, so ``.to(device, dtype)`` and
+    ``.parameters()`` see its parameters and buffers.
+    """
+
+    def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
+        super().__init__()
+        unknown = set(engine) - set(ENGINE_PARAMS)
+        if unknown:
+            raise TypeError(f"unexpected engine parameters {sorted(unknown)}; accepted: {list(ENGINE_PARAMS)}")
+        self.feature_map = feature_map
+        self.causal = causal
+        self.engine = engine
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
 
 
 def _check_heads(embed_dim: int, num_heads: int, kv_heads: int) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from attnkit import feature_maps as fmaps
-from attnkit.functional.linear import linear_attention
+from attnkit.nn.linear import ENGINE_PARAMS, KernelizedAttention
 from attnkit.nn.linear_cottention import CottentionAttention, cottention_reference
 from attnkit.ops.linear._common import retention_decay
 from attnkit.ops.linear.chunked import chunked_flops
@@ -40,34 +40,6 @@ from attnkit.ops.linear.reference import linear_attention_reference
 from attnkit.registry import SHAPE_PARAMS, Mechanism, register
 
 __all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
-
-# Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
-ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
-
-
-class KernelizedAttention(nn.Module):
-    """``(q, k, v) -> linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, ...)``.
-
-    ``q [batch, heads, n, d]``, ``k [batch, kv_heads, n, d]``, ``v [batch, kv_heads, n, d_v]`` ->
-    ``[batch, heads, n, d_v]``. The feature map is a submodule, so ``.to(device, dtype)`` and
-    ``.parameters()`` see its parameters and buffers.
-    """
-
-    def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
-        super().__init__()
-        unknown = set(engine) - set(ENGINE_PARAMS)
-        if unknown:
-            raise TypeError(f"unexpected engine parameters {sorted(unknown)}; accepted: {list(ENGINE_PARAMS)}")
-        self.feature_map = feature_map
-        self.causal = causal
-        self.engine = engine
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
-
-    def extra_repr(self) -> str:
-        return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
-
 
 def _kernel_reference(built: KernelizedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       **_: Any) -> torch.Tensor:

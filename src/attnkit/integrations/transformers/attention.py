@@ -24,8 +24,8 @@ from attnkit.errors import NotSupportedError
 from attnkit.functional.exact import attention
 from attnkit.functional.linear import linear_attention
 from attnkit.integrations.transformers._common import _spec_key, _take_state_layer
+from attnkit.nn.linear import KernelizedAttention
 from attnkit.ops.linear.state import LinearAttentionState
-from attnkit.records.linear import KernelizedAttention
 from attnkit.registry import mechanism_info
 
 # ------------------------------------------------------------------------------------------------------------
