@@ -21,6 +21,7 @@ import torch
 from attnkit.bench import measure
 from attnkit.bench.machine import available_memory_bytes, describe_machine
 from attnkit.bench.workloads import (
+    FLEX_DEFAULT_LENS,  # noqa: F401 (its old home)
     BenchConfig,
     Variant,
     call_with_accepted,
