@@ -3,7 +3,7 @@
 ``capture`` records attention matrices while a model runs; the functions of :mod:`.diagnostics` compute rollout
 and flow, relevance, entropy, attention distance, head statistics, the rank-collapse residual and joint q/k
 embeddings from them; :mod:`.lrp` is Chefer et al.'s LRP-based relevance (a model written for LRP);
- :mod:`.heads` masks heads; :mod:`.report` writes ``attnkit analyze``'s report.
+:mod:`.heads` masks heads; :mod:`.report` writes ``attnkit analyze``'s report.
 """
 
 from .diagnostics import (
