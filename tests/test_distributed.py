@@ -419,3 +419,25 @@ def test_rsa_and_ring_traffic_compare_as_documented(single_rank_group):
         assert_close(a.grad, b.grad)
     with pytest.raises(ValueError, match="equal shards"):
         ring_self_attention(q, k[:, :, :5], v[:, :, :5])
+
+
+def test_rsa_keeps_its_probabilities_and_the_ring_a_log_sum_exp(single_rank_group):
+    """What each algorithm saves for the backward, measured with saved-tensor hooks, is what
+    sequence_parallel_traffic reports (one rank: the whole sequence)."""
+    from attnkit.distributed import ring_self_attention, sequence_parallel_traffic
+
+    q, k, v, _ = _full(22, n=12)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    geo = dict(seq_len=12, world_size=1, batch=2, heads=4, kv_heads=2, dim=8)
+    for algorithm, fn in (("rsa", ring_self_attention), ("ring", ring_attention)):
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(q, k, v, causal=True)
+        inputs = q.numel() + k.numel() + v.numel()
+        scores = sum(saved) - inputs - (q.numel() if algorithm == "ring" else 0)  # the ring also keeps `out`
+        assert scores == sequence_parallel_traffic(algorithm, **geo)["saved_score_elements"], (algorithm, saved)
