@@ -811,7 +811,10 @@ class PayBetterAttention(nn.Module):
       map; 3/4 of the parameters);
     - ``"efficient"``: ``softmax((X W^Q)_h X_h^T) X_h W^O`` (no key or value projection; half the parameters);
     - ``"super"``: as efficient with the values first mixed along the sequence by a learned ``W^A [seq, seq]``
-      (lower-triangular when causal), so it needs a fixed ``seq_len``. [mem?] details of Super attention.
+      (lower-triangular when causal), one matrix shared by all heads, so it needs a fixed ``seq_len``. The paper's
+      text was not reachable when this was checked (issue 25); the shared, bias-free ``W^A`` applied to the values
+      after the softmax weights matches two independent public re-implementations and their notes on the paper.
+      The initialisation (identity plus 0.01 noise) is ours.
 
     ``x [batch, seq, dim]``."""
 
