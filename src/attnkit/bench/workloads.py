@@ -268,7 +268,7 @@ def _backend_variants(m: Mechanism, causal: bool, params: dict[str, Any], config
     from attnkit.backends import list_backends
 
     op = FAMILY_OPERATIONS.get(m.family)
-    if op is None:
+    if op is None or (op == "neighborhood" and "pattern" not in m.extras):  # e.g. dformer_3d: groups, not windows
         return []
     lens = _lengths_for(m, config)
     out = []
