@@ -131,3 +131,80 @@ def test_fastgen_mark_next_errors():
     cache.mark_next(special=[True, False, True])
     with pytest.raises(ValueError, match=r"mark_next\(special=...\) must be"):
         cache.attend(q[:, :, :2], k[:, :, :2], v[:, :, :2])
+
+
+# -- NAtS (G12) ---------------------------------------------------------------------------------------------------
+from attnkit.ops.longctx import TokenTypeKVCache, token_type_mask  # noqa: E402
+from attnkit.ops.longctx.models import TokenTypeMixer  # noqa: E402
+from attnkit.ops.longctx.selection import GLOBAL, LOCAL, SLIDING  # noqa: E402
+
+
+def _visible_to_next(types, p, window):
+    """Positions ``<= p`` that NAtS's mask lets query ``p + 1`` see (its own type does not matter)."""
+    ext = torch.cat([types[..., :p + 1], types.new_full(types.shape[:-1] + (1,), SLIDING)], -1)
+    return token_type_mask(ext, window)[..., p + 1, :p + 1]
+
+
+@pytest.mark.parametrize("prompt", [1, 7])
+def test_nats_cache_evicts_during_generation_and_equals_the_mask(prompt):
+    # the defect of issue 25: after a Global token arrived while decoding, the cache (no decode-time eviction)
+    # differed from the NAtS mask by up to 2.0 and held 10-12 keys where the mask allows 2-4
+    n, h, hkv, d, window = 40, 4, 2, 8, 3
+    q, k, v = random_qkv(2, h, n, n, d, kv_heads=hkv, dtype=torch.float64, seed=7)
+    g = torch.Generator().manual_seed(8)
+    types = torch.multinomial(torch.tensor([0.15, 0.45, 0.4]), 2 * n, replacement=True, generator=g).view(2, n)
+    types[0, prompt + 5] = types[1, prompt + 2] = GLOBAL  # Global tokens arrive while decoding
+    mask = token_type_mask(types, window)  # [b, n, n]
+    dense = attnkit.attention(q, k, v, engine="reference",
+                              pattern=P.custom(lambda bi, hi, qi, ki: mask[bi, qi, ki]))
+    cache = TokenTypeKVCache(window)
+    assert_close(cache.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], types=types[:, :prompt]),
+                 dense[:, :, :prompt])
+    arrived = 0
+    for p in range(prompt, n):
+        held = cache.held_positions()  # [b, hkv, p]
+        assert torch.equal(held, _visible_to_next(types, p - 1, window)[:, None].expand_as(held)), p
+        out = cache.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], types=types[:, p:p + 1])
+        assert_close(out, dense[:, :, p:p + 1])
+        assert_close(out, _dense_step(q, k, v, p, held, h // hkv))
+        arrived += int((types[:, p] == GLOBAL).sum())
+    assert arrived >= 2
+    assert cache.held_bytes == int(cache.held.sum()) * 2 * d * 8
+    # memory follows the rule: Globals, Locals after the last Global, the last window Sliding tokens
+    last = _visible_to_next(types, n - 1, window)
+    assert cache.held.tolist() == last.sum(-1)[:, None].expand(2, hkv).tolist()
+    assert int(cache.held.max()) < n // 2
+
+
+def test_nats_cache_types_per_head_and_chunks():
+    n, window = 24, 4
+    q, k, v = random_qkv(1, 2, n, n, 8, dtype=torch.float64, seed=9)
+    g = torch.Generator().manual_seed(10)
+    types = torch.randint(0, 3, (1, 2, n), generator=g)
+    dense = torch.cat([attnkit.attention(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], engine="reference",
+                                         pattern=P.custom(lambda bi, hi, qi, ki, m=token_type_mask(types[0, i],
+                                                                                                 window): m[qi, ki]))
+                       for i in range(2)], 1)
+    cache = TokenTypeKVCache(window)
+    outs = [cache.attend(q[:, :, s:s + 5], k[:, :, s:s + 5], v[:, :, s:s + 5], types=types[..., s:s + 5])
+            for s in range(0, n, 5)]  # chunks of 5 tokens, Global tokens inside a chunk included
+    assert_close(torch.cat(outs, 2), dense)
+    with pytest.raises(ValueError, match="types must be"):
+        cache.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], types=torch.full((1, 1), 3))
+    with pytest.raises(ValueError, match="window"):
+        TokenTypeKVCache(0)
+
+
+def test_nats_mixer_decodes_with_the_evicting_cache():
+    torch.manual_seed(11)
+    mix = TokenTypeMixer(16, num_heads=2, window=3).double().eval()
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    types = mix.types(x)
+    assert {GLOBAL, LOCAL, SLIDING} <= set(types[:, 8:].flatten().tolist())  # all types arrive while decoding
+    cache = TokenTypeKVCache(3)
+    outs = [mix(x[:, :8], cache=cache)] + [mix(x[:, t:t + 1], cache=cache) for t in range(8, 30)]
+    assert_close(torch.cat(outs, 1), mix(x))
+    assert_close(torch.cat(outs, 1), mix.reference(x))
+    assert cache.held.tolist() == _visible_to_next(types, 29, 3).sum(-1)[:, None].expand(2, 2).tolist()
+    with pytest.raises(ValueError, match="TokenTypeKVCache"):
+        mix(x[:, :2], cache=TokenTypeKVCache(5))

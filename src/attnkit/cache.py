@@ -420,7 +420,7 @@ def pack_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
     position order (``order`` indexes the original positions). Entries past a head's kept count (``valid``
     False) are padding: copies of dropped entries that a cache must mask (never attend to)."""
     order = kept_order(keep)
-    return (_take(k, order), _take(v, order), keep.gather(2, order), order)
+    return (gather_seq(k, order), gather_seq(v, order), keep.gather(2, order), order)
 
 
 def kept_order(keep: torch.Tensor) -> torch.Tensor:
@@ -433,7 +433,7 @@ def kept_order(keep: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, dim=-1)[..., :stored]
 
 
-def _take(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def gather_seq(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``t [b, h, n]`` or ``[b, h, n, d]`` gathered at ``order [b, h, m]`` along the sequence axis."""
     if t.dim() == 3:
         return t.gather(2, order)
@@ -579,8 +579,8 @@ class AdaptiveKVCache:
         pos = torch.arange(n, device=q.device).expand(b, hkv, n)
         score = w.detach().double().sum(2)  # accumulated attention received by each key over the prompt
         order = kept_order(keep)
-        self.k, self.v, self.valid = _take(k, order), _take(v, order), keep.gather(2, order)
-        self.pos, self.score = _take(pos, order), _take(score, order)
+        self.k, self.v, self.valid = gather_seq(k, order), gather_seq(v, order), keep.gather(2, order)
+        self.pos, self.score = gather_seq(pos, order), gather_seq(score, order)
         self.prompt_len = n
         # per (batch, kv head) components of the chosen policy, as masks [b, hkv] for the generation phase
         parts = [[_parts(name) for name in row] for row in self.policies]
@@ -622,8 +622,8 @@ class AdaptiveKVCache:
         heavy = torch.zeros_like(valid).scatter_(2, top, True)
         keep |= valid & has["frequent"][..., None] & heavy
         order = kept_order(keep)
-        self.k, self.v, self.valid = _take(kk, order), _take(vv, order), keep.gather(2, order)
-        self.pos, self.score = _take(pos, order), _take(score, order)
+        self.k, self.v, self.valid = gather_seq(kk, order), gather_seq(vv, order), keep.gather(2, order)
+        self.pos, self.score = gather_seq(pos, order), gather_seq(score, order)
         return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,

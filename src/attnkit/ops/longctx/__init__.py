@@ -7,6 +7,7 @@ from .rag import rerotate_keys
 from .s2 import s2_kv_fraction, s2_pattern
 from .selection import (
     SelectiveKVCache,
+    TokenTypeKVCache,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -18,5 +19,5 @@ from .selection import (
 from .star import star_attention, star_attention_distributed, star_pattern
 
 __all__ = ["star_attention", "star_attention_distributed", "star_pattern", "s2_pattern", "s2_kv_fraction",
-           "rerotate_keys", "SelectiveKVCache", "cumulative_mass", "modality_mask", "probe_query_mask",
-           "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]
+           "rerotate_keys", "SelectiveKVCache", "TokenTypeKVCache", "cumulative_mass", "modality_mask",
+           "probe_query_mask", "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]

@@ -32,13 +32,13 @@ import torch
 
 from attnkit import patterns as P
 from attnkit._checks import default_scale, repeat_kv
-from attnkit.cache import _check_new, _on_device, pack_kept
+from attnkit.cache import _check_new, _on_device, gather_seq, kept_order, pack_kept
 from attnkit.normalizations import resolve
 from attnkit.ops.exact.api import attention
 from attnkit.ops.exact.reference import attention_weights
 
 __all__ = ["cumulative_mass", "token_type_mask", "span_index_mask", "probe_query_mask", "modality_mask",
-           "trim_visual_features", "span_mask", "quantize", "dequantize", "SelectiveKVCache"]
+           "trim_visual_features", "span_mask", "quantize", "dequantize", "SelectiveKVCache", "TokenTypeKVCache"]
 
 
 def _check_fraction(name: str, x: float, *, low_open: bool = False) -> float:
@@ -318,3 +318,113 @@ class SelectiveKVCache:
             return get(ki.device)[b, h // g, ki] & (ki <= base + new_before + qi)
 
         return attention(q, kk, vv, pattern=P.custom(fn), scale=scale)
+
+
+class TokenTypeKVCache:
+    """NAtS's evicting KV cache (Deng & Lindauer, "Neural Attention Search", Sec. 3): every token carries a type
+    (0 Global, 1 Local, 2 Sliding window) and its entry lives exactly as long as :func:`token_type_rule` lets a
+    later query see it: Global entries stay; a Local entry is evicted once a later Global token has been processed
+    (that Global token itself still sees it); a Sliding entry is evicted when it falls out of the next ``window``
+    tokens. Prompt chunks and generated tokens follow the same rule, so the output of every call equals dense
+    attention under :func:`token_type_mask`.
+
+    ``attend(q, k, v, *, types)``: ``types [batch, n]`` (one type per token, as :class:`TokenTypeMixer` predicts)
+    or ``[batch, kv_heads, n]`` (one per head). Entries are packed per (batch, kv head) with a validity mask;
+    ``held [batch, kv_heads]``, ``held_bytes``, :meth:`held_positions` report what is held.
+    """
+
+    def __init__(self, window: int):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = self.v = self.valid = self.pos = self.type = self.gcount = None
+        self.globals_seen: torch.Tensor | None = None  # Global tokens processed so far [batch, kv_heads]
+        self.seen = 0
+
+    @property
+    def held(self) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid.sum(-1)
+
+    @property
+    def held_bytes(self) -> int:
+        if self.k is None:
+            return 0
+        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
+        return int(self.valid.sum()) * per
+
+    @property
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def held_positions(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen]`` bool: the absolute positions each head holds now."""
+        if self.pos is None:
+            raise ValueError("the cache is empty; call attend() first")
+        out = torch.zeros(*self.pos.shape[:2], self.seen + 1, dtype=torch.bool, device=self.pos.device)
+        idx = torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen))
+        return out.scatter_(2, idx, True)[..., :self.seen]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, types: torch.Tensor,
+               pattern: P.Pattern | None = None, causal: bool = True, score_mod=None, normalization="softmax",
+               scale: float | None = None, lengths=None) -> torch.Tensor:
+        """Attend the new tokens to the held entries and to each other under NAtS's rule, then evict what no
+        later query can see. Returns ``[batch, heads, n, dim_v]``."""
+        _check_new(q, k, v)
+        if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax":
+            raise ValueError("TokenTypeKVCache supports softmax attention over one length per batch, without "
+                             "score_mod or lengths=")
+        if not causal or pattern is not None:
+            raise ValueError("TokenTypeKVCache applies NAtS's causal token-type mask; pass no pattern")
+        b, h, n, _ = q.shape
+        hkv = k.shape[1]
+        types = torch.as_tensor(types, device=k.device).long()
+        if types.dim() == 2 and types.shape == (b, n):
+            types = types[:, None, :].expand(b, hkv, n)
+        if types.shape != (b, hkv, n) or bool(((types < GLOBAL) | (types > SLIDING)).any()):
+            raise ValueError(f"types must be [batch={b}, n={n}] or [batch, kv_heads={hkv}, n] with values 0 "
+                             f"(Global), 1 (Local), 2 (Sliding), got {tuple(types.shape)}")
+        if self.k is None:
+            empty = k.new_zeros(b, hkv, 0, 1).long()[..., 0]
+            self.k, self.v = k[:, :, :0], v[:, :, :0]
+            self.valid = empty.bool()
+            self.pos = self.type = self.gcount = empty
+            self.globals_seen = torch.zeros(b, hkv, dtype=torch.long, device=k.device)
+        elif (k.shape[0], k.shape[1], k.shape[3], k.dtype) != (self.k.shape[0], self.k.shape[1], self.k.shape[3],
+                                                               self.k.dtype):
+            raise ValueError(f"new keys {tuple(k.shape)} {k.dtype} do not match the cache "
+                             f"{tuple(self.k.shape)} {self.k.dtype}; call reset() before a new sequence")
+        p0 = self.seen
+        new_pos = torch.arange(p0, p0 + n, device=k.device).expand(b, hkv, n)
+        is_global = (types == GLOBAL).long()
+        new_gcount = self.globals_seen[..., None] + is_global.cumsum(-1)  # Globals at positions <= each new token
+        kk, vv = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        valid = torch.cat([self.valid, torch.ones_like(types, dtype=torch.bool)], 2)
+        pos, typ = torch.cat([self.pos, new_pos], 2), torch.cat([self.type, types], 2)
+        gcount = torch.cat([self.gcount, new_gcount], 2)
+        # query i (position p0 + i) sees key j when valid and the rule allows it; Globals strictly between them:
+        # G(p_i - 1) - G(p_j) > 0
+        g_before_q = (new_gcount - is_global)[..., :, None]  # [b, hkv, n, 1]
+        between = (g_before_q - gcount[..., None, :]) > 0
+        mask = valid[..., None, :] & token_type_rule(typ[..., None, :], between, new_pos[..., :, None],
+                                                     pos[..., None, :], self.window)
+        g = h // hkv
+        get = _on_device(mask)
+        out = attention(q, kk, vv, scale=scale,
+                        pattern=P.custom(lambda bi, hi, qi, ki: get(ki.device)[bi, hi // g, qi, ki]))
+        # evict: keep what the next query (position p0 + n) can see
+        self.seen = p0 + n
+        self.globals_seen = new_gcount[..., -1]
+        nxt = torch.full_like(pos, self.seen)
+        keep = valid & token_type_rule(typ, (self.globals_seen[..., None] - gcount) > 0, nxt, pos, self.window)
+        order = kept_order(keep)
+        self.k, self.v, self.valid = gather_seq(kk, order), gather_seq(vv, order), keep.gather(2, order)
+        self.pos, self.type, self.gcount = pos.gather(2, order), typ.gather(2, order), gcount.gather(2, order)
+        return out
