@@ -208,3 +208,85 @@ def test_nats_mixer_decodes_with_the_evicting_cache():
     assert cache.held.tolist() == _visible_to_next(types, 29, 3).sum(-1)[:, None].expand(2, 2).tolist()
     with pytest.raises(ValueError, match="TokenTypeKVCache"):
         mix(x[:, :2], cache=TokenTypeKVCache(5))
+
+
+# -- ZipVL (G16) --------------------------------------------------------------------------------------------------
+from attnkit.ops.longctx import SelectiveKVCache, cumulative_mass  # noqa: E402
+from attnkit.ops.longctx.selection import dequantize, quantize  # noqa: E402
+
+
+def _mixed_precision_step(q, k, v, p, precision, bits, g):
+    """Query ``p`` over positions ``< p`` at the precision held (2 full, 1 quantised per token, 0 dropped) and
+    itself at full precision: dense attention over the effective keys/values."""
+    b, hkv = precision.shape[:2]
+    kq, vq = dequantize(*quantize(k[:, :, :p], bits)), dequantize(*quantize(v[:, :, :p], bits))
+    low = (precision == 1)[..., None]
+    ke = torch.cat([torch.where(low, kq, k[:, :, :p]), k[:, :, p:p + 1]], 2)
+    ve = torch.cat([torch.where(low, vq, v[:, :, :p]), v[:, :, p:p + 1]], 2)
+    mask = torch.cat([precision > 0, torch.ones(b, hkv, 1, dtype=torch.bool)], 2)
+    return attnkit.attention(q[:, :, p:p + 1], ke, ve, engine="reference",
+                             pattern=P.custom(lambda bi, hi, qi, ki: mask[bi, hi // g, ki]))
+
+
+def test_zipvl_low_bit_entries_of_every_head_are_quantised_and_held_once():
+    # the defect of issue 25: padding added by pack_kept for heads with fewer kept tokens stayed at full precision
+    # (decode output off by 1.8e-3 from mixed-precision attention), and kept tokens were stored twice
+    prompt, steps, h, hkv, d, bits = 32, 6, 4, 2, 16, 4
+    q, k, v = random_qkv(2, h, prompt + steps, prompt + steps, d, kv_heads=hkv, dtype=torch.float64, seed=12)
+    cache = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 0.6), low_bits=bits)
+    cache.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    prec = cache.held_precision()
+    kept = (prec == 2).sum(-1)
+    assert len(set(kept.flatten().tolist())) > 1  # heads keep different counts: the padding case
+    assert (prec > 0).all()  # mixed precision drops nothing
+    for p in range(prompt, prompt + steps):
+        held = cache.held_precision()
+        out = cache.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1])
+        assert_close(out, _mixed_precision_step(q, k, v, p, held, bits, h // hkv))
+    full, low = int(kept.max()), int((prec == 1).sum(-1).max())
+    scale_zero = 2 * 8  # a float64 scale and zero per token
+    expected = 2 * hkv * (full * d * 8 + low * (d + scale_zero)) * 2 + 2 * hkv * steps * d * 8 * 2
+    assert cache.nbytes == expected  # [batch=2]: k and v, each entry once, packed to the longest head
+
+
+@pytest.mark.parametrize("low_bits", [None, 4])
+def test_zipvl_selects_generated_blocks_and_equals_dense_attention_at_every_step(low_bits):
+    prompt, steps, interval, h, hkv, d = 16, 30, 8, 4, 2, 8
+    n = prompt + steps
+    q, k, v = random_qkv(1, h, n, n, d, kv_heads=hkv, dtype=torch.float64, seed=13)
+    seen = []
+
+    def policy(profile, qq, kk):
+        seen.append((profile.clone(), kk.shape[2]))
+        return cumulative_mass(profile, 0.5)
+
+    cache = SelectiveKVCache(policy, probe=4, low_bits=low_bits, interval=interval)
+    cache.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    bits = low_bits or 8
+    for p in range(prompt, n):
+        held = cache.held_precision()
+        out = cache.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1])
+        assert_close(out, _mixed_precision_step(q, k, v, p, held, bits, h // hkv))
+        generated = p + 1 - prompt
+        if generated % interval == 0:  # a block was just selected: its tokens are no longer all full precision
+            block = cache.held_precision()[..., p + 1 - interval:p + 1]
+            assert (block < 2).any() and (block == 2).any()
+            if low_bits is None:
+                assert (block == 0).any()
+    assert [m for _, m in seen] == [prompt] + [interval] * (steps // interval)
+    # the block's profile is the attention of the last probe queries, normalised over the block by the policy
+    prof, _ = seen[1]
+    assert prof.shape == (1, hkv, 4, interval) and bool((prof >= 0).all())
+    # generated tokens past the last complete block stay at full precision
+    assert (cache.held_precision()[..., prompt + (steps // interval) * interval:] == 2).all()
+
+
+def test_selective_cache_without_interval_keeps_generated_tokens_and_is_exact_for_tau_one():
+    q, k, v = random_qkv(1, 2, 20, 20, 8, dtype=torch.float64, seed=14)
+    cache = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 1.0), interval=5)
+    outs = [cache.attend(q[:, :, :10], k[:, :, :10], v[:, :, :10])]
+    outs += [cache.attend(q[:, :, t:t + 2], k[:, :, t:t + 2], v[:, :, t:t + 2]) for t in range(10, 20, 2)]
+    assert_close(torch.cat(outs, 2), attnkit.attention(q, k, v, pattern=P.causal()))
+    assert (cache.held_precision() == 2).all()
+    with pytest.raises(ValueError, match="interval"):
+        SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 1.0), interval=0)
