@@ -32,7 +32,7 @@ import torch
 
 from attnkit import patterns as P
 from attnkit._checks import default_scale, repeat_kv
-from attnkit.cache import _check_new, _on_device, gather_seq, kept_order, pack_kept
+from attnkit.cache import _check_new, _on_device, gather_seq, kept_order
 from attnkit.normalizations import resolve
 from attnkit.ops.exact.api import attention
 from attnkit.ops.exact.reference import attention_weights
@@ -272,6 +272,20 @@ class SelectiveKVCache:
             parts += [self.lo[name] for name in ("ck", "sk", "zk", "cv", "sv", "zv")]
         return sum(t.numel() * t.element_size() for t in parts)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the entries held (``nbytes`` without the padding of heads that hold fewer)."""
+        if self.hi is None:
+            return 0
+        k, v = self.hi["k"], self.hi["v"]
+        full = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+        total = (int(self.hi["valid"].sum()) + self.new["pos"].numel()) * full
+        if self.lo is not None:
+            lo = self.lo
+            per = sum(lo[name].shape[-1] * lo[name].element_size() for name in ("ck", "sk", "zk", "cv", "sv", "zv"))
+            total += int(lo["valid"].sum()) * per
+        return total
+
     def positions(self, n: int, lengths=None) -> torch.Tensor:
         return (self.seen + torch.arange(n)).view(1, -1)
 
@@ -407,7 +421,7 @@ class SelectiveKVCache:
             ok = valid[:, :, None, :] & (pos[:, :, None, :] <= qpos.view(1, 1, -1, 1))
             g, get = h // hkv, _on_device(ok)
             outs.append(attention(qs, kk, vv, scale=scale,
-                                  pattern=P.custom(lambda bi, hi, qi, ki: get(ki.device)[bi, hi // g, qi, ki])))
+                                  pattern=P.custom(lambda bi, hi, qi, ki, get=get, g=g: get(ki.device)[bi, hi // g, qi, ki])))
             self.seen += m
             self.queries = torch.cat([self.queries, qs], 2)[:, :, -self.probe:]
             if self.interval is not None and self.new["k"].shape[2] >= self.interval:
