@@ -420,8 +420,11 @@ class SelectiveKVCache:
             qpos = torch.arange(self.seen, self.seen + m, device=q.device)
             ok = valid[:, :, None, :] & (pos[:, :, None, :] <= qpos.view(1, 1, -1, 1))
             g, get = h // hkv, _on_device(ok)
-            outs.append(attention(qs, kk, vv, scale=scale,
-                                  pattern=P.custom(lambda bi, hi, qi, ki, get=get, g=g: get(ki.device)[bi, hi // g, qi, ki])))
+
+            def fn(bi, hi, qi, ki, get=get, g=g):  # held entries, and the new tokens causally
+                return get(ki.device)[bi, hi // g, qi, ki]
+
+            outs.append(attention(qs, kk, vv, scale=scale, pattern=P.custom(fn)))
             self.seen += m
             self.queries = torch.cat([self.queries, qs], 2)[:, :, -self.probe:]
             if self.interval is not None and self.new["k"].shape[2] >= self.interval:
