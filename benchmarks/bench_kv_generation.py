@@ -58,7 +58,8 @@ def main() -> None:
         if name == "full":
             full_kib = kib
         err = max(r["error"]) if r["error"] else float("nan")
-        results[name] = {"kib": kib, "recall": r["recall"], "max_error": err, "seconds": secs}
+        results[name] = {"kib": [round(x, 3) for x in kib], "recall": [round(x, 5) for x in r["recall"]],
+                         "max_error": err, "seconds": round(secs, 1)}
         print(f"| {name} | {kib[-1]:.1f} | {full_kib[-1] if full_kib else float('nan'):.1f} | "
               f"{sum(r['recall']) / len(r['recall']):.3f} | {r['recall'][-1]:.3f} | {err:.2g} | {secs:.0f} |")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,17 @@
 """KV selection and compression at decoding time: which cached keys a query still needs.
 
-Each *policy* maps the prompt's attention profile to a keep mask over the cached positions; a
-:class:`SelectiveKVCache` applies one at prefill (exact attention over the prompt, then only what the policy
-keeps is stored, or, for ZipVL, the rest is stored at low precision), with the same protocol as the other caches
-(``positions``, ``attend``, ``nbytes``) and ``kept_fraction``. Policies, each from its paper:
+Each *policy* maps an attention profile to a keep mask over candidate positions; a :class:`SelectiveKVCache`
+applies one to the prompt (exact attention over the prompt, then only what the policy keeps is stored at full
+precision; for ZipVL the rest is stored at low precision) and, with ``interval=``, to every block of generated
+tokens; :class:`TokenTypeKVCache` evicts by NAtS's token types at every step. Both have the protocol of the other
+caches (``positions``, ``attend``, ``nbytes``, ``held_bytes``). Policies, each from its paper:
 
-- :func:`cumulative_mass` -- ZipVL (Wang et al. 2024), Sec. 3.2: per (batch, kv head), the smallest set of tokens
+- :func:`cumulative_mass` -- ZipVL (He et al. 2024), Sec. 3.2: per (batch, kv head), the smallest set of tokens
   whose normalised attention mass reaches ``tau``; the others are kept at ``low_bits`` (mixed precision, Sec. 3.3)
   or dropped.
 - :func:`token_type_mask` -- Neural Attention Search (NAtS), Sec. 3: Global tokens stay, Local tokens are dropped
-  once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only.
+  once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only
+  (:class:`TokenTypeKVCache` evicts by the same rule while prefilling and decoding).
 - :func:`span_index_mask` -- Ltri-LLM, Sec. 3: the context is cut into spans, each represented by its mean key;
   a query retrieves its ``top_spans`` best spans plus a local window.
 - :func:`probe_query_mask` -- ActQKV, Sec. 3: a probe query built from the window's tokens with the largest
