@@ -325,3 +325,46 @@ def test_generation_with_each_policy_equals_dense_attention_under_its_mask_at_ev
     assert ends["ActQKV 50%"] < ends["full"] and ends["nats"] < ends["full"]
     # FastGen at T=0.5 compresses the generated tokens (a random model's flat attention: T=0.9 needs `full`)
     assert growth["FastGen T=0.5"] < growth["full"] and ends["FastGen T=0.5"] < ends["full"]
+
+
+# -- ActQKV's dynamic cut-off (G14) -------------------------------------------------------------------------------
+from attnkit.ops.longctx.selection import ActQKVCache, CutoffAllocator, normalized_entropy  # noqa: E402
+
+
+def test_cutoff_allocator_splits_the_budget_by_information_density():
+    alloc = CutoffAllocator(3, 30, k_min=2, history=2)
+    for _ in range(2):  # warm-up (until every layer has `history` samples): an equal split of what remains
+        assert [alloc.allocate(i, e) for i, e in enumerate([0.2, 0.3, 0.5])] == [10, 10, 10]
+    # warmed up: w_l = e_l / sum_{m >= l} e_m of the running means, over what remains
+    assert [alloc.allocate(i, e) for i, e in enumerate([0.2, 0.3, 0.5])] == [6, 9, 15]
+    flat = CutoffAllocator(2, 10, k_min=3, k_max=6, history=1)
+    assert [flat.allocate(i, e) for i, e in enumerate([0.0, 1.0])] == [5, 5]  # warm-up
+    assert [flat.allocate(i, e) for i, e in enumerate([0.0, 1.0])] == [3, 6]  # 0 and 7, clamped to [k_min, k_max]
+    assert float(normalized_entropy(torch.zeros(5))) == pytest.approx(1.0)
+    assert float(normalized_entropy(torch.tensor([0.0, 1e4, 0.0]))) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="k_max"):
+        CutoffAllocator(2, 10, k_min=5, k_max=3)
+
+
+def test_actqkv_cache_attends_to_the_retrieved_keys_and_an_unlimited_cutoff_is_exact():
+    prompt, steps, h, hkv, d = 24, 12, 4, 2, 8
+    n = prompt + steps
+    q, k, v = random_qkv(1, h, n, n, d, kv_heads=hkv, dtype=torch.float64, seed=17)
+    alloc = CutoffAllocator(1, 6, k_min=2, history=4)
+    cache = ActQKVCache(alloc, 0, window=4, init=1)
+    cache.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    for p in range(prompt, n):
+        out = cache.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1])
+        held = cache.last_attended()
+        assert held.shape == (1, hkv, p)
+        assert (held.sum(-1) == 1 + 4 + alloc.last[0]).all() and held[..., :1].all() and held[..., p - 4:].all()
+        assert_close(out, _dense_step(q, k, v, p, held, h // hkv))
+        # the retrieved keys are the ones the step's query (mean over the kv head's query heads) scores highest
+        s = (q[:, :, p].view(1, hkv, h // hkv, d).mean(2).unsqueeze(2) @ k[:, :, :p].transpose(-1, -2))[:, :, 0]
+        mid = s[..., 1:p - 4]
+        kth = mid.topk(alloc.last[0], -1).values[..., -1:]
+        assert torch.equal(held[..., 1:p - 4], mid >= kth)
+    unlimited = ActQKVCache(CutoffAllocator(1, 10 ** 6), 0, window=1, init=0)
+    outs = [unlimited.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])]
+    outs += [unlimited.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1]) for p in range(prompt, n)]
+    assert_close(torch.cat(outs, 2), attnkit.attention(q, k, v, pattern=P.causal()))

@@ -79,8 +79,11 @@ class RecordingCache:
         b, h, n, _ = q.shape
         hkv = k.shape[1]
         seen = 0 if self.all_k is None else self.all_k.shape[2]
-        held, low = held_mask(self.inner, b, hkv, seen, k.device) if seen else (None, None)
+        per_step = hasattr(self.inner, "last_attended")  # selects while attending (ActQKV's retrieval)
+        held, low = held_mask(self.inner, b, hkv, seen, k.device) if seen and not per_step else (None, None)
         out = self.inner.attend(q, k, v, **kwargs)
+        if seen and per_step:
+            held, low = self.inner.last_attended(), torch.zeros(b, hkv, seen, dtype=torch.bool, device=k.device)
         self.all_k = k if self.all_k is None else torch.cat([self.all_k, k], 2)
         self.all_v = v if self.all_v is None else torch.cat([self.all_v, v], 2)
         if seen:  # decoding steps (the prompt is exact)
@@ -165,15 +168,30 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, steps: int, make_cach
             "caches": caches}
 
 
-def default_caches(*, window: int = 32, interval: int = 64) -> dict[str, Callable[[int], Any]]:
+def default_caches(*, window: int = 32, interval: int = 64, num_layers: int = 2, budget: int = 64
+                   ) -> dict[str, Callable[[int], Any]]:
     """``{label: make_cache(layer)}``: the full cache and each paper's policy at a typical setting (softmax
-    models; NAtS needs a ``neural_attention_search`` model)."""
+    models; NAtS needs a ``neural_attention_search`` model). ActQKV's dynamic cut-off shares ``budget`` retrieved
+    keys per step among ``num_layers`` layers, plus a local ``window`` and the first token."""
     from attnkit.cache import AdaptiveKVCache, KVCache
-    from attnkit.ops.longctx.selection import SelectiveKVCache, cumulative_mass, probe_query_mask
+    from attnkit.ops.longctx.selection import (
+        ActQKVCache,
+        CutoffAllocator,
+        SelectiveKVCache,
+        cumulative_mass,
+        probe_query_mask,
+    )
 
     def actqkv(p, q, k):
         return probe_query_mask(q, k, window=q.shape[2], num_probe=max(1, q.shape[2] // 4),
                                 cutoff=max(1, math.ceil(0.5 * k.shape[2])))
+
+    shared: dict[str, CutoffAllocator] = {}
+
+    def actqkv_dynamic(i):  # one allocator per generation, shared by its layers (made for layer 0)
+        if i == 0:
+            shared["allocator"] = CutoffAllocator(num_layers, budget, k_min=4, history=16)
+        return ActQKVCache(shared["allocator"], i, window=window, init=1)
 
     return {
         "full": lambda i: KVCache(),
@@ -184,4 +202,5 @@ def default_caches(*, window: int = 32, interval: int = 64) -> dict[str, Callabl
         "ZipVL tau=0.9, dropped": lambda i: SelectiveKVCache(lambda p, q, k: cumulative_mass(p, 0.9),
                                                              interval=interval),
         "ActQKV 50%": lambda i: SelectiveKVCache(actqkv, interval=interval),
+        f"ActQKV dynamic cut-off ({budget} keys / step)": actqkv_dynamic,
     }

@@ -542,3 +542,138 @@ class TokenTypeKVCache:
         self.k, self.v, self.valid = gather_seq(kk, order), gather_seq(vv, order), keep.gather(2, order)
         self.pos, self.type, self.gcount = pos.gather(2, order), typ.gather(2, order), gcount.gather(2, order)
         return out
+
+
+# -- ActQKV's dynamic KV cut-off (decoding) -----------------------------------------------------------------------
+def normalized_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(scores)) / log(n)`` over the last axis, in ``[0, 1]``: ActQKV's information density of a layer's
+    retrieval scores (1: flat, every key equally likely to matter; 0: one key)."""
+    n = scores.shape[-1]
+    if n < 2:
+        return torch.zeros(scores.shape[:-1], dtype=torch.float64, device=scores.device)
+    p = torch.softmax(scores.double(), -1)
+    return -(p * torch.log(p + 1e-300)).sum(-1) / math.log(n)
+
+
+class CutoffAllocator:
+    """ActQKV's dynamic KV cut-off across layers ("Activation-aware Probe-Query", decoding stage; the rule of the
+    authors' code): at every decoding step a total ``budget`` of retrieved keys is shared by the layers in order.
+    Layer ``l`` receives ``round(w_l * remaining)`` keys, clamped to ``[k_min, k_max]``, with ``w_l = e_l / sum_{m >=
+    l} e_m`` where ``e_m`` is layer ``m``'s mean normalised entropy (:func:`normalized_entropy`) over its last
+    ``history`` steps; until every layer has ``history`` samples, ``w_l = 1 / (layers - l)`` (an equal split).
+    Layers whose retrieval scores are flat (high entropy: information spread out) get more keys.
+
+    One allocator is shared by the :class:`ActQKVCache` of every layer; ``allocate(layer, entropy)`` is called by
+    layer 0, 1, ... in order at each step."""
+
+    def __init__(self, num_layers: int, budget: int, *, k_min: int = 1, k_max: int | None = None,
+                 history: int = 100):
+        if num_layers < 1 or budget < 1 or k_min < 0 or history < 1:
+            raise ValueError(f"num_layers, budget, history must be >= 1 and k_min >= 0, got {num_layers}, {budget}, "
+                             f"{history}, {k_min}")
+        if k_max is not None and k_max < k_min:
+            raise ValueError(f"k_max ({k_max}) must be >= k_min ({k_min})")
+        self.num_layers, self.budget, self.k_min, self.k_max, self.history = num_layers, budget, k_min, k_max, history
+        self.samples: list[list[float]] = [[] for _ in range(num_layers)]
+        self.remaining = float(budget)
+        self.last: list[int] = [0] * num_layers
+
+    def allocate(self, layer: int, entropy: float) -> int:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must lie in [0, {self.num_layers}), got {layer}")
+        if layer == 0:
+            self.remaining = float(self.budget)
+        hist = self.samples[layer]
+        hist.append(float(entropy))
+        del hist[:-self.history]
+        if all(len(s) >= self.history for s in self.samples):
+            means = [sum(s) / len(s) for s in self.samples]
+            total = sum(means[layer:])
+            w = means[layer] / total if total > 0 else 1.0 / (self.num_layers - layer)
+        else:
+            w = 1.0 / (self.num_layers - layer)
+        k = max(self.k_min, round(w * self.remaining))
+        if self.k_max is not None:
+            k = min(k, self.k_max)
+        self.remaining -= k
+        self.last[layer] = k
+        return k
+
+
+class ActQKVCache:
+    """ActQKV decoding for one layer: the whole KV stays stored (the paper offloads it), and each decoding step
+    attends to a retrieved subset: the ``init`` first tokens, the last ``window`` tokens, and the ``k`` context keys
+    that the step's query (averaged over each kv head's query heads) scores highest, where ``k`` is this layer's
+    dynamic cut-off from a shared :class:`CutoffAllocator` (from the normalised entropy of those scores). The
+    prompt is exact. :meth:`last_attended` is what the last step attended to (what retrieval brings to the
+    accelerator); ``held_bytes`` its keys and values; ``nbytes`` everything stored.
+
+    Only the decode-time cut-off is modelled here; the prefill probe query (activation bias) is
+    :func:`probe_query_mask`."""
+
+    def __init__(self, allocator: CutoffAllocator, layer: int, *, window: int = 16, init: int = 1):
+        if window < 1 or init < 0:
+            raise ValueError(f"window must be >= 1 and init >= 0, got {window}, {init}")
+        self.allocator, self.layer, self.window, self.init = allocator, layer, window, init
+        self.k = self.v = None
+        self.seen = 0
+        self._held: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the keys and values the last decoding step attended to (all of them before the first step)."""
+        if self.k is None:
+            return 0
+        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
+        count = self.k.shape[0] * self.k.shape[1] * self.seen if self._held is None else int(self._held.sum()) + \
+            self._held.shape[0] * self._held.shape[1]
+        return count * per
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def last_attended(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen - 1]``: the earlier positions the last decoding step attended to (the retrieved
+        set; the step's own token comes on top)."""
+        if self._held is None:
+            raise ValueError("no decoding step yet: attend() the prompt, then one token")
+        return self._held
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        _check_new(q, k, v)
+        if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax":
+            raise ValueError("ActQKVCache supports softmax attention over one length per batch, without score_mod "
+                             "or lengths=")
+        if self.k is None:
+            self.k, self.v, self.seen = k, v, k.shape[2]
+            return attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
+                             scale=scale)
+        if q.shape[2] != 1:
+            raise ValueError("ActQKVCache decodes one token per call (the cut-off is chosen per step)")
+        b, h, _, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        n = self.seen
+        j = torch.arange(n, device=k.device)
+        fixed = (j < self.init) | (j >= n - self.window)  # [n]
+        scores = (q.view(b, hkv, g, d).mean(2).unsqueeze(2) @ self.k.transpose(-1, -2)).squeeze(2)  # [b, hkv, n]
+        cand = scores.masked_fill(fixed, -math.inf)
+        count = int((~fixed).sum())
+        entropy = float(normalized_entropy(scores[..., ~fixed]).mean()) if count else 0.0
+        top = min(self.allocator.allocate(self.layer, entropy), count)
+        keep = fixed.expand(b, hkv, n).clone()
+        if top:
+            keep.scatter_(-1, cand.topk(top, dim=-1).indices, True)
+        self._held = keep
+        self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.seen = n + 1
+        mask = torch.cat([keep, keep.new_ones(b, hkv, 1)], 2)
+        get = _on_device(mask)
+        return attention(q, self.k, self.v, scale=scale,
+                         pattern=P.custom(lambda bi, hi, qi, ki: get(ki.device)[bi, hi // g, ki]))
