@@ -368,3 +368,26 @@ def test_actqkv_cache_attends_to_the_retrieved_keys_and_an_unlimited_cutoff_is_e
     outs = [unlimited.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])]
     outs += [unlimited.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1]) for p in range(prompt, n)]
     assert_close(torch.cat(outs, 2), attnkit.attention(q, k, v, pattern=P.causal()))
+
+
+def test_zipvl_sparse_prefill_attends_to_the_important_keys_only():
+    n, h, hkv, d = 28, 4, 2, 8
+    q, k, v = random_qkv(2, h, n, n, d, kv_heads=hkv, dtype=torch.float64, seed=18)
+    seen = {}
+
+    def policy(profile, qq, kk):
+        seen["keep"] = cumulative_mass(profile, 0.5)
+        return seen["keep"]
+
+    cache = SelectiveKVCache(policy, probe=6, sparse_prefill=True)
+    out = cache.attend(q, k, v)
+    keep = seen["keep"]
+    assert 0 < int(keep.sum()) < keep.numel()
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    mask = (keep[:, :, None, :] | (i == j)) & (j <= i)  # [b, hkv, n, n]
+    ref = attnkit.attention(q, k, v, engine="reference",
+                            pattern=P.custom(lambda bi, hi, qi, ki: mask[bi, hi // (h // hkv), qi, ki]))
+    assert_close(out, ref)
+    assert (cache.held_precision() == 2).sum() == keep.sum()
+    full = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 1.0), sparse_prefill=True)
+    assert_close(full.attend(q, k, v), attnkit.attention(q, k, v, pattern=P.causal()))  # tau = 1: dense

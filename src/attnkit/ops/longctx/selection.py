@@ -225,15 +225,20 @@ class SelectiveKVCache:
         interval: None keeps every generated token at full precision; an int ``m`` selects each block of ``m``
             generated tokens once it is complete, with the same policy, from the attention of the last ``probe``
             queries (decode-time selection; until then the block's tokens are held at full precision).
+        sparse_prefill: ZipVL's sparse prefill: the prompt's queries attend only to the selected (important) keys,
+            and each to itself, causally, instead of to every key. The selection comes first, from the last
+            ``probe`` queries (ZipVL's probe approximation). Our reading of "attention solely on those important
+            tokens": every query still gets an output; only the keys are restricted.
 
-    The prompt (first ``attend``) is exact. Every later output equals dense attention over the tokens held, each
-    at the precision held (:meth:`held_precision`). ``kept_fraction``: prompt entries kept at full precision;
+    The prompt (first ``attend``) is exact unless ``sparse_prefill``. Every later output equals dense attention
+    over the tokens held, each at the precision held (:meth:`held_precision`). ``kept_fraction``: prompt entries
+    kept at full precision;
     ``nbytes``: the bytes held (full-precision entries, plus codes and per-token scales/zeros of the low-bit ones;
     each buffer packed to its longest head).
     """
 
     def __init__(self, policy: Callable[..., torch.Tensor], *, probe: int = 16, low_bits: int | None = None,
-                 window: int = 0, interval: int | None = None):
+                 window: int = 0, interval: int | None = None, sparse_prefill: bool = False):
         if probe < 1:
             raise ValueError(f"probe must be >= 1, got {probe}")
         if low_bits is not None and not 1 <= low_bits <= 8:
@@ -243,7 +248,7 @@ class SelectiveKVCache:
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         self.policy, self.probe, self.low_bits, self.window = policy, probe, low_bits, window
-        self.interval = interval
+        self.interval, self.sparse_prefill = interval, bool(sparse_prefill)
         self.reset()
 
     def reset(self) -> None:
@@ -366,6 +371,7 @@ class SelectiveKVCache:
         self.prompt_len = n
         pos = torch.arange(n, device=k.device).expand(b, hkv, n)
         self._store(k, v, pos, keep)
+        return keep
 
     def _select_block(self, scale) -> None:
         """Decode-time selection of the generated block: its profile is the attention that the last ``probe``
@@ -398,9 +404,20 @@ class SelectiveKVCache:
         b, h, n, _ = q.shape
         hkv = k.shape[1]
         if self.hi is None:
-            out = attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
-                            scale=scale)
-            self._select_prompt(q, k, v, pattern, scale)
+            if self.sparse_prefill:
+                if not causal or pattern is not None:
+                    raise ValueError("sparse_prefill applies to the causal prompt: pass no pattern")
+                keep = self._select_prompt(q, k, v, pattern, scale)
+                g, get = h // hkv, _on_device(keep)
+
+                def important(bi, hi, qi, ki):  # important keys, and the query's own key, causally
+                    return (get(ki.device)[bi, hi // g, ki] | (ki == qi)) & (ki <= qi)
+
+                out = attention(q, k, v, pattern=P.custom(important), scale=scale)
+            else:
+                out = attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
+                                scale=scale)
+                self._select_prompt(q, k, v, pattern, scale)
             self.seen = n
             self.new = {"k": k[:, :, :0], "v": v[:, :, :0], "pos": self.hi["pos"][..., :0]}
             self.queries = q[:, :, n - min(self.probe, n):]
