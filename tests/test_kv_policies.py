@@ -391,3 +391,22 @@ def test_zipvl_sparse_prefill_attends_to_the_important_keys_only():
     assert (cache.held_precision() == 2).sum() == keep.sum()
     full = SelectiveKVCache(lambda p, qq, kk: cumulative_mass(p, 1.0), sparse_prefill=True)
     assert_close(full.attend(q, k, v), attnkit.attention(q, k, v, pattern=P.causal()))  # tau = 1: dense
+
+
+def test_generation_benchmark_script_writes_its_table_data_and_plot(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kv_generation.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--steps", "8", "--prompt", "6", "--check", "--out",
+                                      str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    import json
+
+    doc = json.loads((tmp_path / "kv_generation.json").read_text())
+    assert doc["steps"] == 8 and len(doc["results"]["full"]["kib"]) == 8
+    assert all(r["max_error"] < 1e-5 for r in doc["results"].values())  # float32 model
+    assert "| NAtS window=32 |" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "kv_generation.png").exists()
