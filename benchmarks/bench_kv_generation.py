@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from attnkit.kvpolicy.generation import default_caches, generate
-from attnkit.ops.longctx import TokenTypeKVCache
 from attnkit.quality.model import QualityModel, parse_mechanism
+from attnkit.selective_cache import TokenTypeKVCache
 
 
 def main() -> None:

@@ -134,9 +134,10 @@ def test_fastgen_mark_next_errors():
 
 
 # -- NAtS (G12) ---------------------------------------------------------------------------------------------------
-from attnkit.ops.longctx import TokenTypeKVCache, token_type_mask  # noqa: E402
+from attnkit.ops.longctx import token_type_mask  # noqa: E402
 from attnkit.ops.longctx.models import TokenTypeMixer  # noqa: E402
 from attnkit.ops.longctx.selection import GLOBAL, LOCAL, SLIDING  # noqa: E402
+from attnkit.selective_cache import TokenTypeKVCache  # noqa: E402
 
 
 def _visible_to_next(types, p, window):
@@ -211,8 +212,9 @@ def test_nats_mixer_decodes_with_the_evicting_cache():
 
 
 # -- ZipVL (G16) --------------------------------------------------------------------------------------------------
-from attnkit.ops.longctx import SelectiveKVCache, cumulative_mass  # noqa: E402
+from attnkit.ops.longctx import cumulative_mass  # noqa: E402
 from attnkit.ops.longctx.selection import dequantize, quantize  # noqa: E402
+from attnkit.selective_cache import SelectiveKVCache  # noqa: E402
 
 
 def _mixed_precision_step(q, k, v, p, precision, bits, g):
@@ -328,7 +330,8 @@ def test_generation_with_each_policy_equals_dense_attention_under_its_mask_at_ev
 
 
 # -- ActQKV's dynamic cut-off (G14) -------------------------------------------------------------------------------
-from attnkit.ops.longctx.selection import ActQKVCache, CutoffAllocator, normalized_entropy  # noqa: E402
+from attnkit.ops.longctx.selection import CutoffAllocator, normalized_entropy  # noqa: E402
+from attnkit.selective_cache import ActQKVCache  # noqa: E402
 
 
 def test_cutoff_allocator_splits_the_budget_by_information_density():

@@ -126,7 +126,6 @@ def test_block_attention_with_reused_passages_equals_recomputing_them():
 
 # -- KV selection policies -----------------------------------------------------------------------------------
 from attnkit.ops.longctx import (  # noqa: E402
-    SelectiveKVCache,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -136,6 +135,7 @@ from attnkit.ops.longctx import (  # noqa: E402
     trim_visual_features,
 )
 from attnkit.ops.longctx.selection import dequantize, quantize  # noqa: E402
+from attnkit.selective_cache import SelectiveKVCache  # noqa: E402
 
 
 def _profile(b=2, h=2, r=3, n=12, seed=0):

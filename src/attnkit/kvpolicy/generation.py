@@ -174,13 +174,8 @@ def default_caches(*, window: int = 32, interval: int = 64, num_layers: int = 2,
     models; NAtS needs a ``neural_attention_search`` model). ActQKV's dynamic cut-off shares ``budget`` retrieved
     keys per step among ``num_layers`` layers, plus a local ``window`` and the first token."""
     from attnkit.cache import AdaptiveKVCache, KVCache
-    from attnkit.ops.longctx.selection import (
-        ActQKVCache,
-        CutoffAllocator,
-        SelectiveKVCache,
-        cumulative_mass,
-        probe_query_mask,
-    )
+    from attnkit.ops.longctx.selection import CutoffAllocator, cumulative_mass, probe_query_mask
+    from attnkit.selective_cache import ActQKVCache, SelectiveKVCache
 
     def actqkv(p, q, k):
         return probe_query_mask(q, k, window=q.shape[2], num_probe=max(1, q.shape[2] // 4),

@@ -1,4 +1,5 @@
-"""Long-context inference: Star Attention, S2-Attention and Block-Attention's re-rotated passage caches.
+"""Long-context inference: Star Attention, S2-Attention, KV selection policies and Block-Attention's re-rotated
+passage caches (the caches that apply a selection policy are :mod:`attnkit.selective_cache`).
 
 The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 """
@@ -6,8 +7,6 @@ The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 from .rag import rerotate_keys
 from .s2 import s2_kv_fraction, s2_pattern
 from .selection import (
-    SelectiveKVCache,
-    TokenTypeKVCache,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -19,5 +18,5 @@ from .selection import (
 from .star import star_attention, star_attention_distributed, star_pattern
 
 __all__ = ["star_attention", "star_attention_distributed", "star_pattern", "s2_pattern", "s2_kv_fraction",
-           "rerotate_keys", "SelectiveKVCache", "TokenTypeKVCache", "cumulative_mass", "modality_mask",
-           "probe_query_mask", "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]
+           "rerotate_keys", "cumulative_mass", "modality_mask", "probe_query_mask",
+           "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]

@@ -201,7 +201,7 @@ class TokenTypeMixer(nn.Module):
         return soft + (hard - soft).detach()
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        """``x [batch, seq, dim] -> [batch, seq, dim]``. ``cache``: a :class:`~attnkit.ops.longctx.selection.
+        """``x [batch, seq, dim] -> [batch, seq, dim]``. ``cache``: a :class:`~attnkit.selective_cache.
         TokenTypeKVCache` (eval only): the first call prefills, later calls decode the new tokens; entries are evicted
         as their types allow, and the output equals the full call's rows."""
         _check_x(x, self.dim)
