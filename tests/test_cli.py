@@ -20,12 +20,17 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
         assert main(["list"]) == 0
         out = capsys.readouterr().out
         header = out.splitlines()[0].split()
-        assert header == ["name", "family", "exact", "complexity", "causal", "paper"]
+        assert header == ["name", "kind", "family", "exact", "complexity", "causal", "devices"]
+        lines = out.splitlines()
         for m in fakes:
-            line = next(x for x in out.splitlines() if x.split()[0].rstrip("*") == m.name)
-            assert m.family in line and m.complexity in line and PAPER in line
-            assert ("exact" if m.exact else "approx") in line.split()[2]
+            i = next(i for i, x in enumerate(lines) if x.split() and x.split()[0].rstrip("*") == m.name)
+            line, block = lines[i], "\n".join(lines[i:i + 4])
+            assert m.family in line and m.complexity in line and PAPER in block
+            assert line.split()[1] == "attention"
+            assert ("exact" if m.exact else "approx") in line.split()[3]
             assert ("yes" if m.causal else "no") in line.split()
+            assert line.split()[-1] == "cpu,cuda"
+            assert "params:" in block and "causal=False" in block
         assert main(["list", "--json"]) == 0
         records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
         assert records["fake_mean"]["exact"] is False and records["fake_mean"]["causal"] is False
@@ -34,6 +39,42 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
         assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["fake_mean"]
         assert main(["list", "--family", "nope"]) == 2
         assert "no family 'nope'" in capsys.readouterr().err
+
+
+def test_list_shows_kind_parameters_devices():
+    """`attnkit list` says what a mixer is and what each mechanism takes (issue 27)."""
+    import attnkit
+    from attnkit.registry import REQUIRED
+
+    assert main(["list", "--kind", "mixer", "--json"]) == 0
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["list", "--json"])
+    records = {r["name"]: r for r in json.loads(buf.getvalue())}
+    assert len(records) == len(attnkit.list_mechanisms())
+    mixers = [r for r in records.values() if r["kind"] == "mixer"]
+    assert len(mixers) >= 40 and all("dim" in r["required"] for r in mixers)
+    assert records["sliding_window"]["optional"]["window"] == 256 and records["sliding_window"]["required"] == []
+    assert records["linformer"]["required"] == ["seq_len", "num_heads"]
+    assert records["linformer"]["optional"]["proj_len"] == 256
+    assert all(r["devices"] == ["cpu", "cuda"] and "causal" in r["optional"] for r in records.values())
+    assert attnkit.mechanism_info("aft_local").parameters()["dim"] is REQUIRED
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["list", "--kind", "mixer"]) == 0
+    text = buf.getvalue()
+    assert "token mixers: x -> x" in text and "aft_local" in text and "required: dim" in text
+    assert "\nsliding_window" not in text
+
+
+def test_bench_mechanisms_suggests_close_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--mechanisms", "performr,slidng_window", "--quick", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "Did you mean 'performr' -> 'performer'" in err and "'slidng_window' -> 'sliding_window'" in err
 
 
 def test_bench_end_to_end_tiny(tmp_path, capsys):

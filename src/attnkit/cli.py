@@ -40,11 +40,18 @@ def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
 # -- attnkit list -------------------------------------------------------------------------------------------
 def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", help="show only this family (e.g. exact, linear, approx, neighborhood)")
+    p.add_argument("--kind", choices=("attention", "mixer"),
+                   help="show only attention mechanisms ((q, k, v) -> out) or token mixers (x -> x)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
+
+
+def _json_default(value: Any) -> Any:
+    return "..." if value is not None and type(value).__name__ == "_Unstated" else str(value)
 
 
 def _run_list(args: argparse.Namespace) -> int:
     import attnkit
+    from attnkit.registry import REQUIRED
 
     mechanisms = attnkit.list_mechanisms()
     families = sorted({m.family for m in mechanisms})
@@ -54,29 +61,39 @@ def _run_list(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         mechanisms = [m for m in mechanisms if m.family == args.family]
+    if getattr(args, "kind", None):
+        mechanisms = [m for m in mechanisms if m.kind == args.kind]
     if args.json:
-        print(json.dumps([
-            {"name": m.name, "family": m.family, "paper": m.paper, "exact": m.exact, "complexity": m.complexity,
-             "causal": m.causal, "summary": m.summary, "in_default_bench": m.in_default_bench,
-             "bench_params": dict(m.bench_params), "needs": list(m.needs)} for m in mechanisms], indent=1,
-            default=str))
+        records = []
+        for m in mechanisms:
+            params = m.parameters()
+            records.append({
+                "name": m.name, "kind": m.kind, "family": m.family, "paper": m.paper, "exact": m.exact,
+                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "summary": m.summary,
+                "in_default_bench": m.in_default_bench, "bench_params": dict(m.bench_params),
+                "needs": list(m.needs), "required": [k for k, d in params.items() if d is REQUIRED],
+                "optional": {k: d for k, d in params.items() if d is not REQUIRED}})
+        print(json.dumps(records, indent=1, default=_json_default))
         return 0
     if not mechanisms:
         print("no mechanisms registered")
         return 0
-    header = ("name", "family", "exact", "complexity", "causal", "paper")
-    rows = [(m.name + ("*" if m.in_default_bench else ""), m.family, "exact" if m.exact else "approx",
-             m.complexity, "yes" if m.causal else "no", m.paper) for m in mechanisms]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-    indent = sum(widths) + 2 * len(widths)
-    paper_width = max(30, 140 - indent)
-    for r in [header] + rows:
-        lead = "  ".join(c.ljust(w) for c, w in zip(r, widths))
-        paper = textwrap.wrap(r[-1], paper_width) or [""]
-        print(lead + "  " + paper[0])
-        for more in paper[1:]:
-            print(" " * indent + more)
-    print(f"\n{len(mechanisms)} mechanisms; * = in the default `attnkit bench` selection")
+    header = ("name", "kind", "family", "exact", "complexity", "causal", "devices")
+    rows = [(m.name + ("*" if m.in_default_bench else ""), m.kind, m.family, "exact" if m.exact else "approx",
+             m.complexity, "yes" if m.causal else "no", ",".join(m.devices)) for m in mechanisms]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip())
+    wrap = 120
+    for m, r in zip(mechanisms, rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        for label, text in (("params", m.describe_parameters()), ("paper", m.paper)):
+            for i, line in enumerate(textwrap.wrap(text, wrap - 12) or [""]):
+                print(f"    {label + ':' if i == 0 else '':8}{line}")
+    kinds = {k: sum(m.kind == k for m in mechanisms) for k in ("attention", "mixer")}
+    print(f"\n{len(mechanisms)} mechanisms ({kinds['attention']} attention: (q, k, v) -> out [batch, heads, seq, "
+          f"dim]; {kinds['mixer']} token mixers: x -> x [batch, seq, channels], built with dim=channels); "
+          "* = in the default `attnkit bench` selection. Shape parameters (dim, num_heads, head_dim, seq_len) are "
+          "filled in by attnkit.nn.MultiheadAttention; a mixer takes the MultiheadAttention's place whole.")
     return 0
 
 

@@ -190,10 +190,16 @@ def resolve_names(requested: Sequence[str] | None, mechanisms: Sequence[Mechanis
         else:
             unknown.append(item)
     if unknown:
+        import difflib
+
+        candidates = sorted(by_name) + families + ["all", SDPA]
+        close = [f"{u!r} -> {' or '.join(map(repr, difflib.get_close_matches(u, candidates, n=2, cutoff=0.6)))}"
+                 for u in unknown if difflib.get_close_matches(u, candidates, n=1, cutoff=0.6)]
+        hint = f". Did you mean {'; '.join(close)}?" if close else ""
         raise ValueError(
             f"unknown mechanism(s) {', '.join(map(repr, unknown))}; known mechanisms: "
             f"{', '.join(sorted(by_name)) or '(none registered)'}; families: {', '.join(families) or '(none)'}; "
-            f"'all' selects every mechanism, 'sdpa' is the built-in baseline (see `attnkit list`)"
+            f"'all' selects every mechanism, 'sdpa' is the built-in baseline (see `attnkit list`){hint}"
         )
     return list(chosen.values())
 
