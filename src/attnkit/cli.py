@@ -113,6 +113,11 @@ def _run_backends(args: argparse.Namespace) -> int:
 
 
 # -- attnkit bench ------------------------------------------------------------------------------------------
+# `attnkit bench --quick` on 2 CPU cores (the run's own budget is 18 s; set-up and report add the rest).
+QUICK_RUN_S = 20
+# The default run on 2 CPU cores: a 170 s measuring budget plus compilation and the report.
+DEFAULT_RUN_MIN = 4
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -181,9 +186,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per cell (default 5)")
     p.add_argument("--out", default="attnkit-report", metavar="DIR",
                    help="output folder (default ./attnkit-report/)")
-    p.add_argument("--quick", action="store_true", help="a ~20 s run: lengths 256..2048, no FlexAttention")
+    p.add_argument("--quick", action="store_true", help=f"a ~{QUICK_RUN_S} s run: lengths 256..2048, no FlexAttention")
+    p.add_argument("--all", action="store_true",
+                   help="every registered record (attention and mixers) at lengths 512, 4K, 16K within a 600 s "
+                        "budget; the report names why each record or cell was left out")
     p.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
-                   help="stop measuring after this long, reporting the rest as skipped (default 170, quick 18)")
+                   help="stop measuring after this long, reporting the rest as skipped (default 170, quick 18, "
+                        "--all 600); compilation time is not counted (it is reported apart)")
     p.add_argument("--max-call", type=_positive_float, default=None, metavar="SECONDS",
                    help="skip a cell predicted to take longer than this per call (default 6)")
     p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
@@ -205,7 +214,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
-    from attnkit.bench.workloads import default_config, parse_param_overrides, quick_config
+    from attnkit.bench.workloads import all_config, default_config, parse_param_overrides, quick_config
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -243,7 +252,13 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["peers"] = False
     if args.no_memory:
         overrides["memory"] = False
-    return quick_config(**overrides) if args.quick else default_config(**overrides)
+    if args.quick and args.all:
+        parser.error("argument --all: not allowed with --quick (--all already picks its lengths and budget)")
+    if args.all and args.mechanisms:
+        parser.error("argument --all: not allowed with --mechanisms (--all selects every record)")
+    if args.quick:
+        return quick_config(**overrides)
+    return all_config(**overrides) if args.all else default_config(**overrides)
 
 
 def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Namespace,
@@ -376,7 +391,10 @@ COMMANDS: dict[str, Command] = {
         Command("bench", "benchmark mechanisms against SDPA and write a report", _bench_arguments, _run_bench,
                 "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
                 "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "
-                "writes results.json, results.csv, report.md, report.html and PNG plots."),
+                "writes results.json, results.csv, report.md, report.html (a decision table first: which "
+                "mechanism to pick per length and accuracy class) and PNG plots. The default run (one mechanism "
+                f"of every family) takes about {DEFAULT_RUN_MIN} minutes on 2 CPU cores, --quick about "
+                f"{QUICK_RUN_S} seconds, --all (every record) 10 minutes."),
         Command("quality", "train small models per mechanism on synthetic tasks and compare quality",
                 "attnkit.quality.cli:add_arguments", "attnkit.quality.cli:run",
                 "Trains a small model (the Zoology/Based block: [short causal conv -> mixer] + MLP) with each "

@@ -184,12 +184,32 @@ def _annotate(ax: Any, items: list[tuple[float, float, str, Any]]) -> None:
                     color=colour)
 
 
+_CLASS_MARKERS = {"exact": "o", "masked": "s", "approx": "^", "other": "D"}
+
+
+def pareto_length(doc: dict[str, Any]) -> int | None:
+    """The length of the Pareto plot: the longest at which errors on structured inputs were measured (so masks
+    are placed against full attention), else the detail table's length."""
+    from attnkit.bench.report import detail_length, structure_lengths
+
+    lens = structure_lengths(doc)
+    base = {c["seq_len"] for c in doc["results"] if c["kind"] == "baseline" and c["status"] == "ok"}
+    both = [n for n in lens if n in base]
+    return max(both) if both else (max(lens) if lens else detail_length(doc))
+
+
 def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     from attnkit.bench.measure import EXACT_TOLERANCE
-    from attnkit.bench.report import detail_length
+    from attnkit.bench.report import CLASS_WORDS, cell_class, cell_error
 
-    n = detail_length(doc)
-    cells = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["error"] is not None]
+    n = pareto_length(doc)
+    cells = []
+    for c in doc["results"]:
+        if c["seq_len"] != n or c["status"] != "ok":
+            continue
+        err = cell_error(c, doc, "clustered")
+        if err is not None and cell_class(c) in _CLASS_MARKERS:
+            cells.append((err, c))
     if not cells:
         return False
     styles = _Styles(doc, plt)
@@ -197,18 +217,24 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     fig, ax = plt.subplots(figsize=(10, 6.2))
     tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
     pts = []
-    for c in cells:
+    for err, c in cells:
         st = styles(c["label"])
-        y = max(c["error"], floor)
+        y = max(err, floor)
         pts.append((c["time_s"], y, c))
-        ax.plot([c["time_s"]], [y], linestyle="none", marker=st.get("marker", "o"),
+        ax.plot([c["time_s"]], [y], linestyle="none", marker=_CLASS_MARKERS[cell_class(c)],
                 markersize=9 if c["kind"] == "baseline" else 7, color=st["color"],
                 markerfacecolor=st.get("markerfacecolor", st["color"]), zorder=4)
+    for cls, marker in _CLASS_MARKERS.items():
+        if any(cell_class(c) == cls for _, c in cells):
+            ax.plot([], [], linestyle="none", marker=marker, color="grey", label=CLASS_WORDS[cls])
     # Errors below the dtype's rounding all count as exact: only the fastest exact one is on the front.
     front = pareto_front([(x, max(y, tol)) for x, y, _ in pts])
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4,
                 linewidth=1.5, zorder=2, label="Pareto front (nothing is both faster and more accurate)")
+    ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="none", marker="o", markersize=14,
+            markerfacecolor="none", markeredgecolor="tab:red", alpha=0.6, zorder=3,
+            label=None if len(front) > 1 else "Pareto front")
     ax.axhspan(floor / 2, tol, color="tab:green", alpha=0.07, zorder=0)
     ax.text(0.005, tol, f" exact within {doc['config']['dtype']} rounding (< {tol:g})", va="top", fontsize=8,
             color="tab:green", transform=ax.get_yaxis_transform())
@@ -225,11 +251,10 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
                    for x, y, c in pts])
     ax.xaxis.set_major_formatter(plt.FuncFormatter(_time_label))
     ax.set_xlabel(f"time per call at n = {n} (log)")
-    ax.set_ylabel("relative error vs exact softmax (log)")
+    ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
     ax.set_title(f"Error vs time at n = {n}: lower left is better\n{_subtitle(doc)}", loc="left", fontsize=11)
     ax.grid(True, alpha=0.3)
-    if len(front) > 1:
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
