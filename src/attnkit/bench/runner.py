@@ -22,11 +22,11 @@ import torch
 from attnkit.bench import measure
 from attnkit.bench.machine import available_memory_bytes, describe_machine
 from attnkit.bench.workloads import (
+    STRUCTURES,
     BenchConfig,
     Variant,
     call_with_accepted,
     is_quadratic,
-    STRUCTURES,
     make_inputs,
     select_variants,
     shape_params,
