@@ -20,7 +20,7 @@ img{max-width:100%;border:1px solid #eee;margin-top:1em}
 figcaption{color:#555;font-style:italic;margin-bottom:1.5em}
 code{background:#f4f4f4;padding:1px 4px}
 div.wide{overflow-x:auto;max-width:100%}
-table.decide td{text-align:left;vertical-align:top} table.decide small{color:#666}
+table.decide td,table.decide th{text-align:left;vertical-align:top} table.decide small{color:#666}
 """
 
 

@@ -204,8 +204,10 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
 
     n = pareto_length(doc)
     cells = []
+    # One causal mode: causal attention does half the work, so the two never share a front.
+    causal = not any(c["seq_len"] == n and c["status"] == "ok" and not c["causal"] for c in doc["results"])
     for c in doc["results"]:
-        if c["seq_len"] != n or c["status"] != "ok":
+        if c["seq_len"] != n or c["status"] != "ok" or bool(c["causal"]) != causal:
             continue
         err = cell_error(c, doc, "clustered")
         if err is not None and cell_class(c) in _CLASS_MARKERS:
@@ -252,7 +254,9 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     ax.xaxis.set_major_formatter(plt.FuncFormatter(_time_label))
     ax.set_xlabel(f"time per call at n = {n} (log)")
     ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
-    ax.set_title(f"Error vs time at n = {n}: lower left is better\n{_subtitle(doc)}", loc="left", fontsize=11)
+    mode = "causal" if causal else "non-causal"
+    ax.set_title(f"Error vs time at n = {n} ({mode}): lower left is better\n{_subtitle(doc)}", loc="left",
+                 fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     fig.tight_layout()

@@ -87,6 +87,8 @@ def _kind_word(v: dict[str, Any]) -> str:
         return "baseline"
     if v["kind"] in ("flex", "peer"):
         return "peer"
+    if v.get("mechanism_kind") == "mixer":
+        return "mixer"
     word = "exact" if v["exact"] else "approx"
     return f"{word} via {v.get('engine')}" if v["kind"] == "engine" else word
 
@@ -177,6 +179,8 @@ def problems(doc: dict[str, Any]) -> list[str]:
 
 # -- the decision: which mechanism to pick ------------------------------------------------------------------
 MEMORY_LIMIT_BYTES = 2**30  # the decision's "under 1 GiB" row
+_MODE_WORDS = {False: "Non-causal (encoders, prefill of bidirectional models)",
+               True: "Causal (decoders): compared only with causal variants"}
 _DECISION_INTRO = (
     "For each length measured: the fastest mechanism of each accuracy class, with its time per call, the peak "
     "memory of one call and, for approximations and masks, its relative error against full softmax on clustered "
@@ -238,8 +242,9 @@ _NEEDS = [
 ]
 
 
-def _pick(doc: dict[str, Any], n: int, need: str) -> dict[str, Any] | None:
-    ok = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["time_s"] is not None]
+def _pick(doc: dict[str, Any], n: int, need: str, causal: bool = False) -> dict[str, Any] | None:
+    ok = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["time_s"] is not None
+          and bool(c["causal"]) == causal]
     by_class: dict[str, list[dict[str, Any]]] = {}
     for c in ok:
         by_class.setdefault(cell_class(c), []).append(c)
@@ -269,17 +274,27 @@ def _pick(doc: dict[str, Any], n: int, need: str) -> dict[str, Any] | None:
     raise ValueError(need)
 
 
-def decision_lengths(doc: dict[str, Any]) -> list[int]:
-    return sorted({c["seq_len"] for c in doc["results"] if c["status"] == "ok"})
+def decision_lengths(doc: dict[str, Any], causal: bool = False) -> list[int]:
+    return sorted({c["seq_len"] for c in doc["results"] if c["status"] == "ok" and bool(c["causal"]) == causal})
 
 
-def decision_cells(doc: dict[str, Any]) -> list[tuple[str, str, dict[int, dict[str, Any] | None]]]:
+def decision_modes(doc: dict[str, Any]) -> list[bool]:
+    """Causal modes with a decision table: non-causal (encoders), and causal (decoders) when a mechanism other
+    than the baseline was measured causal. Picks never mix the two: causal attention does half the work."""
+    modes = [False] if any(not c["causal"] and c["status"] == "ok" for c in doc["results"]) else []
+    if any(c["causal"] and c["status"] == "ok" and c["kind"] != "baseline" for c in doc["results"]):
+        modes.append(True)
+    return modes
+
+
+def decision_cells(doc: dict[str, Any], causal: bool = False
+                   ) -> list[tuple[str, str, dict[int, dict[str, Any] | None]]]:
     """``(need, pick this if, {length: chosen cell or None})`` for every row of the decision table that has a
-    pick at some length."""
-    lengths = decision_lengths(doc)
+    pick at some length, among cells of one causal mode."""
+    lengths = decision_lengths(doc, causal)
     out = []
     for need, why in _NEEDS:
-        picks = {n: _pick(doc, n, need) for n in lengths}
+        picks = {n: _pick(doc, n, need, causal) for n in lengths}
         if any(picks.values()):
             out.append((need, why, picks))
     return out
@@ -297,12 +312,12 @@ def _pick_text(c: dict[str, Any] | None, doc: dict[str, Any]) -> tuple[str, str]
     return c["label"], " · ".join(parts)
 
 
-def decision_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def decision_table(doc: dict[str, Any], causal: bool = False) -> tuple[list[str], list[list[str]]]:
     """Rows: what a reader needs; columns: lengths; cells: the pick with its time, peak memory and error."""
-    lengths = decision_lengths(doc)
+    lengths = decision_lengths(doc, causal)
     header = ["need (pick this if ...)"] + [f"n = {fmt_len(n)}" for n in lengths]
     rows = []
-    for need, why, picks in decision_cells(doc):
+    for need, why, picks in decision_cells(doc, causal):
         row = [f"{need}: {why}"]
         for n in lengths:
             name, detail = _pick_text(picks[n], doc)
@@ -311,12 +326,12 @@ def decision_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _decision_html(doc: dict[str, Any]) -> str:
+def _decision_html(doc: dict[str, Any], causal: bool = False) -> str:
     e = html.escape
-    lengths = decision_lengths(doc)
+    lengths = decision_lengths(doc, causal)
     head = "<th>need <small>(pick this if ...)</small></th>" + "".join(f"<th>n = {fmt_len(n)}</th>" for n in lengths)
     body = []
-    for need, why, picks in decision_cells(doc):
+    for need, why, picks in decision_cells(doc, causal):
         tds = [f"<td><b>{e(need)}</b><br><small>{e(why)}</small></td>"]
         for n in lengths:
             name, detail = _pick_text(picks[n], doc)
@@ -329,13 +344,15 @@ def _decision_html(doc: dict[str, Any]) -> str:
 def family_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The fastest measured variant of every family at each length (with its class)."""
     lengths = decision_lengths(doc)
-    families = sorted({c["family"] for c in doc["results"] if c["status"] == "ok" and c["kind"] != "baseline"})
+    families = sorted({c["family"] for c in doc["results"] if c["status"] == "ok" and c["kind"] != "baseline"
+                       and not c["causal"]})
     header = ["family"] + [fmt_len(n) for n in lengths]
     rows = []
     for fam in families:
         row = [fam]
         for n in lengths:
-            cells = [c for c in doc["results"] if c["family"] == fam and c["seq_len"] == n and c["status"] == "ok"]
+            cells = [c for c in doc["results"] if c["family"] == fam and c["seq_len"] == n and c["status"] == "ok"
+                     and not c["causal"]]
             best = min(cells, key=lambda c: c["time_s"]) if cells else None
             row.append("-" if best is None else f"{best['label']} ({fmt_time(best['time_s'])}, "
                                                   f"{fmt_bytes(best['peak_memory_bytes'])}, {cell_class(best)})")
@@ -383,16 +400,16 @@ _STRUCTURE_NOTE = (
 
 def decision_lines(doc: dict[str, Any]) -> list[str]:
     """Plain-text picks at the longest length measured and at 4K (the terminal's first lines)."""
-    lengths = decision_lengths(doc)
-    if not lengths:
-        return []
     out = []
-    for n in sorted({lengths[-1]} | ({4096} if 4096 in lengths else set())):
-        out.append(f"Pick at n={fmt_len(n)}:")
-        for need, _why, picks in decision_cells(doc):
-            name, detail = _pick_text(picks[n], doc)
-            if picks[n] is not None:
-                out.append(f"  {need:46s} {name} ({detail})")
+    for causal in decision_modes(doc):
+        lengths = decision_lengths(doc, causal)
+        rows = decision_cells(doc, causal)
+        for n in sorted({lengths[-1]} | ({4096} if 4096 in lengths else set())):
+            out.append(f"Pick at n={fmt_len(n)}{', causal' if causal else ''}:")
+            for need, _why, picks in rows:
+                name, detail = _pick_text(picks[n], doc)
+                if picks[n] is not None:
+                    out.append(f"  {need:46s} {name} ({detail})")
     return out
 
 
@@ -558,8 +575,11 @@ def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
            f"Reproduce: `{_command(doc)}`", ""]
     if doc["interrupted"]:
         out += ["**The run was interrupted (Ctrl-C): these are the results gathered until then.**", ""]
-    if decision_cells(doc):
-        out += ["## Which mechanism to pick", "", _DECISION_INTRO, "", _md_table(*decision_table(doc)), ""]
+    modes = decision_modes(doc)
+    if modes:
+        out += ["## Which mechanism to pick", "", _DECISION_INTRO, ""]
+        for causal in modes:
+            out += [f"**{_MODE_WORDS[causal]}**", "", _md_table(*decision_table(doc, causal)), ""]
         out += ["### Fastest per family", "", _md_table(*family_table(doc)), ""]
     if structure_lengths(doc):
         out += ["### Error by input structure (against full softmax)", "", _md_table(*structure_table(doc)), "",
@@ -591,8 +611,11 @@ def write_html(doc: dict[str, Any], plots: list[str], path: Path) -> None:
            f"<p>{e(headline(doc))}.</p>", f"<p>Reproduce: <code>{e(_command(doc))}</code></p>"]
     if doc["interrupted"]:
         out.append("<p><b>The run was interrupted (Ctrl-C): these are the results gathered until then.</b></p>")
-    if decision_cells(doc):
-        out += ["<h2 id='pick'>Which mechanism to pick</h2>", f"<p>{e(_DECISION_INTRO)}</p>", _decision_html(doc)]
+    modes = decision_modes(doc)
+    if modes:
+        out += ["<h2 id='pick'>Which mechanism to pick</h2>", f"<p>{e(_DECISION_INTRO)}</p>"]
+        for causal in modes:
+            out += [f"<p><b>{e(_MODE_WORDS[causal])}</b></p>", _decision_html(doc, causal)]
         if "error_vs_time.png" in plots:
             out.append("<p>Time against error, with the Pareto front: <a href='#pareto'>the plot below</a>.</p>")
         out += ["<h3>Fastest per family</h3>", _html_table(*family_table(doc))]

@@ -571,7 +571,8 @@ def run_benchmark(config: BenchConfig, *, variants: list[Variant] | None = None,
         "variants": [{"name": v.name, "label": v.label, "kind": v.kind, "family": v.family, "exact": v.exact,
                       "causal": v.causal, "complexity": v.complexity, "paper": v.paper,
                       "seq_lens": v.seq_lens, "params": dict(v.params), "unsupported": v.unsupported,
-                      "engine": v.engine}
+                      "engine": v.engine,
+                      "mechanism_kind": v.mechanism.kind if v.mechanism is not None else "attention"}
                      for v in variants],
         "results": run.cells,
         "interrupted": False,
