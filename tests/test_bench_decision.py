@@ -209,3 +209,25 @@ def test_memory_tracer_prints_nothing_through_the_progress_bar(capfd):
     _, peak = measure.peak_memory(fn, torch.device("cpu"))
     err = capfd.readouterr().err
     assert peak is not None and "profil" not in err.lower() and "Memory block" not in err
+
+
+def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    """benchmarks/gpu_check.sh printed two tracebacks, exited 0 and left an untracked gpu-check/ folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available() or shutil.which("bash") is None:
+        pytest.skip("checks the machine without a GPU")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "no usable CUDA GPU" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert "gpu-check/" in (root / ".gitignore").read_text().split()
