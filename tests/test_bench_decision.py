@@ -231,3 +231,17 @@ def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and "no usable CUDA GPU" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
     assert "gpu-check/" in (root / ".gitignore").read_text().split()
+
+
+def test_coverage_names_why_each_record_was_left_out():
+    with registered("fake_exact", "fake_failing", "fake_mean"):
+        doc = run_benchmark(tiny(mechanisms=["fake_exact", "fake_failing", "fake_mean"], seq_lens=[16]),
+                            progress=False)
+        causal = run_benchmark(tiny(mechanisms=["fake_exact", "fake_mean"], seq_lens=[16], causal="on"),
+                               progress=False)
+    summary, left = rep.coverage(doc)
+    assert summary == "2 of 3 selected records measured at least once"
+    assert left == ["fake_failing: RuntimeError: this mechanism is broken on purpose"]
+    assert "Coverage: 2 of 3" in rep.terminal_summary(doc)
+    summary, left = rep.coverage(causal)
+    assert summary.startswith("1 of 2") and left == ["fake_mean: no causal form"]

@@ -209,3 +209,20 @@ def test_a_run_whose_every_cell_failed_exits_non_zero(tmp_path, capsys):
                      "--repeats", "1", "--out", str(tmp_path / "r"), "--no-progress", "--no-flex", "--no-plots"])
     assert code == 1 and "every cell of the selected mechanisms failed" in capsys.readouterr().err
     assert (tmp_path / "r" / "results.json").is_file()  # the report is still written
+
+
+def test_run_times_are_stated_once(capsys):
+    """README, `attnkit bench --help` and the configs state the same quick and default run times (issue 27: the
+    quick run was "15 s", "1 min" and measured 16.5 s)."""
+    from pathlib import Path
+
+    from attnkit.cli import DEFAULT_RUN_MIN, QUICK_RUN_S
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`attnkit bench --quick` is a {QUICK_RUN_S}-second smoke run" in readme
+    assert f"about {DEFAULT_RUN_MIN} minutes on 2 CPU cores" in readme
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"a ~{QUICK_RUN_S} s run" in text and f"about {DEFAULT_RUN_MIN} minutes" in text
+    assert f"--quick about {QUICK_RUN_S} seconds" in text

@@ -413,6 +413,21 @@ def decision_lines(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def coverage(doc: dict[str, Any]) -> tuple[str, list[str]]:
+    """``(summary line, one line per selected record never measured, naming why)``."""
+    names = sorted({v["name"] for v in doc["variants"] if v["kind"] == "mechanism"})
+    ok = {c["mechanism"] for c in doc["results"] if c["status"] == "ok" and c["kind"] == "mechanism"}
+    left = []
+    for name in names:
+        if name in ok:
+            continue
+        cells = [c for c in doc["results"] if c["mechanism"] == name]
+        why = next((c["message"] for c in cells if c["message"]), None) or (
+            "not reached (the run was interrupted)" if doc.get("interrupted") else "no length selected")
+        left.append(f"{name}: {why}")
+    return f"{len(ok)} of {len(names)} selected records measured at least once", left
+
+
 # Tables are shared with the quality and analysis reports (attnkit.reporting).
 _text_table, _md_table, _html_table, _CSS = text_table, md_table, html_table, CSS
 
@@ -453,6 +468,10 @@ def terminal_summary(doc: dict[str, Any]) -> str:
         parts += ["", f"At n={n}: x SDPA = time / SDPA time; error = relative error vs exact softmax; "
                       "SoL x = time / speed of light (SDPA time x pattern density)",
                   _text_table(*detail_table(doc, n))]
+    summary, left = coverage(doc)
+    if doc["config"].get("all") or left:
+        parts += ["", f"Coverage: {summary}" + ("; never measured:" if left else ".")]
+        parts += [f"  {x}" for x in left[:30]] + ([f"  ... and {len(left) - 30} more"] if len(left) > 30 else [])
     lines = problems(doc)
     if lines:
         parts += ["", "Not measured:"] + [f"  {x}" for x in lines[:20]]
@@ -527,9 +546,11 @@ def _command(doc: dict[str, Any]) -> str:
     parts = ["attnkit bench"]
     if c.get("quick"):
         parts.append("--quick")
-    if c["mechanisms"]:
+    if c.get("all"):
+        parts.append("--all")
+    if c["mechanisms"] and not c.get("all"):
         parts.append("--mechanisms " + ",".join(c["mechanisms"]))
-    if c["seq_lens"] and not c.get("quick"):
+    if c["seq_lens"] and not c.get("quick") and not c.get("all"):
         parts.append("--seq-lens " + ",".join(map(str, c["seq_lens"])))
     for flag, key, default in (("--batch", "batch", 1), ("--heads", "heads", 4), ("--head-dim", "head_dim", 64),
                                ("--dtype", "dtype", "float32")):
@@ -591,6 +612,9 @@ def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
         out += [f"## At n = {n}", "", _md_table(*detail_table(doc, n)), ""]
     for p in plots:
         out += [f"![{p}]({p})", "", f"*{captions.get(p, p)}*", ""]
+    summary, left = coverage(doc)
+    out += ["## Coverage", "", summary + ("; never measured (why):" if left else "."), ""]
+    out += [f"- {x}" for x in left] + ([""] if left else [])
     lines = problems(doc)
     if lines:
         out += ["## Not measured", ""] + [f"- {x}" for x in lines] + [""]
@@ -631,6 +655,10 @@ def write_html(doc: dict[str, Any], plots: list[str], path: Path) -> None:
         anchor = " id='pareto'" if p == "error_vs_time.png" else ""
         out.append(f"<figure{anchor}><img src='{e(p)}' alt='{e(p)}'><figcaption>{e(captions.get(p, p))}"
                    "</figcaption></figure>")
+    summary, left = coverage(doc)
+    out += ["<h2>Coverage</h2>", f"<p>{e(summary)}{'; never measured (why):' if left else '.'}</p>"]
+    if left:
+        out += ["<ul>"] + [f"<li>{e(x)}</li>" for x in left] + ["</ul>"]
     lines = problems(doc)
     if lines:
         out += ["<h2>Not measured</h2><ul>"] + [f"<li>{e(x)}</li>" for x in lines] + ["</ul>"]

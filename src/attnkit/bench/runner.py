@@ -597,7 +597,8 @@ def run_benchmark(config: BenchConfig, *, variants: list[Variant] | None = None,
                 if n not in v.seq_lens:
                     continue
                 if bar is not None:
-                    bar.set_postfix_str(f"{v.label} n={n}", refresh=True)
+                    bar.set_postfix_str(f"{v.label} n={n}, {run.elapsed_s():.0f}/{config.time_budget_s:.0f} s budget",
+                                        refresh=True)
                 cell = run.run_cell(v, n, inputs)
                 run.cells.append(cell)
                 done.append((v, cell))
