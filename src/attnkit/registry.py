@@ -213,7 +213,7 @@ class Mechanism:
             close = [c for b in bad for c in difflib.get_close_matches(b, accepted, n=1, cutoff=0.6)]
             hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
             raise TypeError(
-                f"mechanism {self.name!r} got unexpected keyword argument(s) {', '.join(map(repr, bad))}{hint}; "
+                f"mechanism {self.name!r}: unknown parameters {', '.join(map(repr, bad))}{hint}; "
                 f"it accepts {self.describe_parameters()}") from None
 
 

@@ -686,6 +686,7 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
     for c in doc["results"]:
         row = dict(c)
         row["params"] = json.dumps(c["params"], default=str)
+        row["errors"] = json.dumps(c.get("errors"), default=str) if c.get("errors") else ""
         w.writerow(row)
     path.write_text(buf.getvalue())
 
