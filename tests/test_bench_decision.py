@@ -245,3 +245,28 @@ def test_coverage_names_why_each_record_was_left_out():
     assert "Coverage: 2 of 3" in rep.terminal_summary(doc)
     summary, left = rep.coverage(causal)
     assert summary.startswith("1 of 2") and left == ["fake_mean: no causal form"]
+
+
+def test_decoding_state_plot_for_causal_linear_attention(tmp_path):
+    pytest.importorskip("matplotlib")
+    from attnkit.bench import plots
+
+    doc = run_benchmark(tiny(mechanisms=["linear_elu"], seq_lens=[32]), progress=False)
+    cells = {c["label"]: c for c in doc["results"]}
+    kv, state = cells["sdpa causal"]["state_bytes"], cells["linear_elu causal"]["state_bytes"]
+    assert kv == 2 * 32 * 8 * 4 * 2 and state > 0  # K and V of 32 tokens, 2 heads, head dim 8, float32
+    assert cells["linear_elu causal"]["errors"]["clustered"] > 0
+    assert "state_vs_error.png" in plots.make_plots(doc, tmp_path)
+
+
+def test_compile_time_is_kept_out_of_the_budget():
+    from attnkit.bench.runner import _Run
+
+    run = _Run(tiny(), [], progress=False, on_cell=None)
+    run.start -= 100.0  # 100 s ago ...
+    run.compile_total_s = 90.0  # ... of which 90 s compiling
+    assert 10.0 <= run.elapsed_s() < 11.0
+    doc = {"config": {"backward": False, "device": "cpu", "dtype": "float32", "batch": 1, "heads": 4,
+                      "head_dim": 64}, "machine": {"cpu": "x", "torch_threads": 2, "torch": "2"},
+           "interrupted": False, "elapsed_s": 100.0, "compile_s": 90.0, "results": []}
+    assert "1m40s (of which 1m30s compiling, outside the budget)" in rep.headline(doc)

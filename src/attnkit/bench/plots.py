@@ -302,6 +302,46 @@ def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     return True
 
 
+def _state_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
+    """Decoding: the state a decoder keeps after n tokens (KV cache of softmax, recurrent state of linear
+    attention) against the error on clustered inputs, causal variants at the Pareto length, with the front."""
+    from attnkit.bench.measure import EXACT_TOLERANCE
+    from attnkit.bench.report import cell_error
+
+    n = pareto_length(doc)
+    pts = []
+    for c in doc["results"]:
+        if c["seq_len"] != n or c["status"] != "ok" or not c["causal"] or not c.get("state_bytes"):
+            continue
+        err = cell_error(c, doc, "clustered")
+        if err is not None:
+            pts.append((float(c["state_bytes"]), err, c))
+    if len(pts) < 2:
+        return False
+    tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
+    styles = _Styles(doc, plt)
+    fig, ax = plt.subplots(figsize=(10, 5.6))
+    for x, y, c in pts:
+        st = styles(c["label"])
+        ax.plot([x], [max(y, 1e-9)], linestyle="none", marker="o", markersize=8, color=st["color"], zorder=4)
+    front = pareto_front([(x, max(y, tol)) for x, y, _ in pts])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4, linewidth=1.5,
+            label="Pareto front (nothing keeps less state and is more accurate)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(_bytes_label))
+    _annotate(ax, [(x, max(y, 1e-9), c["label"], styles(c["label"])["color"]) for x, y, c in pts])
+    ax.set_xlabel(f"decoding state after n = {n} tokens (KV cache or recurrent state, log)")
+    ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
+    ax.set_title(f"Decoding: state kept vs error at n = {n} (causal)\n{_subtitle(doc)}", loc="left", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:
     """Write the PNG plots into ``out_dir``; returns their file names (plots with no data are left out)."""
     plt = _pyplot()
@@ -319,6 +359,8 @@ def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:
             made.append("memory_vs_length.png")
     if _pareto_plot(doc, out / "error_vs_time.png", plt):
         made.append("error_vs_time.png")
+    if _state_plot(doc, out / "state_vs_error.png", plt):
+        made.append("state_vs_error.png")
     if _sol_plot(doc, out / "speed_of_light.png", plt):
         made.append("speed_of_light.png")
     return made

@@ -572,6 +572,9 @@ def _plot_captions() -> dict[str, str]:
                              "view (lower left is better; the red line is the front: the mechanisms no other "
                              "beats on both). Masks (sliding window, neighborhoods) are placed by their error "
                              "against full attention, not against their own mask.",
+        "state_vs_error.png": "Decoding: the state a causal decoder keeps after n tokens (softmax's KV cache "
+                              "grows with n; linear attention's recurrent state does not) against the error on "
+                              "clustered inputs, with the Pareto front.",
         "speed_of_light.png": "Sparse patterns: time / speed of light at each length (1 = as fast as SDPA's "
                               "cost per allowed pair).",
     }
