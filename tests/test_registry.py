@@ -84,3 +84,15 @@ def test_mixer_layer_refuses_attention_only_arguments():
         MultiheadAttention(16, 2, mechanism="aft_simple", rotary=True)
     layer = MultiheadAttention(16, 2, mechanism="dynamic_conv")  # num_heads passed where the mixer takes it
     assert layer.inner.num_heads == 2 if hasattr(layer.inner, "num_heads") else True
+
+
+def test_head_ablation_refuses_a_mixer_layer():
+    import torch
+
+    from attnkit.analysis.heads import ablate_heads
+    from attnkit.nn import MultiheadAttention
+
+    model = torch.nn.Sequential(MultiheadAttention(16, 2, mechanism="aft_simple"))
+    with pytest.raises(ValueError, match="token mixer 'aft_simple'"):
+        with ablate_heads(model, {model[0]: [0]}):
+            pass
