@@ -270,3 +270,11 @@ def test_compile_time_is_kept_out_of_the_budget():
                       "head_dim": 64}, "machine": {"cpu": "x", "torch_threads": 2, "torch": "2"},
            "interrupted": False, "elapsed_s": 100.0, "compile_s": 90.0, "results": []}
     assert "1m40s (of which 1m30s compiling, outside the budget)" in rep.headline(doc)
+
+
+def test_decision_table_keeps_the_lengths_a_reader_asks_about():
+    lens = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    doc = _doc([_cell("sdpa", n, 1e-3 * n, n, "exact", kind="baseline") for n in lens])
+    chosen = rep.decision_lengths(doc)
+    assert len(chosen) == rep.DECISION_COLUMNS and {512, 4096, 16384, 65536} <= set(chosen)
+    assert rep.decision_lengths(_doc([_cell("sdpa", n, 1.0, 1, "exact") for n in lens[:3]])) == lens[:3]

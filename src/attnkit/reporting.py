@@ -21,6 +21,7 @@ figcaption{color:#555;font-style:italic;margin-bottom:1.5em}
 code{background:#f4f4f4;padding:1px 4px}
 div.wide{overflow-x:auto;max-width:100%}
 table.decide td,table.decide th{text-align:left;vertical-align:top} table.decide small{color:#666}
+table.decide td:first-child{min-width:230px} table.decide td{min-width:120px}
 """
 
 

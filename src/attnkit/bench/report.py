@@ -179,6 +179,8 @@ def problems(doc: dict[str, Any]) -> list[str]:
 
 # -- the decision: which mechanism to pick ------------------------------------------------------------------
 MEMORY_LIMIT_BYTES = 2**30  # the decision's "under 1 GiB" row
+_DECISION_LEAD = ("The fastest mechanism of each accuracy class at each length: time per call · peak memory of one "
+                  "call · error against full softmax on clustered inputs (approximations and masks).")
 _MODE_WORDS = {False: "Non-causal (encoders, prefill of bidirectional models)",
                True: "Causal (decoders): compared only with causal variants"}
 _DECISION_INTRO = (
@@ -274,8 +276,26 @@ def _pick(doc: dict[str, Any], n: int, need: str, causal: bool = False) -> dict[
     raise ValueError(need)
 
 
+DECISION_COLUMNS = 5  # lengths in the decision table (it must fit the first screen)
+
+
 def decision_lengths(doc: dict[str, Any], causal: bool = False) -> list[int]:
-    return sorted({c["seq_len"] for c in doc["results"] if c["status"] == "ok" and bool(c["causal"]) == causal})
+    """The lengths of the decision table: every length measured when they fit in ``DECISION_COLUMNS``
+    columns, else the shortest, 4K, 16K, the longest and evenly spread others (the rest are in the tables
+    below)."""
+    lens = sorted({c["seq_len"] for c in doc["results"] if c["status"] == "ok" and bool(c["causal"]) == causal})
+    if len(lens) <= DECISION_COLUMNS:
+        return lens
+    keep = {lens[0], lens[-1]} | ({4096, 16384} & set(lens))
+    rest = [n for n in lens if n not in keep]
+    while len(keep) < DECISION_COLUMNS and rest:
+        # the remaining length farthest (in log2) from those kept
+        import math
+
+        pick = max(rest, key=lambda n: min(abs(math.log2(n) - math.log2(k)) for k in keep))
+        keep.add(pick)
+        rest.remove(pick)
+    return sorted(keep)
 
 
 def decision_modes(doc: dict[str, Any]) -> list[bool]:
@@ -640,9 +660,10 @@ def write_html(doc: dict[str, Any], plots: list[str], path: Path) -> None:
         out.append("<p><b>The run was interrupted (Ctrl-C): these are the results gathered until then.</b></p>")
     modes = decision_modes(doc)
     if modes:
-        out += ["<h2 id='pick'>Which mechanism to pick</h2>", f"<p>{e(_DECISION_INTRO)}</p>"]
+        out += ["<h2 id='pick'>Which mechanism to pick</h2>", f"<p>{e(_DECISION_LEAD)}</p>"]
         for causal in modes:
             out += [f"<p><b>{e(_MODE_WORDS[causal])}</b></p>", _decision_html(doc, causal)]
+        out.append(f"<p><small>{e(_DECISION_INTRO)}</small></p>")
         if "error_vs_time.png" in plots:
             out.append("<p>Time against error, with the Pareto front: <a href='#pareto'>the plot below</a>.</p>")
         out += ["<h3>Fastest per family</h3>", _html_table(*family_table(doc))]
