@@ -190,6 +190,9 @@ def test_all_covers_every_record_or_names_why():
     assert cfg.seq_lens == [512, 4096, 16384] and cfg.time_budget_s == 600
     for v in variants:
         assert v.seq_lens or v.unsupported, v.label
+    # families interleaved: the first variants after the baselines span every family
+    first = [v.family for v in variants if v.kind != "baseline"][:6]
+    assert len(set(first)) == len({m.family for m in attnkit.list_mechanisms()})
     from attnkit.cli import main
 
     with pytest.raises(SystemExit):

@@ -152,8 +152,17 @@ def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any,
     ax.yaxis.set_major_formatter(plt.FuncFormatter(fmt))
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left", fontsize=11)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
+    entries = len(ax.get_legend_handles_labels()[1])
+    ncol = max(1, math.ceil(entries / 32))  # `--all`: many series, in columns of at most 32 entries
+    if ncol > 1:
+        fig.set_size_inches(11 + 2.6 * ncol, 6.2 + 0.05 * min(entries, 32))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8 if ncol == 1 else 6, frameon=False,
+              ncol=ncol)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Tight layout not applied" with a tall legend
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

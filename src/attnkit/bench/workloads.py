@@ -329,7 +329,24 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
     baselines = [Variant(SDPA, "baseline", c, "torch", True, "O(n^2 d)",
                          "torch.nn.functional.scaled_dot_product_attention", sorted(base_lens))
                  for c in causal_modes]
+    if config.all:
+        variants = _round_robin(variants)
     return baselines + variants
+
+
+def _round_robin(variants: list[Variant]) -> list[Variant]:
+    """Families interleaved (one variant of each in turn), so a run whose budget ends early has measured some
+    of every family rather than all of the first families."""
+    groups: dict[str, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(v.mechanism.family if v.mechanism is not None else v.family, []).append(v)
+    out: list[Variant] = []
+    queues = list(groups.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
 
 
 # The backend operation each family's mechanisms run through.
