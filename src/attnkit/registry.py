@@ -95,6 +95,13 @@ def _built_params(m: Mechanism) -> dict[str, Any]:
                 built = m.factory(**{**dict(m.small_params), **{k: shapes[k] for k in m.needs}})
             if type(built).__module__.startswith("attnkit"):
                 out = {k: v for k, v in _signature_params(type(built)).items() if k not in _INTERNAL}
+                for name in getattr(type(built), "accepted_params", ()):  # what its **kwargs take
+                    out.setdefault(name, UNSTATED)
+                fmap = getattr(built, "feature_map", None)  # linear attention: the feature map's own options
+                if fmap is not None and type(fmap).__module__.startswith("attnkit"):
+                    for name, default in _signature_params(type(fmap)).items():
+                        if name not in _INTERNAL and default is not REQUIRED:
+                            out.setdefault(name, default)
         except Exception:
             out = {}
         _BUILT_PARAMS[m.name] = out
@@ -212,9 +219,10 @@ class Mechanism:
             accepted = sorted(self.parameters())
             close = [c for b in bad for c in difflib.get_close_matches(b, accepted, n=1, cutoff=0.6)]
             hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            inner = "" if "<lambda>" in str(exc) else f" [{exc}]"  # the constructor's own words, when useful
             raise TypeError(
                 f"mechanism {self.name!r}: unknown parameters {', '.join(map(repr, bad))}{hint}; "
-                f"it accepts {self.describe_parameters()}") from None
+                f"it accepts {self.describe_parameters()}{inner}") from None
 
 
 def _unexpected_names(message: str, given: Mapping[str, Any], known: Mapping[str, Any]) -> list[str]:
