@@ -129,7 +129,8 @@ def detail_length(doc: dict[str, Any]) -> int | None:
 
 
 def detail_table(doc: dict[str, Any], n: int) -> tuple[list[str], list[list[str]]]:
-    header = ["mechanism", "time (min-max)", "x SDPA", "GFLOP/s", "peak mem", "error", "check", "SoL x"]
+    header = ["mechanism", "class", "time (min-max)", "x SDPA", "GFLOP/s", "peak mem", "error", "check",
+              "err vs full (clustered)", "SoL x"]
     idx = _cell_index(doc)
     rows = []
     for v in _labels(doc):
@@ -137,12 +138,14 @@ def detail_table(doc: dict[str, Any], n: int) -> tuple[list[str], list[list[str]
         if c is None:
             continue
         if c["status"] != "ok":
-            rows.append([v["label"], _STATUS_WORD.get(c["status"], c["status"]), "", "", "", "", "", ""])
+            rows.append([v["label"], "", _STATUS_WORD.get(c["status"], c["status"])] + [""] * 7)
             continue
         spread = f"{fmt_time(c['time_s'])} ({fmt_time(c['time_min_s'])}-{fmt_time(c['time_max_s'])})"
-        rows.append([v["label"], spread, _fmt_ratio(c["vs_sdpa"]), _fmt_num(c["gflops_per_s"]),
+        spread += "~" if c.get("unstable") else ""
+        full = cell_error(c, doc) if cell_class(c) != "exact" else None
+        rows.append([v["label"], cell_class(c), spread, _fmt_ratio(c["vs_sdpa"]), _fmt_num(c["gflops_per_s"]),
                      fmt_bytes(c["peak_memory_bytes"]), _fmt_err(c["error"]), c["exact_check"] or "",
-                     _fmt_ratio(c["speed_of_light_ratio"])])
+                     _fmt_err(full), _fmt_ratio(c["speed_of_light_ratio"])])
     return header, rows
 
 
@@ -485,8 +488,10 @@ def terminal_summary(doc: dict[str, Any]) -> str:
               "time or memory budget, n/a = unsupported; " + UNSTABLE_NOTE + "):", _text_table(*time_table(doc))]
     n = detail_length(doc)
     if n is not None:
-        parts += ["", f"At n={n}: x SDPA = time / SDPA time; error = relative error vs exact softmax; "
-                      "SoL x = time / speed of light (SDPA time x pattern density)",
+        parts += ["", f"At n={n}: x SDPA = time / SDPA time; error = relative error vs exact softmax (under the "
+                      "mechanism's own mask, if any: the check); err vs full = against full softmax on clustered "
+                      "inputs (a mask is a different model); SoL x = time / speed of light (SDPA time x pattern "
+                      "density)",
                   _text_table(*detail_table(doc, n))]
     summary, left = coverage(doc)
     if doc["config"].get("all") or left:
