@@ -427,12 +427,11 @@ def decision_lines(doc: dict[str, Any]) -> list[str]:
     for causal in decision_modes(doc):
         lengths = decision_lengths(doc, causal)
         rows = decision_cells(doc, causal)
-        for n in sorted({lengths[-1]} | ({4096} if 4096 in lengths else set())):
-            out.append(f"Pick at n={fmt_len(n)}{', causal' if causal else ''}:")
-            for need, _why, picks in rows:
-                name, detail = _pick_text(picks[n], doc)
-                if picks[n] is not None:
-                    out.append(f"  {need:46s} {name} ({detail})")
+        for n in sorted({lengths[-1]} | ({4096, 16384} & set(lengths))):
+            lines = [f"  {need:46s} {_pick_text(picks[n], doc)[0]} ({_pick_text(picks[n], doc)[1]})"
+                     for need, _why, picks in rows if picks[n] is not None]
+            if lines:
+                out += [f"Pick at n={fmt_len(n)}{', causal' if causal else ''}:"] + lines
     return out
 
 
