@@ -70,6 +70,11 @@ def test_list_shows_kind_parameters_devices():
     assert "\nsliding_window" not in text
 
 
+def test_list_family_suggests_a_close_name(capsys):
+    assert main(["list", "--family", "mixer"]) == 2
+    assert "did you mean 'mixers'?" in capsys.readouterr().err
+
+
 def test_bench_mechanisms_suggests_close_names(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--mechanisms", "performr,slidng_window", "--quick", "--no-progress"])

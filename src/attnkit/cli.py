@@ -57,8 +57,12 @@ def _run_list(args: argparse.Namespace) -> int:
     families = sorted({m.family for m in mechanisms})
     if args.family is not None:
         if args.family not in families:
-            print(f"attnkit list: error: no family {args.family!r}; families: {', '.join(families) or '(none)'}",
-                  file=sys.stderr)
+            import difflib
+
+            close = difflib.get_close_matches(args.family, families, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            print(f"attnkit list: error: no family {args.family!r}; families: {', '.join(families) or '(none)'}"
+                  f"{hint}", file=sys.stderr)
             return 2
         mechanisms = [m for m in mechanisms if m.family == args.family]
     if getattr(args, "kind", None):
