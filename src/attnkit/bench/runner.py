@@ -369,14 +369,16 @@ class _Run:
         self.error(v, n, inputs, out, cell)
         del out
 
+        # Cheap cells get at least 3 timed calls (a spread to judge); a slow one keeps to its budget.
+        min_repeats = min(3, max(c.repeats, 1)) if first <= c.cell_budget_s / 3 else 1
         times = measure.time_calls(call, self.device, repeats=max(c.repeats, 1), budget_s=c.cell_budget_s,
-                                   min_repeats=min(3, max(c.repeats, 1)))
+                                   min_repeats=min_repeats)
         cell["reruns"] = 0
-        if len(times) >= 2 and max(times) > UNSTABLE_SPREAD * min(times):
+        if len(times) >= 2 and max(times) > UNSTABLE_SPREAD * min(times) and sum(times) <= 2 * c.cell_budget_s:
             # A large spread means the machine was busy during some calls: time the cell again, keep the
             # steadier run, and flag the cell if both runs spread.
             again = measure.time_calls(call, self.device, repeats=max(c.repeats, 1), budget_s=c.cell_budget_s,
-                                       min_repeats=min(3, max(c.repeats, 1)))
+                                       min_repeats=min_repeats)
             cell["reruns"] = 1
             if max(again) / min(again) < max(times) / min(times):
                 times = again
