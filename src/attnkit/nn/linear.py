@@ -52,6 +52,8 @@ class KernelizedAttention(nn.Module):
     ``.parameters()`` see its parameters and buffers.
     """
 
+    accepted_params = ENGINE_PARAMS  # what ``**engine`` takes (``Mechanism.parameters()`` lists them)
+
     def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
         super().__init__()
         unknown = set(engine) - set(ENGINE_PARAMS)
