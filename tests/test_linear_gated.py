@@ -101,6 +101,41 @@ def test_strong_gates_in_the_gated_delta_rule():
         assert_close(out, ref, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind", ["gla_scalar", "gla_vector", "gated_delta"])
+def test_a_decay_of_exactly_zero_matches_the_recurrence_forward_and_backward(kind, dtype):
+    """Issue 28: ``log_decay = -inf`` (a decay of exactly 0, which erases the state) at a few tokens made the chunked
+    form NaN (``-inf - -inf`` in the within-chunk cumulative sums), forward and backward; the recurrence is finite.
+    Zeros at a chunk's first, middle and last token, and a run of two; in one of the vector gate's dimensions."""
+    n, c = 29, 8
+    q, k, v, s0, beta = _case(n=n, dk=4, dv=3, heads=2, seed=31, dtype=dtype)
+    k = F.normalize(k, dim=-1)
+    shape = (2, 2, n, 4) if kind == "gla_vector" else (2, 2, n)
+    g = _gate(shape, seed=32).to(dtype)
+    zero = [0, 8, 11, 12, 15, 27]
+    if kind == "gla_vector":
+        g[:, :, zero, 1] = -torch.inf
+        g[1, 0, 20, :] = -torch.inf
+    else:
+        g[:, :, zero] = -torch.inf
+    results = {}
+    for mode in ("recurrent", "chunked"):
+        ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v, s0, g)]
+        if kind == "gated_delta":
+            out, s = delta_rule_attention(ins[0], ins[1], ins[2], beta, log_decay=ins[4], mode=mode, chunk_size=c,
+                                          initial_state=ins[3], return_state=True)
+        else:
+            out, s = gated_linear_attention(ins[0], ins[1], ins[2], ins[4], mode=mode, chunk_size=c,
+                                            initial_state=ins[3], return_state=True)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=dtype)).sum() + s.square().sum()
+        loss.backward()
+        results[mode] = (out, s, *(t.grad for t in ins))
+    for name, a, b in zip(("out", "state", "dq", "dk", "dv", "ds0", "dlog_decay"), results["chunked"],
+                          results["recurrent"]):
+        assert torch.isfinite(a).all(), f"{kind}: chunked {name} is not finite"
+        assert_close(a, b, dtype=dtype, scale=1.0 if dtype == F64 else 4.0, msg=f"{kind} {name}")
+
+
 @pytest.mark.parametrize("kind", ["gla_scalar", "gla_vector", "delta", "gated_delta"])
 def test_prefill_then_decode_equals_one_call(kind):
     """States carry across calls: a chunked prefill of 29 tokens, 7 one-token recurrent steps, then a chunked
@@ -262,6 +297,10 @@ def test_bad_input_is_a_clear_error():
         delta_rule_attention(q, k, v, beta[..., None])
     with pytest.raises(ValueError, match="initial_state must have shape"):
         gated_linear_attention(q, k, v, g, initial_state=s0[:, :1])
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):  # issue 28: torch's message
+        gated_linear_attention(q, k, v, g, initial_state=s0.to("meta"))
+    with pytest.raises(TypeError, match="initial_state must be a floating-point"):
+        delta_rule_attention(q, k, v, beta, initial_state=s0.long())
     with pytest.raises(ValueError, match="mode must be one of"):
         gated_linear_attention(q, k, v, g, mode="parallel")
     with pytest.raises(ValueError, match="chunk_size"):
