@@ -39,6 +39,7 @@ from attnkit.ops.approx._common import (
     masked_attention_lse,
     merge_lse,
     prepare,
+    propagate_nonfinite,
     segment_ids,
     upcast,
 )
@@ -72,6 +73,9 @@ def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     ``idx, valid [b, h, c, w]`` -> ``out [b, h, c, dv]``, ``lse [b, h, c]`` (no valid key: 0 and -inf).
     Memory O(c w d): the shared last step of IceFormer, RetrievalAttention, SEA and Loki."""
     kc, vc = _gather(k, idx), _gather(v, idx)
+    # masked entries hold clamped (arbitrary) rows: zero them, so that a NaN there (a future key's value) cannot
+    # reach the output as 0 * NaN
+    vc = vc.masked_fill(~valid[..., None], 0.0)
     s = torch.einsum("bhcd,bhcwd->bhcw", q, kc) * scale
     o, lse = masked_attention_lse(s.unsqueeze(-2), vc, valid.unsqueeze(-2))
     return o.squeeze(-2), lse.squeeze(-1)
@@ -197,7 +201,8 @@ def iceformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     check_positive_int("chunk_size", chunk_size)
     idx, valid = select_topk(q, k, top_k, causal=causal, index=index, chunk_size=chunk_size,
                              index_params=index_params)
-    return _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
+    out = _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
+    return propagate_nonfinite(out, q, k, v, causal)  # as dense attention (a NaN key is never retrieved)
 
 
 # ------------------------------------------------------------------------------------- RetrievalAttention
@@ -272,7 +277,7 @@ def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
         o2, lse2 = attend_selected(q[:, :, start:stop], k, v, sidx.expand(b, h, -1, -1),
                                    svalid.expand(b, h, -1, -1), scale)
         outs.append(merge_lse(o1[:, :, start:stop], lse1[:, :, start:stop], o2, lse2)[0])
-    return torch.cat(outs, dim=2).to(v.dtype)
+    return propagate_nonfinite(torch.cat(outs, dim=2).to(v.dtype), q, k, v, causal)  # as dense attention
 
 
 # -------------------------------------------------------------------------------------------------- SEA
@@ -376,7 +381,7 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
         if causal:
             valid = valid & (idx <= torch.arange(start, stop, device=dev)[:, None, None])
         out.append(attend_selected(q[:, :, start:stop], k, v, idx.flatten(-2), valid.flatten(-2), scale)[0])
-    return torch.cat(out, dim=2)
+    return propagate_nonfinite(torch.cat(out, dim=2), q, k, v, causal)  # as dense attention
 
 
 # ---------------------------------------------------------------------------------------------- decoding

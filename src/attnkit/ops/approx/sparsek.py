@@ -38,6 +38,7 @@ from attnkit.ops.approx._common import (
     masked_attention_lse,
     merge_lse,
     prepare,
+    propagate_nonfinite,
 )
 
 __all__ = ["sparsek_attention", "sparsek_reference", "sparsek_mask", "sparsek_threshold", "sparsek_scores"]
@@ -193,6 +194,11 @@ def sparsek_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_
     """
     check_positive_int("chunk_size", chunk_size)
     k, v, scale, u = _setup(q, k, v, top_k, scores, score_weight, score_bias, window, causal, scale)
+    out = _sparsek(q, k, v, u, top_k, window, causal, chunk_size, scale)
+    return propagate_nonfinite(out, q, k, v, causal)  # a NaN key drops out of the selection: NaN rows instead
+
+
+def _sparsek(q, k, v, u, top_k, window, causal, chunk_size, scale):
     b, h, n, _ = q.shape
     nk = k.shape[2]
     if not causal:

@@ -39,7 +39,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.approx._common import causal_mask, check_positive_int, prepare, randn, sort_by, unsort
+from attnkit.ops.approx._common import (
+    causal_mask,
+    check_positive_int,
+    prepare,
+    propagate_nonfinite,
+    randn,
+    sort_by,
+    unsort,
+)
 
 __all__ = ["yoso_attention", "yoso_reference", "yoso_expectation"]
 
@@ -213,7 +221,8 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: in
         total = _YosoLSH.apply(qn.to(acc), kn.to(acc), v1, cq, ck, tau, causal, chunk_size)
     else:
         total = _estimate(v1, cq, ck, tau, causal)
-    return _finish(total[..., :dv], total[..., dv], normalize, v.dtype)
+    # a NaN key or value hashes to some bucket and would vanish from the estimate: NaN rows, as dense attention
+    return propagate_nonfinite(_finish(total[..., :dv], total[..., dv], normalize, v.dtype), q, k, v, causal)
 
 
 def yoso_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: int = 8, num_hashes: int = 32,
