@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, repeat_kv
+from attnkit.ops.linear._common import check_inner_loop
 from attnkit.ops.linear.ttt import _batch_grads, _read, default_weights
 
 __all__ = ["titans_memory", "titans_memory_reference", "titans_read"]
@@ -125,13 +126,21 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta, eta,
         moments = tuple(torch.zeros_like(w) for w in weights)
     else:
         weights, moments = (tuple(t.to(work) for t in part) for part in initial_state)
+    weights_in = weights
     outs = []
     for lo in range(0, n, chunk_size):
         sl = slice(lo, min(n, lo + chunk_size))
         y, weights, moments = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
                                      alpha[:, :, sl], weights, moments)
         outs.append(y)
-    y = torch.cat(outs, dim=2).to(dtype)
+    y = torch.cat(outs, dim=2)
+    check_inner_loop("titans memory", y, (q, k, v, theta, eta, alpha, *weights_in),
+                     lambda: f"the step gates theta (up to {float(theta.detach().amax()):.2f} "
+                     f"here) times the summed gradients of a chunk of {chunk_size} tokens overshoot. Keep the "
+                     f"input normalised (LayerNorm / RMSNorm before the mixer, as in a pre-norm block: inputs far "
+                     f"from unit scale saturate the gates and grow |v|), lower chunk_size (1: the sequential rule) "
+                     f"or theta, or use model='linear'")
+    y = y.to(dtype)
     return (y, (weights, moments)) if return_state else y
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, repeat_kv
+from attnkit.ops.linear._common import check_inner_loop
 
 __all__ = ["ttt", "ttt_reference", "default_weights"]
 
@@ -167,6 +168,11 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
             z, weights = step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], eta_t[:, :, lo:hi], weights, ln)
             outs.append(z)
         z = torch.cat(outs, dim=2)
+    check_inner_loop("ttt", z, (q, k, v, eta_t, *initial_state),
+                     lambda: f"the inner learning rate eta (up to {float(eta_t.detach().amax()):.3g} here) times "
+                     f"|k|^2 (up to {float(k.detach().square().sum(-1).amax()):.3g}) "
+                     f"over mini-batches of {mini_batch} tokens overshoots. Keep the input normalised (LayerNorm / "
+                     f"RMSNorm before the mixer, as in a pre-norm block), or lower eta (eta_base) or mini_batch")
     z = z.to(dtype)
     return (z, weights) if return_state else z
 
