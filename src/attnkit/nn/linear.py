@@ -511,6 +511,7 @@ class TitansLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, memory_fn=None) -> torch.Tensor:
         """``memory_fn``: the memory routine (``titans_memory``; tests pass the token-by-token reference)."""
+        from attnkit.ops.linear._common import check_inner_loop
         from attnkit.ops.linear.titans import titans_memory, titans_read
 
         _check_x(x, self.dim)
@@ -533,7 +534,12 @@ class TitansLayer(nn.Module):
             y = self.short_term(seg, context=h)
             m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
             outs.append(y * torch.sigmoid(self.gate_proj(m)))
-        return self.out_proj(torch.cat(outs, dim=1))
+        out = self.out_proj(torch.cat(outs, dim=1))
+        # a memory grown huge (but finite) by its updates overflows the next segment's attention over its read-out
+        check_inner_loop("titans (mac)", (out,), (x,), lambda: (
+            "the memory read as context overflowed the segment attention after the memory's gradient steps grew it; "
+            "keep the input normalised (LayerNorm / RMSNorm before the mixer), lower chunk_size or theta"))
+        return out
 
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

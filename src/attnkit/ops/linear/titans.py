@@ -134,7 +134,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta, eta,
                                      alpha[:, :, sl], weights, moments)
         outs.append(y)
     y = torch.cat(outs, dim=2)
-    check_inner_loop("titans memory", y, (q, k, v, theta, eta, alpha, *weights_in),
+    check_inner_loop("titans memory", (y, *weights, *moments), (q, k, v, theta, eta, alpha, *weights_in),
                      lambda: f"the step gates theta (up to {float(theta.detach().amax()):.2f} "
                      f"here) times the summed gradients of a chunk of {chunk_size} tokens overshoot. Keep the "
                      f"input normalised (LayerNorm / RMSNorm before the mixer, as in a pre-norm block: inputs far "
@@ -146,7 +146,12 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta, eta,
 
 def titans_read(q: torch.Tensor, weights: tuple) -> torch.Tensor:
     """Retrieval without update, ``M*(q)``: ``q [batch, heads, n, d_k]`` with a memory ``weights`` tuple."""
-    return _read(q, weights)
+    y = _read(q, weights)
+    check_inner_loop("titans memory read", (y,), (q, *weights),
+                     lambda: "the memory's weights (up to "
+                     f"{max(float(w.detach().abs().amax()) for w in weights):.3g}) overflow the read-out: the "
+                     "memory's gradient steps grew it (keep the input normalised, lower chunk_size or theta)")
+    return y
 
 
 def titans_memory_reference(q, k, v, theta, eta, alpha, *, model: str = "mlp", chunk_size: int = 16,

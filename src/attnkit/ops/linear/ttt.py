@@ -168,7 +168,7 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
             z, weights = step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], eta_t[:, :, lo:hi], weights, ln)
             outs.append(z)
         z = torch.cat(outs, dim=2)
-    check_inner_loop("ttt", z, (q, k, v, eta_t, *initial_state),
+    check_inner_loop("ttt", (z, *weights), (q, k, v, eta_t, *initial_state),
                      lambda: f"the inner learning rate eta (up to {float(eta_t.detach().amax()):.3g} here) times "
                      f"|k|^2 (up to {float(k.detach().square().sum(-1).amax()):.3g}) "
                      f"over mini-batches of {mini_batch} tokens overshoots. Keep the input normalised (LayerNorm / "
