@@ -3,6 +3,8 @@ carried states, gradients, dtypes, the papers' invariants and bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -434,3 +436,47 @@ def linear_attention_reference_lln(q, k, v):
     from attnkit.ops.linear import linear_attention_reference
 
     return linear_attention_reference(q, k, v, feature_map="lln", causal=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0, 100.0])
+def test_lln_causal_is_exact_at_large_scale(scale):
+    """Issue 28: causal LLN (which drops the keys' global max shift, a function of later keys) overflowed
+    exp(beta k) and returned NaN at 10x unit-scale inputs. The prefix maximum as a shift, carried as a decay of
+    the state, is exact: equal to the unshifted float64 quadratic form wherever that one is finite (eps=0: the
+    old eps floor biased rows with small denominators), finite in float32 at every scale, and the module path
+    (records lln / lln_diag) stays finite. Gradients flow."""
+    from attnkit.ops.linear.reference import linear_attention_reference
+
+    q, k, v = random_qkv(2, 2, 40, dim=8, dtype=F64, seed=41, kv_heads=1)
+    qs, ks = q * scale, k * scale
+    fm = "lln"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows lost in float32 at 10x and 100x: said and 0
+        out32 = linear_attention(qs.float(), ks.float(), v.float(), feature_map=fm, causal=True, chunk_size=16)
+    assert torch.isfinite(out32).all()
+    if scale <= 3.0:  # beyond, exp(beta k) overflows even float64 in the unshifted reference
+        from attnkit.feature_maps import LogNormalFeatureMap
+
+        ref = linear_attention_reference(qs, ks, v, feature_map=LogNormalFeatureMap(causal=True), causal=True,
+                                         eps=1e-300)
+        assert_close(linear_attention(qs, ks, v, feature_map=fm, causal=True, chunk_size=16), ref)
+        assert_close(out32, ref, dtype=torch.float32, scale=4.0)
+    # the output is a convex combination of the visible values, or (at 100x, where the kernel is a near-hard
+    # maximum the factorised form cannot hold) 0 in rows whose denominator underflowed, with a warning
+    lo = v.cummin(2).values.repeat_interleave(2, dim=1)
+    hi = v.cummax(2).values.repeat_interleave(2, dim=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out64 = linear_attention(qs, ks, v, feature_map=fm, causal=True, chunk_size=16)
+    inside = ((out64 >= lo - 1e-9) & (out64 <= hi + 1e-9)).all(-1)
+    zero_rows = (out64 == 0).all(-1)
+    assert (inside | zero_rows).all()
+    warned = any("denominators underflowed" in str(w.message) for w in caught)
+    assert warned == bool(zero_rows.any()), "zero rows without the warning (or a warning without them)"
+    if scale <= 10.0:
+        assert not zero_rows.any()
+    qg = qs.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        linear_attention(qg, ks, v, feature_map=fm, causal=True).sum().backward()
+    assert torch.isfinite(qg.grad).all()

@@ -297,7 +297,9 @@ def _log_floor(dtype: torch.dtype) -> float:
     return math.log(fi.tiny) + math.log(fi.eps) - math.log(4.0)  # log(smallest subnormal / 4)
 
 
-def _gated_chunked(q, k, v, g, s, c):
+def _gated_chunked(q, k, v, g, s, c, factorise: bool = True):
+    """``factorise=False``: always the masked decay-matrix / sub-chunk path (exact for any span; which path runs
+    then never depends on later tokens, so a chunk's outputs are bitwise independent of the future)."""
     b, h, n, _ = q.shape
     c = min(c, n)
     g = g.clamp_min(_log_floor(g.dtype))  # decays of exactly 0 (g = -inf): see _log_floor
@@ -311,7 +313,7 @@ def _gated_chunked(q, k, v, g, s, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
         last = G[..., -1:, :]
-        if bool(last.detach().amin() >= -span):
+        if factorise and bool(last.detach().amin() >= -span):
             # The usual case, one matmul for scalar and vector gates alike: with E = exp(G - G_c) in
             # [1, exp(span)], A_ij = (q_i E_i) . (k_j / E_j); k / E is also the key of the chunk's state update,
             # and q E exp(G_c) = q exp(G) the query that reads the carried state.
