@@ -372,3 +372,22 @@ def test_a_non_finite_key_propagates_like_dense_attention(name, causal):
     q_nan[1, 0, 3, 0] = float("nan")
     out = fn(q_nan, k, v, causal=causal)
     assert torch.isnan(out[1, 0, 3]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("method", ["iceformer", "retrieval"])
+def test_decoder_propagates_a_non_finite_key_like_dense_attention(method):
+    """The decoder's index skips a NaN key; every later step's output is NaN (a dense decoder's would be), also
+    once the key has left RetrievalAttention's window; other heads are unaffected."""
+    q, k, v = qkv(n=40, d=8, dtype=torch.float32, seed=9)
+    k_bad = k.clone()
+    k_bad[0, 1, 10, 3] = float("nan")
+    dec = RetrievalDecoder(method, top_k=4, num_sink=1, window=4, index="exact").prefill(k_bad[:, :, :30],
+                                                                                      v[:, :, :30])
+    clean = RetrievalDecoder(method, top_k=4, num_sink=1, window=4, index="exact").prefill(k[:, :, :30], v[:, :, :30])
+    for t in range(30, 34):
+        out = dec.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref = clean.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert torch.isnan(out[0, 1]).all()
+        keep = torch.ones(2, 2, dtype=torch.bool)
+        keep[0, 1] = False
+        assert_close(out[keep], ref[keep], dtype=torch.float32)

@@ -425,6 +425,9 @@ class RetrievalDecoder:
         self.length = 0
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
         self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
+        # [b, h]: a non-finite key or value was appended (the index skips it): later outputs are NaN, as in dense
+        # attention, instead of finite outputs computed as if it were absent
+        self._nonfinite: torch.Tensor | None = None
 
     def _reserve(self, extra: int) -> None:
         need = self.length + extra
@@ -445,6 +448,8 @@ class RetrievalDecoder:
             raise ValueError(f"k is {tuple(k.shape)} but the cache holds [batch, heads, ., dim] = "
                              f"{tuple(self.k.shape[:2])}, {self.k.shape[3]}")
         m = k.shape[2]
+        bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).all(-1)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._reserve(m)
         self.k[:, :, self.length:self.length + m] = k
         self.v[:, :, self.length:self.length + m] = v
@@ -507,7 +512,9 @@ class RetrievalDecoder:
         vc = self.v.view(-1, self.v.shape[-1]).index_select(0, rows).view(b, h, m, -1, self.v.shape[-1])
         s = (kc @ (q * scale).unsqueeze(-1)).squeeze(-1)  # [b, h, m, w]
         p = torch.softmax(upcast(s).masked_fill(idx < 0, float("-inf")), dim=-1)
-        return (p.unsqueeze(-2).to(vc.dtype) @ vc).squeeze(-2)
+        out = (p.unsqueeze(-2).to(vc.dtype) @ vc.masked_fill((idx < 0)[..., None], 0.0)).squeeze(-2)
+        poisoned = self._nonfinite[..., None] | ~torch.isfinite(q).all(-1)  # [b, h, m]
+        return out.masked_fill(poisoned[..., None], float("nan"))
 
 
 def _flops_topk(batch, heads, q_len, kv_len, head_dim, top_k):
