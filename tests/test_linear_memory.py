@@ -446,3 +446,24 @@ def test_ttt_divergence_is_a_clear_error():
     k_nan = k.clone()
     k_nan[0, 0, 4, 0] = float("nan")
     assert torch.isnan(ttt(q, k_nan, v, 0.01, model="mlp", mini_batch=8)).any()
+
+
+def test_states_on_another_device_or_of_integer_dtype_are_our_errors():
+    """Issue 28: a carried state on another device reached torch ("Cannot copy out of meta tensor", "not on the
+    expected device"); now errors that name the argument."""
+    from attnkit import linear_attention
+    from attnkit.ops.linear.titans import titans_memory
+
+    q, k, v = random_qkv(1, 2, 8, dim=8, seed=4)
+    _, s = linear_attention(q, k, v, causal=True, return_state=True)
+    with pytest.raises(ValueError, match="state must be on the device of q"):
+        linear_attention(q, k, v, causal=True, state=(s.S.to("meta"), s.z.to("meta")))
+    with pytest.raises(TypeError, match="state must be floating-point"):
+        linear_attention(q, k, v, causal=True, state=(s.S.long(), s.z.long()))
+    _, w = ttt(q, k, v, 0.1, return_state=True)
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):
+        ttt(q, k, v, 0.1, initial_state=tuple(t.to("meta") for t in w))
+    _, st = titans_memory(q, k, v, 0.1, 0.5, 0.1, return_state=True)
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):
+        titans_memory(q, k, v, 0.1, 0.5, 0.1, initial_state=tuple(tuple(t.to("meta") for t in p) for p in st))
+    assert torch.isfinite(titans_memory(q, k, v, 0.1, 0.5, 0.1, initial_state=st)).all()

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from attnkit._checks import check_qkv
+from attnkit._checks import check_qkv, check_state
 from attnkit.errors import NotSupportedError
 from attnkit.feature_maps import FeatureMap, LogNormalFeatureMap, _PositiveRandomFeatureMap
 from attnkit.feature_maps import get as get_feature_map
@@ -92,6 +92,7 @@ def _resolve_state(state, b: int, h: int, dv: int, device, fm: FeatureMap,
     if not isinstance(state, LinearAttentionState):
         raise TypeError("state must be a LinearAttentionState (returned with return_state=True) or a tuple (S, z)")
     S, z = state.S, state.z
+    check_state("state", (S, z), torch.empty(0, device=device))
     if S.dim() != 4 or S.shape[0] != b or S.shape[1] != h or S.shape[3] != dv:
         raise ValueError(
             f"state.S must have shape [batch={b}, heads={h}, features, d_v={dv}], got {tuple(S.shape)}; "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit._checks import check_qkv, repeat_kv
+from attnkit._checks import check_qkv, check_state, repeat_kv
 from attnkit.ops.linear._common import check_inner_loop
 from attnkit.ops.linear.ttt import _batch_grads, _read, default_weights
 
@@ -125,6 +125,7 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta, eta,
         weights = default_weights(model, b, h, dk, v.shape[-1], hidden, q.device, work)
         moments = tuple(torch.zeros_like(w) for w in weights)
     else:
+        check_state("initial_state", (*initial_state[0], *initial_state[1]), q)
         weights, moments = (tuple(t.to(work) for t in part) for part in initial_state)
     weights_in = weights
     outs = []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit._checks import check_qkv, repeat_kv
+from attnkit._checks import check_qkv, check_state, repeat_kv
 from attnkit.ops.linear._common import check_inner_loop
 
 __all__ = ["ttt", "ttt_reference", "default_weights"]
@@ -155,6 +155,7 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
         raise ValueError(f"eta must be a float or [batch={bsz}, heads={h}, n={n}], got {tuple(eta_t.shape)}")
     if initial_state is None:
         initial_state = default_weights(model, bsz, h, dk, dv, hidden, q.device, work)
+    check_state("initial_state", initial_state, q)
     weights = tuple(w.to(work) for w in initial_state)
     ln = _ln_params(model, ln, h, dk, q)
     step = _dual_batch if form == "dual" else _primal_batch
