@@ -40,6 +40,13 @@ def propagate_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return out.masked_fill(poisoned[..., None], float("nan"))
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every row (last axis) that holds a non-finite value set to 0: what selection-based mechanisms
+    compute with, so that such a key or value cannot reach rows that never see it (as ``0 * NaN`` in a shared
+    product); :func:`propagate_nonfinite` then puts NaN exactly where dense attention has it."""
+    return x.masked_fill(~torch.isfinite(x).all(-1, keepdim=True), 0.0)
+
+
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
