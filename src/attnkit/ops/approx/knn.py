@@ -101,7 +101,8 @@ class KeyIndex:
     ``num_lists`` (ivf; default ``2 sqrt(n)`` at build), ``num_probes`` (ivf lists scanned per query),
     ``hnsw_m``, ``ef_construction``, ``ef_search`` (faiss HNSW), ``tail_limit`` (ivf: keys kept in the exact
     tail before they are merged into the lists), ``seed`` (k-means start). The index keeps its own float32
-    copy of the keys (on the keys' device for exact/ivf; in faiss's memory for faiss).
+    copy of the keys (on the keys' device for exact/ivf; in faiss's memory for faiss). Keys with a NaN or an
+    infinity are skipped (never returned; see the module docstring).
     """
 
     def __init__(self, kind: str = "auto", *, num_lists: int | None = None, num_probes: int = 16,
