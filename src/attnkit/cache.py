@@ -67,8 +67,8 @@ def _check_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, dim], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-    if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"new q, k, v must have the same length and k, v the same batch/heads: got q "
+    if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"new q, k, v must have the same batch and length and k, v the same heads: got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}), both >= 1")
@@ -78,7 +78,19 @@ def _as_lengths(lengths, batch: int, n: int, device) -> torch.Tensor:
     """Valid new tokens per batch element, ``[batch]`` long (default: all ``n``)."""
     if lengths is None:
         return torch.full((batch,), n, dtype=torch.long, device=device)
-    t = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    try:
+        raw = lengths.to(device) if isinstance(lengths, torch.Tensor) else torch.as_tensor(lengths, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"lengths must be a sequence or tensor of ints (new tokens per batch element), got "
+                        f"{lengths!r}") from exc
+    raw = raw.reshape(-1)
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"lengths must be integers (new tokens per batch element), got {raw.dtype}")
+    if raw.is_floating_point():
+        if not bool((torch.isfinite(raw) & (raw == raw.round())).all()):
+            raise ValueError(f"lengths must be whole numbers of tokens, got {raw.tolist()} (a fractional or "
+                             f"non-finite length would be truncated); pass integers")
+    t = raw.to(torch.long)
     if t.numel() != batch:
         raise ValueError(f"lengths must have one entry per batch element ({batch}), got {t.numel()}")
     if bool((t < 0).any()) or bool((t > n).any()):

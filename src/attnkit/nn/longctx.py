@@ -88,6 +88,8 @@ class BlockTransformerMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x(x, self.dim)
         b, n, c = x.shape
+        if n == 0:  # no tokens: an empty output (no block to summarise)
+            return x.new_zeros(x.shape)
         L = self.block_size
         nb = -(-n // L)
         pad = nb * L - n
