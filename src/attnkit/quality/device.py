@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # Mechanisms kept in float32 under ``precision="auto"`` on CUDA, with the reason. (Records with
 # ``tolerance_scale > 1`` are added by :func:`precision_reason`.)
 FLOAT32_MECHANISMS: dict[str, str] = {
-    "hrr": "its record's bf16 tolerance is 4x the default (tolerance_scale=4.0): the binding's FFT round trip "
+    "hrrformer": "its record's bf16 tolerance is 4x the default (tolerance_scale=4.0): the binding's FFT round trip "
            "loses bits that recall needs",
 }
 
@@ -69,7 +69,7 @@ def _base(mechanism: str) -> str:
 
 
 def precision_reason(mechanism: str) -> str | None:
-    """Why ``mechanism`` (an entry such as ``"hrr@num_heads=2"``) trains in float32 under ``precision="auto"``
+    """Why ``mechanism`` (an entry such as ``"hrrformer@num_heads=2"``) trains in float32 under ``precision="auto"``
     on CUDA, or ``None`` when bf16 autocast is safe for it."""
     base = _base(mechanism)
     if base in FLOAT32_MECHANISMS:

@@ -207,7 +207,9 @@ def zoology_tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[
     rows = doc["rows"]
     settings = list(dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in rows))
     widths = sorted({r["width"] for r in rows})
-    labels = list(dict.fromkeys(r["label"] for r in rows))
+    order = [e["label"] for e in doc.get("preset", {}).get("mechanisms", [])]
+    labels = list(dict.fromkeys([lab for lab in order if any(r["label"] == lab for r in rows)]
+                                + [r["label"] for r in rows]))
     out = []
     for seq_len, pairs in settings:
         by = {(r["label"], r["width"]): r for r in rows if (r["seq_len"], r["num_kv_pairs"]) == (seq_len, pairs)}
@@ -223,7 +225,8 @@ def zoology_tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[
 def _panels(doc: dict[str, Any]) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     panels = []
     for seq_len, pairs in dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in doc["rows"]):
-        series: dict[str, list[tuple[float, float]]] = {}
+        order = [e["label"] for e in doc.get("preset", {}).get("mechanisms", [])]
+        series: dict[str, list[tuple[float, float]]] = {lab: [] for lab in order}
         for r in doc["rows"]:
             if (r["seq_len"], r["num_kv_pairs"]) == (seq_len, pairs) and r["status"] == "ok":
                 series.setdefault(r["label"], []).append((r["width"], r["accuracy"]))
