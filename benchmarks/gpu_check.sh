@@ -46,5 +46,12 @@ if [ "${BENCH_CLI:-0}" = "1" ]; then
     --mechanisms sliding_window,neighborhood_2d,linear_elu --engines flex,tiled,natten,fla,flash,attnkit \
     --seq-lens 16384 --out "$OUT/bench" --no-progress --no-plots --time-budget 200 2>&1 | tail -30 | tee "$OUT/bench.txt"
 fi
+if [ "${QUALITY:-0}" = "1" ]; then
+  # issue 24: the default quality run on the GPU (target <= 3 min), then a 2-minute slice of --preset zoology
+  timeout 300 python -m attnkit.cli quality --device cuda --out "$OUT/quality" --no-progress 2>&1 | tail -20 \
+    | tee "$OUT/quality.txt"
+  timeout 240 python -m attnkit.cli quality --device cuda --preset zoology --seq-len 256 --num-kv-pairs 16 \
+    --steps 300 --lr 1e-2 --out "$OUT/zoology" --no-progress 2>&1 | tail -20 | tee "$OUT/zoology.txt"
+fi
 echo "gpu_check: tests/test_cuda.py exit code $rc; results in $OUT/"
 exit "$rc"
