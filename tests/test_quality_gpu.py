@@ -232,3 +232,14 @@ def test_cli_zoology_bad_options(argv, match, capsys, tmp_path):
         main(["quality", "--out", str(tmp_path), "--device", "cpu", *argv])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", [e for e in presets.ZOOLOGY_MECHANISMS], ids=lambda e: e.label)
+def test_every_zoology_entry_trains_under_bf16_autocast(entry):
+    """CPU bf16 autocast stands in for CUDA's: each entry of the preset trains a few steps and records bf16."""
+    task = get_task("mqar")
+    cfg = _tiny(mechanisms=[entry.entry], embed_dim=32, num_heads=1 if entry.head_dim is None else 32 // entry.head_dim,
+                precision="bf16")
+    rec = train_one(parse_mechanism(entry.entry), task, task.params(**cfg.task_params["mqar"]), cfg)
+    assert rec["precision"] == "bf16" and torch.isfinite(torch.tensor(rec["final_loss"]))
