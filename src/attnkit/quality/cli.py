@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any generator parameter, e.g. listops.max_depth=6 or icl-regression.dim=4")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="training steps per mechanism and learning rate (default 600)")
-    p.add_argument("--batch", type=_positive_int, default=None, help="examples per step (default 32 on the CPU, up to 256 on CUDA)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="examples per step (default 32 on the CPU, up to 256 on CUDA)")
     p.add_argument("--lr", type=_lrs, default=None, metavar="LRS",
                    help="peak learning rates to sweep, comma-separated; each mechanism reports the best "
                         f"(default {','.join(f'{x:g}' for x in DEFAULT_LRS)}, the range of Zoology's sweep)")
