@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-__all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot"]
+__all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot", "write_text_atomic"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -67,3 +67,18 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename: an interrupted or failed write (Ctrl-C, a
+    full disk) leaves the previous file, never a truncated one, and no ``.tmp`` behind."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -54,11 +54,9 @@ def run(args: argparse.Namespace) -> int:
             parser.error(f"argument CHECKPOINT: {path} does not exist")
     if not files:
         parser.error("no checkpoints (*.pt) found; write them with `attnkit quality --save DIR`")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"attnkit analyze: cannot write to --out {args.out}: {e.strerror}", file=sys.stderr)
-        return 2
+    from attnkit.cli import _check_out
+
+    _check_out(args.out, parser)
     iterator = files
     if not args.no_progress and len(files) > 1:
         from tqdm.auto import tqdm
@@ -92,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"attnkit analyze: {len(failed)} of {len(files)} checkpoints could not be read: "
               f"{', '.join(str(p) for p in failed)}", file=sys.stderr)
-        return 1
+        return 2
     return 0

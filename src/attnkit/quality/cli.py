@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from attnkit.cli import _positive_float, _positive_int
+from attnkit.cli import _check_out, _Interrupts, _positive_float, _positive_int
 
 __all__ = ["add_arguments", "run"]
 
@@ -210,6 +210,9 @@ def _check_overridden(config, specs: dict, task_params: dict[str, Any], parser: 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     config = build_config(args, parser)
+    _check_out(args.out, parser)  # before anything trains
+    if args.save is not None:
+        _check_out(args.save, parser, "--save")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -224,8 +227,11 @@ def run(args: argparse.Namespace) -> int:
     def save_partial(doc: dict[str, Any]) -> None:
         rep.write_quality_json(doc, args.out)
 
-    doc = run_quality(config, progress=not args.no_progress, on_result=save_partial)
-    written = rep.write_quality_report(doc, args.out, plots=not args.no_plots)
+    with _Interrupts("quality") as interrupts:
+        doc = run_quality(config, progress=not args.no_progress, on_result=save_partial)
+        with interrupts.writing():
+            written = rep.write_quality_report(doc, args.out, plots=not args.no_plots)
+    doc["interrupted"] = doc["interrupted"] or interrupts.count > 0
     print(rep.terminal_summary(doc))
     if written["plot_error"]:
         print(f"\nattnkit quality: {written['plot_error']}", file=sys.stderr)

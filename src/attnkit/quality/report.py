@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.bench.report import _CSS, _html_table, _md_table, _text_table, fmt_bytes
+from attnkit.reporting import write_text_atomic
 
 __all__ = ["write_quality_report", "write_quality_json", "quality_table", "terminal_summary", "splice_section",
            "make_plot", "command", "task_notes", "PLOT", "FRONTIER_PLOT", "BEGIN", "END"]
@@ -349,9 +350,8 @@ def write_quality_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``quality.json`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / "quality.json", out / "quality.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(path)
+    path = out / "quality.json"
+    write_text_atomic(path, json.dumps(doc, indent=1, default=str))
     return path
 
 
@@ -373,7 +373,7 @@ def write_quality_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plo
                                    ("report.html", _section_html(doc, plot), True)):
         path = out / name
         existing = path.read_text() if path.exists() else None
-        path.write_text(splice_section(existing, section, html_doc=is_html))
+        write_text_atomic(path, splice_section(existing, section, html_doc=is_html))
         files.append(path)
     if plot:
         files.append(out / plot)

@@ -44,21 +44,27 @@ def _plot(results: list[dict], out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnkit.cli import _check_out
     from attnkit.ops.longctx.judge import judge_policies
     from attnkit.quality import load_checkpoint
     from attnkit.quality.tasks import get_task
     from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table
 
     parser = args._parser
+    if args.checkpoint.is_dir():
+        parser.error(f"argument checkpoint: {args.checkpoint} is a directory; pass one .pt file written by "
+                     f"`attnkit quality --save DIR`")
     if not args.checkpoint.is_file():
         parser.error(f"argument checkpoint: {args.checkpoint} does not exist")
     if args.batch < 1 or args.probe < 1:
         parser.error("--batch and --probe must be >= 1")
+    _check_out(args.out, parser)  # before the policies are judged
     try:
         model, info = load_checkpoint(args.checkpoint)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"attnkit kvcache: {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:
+        msg = str(e) if str(args.checkpoint) in str(e) else f"{args.checkpoint}: {e}"
+        print(f"attnkit kvcache: error: {msg}", file=sys.stderr)
+        return 2
     if info["task"] != "mqar":
         print(f"attnkit kvcache: the checkpoint was trained on {info['task']!r}; the policies are judged on MQAR "
               f"recall, where the keys that matter are known", file=sys.stderr)
@@ -71,11 +77,6 @@ def run(args: argparse.Namespace) -> int:
                                  probe=args.probe, progress=not args.no_progress)
     except ValueError as e:
         print(f"attnkit kvcache: {e}", file=sys.stderr)
-        return 2
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"attnkit kvcache: cannot write to --out {args.out}: {e.strerror}", file=sys.stderr)
         return 2
     header = ["policy", "setting", "kept context", "KV bytes / sequence", "recall accuracy", "output error"]
     rows = [[r["policy"], r["setting"], f"{r['kept_fraction']:.0%}", f"{r['kv_bytes'] / 1024:.1f} KiB",
