@@ -301,7 +301,8 @@ class _Interrupts:
     """Ctrl-C during a run that writes a report: the first raises ``KeyboardInterrupt`` (the run stops and writes
     what it gathered); while the report is written (``writing()``), and after the first, Ctrl-C is noted and
     deferred, so a second press never leaves a half-written or missing report. A third press, when the report
-    is not being written, exits at once (code 130)."""
+    is not being written, exits at once (code 130). After an interrupted run Ctrl-C stays ignored: the command
+    only returns its exit code."""
 
     def __init__(self, command: str):
         self.command, self.count, self._writing, self._old = command, 0, False, None
@@ -326,7 +327,9 @@ class _Interrupts:
         import signal
 
         if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+            # interrupted: the command is on its way out (exit code 130); a further Ctrl-C in that last moment
+            # would only turn a clean exit into a kill by the signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.count else self._old)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

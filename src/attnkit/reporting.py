@@ -79,6 +79,9 @@ def write_text_atomic(path, text: str) -> None:
     try:
         tmp.write_text(text)
         tmp.replace(path)
+    except OSError as exc:  # named after the file the user asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -7,10 +7,11 @@ curve. Data are seeded: training batch ``i`` and the held-out evaluation set are
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -539,7 +540,8 @@ def _run_parallel(units: list[_Unit], config: QualityConfig, keep: bool, bar: An
     # and on an interrupt (or any error) it ends them itself instead of waiting for their runs.
     pool = ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx, initializer=_ignore_sigint)
     try:
-        futures = {pool.submit(_worker, (u, config, keep)): i for i, u in enumerate(units)}
+        with _sigint_ignored():  # inherited through exec: a worker still importing torch ignores Ctrl-C too
+            futures = {pool.submit(_worker, (u, config, keep)): i for i, u in enumerate(units)}
         for fut in as_completed(futures):
             i = futures[fut]
             u = units[i]
@@ -562,6 +564,22 @@ def _ignore_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes are started (the main thread only; a no-op elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _stop_pool(pool: Any, grace_s: float = 2.0) -> None:
