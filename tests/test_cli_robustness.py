@@ -416,3 +416,20 @@ def test_quality_with_workers_exits_promptly_after_ctrl_c(presses, tmp_path):
     if (out / "quality.json").exists():
         assert json.loads((out / "quality.json").read_text())["interrupted"] is True
     _no_tmp(out)
+
+
+def test_bench_inputs_larger_than_memory_are_oom_cells(tmp_path, capsys, monkeypatch):
+    """`--batch 100000` allocated the inputs before any check: a raw allocator error (or the OOM killer)."""
+    import attnkit.bench.runner as runner
+
+    monkeypatch.setattr(runner, "available_memory_bytes", lambda device: 1 << 10)  # 1 KiB free
+    with registered("fake_exact"):
+        code, err = run_cli(TINY_BENCH + ["--out", str(tmp_path)], capsys)
+    assert code == 1 and "Traceback" not in err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["results"] and all(c["status"] == "oom" and "lower --batch" in c["message"] for c in doc["results"])
+
+
+def test_quality_refuses_an_infinite_learning_rate(capsys):
+    code, err = run_cli(TINY_QUALITY + ["--lr", "inf"], capsys)
+    assert code == 2 and "finite and > 0" in err

@@ -23,8 +23,8 @@ def _lrs(text: str) -> list[float]:
             value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected learning rates such as 1e-3,3e-3, got {item!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {item}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {item}")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("expected one or more learning rates, e.g. 1e-3,3e-3,1e-2")
