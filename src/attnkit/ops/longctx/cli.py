@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.ops.longctx.judge import judge_policies
     from attnkit.quality import load_checkpoint
     from attnkit.quality.tasks import get_task
-    from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table
+    from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table, write_text_atomic
 
     parser = args._parser
     if args.checkpoint.is_dir():
@@ -94,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
     md = ["# KV-cache policies judged by recall", "", what, "", md_table(header, rows), ""]
     if plot:
         md += [f"![accuracy and error against KV bytes]({plot})", ""]
-    (args.out / "report.md").write_text("\n".join(md))
-    (args.out / "report.html").write_text(
+    write_text_atomic(args.out / "report.md", "\n".join(md))
+    write_text_atomic(args.out / "report.html",
         f"<!doctype html><html><head><meta charset='utf-8'><title>kvcache</title><style>{CSS}</style></head><body>"
         f"<h1>KV-cache policies judged by recall</h1><p>{html.escape(what)}</p>{html_table(header, rows)}"
         + (f'<img src="{plot}">' if plot else "") + "</body></html>")
-    (args.out / "kvcache.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "info": info,
-                                                       "context_len": context, "results": results}, indent=1))
+    write_text_atomic(args.out / "kvcache.json", json.dumps({"checkpoint": str(args.checkpoint), "info": info,
+                                                             "context_len": context, "results": results},
+                                                            indent=1))
     print(f"\nReport: {args.out}/report.html and report.md; data: kvcache.json")
     return 0
