@@ -352,12 +352,13 @@ def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         parser.error(f"argument --from-results: {args.from_results!r} is not an attnkit bench results.json "
                      f"(schema {SCHEMA})")
-    written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    with _Interrupts("bench") as interrupts, interrupts.writing():
+        written = rep.write_report(doc, args.out, plots=not args.no_plots)
     print(rep.terminal_summary(doc))
     if written["plot_error"]:
         print(f"\nattnkit bench: {written['plot_error']}", file=sys.stderr)
     print(f"\nReport: {args.out}/report.html and report.md")
-    return 0
+    return 130 if interrupts.count else 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
