@@ -433,3 +433,14 @@ def test_bench_inputs_larger_than_memory_are_oom_cells(tmp_path, capsys, monkeyp
 def test_quality_refuses_an_infinite_learning_rate(capsys):
     code, err = run_cli(TINY_QUALITY + ["--lr", "inf"], capsys)
     assert code == 2 and "finite and > 0" in err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--task-param", "mqar.seq_len=abc"], "seq_len must be an int"),
+    (["--num-kv-pairs", "1000"], "MQAR needs seq_len >= 4 * num_kv_pairs"),
+    (["--task", "copy", "--seq-len", "2"], "seq_len must be an int >= 32"),
+])
+def test_quality_task_parameters_are_checked_before_training(extra, needle, capsys, no_work):
+    """These trained every mechanism and reported each run as failed (exit 1)."""
+    code, err = run_cli(TINY_QUALITY + extra, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err

@@ -152,6 +152,11 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             TASKS[t].params(**tp)
         except ValueError as exc:
             parser.error(f"argument --task-param: {exc}")
+        try:  # two examples: the generator checks its parameters together, before anything trains
+            TASKS[t].sample(2, 0, TASKS[t].params(**tp))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"task {t!r} with {', '.join(f'{k}={v!r}' for k, v in tp.items()) or 'its defaults'}: "
+                         f"{exc} (set by --seq-len, --num-kv-pairs, --vocab-size or --task-param)")
     overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "device": device,
                                  "params": _split_params(args.param, "--param", parser), "sweep": args.sweep,
                                  "save_dir": args.save,
