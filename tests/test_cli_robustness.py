@@ -395,9 +395,8 @@ def test_bench_ctrl_c_leaves_a_valid_report(presses, tmp_path):
     _valid_bench_report(out)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
-@pytest.mark.parametrize("presses", [1, 2])
+@pytest.mark.parametrize("presses", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_quality_with_workers_exits_promptly_after_ctrl_c(presses, tmp_path):
     """`attnkit quality --jobs 2` could hang forever after Ctrl-C (results written, no exit)."""
     out = tmp_path / "report"
