@@ -443,3 +443,17 @@ def test_quality_task_parameters_are_checked_before_training(extra, needle, caps
     """These trained every mechanism and reported each run as failed (exit 1)."""
     code, err = run_cli(TINY_QUALITY + extra, capsys)
     assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["analyze", "kvcache"])
+def test_ctrl_c_in_analyze_and_kvcache_is_one_line(command, checkpoint, tmp_path, capsys, monkeypatch):
+    import attnkit.analysis.report
+    import attnkit.ops.longctx.judge
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attnkit.analysis.report, "analyze", interrupted)
+    monkeypatch.setattr(attnkit.ops.longctx.judge, "judge_policies", interrupted)
+    code, err = run_cli([command, str(checkpoint), "--no-plots", "--no-progress", "--out", str(tmp_path)], capsys)
+    assert code == 130 and err.strip() == f"attnkit {command}: interrupted", err

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnkit kvcache: error: {msg}", file=sys.stderr)
         return 2
     if info["task"] != "mqar":
-        print(f"attnkit kvcache: the checkpoint was trained on {info['task']!r}; the policies are judged on MQAR "
-              f"recall, where the keys that matter are known", file=sys.stderr)
+        print(f"attnkit kvcache: error: {args.checkpoint} was trained on {info['task']!r}; the policies are judged "
+              f"on MQAR recall, where the keys that matter are known", file=sys.stderr)
         return 2
     params = info["task_params"]
     batch = get_task("mqar").sample(args.batch, args.seed, params)
