@@ -480,6 +480,13 @@ def test_mask_edited_in_place_is_analysed_again():
         float_mask = torch.zeros(2, 1, 9, 9).masked_fill(~mask, float("-inf"))
         assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=float_mask).logits,
                      dtype=torch.float32)
+    with torch.inference_mode():  # inference tensors have no version counter: analysed at every call
+        frozen = mask.clone()
+        first = ours(ids, attention_mask=frozen).logits
+        frozen.fill_(True)
+        assert_close(ours(ids, attention_mask=frozen).logits, ref(ids, attention_mask=torch.zeros(2, 1, 9, 9)).logits,
+                     dtype=torch.float32)
+    assert_close(first, ref(ids, attention_mask=float_mask).logits, dtype=torch.float32)
 
 
 def test_mask_of_another_batch_is_refused():
