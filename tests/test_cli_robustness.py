@@ -148,7 +148,7 @@ def test_missing_inputs_are_one_line(argv, needle, tmp_path, capsys):
 def no_work(monkeypatch):
     """Training, measuring and judging fail the test if they start."""
     import attnkit.bench.runner
-    import attnkit.ops.longctx.judge
+    import attnkit.kvpolicy.judge
     import attnkit.quality.train
 
     def boom(*a, **k):
@@ -156,7 +156,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(attnkit.quality.train, "run_quality", boom)
     monkeypatch.setattr(attnkit.bench.runner, "run_benchmark", boom)
-    monkeypatch.setattr(attnkit.ops.longctx.judge, "judge_policies", boom)
+    monkeypatch.setattr(attnkit.kvpolicy.judge, "judge_policies", boom)
 
 
 def _cases(checkpoint):
@@ -448,12 +448,12 @@ def test_quality_task_parameters_are_checked_before_training(extra, needle, caps
 @pytest.mark.parametrize("command", ["analyze", "kvcache"])
 def test_ctrl_c_in_analyze_and_kvcache_is_one_line(command, checkpoint, tmp_path, capsys, monkeypatch):
     import attnkit.analysis.report
-    import attnkit.ops.longctx.judge
+    import attnkit.kvpolicy.judge
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(attnkit.analysis.report, "analyze", interrupted)
-    monkeypatch.setattr(attnkit.ops.longctx.judge, "judge_policies", interrupted)
+    monkeypatch.setattr(attnkit.kvpolicy.judge, "judge_policies", interrupted)
     code, err = run_cli([command, str(checkpoint), "--no-plots", "--no-progress", "--out", str(tmp_path)], capsys)
     assert code == 130 and err.strip() == f"attnkit {command}: interrupted", err
