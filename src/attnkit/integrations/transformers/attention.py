@@ -206,19 +206,17 @@ _LENGTH_DEPENDENT: dict[str, str] = {
 }
 
 
-def _dropout_advice(module: nn.Module) -> str:
-    """What turns a built model's attention dropout off: the model reads it from the attention module at every
-    call (GPT-2: ``attn_dropout.p``; Llama, ViT, ...: the float ``attention_dropout``), not from its config."""
-    if isinstance(getattr(module, "attn_dropout", None), nn.Dropout):
-        fix = (f"for m in model.modules(): if isinstance(m, {type(module).__name__}): m.attn_dropout.p = 0.0")
-    elif isinstance(getattr(module, "attention_dropout", None), (int, float)):
-        fix = (f"for m in model.modules(): if isinstance(m, {type(module).__name__}): m.attention_dropout = 0.0")
-    else:
-        fix = None
-    return ("call model.eval() (no dropout at inference), or turn the attention dropout off on the built model"
-            + (f" (the config is read only when the model is built): `{fix}`" if fix else "")
-            + ", or build the model from a config with attention dropout 0 (attn_pdrop / attention_dropout / "
-              "attention_probs_dropout_prob)")
+def _dropout_advice(module: nn.Module, dropout: float) -> str:
+    """Why attention dropout is refused and how to turn it off, on a built model as well as from its config
+    (a built model keeps the probability in its layers: changing the config afterwards does nothing)."""
+    where = [f"{name}.p" for name, child in module.named_children() if isinstance(child, nn.Dropout)]
+    where += [name for name, value in vars(module).items()
+              if "dropout" in name and isinstance(value, float) and not name.startswith("_")]
+    built = (f"on this built model set `m.{where[0]} = 0.0` for every {type(module).__name__} m in "
+             f"model.modules()" if where else "on a built model set the attention layers' dropout probability to 0")
+    return (f"attnkit attention has no attention-weight dropout (got dropout={dropout}): call model.eval(), or "
+            f"{built}, or build the model from a config whose attention dropout is 0 (attention_dropout / attn_pdrop "
+            f"/ attention_probs_dropout_prob); changing the config of a built model does not change its layers")
 
 
 class AttnkitAttention(nn.Module):
@@ -298,10 +296,7 @@ class AttnkitAttention(nn.Module):
         """``[batch, heads, q_len, d]`` queries -> ``[batch, heads, q_len, d_v]`` (transformers' layout is the
         caller's business)."""
         if dropout:
-            raise NotSupportedError(
-                f"attnkit attention has no attention-weight dropout (got dropout={dropout} in training mode); "
-                f"{_dropout_advice(module)}"
-            )
+            raise NotSupportedError(_dropout_advice(module, dropout))
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         info = _analyse(query, key, attention_mask, causal, sliding_window)
         state_layer = _take_state_layer(key)
