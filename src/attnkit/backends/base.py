@@ -156,7 +156,14 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in table and table[backend.name] is not backend:
         raise ValueError(f"a {backend.operation} backend named {backend.name!r} is already registered")
     table[backend.name] = backend
+    _invalidate()
     return backend
+
+
+def _invalidate() -> None:
+    from attnkit.backends.dispatch import invalidate
+
+    invalidate()
 
 
 def _load() -> None:

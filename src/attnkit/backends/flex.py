@@ -49,13 +49,28 @@ class FlexCompileError(NotSupportedError):
     """FlexAttention could not trace or compile a pattern's ``mask_mod`` or a modifier's ``score_mod``."""
 
 
-# Patterns / modifiers that failed to compile (by id, holding the object so the id stays theirs): flex refuses them.
-_FAILED: dict[int, tuple[object, str]] = {}
+# Patterns / modifiers that failed to compile (by structure key, holding the objects whose identities the key
+# names): flex refuses them.
+_FAILED: dict = {}
 
 
 def _failed_reason(obj) -> str | None:
-    hit = _FAILED.get(id(obj))
-    return hit[1] if hit is not None and hit[0] is obj else None
+    if not _FAILED:
+        return None
+    from attnkit.backends.dispatch import structure_key
+
+    hit = _FAILED.get(structure_key(obj))
+    return None if hit is None else hit[1]
+
+
+def _mark_failed(obj, msg: str) -> None:
+    from attnkit.backends.dispatch import invalidate, structure_key
+
+    holders: list = []
+    _FAILED[structure_key(obj, holders)] = (holders, msg)
+    while len(_FAILED) > CACHE_SIZE:
+        _FAILED.pop(next(iter(_FAILED)))
+    invalidate()  # flex refuses it from now on: cached decisions that chose flex are stale
 
 
 @functools.cache
@@ -203,16 +218,20 @@ _CACHE: OrderedDict = OrderedDict()
 
 def _entry(pattern: Pattern | None, mod: ScoreMod | None, q_len: int, kv_len: int, batch: int, heads: int,
            device: torch.device):
-    key = (id(pattern), id(mod), q_len, kv_len, batch, heads, str(device))
+    from attnkit.backends.dispatch import structure_key
+
+    holders: list = []
+    key = (structure_key(pattern, holders), structure_key(mod, holders), q_len, kv_len, batch, heads, device)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0] is pattern and hit[1] is mod:
+    if hit is not None:
         _CACHE.move_to_end(key)
         return hit
     block_mask = None if pattern is None else block_mask_from_tiles(pattern, q_len, kv_len, batch=batch,
                                                                      heads=heads, device=device)
     score_fn = None if mod is None else lower_score_mod(mod, q_len, kv_len)
-    # The pattern and modifier are kept alive by the entry, so their ids cannot be reused while it is cached.
-    entry = (pattern, mod, block_mask, score_fn)
+    # The objects the key names by identity are kept alive by the entry, so their ids cannot be reused while it
+    # is cached; two patterns with equal parameters share one BlockMask (and one compiled kernel).
+    entry = (holders, mod, block_mask, score_fn)
     _CACHE[key] = entry
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -245,9 +264,7 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pa
         msg = f"{type(exc).__name__}: {first}"
         for obj in (pattern, score_mod):
             if obj is not None:
-                _FAILED[id(obj)] = (obj, msg)
-        while len(_FAILED) > CACHE_SIZE:
-            _FAILED.pop(next(iter(_FAILED)))
+                _mark_failed(obj, msg)
         raise FlexCompileError(f"FlexAttention could not compile pattern {pattern!r} / score_mod {score_mod!r}: "
                                f"{msg}") from exc
 

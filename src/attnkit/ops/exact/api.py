@@ -86,6 +86,22 @@ def select_engine(q, k, v, pattern, score_mod, norm: Normalization, engine: str,
     return select("attention", engine, call).name
 
 
+def _cached_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse) -> str:
+    # select_engine's answer, remembered by the call's structure (attnkit.backends.dispatch)
+    from attnkit.backends.dispatch import attention_key, cached_select
+
+    key, holders = attention_key(q, k, v, pattern, mod, norm, return_lse)
+    return cached_select("attention", engine, key, lambda: _call(q, k, v, pattern, mod, norm, scale, return_lse),
+                         holders)
+
+
+def _call(q, k, v, pattern, mod, norm, scale, return_lse):
+    from attnkit.backends.catalog import attention_call
+
+    return attention_call(q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=default_scale(q, scale),
+                          return_lse=return_lse)
+
+
 def _resolve_score_mod(score_mod) -> ScoreMod | None:
     if score_mod is None:
         return None
@@ -161,7 +177,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     if return_lse and norm.name != "softmax":
         raise ValueError(f"return_lse=True needs normalization='softmax' (got {norm.name!r}): the log-sum-exp is "
                          f"softmax's normaliser")
-    chosen = select_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
+    chosen = _cached_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
     if chosen not in ENGINES:
         from attnkit.backends.catalog import run_attention_backend
 

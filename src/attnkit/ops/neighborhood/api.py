@@ -26,6 +26,26 @@ def _split(x: torch.Tensor, name: str) -> tuple[int, ...]:
     return tuple(x.shape[2:-1])
 
 
+_SPECS: dict = {}
+
+
+def _spec(spatial, kernel_size, dilation, stride, is_causal):
+    # make_spec validates and builds a frozen spec: remembered per arguments (a few microseconds per call)
+    try:
+        # with the types, so that 5.0 or True is validated (and refused) rather than matched to 5 or 1
+        key = tuple((a, type(a), tuple(map(type, a)) if isinstance(a, tuple | list) else None)
+                    for a in (spatial, kernel_size, dilation, stride, is_causal))
+        hit = _SPECS.get(key)
+    except TypeError:  # unhashable arguments (lists): validate every time
+        return make_spec(spatial, kernel_size, dilation, stride, is_causal)
+    if hit is None:
+        hit = make_spec(spatial, kernel_size, dilation, stride, is_causal)
+        if len(_SPECS) >= 256:
+            _SPECS.clear()
+        _SPECS[key] = hit
+    return hit
+
+
 def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, *, dilation=1, stride=1,
                  is_causal=False, score_mod: ScoreMod | None = None, scale: float | None = None,
                  engine: str = "auto", tiles=None) -> torch.Tensor:
@@ -66,7 +86,7 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         n *= s
     check_qkv(q.reshape(*q.shape[:2], n, q.shape[-1]), k.reshape(*k.shape[:2], n, k.shape[-1]),
               v.reshape(*v.shape[:2], n, v.shape[-1]))
-    spec = make_spec(spatial, kernel_size, dilation, stride, is_causal)
+    spec = _spec(spatial, kernel_size, dilation, stride, is_causal)
     sc = default_scale(q, scale)
     if score_mod is not None:
         if not isinstance(score_mod, nn.Module):
@@ -86,14 +106,20 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
     if q.shape[0] == 0:  # an empty batch: nothing to attend (SDPA returns the empty output too)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     if engine != "reference" and (engine != "tiled" or tiles is None):
-        from attnkit.backends import select
+        from attnkit.backends import get_backend
         from attnkit.backends.catalog import neighborhood_call
+        from attnkit.backends.dispatch import cached_select, needs_grad, structure_key
 
-        call = neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc)
-        backend = select("neighborhood", engine if tiles is None else "tiled", call)
-        if backend.name not in ("tiled", "reference"):
-            return backend.run(call)
-        engine = backend.name
+        holders: list = []  # the decision is remembered by the call's structure (attnkit.backends.dispatch)
+        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device,
+               needs_grad((q, k, v), score_mod), id(spec), structure_key(score_mod, holders))
+        holders.append(spec)
+        name = cached_select("neighborhood", engine if tiles is None else "tiled", key,
+                             lambda: neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc), holders)
+        if name not in ("tiled", "reference"):
+            return get_backend("neighborhood", name).run(neighborhood_call(q, k, v, spec, score_mod=score_mod,
+                                                                          scale=sc))
+        engine = name
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
     if engine == "reference":
