@@ -21,10 +21,13 @@ def test_structure_key_by_parameters():
     assert structure_key(P.causal() & P.sliding_window(8)) != structure_key(P.causal() | P.sliding_window(8))
     assert structure_key(P.per_head_window([2, 4])) != structure_key(P.per_head_window([2, 5]))
     assert structure_key(P.block_local(16)) != structure_key(P.dilated(16, 1))
-    # tensors a pattern holds are keyed by identity (equal contents in another tensor: another key)
+    # tensors a pattern holds: small host ones by value, others by identity
     ids = torch.tensor([0, 0, 1, 1])
     assert structure_key(P.document(ids)) == structure_key(P.document(ids))
-    assert structure_key(P.document(ids)) != structure_key(P.document(ids.clone()))
+    assert structure_key(P.document(ids)) == structure_key(P.document(ids.clone()))  # small: by value
+    assert structure_key(P.document(ids)) != structure_key(P.document(torch.tensor([0, 1, 1, 1])))
+    big = torch.zeros(1000, dtype=torch.long)
+    assert structure_key(P.document(big)) != structure_key(P.document(big.clone()))  # large: by identity
 
 
 def test_auto_decision_cache_distinguishes_structure():
@@ -83,3 +86,104 @@ def test_neighborhood_spec_cache_validates_types():
     attnkit.neighborhood(x, x, x, kernel_size=3)
     with pytest.raises((TypeError, ValueError)):
         attnkit.neighborhood(x, x, x, kernel_size=3.0)
+
+
+# -- no silent cliff: flex compile failures fall back to SDPA with the materialised mask, said once ------------
+
+def test_lowered_masks_equal_the_predicates():
+    # per_head_window and hierarchical get mask_mods made of indexing and arithmetic only (their predicates
+    # build tensors, which inductor cannot lower); they must agree with the predicates everywhere
+    from attnkit.ops.exact.variants import hdt_layout
+
+    lv, gid, _ = hdt_layout([[5, 7], [3, 9, 4]])
+    n = lv.shape[0]
+    pats = [P.per_head_window([2, None, 5]), P.per_head_window([2, None, 5], causal=True),
+            P.hierarchical(lv, gid), P.hierarchical(torch.stack([lv, lv.flip(0)]), torch.stack([gid, gid.flip(-1)]))]
+    b = torch.arange(2).view(-1, 1, 1, 1)
+    h = torch.arange(3).view(1, -1, 1, 1)
+    qi = torch.arange(n).view(1, 1, -1, 1)
+    ki = torch.arange(n).view(1, 1, 1, -1)
+    for pat in pats:
+        fn = flex.lower_pattern(pat, n, n, torch.device("cpu"))
+        want = pat.allowed(b, h, qi, ki, n, n).expand(2, 3, n, n)
+        got = fn(b, h, qi, ki).expand(2, 3, n, n)
+        assert torch.equal(got, want), pat
+
+
+@pytest.mark.slow
+def test_flex_cpu_compiles_per_head_window_and_hierarchical():
+    # failed on CUDA (and per_head_window on the CPU compile too) before the lowering above
+    from attnkit.ops.exact.variants import hdt_layout
+
+    lv, gid, _ = hdt_layout([[20, 30], [25, 35]])
+    n = lv.shape[0]
+    q, k, v = (torch.randn(1, 4, n, 16) for _ in range(3))
+    sm = resolve("softmax")
+    for pat in (P.per_head_window([4, 8, None, 16]), P.hierarchical(lv, gid)):
+        with torch.no_grad():
+            out = attnkit.attention(q, k, v, pattern=pat, engine="flex")
+        assert_close(out, reference_attention(q, k, v, pattern=pat, normalization=sm, scale=0.25),
+                     dtype=torch.float32)
+
+
+def _fallback_table(monkeypatch):
+    # CPU stand-in for CUDA's order: flex first (failing to compile), then sdpa_mask, then tiled
+    import dataclasses
+
+    from attnkit.backends import base
+
+    base._load()
+    table = base._BACKENDS["attention"]
+
+    def failing_flex(c):
+        flex._mark_failed(c["pattern"], "InductorError: LoweringException: simulated")
+        raise flex.FlexCompileError(f"FlexAttention could not compile pattern {c['pattern']!r}: simulated")
+
+    def reasons(c):
+        return flex.flex_reasons(dict(c, needs_grad=False))
+
+    monkeypatch.setitem(table, "flex", dataclasses.replace(table["flex"], rank={"cpu": 0}, run=failing_flex,
+                                                           reasons=reasons))
+    monkeypatch.setitem(table, "sdpa_mask", dataclasses.replace(table["sdpa_mask"], rank={"cpu": 0.5}))
+    monkeypatch.setattr(flex, "_FAILED", {})
+    dispatch.invalidate()
+
+
+def test_flex_failure_falls_back_to_sdpa_mask_and_warns_once(monkeypatch):
+    import warnings
+
+    _fallback_table(monkeypatch)
+    pat = P.per_head_window([3, 9]) & P.key_padding([0, 30])  # batch 0: every row masked (zeros, no NaN)
+    q, k, v = (torch.randn(2, 2, 30, 8, requires_grad=True) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match=r"per_head_window.*'sdpa_mask'"):
+        out = attnkit.attention(q, k, v, pattern=pat)
+    sm = resolve("softmax")
+    want = reference_attention(q, k, v, pattern=pat, normalization=sm, scale=8 ** -0.5)
+    assert_close(out, want, dtype=torch.float32)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: an equal pattern built anew does not warn again
+        again = attnkit.attention(q, k, v, pattern=P.per_head_window([3, 9]) & P.key_padding([0, 30]))
+    assert_close(again, want, dtype=torch.float32)
+    ex = attnkit.explain(q, k, v, pattern=pat)
+    assert ex.chosen == "sdpa_mask" and any("could not compile" in r for r in ex.reasons["flex"])
+    assert "sdpa_mask" in str(ex)
+
+
+def test_sdpa_mask_refuses_beyond_its_budget(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_MASK_BUDGET", str(1000))
+    q = torch.randn(1, 2, 40, 8)
+    ex = attnkit.explain(q, q, q, pattern=P.sliding_window(4), engine="sdpa_mask")
+    assert ex.chosen is None and any("ATTNKIT_MASK_BUDGET" in r for r in ex.reasons["sdpa_mask"])
+
+
+def test_explain_names_the_engine_and_reasons():
+    q = torch.randn(1, 2, 64, 8)
+    ex = attnkit.explain(q, q, q, pattern=P.sliding_window(4))
+    assert ex.chosen == "tiled" and ex.reasons["sdpa"] and "pattern" in ex.reasons["sdpa"][0]
+    assert ex.chosen == attnkit.ops.exact.api.select_engine(q, q, q, P.sliding_window(4), None, resolve("softmax"),
+                                                            "auto")
+    x = torch.randn(1, 2, 8, 8, 8)
+    nb = attnkit.explain(x, x, x, kernel_size=3)
+    assert nb.operation == "neighborhood" and nb.chosen == "tiled"

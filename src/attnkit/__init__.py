@@ -5,6 +5,7 @@ Layout is ``[batch, heads, seq, dim]`` everywhere, as in ``torch.nn.functional.s
 
 from attnkit import feature_maps, normalizations, patterns, score_mods
 from attnkit.backends import list_backends
+from attnkit.backends.dispatch import explain
 from attnkit.cache import AdaptiveKVCache, KVCache, RecurrentStateCache, SlidingWindowCache
 from attnkit.errors import NotSupportedError
 from attnkit.ops.approx.error import ApproximationError, approximation_error
@@ -33,6 +34,6 @@ __all__ = [
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
     "attention_weights", "attention_lse", "PagedKVCache",
     "gated_linear_attention", "delta_rule_attention",
-    "list_backends",
+    "list_backends", "explain",
     "convert",
 ]

@@ -5,7 +5,8 @@
 | attention      | `sdpa`      | cpu, cuda | 0 / 0                | (torch)          |
 | attention      | `flash`     | cuda      | - / 1                | `attnkit[flash]` |
 | attention      | `flex`      | cpu, cuda | 2 / 2                | (torch >= 2.5)   |
-| attention      | `tiled`     | cpu, cuda | 1 / 3                | (attnkit)        |
+| attention      | `sdpa_mask` | cpu, cuda | named / 3            | (torch)          |
+| attention      | `tiled`     | cpu, cuda | 1 / 4                | (attnkit)        |
 | attention      | `reference` | cpu, cuda | 9 / 9 (*)            | (attnkit)        |
 | neighborhood   | `natten`    | cpu, cuda | named / 0            | `attnkit[natten]`|
 | neighborhood   | `flex`      | cpu, cuda | named / 1            | (torch >= 2.5)   |
@@ -31,6 +32,7 @@ from attnkit.backends.base import Backend, get_backend, register_backend
 from attnkit.backends.fla import fla_reasons
 from attnkit.backends.flash import flash_reasons
 from attnkit.backends.flex import flex_reasons
+from attnkit.backends.masked import sdpa_mask_reasons, sdpa_mask_run
 from attnkit.backends.natten import natten_reasons
 
 HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,8 +93,11 @@ def run_attention_backend(name, engine, q, k, v, *, pattern, score_mod, norm, sc
             raise
         import warnings
 
-        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on", RuntimeWarning,
-                      stacklevel=3)
+        from attnkit.backends.base import select
+
+        nxt = select("attention", "auto", call).name  # flex refuses this pattern / modifier from now on
+        warnings.warn(f"{exc}; engine='auto' runs {nxt!r} for it from now on (attnkit.explain(q, k, v, ...) "
+                      f"says why)", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -130,9 +135,14 @@ register_backend(Backend(
     rank={"cpu": 2, "cuda": 2}, notes="CPU: inference only, no return_lse (torch 2.13); first call per shape "
     "compiles (seconds)"))
 register_backend(Backend(
+    "sdpa_mask", "attention", "SDPA with the pattern materialised as a boolean mask: the fused fallback where "
+    "FlexAttention cannot compile a pattern, while the n^2 mask fits ATTNKIT_MASK_BUDGET (1 GiB)",
+    sdpa_mask_reasons, sdpa_mask_run, patterns="any (materialised: O(q_len * kv_len) memory)", score_mods="none",
+    rank={"cuda": 3}, notes="CPU: named only (the tiled engine's fused CPU path is faster and linear in memory)"))
+register_backend(Backend(
     "tiled", "attention", "attnkit's tiled engine: tile skipping, online softmax, custom backward (ATen's fused "
     "flash kernel per step on CPU)", _builtin("tiled"), _run_builtin, normalizations="softmax, sigmoid, relu, "
-    "softplus", rank={"cpu": 1, "cuda": 3}))
+    "softplus", rank={"cpu": 1, "cuda": 4}))
 register_backend(Backend(
     "reference", "attention", "the dense reference (materialise, mask, normalise): the spec", _reference_auto_reasons,
     _run_builtin, normalizations="all, including sinkhorn", rank={"cpu": 9, "cuda": 9}))

@@ -4,8 +4,9 @@ Choosing a backend reads every backend's ``reasons`` (tens of microseconds of Py
 engine's ``BlockMask`` costs more to build; both depend only on the call's *structure*: the shapes, dtype and
 device of q, k, v, whether gradients are needed, the operation's options and the identity of the pattern and
 score modifier. :func:`structure_key` gives patterns a key by their parameters (``sliding_window(16)`` and
-``sliding_window(32)`` differ; two separately built ``sliding_window(16)`` are equal), with tensors and
-functions a pattern holds keyed by identity; a cache entry keeps the objects it was computed for alive, so an
+``sliding_window(32)`` differ; two separately built ``sliding_window(16)`` are equal), with small host tensors
+a pattern holds keyed by value and larger or device tensors and functions by identity (a pattern's tensors must
+not be changed in place after its first call); a cache entry keeps the objects it was computed for alive, so an
 identity in a key is never reused by another object while the entry exists.
 
 The decision cache is invalidated (:func:`invalidate`) whenever what ``reasons`` read can change: a backend is
@@ -27,6 +28,8 @@ __all__ = ["structure_key", "cached_select", "invalidate", "explain", "Explanati
 # Distinct call structures remembered (each entry: a key tuple and the objects it holds).
 DECISION_CACHE_SIZE = 256
 _KEY_ATTR = "_attnkit_structure_key"
+# Host tensors up to this many elements held by a pattern are keyed by value, larger ones by identity.
+SMALL_TENSOR = 256
 _DECISIONS: OrderedDict = OrderedDict()
 _EPOCH = [0]
 
@@ -46,6 +49,9 @@ def _value_key(v: Any, holders: list) -> Hashable:
         return (type(v).__name__, *(_value_key(x, holders) for x in v))
     if isinstance(v, torch.dtype | torch.device):
         return str(v)
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() <= SMALL_TENSOR:
+        # small host tensors (lengths, token indices) by value: rebuilt patterns with equal ones share entries
+        return ("tensor", str(v.dtype), tuple(v.shape), tuple(v.reshape(-1).tolist()))
     from attnkit.patterns import Pattern
 
     if isinstance(v, Pattern):

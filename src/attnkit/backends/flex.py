@@ -130,6 +130,41 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
             ids1 = ids[0]
             return lambda b, h, qi, ki: ids1[qi + off] == ids1[ki]
         return lambda b, h, qi, ki: ids[b, qi + off] == ids[b, ki]
+    if isinstance(pattern, P._PerHeadBand):
+        # The predicate builds its per-head bounds with torch.tensor(...) on every call, which inductor cannot
+        # lower inside a mask ("'Tensor' object has no attribute 'get_dtype'"): integer bounds made once here
+        # (an infinite side becomes q_len + kv_len, beyond any distance), indexed by the head.
+        big = q_len + kv_len + 1
+        left = torch.tensor([int(min(x, big)) for x in pattern.left], dtype=torch.int64, device=device)
+        right = torch.tensor([int(min(x, big)) for x in pattern.right], dtype=torch.int64, device=device)
+
+        def per_head(b, h, qi, ki):
+            d = ki - (qi + off)
+            return (d >= -left[h]) & (d <= right[h])
+
+        return per_head
+    if isinstance(pattern, P._Hierarchical):
+        # HDT: the predicate compares level memberships computed from whole tensors on every call ("Buffers
+        # cannot be created while lowering a pointwise subgraph" on CUDA): one code per level and token made
+        # here, the group id for members and a sentinel (different for queries and keys) for the others.
+        lv, gid = pattern.levels.to(device), pattern.group_ids.to(device)
+        codes = []
+        for lvl in range(gid.shape[1]):
+            member = (lv == lvl) | (lv == lvl + 1)
+            sentinel = gid.min() - 2
+            cq = torch.where(member, gid[:, lvl], sentinel).contiguous()
+            ck = torch.where(member, gid[:, lvl], sentinel - 1).contiguous()
+            codes.append((cq, ck) if cq.shape[0] > 1 else (cq[0], ck[0]))
+        batched = pattern.levels.shape[0] > 1
+
+        def hierarchical(b, h, qi, ki):
+            out = None
+            for cq, ck in codes:
+                m = (cq[b, qi] == ck[b, ki]) if batched else (cq[qi] == ck[ki])
+                out = m if out is None else out | m
+            return out
+
+        return hierarchical
     return lambda b, h, qi, ki: pattern.allowed(b, h, qi, ki, q_len, kv_len)
 
 

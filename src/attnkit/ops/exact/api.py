@@ -12,7 +12,8 @@ cannot run a call raises ``NotSupportedError`` with its reasons (and those of th
 | `reference` | any                            | any       | all, including sinkhorn             | O(q_len*kv_len)|
 
 (*) ``causal()`` only when ``q_len == kv_len``: SDPA aligns causal masks top-left, attnkit bottom-right.
-``auto`` order (``attnkit.backends.catalog``): CUDA sdpa, flash, flex, tiled; CPU sdpa, tiled, flex (the
+``auto`` order (``attnkit.backends.catalog``): CUDA sdpa, flash, flex, sdpa_mask (SDPA with the materialised
+mask, for what flex cannot compile, while the mask fits memory), tiled; CPU sdpa, tiled, flex (the
 fused CPU path beats FlexAttention there); the reference is chosen automatically only for Sinkhorn, which needs
 the whole matrix (column sums) by definition. ``attnkit backends`` lists what is installed and usable here.
 """
@@ -134,8 +135,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         normalization: "softmax", "sigmoid", "relu", "softplus", "sinkhorn" or an
             ``attnkit.normalizations`` object.
         scale: score scale, default ``1/sqrt(dim)``.
-        engine: "auto", "sdpa", "flash", "flex", "tiled" or "reference" (see the module docstring for what each
-            supports; ``attnkit.backends.backends()`` for what is installed here).
+        engine: "auto", "sdpa", "flash", "flex", "sdpa_mask", "tiled" or "reference" (see the module docstring
+            for what each supports; ``attnkit.backends.backends()`` for what is installed here).
         block_q, block_kv: tile sizes of the tiled engine (performance knobs; default 64).
         cu_seqlens: varlen packing (FlashAttention's convention): ``[num_docs + 1]`` cumulative lengths of the
             documents packed along the sequence axis (``q_len == kv_len``); queries attend only inside their
