@@ -15,6 +15,8 @@
 | linear         | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
 | linear         | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
 | linear         | `reference` | cpu, cuda | named                | (attnkit)        |
+| gated, delta   | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
+| gated, delta   | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
 
 (*) the reference runs automatically only for what nothing else runs (normalisations that need the whole matrix);
 it refuses the rest under ``auto``. On CPU the tiled engine ranks before flex: its fused kernel path beats compiled
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from attnkit.backends.base import Backend, get_backend, register_backend
-from attnkit.backends.fla import fla_reasons
+from attnkit.backends.fla import fla_gated_reasons, fla_reasons
 from attnkit.backends.flash import flash_reasons
 from attnkit.backends.flex import flex_reasons
 from attnkit.backends.masked import sdpa_mask_reasons, sdpa_mask_run
@@ -227,3 +229,28 @@ register_backend(Backend(
     "reference", "linear", "the materialised quadratic form (linear_attention_reference): the spec", _no_reasons,
     _run_builtin, patterns="causal, non-causal", score_mods="decay per head",
     normalizations="denominator, none, rms", rank={}))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gated (GLA) and delta (the delta rule, gated or not)
+# ------------------------------------------------------------------------------------------------------------
+
+def gated_call(kind, q, k, v, *, mode, grads=()) -> dict[str, Any]:
+    """The record of a ``gated_linear_attention`` (``kind="gla"``) or ``delta_rule_attention`` (``"delta"``) call."""
+    return {
+        "q": q, "k": k, "v": v, "kind": kind, "mode": mode, "device": q.device, "dtype": q.dtype,
+        "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "needs_grad": _needs_grad((q, k, v), grads),
+    }
+
+
+for _op, _what in (("gated", "chunk_gla (vector gates) / chunk_simple_gla (scalar gates)"),
+                   ("delta", "chunk_delta_rule / chunk_gated_delta_rule")):
+    register_backend(Backend(
+        "fla", _op, f"flash-linear-attention {_what} (Triton); layout, scale, gates and states converted by attnkit",
+        fla_gated_reasons, _run_builtin, devices=("cuda",),
+        dtypes=HALF_AND_SINGLE if _op == "gated" else (torch.float16, torch.bfloat16), patterns="causal",
+        score_mods="none", normalizations="none (o = S^T q, as attnkit's)", rank={"cuda": 0},
+        requires=("fla", "triton"), extra="fla"))
+    register_backend(Backend(
+        "attnkit", _op, "attnkit's chunked (WY/UT for the delta rule) and recurrent forms", _no_reasons, _run_builtin,
+        patterns="causal", score_mods="none", normalizations="none", rank={"cpu": 0, "cuda": 1}))

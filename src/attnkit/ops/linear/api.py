@@ -16,7 +16,7 @@ from attnkit.ops.linear.parallel import parallel_forward
 from attnkit.ops.linear.recurrent import recurrent_forward
 from attnkit.ops.linear.state import LinearAttentionState
 
-__all__ = ["linear_attention", "MODES"]
+__all__ = ["linear_attention", "gated_linear_attention", "delta_rule_attention", "MODES"]
 
 MODES = ("auto", "parallel", "chunked", "recurrent")
 
@@ -230,3 +230,72 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         hk = k.shape[1]
         shift = fm.call_key_shift(ctx).view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
     return out, LinearAttentionState._from_extended(s, offset + k.shape[2], shift, fm.name)
+
+
+def _gated_checks(q, k, v, mode, chunk_size, initial_state):
+    from attnkit.ops.linear import gated as G
+
+    check_qkv(q, k, v)
+    b, h, n, dk = q.shape
+    if k.shape[2] != n:
+        raise NotSupportedError(f"gated / delta-rule attention is causal: it needs as many queries as keys (got {n} "
+                                f"and {k.shape[2]}); carry earlier tokens in initial_state= instead")
+    if mode not in G.MODES:
+        raise ValueError(f"mode must be one of {', '.join(G.MODES)}, got {mode!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is not None and (not isinstance(initial_state, torch.Tensor)
+                                      or tuple(initial_state.shape) != (b, h, dk, v.shape[-1])):
+        raise ValueError(f"initial_state must be a tensor [batch={b}, heads={h}, d_k={dk}, d_v={v.shape[-1]}]; pass "
+                         f"the state returned by a call with return_state=True")
+
+
+def _gated_backend(op: str, engine: str, q, k, v, mode, grads) -> str:
+    from attnkit.backends import select
+    from attnkit.backends.catalog import gated_call
+
+    return select(op, engine, gated_call("gla" if op == "gated" else "delta", q, k, v, mode=mode, grads=grads)).name
+
+
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
+                           mode: str = "auto", chunk_size: int = 64, initial_state: torch.Tensor | None = None,
+                           return_state: bool = False, engine: str = "auto"):
+    """Gated linear attention (GLA, Yang et al. 2024, eq. 3) through the backend dispatch: ``engine="auto"`` runs
+    fla's ``chunk_gla`` / ``chunk_simple_gla`` on CUDA when ``attnkit[fla]`` is installed, else attnkit's engine
+    (:func:`attnkit.ops.linear.gated.gated_linear_attention`, whose docstring gives the arguments and shapes);
+    ``"attnkit"`` or ``"fla"`` name one (``attnkit backends --operation gated``)."""
+    from attnkit.ops.linear import gated as G
+
+    if _gated_backend("gated", engine, q, k, v, mode, [log_decay]) == "fla":
+        _gated_checks(q, k, v, mode, chunk_size, initial_state)
+        g = G._check_log_decay(log_decay, q, vector_ok=True, work=torch.float32)
+        from attnkit.backends.fla import fla_gated_run
+
+        return fla_gated_run("gla", q, k, v, log_decay=g if g.shape[-1] > 1 else g[..., 0],
+                             initial_state=initial_state, return_state=return_state)
+    return G.gated_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=chunk_size,
+                                    initial_state=initial_state, return_state=return_state)
+
+
+def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                         log_decay: torch.Tensor | None = None, mode: str = "auto", chunk_size: int = 32,
+                         initial_state: torch.Tensor | None = None, return_state: bool = False, engine: str = "auto"):
+    """The (gated) delta rule (DeltaNet; Gated Delta Networks, eq. 10) through the backend dispatch:
+    ``engine="auto"`` runs fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` on CUDA for half precision
+    when ``attnkit[fla]`` is installed, else attnkit's WY/UT engine (:func:`attnkit.ops.linear.gated.
+    delta_rule_attention`, whose docstring gives the arguments and shapes); ``"attnkit"`` or ``"fla"`` name one."""
+    from attnkit.ops.linear import gated as G
+
+    grads = [t for t in (beta, log_decay) if isinstance(t, torch.Tensor)]
+    if _gated_backend("delta", engine, q, k, v, mode, grads) == "fla":
+        _gated_checks(q, k, v, mode, chunk_size, initial_state)
+        bt = G._check_gate("beta", beta, q, vector_ok=False, work=torch.float32)
+        if bt is None:
+            raise TypeError("beta is required ([batch, heads, seq] writing strengths)")
+        g = G._check_log_decay(log_decay, q, vector_ok=False, work=torch.float32)
+        from attnkit.backends.fla import fla_gated_run
+
+        return fla_gated_run("delta", q, k, v, log_decay=None if g is None else g[..., 0], beta=bt[..., 0],
+                             initial_state=initial_state, return_state=return_state)
+    return G.delta_rule_attention(q, k, v, beta, log_decay=log_decay, mode=mode, chunk_size=chunk_size,
+                                  initial_state=initial_state, return_state=return_state)
