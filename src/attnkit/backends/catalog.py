@@ -165,9 +165,11 @@ def neighborhood_call(q, k, v, spec, *, score_mod, scale) -> dict[str, Any]:
 
 def _nb_flex_reasons(c):
     from attnkit.normalizations import resolve
+    from attnkit.ops.neighborhood.pattern import _cached_pattern
 
     n = c["spec"].num_tokens
-    call = dict(c, pattern=None, norm=resolve("softmax"), return_lse=False, q_len=n, kv_len=n)
+    # the pattern, so that one FlexAttention failed to compile before is refused with that reason
+    call = dict(c, pattern=_cached_pattern(c["spec"]), norm=resolve("softmax"), return_lse=False, q_len=n, kv_len=n)
     return flex_reasons(call)
 
 

@@ -389,46 +389,60 @@ def _ordered_blocks(cls: torch.Tensor):
 _NB_CACHE: OrderedDict = OrderedDict()
 
 
+def neighborhood_layout(spec, score_mod: ScoreMod | None, device):
+    """The permuted token layout of a neighborhood call on ``device``, cached per (spec, modifier, device):
+    ``(perm, inv, block_mask, score_fn)`` (``perm[new] = old``, ``inv`` its inverse, the BlockMask over permuted
+    tokens with the mask_mod and score_mod reading original indices), or None when no spatial tiling divides the
+    grid (the row-major pattern then runs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.ops.neighborhood.tiling import choose_tiling, tiling_classes, token_permutation
+
+    key = (spec, id(score_mod), str(device))
+    hit = _NB_CACHE.get(key)
+    if hit is not None and hit[0] is score_mod:
+        return hit[1]
+    n = spec.num_tokens
+    pattern = _cached_pattern(spec)
+    # the box of 128 tokens (after dilation grouping) with the fewest computed tiles; row-major strips are
+    # among the candidates whenever they are boxes, so the choice is never worse than the plain order
+    tiling = choose_tiling(spec, BLOCK_SIZE)
+    layout = None
+    if tiling is not None:
+        cls = tiling_classes(spec, tiling, device)
+        perm = token_permutation(spec, tiling, device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=device)
+
+        def mask_mod(b, h, qi, ki):
+            return pattern.allowed(b, h, perm[qi], perm[ki], n, n)
+
+        bm = BlockMask.from_kv_blocks(*_ordered_blocks(cls), BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
+                                      mask_mod=mask_mod, seq_lengths=(n, n))
+        score_fn = None
+        if score_mod is not None:
+            def score_fn(score, b, h, qi, ki):
+                return score_mod(score, b, h, perm[qi], perm[ki], n, n)
+        layout = (perm, inv, bm, score_fn)
+    _NB_CACHE[key] = (score_mod, layout)  # holds the modifier: its id stays its own while cached
+    while len(_NB_CACHE) > CACHE_SIZE:
+        _NB_CACHE.popitem(last=False)
+    return layout
+
+
 def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, *, score_mod: ScoreMod | None,
                            scale: float) -> torch.Tensor:
-    """Neighborhood attention through FlexAttention on ``[B, H, *spatial, D]`` tensors, in the token layout
-    (row-major or spatial tiles) that computes fewer tiles; ``score_mod`` sees the original flat token indices."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """Neighborhood attention through FlexAttention on ``[B, H, *spatial, D]`` tensors, tokens permuted into the
+    spatial tiling (``attnkit.ops.neighborhood.tiling``: dilation grouping, boxes of 128 tokens) that computes the
+    fewest tiles; ``score_mod`` sees the original flat token indices."""
 
     from attnkit.ops.neighborhood.pattern import _cached_pattern
 
     n = spec.num_tokens
     flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]
     pattern = _cached_pattern(spec)
-    key = (spec, id(score_mod), str(q.device))
-    hit = _NB_CACHE.get(key)
-    if hit is None or hit[0] is not score_mod:
-        tile = tile_shape_for(spec.shape)
-        cls = None if tile is None else neighborhood_tile_classes(spec, tile, q.device)
-        if cls is not None:
-            rowmajor = pattern.tile_classes(n, n, BLOCK_SIZE, BLOCK_SIZE, device=q.device)
-            if int((cls != 0).sum()) >= int((rowmajor != 0).sum()):
-                cls = None
-        if cls is None:
-            hit = (score_mod, None)
-        else:
-            perm = tile_permutation(spec.shape, tile, q.device)
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(n, device=q.device)
-
-            def mask_mod(b, h, qi, ki):
-                return pattern.allowed(b, h, perm[qi], perm[ki], n, n)
-
-            bm = BlockMask.from_kv_blocks(*_ordered_blocks(cls), BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
-                                          mask_mod=mask_mod, seq_lengths=(n, n))
-            score_fn = None
-            if score_mod is not None:
-                def score_fn(score, b, h, qi, ki):
-                    return score_mod(score, b, h, perm[qi], perm[ki], n, n)
-            hit = (score_mod, (perm, inv, bm, score_fn))
-        _NB_CACHE[key] = hit
-        while len(_NB_CACHE) > CACHE_SIZE:
-            _NB_CACHE.popitem(last=False)
+    hit = (None, neighborhood_layout(spec, score_mod, q.device))
     if hit[1] is None:
         out = flex_attention_call(*flat, pattern=pattern, score_mod=score_mod, scale=scale)
         return out.reshape(*q.shape[:-1], v.shape[-1])
@@ -442,5 +456,7 @@ def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     except Exception as exc:
         if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
-        raise FlexCompileError(f"FlexAttention could not compile {pattern!r}: {type(exc).__name__}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _mark_failed(pattern, f"{type(exc).__name__}: {first}")
+        raise FlexCompileError(f"FlexAttention could not compile {pattern!r}: {type(exc).__name__}: {first}") from exc
     return out[:, :, inv].reshape(*q.shape[:-1], v.shape[-1])

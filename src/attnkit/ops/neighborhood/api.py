@@ -117,8 +117,18 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         name = cached_select("neighborhood", engine if tiles is None else "tiled", key,
                              lambda: neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc), holders)
         if name not in ("tiled", "reference"):
-            return get_backend("neighborhood", name).run(neighborhood_call(q, k, v, spec, score_mod=score_mod,
-                                                                          scale=sc))
+            from attnkit.backends.flex import FlexCompileError
+
+            try:
+                return get_backend("neighborhood", name).run(neighborhood_call(q, k, v, spec, score_mod=score_mod,
+                                                                              scale=sc))
+            except FlexCompileError as exc:  # remembered: flex refuses this spec from now on
+                if engine != "auto":
+                    raise
+                import warnings
+
+                warnings.warn(f"{exc}; engine='auto' runs 'tiled' for it from now on", RuntimeWarning, stacklevel=2)
+                name = "tiled"
         engine = name
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
