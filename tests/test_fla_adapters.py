@@ -158,3 +158,17 @@ def test_public_gated_functions_dispatch_on_cpu():
     assert_close(out, gated_linear_attention_reference(q, kk, vv, g), dtype=torch.float64)
     with pytest.raises(attnkit.NotSupportedError, match="fla"):
         attnkit.delta_rule_attention(q, k, v, torch.rand(B, H, T, dtype=torch.float64), engine="fla")
+
+
+def test_fla_is_not_chosen_automatically_for_float32():
+    # fla's float32 autotuning took minutes on first use (the retention mixer test on an H200: 189 s); auto leaves
+    # float32 to attnkit's engine, a named engine='fla' still runs it
+    from attnkit.backends.fla import fla_reasons
+
+    q = torch.randn(1, 2, 16, 8)
+    gla = {"q": q, "mode": "auto", "dtype": torch.float32, "head_dim": 8, "head_dim_v": 8, "kind": "gla"}
+    assert any("float32 under auto" in r for r in fla_gated_reasons(dict(gla, auto=True)))
+    assert fla_gated_reasons(dict(gla, dtype=torch.bfloat16, auto=True)) == []
+    lin = {"q": q, "causal": True, "mode": "auto", "dtype": torch.float32, "features": 8}
+    assert any("float32 under auto" in r for r in fla_reasons(dict(lin, auto=True)))
+    assert fla_reasons(lin) == [] and fla_reasons(dict(lin, dtype=torch.float16, auto=True)) == []

@@ -37,10 +37,20 @@ def fla_reasons(call) -> list[str]:
         why.append(f"mode={call['mode']!r} (fla runs the chunked form; use mode='auto' or 'chunked')")
     if call.get("auto") and call["q"].shape[2] == 1:
         why.append("a single token under auto (decoding: attnkit's recurrent step reads the state once)")
+    why.extend(_auto_float32(call))
     m = call.get("features")
     if m is not None and m > MAX_FEATURES:
         why.append(f"{m} features > {MAX_FEATURES} (fla's chunk kernels)")
     return why
+
+
+def _auto_float32(call) -> list[str]:
+    # fla autotunes its Triton kernels per shape on first use; in float32 that took minutes on an H200 (the
+    # retention mixer test, float32, routed here: 189 s), while attnkit's own chunked engine runs float32 at once
+    if call.get("auto") and call["dtype"] == torch.float32:
+        return ["float32 under auto (fla's first float32 call autotunes its Triton kernels for minutes; attnkit's "
+                "engine runs float32; name engine='fla' to force it)"]
+    return []
 
 
 def fla_run(qf: torch.Tensor, kf: torch.Tensor, v_ext: torch.Tensor, *, log_decay: torch.Tensor | None,
@@ -92,6 +102,8 @@ def fla_gated_reasons(call) -> list[str]:
         why.append("a single token under auto (decoding: attnkit's recurrent step reads the state once)")
     if call["kind"] == "delta" and call["dtype"] == torch.float32:
         why.append("float32 (fla's delta-rule kernels run float16 / bfloat16 only)")
+    else:
+        why.extend(_auto_float32(call))
     if call["head_dim"] > MAX_FEATURES or call["head_dim_v"] > MAX_FEATURES:
         why.append(f"head dims {call['head_dim']} / {call['head_dim_v']} > {MAX_FEATURES} (fla's chunk kernels)")
     return why
