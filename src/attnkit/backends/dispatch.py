@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from attnkit.backends import base as _base
+from attnkit.patterns import Pattern
+
 __all__ = ["structure_key", "cached_select", "invalidate", "explain", "Explanation", "DECISION_CACHE_SIZE"]
 
 # Distinct call structures remembered (each entry: a key tuple and the objects it holds).
@@ -52,12 +55,29 @@ def _value_key(v: Any, holders: list) -> Hashable:
     if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() <= SMALL_TENSOR:
         # small host tensors (lengths, token indices) by value: rebuilt patterns with equal ones share entries
         return ("tensor", str(v.dtype), tuple(v.shape), tuple(v.reshape(-1).tolist()))
-    from attnkit.patterns import Pattern
-
     if isinstance(v, Pattern):
         return structure_key(v, holders)
     holders.append(v)  # tensors, functions, modules: by identity, kept alive by the entry
     return ("id", type(v).__name__, id(v))
+
+
+class _Key:
+    """A structure key with its hash computed once (keys are nested tuples; a pattern's key object is cached on
+    the pattern, so repeated lookups compare by identity and hash in O(1))."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: tuple):
+        self.key, self._hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, _Key) and self._hash == other._hash and self.key == other.key)
+
+    def __repr__(self) -> str:
+        return f"_Key({self.key!r})"
 
 
 def structure_key(obj: Any, holders: list | None = None) -> Hashable:
@@ -67,8 +87,6 @@ def structure_key(obj: Any, holders: list | None = None) -> Hashable:
     holders = [] if holders is None else holders
     if obj is None:
         return None
-    from attnkit.patterns import Pattern
-
     if not isinstance(obj, Pattern):
         holders.append(obj)
         return ("id", type(obj).__name__, id(obj))
@@ -80,6 +98,7 @@ def structure_key(obj: Any, holders: list | None = None) -> Hashable:
     key = (type(obj).__qualname__,) + tuple(
         (name, _value_key(val, mine)) for name, val in sorted(vars(obj).items())
         if name != _KEY_ATTR and not (name.startswith("_cache") or name.startswith("_memo")))
+    key = _Key(key)
     obj.__dict__[_KEY_ATTR] = key
     holders.append(obj)
     holders.extend(mine)
@@ -92,14 +111,12 @@ def cached_select(operation: str, engine: str, key: Hashable, make_call: Callabl
 
     ``key`` must hold everything the backends' ``reasons`` read (see each operation's caller); ``holders`` are
     the objects whose identities ``key`` names (kept alive by the entry). A refused call raises each time."""
-    from attnkit.backends import base
-
-    full = (operation, engine, base._FORCED.get(operation), _EPOCH[0], key)
+    full = (operation, engine, _base._FORCED.get(operation), _EPOCH[0], key)
     hit = _DECISIONS.get(full)
     if hit is not None:
         _DECISIONS.move_to_end(full)
         return hit[0]
-    name = base.select(operation, engine, make_call()).name
+    name = _base.select(operation, engine, make_call()).name
     _DECISIONS[full] = (name, holders)
     while len(_DECISIONS) > DECISION_CACHE_SIZE:
         _DECISIONS.popitem(last=False)
@@ -119,9 +136,9 @@ def needs_grad(tensors, mod=None) -> bool:
 
 def attention_key(q, k, v, pattern, mod, norm, return_lse) -> tuple[Hashable, list]:
     """The structure of an ``attnkit.attention`` call (what the attention backends' ``reasons`` read)."""
-    holders: list = []
-    key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, needs_grad((q, k, v), mod),
-           structure_key(pattern, holders), structure_key(mod, holders), norm, return_lse)
+    holders: list = [norm]  # normalisations by identity (resolve() returns one instance per name)
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad((q, k, v), mod),
+           structure_key(pattern, holders), structure_key(mod, holders), id(norm), return_lse)
     return key, holders
 
 

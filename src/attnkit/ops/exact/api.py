@@ -87,13 +87,19 @@ def select_engine(q, k, v, pattern, score_mod, norm: Normalization, engine: str,
     return select("attention", engine, call).name
 
 
+_DISPATCH: list = []  # attnkit.backends.dispatch, imported on first use (an import statement costs ~10 us a call)
+
+
 def _cached_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse) -> str:
     # select_engine's answer, remembered by the call's structure (attnkit.backends.dispatch)
-    from attnkit.backends.dispatch import attention_key, cached_select
+    if not _DISPATCH:
+        from attnkit.backends import dispatch
 
-    key, holders = attention_key(q, k, v, pattern, mod, norm, return_lse)
-    return cached_select("attention", engine, key, lambda: _call(q, k, v, pattern, mod, norm, scale, return_lse),
-                         holders)
+        _DISPATCH.append(dispatch)
+    d = _DISPATCH[0]
+    key, holders = d.attention_key(q, k, v, pattern, mod, norm, return_lse)
+    return d.cached_select("attention", engine, key, lambda: _call(q, k, v, pattern, mod, norm, scale, return_lse),
+                           holders)
 
 
 def _call(q, k, v, pattern, mod, norm, scale, return_lse):
@@ -156,7 +162,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     mod = _resolve_score_mod(score_mod)
     norm = resolve(normalization)
     scale = default_scale(q, scale)
-    for name, val in (("block_q", block_q), ("block_kv", block_kv)):  # checked whichever engine runs
+    for name, val in () if block_q is None is block_kv else (("block_q", block_q), ("block_kv", block_kv)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
             raise ValueError(f"{name} must be a positive int (or None for the default), got {val!r}")
     batch, heads, q_len, _ = q.shape

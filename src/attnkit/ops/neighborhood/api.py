@@ -27,6 +27,13 @@ def _split(x: torch.Tensor, name: str) -> tuple[int, ...]:
 
 
 _SPECS: dict = {}
+_DISPATCH: list = []
+
+
+def _nb_call(q, k, v, spec, score_mod, scale):
+    from attnkit.backends.catalog import neighborhood_call
+
+    return neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=scale)
 
 
 def _spec(spatial, kernel_size, dilation, stride, is_causal):
@@ -106,17 +113,19 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
     if q.shape[0] == 0:  # an empty batch: nothing to attend (SDPA returns the empty output too)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     if engine != "reference" and (engine != "tiled" or tiles is None):
-        from attnkit.backends import get_backend
-        from attnkit.backends.catalog import neighborhood_call
-        from attnkit.backends.dispatch import cached_select, needs_grad, structure_key
+        if not _DISPATCH:  # imported on first use (an import statement costs ~10 us a call)
+            from attnkit.backends import dispatch
 
-        holders: list = []  # the decision is remembered by the call's structure (attnkit.backends.dispatch)
-        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device,
-               needs_grad((q, k, v), score_mod), id(spec), structure_key(score_mod, holders))
-        holders.append(spec)
-        name = cached_select("neighborhood", engine if tiles is None else "tiled", key,
-                             lambda: neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc), holders)
+            _DISPATCH.append(dispatch)
+        d = _DISPATCH[0]
+        holders: list = [spec]  # the decision is remembered by the call's structure (attnkit.backends.dispatch)
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad((q, k, v), score_mod), id(spec),
+               d.structure_key(score_mod, holders))
+        name = d.cached_select("neighborhood", engine if tiles is None else "tiled", key,
+                               lambda: _nb_call(q, k, v, spec, score_mod, sc), holders)
         if name not in ("tiled", "reference"):
+            from attnkit.backends import get_backend
+            from attnkit.backends.catalog import neighborhood_call
             from attnkit.backends.flex import FlexCompileError
 
             try:
