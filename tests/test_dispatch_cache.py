@@ -187,3 +187,18 @@ def test_explain_names_the_engine_and_reasons():
     x = torch.randn(1, 2, 8, 8, 8)
     nb = attnkit.explain(x, x, x, kernel_size=3)
     assert nb.operation == "neighborhood" and nb.chosen == "tiled"
+
+
+def test_auto_leaves_small_cuda_calls_to_sdpa_mask():
+    # a compile per shape costs seconds (and failed for MultiheadAttention with sliding_window(16) at 100 tokens on
+    # an H200); below FLEX_MIN_PAIRS auto runs SDPA with the materialised mask on CUDA
+    from attnkit.backends.flex import FLEX_MIN_PAIRS, flex_reasons
+
+    call = {"device": torch.device("cuda"), "norm": resolve("softmax"), "needs_grad": True, "return_lse": False,
+            "head_dim": 16, "q_len": 100, "kv_len": 100, "pattern": P.sliding_window(16), "score_mod": None}
+    if not flex.flex_available():
+        pytest.skip("no FlexAttention in this torch")
+    assert any("materialised mask" in r for r in flex_reasons(dict(call, auto=True)))
+    assert flex_reasons(call) == []  # named: runs
+    big = dict(call, auto=True, q_len=256, kv_len=256)
+    assert 256 * 256 >= FLEX_MIN_PAIRS and flex_reasons(big) == []

@@ -38,6 +38,9 @@ __all__ = ["FlexCompileError", "flex_available", "lower_pattern", "lower_score_m
 BLOCK_SIZE = 128
 # Below this many queries auto leaves a call to the other engines (decoding steps change kv_len every call).
 DECODE_Q_LEN = 16
+# Below this many query-key pairs, auto leaves a softmax call without modifier on CUDA to sdpa_mask: no compile
+# (a MultiheadAttention with sliding_window(16) at 100 tokens failed to compile on an H200: NoValidChoicesError).
+FLEX_MIN_PAIRS = 128 * 256
 # Distinct (pattern, modifier, shape) entries kept; each holds one BlockMask (int32, O(tiles)).
 CACHE_SIZE = 32
 # Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
@@ -233,6 +236,11 @@ def flex_reasons(call) -> list[str]:
             why.append("no C++ compiler found: torch.compile's CPU backend needs one")
     elif dev == "cuda" and call["head_dim"] < 16:
         why.append(f"head dim {call['head_dim']} < 16 (FlexAttention's CUDA kernels need >= 16)")
+    if (call.get("auto") and dev == "cuda" and call["q_len"] * call["kv_len"] < FLEX_MIN_PAIRS
+            and call["score_mod"] is None and call["norm"].name == "softmax"):
+        # a compile per shape costs seconds; at this size SDPA with the materialised mask (sdpa_mask) needs none
+        why.append(f"q_len * kv_len = {call['q_len'] * call['kv_len']} < {FLEX_MIN_PAIRS} under auto (SDPA with "
+                   f"the materialised mask runs it without a compile; name engine='flex' to force it)")
     if call.get("auto") and call["q_len"] < DECODE_Q_LEN:
         # Decoding grows kv_len by one per call, and every new length compiles anew (seconds each).
         why.append(f"q_len {call['q_len']} < {DECODE_Q_LEN} under auto (decoding: one compile per cache length; "
