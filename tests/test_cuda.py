@@ -349,3 +349,29 @@ def test_fla_gated_routing_matches_reference_on_cuda(case):
     assert_close(s.cpu(), want_s, dtype=dt, scale=4.0)
     out.float().square().mean().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("case", ["hierarchical", "per_head_window", "per_head_window_causal"])
+def test_flex_compiles_the_patterns_that_failed_before_on_cuda(case):
+    """hierarchical (HDT) and per_head_window failed to compile on FlexAttention (issue 23); their lowerings index
+    prepared tensors only. Forward and backward against the float64 reference, and no fallback warning."""
+    import warnings
+
+    from attnkit.ops.exact.variants import hdt_layout
+
+    _cpu_dry_run_skips("flex")
+    lv, gid, _ = hdt_layout([[40, 60, 30], [50, 70]])
+    n = lv.shape[0]
+    pattern = {"hierarchical": P.hierarchical(lv, gid),
+               "per_head_window": P.per_head_window([8, 32, 100, None]),
+               "per_head_window_causal": P.per_head_window([8, 32, 100, None], causal=True)}[case]
+    q, k, v = random_qkv(1, 4, n, n, 64, dtype=torch.bfloat16, device=CUDA, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnkit.attention(q64, k64, v64, pattern=pattern, engine="reference")
+    assert_close(out, ref, scale=2.0)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g.to(torch.bfloat16)), _grads(ref, (q64, k64, v64), g)):
+        assert_close(a, b, scale=8.0)
