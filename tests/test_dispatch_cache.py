@@ -202,3 +202,31 @@ def test_auto_leaves_small_cuda_calls_to_sdpa_mask():
     assert flex_reasons(call) == []  # named: runs
     big = dict(call, auto=True, q_len=256, kv_len=256)
     assert 256 * 256 >= FLEX_MIN_PAIRS and flex_reasons(big) == []
+
+
+def test_linear_decisions_are_cached_per_structure():
+    from attnkit.backends import base
+    from attnkit.ops.linear.reference import linear_attention_reference
+
+    q, k, v = (torch.rand(1, 2, 24, 8, dtype=torch.float64) for _ in range(3))
+    dispatch.invalidate()
+    calls = []
+    orig = base.select
+
+    def spy(*a, **kw):
+        calls.append(a[0])
+        return orig(*a, **kw)
+
+    base.select = spy
+    try:
+        for _ in range(3):
+            attnkit.linear_attention(q, k, v, causal=True)
+        assert calls == ["linear"]
+        for fm in ("elu", "relu"):
+            out = attnkit.linear_attention(q, k, v, causal=True, feature_map=fm)
+            assert_close(out, linear_attention_reference(q, k, v, feature_map=fm, causal=True), dtype=torch.float64)
+        with base.use_engine("linear", "reference"):  # a forced engine is part of the key
+            attnkit.linear_attention(q, k, v, causal=True)
+        assert calls == ["linear"] * 3
+    finally:
+        base.select = orig

@@ -94,6 +94,42 @@ def _watch_underflow(finalize):
     return watched
 
 
+_DISPATCH: list = []
+
+
+def _dispatch():
+    """attnkit.backends.dispatch, imported on first use (an import statement costs ~10 us per call)."""
+    if not _DISPATCH:
+        from attnkit.backends import dispatch
+
+        _DISPATCH.append(dispatch)
+    return _DISPATCH[0]
+
+
+class _Named:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _linear_backend(q, k, v, fm, causal, mode, engine, given) -> str:
+    # the backend select() picks, remembered by the call's structure (a map given by name by its name, else by
+    # identity)
+    d = _dispatch()
+    params = [p for p in fm.parameters() if p.requires_grad] if isinstance(fm, torch.nn.Module) else []
+    holders: list = [] if isinstance(given, str) else [fm]
+    fm_key = ("name", given) if isinstance(given, str) else id(fm)
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad([q, k, v, *params]), fm_key, causal, mode)
+
+    def call():
+        from attnkit.backends.catalog import linear_call
+
+        return linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode, features=fm.feature_dim(q.shape[-1]))
+
+    return d.cached_select("linear", engine, key, call, holders)
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      feature_map: str | FeatureMap = "elu", causal: bool = False, mode: str = "auto",
                      chunk_size: int = 64, decay: float | torch.Tensor | None = None,
@@ -146,11 +182,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         )
     if decay is not None and not causal:
         raise NotSupportedError("decay is defined for causal attention only; pass causal=True or decay=None")
-    from attnkit.backends import select
-    from attnkit.backends.catalog import linear_call
-
-    backend = select("linear", engine, linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode,
-                                                   features=fm.feature_dim(q.shape[-1])))
+    backend = _Named(_linear_backend(q, k, v, fm, causal, mode, engine, feature_map))
     if backend.name == "reference":
         from attnkit.ops.linear.reference import linear_attention_reference
 
@@ -251,10 +283,15 @@ def _gated_checks(q, k, v, mode, chunk_size, initial_state):
 
 
 def _gated_backend(op: str, engine: str, q, k, v, mode, grads) -> str:
-    from attnkit.backends import select
-    from attnkit.backends.catalog import gated_call
+    d = _dispatch()
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad([q, k, v, *grads]), mode)
 
-    return select(op, engine, gated_call("gla" if op == "gated" else "delta", q, k, v, mode=mode, grads=grads)).name
+    def call():
+        from attnkit.backends.catalog import gated_call
+
+        return gated_call("gla" if op == "gated" else "delta", q, k, v, mode=mode, grads=grads)
+
+    return d.cached_select(op, engine, key, call, [])
 
 
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
