@@ -38,39 +38,55 @@ def _median_us(fns: dict, device, repeats: int) -> dict[str, float]:
     return {n: statistics.median(ts) * 1e6 for n, ts in times.items()}
 
 
-def cases(device, dtype):
+def _direct_attention(chosen, q, k, v, pattern, scale):
+    """The backend ``chosen`` called directly, with what it needs prepared (flex: the cached BlockMask)."""
     from attnkit.backends.flex import flex_attention_call
     from attnkit.normalizations import resolve
     from attnkit.ops.exact.tiled import tiled_attention
+
+    if chosen == "sdpa":
+        causal = pattern is not None
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if chosen == "tiled":
+        sm = resolve("softmax")
+        return lambda: tiled_attention(q, k, v, pattern=pattern, score_mod=None, normalization=sm, scale=scale)
+    if chosen == "flex":
+        return lambda: flex_attention_call(q, k, v, pattern=pattern, score_mod=None, scale=scale)
+    if chosen == "sdpa_mask":
+        from attnkit.backends.masked import _mask
+
+        m = _mask(pattern, q.shape[2], k.shape[2], q.shape[0], q.shape[1], q.device)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+    raise ValueError(chosen)
+
+
+def cases(device, dtype):
+    from attnkit.backends.flex import neighborhood_flex_call
     from attnkit.ops.neighborhood.engine import neighborhood_tiled
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 32, generator=g).to(device, dtype) for _ in range(3))
-    sm = resolve("softmax")
     scale = 32 ** -0.5
     win = P.causal() & P.sliding_window(16, 0)
-    out = {
-        "full (sdpa)": {
-            "auto": lambda: attnkit.attention(q, k, v),
-            "direct": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
-        },
-        "causal sliding window (tiled on cpu)": {
-            "auto": lambda: attnkit.attention(q, k, v, pattern=win),
-            "named tiled": lambda: attnkit.attention(q, k, v, pattern=win, engine="tiled"),
-            "direct": lambda: tiled_attention(q, k, v, pattern=win, score_mod=None, normalization=sm, scale=scale),
-        },
-    }
+    out = {}
+    for title, pattern in (("full", None), ("causal", P.causal()), ("causal sliding window 16", win)):
+        chosen = attnkit.explain(q, k, v, pattern=pattern).chosen
+        out[f"{title} ({chosen})"] = {
+            "auto": lambda pattern=pattern: attnkit.attention(q, k, v, pattern=pattern),
+            "direct": _direct_attention(chosen, q, k, v, pattern, scale),
+        }
     if attnkit.backends.base.get_backend("attention", "flex").installed():
-        out["causal sliding window (flex)"] = {
+        out["causal sliding window 16, named (flex)"] = {
             "named flex": lambda: attnkit.attention(q, k, v, pattern=win, engine="flex"),
-            "direct": lambda: flex_attention_call(q, k, v, pattern=win, score_mod=None, scale=scale),
+            "direct": _direct_attention("flex", q, k, v, win, scale),
         }
     x = torch.randn(1, 2, 16, 16, 32, generator=g).to(device, dtype)
-    spec_args = dict(kernel_size=5)
-    out["2-D neighborhood 16x16 k5"] = {
-        "auto": lambda: attnkit.neighborhood(x, x, x, **spec_args),
-        "direct": lambda: neighborhood_tiled(x, x, x, _spec(x, **spec_args), scale=scale),
-    }
+    chosen = attnkit.explain(x, x, x, kernel_size=5).chosen
+    spec = _spec(x, 5)
+    direct = (lambda: neighborhood_flex_call(x, x, x, spec, score_mod=None, scale=scale)) if chosen == "flex" else \
+        (lambda: neighborhood_tiled(x, x, x, spec, scale=scale))
+    out[f"2-D neighborhood 16x16 k5 ({chosen})"] = {"auto": lambda: attnkit.neighborhood(x, x, x, kernel_size=5),
+                                                    "direct": direct}
     return out
 
 
