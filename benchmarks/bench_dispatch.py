@@ -91,7 +91,7 @@ def cases(device, dtype):
 
 
 def _spec(x, kernel_size):
-    from attnkit.ops.neighborhood.windows import make_spec
+    from attnkit.patterns.windows import make_spec
 
     return make_spec(tuple(x.shape[2:-1]), kernel_size)
 

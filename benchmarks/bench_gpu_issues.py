@@ -41,9 +41,9 @@ def _row(name: str, r: dict, base: float | None) -> str:
 def neighborhood_case(dev, dtype, shape, kernel, heads, dim, repeats, backward, *, stride=1, is_causal=False):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
     from attnkit.ops.neighborhood.tiling import tiling_stats
-    from attnkit.ops.neighborhood.windows import make_spec
+    from attnkit.patterns.spatial import _cached_pattern
+    from attnkit.patterns.windows import make_spec
 
     spec = make_spec(shape, kernel, 1, stride, is_causal)
     n = spec.num_tokens

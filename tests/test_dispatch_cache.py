@@ -182,7 +182,7 @@ def test_explain_names_the_engine_and_reasons():
     q = torch.randn(1, 2, 64, 8)
     ex = attnkit.explain(q, q, q, pattern=P.sliding_window(4))
     assert ex.chosen == "tiled" and ex.reasons["sdpa"] and "pattern" in ex.reasons["sdpa"][0]
-    assert ex.chosen == attnkit.ops.exact.api.select_engine(q, q, q, P.sliding_window(4), None, resolve("softmax"),
+    assert ex.chosen == attnkit.functional.exact.select_engine(q, q, q, P.sliding_window(4), None, resolve("softmax"),
                                                             "auto")
     x = torch.randn(1, 2, 8, 8, 8)
     nb = attnkit.explain(x, x, x, kernel_size=3)

@@ -298,7 +298,7 @@ def test_block_kernels_in_row_chunks_match_autograd(monkeypatch, chunk_elements)
 
 
 def test_striped_positions_drive_rotary_consistently():
-    from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
+    from attnkit.rotary import RotaryEmbedding, apply_rotary
 
     rope = RotaryEmbedding(8).double()
     x = torch.randn(1, 2, 12, 8, dtype=torch.float64)

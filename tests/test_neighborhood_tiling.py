@@ -9,9 +9,9 @@ import torch
 
 import attnkit
 from attnkit.ops.neighborhood import neighborhood_reference
-from attnkit.ops.neighborhood.pattern import _cached_pattern
 from attnkit.ops.neighborhood.tiling import choose_tiling, tiling_classes, tiling_stats, token_permutation
-from attnkit.ops.neighborhood.windows import make_spec
+from attnkit.patterns.spatial import _cached_pattern
+from attnkit.patterns.windows import make_spec
 from attnkit.testing import assert_close
 
 CASES = [

@@ -5,6 +5,8 @@ and flow, relevance, entropy, attention distance, head statistics, the rank-coll
 embeddings from them; :mod:`.heads` masks heads; :mod:`.report` writes ``attnkit analyze``'s report.
 """
 
+from attnkit.nn.recording import AttentionRecord, Capture, capture, probe_attention_matrix
+
 from .diagnostics import (
     attention_distance,
     attention_flow,
@@ -25,7 +27,6 @@ from .diagnostics import (
     token_residual,
 )
 from .heads import ablate_heads, attention_modules, head_importance, layer_inputs, rank_collapse_curve
-from .recording import AttentionRecord, Capture, capture, probe_attention_matrix
 
 __all__ = [
     "AttentionRecord", "Capture", "capture", "probe_attention_matrix",

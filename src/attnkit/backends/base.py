@@ -162,7 +162,7 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def _invalidate() -> None:
-    from attnkit.backends.dispatch import invalidate
+    from attnkit.backends.keys import invalidate
 
     invalidate()
 

@@ -60,14 +60,14 @@ _FAILED: dict = {}
 def _failed_reason(obj) -> str | None:
     if not _FAILED:
         return None
-    from attnkit.backends.dispatch import structure_key
+    from attnkit.backends.keys import structure_key
 
     hit = _FAILED.get(structure_key(obj))
     return None if hit is None else hit[1]
 
 
 def _mark_failed(obj, msg: str) -> None:
-    from attnkit.backends.dispatch import invalidate, structure_key
+    from attnkit.backends.keys import invalidate, structure_key
 
     holders: list = []
     _FAILED[structure_key(obj, holders)] = (holders, msg)
@@ -109,6 +109,7 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
     """A ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``pattern.allowed(..., q_len, kv_len)``, with the tensors
     the pattern reads prepared on ``device`` once (they are constants inside the compiled kernel)."""
     from attnkit import patterns as P
+    from attnkit.patterns import grid as PG
 
     if isinstance(pattern, P._And | P._Or):
         fa, fb = lower_pattern(pattern.a, q_len, kv_len, device), lower_pattern(pattern.b, q_len, kv_len, device)
@@ -133,7 +134,7 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
             ids1 = ids[0]
             return lambda b, h, qi, ki: ids1[qi + off] == ids1[ki]
         return lambda b, h, qi, ki: ids[b, qi + off] == ids[b, ki]
-    if isinstance(pattern, P._PerHeadBand):
+    if isinstance(pattern, PG._PerHeadBand):
         # The predicate builds its per-head bounds with torch.tensor(...) on every call, which inductor cannot
         # lower inside a mask ("'Tensor' object has no attribute 'get_dtype'"): integer bounds made once here
         # (an infinite side becomes q_len + kv_len, beyond any distance), indexed by the head.
@@ -146,7 +147,7 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
             return (d >= -left[h]) & (d <= right[h])
 
         return per_head
-    if isinstance(pattern, P._Hierarchical):
+    if isinstance(pattern, PG._Hierarchical):
         # HDT: the predicate compares level memberships computed from whole tensors on every call ("Buffers
         # cannot be created while lowering a pointwise subgraph" on CUDA): one code per level and token made
         # here, the group id for members and a sentinel (different for queries and keys) for the others.
@@ -261,7 +262,7 @@ _CACHE: OrderedDict = OrderedDict()
 
 def _entry(pattern: Pattern | None, mod: ScoreMod | None, q_len: int, kv_len: int, batch: int, heads: int,
            device: torch.device):
-    from attnkit.backends.dispatch import structure_key
+    from attnkit.backends.keys import structure_key
 
     holders: list = []
     key = (structure_key(pattern, holders), structure_key(mod, holders), q_len, kv_len, batch, heads, device)
@@ -364,7 +365,7 @@ def neighborhood_tile_classes(spec, tile: tuple[int, ...], device) -> torch.Tens
     """Tile classes ``[1, 1, n_tiles, n_tiles]`` of the permuted layout. Neighborhoods are a product over axes of
     1-D windows, so a (query tile, key tile) pair is empty if on some axis no query-key pair of the two tiles is
     allowed, and full if on every axis all are: per-axis ``any`` / ``all`` tables, then an outer product."""
-    from attnkit.ops.neighborhood.windows import axis_bounds, member
+    from attnkit.patterns.windows import axis_bounds, member
 
     some = every = None
     for axis, t in zip(spec.axes, tile):
@@ -404,8 +405,8 @@ def neighborhood_layout(spec, score_mod: ScoreMod | None, device):
     grid (the row-major pattern then runs)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
     from attnkit.ops.neighborhood.tiling import choose_tiling, tiling_classes, token_permutation
+    from attnkit.patterns.spatial import _cached_pattern
 
     key = (spec, id(score_mod), str(device))
     hit = _NB_CACHE.get(key)
@@ -445,7 +446,7 @@ def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     spatial tiling (``attnkit.ops.neighborhood.tiling``: dilation grouping, boxes of 128 tokens) that computes the
     fewest tiles; ``score_mod`` sees the original flat token indices."""
 
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.patterns.spatial import _cached_pattern
 
     n = spec.num_tokens
     flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]

@@ -54,7 +54,7 @@ def sdpa_mask_reasons(c: Mapping[str, Any]) -> list[str]:
 
 
 def _mask(pattern, q_len, kv_len, batch, heads, device) -> torch.Tensor:
-    from attnkit.backends.dispatch import structure_key
+    from attnkit.backends.keys import structure_key
 
     holders: list = []
     key = (structure_key(pattern, holders), q_len, kv_len, batch, heads, device)

@@ -18,11 +18,11 @@ from torch.utils.checkpoint import checkpoint
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit._checks import check_qkv, repeat_kv
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
 from attnkit.ops.exact.variants import add_registers, grid_shape, strip_registers
+from attnkit.rotary import RotaryEmbedding
 
 from .attention import MultiheadAttention
-from .rotary import RotaryEmbedding
 
 __all__ = [
     "SelectiveAttention", "QueryKeyPositionAttention", "coca_attention", "coca_reference",
@@ -169,7 +169,7 @@ def coca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 def coca_reference(q, k, v, *, causal: bool = False, base: float = 10000.0) -> torch.Tensor:
     """CoCA by its naive construction: the per-pair key ``k_ij = t_j (.) q_i`` (per plane), then
     ``RoPE_i(q_i) . RoPE_j(k_ij)`` on an explicit ``[q_len, kv_len, d]`` tensor."""
-    from .rotary import apply_rotary
+    from attnkit.rotary import apply_rotary
 
     d = q.shape[-1]
     h = d // 2

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attnkit.ops.neighborhood.api import NeighborhoodBias, neighborhood
+from attnkit.functional.neighborhood import NeighborhoodBias, neighborhood
 
 __all__ = ["NeighborhoodAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, axis_bounds, group_bounds, member
+from attnkit.patterns.windows import AxisSpec, NASpec, axis_bounds, group_bounds, member
 
 __all__ = ["Tiling", "choose_tiling", "axis_order", "token_permutation", "tiling_classes", "tiling_stats",
            "EMPTY", "PARTIAL", "FULL"]
@@ -180,7 +180,7 @@ def tiling_stats(spec: NASpec, tiling: Tiling | None = None, block: int = 128) -
     """``pairs``: all query-key pairs (n^2); ``in_window`` (speed of light) and ``tile_limit`` (pairs the tiling
     computes: non-empty tiles x block^2), with their fractions of ``pairs``; ``row_major_limit``: the same for
     the plain row-major order (FlexAttention's plain neighborhood mask)."""
-    from attnkit.ops.neighborhood.pattern import _cached_pattern, allowed_pairs
+    from attnkit.patterns.spatial import _cached_pattern, allowed_pairs
 
     tiling = choose_tiling(spec, block) if tiling is None else tiling
     n = spec.num_tokens

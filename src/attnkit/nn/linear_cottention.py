@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.ops.linear.api import linear_attention
+from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
 __all__ = ["CottentionAttention", "cottention_reference"]

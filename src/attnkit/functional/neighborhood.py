@@ -9,7 +9,7 @@ from attnkit._checks import FLOAT_DTYPES, check_qkv, default_scale
 from attnkit.errors import NotSupportedError
 from attnkit.ops.neighborhood.engine import neighborhood_tiled
 from attnkit.ops.neighborhood.reference import neighborhood_reference
-from attnkit.ops.neighborhood.windows import decode, make_spec
+from attnkit.patterns.windows import decode, make_spec
 from attnkit.score_mods import ScoreMod
 
 __all__ = ["neighborhood", "NeighborhoodBias", "neighborhood_bias"]
@@ -96,7 +96,7 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
         tiles: query tile size per axis for the tiled engine (default: chosen by a cost model).
 
     Returns ``[batch, heads, *spatial, dim_v]``. Every query attends exactly ``prod(kernel_size)`` keys unless
-    an axis is causal; see ``attnkit.ops.neighborhood.windows`` for the rules and a picture.
+    an axis is causal; see ``attnkit.patterns.windows`` for the rules and a picture.
     """
     if _valid_fast(q, k, v):  # every check below passes (one combined test: a few microseconds per call)
         spatial = tuple(q.shape[2:-1])

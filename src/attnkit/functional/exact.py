@@ -20,50 +20,18 @@ the whole matrix (column sums) by definition. ``attnkit backends`` lists what is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from attnkit._checks import check_qkv, default_scale, repeat_kv
 from attnkit.normalizations import Normalization, resolve
-from attnkit.patterns import Pattern, _Band, _Full
-from attnkit.score_mods import ScoreMod, compose
-
-from .reference import reference_attention
-from .tiled import tiled_attention
-
-ENGINES = ("sdpa", "tiled", "reference")
-# enable_gqa arrived in torch 2.5; with 2.4 k/v heads are repeated instead.
-_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _sdpa_reasons(q, k, v, pattern, score_mod, norm) -> list[str]:
-    why = []
-    if norm.name != "softmax":
-        why.append(f"normalization {norm.name!r} (sdpa computes softmax only)")
-    if score_mod is not None:
-        why.append("score_mod given (sdpa takes no score modifier)")
-    if pattern is not None and not isinstance(pattern, _Full):
-        is_causal = isinstance(pattern, _Band) and pattern.lo == float("-inf") and pattern.hi == 0
-        if not is_causal:
-            why.append(f"pattern {pattern!r} (sdpa runs full and causal only)")
-        elif q.shape[2] != k.shape[2]:
-            why.append("causal with q_len != kv_len (sdpa aligns causal top-left; attnkit bottom-right)")
-    return why
-
-
-def _tiled_reasons(q, k, v, pattern, score_mod, norm) -> list[str]:
-    return [f"normalization {norm.name!r} needs the whole matrix"] if norm.is_global else []
-
-
-def _reference_reasons(q, k, v, pattern, score_mod, norm) -> list[str]:
-    return []
-
-
-_REASONS: dict[str, Callable[..., list[str]]] = {
-    "sdpa": _sdpa_reasons, "tiled": _tiled_reasons, "reference": _reference_reasons,
-}
+from attnkit.ops.exact.engines import _SDPA_HAS_GQA, ENGINES, _resolve_score_mod  # noqa: F401 (ENGINES: public)
+from attnkit.ops.exact.reference import reference_attention
+from attnkit.ops.exact.tiled import tiled_attention
+from attnkit.patterns import Pattern, _Full
+from attnkit.score_mods import ScoreMod
 
 
 def not_supported_reasons(q, k, v, *, pattern=None, score_mod=None, normalization="softmax",
@@ -107,19 +75,6 @@ def _call(q, k, v, pattern, mod, norm, scale, return_lse):
 
     return attention_call(q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=default_scale(q, scale),
                           return_lse=return_lse)
-
-
-def _resolve_score_mod(score_mod) -> ScoreMod | None:
-    if score_mod is None:
-        return None
-    if isinstance(score_mod, ScoreMod):
-        return score_mod
-    if isinstance(score_mod, Sequence) and not isinstance(score_mod, str):
-        return compose(*score_mod) if score_mod else None
-    raise TypeError(
-        f"score_mod must be an attnkit.score_mods.ScoreMod (or a list of them), got {type(score_mod).__name__}; "
-        f"wrap a function with attnkit.score_mods.custom(fn)"
-    )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None = None,
@@ -168,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     if cu_seqlens is not None:
-        from .variants import check_cu_seqlens, varlen_pattern
+        from attnkit.ops.exact.variants import check_cu_seqlens, varlen_pattern
 
         if q_len != kv_len:
             raise ValueError(f"cu_seqlens packs self-attention: q_len ({q_len}) must equal kv_len ({kv_len})")
@@ -198,7 +153,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
                                          scale=scale, return_lse=return_lse)
     if return_lse:
         # built-in engines: the output as usual, the log-sum-exp by blocks of query rows (memory O(block * kv_len))
-        from .weights import attention_lse
+        from attnkit.ops.exact.weights import attention_lse
 
         out = attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm, scale=scale, engine=chosen,
                         block_q=block_q, block_kv=block_kv)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from attnkit import patterns as P
 from attnkit._checks import check_qkv, default_scale
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
 from attnkit.ops.exact.weights import attention_lse
 
 __all__ = ["star_pattern", "star_attention", "star_attention_distributed"]

@@ -24,8 +24,7 @@ from torch import nn
 
 from attnkit import patterns as P
 from attnkit.ops.exact.weights import attention_weights
-
-from .selection import cumulative_mass, probe_query_mask
+from attnkit.ops.longctx.selection import cumulative_mass, probe_query_mask
 
 __all__ = ["default_policies", "judge_policies"]
 

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnkit import patterns as P
-from attnkit.ops.exact.api import attention
-
-from .selection import token_type_mask, token_type_rule
+from attnkit.functional.exact import attention
+from attnkit.ops.longctx.selection import token_type_mask, token_type_rule
 
 __all__ = ["BlockTransformerMixer", "RecurrentAttentionMixer", "TokenTypeMixer"]
 

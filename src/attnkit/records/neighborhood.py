@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
+from attnkit.functional.neighborhood import neighborhood
+from attnkit.ops.neighborhood.speed import neighborhood_speed_of_light
+from attnkit.patterns.spatial import NeighborhoodPattern, allowed_pairs, neighborhood_pattern
+from attnkit.patterns.windows import make_spec
 from attnkit.registry import Mechanism, register
-
-from .api import neighborhood
-from .pattern import NeighborhoodPattern, allowed_pairs, neighborhood_pattern
-from .speed import neighborhood_speed_of_light
-from .windows import make_spec
 
 __all__ = ["grid_shape"]
 
@@ -100,7 +99,7 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
 
     def reference(built: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   kernel_size=None, dilation=None, stride=None, spatial_shape=None, **_: Any) -> torch.Tensor:
-        from .reference import neighborhood_reference
+        from attnkit.ops.neighborhood.reference import neighborhood_reference
 
         n = q.shape[2]
         grid = _grid(n, ndim, spatial_shape)

@@ -10,9 +10,8 @@ import torch
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit._checks import check_qkv
+from attnkit.functional.exact import attention
 from attnkit.registry import Mechanism, register
-
-from .api import attention
 
 
 def _dense_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
@@ -85,7 +84,7 @@ def _pattern_mechanism(name: str, paper: str, make: Callable[..., P.Pattern], su
 
 def _regular_cu_seqlens(n: int, doc_len: int, device=None) -> torch.Tensor:
     """Documents of ``doc_len`` tokens (the last one shorter) packed into ``n`` tokens."""
-    from .variants import cu_seqlens_from_lengths
+    from attnkit.ops.exact.variants import cu_seqlens_from_lengths
 
     lengths = [doc_len] * (n // doc_len) + ([n % doc_len] if n % doc_len else [])
     return cu_seqlens_from_lengths(lengths, device=device)
@@ -224,13 +223,19 @@ register(Mechanism(
 # ---------------------------------------------------------------------------------------------------------
 
 def _variants():
-    from . import variants
+    from attnkit.ops.exact import variants
+
+    return variants
+
+
+def _functional_variants():
+    from attnkit.functional import variants
 
     return variants
 
 
 def _grid(seq_len: int, shape) -> tuple[int, ...]:
-    from .variants import grid_shape
+    from attnkit.ops.exact.variants import grid_shape
 
     return tuple(shape) if shape is not None else grid_shape(seq_len)
 
@@ -256,7 +261,7 @@ def _hepos(seq_len, heads, causal, stride=4):
 
 
 def _hdt(seq_len, heads, causal, sentence_len=16, sentences=8):
-    from .variants import hdt_layout
+    from attnkit.ops.exact.variants import hdt_layout
 
     # A regular document long enough, cut to seq_len tokens (a prefix of the layout is a valid layout).
     per_sec = 1 + sentences * (sentence_len + 1)
@@ -274,7 +279,7 @@ def _block_attention(seq_len, heads, causal, block_size=512, final_len=512):
 
 
 def _varlen(seq_len, heads, causal, doc_len=1024):
-    from .variants import varlen_pattern
+    from attnkit.ops.exact.variants import varlen_pattern
 
     return varlen_pattern(_regular_cu_seqlens(seq_len, doc_len), causal=causal)
 
@@ -299,7 +304,7 @@ for _rec in [
         "hepos", "Efficient Attentions for Long Document Summarization (Hepos), Sec. 3.2", _hepos,
         "head h attends to keys j with j % stride == h % stride (non-causal: gathered keys, 1/stride of the work)",
         {"stride": 4}, small_params={"stride": 2}, dynamic=True, complexity="O(n^2 d / stride)",
-        fast=lambda q, k, v, causal, stride=4: None if causal else _variants().head_strided_attention(
+        fast=lambda q, k, v, causal, stride=4: None if causal else _functional_variants().head_strided_attention(
             q, k, v, stride)),
     _pattern_mechanism(
         "hdt", "HDT: Hierarchical Document Transformer (He et al., 2024), Sec. 3.2", _hdt,
@@ -324,7 +329,7 @@ for _rec in [
 
 
 def _gsa_factory(causal: bool = False, ratio: int = 4, shape=None):
-    from .variants import sub_sampled_attention
+    from attnkit.functional.variants import sub_sampled_attention
 
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ValueError(f"gsa(ratio) must be a positive int, got {ratio!r}")
@@ -337,7 +342,7 @@ def _gsa_factory(causal: bool = False, ratio: int = 4, shape=None):
 
 
 def _gsa_reference(built, q, k, v, **_):
-    from .variants import sub_sampled_attention_reference
+    from attnkit.functional.variants import sub_sampled_attention_reference
 
     return sub_sampled_attention_reference(q, k, v, built.ratio, built.shape)
 

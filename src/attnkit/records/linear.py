@@ -30,52 +30,16 @@ import torch
 from torch import nn
 
 from attnkit import feature_maps as fmaps
+from attnkit.nn.linear import ENGINE_PARAMS, KernelizedAttention
+from attnkit.nn.linear_cottention import CottentionAttention, cottention_reference
+from attnkit.ops.linear._common import retention_decay
+from attnkit.ops.linear.chunked import chunked_flops
+from attnkit.ops.linear.gated import gated_chunked_flops
+from attnkit.ops.linear.gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
+from attnkit.ops.linear.reference import linear_attention_reference
 from attnkit.registry import SHAPE_PARAMS, Mechanism, register
 
-from .api import linear_attention
-from .chunked import chunked_flops
-from .cottention import CottentionAttention, cottention_reference
-from .gated import gated_chunked_flops
-from .gated_attention import DeltaNetAttention, GatedLinearAttention, gated_reference
-from .reference import linear_attention_reference
-
 __all__ = ["KernelizedAttention", "retention_decay", "ENGINE_PARAMS"]
-
-# Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
-ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
-
-
-def retention_decay(num_heads: int) -> torch.Tensor:
-    """Per-head decays ``1 - 2^(-5 - h)``, ``h = 0 .. num_heads - 1`` (RetNet's schedule, used with
-    Lightning Attention's per-head decayed state): ``[num_heads]`` float64."""
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    return 1.0 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
-
-
-class KernelizedAttention(nn.Module):
-    """``(q, k, v) -> linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, ...)``.
-
-    ``q [batch, heads, n, d]``, ``k [batch, kv_heads, n, d]``, ``v [batch, kv_heads, n, d_v]`` ->
-    ``[batch, heads, n, d_v]``. The feature map is a submodule, so ``.to(device, dtype)`` and
-    ``.parameters()`` see its parameters and buffers.
-    """
-
-    def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
-        super().__init__()
-        unknown = set(engine) - set(ENGINE_PARAMS)
-        if unknown:
-            raise TypeError(f"unexpected engine parameters {sorted(unknown)}; accepted: {list(ENGINE_PARAMS)}")
-        self.feature_map = feature_map
-        self.causal = causal
-        self.engine = engine
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
-
-    def extra_repr(self) -> str:
-        return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
-
 
 def _kernel_reference(built: KernelizedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       **_: Any) -> torch.Tensor:
@@ -396,7 +360,7 @@ def _titans_factory(arrangement: str) -> Callable[..., nn.Module]:
 
 
 def _titans_reference(built: nn.Module, x: torch.Tensor, **params: Any) -> torch.Tensor:
-    from .titans import titans_memory_reference
+    from attnkit.ops.linear.titans import titans_memory_reference
 
     return built(x, memory_fn=titans_memory_reference)
 
@@ -424,7 +388,7 @@ for _arr, _summary in _TITANS.items():
 
 def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...], paper: str, summary: str,
              complexity: str = "O(n d^2)", causal: bool = True, quadratic: bool = False) -> Mechanism:
-    from .variants import variant_reference
+    from attnkit.nn.linear_variants import variant_reference
 
     def factory(causal: bool = False, **params: Any) -> nn.Module:
         shapes = {k: params.pop(k) for k in list(params) if k in SHAPE_PARAMS}
@@ -445,13 +409,13 @@ def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...],
 
 
 def _build_galerkin(kind: str) -> Callable[..., nn.Module]:
-    from .variants import GalerkinAttention
+    from attnkit.nn.linear_variants import GalerkinAttention
 
     return lambda causal=False, head_dim=None, **p: GalerkinAttention(head_dim, kind=kind, causal=causal, **p)
 
 
 def _build_essa(causal=False, **p):
-    from .variants import ESSAttention
+    from attnkit.nn.linear_variants import ESSAttention
 
     if causal:
         raise ValueError("essa has no causal form")
@@ -459,13 +423,13 @@ def _build_essa(causal=False, **p):
 
 
 def _build_lln_diag(causal=False, **p):
-    from .variants import LLNDiagAttention
+    from attnkit.nn.linear_variants import LLNDiagAttention
 
     return LLNDiagAttention(causal=causal, **p)
 
 
 def _build_focused_dwc(causal=False, head_dim=None, num_heads=None, **p):
-    from .variants import FocusedDWCAttention
+    from attnkit.nn.linear_variants import FocusedDWCAttention
 
     return FocusedDWCAttention(head_dim, num_heads, causal=causal, **p)
 
@@ -545,7 +509,7 @@ _MECHANISMS += [
 
 def _fastmax_factory(causal: bool = False, order: int = 2, temperature: float = 1.0, chunk_size: int = 64,
                      **shapes: Any) -> KernelizedAttention:
-    from .fastmax import FastmaxFeatureMap
+    from attnkit.ops.linear.fastmax import FastmaxFeatureMap
 
     fm = FastmaxFeatureMap(order=order, temperature=temperature, causal=causal)
     return KernelizedAttention(fm, causal=causal, chunk_size=chunk_size)
@@ -598,7 +562,7 @@ _MECHANISMS.append(Mechanism(
 
 def _toeplitz_factory(causal: bool = False, num_heads: int | None = None, seq_len: int | None = None,
                       num_features: int = 64, feature_map: str = "favor", **shapes: Any) -> nn.Module:
-    from .toeplitz import ToeplitzRPEAttention
+    from attnkit.ops.linear.toeplitz import ToeplitzRPEAttention
 
     if num_heads is None or seq_len is None:
         raise TypeError("kernel_rpe_fft needs num_heads and seq_len (the relative-bias table covers 2 seq_len - 1 "
@@ -608,7 +572,7 @@ def _toeplitz_factory(causal: bool = False, num_heads: int | None = None, seq_le
 
 
 def _toeplitz_reference(built: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **p: Any):
-    from .toeplitz import toeplitz_reference
+    from attnkit.ops.linear.toeplitz import toeplitz_reference
 
     return toeplitz_reference(built, q, k, v)
 
@@ -636,7 +600,7 @@ _MECHANISMS.append(Mechanism(
 
 def _learned_map_factory(kind: str) -> Callable[..., KernelizedAttention]:
     def factory(causal: bool = False, head_dim: int | None = None, chunk_size: int = 64, **params: Any):
-        from .learned_maps import EcoHashFeatureMap, SpectralFeatureMap, WeightedDiJiangFeatureMap
+        from attnkit.ops.linear.learned_maps import EcoHashFeatureMap, SpectralFeatureMap, WeightedDiJiangFeatureMap
 
         if head_dim is None:
             raise TypeError(f"{kind} needs head_dim (its map owns per-dimension parameters)")

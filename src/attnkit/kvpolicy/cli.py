@@ -44,7 +44,7 @@ def _plot(results: list[dict], out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.ops.longctx.judge import judge_policies
+    from attnkit.kvpolicy.judge import judge_policies
     from attnkit.quality import load_checkpoint
     from attnkit.quality.tasks import get_task
     from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table

@@ -22,8 +22,8 @@ from torch import nn
 from attnkit import patterns as P
 from attnkit._checks import check_qkv, repeat_kv
 from attnkit.feature_maps import FocusedFeatureMap, LogNormalFeatureMap
-from attnkit.ops.exact.api import attention
-from attnkit.ops.linear.api import linear_attention
+from attnkit.functional.exact import attention
+from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.reference import linear_attention_reference
 
 __all__ = ["GalerkinAttention", "ESSAttention", "LLNDiagAttention", "FocusedDWCAttention", "variant_reference"]

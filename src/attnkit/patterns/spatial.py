@@ -8,15 +8,15 @@ from collections.abc import Sequence
 
 import torch
 
-from attnkit.ops.neighborhood.windows import NASpec, axis_bounds, count_below, decode, make_spec, member
-from attnkit.patterns import EMPTY, FULL, PARTIAL, Pattern
+from attnkit.patterns.base import EMPTY, FULL, PARTIAL, Pattern
+from attnkit.patterns.windows import NASpec, axis_bounds, count_below, decode, make_spec, member
 
 __all__ = ["NeighborhoodPattern", "neighborhood_pattern", "allowed_pairs"]
 
 
 class NeighborhoodPattern(Pattern):
     """Query token ``i`` may attend key token ``j`` (both flattened row-major over ``spec.shape``) iff on
-    every axis the key's coordinate is in the query's window (``attnkit.ops.neighborhood.windows``).
+    every axis the key's coordinate is in the query's window (``attnkit.patterns.windows``).
 
     Tiles of the flattened sequence are classified *exactly* (not just conservatively) and analytically:
     the number of allowed keys of a query below a flat index is a lexicographic count over the separable
@@ -138,3 +138,9 @@ def neighborhood_pattern(spatial_shape: Sequence[int], kernel_size, *, dilation=
 
 def _density(spec: NASpec) -> float:
     return allowed_pairs(spec) / math.prod(spec.shape) ** 2
+
+
+def neighborhood(spatial_shape, kernel_size, dilation=1, stride=1, is_causal=False) -> Pattern:
+    """Neighborhood attention over a flattened 1/2/3-D grid (see ``attnkit.neighborhood``)."""
+    return neighborhood_pattern(spatial_shape, kernel_size, dilation=dilation, stride=stride,
+                                is_causal=is_causal)

@@ -262,5 +262,5 @@ register(Mechanism(
             "(module; untrained scorer in benchmarks)",
     bench_params={"top_k": 256}, flops=_flops_sparsek))
 
-# Issue 17: retrieval (IceFormer, RetrievalAttention, SEA) and structured-selection records.
-from attnkit.ops.approx import mechanisms_retrieval  # noqa: E402,F401
+# Issue 17: retrieval (IceFormer, RetrievalAttention, SEA) and structured-selection records are in
+# attnkit.records.approx_retrieval (its own entry in attnkit.registry.FAMILY_MODULES).

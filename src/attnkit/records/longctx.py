@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
+from attnkit.functional.star import star_attention, star_pattern
+from attnkit.nn.longctx import BlockTransformerMixer, RecurrentAttentionMixer, TokenTypeMixer
+from attnkit.ops.longctx.s2 import s2_pattern
 from attnkit.registry import Mechanism, register
-
-from .models import BlockTransformerMixer, RecurrentAttentionMixer, TokenTypeMixer
-from .s2 import s2_pattern
-from .star import star_attention, star_pattern
 
 
 def _star_factory(causal: bool = False, block_size: int = 1024, anchor_size: int | None = None,

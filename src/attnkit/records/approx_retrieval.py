@@ -1,6 +1,6 @@
 """Registers the approx family's retrieval and structured-selection methods (issue 17): IceFormer,
 RetrievalAttention, SEA, BOAT, SG-Former, Select-and-Pack, Combiner's Logsparse, Axial and Mixture bases.
-Imported by :mod:`attnkit.ops.approx.mechanisms`; factories return
+Imported by :mod:`attnkit.records.approx`; factories return
 :class:`~attnkit.ops.approx._common.ApproxAttention` (``reference``, ``attention_matrix``), Select-and-Pack an
 ``nn.Module`` with its gate."""
 
@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from attnkit.ops.approx import boat, combiner_bases, retrieval, sgformer
-from attnkit.ops.approx.mechanisms import FAMILY, _fn_factory, _no_extra_shapes
+from attnkit.records.approx import FAMILY, _fn_factory, _no_extra_shapes
 from attnkit.registry import Mechanism, register
 
 
@@ -152,7 +152,7 @@ register(Mechanism(
 
 
 def _flops_combiner_mixture(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
-    from attnkit.ops.approx.mechanisms import _flops_combiner
+    from attnkit.records.approx import _flops_combiner
 
     fixed = heads // 2
     return (_flops_combiner(batch=batch, heads=fixed, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
