@@ -98,8 +98,8 @@ def run_attention_backend(name, engine, q, k, v, *, pattern, score_mod, norm, sc
         from attnkit.backends.base import select
 
         nxt = select("attention", "auto", call).name  # flex refuses this pattern / modifier from now on
-        warnings.warn(f"{exc}; engine='auto' runs {nxt!r} for it from now on (attnkit.explain(q, k, v, ...) "
-                      f"says why)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on ({nxt!r}; "
+                      f"attnkit.explain(q, k, v, ...) says why)", RuntimeWarning, stacklevel=3)
         return None
 
 
