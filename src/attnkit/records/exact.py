@@ -467,8 +467,18 @@ _quadratic("neural_attention", "Neural Attention: A Novel Mechanism for Enhanced
            * hidden * (head_dim + 3) + _dense_flops(batch, heads, q_len, kv_len, head_dim) / 2)
 _quadratic("karat", "Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision Transformers?",
            _module_factory(_lazy("KolmogorovArnoldAttention"), "num_heads"),
-           "learnable Fourier activation of the logits with l1 row normalisation (softmax-like at init)",
+           "one learnable Fourier function per head on the logits, l1 row normalisation (softmax-like at init); "
+           "deviation: the paper's operator mixes the row (see fourier_karat)",
            needs=("num_heads",), small={"grid": 4, "chunk": 16}, bench={"grid": 8, "chunk": 64}, max_len=4096)
+_quadratic("fourier_karat", "Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision Transformers? "
+           "(Fourier KArAt, Sec. 4, Eq. 2, Algorithm 2)",
+           _module_factory(_lazy("FourierKArAt"), "num_heads", "seq_len"),
+           "the paper's modular KArAt: rank-r Fourier KAN operator on each logit row, projected back by W, in place "
+           "of softmax; fixed length, not causal",
+           needs=("num_heads", "seq_len"), causal=False, small={"rank": 4, "grid": 3, "chunk": 16},
+           bench={"rank": 12, "grid": 3, "chunk": 64}, max_len=1024,
+           flops=lambda batch, heads, q_len, kv_len, head_dim, rank=12, grid=3, **_: 4.0 * batch * heads * q_len
+           * kv_len * (head_dim + rank * grid + rank / 2))
 
 
 def _points_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):

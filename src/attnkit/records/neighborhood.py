@@ -147,3 +147,56 @@ register(_neighborhood_mechanism(
 register(_neighborhood_mechanism(
     "neighborhood_3d", 3, "3-D (video) neighborhood attention on the balanced grid of seq (16 x 32 x 32 for "
     "16384), 3 x 7 x 7 windows", {"kernel_size": (3, 7, 7)}))
+
+
+# -- B9 D-Former: local 3-D windows and dilated global groups -----------------------------------------------------
+
+def _dformer_record() -> Mechanism:
+    from attnkit.ops.neighborhood.dformer import dformer_attention, dformer_layout, dformer_reference
+
+    default_group = (2, 8, 8)  # the authors' first-stage group size (depth, height, width)
+
+    def on_grid(fn, q, k, v, group_size, scope, spatial_shape):
+        n = q.shape[2]
+        grid = _grid(n, 3, spatial_shape)
+        out = fn(*(t.reshape(*t.shape[:2], *grid, t.shape[-1]) for t in (q, k, v)), group_size, scope=scope)
+        return out.reshape(*q.shape[:2], n, v.shape[-1])
+
+    def factory(causal: bool = False, group_size=default_group, scope: str = "global",
+                spatial_shape: Sequence[int] | None = None) -> Callable[..., torch.Tensor]:
+        dformer_layout((1, 1, 1), group_size)  # validate now, not at the first call
+        if scope not in ("local", "global"):
+            raise ValueError(f"scope must be 'local' or 'global' (D-Former's two modules), got {scope!r}")
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[2] != q.shape[2]:
+                raise ValueError(f"dformer_3d takes q, k, v [batch, heads, seq, dim] with one seq (laid out on a "
+                                 f"3-D grid), got q {tuple(q.shape)}, k {tuple(k.shape)}; call "
+                                 f"attnkit.ops.neighborhood.dformer.dformer_attention for spatial inputs")
+            return on_grid(dformer_attention, q, k, v, group_size, scope, spatial_shape)
+
+        return run
+
+    def reference(built: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group_size=default_group,
+                  scope: str = "global", spatial_shape=None, **_: Any) -> torch.Tensor:
+        return on_grid(dformer_reference, q, k, v, group_size, scope, spatial_shape)
+
+    def flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, group_size=default_group,
+              spatial_shape=None, **_: Any) -> float:
+        _, groups, padded, _ = dformer_layout(_grid(q_len, 3, spatial_shape), group_size)
+        return 4.0 * batch * heads * math.prod(padded) * math.prod(groups) * head_dim
+
+    return Mechanism(
+        name="dformer_3d", family="neighborhood",
+        paper="D-Former: A U-shaped Dilated Transformer for 3D Medical Image Segmentation", exact=True,
+        complexity="O(n * g * d), g = prod(group_size)", causal=False, factory=factory,
+        summary="D-Former's scopes on the balanced 3-D grid of seq: scope='local' (non-overlapping G windows) or "
+                "'global' (dilated groups: same coordinate mod S/G); layers alternate them (nn.DFormerStage3d)",
+        bench_params={"group_size": default_group, "scope": "global"}, flops=flops,
+        small_params={"group_size": 2, "scope": "global"}, reference=reference,
+        extras={"ndim": 3, "source": "paper+authors' code (group rule, padding, alternation)",
+                "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, 3, spatial_shape)},
+    )
+
+
+register(_dformer_record())
