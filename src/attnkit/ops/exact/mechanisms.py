@@ -368,7 +368,8 @@ def _lssa_factory(causal: bool = False, base: float = 512.0, power: float = 2.0)
     from attnkit.normalizations import softplus
 
     pattern = P.causal() if causal else None
-    mod, norm = S.length_scale(base), softplus(power)
+    # lambda = log(n_i) / log(base), n_i the keys row i attends: i + 1 under the causal mask, every key otherwise
+    mod, norm = S.length_scale(base, per_row=causal), softplus(power)
 
     def run(q, k, v):
         return attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm)
