@@ -23,6 +23,17 @@ def test_star_with_one_block_is_full_causal_attention(n, block):
     assert_close(star_attention(q, k, v, block_size=4, num_query=n), ref)  # everything is query: exact
 
 
+def test_star_is_labelled_approximate_because_phase1_differs_from_full_attention():
+    # Issue 25, defect 6: the record said exact=True; phase 1 (context blocks see the anchor and themselves)
+    # approximates the full causal attention of the model it serves, phase 2 (the query tokens) is exact.
+    assert attnkit.mechanism_info("star_attention").exact is False
+    q, k, v = random_qkv(1, 2, 24, 24, 8, dtype=torch.float64)
+    full = attnkit.attention(q, k, v, pattern=P.causal())
+    out = attnkit.get("star_attention", causal=True, block_size=6, num_query=4)(q, k, v)
+    assert (out[:, :, 12:20] - full[:, :, 12:20]).abs().max() > 1e-3  # phase 1, third and fourth blocks
+    assert_close(out[:, :, 20:], full[:, :, 20:])  # phase 2
+
+
 @pytest.mark.parametrize("block,anchor", [(4, None), (5, 2), (3, 7)])
 def test_star_phase1_mask_is_same_block_or_anchor_and_causal(block, anchor):
     n = 17
