@@ -99,6 +99,48 @@ def test_retention_parallel_recurrent_chunked_agree(causal):
     assert_close(outs[0], retention_reference(layer, x))
 
 
+def _retnet_from_the_paper(layer, x):
+    """RetNet eq. 3-5 with complex numbers: ``Q = (X W_Q) Theta``, ``K = (X W_K) conj(Theta)``, ``Theta_n =
+    e^(i n theta)``, ``theta_c = 10000^(-2c/d)``; retention ``Re(Q K^dagger) / sqrt(d) * D`` (causal), then
+    GroupNorm, swish gate, output projection. Channel pair ``(c, c + d/2)`` is one complex component."""
+    q, k, v = (layer._heads(t) for t in layer.qkv(x).chunk(3, dim=-1))
+    n, d = x.shape[1], layer.head_dim
+    h = d // 2
+    theta = 10000.0 ** (-2 * torch.arange(h, dtype=F64) / d)
+    rot = torch.exp(1j * torch.arange(n, dtype=F64)[:, None] * theta[None])  # [n, d/2]
+    zq = torch.complex(q[..., :h], q[..., h:]) * rot
+    zk = torch.complex(k[..., :h], k[..., h:]) * rot
+    scores = (zq @ zk.conj().transpose(-1, -2)).real * d ** -0.5
+    i = torch.arange(n, dtype=F64)
+    rel = i[:, None] - i[None, :]
+    gam = layer.decays.to(F64)[:, None, None]
+    dmat = torch.where(rel >= 0, gam ** rel.clamp_min(0), torch.zeros((), dtype=F64))
+    ret = (scores * dmat) @ v
+    y = layer.norm(ret.transpose(1, 2).reshape(-1, layer.dim)).view(x.shape[0], n, layer.dim)
+    return layer.out_proj(torch.nn.functional.silu(layer.gate(x)) * y)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunked", "recurrent"])
+def test_retention_applies_retnet_theta_rotation_by_default(mode):
+    # Issue 25, defect 6: RetentionLayer omitted the xPos / Theta rotation of RetNet's Q and K. On by default;
+    # every form, and a state carried across calls, must equal the paper's complex-valued parallel form.
+    from attnkit.nn import RetentionLayer
+
+    x = torch.randn(2, 29, 32, dtype=F64, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(0)
+    layer = RetentionLayer(32, 4, mode=mode, chunk_size=8).double()
+    ref = _retnet_from_the_paper(layer, x)
+    assert_close(layer(x), ref)
+    a, s = layer(x[:, :17], return_state=True)
+    b = layer(x[:, 17:], state=s)
+    assert_close(torch.cat([a, b], dim=1), ref)
+    plain = RetentionLayer(32, 4, mode=mode, chunk_size=8, xpos=False).double()
+    plain.load_state_dict(layer.state_dict())
+    assert (plain(x) - ref).abs().max() > 1e-3  # the rotation changes the output
+    with pytest.raises(ValueError, match="theta_base"):
+        RetentionLayer(32, 4, theta_base=1.0)
+
+
 def test_retention_state_carry_and_unit_decay():
     from attnkit.nn import RetentionLayer
 
