@@ -195,6 +195,59 @@ def test_sea_error_decreases_with_top_k():
     assert errs[0] >= errs[1] >= errs[2] and errs[2] < 1e-5
 
 
+def _topic_batch(seed, b=2, n=64, d=16, blocks=8):
+    """Keys in blocks that each carry one topic of a fixed bank (a head's consistent subspace); each query looks
+    for one topic: the teacher's attention is concentrated on the blocks of that topic."""
+    bank = torch.randn(12, d, generator=torch.Generator().manual_seed(12345))
+    g = torch.Generator().manual_seed(seed)
+    topics = bank[torch.randint(0, 12, (b, 1, blocks), generator=g)]
+    k = topics.repeat_interleave(n // blocks, 2) + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    pick = torch.randint(0, blocks, (b, 1, n, 1), generator=g).expand(-1, -1, -1, d)
+    q = 2.0 * topics.gather(2, pick) + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    return q, k, torch.randn(b, 1, n, d, generator=g)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_distilled_estimator_beats_the_untrained_one(causal):
+    # Issue 25 (E13): SEA trains its estimator by distillation from the teacher's attention. A few steps of
+    # sea_distillation_step on a synthetic task must beat the untrained (FAVOR+) estimate it starts from, on
+    # held-out inputs: lower KL to the teacher's block attention, more teacher mass in the selected blocks, and a
+    # smaller output error of the sparse attention.
+    from attnkit.ops.approx import SEAEstimator, sea_distillation_loss, sea_distillation_step, sea_teacher_blocks
+    from attnkit.ops.approx.retrieval import sea_block_estimate
+
+    blocks, top = 8, 2
+    torch.manual_seed(0)
+    est = SEAEstimator(16, num_features=8, seed=0)
+    q, k, v = _topic_batch(100)
+    with torch.no_grad():
+        assert torch.equal(est(q, k, blocks), sea_block_estimate(q, k, blocks, num_features=8, seed=0))
+
+    def scores():
+        with torch.no_grad():
+            loss = float(sea_distillation_loss(est, q, k, num_blocks=blocks, causal=causal))
+        out = sea_attention(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est)
+        return loss, float((out - exact).norm() / exact.norm())
+
+    exact = exact_softmax(q, k, v, causal=causal)
+    loss0, err0 = scores()
+    opt = torch.optim.Adam(est.parameters(), lr=0.05)
+    for step in range(60):
+        qq, kk, _ = _topic_batch(step)
+        sea_distillation_step(est, opt, qq, kk, num_blocks=blocks, causal=causal)
+    loss1, err1 = scores()
+    assert loss1 < 0.6 * loss0 and err1 < 0.7 * err0
+    if not causal:
+        teacher = sea_teacher_blocks(q, k, blocks)
+        with torch.no_grad():
+            mass = [float(teacher.gather(-1, e.topk(top, -1).indices).sum(-1).mean())
+                    for e in (sea_block_estimate(q, k, blocks, num_features=8), est(q, k, blocks))]
+        assert mass[1] > mass[0] + 0.1
+    # the selection with the estimator is the reference's
+    assert_close(sea_attention(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est, chunk_size=16),
+                 sea_reference(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est))
+
+
 def test_iceformer_error_decreases_with_top_k_on_clustered_inputs():
     q, k, v = clustered(256, d=32)
     errs = [attnkit.approximation_error("iceformer", q, k, v, top_k=t, index="exact").output_relative

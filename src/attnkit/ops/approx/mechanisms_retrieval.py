@@ -51,8 +51,9 @@ register(Mechanism(
     name="sea", family=FAMILY, paper="SEA: Sparse Linear Attention with Estimated Attention Mask",
     exact=False, complexity="O(n (C m + k n/C d))", causal=True,
     factory=_fn_factory("sea", retrieval.sea_attention, retrieval.sea_reference, True),
-    summary="random-feature linear-attention estimate of the block-compressed attention, top-k blocks "
-            "interpolated to a key mask, exact sparse softmax on it (untrained estimator: FAVOR+)",
+    summary="linear-attention estimate of the block-compressed attention, top-k blocks interpolated to a key "
+            "mask, exact sparse softmax on it; estimator= a SEAEstimator distilled from the teacher's attention "
+            "(sea_distillation_step, the paper's training), default the untrained FAVOR+ estimate",
     bench_params={"num_blocks": 128, "top_k": 8}, small_params={"num_blocks": 6, "top_k": 2},
     reference=_ref, flops=_flops_sea))
 
