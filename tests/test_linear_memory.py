@@ -426,6 +426,50 @@ def test_ecoformer_codes_hamming_identity_and_straight_through_gradient():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and fm.proj.grad.abs().sum() > 0
 
 
+def _eco_topics(seed, b=2, n=64, d=16):
+    bank = torch.randn(6, d, generator=torch.Generator().manual_seed(12345)) * 1.5
+    g = torch.Generator().manual_seed(seed)
+    k = bank[torch.randint(0, 6, (b, 1, n), generator=g)] + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    q = bank[torch.randint(0, 6, (b, 1, n), generator=g)] + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    return q, k
+
+
+def test_ecoformer_hash_learned_from_the_attention_map_beats_the_untrained_hash():
+    """Issue 25 (D14): EcoFormer learns its kernelised hash functions self-supervised from the attention map
+    (each query's most / least attended keys as similar / dissimilar pairs). After a few
+    ecoformer_hash_step calls on a synthetic task, on held-out inputs: the hashing objective falls, and the keys
+    whose codes agree most with a query's code hold more of the teacher's attention."""
+    from attnkit.ops.linear.learned_maps import (
+        EcoHashFeatureMap,
+        ecoformer_hash_loss,
+        ecoformer_hash_step,
+        ecoformer_similarity_labels,
+    )
+
+    q, k = _eco_topics(1000)
+    qa, ka = _eco_topics(999)
+    fm = EcoHashFeatureMap(16, bits=16, anchors=32).set_anchors(torch.cat([qa, ka], 2))
+    labels = ecoformer_similarity_labels(q, k, num_similar=8, num_dissimilar=8)
+    assert (labels == 1).sum(-1).eq(8).all() and (labels == -1).sum(-1).eq(8).all()
+    teacher = torch.softmax(q @ k.transpose(-1, -2) / 4, -1)
+
+    def scores():
+        with torch.no_grad():
+            loss = float(ecoformer_hash_loss(fm, q, k, labels))
+            agree = fm.phi(q, is_query=True) @ fm.phi(k, is_query=False).transpose(-1, -2)
+            mass = float((teacher * (agree == agree.amax(-1, keepdim=True))).sum(-1).mean())
+        return loss, mass
+
+    loss0, mass0 = scores()
+    opt = torch.optim.Adam([fm.proj], lr=0.02)
+    for step in range(60):
+        ecoformer_hash_step(fm, opt, *_eco_topics(step), num_similar=8, num_dissimilar=8)
+    loss1, mass1 = scores()
+    assert loss1 < 0.5 * loss0 and mass1 > mass0 + 0.1
+    causal = ecoformer_similarity_labels(q, k, num_similar=2, num_dissimilar=2, causal=True)
+    assert (causal.triu(1) == 0).all() and causal[..., 0, :].abs().sum(-1).eq(1).all()  # row 0: one key
+
+
 def test_weighted_dijiang_starts_as_dijiang_and_learns_its_weights():
     """D15: with equal weights the weighted map is DiJiang's; the weights receive gradients; the DCT is
     orthonormal (D15 test 2)."""

@@ -695,8 +695,9 @@ _MECHANISMS += [
         paper="EcoFormer: Energy-Saving Attention with Linear Complexity (kernelised hashing to binary codes)",
         complexity="O(n b d)", factory=_learned_map_factory("ecoformer"), needs=("head_dim",),
         reference=_kernel_reference,
-        summary="b-bit {0, 1} codes sign(A^T kbar(x)) from RBF kernels against learned anchors (straight-through "
-                "gradient); linear attention with phi = code",
+        summary="b-bit {0, 1} codes sign(A^T kbar(x)) from RBF kernels against anchors (straight-through "
+                "gradient); linear attention with phi = code; hash learned self-supervised from the attention map "
+                "by ecoformer_hash_step (the paper's training)",
         flops=_map_flops(lambda d, p: p.get("bits", 16),
                          lambda d, p: 3.0 * d * p.get("anchors", 32) + 2.0 * p.get("anchors", 32) * p.get("bits", 16)),
         extras={"feature_map": "ecohash"},
