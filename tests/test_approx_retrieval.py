@@ -26,7 +26,7 @@ from attnkit.ops.approx.retrieval import (
 from attnkit.testing import assert_close
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed (attnkit[retrieval])")
-APPROX_INDEXES = ["ivf", pytest.param("faiss", marks=needs_faiss)]
+APPROX_INDEXES = ["ivf", "graph", pytest.param("faiss", marks=needs_faiss)]
 
 
 def qkv(n=36, nk=None, b=2, h=2, d=16, dtype=torch.float64, seed=0):
@@ -74,6 +74,39 @@ def test_approximate_index_recall_on_clustered_keys(kind):
     # built in two parts: incremental adds (ivf: the second part waits in the exact tail)
     ix = KeyIndex(kind, **params).add(cache[:, :, :3000]).add(cache[:, :, 3000:])
     assert topk_recall(ix.search(queries, 32), true) >= 0.9
+
+
+def _ood(n=2048, m_train=512, m_test=64, d=32):
+    """Keys and queries from different distributions (opposite mean directions, different spreads), as the
+    queries and keys of an LLM's head are (RetrievalAttention, Sec. 2)."""
+    mu = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    mu = mu / mu.norm()
+    shift = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    keys = torch.randn(1, 2, n, d, generator=torch.Generator().manual_seed(1)) + 3 * mu
+
+    def queries(m, seed):
+        return torch.randn(1, 2, m, d, generator=torch.Generator().manual_seed(seed)) * 0.7 - 3 * mu + shift
+
+    return keys, queries(m_train, 2), queries(m_test, 3)
+
+
+def test_attention_aware_graph_index_beats_a_key_only_index_on_out_of_distribution_queries():
+    # Issue 25 (E15): RetrievalAttention builds its index from the prefill's queries (their nearest keys,
+    # projected onto a key graph), because an index built from keys alone serves OOD queries poorly. Same graph
+    # budget (degree, beam width): only the training queries differ.
+    keys, train, test = _ood()
+    true = KeyIndex("exact").add(keys).search(test, 10)
+    key_only = KeyIndex("graph", ef_search=32).add(keys)
+    aware = KeyIndex("graph", ef_search=32).add(keys, queries=train)
+    r_key, r_aware = topk_recall(key_only.search(test, 10), true), topk_recall(aware.search(test, 10), true)
+    assert r_aware >= 0.9 and r_aware > r_key + 0.3
+    # a beam as wide as the index visits every reachable key: exact
+    full = KeyIndex("graph", ef_search=2048).add(keys, queries=train)
+    assert topk_recall(full.search(test, 10), true) == 1.0
+    # the decoder passes the prompt's queries to the index
+    dec = RetrievalDecoder("retrieval", top_k=10, num_sink=0, window=1, index="graph", ef_search=32)
+    dec.prefill(keys, keys, q=train)
+    assert topk_recall(dec.retrieve(test), true) >= 0.9
 
 
 def test_ivf_tail_merges_into_lists():

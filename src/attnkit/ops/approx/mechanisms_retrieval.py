@@ -42,7 +42,8 @@ register(Mechanism(
     factory=_fn_factory("retrieval_attention", retrieval.retrieval_attention, retrieval.retrieval_reference,
                         True),
     summary="static set (sink tokens + recent window) attended exactly, top-k of the rest retrieved from a key "
-            "index, the two merged by log-sum-exp (decoding: RetrievalDecoder)",
+            "index, the two merged by log-sum-exp (decoding: RetrievalDecoder); index='graph' is the paper's "
+            "attention-aware index, built from the queries' nearest keys (prefill(k, v, q=...))",
     bench_params={"top_k": 64, "num_sink": 4, "window": 64, "index": "ivf"},
     small_params={"top_k": 6, "num_sink": 2, "window": 4, "index": "exact"},
     reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384))

@@ -23,7 +23,9 @@
   always attended (its keys ``j <= i``); the top-k blocks are chosen among complete earlier blocks.
 
 With ``top_k`` covering every visible key each method is exact softmax attention. ``index``: ``"exact"`` (score
-every key, O(n n_k d): the reference selection), ``"ivf"``, ``"faiss"`` or ``"auto"`` (see ``knn``); the
+every key, O(n n_k d): the reference selection), ``"ivf"``, ``"faiss"``, ``"graph"`` (RetrievalAttention's
+attention-aware index, trained on the queries: the call's own queries, or the prompt's through
+``RetrievalDecoder.prefill(k, v, q)``) or ``"auto"`` (see ``knn``); the
 approximate indexes propose candidates that are re-ranked by exact ``q . k``. Causal prefill with an index adds
 keys chunk by chunk (as decoding does) and scores the chunk's own keys exactly.
 """
@@ -130,14 +132,14 @@ def select_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, allowed: Allowe
         return torch.cat(idxs, dim=2), torch.cat(valids, dim=2)
     ix = KeyIndex(index, **(index_params or {}))
     if not causal:
-        ix.add(k)
+        ix.add(k, queries=q)  # the queries train the attention-aware index (kind "graph"); others ignore them
     added = 0
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         i = torch.arange(start, stop, device=dev)[:, None]
         if causal:  # the index holds the keys before the chunk; the chunk's own keys are scored exactly
             if min(start, nk) > added:
-                ix.add(k[:, :, added:min(start, nk)])
+                ix.add(k[:, :, added:min(start, nk)], queries=q[:, :, added:min(start, nk)])
                 added = min(start, nk)
             cand = ix.search(q[:, :, start:stop], kk + extra) if added else None
             own = torch.arange(added, min(stop, nk), device=dev).expand(*q.shape[:2], stop - start, -1)
@@ -537,6 +539,7 @@ class RetrievalDecoder:
         self.v: torch.Tensor | None = None
         self.length = 0
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
+        self._train_queries: torch.Tensor | None = None  # prefill queries for the next index add (kind "graph")
         self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
 
     def _reserve(self, extra: int) -> None:
@@ -565,10 +568,16 @@ class RetrievalDecoder:
         target = max(self.length - self.window - self.num_sink, 0)
         if target > self._indexed:
             lo = self.num_sink + self._indexed
-            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]))
+            queries, self._train_queries = self._train_queries, None
+            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]),
+                           queries=None if queries is None else self._project(queries))
             self._indexed = target
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> RetrievalDecoder:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> RetrievalDecoder:
+        """Store the prompt's keys/values ``[batch, heads, n, d]``. ``q``: the prompt's queries, which train
+        RetrievalAttention's attention-aware index (``index="graph"``: built from the queries' nearest keys, not
+        from the keys alone); the other index kinds ignore them."""
+        self._train_queries = q
         self.append(k, v)
         return self
 
