@@ -309,7 +309,7 @@ def test_block_transformer_with_block_size_one_attends_to_context_and_itself():
 
 def test_ran_with_one_window_is_self_attention_with_an_extra_token():
     torch.manual_seed(2)
-    mix = RecurrentAttentionMixer(8, 2, window=64).double()
+    mix = RecurrentAttentionMixer(8, 2, window=64, memory_review=False).double()  # the windowed core
     x = torch.randn(2, 10, 8, dtype=torch.float64)
     seq = torch.cat([mix.gpc0.expand(2, 1, 8), x], dim=1)
     q, k, v = mix.attn.split(seq)
@@ -319,6 +319,23 @@ def test_ran_with_one_window_is_self_attention_with_an_extra_token():
     assert_close(small(x), small.reference(x))
     with pytest.raises(ValueError, match="causal"):
         RecurrentAttentionMixer(8, causal=True)
+
+
+@pytest.mark.parametrize("n,window", [(12, 4), (13, 4), (5, 8), (1, 3)])
+def test_ran_parallel_form_and_memory_review(n, window):
+    # Issue 25 (G9): the parallel form (cells first, then every window's tokens in one batched attention) equals
+    # the window-by-window recurrence; the memory review lets early tokens see later windows' cells.
+    torch.manual_seed(4)
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    for review in (True, False):
+        mix = RecurrentAttentionMixer(8, 2, window=window, memory_review=review).double()
+        out = mix(x)
+        assert_close(out, mix.reference(x))
+        if n > window:
+            later = x.clone()
+            later[:, -1] += 1.0  # change only the last window
+            moved = (mix(later)[:, :window] - out[:, :window]).abs().max()
+            assert (moved > 1e-6) if review else (moved == 0)
 
 
 def test_nats_all_global_is_full_causal_attention_and_types_get_gradients():

@@ -122,7 +122,9 @@ register(Mechanism(
     exact=True, complexity="O(n w d)", causal=False, needs=("dim",),
     factory=lambda causal=False, dim=64, **p: RecurrentAttentionMixer(dim, causal=causal, **p),
     reference=_module_reference,
-    summary="windowed self-attention with a Global Perception Cell token carried from window to window",
+    summary="windowed self-attention with a Global Perception Cell token carried from window to window; parallel "
+            "form (cells first, all windows' tokens in one batch); memory review: tokens attend over every "
+            "window's cell (memory_review=False: the windowed core)",
     bench_params={"window": 256, "num_heads": 4}, small_params={"window": 8, "num_heads": 2},
 ))
 
