@@ -59,7 +59,10 @@ class SelectiveAttention(nn.Module):
     with ``tau_tok = tanh(u_h . q_i)`` (content) and ``tau_pos = 1 + alpha_h log(1 + p)`` (position, against
     attention dilution), and each value a temperature ``1 + tanh(w_h . v_j)``: ``softmax(tau_i q_i . k_j /
     sqrt(d)) (tau_v v)``. All new parameters start at 0, so it starts as plain attention. Since it only rescales q
-    and v, every engine runs it. [mem?] the paper's exact gates; this is the sum form of the catalogue.
+    and v, every engine runs it. The position term matches the authors' released code (umich-sota/
+    selective_attention: causal logits times ``1 + sigma log(n_i)``, ``n_i = i + 1`` keys, ``sigma =
+    exp(-exp(beta)) > 0`` one per layer there; a free ``alpha_h`` per head here, 0 at the start). The token and
+    value gates are the catalogue's sum form: not checked against the paper's text (not reachable offline).
     ``q [batch, heads, q_len, dim]``, ``k, v [batch, heads, kv_len, dim]``."""
 
     def __init__(self, num_heads: int, head_dim: int, *, causal: bool = False, value_temperature: bool = True):
