@@ -141,6 +141,18 @@ def test_causal_aft_full_local_conv_survive_large_later_tokens():
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("per_position", [False, True])
+def test_causal_aft_windowed_offset_path_equals_the_definition_on_ordinary_inputs(per_position, monkeypatch):
+    # the offsets-over-visible-tokens path, forced on inputs where the global-offset path would also be used
+    monkeypatch.setattr(aft, "_SAFE_GAP", {torch.float64: -1.0, torch.float32: -1.0})
+    n, c = 23, 5
+    q, k, v = _x(2, n, c), _x(2, n, c, seed=1) * 3, _x(2, n, c, seed=2)
+    corr = torch.expm1(_x(n, 7, seed=3) * 0.3) if per_position else torch.expm1(_x(7, c, seed=3) * 0.3)
+    got = aft.aft_windowed(q, k, v, corr, causal=True, per_position=per_position, block=6)
+    ref = aft.aft_reference(q, k, v, aft.window_bias_matrix(corr, n, per_position=per_position), causal=True)
+    assert_close(got, ref)
+
+
 @pytest.mark.parametrize("cls", [M.AFTFull, M.AFTLocal, M.AFTConv])
 def test_causal_aft_modules_survive_inputs_scaled_by_100_after_token_20(cls):
     torch.manual_seed(0)
