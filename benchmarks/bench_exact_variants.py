@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import patterns as P
 from attnkit.bench.scripts import machine_header, script_parser, write_json
+from attnkit.functional import variants as FV
 from attnkit.ops.exact import tiled
 from attnkit.ops.exact import variants as V
 
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         m, n = (256, 2048) if quick else (1024, 16384)
         q, k, v = qkv(m, h, d, kv_len=n)
         hep = P.head_strides(4)
-        check(V.head_strided_attention(q, k, v, 4), attnkit.attention(q, k, v, pattern=hep), "hepos")
-        med = interleaved({"hepos gathered keys": lambda: V.head_strided_attention(q, k, v, 4),
+        check(FV.head_strided_attention(q, k, v, 4), attnkit.attention(q, k, v, pattern=hep), "hepos")
+        med = interleaved({"hepos gathered keys": lambda: FV.head_strided_attention(q, k, v, 4),
                            "hepos masked pattern (tiled)": lambda: attnkit.attention(q, k, v, pattern=hep),
                            "full cross-attention (SDPA)": lambda: F.scaled_dot_product_attention(q, k, v)}, reps)
         results["hepos"] = show(f"Hepos stride 4, {m} queries x {n} source tokens", med, {

@@ -38,7 +38,7 @@ from attnkit.bench.measure import exact_softmax_rows, median_time, sample_rows
 from attnkit.bench.measure import fmt_ms as fmt
 from attnkit.bench.scripts import machine_header, script_parser, write_json
 from attnkit.ops.neighborhood import neighborhood_pattern, neighborhood_speed_of_light
-from attnkit.ops.neighborhood.pattern import allowed_pairs
+from attnkit.patterns.spatial import allowed_pairs
 
 CPU = torch.device("cpu")
 

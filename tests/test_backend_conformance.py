@@ -24,7 +24,7 @@ from attnkit.backends.catalog import attention_call, linear_call, neighborhood_c
 from attnkit.normalizations import resolve
 from attnkit.ops.linear.reference import linear_attention_reference
 from attnkit.ops.neighborhood import neighborhood_reference
-from attnkit.ops.neighborhood.windows import make_spec
+from attnkit.patterns.windows import make_spec
 from attnkit.testing import assert_close, random_qkv
 
 DEVICE = os.environ.get("ATTNKIT_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -307,8 +307,8 @@ def test_neighborhood_tiles_of_the_permuted_layout_are_exact(shape, kw):
     """Spatial-tile layout for FlexAttention: the analytic classes (per-axis any/all, outer product) equal the
     dense mask's blocks, and the permutation is one."""
     from attnkit.backends.flex import neighborhood_tile_classes, tile_permutation, tile_shape_for
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
-    from attnkit.ops.neighborhood.windows import make_spec
+    from attnkit.patterns.spatial import _cached_pattern
+    from attnkit.patterns.windows import make_spec
 
     spec = make_spec(shape, kw["kernel_size"], kw.get("dilation", 1), kw.get("stride", 1), kw.get("is_causal", False))
     tile = tile_shape_for(shape)
@@ -326,7 +326,8 @@ def test_neighborhood_tiles_of_the_permuted_layout_are_exact(shape, kw):
 def test_flex_neighborhood_in_spatial_tiles_matches_reference():
     """A grid where spatial tiles compute fewer blocks than row-major strips (32 x 128, 13 x 13 windows), with
     NAT's relative positional bias: the score modifier sees the original token indices."""
-    from attnkit.ops.neighborhood import neighborhood_bias, neighborhood_reference
+    from attnkit.functional.neighborhood import neighborhood_bias
+    from attnkit.ops.neighborhood import neighborhood_reference
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 32, 128, 16, generator=g) for _ in range(3))

@@ -240,7 +240,7 @@ def test_auto_picks_the_fast_backend_per_device():
     from attnkit.backends import get_backend, select
     from attnkit.backends.catalog import attention_call, linear_call, neighborhood_call
     from attnkit.normalizations import resolve
-    from attnkit.ops.neighborhood.windows import make_spec
+    from attnkit.patterns.windows import make_spec
 
     q, k, v = random_qkv(1, 4, 256, 256, 64, dtype=torch.bfloat16, device=CUDA, requires_grad=True)
     call = attention_call(q, k, v, pattern=P.causal() & P.sliding_window(64), score_mod=None,

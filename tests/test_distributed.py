@@ -56,6 +56,40 @@ def _ring_case(rank, world, seed, layout, causal, pattern, dtype=torch.float64, 
         assert_close(got, want, dtype=dtype, scale=1.0 if dtype == torch.float64 else 4.0, msg=f"{what}: {name}")
 
 
+def _rsa_case(rank, world, seed, layout, causal, pattern, dtype=torch.float64, **shape):
+    """Ring Self-Attention vs one process (float64 reference), outputs and gradients; and the bytes and messages
+    it sends, forward and backward, equal sequence_parallel_traffic (so do the online ring's)."""
+    from attnkit.distributed import count_traffic, ring_self_attention, sequence_parallel_traffic
+
+    q, k, v, do = _full(seed, **shape)
+    eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = attnkit.attention(qr, kr, vr, pattern=eff, engine="reference")
+    ref.backward(do)
+    name = f"RSA {layout} causal={causal} pattern={pattern!r} {dtype} rank {rank}/{world}"
+    b, h, n, d = q.shape
+    geometry = dict(seq_len=n, world_size=world, batch=b, heads=h, kv_heads=k.shape[1], dim=d, dim_v=v.shape[-1],
+                    dtype=dtype)
+    for algorithm, fn in (("rsa", ring_self_attention), ("ring", ring_attention)):
+        ql, kl, vl = (shard(t, rank, world, layout=layout).to(dtype).detach().requires_grad_(True)
+                      for t in (q, k, v))
+        with count_traffic() as fwd:
+            out = fn(ql, kl, vl, causal=causal, pattern=pattern, layout=layout)
+        with count_traffic() as bwd:
+            out.backward(shard(do, rank, world, layout=layout).to(dtype))
+        want = sequence_parallel_traffic(algorithm, **geometry)
+        got = {"forward_bytes": fwd.bytes_sent, "backward_bytes": bwd.bytes_sent,
+               "forward_messages": fwd.messages_sent, "backward_messages": bwd.messages_sent}
+        assert got == {key: want[key] for key in got}, (algorithm, name, got, want)
+        if algorithm == "ring":
+            continue
+        assert out.dtype == dtype
+        sh = [shard(t, rank, world, layout=layout) for t in (ref, qr.grad, kr.grad, vr.grad)]
+        for got_t, want_t, what in zip((out, ql.grad, kl.grad, vl.grad), sh, ("out", "dq", "dk", "dv")):
+            assert_close(got_t, want_t, dtype=dtype, scale=1.0 if dtype == torch.float64 else 4.0,
+                         msg=f"{what}: {name}")
+
+
 def _checks(rank, world):
     import torch.distributed as dist
 
@@ -70,6 +104,12 @@ def _checks(rank, world):
     _ring_case(rank, world, 4, "contiguous", False, P.document(torch.tensor([0] * 5 + [1] * 11)), hkv=1)
     _ring_case(rank, world, 5, "striped", True, None, dtype=torch.float32)
     _ring_case(rank, world, 6, "contiguous", True, None, dtype=torch.bfloat16)
+    # Ring Self-Attention (two passes, no online softmax): same outputs and gradients, same bytes, 2x messages
+    _rsa_case(rank, world, 16, "contiguous", False, None)
+    _rsa_case(rank, world, 17, "contiguous", True, None, dv=6)
+    _rsa_case(rank, world, 18, "striped", True, P.sliding_window(5, 0), n=8 * world, hkv=1)
+    _rsa_case(rank, world, 19, "contiguous", False, P.document(torch.tensor([0] * 5 + [1] * 11)))
+    _rsa_case(rank, world, 20, "contiguous", True, None, dtype=torch.bfloat16)
     # striped_attention is ring_attention(layout="striped", causal=True)
     q, k, v, _ = _full(7)
     a = striped_attention(*(shard(t, rank, world, layout="striped") for t in (q, k, v)))
@@ -298,7 +338,7 @@ def test_block_kernels_in_row_chunks_match_autograd(monkeypatch, chunk_elements)
 
 
 def test_striped_positions_drive_rotary_consistently():
-    from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
+    from attnkit.rotary import RotaryEmbedding, apply_rotary
 
     rope = RotaryEmbedding(8).double()
     x = torch.randn(1, 2, 12, 8, dtype=torch.float64)
@@ -349,3 +389,55 @@ def test_one_rank_equals_attention_and_argument_errors(single_rank_group):
         lasp(q, k[:, :, :5], v[:, :, :5])
     with pytest.raises(attnkit.NotSupportedError, match="not token-local"):
         lasp(q, k, v, feature_map=attnkit.feature_maps.get("cosformer"))
+
+
+def test_rsa_and_ring_traffic_compare_as_documented(single_rank_group):
+    """Equal bytes, twice the messages, and n times the saved scores for RSA; one rank sends nothing."""
+    from attnkit.distributed import ring_self_attention, sequence_parallel_traffic
+
+    geo = dict(seq_len=4096, world_size=8, batch=1, heads=8, kv_heads=2, dim=64, dtype=torch.bfloat16)
+    ring, rsa = sequence_parallel_traffic("ring", **geo), sequence_parallel_traffic("rsa", **geo)
+    assert ring["forward_bytes"] == rsa["forward_bytes"] == 7 * 2 * (2 * 512 * 64) * 2
+    assert ring["backward_bytes"] == rsa["backward_bytes"] == 7 * 2 * 2 * 512 * 64 * 2 + 8 * 2 * 2 * 512 * 64 * 4
+    assert rsa["forward_messages"] == 2 * ring["forward_messages"] == 14
+    assert rsa["saved_score_elements"] == 4096 * ring["saved_score_elements"]
+    one = sequence_parallel_traffic("rsa", **{**geo, "world_size": 1})
+    assert one["forward_bytes"] == one["backward_bytes"] == one["backward_messages"] == 0
+    with pytest.raises(ValueError, match="algorithm must be"):
+        sequence_parallel_traffic("ulysses", **geo)
+    # one rank: RSA is plain softmax attention, with gradients; fully masked rows give zeros, not NaN
+    q, k, v, do = _full(21, n=10)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    pat = P.custom(lambda b, h, i, j: (j <= i) & (i != 3))
+    out = ring_self_attention(qr, kr, vr, pattern=pat)
+    out.backward(do)
+    q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    attnkit.attention(q2, k2, v2, pattern=pat, engine="reference").backward(do)
+    assert_close(out, attnkit.attention(q, k, v, pattern=pat, engine="reference"))
+    assert not out.isnan().any() and bool((out[:, :, 3] == 0).all())
+    for a, b in ((qr, q2), (kr, k2), (vr, v2)):
+        assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="equal shards"):
+        ring_self_attention(q, k[:, :, :5], v[:, :, :5])
+
+
+def test_rsa_keeps_its_probabilities_and_the_ring_a_log_sum_exp(single_rank_group):
+    """What each algorithm saves for the backward, measured with saved-tensor hooks, is what
+    sequence_parallel_traffic reports (one rank: the whole sequence)."""
+    from attnkit.distributed import ring_self_attention, sequence_parallel_traffic
+
+    q, k, v, _ = _full(22, n=12)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    geo = dict(seq_len=12, world_size=1, batch=2, heads=4, kv_heads=2, dim=8)
+    for algorithm, fn in (("rsa", ring_self_attention), ("ring", ring_attention)):
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(q, k, v, causal=True)
+        inputs = q.numel() + k.numel() + v.numel()
+        scores = sum(saved) - inputs - (q.numel() if algorithm == "ring" else 0)  # the ring also keeps `out`
+        assert scores == sequence_parallel_traffic(algorithm, **geo)["saved_score_elements"], (algorithm, saved)

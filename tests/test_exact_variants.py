@@ -8,6 +8,7 @@ import torch
 
 import attnkit
 from attnkit import patterns as P
+from attnkit.functional import variants as FV
 from attnkit.nn import MultiheadAttention, RotaryEmbedding, apply_rotary
 from attnkit.ops.exact import variants as V
 from attnkit.patterns import _classify_by_evaluation
@@ -261,8 +262,8 @@ def test_registers_are_inserted_and_stripped():
 
 def test_sub_sampled_attention_ratio_one_is_full_and_pools_windows():
     q, k, v = random_qkv(1, 2, 24, 24, 8, dtype=torch.float64)
-    assert_close(V.sub_sampled_attention(q, k, v, 1), attnkit.attention(q, k, v))
-    assert_close(V.sub_sampled_attention(q, k, v, 3, (4, 6)), V.sub_sampled_attention_reference(q, k, v, 3, (4, 6)))
+    assert_close(FV.sub_sampled_attention(q, k, v, 1), attnkit.attention(q, k, v))
+    assert_close(FV.sub_sampled_attention(q, k, v, 3, (4, 6)), FV.sub_sampled_attention_reference(q, k, v, 3, (4, 6)))
 
 
 def test_multihead_attention_head_dim_is_independent_of_num_heads():
@@ -331,7 +332,7 @@ def test_per_head_patterns_run_head_groups_on_their_own_tiles(kv_heads):
 def test_hepos_gathered_path_equals_the_head_strided_mask(kv_heads):
     q, k, v = random_qkv(2, 6, 7, 23, 8, kv_heads=kv_heads, dtype=torch.float64)
     for s in (1, 4, 30):
-        assert_close(V.head_strided_attention(q, k, v, s),
+        assert_close(FV.head_strided_attention(q, k, v, s),
                      attnkit.attention(q, k, v, pattern=P.head_strides(s), engine="reference"))
 
 

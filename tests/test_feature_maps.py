@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import feature_maps as fmaps
-from attnkit.ops.linear import linear_attention
+from attnkit.functional.linear import linear_attention
 from attnkit.testing import random_qkv, relative_error
 
 

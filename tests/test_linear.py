@@ -8,7 +8,8 @@ import torch
 import attnkit.ops.linear.chunked as chunked_mod
 from attnkit import feature_maps as fmaps
 from attnkit.errors import NotSupportedError
-from attnkit.ops.linear import LinearAttentionState, linear_attention, linear_attention_reference
+from attnkit.functional.linear import linear_attention
+from attnkit.ops.linear import LinearAttentionState, linear_attention_reference
 from attnkit.testing import assert_close, random_qkv
 
 

@@ -365,7 +365,7 @@ def test_cottention_output_stays_at_the_scale_of_v():
 
 def test_cottention_invariants_and_decoding():
     import attnkit
-    from attnkit.ops.linear.cottention import cottention_reference
+    from attnkit.nn.linear_cottention import cottention_reference
 
     fn = attnkit.get("cottention", causal=True, num_heads=2).double()
     with torch.no_grad():

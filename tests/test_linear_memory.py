@@ -316,7 +316,7 @@ def test_norm_attention_gradients_stay_bounded_when_q_and_k_grow():
 def test_transnormer_llm_lrpe_depends_on_relative_position_only():
     """D17 test 2: after the LRPE rotation, q_s . k_t depends on s - t only (shifting both positions by c keeps
     every logit)."""
-    from attnkit.nn.rotary import RotaryEmbedding
+    from attnkit.rotary import RotaryEmbedding
 
     rot = RotaryEmbedding(8).double()
     q, k = (t[:, :, :1].expand(1, 2, 12, 8) for t in random_qkv(1, 2, 1, dim=8, dtype=F64, seed=31)[:2])

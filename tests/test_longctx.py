@@ -8,9 +8,9 @@ import torch
 import attnkit
 from attnkit import patterns as P
 from attnkit.distributed.launch import RankFailure, run_local
-from attnkit.nn.rotary import RotaryEmbedding
-from attnkit.ops.longctx import rerotate_keys, s2_kv_fraction, s2_pattern, star_attention, star_pattern
-from attnkit.ops.longctx.star import star_attention_distributed
+from attnkit.functional.star import star_attention, star_attention_distributed, star_pattern
+from attnkit.ops.longctx import rerotate_keys, s2_kv_fraction, s2_pattern
+from attnkit.rotary import RotaryEmbedding
 from attnkit.testing import assert_close, random_qkv
 
 
@@ -137,7 +137,6 @@ def test_block_attention_with_reused_passages_equals_recomputing_them():
 
 # -- KV selection policies -----------------------------------------------------------------------------------
 from attnkit.ops.longctx import (  # noqa: E402
-    SelectiveKVCache,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -147,6 +146,7 @@ from attnkit.ops.longctx import (  # noqa: E402
     trim_visual_features,
 )
 from attnkit.ops.longctx.selection import dequantize, quantize  # noqa: E402
+from attnkit.selective_cache import SelectiveKVCache  # noqa: E402
 
 
 def _profile(b=2, h=2, r=3, n=12, seed=0):
@@ -270,7 +270,7 @@ def test_selective_cache_with_everything_kept_is_exact_and_zipvl_saves_bytes():
 
 
 # -- model-level methods -------------------------------------------------------------------------------------
-from attnkit.ops.longctx.models import (  # noqa: E402
+from attnkit.nn.longctx import (  # noqa: E402
     BlockTransformerMixer,
     RecurrentAttentionMixer,
     TokenTypeMixer,

@@ -1,6 +1,6 @@
 """Neighborhood attention (NA, dilated NA, causal NA, strided GNA) against NATTEN's written window rules.
 
-The specification here is independent of ``attnkit.ops.neighborhood.windows``: ``window_1d`` below is a plain
+The specification here is independent of ``attnkit.patterns.windows``: ``window_1d`` below is a plain
 loop over NATTEN's rules (dilation groups, stride-tile leaders, clamped windows, causal windows), the
 explicit boolean mask over flattened tokens is built from it with ``itertools.product``, and dense softmax
 attention under that mask (float64) is the reference every engine is compared with.
@@ -21,17 +21,16 @@ import attnkit.ops.neighborhood.engine as engine_mod
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit.errors import NotSupportedError
+from attnkit.functional.neighborhood import neighborhood, neighborhood_bias
 from attnkit.ops.neighborhood import (
-    neighborhood,
-    neighborhood_bias,
     neighborhood_pattern,
     neighborhood_reference,
     neighborhood_speed_of_light,
 )
 from attnkit.ops.neighborhood.engine import box_fraction, choose_tiles
-from attnkit.ops.neighborhood.pattern import allowed_pairs
-from attnkit.ops.neighborhood.windows import allowed_axis, make_spec
 from attnkit.patterns import _classify_by_evaluation
+from attnkit.patterns.spatial import allowed_pairs
+from attnkit.patterns.windows import allowed_axis, make_spec
 from attnkit.testing import assert_close, tolerance
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def test_window_invariants():
 
 
 def test_docstring_picture():
-    # L = 9, k = 3 (attnkit.ops.neighborhood.windows)
+    # L = 9, k = 3 (attnkit.patterns.windows)
     def row(keys):
         return "".join("#" if i in keys else "." for i in range(9))
 
@@ -701,7 +700,7 @@ def test_speed_of_light_natten_example_and_engine_work():
 
 
 def test_grid_shape():
-    from attnkit.ops.neighborhood.mechanisms import grid_shape
+    from attnkit.records.neighborhood import grid_shape
 
     assert grid_shape(16384, 2) == (128, 128) and grid_shape(512, 2) == (16, 32)
     assert grid_shape(16384, 3) == (16, 32, 32) and grid_shape(256, 3) == (4, 8, 8)

@@ -33,8 +33,8 @@ import torch
 
 from attnkit import patterns as P
 from attnkit._checks import default_scale
+from attnkit.functional.exact import attention
 from attnkit.normalizations import resolve
-from attnkit.ops.exact.api import attention
 from attnkit.ops.exact.reference import attention_weights
 from attnkit.ops.linear.state import LinearAttentionState
 

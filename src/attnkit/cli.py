@@ -44,9 +44,9 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    import attnkit
+    from attnkit.registry import list_mechanisms
 
-    mechanisms = attnkit.list_mechanisms()
+    mechanisms = list_mechanisms()
     families = sorted({m.family for m in mechanisms})
     if args.family is not None:
         if args.family not in families:
@@ -235,12 +235,12 @@ def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Nam
     its default: checked by building it once at a small shape, before anything is measured (usage error)."""
     import inspect
 
-    import attnkit
     from attnkit.bench.workloads import shape_params
+    from attnkit.registry import mechanism_info
 
     for name, given in params.items():
         try:
-            m = attnkit.mechanism_info(name)
+            m = mechanism_info(name)
         except KeyError as exc:
             parser.error(f"argument --param: {exc}")
         defaults = dict(m.bench_params)
@@ -373,7 +373,7 @@ COMMANDS: dict[str, Command] = {
                 "entropy and mean attention distance, attention rollout, the rank-collapse curve and head "
                 "importance (loss change when a head is ablated) into report.md / report.html."),
         Command("kvcache", "judge KV-cache policies by recall on a model saved by `attnkit quality --save`",
-                "attnkit.ops.longctx.cli:add_arguments", "attnkit.ops.longctx.cli:run",
+                "attnkit.kvpolicy.cli:add_arguments", "attnkit.kvpolicy.cli:run",
                 "Prefills the MQAR context exactly, lets each KV-cache policy (window, random, FastGen, ZipVL's "
                 "cumulative mass, ActQKV's probe query) keep part of it at several budgets, and reports recall "
                 "accuracy and output error against the full cache, with a plot against KV bytes."),
@@ -382,10 +382,10 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import attnkit
+    from attnkit._version import __version__
 
     parser = argparse.ArgumentParser(prog="attnkit", description="attnkit: attention mechanisms behind one API.")
-    parser.add_argument("--version", action="version", version=f"attnkit {attnkit.__version__}")
+    parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS.values():
         p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from attnkit import patterns as P
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
 
 __all__ = ["PagedKVCache"]
 

@@ -18,12 +18,13 @@ __all__ = ["Mechanism", "register", "get", "list_mechanisms", "mechanism_info", 
 
 # Modules whose import registers a family's mechanisms (imported lazily, once).
 FAMILY_MODULES: tuple[str, ...] = (
-    "attnkit.ops.exact.mechanisms",
-    "attnkit.ops.neighborhood.mechanisms",
-    "attnkit.ops.linear.mechanisms",
-    "attnkit.ops.approx.mechanisms",
-    "attnkit.ops.longctx.mechanisms",
-    "attnkit.ops.mixers.mechanisms",
+    "attnkit.records.exact",
+    "attnkit.records.neighborhood",
+    "attnkit.records.linear",
+    "attnkit.records.approx",
+    "attnkit.records.approx_retrieval",
+    "attnkit.records.longctx",
+    "attnkit.records.mixers",
 )
 
 # Shape arguments a caller (``nn.MultiheadAttention``, the benchmark) supplies to factories that declare them.

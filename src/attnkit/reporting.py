@@ -4,9 +4,17 @@ Markdown and HTML, the HTML style sheet, and loading matplotlib for files only."
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot"]
+__all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot", "fmt_bytes", "bytes_label",
+           "QUALITY_BEGIN", "QUALITY_END", "splice_section"]
+
+# The markers around the "Quality" section that `attnkit quality` writes into the report `attnkit bench` writes
+# (each command keeps the other's part when it rewrites the report).
+QUALITY_BEGIN = "<!-- attnkit-quality:begin -->"
+QUALITY_END = "<!-- attnkit-quality:end -->"
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -67,3 +75,38 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def bytes_label(b: float, _pos: Any = None) -> str:
+    """A plot axis's tick label for a number of bytes (a matplotlib ``FuncFormatter`` function)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:g} {unit}"
+    return f"{b:g} B"
+
+
+def splice_section(existing: str | None, section: str, *, html_doc: bool = False) -> str:
+    """``existing`` with the text between the markers replaced by ``section`` (which includes the markers), or
+    ``section`` appended (before ``</body>`` in HTML); a new document when ``existing`` is ``None``."""
+    if existing is None:
+        if html_doc:
+            return ("<!doctype html><html><head><meta charset='utf-8'><title>attnkit report</title>"
+                    f"<style>{CSS}</style></head><body><h1>attnkit report</h1>\n{section}\n</body></html>\n")
+        return f"# attnkit report\n\n{section}\n"
+    pattern = re.compile(re.escape(QUALITY_BEGIN) + r".*?" + re.escape(QUALITY_END), re.DOTALL)
+    if pattern.search(existing):
+        return pattern.sub(lambda _m: section, existing, count=1)
+    if html_doc:
+        idx = existing.lower().rfind("</body>")
+        if idx >= 0:
+            return existing[:idx] + section + "\n" + existing[idx:]
+    return existing.rstrip("\n") + "\n\n" + section + "\n"

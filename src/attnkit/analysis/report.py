@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.nn.recording import capture
 from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table, pyplot
 
 from .diagnostics import attention_distance, head_entropy, relative_residual, rollout
 from .heads import head_importance, layer_inputs
-from .recording import capture
 
 __all__ = ["analyze", "summarize"]
 

@@ -59,9 +59,9 @@ def attention_call(q, k, v, *, pattern, score_mod, norm, scale, return_lse=False
 
 def _builtin(name):
     def reasons(c: Mapping[str, Any]) -> list[str]:
-        from attnkit.ops.exact import api
+        from attnkit.ops.exact import engines
 
-        why = api._REASONS[name](c["q"], c["k"], c["v"], c["pattern"], c["score_mod"], c["norm"])
+        why = engines._REASONS[name](c["q"], c["k"], c["v"], c["pattern"], c["score_mod"], c["norm"])
         # return_lse: every built-in engine returns it, computed a block of rows at a time beside the output
         return why
 

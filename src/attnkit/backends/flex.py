@@ -304,7 +304,7 @@ def neighborhood_tile_classes(spec, tile: tuple[int, ...], device) -> torch.Tens
     """Tile classes ``[1, 1, n_tiles, n_tiles]`` of the permuted layout. Neighborhoods are a product over axes of
     1-D windows, so a (query tile, key tile) pair is empty if on some axis no query-key pair of the two tiles is
     allowed, and full if on every axis all are: per-axis ``any`` / ``all`` tables, then an outer product."""
-    from attnkit.ops.neighborhood.windows import axis_bounds, member
+    from attnkit.patterns.windows import axis_bounds, member
 
     some = every = None
     for axis, t in zip(spec.axes, tile):
@@ -343,7 +343,7 @@ def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     (row-major or spatial tiles) that computes fewer tiles; ``score_mod`` sees the original flat token indices."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from attnkit.ops.neighborhood.pattern import _cached_pattern
+    from attnkit.patterns.spatial import _cached_pattern
 
     n = spec.num_tokens
     flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]

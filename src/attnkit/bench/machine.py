@@ -64,7 +64,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
     """CPU model, threads, memory, accelerator, versions, commit, time and load."""
-    import attnkit
+    from attnkit._version import __version__
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
@@ -74,7 +74,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "attnkit": attnkit.__version__,
+        "attnkit": __version__,
         "git_commit": git_commit(),
         "device": str(device),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),

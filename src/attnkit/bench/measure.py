@@ -208,3 +208,18 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def detail_length(doc: dict[str, Any]) -> int | None:
+    """The length the detail table and the Pareto plot show: the longest at which the SDPA baseline and at
+    least 3/4 of the most variants measured at any length were measured."""
+    ok = [c for c in doc["results"] if c["status"] == "ok"]
+    counts: dict[int, int] = {}
+    for c in ok:
+        counts[c["seq_len"]] = counts.get(c["seq_len"], 0) + 1
+    if not counts:
+        return None
+    base = {c["seq_len"] for c in ok if c["kind"] == "baseline"} or set(counts)
+    # The longest length where SDPA ran and most of what ran anywhere ran too.
+    best = max(counts[n] for n in base)
+    return max(n for n in base if counts[n] >= 0.75 * best)

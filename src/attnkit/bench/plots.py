@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.reporting import MissingMatplotlib  # noqa: F401
+from attnkit.reporting import bytes_label as _bytes_label
 from attnkit.reporting import pyplot as _pyplot
 
 __all__ = ["make_plots", "MissingMatplotlib", "pareto_front"]
@@ -35,13 +36,6 @@ def _time_label(s: float, _pos: Any = None) -> str:
     if s < 1:
         return f"{s * 1e3:g} ms"
     return f"{s:g} s"
-
-
-def _bytes_label(b: float, _pos: Any = None) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= size:
-            return f"{b / size:g} {unit}"
-    return f"{b:g} B"
 
 
 class _Styles:
@@ -185,8 +179,7 @@ def _annotate(ax: Any, items: list[tuple[float, float, str, Any]]) -> None:
 
 
 def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
-    from attnkit.bench.measure import EXACT_TOLERANCE
-    from attnkit.bench.report import detail_length
+    from attnkit.bench.measure import EXACT_TOLERANCE, detail_length
 
     n = detail_length(doc)
     cells = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["error"] is not None]

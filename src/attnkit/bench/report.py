@@ -11,8 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from attnkit.bench.measure import detail_length
 from attnkit.bench.runner import CELL_FIELDS
-from attnkit.reporting import CSS, html_table, md_table, text_table
+from attnkit.reporting import (
+    CSS,
+    QUALITY_BEGIN,
+    QUALITY_END,
+    fmt_bytes,
+    html_table,
+    md_table,
+    splice_section,
+    text_table,
+)
 
 __all__ = ["write_report", "write_json", "terminal_summary", "fmt_time", "fmt_bytes", "fmt_len"]
 
@@ -28,15 +38,6 @@ def fmt_time(s: float | None) -> str:
     if s < 1:
         return f"{s * 1e3:.3g} ms"
     return f"{s:.3g} s"
-
-
-def fmt_bytes(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(b) >= size:
-            return f"{b / size:.3g} {unit}"
-    return f"{b:.0f} B"
 
 
 def fmt_len(n: int) -> str:
@@ -109,21 +110,6 @@ def time_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row.append(_STATUS_WORD.get(c["status"], c["status"]))
         rows.append(row)
     return header, rows
-
-
-def detail_length(doc: dict[str, Any]) -> int | None:
-    """The length the detail table and the Pareto plot show: the longest at which the SDPA baseline and at
-    least 3/4 of the most variants measured at any length were measured."""
-    ok = [c for c in doc["results"] if c["status"] == "ok"]
-    counts: dict[int, int] = {}
-    for c in ok:
-        counts[c["seq_len"]] = counts.get(c["seq_len"], 0) + 1
-    if not counts:
-        return None
-    base = {c["seq_len"] for c in ok if c["kind"] == "baseline"} or set(counts)
-    # The longest length where SDPA ran and most of what ran anywhere ran too.
-    best = max(counts[n] for n in base)
-    return max(n for n in base if counts[n] >= 0.75 * best)
 
 
 def detail_table(doc: dict[str, Any], n: int) -> tuple[list[str], list[list[str]]]:
@@ -287,7 +273,7 @@ def _plot_captions() -> dict[str, str]:
 def _write_keeping_sections(path: Path, text: str, *, html_doc: bool) -> None:
     """Write ``text`` to ``path``, carrying over a section another command spliced into the previous file
     (``attnkit quality`` marks its section with HTML comments), so running bench after quality keeps both."""
-    from attnkit.quality.report import BEGIN, END, splice_section
+    BEGIN, END = QUALITY_BEGIN, QUALITY_END
 
     old = path.read_text() if path.exists() else ""
     start, end = old.find(BEGIN), old.find(END)

@@ -21,6 +21,7 @@ import torch
 from attnkit.bench import measure
 from attnkit.bench.machine import available_memory_bytes, describe_machine
 from attnkit.bench.workloads import (
+    FLEX_DEFAULT_LENS,  # noqa: F401 (its old home)
     BenchConfig,
     Variant,
     call_with_accepted,
@@ -69,9 +70,6 @@ CELL_FIELDS = (
 )
 STATUSES = ("ok", "failed", "oom", "skipped", "unsupported")
 
-# FlexAttention compiles per length (the mask's closure holds the length): ~15-40 s each on 2 CPU cores, so
-# the default run measures it at one length; explicit --seq-lens measure it at every length given.
-FLEX_DEFAULT_LENS = (16384,)
 # Above this length a pattern's density is estimated on evenly spaced query rows (exact counting is O(n^2)).
 _EXACT_DENSITY_MAX = 16384
 

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-import attnkit
-from attnkit.registry import Mechanism
+from attnkit.registry import Mechanism, list_mechanisms
 
 __all__ = ["BenchConfig", "Variant", "default_config", "quick_config", "select_variants", "is_quadratic",
            "make_inputs", "INPUT_KINDS",
@@ -33,6 +32,10 @@ QUICK_LENS = (256, 512, 1024, 2048)
 
 # n^2, N², L*L, n·n ... in a complexity string such as "O(n^2 d)"; "O(n d^2)" is linear in n.
 _QUADRATIC = re.compile(r"\b[nNLT]\s*(\^|\*\*)\s*2|[nNLT]²|\b([nNLT])\s*[*·×]\s*\2\b")
+
+# FlexAttention compiles per length (the mask's closure holds the length): ~15-40 s each on 2 CPU cores, so
+# the default run measures it at one length; explicit --seq-lens measure it at every length given.
+FLEX_DEFAULT_LENS = (16384,)
 
 
 def is_quadratic(complexity: str) -> bool:
@@ -224,7 +227,7 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
     """The variants of a run: the SDPA baseline in each causal mode used, the selected mechanisms and the
     FlexAttention peers of those that carry a sparsity pattern (``extras["pattern"]``)."""
     if mechanisms is None:
-        mechanisms = attnkit.list_mechanisms()
+        mechanisms = list_mechanisms()
     chosen = resolve_names(config.mechanisms, mechanisms)
     variants: list[Variant] = []
     for m in chosen:
@@ -236,8 +239,6 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
             if config.flex and "pattern" in m.extras and not why and _is_sparse(m, causal, params):
                 lens = _lengths_for(m, config)
                 if config.seq_lens is None:
-                    from attnkit.bench.runner import FLEX_DEFAULT_LENS
-
                     lens = [n for n in lens if n in FLEX_DEFAULT_LENS]
                 variants.append(Variant(f"flex[{m.name}]", "flex", causal, "torch", True, m.complexity,
                                         "FlexAttention (PyTorch), with the pattern of " + m.name, lens, params, m))
@@ -267,7 +268,7 @@ def _backend_variants(m: Mechanism, causal: bool, params: dict[str, Any], config
     from attnkit.backends import list_backends
 
     op = FAMILY_OPERATIONS.get(m.family)
-    if op is None:
+    if op is None or (op == "neighborhood" and "pattern" not in m.extras):  # e.g. dformer_3d: groups, not windows
         return []
     lens = _lengths_for(m, config)
     out = []

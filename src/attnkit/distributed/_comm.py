@@ -4,6 +4,7 @@ waiting rank raise instead of hanging."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from collections.abc import Mapping
@@ -87,6 +88,29 @@ def global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+class TrafficCounter:
+    """Bytes and messages this process sent through :class:`Exchange` while the counter was active (``with
+    count_traffic() as c: ...; c.bytes_sent``). Counts payload bytes only (no metadata checks, no headers)."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+
+_COUNTERS: list[TrafficCounter] = []
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count what this rank sends point-to-point inside the ``with`` block (see :class:`TrafficCounter`)."""
+    c = TrafficCounter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
 class Exchange:
     """Send ``send`` to group rank ``dst`` and receive a tensor like ``recv`` from ``src``, asynchronously;
     ``wait()`` returns the received tensor."""
@@ -96,6 +120,9 @@ class Exchange:
         self.recv, self.src, self.dst, self.what = recv, src, dst, what
         ops = []
         if send is not None:
+            for c in _COUNTERS:
+                c.bytes_sent += send.numel() * send.element_size()
+                c.messages_sent += 1
             ops.append(dist.P2POp(dist.isend, send.contiguous(), global_rank(group, dst), group, tag))
         if recv is not None:
             ops.append(dist.P2POp(dist.irecv, recv, global_rank(group, src), group, tag))

@@ -18,7 +18,7 @@ from attnkit._checks import check_qkv
 from attnkit.errors import NotSupportedError
 from attnkit.feature_maps import FeatureMap
 from attnkit.feature_maps import get as get_feature_map
-from attnkit.ops.linear.api import linear_attention
+from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
 
 from ._comm import Exchange, check_agreement, group_info

@@ -14,7 +14,7 @@ from attnkit.nn.mixers import *  # noqa: F401,F403
 from attnkit.nn.mixers import __all__ as _mixers_all
 from attnkit.nn.neighborhood import *  # noqa: F401,F403
 from attnkit.nn.neighborhood import __all__ as _neighborhood_all
-from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
+from attnkit.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["MultiheadAttention", "RotaryEmbedding", "apply_rotary", *_linear_all, *_neighborhood_all, *_approx_all,
            *_exact_all, *_mixers_all]

@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from attnkit import patterns as P
-from attnkit.analysis import recording as _capture
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
+from attnkit.nn import recording as _capture
 from attnkit.registry import mechanism_info
+from attnkit.rotary import RotaryEmbedding, apply_rotary
 from attnkit.score_mods import ScoreMod
-
-from .rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["MultiheadAttention"]
 

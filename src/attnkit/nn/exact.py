@@ -18,15 +18,15 @@ from torch.utils.checkpoint import checkpoint
 from attnkit import patterns as P
 from attnkit import score_mods as S
 from attnkit._checks import check_qkv, repeat_kv
-from attnkit.ops.exact.api import attention
+from attnkit.functional.exact import attention
 from attnkit.ops.exact.variants import add_registers, grid_shape, strip_registers
+from attnkit.rotary import RotaryEmbedding
 
 from .attention import MultiheadAttention
-from .rotary import RotaryEmbedding
 
 __all__ = [
     "SelectiveAttention", "QueryKeyPositionAttention", "coca_attention", "coca_reference",
-    "GatedPositionalAttention", "NeuralAttention", "KolmogorovArnoldAttention", "CarrierTokenAttention",
+    "GatedPositionalAttention", "NeuralAttention", "KolmogorovArnoldAttention", "FourierKArAt", "CarrierTokenAttention",
     "RegisterAttention", "PointTransformerLayer", "RelationalAttention", "GEMSelfSelfAttention",
     "EntityAwareAttention", "MultiHeadEmbeddingAttention", "PayBetterAttention", "LowRankContextPooling",
     "SubSampledAttention",
@@ -172,7 +172,7 @@ def coca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 def coca_reference(q, k, v, *, causal: bool = False, base: float = 10000.0) -> torch.Tensor:
     """CoCA by its naive construction: the per-pair key ``k_ij = t_j (.) q_i`` (per plane), then
     ``RoPE_i(q_i) . RoPE_j(k_ij)`` on an explicit ``[q_len, kv_len, d]`` tensor."""
-    from .rotary import apply_rotary
+    from attnkit.rotary import apply_rotary
 
     d = q.shape[-1]
     h = d // 2
@@ -352,8 +352,10 @@ class KolmogorovArnoldAttention(_ChunkedScores):
     function per head, ``phi_h(s) = c_h + sum_{g=1..G} a_hg cos(g s) + b_hg sin(g s)`` on the logits, then the
     row l1 normalisation ``w_ij = phi(s_ij) / sum_j |phi(s_ij)|``. The coefficients start as the least-squares
     fit of ``exp`` on ``[-2, 2]``, so at initialisation it is softmax attention for logits in that range.
-    [mem?] the paper's reduced-rank variant is not included. Not efficiency-oriented (the paper says so);
-    chunked over queries so memory stays linear."""
+    Deviation from the paper: its operator (Eq. 1-2) has a learnable unit ``phi_pq`` per (output, key position)
+    pair summed over the row, with no normalisation by default; this record keeps one elementwise function per
+    head (a diagonal operator) so that it runs at any length and causally. The paper's modular operator is
+    :class:`FourierKArAt` (record ``fourier_karat``). Chunked over queries so memory stays linear."""
 
     def __init__(self, num_heads: int, *, grid: int = 8, chunk: int = 64, causal: bool = False):
         super().__init__()
@@ -381,6 +383,50 @@ class KolmogorovArnoldAttention(_ChunkedScores):
         if mask is not None:
             w = w.masked_fill(~mask, 0.0)
         return w / w.abs().sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+class FourierKArAt(nn.Module):
+    """The paper's Fourier KArAt ("Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision
+    Transformers?", Sec. 4, Eq. 2, Algorithm 2): per head, each logit row ``A_k`` (``A = Q K^T / sqrt(d)``) goes
+    through a rank-``rank`` Fourier KAN operator ``Phi: R^N -> R^rank`` with one learnable unit per (output,
+    key position) pair and ``grid`` harmonics, then back to ``R^N`` by a learned ``W [N, rank]``; the result
+    replaces the softmax row (:mod:`attnkit.ops.exact.karat`). ``l1_projection`` projects ``Phi(A_k)`` onto the
+    simplex first (Algorithm 1; off by default, as the paper's best models). The operator is built for one length
+    ``seq_len`` (the paper's limitation); sharing one module between layers is the paper's "universal"
+    configuration, one per layer its "blockwise" one. Coefficients start ``N(0, 1)`` (the paper's Table 6);
+    ``W`` starts ``N(0, 1 / (2 grid seq_len rank))`` (our choice: rows of ``sigma`` of order one).
+    ``forward(q, k, v)`` on ``[batch, heads, seq_len, dim]``."""
+
+    def __init__(self, num_heads: int, seq_len: int, *, rank: int = 12, grid: int = 3, l1_projection: bool = False,
+                 chunk: int = 64):
+        super().__init__()
+        for name, val in (("num_heads", num_heads), ("seq_len", seq_len), ("rank", rank), ("grid", grid),
+                          ("chunk", chunk)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.seq_len, self.rank, self.grid, self.l1_projection, self.chunk = seq_len, rank, grid, l1_projection, chunk
+        self.coef_cos = nn.Parameter(torch.randn(num_heads, rank, seq_len, grid))
+        self.coef_sin = nn.Parameter(torch.randn(num_heads, rank, seq_len, grid))
+        self.proj = nn.Parameter(torch.randn(num_heads, seq_len, rank) * (2 * grid * seq_len * rank) ** -0.5)
+
+    def _check_len(self, q: torch.Tensor) -> None:
+        if q.dim() == 4 and q.shape[2] != self.seq_len:
+            raise ValueError(f"FourierKArAt was built for seq_len={self.seq_len} tokens (its operator has one unit per "
+                             f"key position), got {q.shape[2]}; build it for this length")
+
+    def forward(self, q, k, v):
+        from attnkit.ops.exact.karat import fourier_karat
+
+        self._check_len(q)
+        return fourier_karat(q, k, v, self.coef_cos, self.coef_sin, self.proj, l1_projection=self.l1_projection,
+                             chunk=self.chunk)
+
+    def reference(self, q, k, v):
+        from attnkit.ops.exact.karat import fourier_karat_reference
+
+        self._check_len(q)
+        return fourier_karat_reference(q, k, v, self.coef_cos, self.coef_sin, self.proj,
+                                       l1_projection=self.l1_projection)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -768,7 +814,10 @@ class PayBetterAttention(nn.Module):
       map; 3/4 of the parameters);
     - ``"efficient"``: ``softmax((X W^Q)_h X_h^T) X_h W^O`` (no key or value projection; half the parameters);
     - ``"super"``: as efficient with the values first mixed along the sequence by a learned ``W^A [seq, seq]``
-      (lower-triangular when causal), so it needs a fixed ``seq_len``. [mem?] details of Super attention.
+      (lower-triangular when causal), one matrix shared by all heads, so it needs a fixed ``seq_len``. The paper's
+      text was not reachable when this was checked (issue 25); the shared, bias-free ``W^A`` applied to the values
+      after the softmax weights matches two independent public re-implementations and their notes on the paper.
+      The initialisation (identity plus 0.01 noise) is ours.
 
     ``x [batch, seq, dim]``."""
 

@@ -18,23 +18,54 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnkit import feature_maps as fmaps
 from attnkit import patterns as P
 from attnkit.feature_maps import FeatureMap, TaylorFeatureMap
 from attnkit.feature_maps import get as get_feature_map
-from attnkit.nn.rotary import RotaryEmbedding, apply_rotary
-from attnkit.ops.exact.api import attention
-from attnkit.ops.linear.api import linear_attention
+from attnkit.functional.exact import attention
+from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
+from attnkit.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer",
            "TitansLayer", "TransNormerLayer", "TransNormerLLMLayer", "SGLU", "MultiScaleLinearAttention"]
 
 # Feature maps whose constructor needs the head dimension (learnable maps own per-dimension parameters).
 _NEEDS_SHAPE = ("rebased", "hedgehog")
+
+
+# Parameters consumed by ``linear_attention``; every other parameter goes to the feature map.
+ENGINE_PARAMS = ("chunk_size", "decay", "normalize", "mode", "eps")
+
+
+class KernelizedAttention(nn.Module):
+    """``(q, k, v) -> linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, ...)``.
+
+    ``q [batch, heads, n, d]``, ``k [batch, kv_heads, n, d]``, ``v [batch, kv_heads, n, d_v]`` ->
+    ``[batch, heads, n, d_v]``. The feature map is a submodule, so ``.to(device, dtype)`` and
+    ``.parameters()`` see its parameters and buffers.
+    """
+
+    def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
+        super().__init__()
+        unknown = set(engine) - set(ENGINE_PARAMS)
+        if unknown:
+            raise TypeError(f"unexpected engine parameters {sorted(unknown)}; accepted: {list(ENGINE_PARAMS)}")
+        self.feature_map = feature_map
+        self.causal = causal
+        self.engine = engine
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, **self.engine)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"causal={self.causal}"] + [f"{k}={v!r}" for k, v in self.engine.items()])
 
 
 def _check_heads(embed_dim: int, num_heads: int, kv_heads: int) -> None:
@@ -59,7 +90,7 @@ def _resolve_decay(decay: float | str | torch.Tensor | list | None, num_heads: i
     if isinstance(decay, str):
         if decay != "retention":
             raise ValueError(f"decay must be a float, one value per head, 'retention' or None, got {decay!r}")
-        from attnkit.ops.linear.mechanisms import retention_decay
+        from attnkit.ops.linear._common import retention_decay
 
         return retention_decay(num_heads)
     lam = torch.as_tensor(decay, dtype=torch.float64).reshape(-1)
@@ -276,7 +307,7 @@ class RetentionLayer(nn.Module):
         self.theta = (float(theta_base) ** (-2 * torch.arange(half, dtype=torch.float64) / self.head_dim)
                       if xpos and half else None)
         self.causal, self.mode, self.chunk_size = causal, mode, chunk_size
-        from attnkit.ops.linear.mechanisms import retention_decay
+        from attnkit.ops.linear._common import retention_decay
 
         # float64 and not a buffer: .half() must not round 1 - 2^-12 to 1 (the engine moves it to the device)
         self.decays = retention_decay(num_heads) if decays is None else _resolve_decay(decays, num_heads)

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attnkit.ops.neighborhood.api import NeighborhoodBias, neighborhood
+from attnkit.functional.neighborhood import NeighborhoodBias, neighborhood
+from attnkit.ops.neighborhood.dformer import SCOPES, dformer_attention, dformer_layout
 
-__all__ = ["NeighborhoodAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d"]
+__all__ = ["NeighborhoodAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d",
+           "DFormerAttention3d", "DFormerStage3d"]
 
 IntOrTuple = int | Sequence[int]
 
@@ -121,3 +123,64 @@ class NeighborhoodAttention3d(NeighborhoodAttention):
                  stride: IntOrTuple = 1, is_causal: bool | Sequence[bool] = False, rel_pos_bias: bool = False,
                  **kwargs):
         super().__init__(3, dim, num_heads, kernel_size, dilation, stride, is_causal, rel_pos_bias, **kwargs)
+
+
+class DFormerAttention3d(nn.Module):
+    """One D-Former attention layer over ``[batch, depth, height, width, dim]``: multi-head self-attention inside
+    local windows (``scope="local"``) or dilated global groups (``scope="global"``) of ``group_size`` tokens per
+    axis ("D-Former: A U-shaped Dilated Transformer for 3D Medical Image Segmentation", Sec. 3; the math is
+    :func:`attnkit.ops.neighborhood.dformer.dformer_attention`). ``forward(x) -> [batch, D, H, W, dim]``."""
+
+    def __init__(self, dim: int, num_heads: int, group_size: IntOrTuple = (2, 8, 8), scope: str = "local", *,
+                 qkv_bias: bool = True):
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or dim < 1 or num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim ({dim!r}) must be a positive multiple of num_heads ({num_heads!r})")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        dformer_layout((1, 1, 1), group_size)  # validates group_size
+        self.dim, self.num_heads, self.group_size, self.scope = dim, num_heads, group_size, scope
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} takes channels-last x [batch, D, H, W, {self.dim}], got shape "
+                             f"{tuple(x.shape)}")
+        b, *spatial, c = x.shape
+        hd = c // self.num_heads
+        qkv = self.qkv(x).reshape(b, math.prod(spatial), 3, self.num_heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b, self.num_heads, *spatial, hd).unbind(0)
+        out = dformer_attention(q, k, v, self.group_size, scope=self.scope)
+        out = out.reshape(b, self.num_heads, math.prod(spatial), hd).transpose(1, 2).reshape(b, *spatial, c)
+        return self.proj(out)
+
+
+class DFormerStage3d(nn.Module):
+    """One D-Former stage over ``[batch, D, H, W, dim]``: the dynamic position encoding (a depthwise 3x3x3
+    convolution added to its input, once at the start of the stage), then ``depth`` pre-norm blocks
+    (attention + MLP, both residual) whose attention alternates local and dilated global scopes, local first
+    ("D-Former", Sec. 3; the alternation and the once-per-stage encoding as in the authors' code).
+    ``forward(x) -> [batch, D, H, W, dim]``."""
+
+    def __init__(self, dim: int, num_heads: int, depth: int = 2, group_size: IntOrTuple = (2, 8, 8),
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.pos = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.attn = nn.ModuleList(DFormerAttention3d(dim, num_heads, group_size, SCOPES[i % 2]) for i in range(depth))
+        self.norm1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.norm2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+                                 for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"DFormerStage3d takes channels-last x [batch, D, H, W, dim], got {tuple(x.shape)}")
+        x = x + self.pos(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        for attn, n1, n2, mlp in zip(self.attn, self.norm1, self.norm2, self.mlp):
+            x = x + attn(n1(x))
+            x = x + mlp(n2(x))
+        return x

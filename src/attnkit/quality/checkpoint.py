@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_name"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_name", "model_kwargs"]
 
 FORMAT = "attnkit-quality-checkpoint/1"
 
@@ -34,13 +34,21 @@ def checkpoint_name(task: str, mechanism: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{task}--{mechanism}") + ".pt"
 
 
+def model_kwargs(task: Any, params: dict[str, Any], config: Any) -> dict[str, Any]:
+    """The keyword arguments of :class:`attnkit.quality.model.QualityModel` (besides the spec) for ``task`` (a
+    :class:`attnkit.quality.tasks.Task`) and ``config`` (a :class:`attnkit.quality.train.QualityConfig`)."""
+    return {"vocab_size": task.vocab_size(params), "input_dim": task.input_dim(params),
+            "num_outputs": task.num_outputs(params), "embed_dim": config.embed_dim, "num_heads": config.num_heads,
+            "num_layers": config.num_layers, "mlp_ratio": config.mlp_ratio, "max_seq_len": int(params["seq_len"]),
+            "causal": task.causal, "pool": task.kind == "sequence", "conv_kernel": config.conv_kernel}
+
+
 def save_checkpoint(out_dir: str | os.PathLike, *, spec: Any, task: Any, task_params: dict[str, Any], config: Any,
                     state_dict: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
     """Write the checkpoint of one trained model into ``out_dir``; returns its path."""
     from dataclasses import asdict
 
-    import attnkit
-    from attnkit.quality.train import model_kwargs
+    from attnkit._version import __version__
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +59,7 @@ def save_checkpoint(out_dir: str | os.PathLike, *, spec: Any, task: Any, task_pa
                      "seed": record.get("seeds", [config.seeds[0]])[0], "weight_decay": config.weight_decay,
                      "warmup": config.warmup, "lrs": list(config.lrs)},
         "metric": record.get("metric"), "value": record.get("value"), "state_bytes": record.get("state_bytes"),
-        "attnkit_version": getattr(attnkit, "__version__", ""),
+        "attnkit_version": __version__,
     }
     path = out / checkpoint_name(task.name, spec.name)
     tmp = path.with_suffix(".pt.tmp")

@@ -2,7 +2,7 @@
 
 A *mechanism spec* is either a registry name (``attnkit list``), built through
 ``attnkit.nn.MultiheadAttention(embed_dim, num_heads, mechanism=name, causal=...)``, or ``linear:<feature map>``
-(e.g. ``linear:taylor``): kernelized linear attention ``attnkit.ops.linear.api.linear_attention`` with a feature
+(e.g. ``linear:taylor``): kernelized linear attention ``attnkit.functional.linear.linear_attention`` with a feature
 map of ``attnkit.feature_maps`` (the linear family's own registry entries are used when they exist; the spec
 form reaches every feature map meanwhile).
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.analysis import recording as _recording
+from attnkit.nn import recording as _recording
 
 __all__ = ["QualityModel", "FeatureMapAttention", "ShortConv", "MechanismSpec", "parse_mechanism", "state_size",
            "QUALITY_PARAMS", "LINEAR_PREFIX"]
@@ -230,7 +230,7 @@ def state_size(spec: MechanismSpec, *, head_dim: int, num_heads: int, seq_len: i
 
 class FeatureMapAttention(nn.Module):
     """Multi-head kernelized linear attention (Katharopoulos et al., "Transformers are RNNs", 2020) with any
-    feature map of ``attnkit.feature_maps``: projections around ``attnkit.ops.linear.api.linear_attention``.
+    feature map of ``attnkit.feature_maps``: projections around ``attnkit.functional.linear.linear_attention``.
 
     ``qk_dim``: per-head width of queries and keys (default the head dimension). Based (Arora et al., 2024,
     Sec. 4) projects them to a small "feature dimension" (e.g. 16) before the Taylor map, so that the state
@@ -255,7 +255,7 @@ class FeatureMapAttention(nn.Module):
                                               num_heads=num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from attnkit.ops.linear.api import linear_attention
+        from attnkit.functional.linear import linear_attention
 
         b, n, _ = x.shape
         h, dk = self.num_heads, self.qk_dim
@@ -319,7 +319,7 @@ class _OnGrid(nn.Module):
         self.mixer, self.ndim = mixer, ndim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from attnkit.ops.neighborhood.mechanisms import grid_shape
+        from attnkit.records.neighborhood import grid_shape
 
         b, n, c = x.shape
         return self.mixer(x.reshape(b, *grid_shape(n, self.ndim), c)).reshape(b, n, c)

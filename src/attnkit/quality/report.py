@@ -11,17 +11,21 @@ import html
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from attnkit.bench.report import _CSS, _html_table, _md_table, _text_table, fmt_bytes
+from attnkit.reporting import QUALITY_BEGIN as BEGIN
+from attnkit.reporting import QUALITY_END as END
+from attnkit.reporting import bytes_label as _bytes_label
+from attnkit.reporting import fmt_bytes, splice_section
+from attnkit.reporting import html_table as _html_table
+from attnkit.reporting import md_table as _md_table
+from attnkit.reporting import pyplot as _pyplot
+from attnkit.reporting import text_table as _text_table
 
 __all__ = ["write_quality_report", "write_quality_json", "quality_table", "terminal_summary", "splice_section",
            "make_plot", "command", "task_notes", "PLOT", "FRONTIER_PLOT", "BEGIN", "END"]
 
-BEGIN = "<!-- attnkit-quality:begin -->"
-END = "<!-- attnkit-quality:end -->"
 PLOT = "accuracy_vs_state_size.png"
 FRONTIER_PLOT = "recall_memory_frontier.png"  # ``--sweep state``
 _METRIC_WORD = {"accuracy": "accuracy", "nmse": "normalised MSE"}
@@ -245,29 +249,10 @@ def _section_html(doc: dict[str, Any], plot: str | None) -> str:
     return "\n".join(out)
 
 
-def splice_section(existing: str | None, section: str, *, html_doc: bool = False) -> str:
-    """``existing`` with the text between the markers replaced by ``section`` (which includes the markers), or
-    ``section`` appended (before ``</body>`` in HTML); a new document when ``existing`` is ``None``."""
-    if existing is None:
-        if html_doc:
-            return ("<!doctype html><html><head><meta charset='utf-8'><title>attnkit report</title>"
-                    f"<style>{_CSS}</style></head><body><h1>attnkit report</h1>\n{section}\n</body></html>\n")
-        return f"# attnkit report\n\n{section}\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(existing):
-        return pattern.sub(lambda _m: section, existing, count=1)
-    if html_doc:
-        idx = existing.lower().rfind("</body>")
-        if idx >= 0:
-            return existing[:idx] + section + "\n" + existing[idx:]
-    return existing.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def make_plot(doc: dict[str, Any], out_dir: str | os.PathLike) -> str | None:
     """Draw :data:`PLOT` (one panel per task; :data:`FRONTIER_PLOT` for a state sweep, one line per mechanism);
     returns its file name, or ``None`` with nothing to draw.
-    Raises ``attnkit.bench.plots.MissingMatplotlib`` without matplotlib."""
-    from attnkit.bench.plots import _bytes_label, _pyplot
+    Raises ``attnkit.reporting.MissingMatplotlib`` without matplotlib."""
 
     panels = [e for e in doc["tasks"] if any(r["status"] == "ok" and r.get("state_bytes") for r in e["results"])]
     if not panels:
@@ -363,7 +348,7 @@ def write_quality_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plo
     files = [write_quality_json(doc, out)]
     plot, plot_error = None, None
     if plots:
-        from attnkit.bench.plots import MissingMatplotlib
+        from attnkit.reporting import MissingMatplotlib
 
         try:
             plot = make_plot(doc, out)

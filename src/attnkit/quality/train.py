@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attnkit.quality.checkpoint import model_kwargs, save_checkpoint
 from attnkit.quality.model import LINEAR_PREFIX, MechanismSpec, QualityModel, parse_mechanism, state_size
 from attnkit.quality.tasks import Task, TaskBatch, get_task
 
@@ -180,14 +181,6 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
 def build_model(spec: MechanismSpec, task: Task, params: dict[str, Any], config: QualityConfig) -> QualityModel:
     """A fresh :class:`QualityModel` for ``spec`` on ``task`` with the shape of ``config``."""
     return QualityModel(spec, **model_kwargs(task, params, config))
-
-
-def model_kwargs(task: Task, params: dict[str, Any], config: QualityConfig) -> dict[str, Any]:
-    """The keyword arguments of :class:`QualityModel` (besides the spec) for ``task`` and ``config``."""
-    return {"vocab_size": task.vocab_size(params), "input_dim": task.input_dim(params),
-            "num_outputs": task.num_outputs(params), "embed_dim": config.embed_dim, "num_heads": config.num_heads,
-            "num_layers": config.num_layers, "mlp_ratio": config.mlp_ratio, "max_seq_len": int(params["seq_len"]),
-            "causal": task.causal, "pool": task.kind == "sequence", "conv_kernel": config.conv_kernel}
 
 
 def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: QualityConfig, *,
@@ -579,8 +572,6 @@ def _finish_entry(doc: dict[str, Any], plan: list, task_name: str, index: int, r
         if coverage is not None:
             rec["in_window"] = coverage
         if config.save_dir is not None and (model is not None or state_dict is not None):
-            from attnkit.quality.checkpoint import save_checkpoint
-
             if state_dict is None:
                 state_dict = model.state_dict()
             rec["checkpoint"] = str(save_checkpoint(

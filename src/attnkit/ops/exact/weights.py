@@ -55,7 +55,7 @@ def _prepare(q, k, pattern, score_mod, normalization, scale):
     check_qkv(q, k, k)
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
-    from .api import _resolve_score_mod
+    from attnkit.ops.exact.engines import _resolve_score_mod
 
     mod = _resolve_score_mod(score_mod)
     if mod is not None:

@@ -83,3 +83,11 @@ def make_finalize(normalize: str, eps: float, dtype: torch.dtype) -> Callable[[t
 
     finalize.dtype = dtype  # type: ignore[attr-defined]
     return finalize
+
+
+def retention_decay(num_heads: int) -> torch.Tensor:
+    """Per-head decays ``1 - 2^(-5 - h)``, ``h = 0 .. num_heads - 1`` (RetNet's schedule, used with
+    Lightning Attention's per-head decayed state): ``[num_heads]`` float64."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    return 1.0 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))

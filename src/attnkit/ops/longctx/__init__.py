@@ -1,4 +1,6 @@
-"""Long-context inference: Star Attention, S2-Attention and Block-Attention's re-rotated passage caches.
+"""Long-context inference kernels: S2-Attention, KV selection policies and Block-Attention's re-rotated passage caches
+(Star Attention is :mod:`attnkit.functional.star`; the modules are :mod:`attnkit.nn.longctx`; the cache that
+applies a selection policy is :mod:`attnkit.selective_cache`).
 
 The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 """
@@ -6,7 +8,6 @@ The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 from .rag import rerotate_keys
 from .s2 import s2_kv_fraction, s2_pattern
 from .selection import (
-    SelectiveKVCache,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -15,8 +16,7 @@ from .selection import (
     token_type_mask,
     trim_visual_features,
 )
-from .star import star_attention, star_attention_distributed, star_pattern
 
-__all__ = ["star_attention", "star_attention_distributed", "star_pattern", "s2_pattern", "s2_kv_fraction",
-           "rerotate_keys", "SelectiveKVCache", "cumulative_mass", "modality_mask", "probe_query_mask",
+__all__ = ["s2_pattern", "s2_kv_fraction",
+           "rerotate_keys", "cumulative_mass", "modality_mask", "probe_query_mask",
            "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.nn.rotary import RotaryEmbedding
 from attnkit.ops.exact.variants import rerotate
+from attnkit.rotary import RotaryEmbedding
 
 __all__ = ["rerotate_keys"]
 

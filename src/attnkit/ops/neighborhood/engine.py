@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.ops.neighborhood.windows import AxisSpec, NASpec, group_bounds
+from attnkit.patterns.windows import AxisSpec, NASpec, group_bounds
 from attnkit.score_mods import ScoreMod
 
 __all__ = ["Plan", "make_plan", "choose_tiles", "neighborhood_tiled", "box_fraction", "FusedPlan", "make_fused_plan",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnkit._checks import default_scale, repeat_kv
-from attnkit.ops.neighborhood.pattern import neighborhood_pattern
+from attnkit.patterns.spatial import neighborhood_pattern
 
 __all__ = ["neighborhood_reference"]
 

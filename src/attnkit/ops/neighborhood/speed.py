@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from attnkit.ops.neighborhood.engine import box_fraction, choose_tiles
-from attnkit.ops.neighborhood.pattern import allowed_pairs
-from attnkit.ops.neighborhood.windows import AxisSpec, group_bounds, make_spec
+from attnkit.patterns.spatial import allowed_pairs
+from attnkit.patterns.windows import AxisSpec, group_bounds, make_spec
 
 __all__ = ["neighborhood_speed_of_light", "axis_tile_counts"]
 
