@@ -12,12 +12,19 @@
 # 4. with BENCH_CLI=1, `attnkit bench --device cuda --engines ...`: the same mechanisms through each backend beside
 #    SDPA, FlexAttention, NATTEN and fla peers, as a report (tests/test_cuda.py already runs it once, small).
 # Everything lands in $OUT (default gpu-check/); the exit code is pytest's.
+# Without a usable CUDA device it says so in one line and exits 2, writing nothing (no $OUT folder).
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+PYTHON=${PYTHON:-python}
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1 \
+    || ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  echo "gpu_check: no usable CUDA GPU here (nvidia-smi or torch.cuda.is_available() says none); nothing run" >&2
+  exit 2
+fi
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-TORCH=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+TORCH=$("$PYTHON" -c "import torch; print(torch.__version__.split('+')[0])")
 if [ "${INSTALL_EXTRAS:-0}" = "1" ]; then
   # torch stays pinned; flash-attn compiles from source for a long time, so it is left to FLASH=1.
   pip install "natten" "fla-core" "torch==$TORCH" 2>&1 | tail -2

@@ -272,3 +272,23 @@ def test_causal_approximations_refuse_decoding_calls(name):
     q, k, v = random_qkv(1, 2, 32, 32, 16)
     with pytest.raises(attnkit.NotSupportedError, match="as many queries as keys"):
         built(q[:, :, -4:], k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_clusters", [32, 128])
+def test_routing_with_more_clusters_than_keys_is_not_all_zeros(num_clusters, causal):
+    """Issue 28: with num_clusters >= the number of keys (the record's default 128 clusters at 32 tokens) every
+    query sat in a cluster without keys and the output was all zeros. Clusters fitted per call are now
+    min(num_clusters, sqrt(n)) (the paper's balanced choice), and the fast path still equals the reference."""
+    q, k, v = random_qkv(1, 2, 32, dim=8, seed=11)
+    from attnkit.ops.approx.routing import effective_clusters
+
+    assert effective_clusters(num_clusters, 32) == 5 and effective_clusters(8, 32) == 8
+    assert effective_clusters(128, 3) == 1  # below 4 keys: one cluster, exact attention
+    out = routing_attention(q, k, v, num_clusters=num_clusters, causal=causal)
+    rows_with_output = (out.abs().sum(-1) > 0).float().mean()
+    assert rows_with_output > 0.5, f"only {rows_with_output:.0%} of the rows have an output"
+    assert_close(out, routing_reference(q, k, v, num_clusters=num_clusters, causal=causal), dtype=torch.float32)
+    one = random_qkv(1, 2, 3, dim=8, seed=12)
+    dense = torch.softmax(one[0] @ one[1].transpose(-1, -2) / math.sqrt(8), dim=-1) @ one[2]
+    assert_close(routing_attention(*one, num_clusters=128), dense, dtype=torch.float32)

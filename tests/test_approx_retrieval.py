@@ -388,3 +388,84 @@ def test_ivf_search_is_the_exact_top_k_of_the_probed_lists(probes, queries):
     s = (queries.flatten(0, 1) @ x.transpose(-1, -2)).masked_fill(~probed, float("-inf"))
     want = s.topk(10, dim=-1).indices
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+# ------------------------------------------------------------------------------------------- non-finite keys
+@pytest.mark.parametrize("kind", ["exact", "ivf", pytest.param("faiss", marks=needs_faiss)])
+@pytest.mark.parametrize("incremental", [False, True])
+def test_index_skips_non_finite_keys_and_still_finds_the_finite_ones(kind, incremental):
+    """Issue 28: with 10 NaN keys out of 200 the exact and IVF indexes returned -1 for every slot (recall 0 for
+    the 190 finite keys). Non-finite keys are skipped: never returned, and the finite top-k is found as if
+    they were absent (an inf component counts as non-finite too)."""
+    g = torch.Generator().manual_seed(0)
+    k, q = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 20, 16, generator=g)
+    bad = torch.randperm(200, generator=g)[:10]
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[bad] = False
+    k_bad = k.clone()
+    k_bad[:, :, bad, 3] = float("nan")
+    k_bad[0, 1, bad[0], 0] = float("inf")
+    true = torch.nonzero(keep).flatten()[KeyIndex("exact").add(k[:, :, keep]).search(q, 8)]
+    index = KeyIndex(kind, num_probes=64, tail_limit=1000)
+    if incremental:  # ivf: the second half waits in the exactly scanned tail
+        index.add(k_bad[:, :, :100]).add(k_bad[:, :, 100:])
+    else:
+        index.add(k_bad)
+    found = index.search(q, 8)
+    assert not torch.isin(found, bad).any(), "a non-finite key was returned"
+    assert (found >= 0).all()
+    assert topk_recall(found, true) >= (1.0 if kind != "faiss" else 0.9)
+    q_nan = q.clone()
+    q_nan[0, 0, 0, 0] = float("nan")
+    assert (index.search(q_nan, 8)[0, 0, 0] == -1).all()  # a NaN query finds nothing
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["iceformer", "retrieval_attention", "sea", "sparsek", "yoso"])
+def test_a_non_finite_key_propagates_like_dense_attention(name, causal):
+    """Issue 28: with one NaN key iceformer and retrieval_attention returned a finite output computed without
+    retrieval (and sea, sparsek, yoso without that key). Now NaN in exactly the rows dense softmax attention
+    makes NaN: every row (j <= i when causal), also for a NaN value or query; other rows unchanged."""
+    from attnkit.ops.approx import sparsek, yoso
+
+    fns = {"iceformer": lambda *a, **kw: iceformer_attention(*a, top_k=4, **kw),
+           "retrieval_attention": lambda *a, **kw: retrieval_attention(*a, top_k=4, num_sink=1, window=2, **kw),
+           "sea": lambda *a, **kw: sea_attention(*a, num_blocks=4, top_k=2, **kw),
+           "sparsek": lambda *a, **kw: sparsek.sparsek_attention(*a, top_k=4, score_weight=torch.ones(2, 8) / 8, **kw),
+           "yoso": lambda *a, **kw: yoso.yoso_attention(*a, **kw)}
+    fn = fns[name]
+    q, k, v = qkv(n=16, d=8, dtype=torch.float32, seed=5)
+    clean = fn(q, k, v, causal=causal)
+    dense_k = k.clone()
+    dense_k[0, 1, 9, 2] = float("nan")
+    expected = torch.isnan(torch.nn.functional.scaled_dot_product_attention(q, dense_k, v, is_causal=causal))
+    for which in ("k", "v"):
+        ins = [q, k.clone(), v.clone()]
+        ins[1 if which == "k" else 2][0, 1, 9, 2] = float("nan")
+        out = fn(*ins, causal=causal)
+        nan_rows = torch.isnan(out).any(-1)
+        assert torch.equal(nan_rows, expected.any(-1)), f"{name}: NaN {which} does not propagate as dense attention"
+        assert_close(out[~nan_rows], clean[~nan_rows], dtype=torch.float32)
+    q_nan = q.clone()
+    q_nan[1, 0, 3, 0] = float("nan")
+    out = fn(q_nan, k, v, causal=causal)
+    assert torch.isnan(out[1, 0, 3]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("method", ["iceformer", "retrieval"])
+def test_decoder_propagates_a_non_finite_key_like_dense_attention(method):
+    """The decoder's index skips a NaN key; every later step's output is NaN (a dense decoder's would be), also
+    once the key has left RetrievalAttention's window; other heads are unaffected."""
+    q, k, v = qkv(n=40, d=8, dtype=torch.float32, seed=9)
+    k_bad = k.clone()
+    k_bad[0, 1, 10, 3] = float("nan")
+    dec = RetrievalDecoder(method, top_k=4, num_sink=1, window=4, index="exact").prefill(k_bad[:, :, :30],
+                                                                                      v[:, :, :30])
+    clean = RetrievalDecoder(method, top_k=4, num_sink=1, window=4, index="exact").prefill(k[:, :, :30], v[:, :, :30])
+    for t in range(30, 34):
+        out = dec.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ref = clean.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert torch.isnan(out[0, 1]).all()
+        keep = torch.ones(2, 2, dtype=torch.bool)
+        keep[0, 1] = False
+        assert_close(out[keep], ref[keep], dtype=torch.float32)

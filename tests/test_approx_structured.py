@@ -265,3 +265,17 @@ def test_approximation_error_on_the_bench_inputs(name):
     assert 0 < err.output_relative < 1.5
     if name != "select_pack":  # a module without attention_matrix
         assert err.attention_relative is not None and err.attention_relative >= 0
+
+
+def test_select_pack_a_nan_key_is_selected_and_propagates():
+    """Issue 28 (the registry robustness test): a NaN key gave a NaN gate score, which is never > threshold, so the
+    token dropped out and the output was finite as if it did not exist. Now it is selected and its NaN reaches
+    the selected rows of its image and head (as in dense attention over them); other images are unchanged."""
+    q, k, v = qkv(12)
+    w = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    clean = select_pack_attention(q, k, v, gate_weight=w)
+    k_nan = k.clone()
+    k_nan[0, 0, 5, 1] = float("nan")
+    out = select_pack_attention(q, k_nan, v, gate_weight=w)
+    assert torch.isnan(out[0, 0]).any()
+    assert_close(out[1], clean[1])

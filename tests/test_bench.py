@@ -132,7 +132,8 @@ def test_select_variants_defaults_names_families_and_modes():
     with registered() as fakes:
         variants = select_variants(BenchConfig(seq_lens=None), fakes)
         labels = [v.label for v in variants]
-        assert labels == ["sdpa", "fake_exact", "fake_band", "flex[fake_band]"]  # in_default_bench ones
+        # in_default_bench ones, then one representative of every family without one (issue 27)
+        assert labels == ["sdpa", "fake_exact", "fake_band", "flex[fake_band]", "fake_mean"]
         band = next(v for v in variants if v.name == "fake_band")
         assert band.seq_lens[-1] == 65536 and band.params == {"window": 4}  # sub-quadratic: longer
         assert variants[0].seq_lens[-1] == 16384  # the quadratic baseline stops at 16K

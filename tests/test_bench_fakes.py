@@ -85,6 +85,21 @@ def _interrupt_factory(causal: bool = False, at: int = 64):
     return run
 
 
+def _jitter_factory(causal: bool = False, slow_s: float = 0.02):
+    # Every other call is slow, as on a machine where another process takes the core now and then.
+    calls = [0]
+
+    def run(q, k, v):
+        import time
+
+        calls[0] += 1
+        if calls[0] % 2 == 0:
+            time.sleep(slow_s)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
 def _fake_flops(batch, heads, q_len, kv_len, head_dim, causal=False, **params):
     return 1000.0 * q_len
 
@@ -99,6 +114,7 @@ FAKES = {
                             flops=_fake_flops),
     "fake_failing": Mechanism("fake_failing", "fakes", PAPER, True, "O(n^2 d)", False, _failing_factory),
     "fake_oom": Mechanism("fake_oom", "fakes", PAPER, True, "O(n^2 d)", True, _oom_factory),
+    "fake_jitter": Mechanism("fake_jitter", "fakes", PAPER, True, "O(n^2 d)", True, _jitter_factory),
     "fake_interrupt": Mechanism("fake_interrupt", "fakes", PAPER, True, "O(n^2 d)", False,
                                  _interrupt_factory),
 }

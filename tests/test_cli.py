@@ -20,12 +20,17 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
         assert main(["list"]) == 0
         out = capsys.readouterr().out
         header = out.splitlines()[0].split()
-        assert header == ["name", "family", "exact", "complexity", "causal", "paper"]
+        assert header == ["name", "kind", "family", "exact", "complexity", "causal", "devices"]
+        lines = out.splitlines()
         for m in fakes:
-            line = next(x for x in out.splitlines() if x.split()[0].rstrip("*") == m.name)
-            assert m.family in line and m.complexity in line and PAPER in line
-            assert ("exact" if m.exact else "approx") in line.split()[2]
+            i = next(i for i, x in enumerate(lines) if x.split() and x.split()[0].rstrip("*") == m.name)
+            line, block = lines[i], "\n".join(lines[i:i + 4])
+            assert m.family in line and m.complexity in line and PAPER in block
+            assert line.split()[1] == "attention"
+            assert ("exact" if m.exact else "approx") in line.split()[3]
             assert ("yes" if m.causal else "no") in line.split()
+            assert line.split()[-1] == "cpu,cuda"
+            assert "params:" in block and "causal=False" in block
         assert main(["list", "--json"]) == 0
         records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
         assert records["fake_mean"]["exact"] is False and records["fake_mean"]["causal"] is False
@@ -34,6 +39,47 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
         assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["fake_mean"]
         assert main(["list", "--family", "nope"]) == 2
         assert "no family 'nope'" in capsys.readouterr().err
+
+
+def test_list_shows_kind_parameters_devices():
+    """`attnkit list` says what a mixer is and what each mechanism takes (issue 27)."""
+    import attnkit
+    from attnkit.registry import REQUIRED
+
+    assert main(["list", "--kind", "mixer", "--json"]) == 0
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["list", "--json"])
+    records = {r["name"]: r for r in json.loads(buf.getvalue())}
+    assert len(records) == len(attnkit.list_mechanisms())
+    mixers = [r for r in records.values() if r["kind"] == "mixer"]
+    assert len(mixers) >= 40 and all("dim" in r["required"] for r in mixers)
+    assert records["sliding_window"]["optional"]["window"] == 256 and records["sliding_window"]["required"] == []
+    assert records["linformer"]["required"] == ["seq_len", "num_heads"]
+    assert records["linformer"]["optional"]["proj_len"] == 256
+    assert all(r["devices"] == ["cpu", "cuda"] and "causal" in r["optional"] for r in records.values())
+    assert attnkit.mechanism_info("aft_local").parameters()["dim"] is REQUIRED
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["list", "--kind", "mixer"]) == 0
+    text = buf.getvalue()
+    assert "token mixers: x -> x" in text and "aft_local" in text and "required: dim" in text
+    assert "\nsliding_window" not in text
+
+
+def test_list_family_suggests_a_close_name(capsys):
+    assert main(["list", "--family", "mixer"]) == 2
+    assert "did you mean 'mixers'?" in capsys.readouterr().err
+
+
+def test_bench_mechanisms_suggests_close_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--mechanisms", "performr,slidng_window", "--quick", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "Did you mean 'performr' -> 'performer'" in err and "'slidng_window' -> 'sliding_window'" in err
 
 
 def test_bench_end_to_end_tiny(tmp_path, capsys):
@@ -168,3 +214,20 @@ def test_a_run_whose_every_cell_failed_exits_non_zero(tmp_path, capsys):
                      "--repeats", "1", "--out", str(tmp_path / "r"), "--no-progress", "--no-flex", "--no-plots"])
     assert code == 1 and "every cell of the selected mechanisms failed" in capsys.readouterr().err
     assert (tmp_path / "r" / "results.json").is_file()  # the report is still written
+
+
+def test_run_times_are_stated_once(capsys):
+    """README, `attnkit bench --help` and the configs state the same quick and default run times (issue 27: the
+    quick run was "15 s", "1 min" and measured 16.5 s)."""
+    from pathlib import Path
+
+    from attnkit.cli import DEFAULT_RUN_MIN, QUICK_RUN_S
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`attnkit bench --quick` is a {QUICK_RUN_S}-second smoke run" in readme
+    assert f"about {DEFAULT_RUN_MIN} minutes on 2 CPU cores" in readme
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"a ~{QUICK_RUN_S} s run" in text and f"about {DEFAULT_RUN_MIN} minutes" in text
+    assert f"--quick about {QUICK_RUN_S} seconds" in text

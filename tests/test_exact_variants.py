@@ -377,3 +377,17 @@ def test_halo_runs_block_major_with_exact_block_tiles(shape, block, size):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert_close(a, b)
+
+
+def test_bad_cu_seqlens_and_lengths_are_our_errors_everywhere():
+    """Issue 28: non-monotone offsets reached ``narrow()`` (unpack) and ``repeat_interleave`` (segment / position
+    ids) with torch's messages; fractional lengths were truncated."""
+    bad = torch.tensor([0, 6, 4, 10])
+    for fn in (lambda: V.unpack(torch.randn(10, 3), bad), lambda: V.segment_ids(bad),
+               lambda: V.position_ids(bad), lambda: V.unpack(torch.randn(10, 3), torch.tensor([0, 6, 12]))):
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0, be non-decreasing"):
+            fn()
+    with pytest.raises(ValueError, match="lengths must be whole numbers"):
+        V.cu_seqlens_from_lengths([1.5, 2])
+    assert V.cu_seqlens_from_lengths([1, 2]).tolist() == [0, 1, 3]
+    assert [t.shape[0] for t in V.unpack(torch.randn(10, 3), torch.tensor([0, 4, 10]))] == [4, 6]

@@ -276,3 +276,17 @@ def test_get_errors():
         fmaps.FavorFeatureMap(head_dim=4)(torch.randn(1, 1, 2, 5), torch.randn(1, 1, 2, 5))
     with pytest.raises(ValueError, match="params cannot be given"):
         fmaps.get(fmaps.EluFeatureMap(), p=2)
+
+
+def test_trig_features_that_would_overflow_are_a_clear_error():
+    """Issue 28: trig_rf returned NaN without a word at 5x unit-scale inputs (amplitude exp(|x|^2 / (2 sqrt(d)))
+    overflows); now a ValueError that names the cause, and a NaN input still propagates."""
+    q, k, v = random_qkv(1, 2, 12, dim=8, seed=3)
+    fm = fmaps.get("trig", num_features=32)
+    assert torch.isfinite(linear_attention(q, k, v, feature_map=fm, normalize="rms")).all()
+    for scale in (5.0, 100.0):
+        with pytest.raises(ValueError, match="trig random features overflow"):
+            linear_attention(q * scale, k * scale, v, feature_map=fm, normalize="rms")
+    k_nan = k.clone()
+    k_nan[0, 0, 3, 0] = float("nan")
+    assert torch.isnan(linear_attention(q, k_nan, v, feature_map=fm, normalize="rms")).any()

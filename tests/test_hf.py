@@ -456,3 +456,18 @@ def test_mechanisms_without_step_decoding_say_so():
     assert vit.vit.layers[0].attention.attnkit_attention.seq_len == 17
     with torch.no_grad():
         assert torch.isfinite(vit(torch.randn(2, 3, 16, 16)).logits).all()
+
+
+def test_dropout_refusal_gives_a_fix_that_works_on_a_built_model():
+    """GPT-2's refusal advised a config change, which does nothing on a built model; the advice it gives now
+    (the layers' own dropout attribute) does make the model run."""
+    drop = build(gpt2_config(attn_pdrop=0.1), "sdpa").train()
+    attnkit.convert(drop, "softmax")
+    ids = token_ids(2, 8)
+    with pytest.raises(NotSupportedError, match=r"m\.attn_dropout\.p = 0\.0.*GPT2Attention") as info:
+        drop(ids)
+    assert "model.eval()" in str(info.value)
+    for m in drop.modules():
+        if type(m).__name__ == "GPT2Attention":
+            m.attn_dropout.p = 0.0
+    assert drop(ids).logits.shape[:2] == (2, 8)  # still training mode, now without attention dropout

@@ -3,6 +3,8 @@ carried states, gradients, dtypes, the papers' invariants and bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,41 @@ def test_strong_gates_in_the_gated_delta_rule():
                                    initial_state=s0.float(), chunk_size=c)
         assert torch.isfinite(out).all()
         assert_close(out, ref, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind", ["gla_scalar", "gla_vector", "gated_delta"])
+def test_a_decay_of_exactly_zero_matches_the_recurrence_forward_and_backward(kind, dtype):
+    """Issue 28: ``log_decay = -inf`` (a decay of exactly 0, which erases the state) at a few tokens made the chunked
+    form NaN (``-inf - -inf`` in the within-chunk cumulative sums), forward and backward; the recurrence is finite.
+    Zeros at a chunk's first, middle and last token, and a run of two; in one of the vector gate's dimensions."""
+    n, c = 29, 8
+    q, k, v, s0, beta = _case(n=n, dk=4, dv=3, heads=2, seed=31, dtype=dtype)
+    k = F.normalize(k, dim=-1)
+    shape = (2, 2, n, 4) if kind == "gla_vector" else (2, 2, n)
+    g = _gate(shape, seed=32).to(dtype)
+    zero = [0, 8, 11, 12, 15, 27]
+    if kind == "gla_vector":
+        g[:, :, zero, 1] = -torch.inf
+        g[1, 0, 20, :] = -torch.inf
+    else:
+        g[:, :, zero] = -torch.inf
+    results = {}
+    for mode in ("recurrent", "chunked"):
+        ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v, s0, g)]
+        if kind == "gated_delta":
+            out, s = delta_rule_attention(ins[0], ins[1], ins[2], beta, log_decay=ins[4], mode=mode, chunk_size=c,
+                                          initial_state=ins[3], return_state=True)
+        else:
+            out, s = gated_linear_attention(ins[0], ins[1], ins[2], ins[4], mode=mode, chunk_size=c,
+                                            initial_state=ins[3], return_state=True)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=dtype)).sum() + s.square().sum()
+        loss.backward()
+        results[mode] = (out, s, *(t.grad for t in ins))
+    for name, a, b in zip(("out", "state", "dq", "dk", "dv", "ds0", "dlog_decay"), results["chunked"],
+                          results["recurrent"]):
+        assert torch.isfinite(a).all(), f"{kind}: chunked {name} is not finite"
+        assert_close(a, b, dtype=dtype, scale=1.0 if dtype == F64 else 4.0, msg=f"{kind} {name}")
 
 
 @pytest.mark.parametrize("kind", ["gla_scalar", "gla_vector", "delta", "gated_delta"])
@@ -262,6 +299,10 @@ def test_bad_input_is_a_clear_error():
         delta_rule_attention(q, k, v, beta[..., None])
     with pytest.raises(ValueError, match="initial_state must have shape"):
         gated_linear_attention(q, k, v, g, initial_state=s0[:, :1])
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):  # issue 28: torch's message
+        gated_linear_attention(q, k, v, g, initial_state=s0.to("meta"))
+    with pytest.raises(TypeError, match="initial_state must be a floating-point"):
+        delta_rule_attention(q, k, v, beta, initial_state=s0.long())
     with pytest.raises(ValueError, match="mode must be one of"):
         gated_linear_attention(q, k, v, g, mode="parallel")
     with pytest.raises(ValueError, match="chunk_size"):
@@ -412,3 +453,47 @@ def linear_attention_reference_lln(q, k, v):
     from attnkit.ops.linear import linear_attention_reference
 
     return linear_attention_reference(q, k, v, feature_map="lln", causal=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0, 100.0])
+def test_lln_causal_is_exact_at_large_scale(scale):
+    """Issue 28: causal LLN (which drops the keys' global max shift, a function of later keys) overflowed
+    exp(beta k) and returned NaN at 10x unit-scale inputs. The prefix maximum as a shift, carried as a decay of
+    the state, is exact: equal to the unshifted float64 quadratic form wherever that one is finite (eps=0: the
+    old eps floor biased rows with small denominators), finite in float32 at every scale, and the module path
+    (records lln / lln_diag) stays finite. Gradients flow."""
+    from attnkit.ops.linear.reference import linear_attention_reference
+
+    q, k, v = random_qkv(2, 2, 40, dim=8, dtype=F64, seed=41, kv_heads=1)
+    qs, ks = q * scale, k * scale
+    fm = "lln"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows lost in float32 at 10x and 100x: said and 0
+        out32 = linear_attention(qs.float(), ks.float(), v.float(), feature_map=fm, causal=True, chunk_size=16)
+    assert torch.isfinite(out32).all()
+    if scale <= 3.0:  # beyond, exp(beta k) overflows even float64 in the unshifted reference
+        from attnkit.feature_maps import LogNormalFeatureMap
+
+        ref = linear_attention_reference(qs, ks, v, feature_map=LogNormalFeatureMap(causal=True), causal=True,
+                                         eps=1e-300)
+        assert_close(linear_attention(qs, ks, v, feature_map=fm, causal=True, chunk_size=16), ref)
+        assert_close(out32, ref, dtype=torch.float32, scale=4.0)
+    # the output is a convex combination of the visible values, or (at 100x, where the kernel is a near-hard
+    # maximum the factorised form cannot hold) 0 in rows whose denominator underflowed, with a warning
+    lo = v.cummin(2).values.repeat_interleave(2, dim=1)
+    hi = v.cummax(2).values.repeat_interleave(2, dim=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out64 = linear_attention(qs, ks, v, feature_map=fm, causal=True, chunk_size=16)
+    inside = ((out64 >= lo - 1e-9) & (out64 <= hi + 1e-9)).all(-1)
+    zero_rows = (out64 == 0).all(-1)
+    assert (inside | zero_rows).all()
+    warned = any("denominators underflowed" in str(w.message) for w in caught)
+    assert warned == bool(zero_rows.any()), "zero rows without the warning (or a warning without them)"
+    if scale <= 10.0:
+        assert not zero_rows.any()
+    qg = qs.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        linear_attention(qg, ks, v, feature_map=fm, causal=True).sum().backward()
+    assert torch.isfinite(qg.grad).all()

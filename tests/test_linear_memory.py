@@ -498,3 +498,58 @@ def test_fastfood_frequencies_are_structured_gaussian_like_rows():
     assert abs(float(w.detach().pow(2).mean()) - 8**-0.5) < 0.05 * 8**-0.5
     w.square().sum().backward()
     assert all(p.grad is not None for p in (fm.s_diag, fm.g_diag, fm.b_diag))
+
+
+@pytest.mark.parametrize("arrangement", ["mag", "mal", "mac"])
+def test_titans_divergence_at_large_input_scale_is_a_clear_error(arrangement):
+    """Issue 28: titans_* returned NaN without a word at 5-10x unit-scale inputs (the step gates saturate and the
+    chunk's summed gradient steps overshoot, so the memory grows until it overflows). Now a ValueError naming
+    the cause and the remedies; unit-scale inputs still run, and a NaN input still propagates."""
+    torch.manual_seed(0)
+    from attnkit.nn.linear import TitansLayer
+
+    layer = TitansLayer(32, 2, arrangement=arrangement, window=8, chunk_size=8)
+    x = torch.randn(2, 36, 32)
+    assert torch.isfinite(layer(x)).all()
+    for scale in (5.0, 10.0, 100.0):  # finite, or the clear error: never a silent NaN
+        try:
+            assert torch.isfinite(layer(x * scale)).all()
+        except ValueError as exc:
+            assert "online gradient steps diverged" in str(exc)
+    if arrangement != "mac":  # MAC's memory learns from the attention output, bounded by the values
+        with pytest.raises(ValueError, match="titans memory: the memory's online gradient steps diverged.*normal"):
+            layer(x * 100)
+    x_nan = x.clone()
+    x_nan[0, 5, 3] = float("nan")
+    assert torch.isnan(layer(x_nan)).any()
+
+
+def test_ttt_divergence_is_a_clear_error():
+    q, k, v = random_qkv(1, 2, 32, dim=8, seed=3)
+    assert torch.isfinite(ttt(q, k, v, 0.01, model="mlp", mini_batch=8)).all()
+    with pytest.raises(ValueError, match="ttt: the memory's online gradient steps diverged.*eta"):
+        ttt(q * 30, k * 30, v * 30, 1.0, model="mlp", mini_batch=8)
+    k_nan = k.clone()
+    k_nan[0, 0, 4, 0] = float("nan")
+    assert torch.isnan(ttt(q, k_nan, v, 0.01, model="mlp", mini_batch=8)).any()
+
+
+def test_states_on_another_device_or_of_integer_dtype_are_our_errors():
+    """Issue 28: a carried state on another device reached torch ("Cannot copy out of meta tensor", "not on the
+    expected device"); now errors that name the argument."""
+    from attnkit import linear_attention
+    from attnkit.ops.linear.titans import titans_memory
+
+    q, k, v = random_qkv(1, 2, 8, dim=8, seed=4)
+    _, s = linear_attention(q, k, v, causal=True, return_state=True)
+    with pytest.raises(ValueError, match="state must be on the device of q"):
+        linear_attention(q, k, v, causal=True, state=(s.S.to("meta"), s.z.to("meta")))
+    with pytest.raises(TypeError, match="state must be floating-point"):
+        linear_attention(q, k, v, causal=True, state=(s.S.long(), s.z.long()))
+    _, w = ttt(q, k, v, 0.1, return_state=True)
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):
+        ttt(q, k, v, 0.1, initial_state=tuple(t.to("meta") for t in w))
+    _, st = titans_memory(q, k, v, 0.1, 0.5, 0.1, return_state=True)
+    with pytest.raises(ValueError, match="initial_state must be on the device of q"):
+        titans_memory(q, k, v, 0.1, 0.5, 0.1, initial_state=tuple(tuple(t.to("meta") for t in p) for p in st))
+    assert torch.isfinite(titans_memory(q, k, v, 0.1, 0.5, 0.1, initial_state=st)).all()

@@ -78,3 +78,28 @@ def test_bad_input_is_refused():
         cache.attend(q.double()[:, :, :1], k.double()[:, :, :1], v.double()[:, :, :1])
     with pytest.raises(ValueError, match="seq"):
         cache.free(5)
+
+
+def test_bad_lengths_sequences_and_batches_are_our_errors():
+    """Issue 28: fractional lengths were truncated (1.5 -> 1) without a word; get(5), integer keys, a query batch
+    other than the keys' and string lengths gave torch's messages or nothing."""
+    q, k, v = random_qkv(2, 2, 4, 4, 8)
+    for bad in ([1.5, 2], torch.tensor([1.5, 2.0]), [float("nan"), 2]):
+        cache = PagedKVCache(4)
+        with pytest.raises(ValueError, match="lengths must be whole numbers"):
+            cache.append(k, v, lengths=bad)
+        assert cache.k_pool is None  # nothing written
+    with pytest.raises(TypeError, match="lengths must be"):
+        PagedKVCache(4).append(k, v, lengths="ab")
+    with pytest.raises(TypeError, match="lengths must be integers"):
+        PagedKVCache(4).append(k, v, lengths=[True, False])
+    with pytest.raises(TypeError, match="floating-point"):
+        PagedKVCache(4).append(k.long(), v.long())
+    with pytest.raises(ValueError, match="same batch"):
+        PagedKVCache(4).attend(q[:1], k, v)
+    cache = PagedKVCache(4)
+    assert cache.append(k, v, lengths=torch.tensor([3.0, 4.0])).tolist() == [0, 0]  # whole floats are fine
+    assert cache.lengths.tolist() == [3, 4]
+    for seq in (5, -1, 1.5):
+        with pytest.raises(ValueError, match="seq must index one of the 2 sequences"):
+            cache.get(seq)

@@ -65,3 +65,18 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
         return x
     g = num_heads // hkv
     return x[:, :, None].expand(b, hkv, g, n, d).reshape(b, num_heads, n, d)
+
+
+def check_state(name: str, tensors, like: torch.Tensor) -> None:
+    """A carried state (``initial_state=``, ``state=``) must be floating-point tensors on the device of ``like``
+    (the queries): otherwise torch fails deep inside with a message that does not name the argument."""
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must hold tensors (the state returned with return_state=True), got "
+                            f"{type(t).__name__}")
+        if t.device != like.device:
+            raise ValueError(f"{name} must be on the device of q ({like.device}), got {t.device}; move it with "
+                             f".to(q.device)")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating-point (the state returned with return_state=True), got "
+                            f"{t.dtype}")

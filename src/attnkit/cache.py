@@ -19,7 +19,9 @@ Caches:
 * :class:`AdaptiveKVCache`: FastGen ("Model Tells You What to Discard: Adaptive KV Cache Compression for
   LLMs", Ge et al., 2024). Prefill is exact; the prompt's attention profile picks per (batch, kv head) the
   cheapest policy (special tokens, punctuation, frequent "heavy hitters", local window, full) whose recovery
-  ratio reaches ``threshold``; only the kept keys/values are stored. See :func:`choose_policies`.
+  ratio reaches ``threshold``; only the kept keys/values are stored, and every generated token is compressed by
+  its head's policy too (local heads evict beyond their window, special-token heads keep special tokens only...).
+  See :func:`choose_policies`.
 * :class:`RecurrentStateCache`: the O(1) state of causal linear attention (``attnkit.ops.linear``), used by
   :class:`attnkit.nn.LinearMultiheadAttention` through the same ``forward(x, cache=...)`` interface.
 """
@@ -65,8 +67,8 @@ def _check_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, dim], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-    if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"new q, k, v must have the same length and k, v the same batch/heads: got q "
+    if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"new q, k, v must have the same batch and length and k, v the same heads: got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}), both >= 1")
@@ -76,7 +78,19 @@ def _as_lengths(lengths, batch: int, n: int, device) -> torch.Tensor:
     """Valid new tokens per batch element, ``[batch]`` long (default: all ``n``)."""
     if lengths is None:
         return torch.full((batch,), n, dtype=torch.long, device=device)
-    t = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    try:
+        raw = lengths.to(device) if isinstance(lengths, torch.Tensor) else torch.as_tensor(lengths, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"lengths must be a sequence or tensor of ints (new tokens per batch element), got "
+                        f"{lengths!r}") from exc
+    raw = raw.reshape(-1)
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"lengths must be integers (new tokens per batch element), got {raw.dtype}")
+    if raw.is_floating_point():
+        if not bool((torch.isfinite(raw) & (raw == raw.round())).all()):
+            raise ValueError(f"lengths must be whole numbers of tokens, got {raw.tolist()} (a fractional or "
+                             f"non-finite length would be truncated); pass integers")
+    t = raw.to(torch.long)
     if t.numel() != batch:
         raise ValueError(f"lengths must have one entry per batch element ({batch}), got {t.numel()}")
     if bool((t < 0).any()) or bool((t > n).any()):
@@ -415,32 +429,67 @@ def choose_policies(attn: torch.Tensor, *, threshold: float = 0.95, policies: Se
 def pack_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
     """The entries ``keep [batch, kv_heads, n]`` selects, packed per (batch, kv head) to the longest kept set:
     ``(k, v [batch, kv_heads, stored, dim], valid [batch, kv_heads, stored], order)``, kept positions first in
-    position order (``order`` indexes the original positions)."""
-    n = k.shape[2]
-    stored = int(keep.sum(-1).max())
+    position order (``order`` indexes the original positions). Entries past a head's kept count (``valid``
+    False) are padding: copies of dropped entries that a cache must mask (never attend to)."""
+    order = kept_order(keep)
+    return (gather_seq(k, order), gather_seq(v, order), keep.gather(2, order), order)
+
+
+def kept_order(keep: torch.Tensor) -> torch.Tensor:
+    """Indices ``[batch, kv_heads, stored]`` (``stored`` = the longest kept set) of the kept entries of ``keep
+    [batch, kv_heads, n]`` in position order, followed by dropped ones as padding."""
+    n = keep.shape[2]
+    stored = int(keep.sum(-1).max()) if keep.numel() else 0
     # stable order: the sort key puts dropped positions last
-    order = torch.argsort((~keep).to(torch.int8) * n + torch.arange(n, device=k.device), dim=-1)[..., :stored]
-    return (k.gather(2, order[..., None].expand(-1, -1, -1, k.shape[-1])),
-            v.gather(2, order[..., None].expand(-1, -1, -1, v.shape[-1])), keep.gather(2, order), order)
+    key = (~keep).to(torch.long) * n + torch.arange(n, device=keep.device)
+    return torch.argsort(key, dim=-1)[..., :stored]
+
+
+def gather_seq(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``t [b, h, n]`` or ``[b, h, n, d]`` gathered at ``order [b, h, m]`` along the sequence axis."""
+    if t.dim() == 3:
+        return t.gather(2, order)
+    return t.gather(2, order[..., None].expand(-1, -1, -1, t.shape[-1]))
+
+
+def _parts(policy: str) -> frozenset[str]:
+    return frozenset(policy.split("+"))
 
 
 class AdaptiveKVCache:
-    """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard", ICLR 2024).
+    """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard: Adaptive KV Cache Compression for
+    LLMs", ICLR 2024, Sec. 3 and Algorithm 1).
 
-    The first ``attend`` (the prompt, uniform length) is exact; its attention map, averaged over the query heads
-    of each kv head, picks each (batch, kv head)'s policy with :func:`choose_policies`, and only the keys and
-    values that policy keeps are stored (packed to the longest kept set, with a validity mask). Every later token
-    is appended to every head (policies are chosen once, at prompt encoding).
+    Prompt encoding: the first ``attend`` (the prompt, uniform length) is exact; its attention map, averaged over
+    the query heads of each kv head, picks each (batch, kv head)'s policy ``C`` with :func:`choose_policies`, and
+    only what ``C`` keeps is stored. Token generation (Algorithm 1, generation phase): each new token attends to the
+    head's compressed cache plus itself, is appended, and the head's policy compresses the cache again
+    ``K_C, V_C = f(K, V, C)``:
+
+    * ``special`` / ``punct``: only special-token / punctuation positions stay (generated tokens are marked with
+      :meth:`mark_next`; unmarked ones are neither);
+    * ``local``: the last ``ceil(local_ratio * L)`` positions stay (``L`` = tokens so far);
+    * ``frequent``: the ``ceil(frequent_ratio * L)`` held keys with the largest accumulated attention (the
+      prompt's attention summed over its queries, plus the attention every generated query gives them; averaged
+      over the query heads of the kv head), as a heavy-hitter set;
+    * a hybrid keeps the union of its components; ``full`` keeps everything.
+
+    An evicted entry never returns. Entries are packed per (batch, kv head) to the longest held set, with a
+    validity mask (padding is never attended).
 
     Attributes after the prompt: ``policies [batch][kv_heads]`` names, ``recovery [batch, kv_heads]``,
-    ``kept_fraction`` (kept prompt entries / prompt entries: the memory kept, as a paged store would hold it),
-    ``kept [batch, kv_heads]`` counts.
+    ``kept_fraction`` (kept prompt entries / prompt entries), ``kept [batch, kv_heads]`` prompt counts; at any
+    time ``held [batch, kv_heads]`` (entries held now), ``held_bytes`` (their keys and values),
+    :meth:`held_positions` (which absolute positions each head holds).
     """
 
     def __init__(self, *, threshold: float = 0.95, policies: Sequence[str] = POLICIES, special=None, punct=None,
                  local_ratio: float = 0.3, frequent_ratio: float = 0.3):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        for name, r in (("local_ratio", local_ratio), ("frequent_ratio", frequent_ratio)):
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {r}")
         for pol in policies:
             policy_keep_mask(pol, torch.zeros(1, 1, 1, 1), special=torch.zeros(1, 1, dtype=torch.bool),
                              punct=torch.zeros(1, 1, dtype=torch.bool), local_ratio=1.0, frequent_ratio=1.0,
@@ -448,9 +497,17 @@ class AdaptiveKVCache:
         self.threshold, self.policy_order = threshold, tuple(policies)
         self.special, self.punct = special, punct
         self.local_ratio, self.frequent_ratio = local_ratio, frequent_ratio
+        self.reset()
+
+    def reset(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None  # [batch, kv_heads, stored]
+        self.pos: torch.Tensor | None = None  # absolute position of each stored entry [batch, kv_heads, stored]
+        self.score: torch.Tensor | None = None  # accumulated attention of each stored entry (float64)
+        self.is_special: torch.Tensor | None = None  # [batch, seen] bool
+        self.is_punct: torch.Tensor | None = None
+        self._marks: tuple | None = None
         self.seen = 0
         self.prompt_len = 0
         self.policies: list[list[str]] = []
@@ -465,6 +522,19 @@ class AdaptiveKVCache:
         return float(self.kept.sum()) / (self.kept.numel() * self.prompt_len)
 
     @property
+    def held(self) -> torch.Tensor | None:
+        """Entries held now per (batch, kv head) ``[batch, kv_heads]`` (None before the prompt)."""
+        return None if self.valid is None else self.valid.sum(-1)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held keys and values (what a paged store would hold; ``nbytes`` adds the padding)."""
+        if self.k is None:
+            return 0
+        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
+        return int(self.valid.sum()) * per
+
+    @property
     def nbytes(self) -> int:
         if self.k is None:
             return 0
@@ -473,19 +543,100 @@ class AdaptiveKVCache:
     def positions(self, n: int, lengths=None) -> torch.Tensor:
         return (self.seen + torch.arange(n)).view(1, -1)
 
-    def _compress(self, q, k, v, pattern, score_mod, normalization, scale) -> None:
+    def held_positions(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen]`` bool: the absolute positions each head holds now."""
+        if self.pos is None:
+            raise ValueError("the cache is empty; call attend() first")
+        b, h, _ = self.pos.shape
+        out = torch.zeros(b, h, self.seen + 1, dtype=torch.bool, device=self.pos.device)
+        idx = torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen))
+        return out.scatter_(2, idx, True)[..., :self.seen]
+
+    def mark_next(self, special=False, punct=False) -> None:
+        """Say which of the next ``attend``'s tokens are special tokens / punctuation (a bool, or one bool per new
+        token, or ``[batch, n]``); FastGen's special and punctuation heads keep exactly those. Applies to the next
+        call only (unmarked generated tokens are neither)."""
+        self._marks = (special, punct)
+
+    def _new_marks(self, b: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        marks, self._marks = self._marks, None
+        out = []
+        for i, name in enumerate(("special", "punct")):
+            x = False if marks is None else marks[i]
+            t = torch.as_tensor(x, dtype=torch.bool, device=device)
+            if t.dim() == 1:
+                t = t.view(1, -1)
+            if t.dim() > 2 or (t.dim() == 2 and (t.shape[-1] != n or t.shape[0] not in (1, b))):
+                raise ValueError(f"mark_next({name}=...) must be a bool, {n} bools or [batch={b}, {n}] bools for "
+                                 f"the {n} new tokens, got shape {tuple(t.shape)}")
+            t = t.expand(b, n)
+            out.append(t.clone())
+        return out[0], out[1]
+
+    def _compress(self, q, k, v, pattern, scale) -> None:
         b, h, n, _ = q.shape
         hkv = k.shape[1]
         pat = pattern if pattern is not None else P.causal()
         w = attention_weights(q, k, pattern=pat, score_mod=None, normalization=resolve("softmax"),
                               scale=default_scale(q, scale))
         w = w.view(b, hkv, h // hkv, n, n).mean(2)  # one profile per kv head
+        special = _as_position_mask([0] if self.special is None else self.special, b, n, q.device, "special")
+        punct = _as_position_mask(self.punct, b, n, q.device, "punct")
+        marked_s, marked_p = self._new_marks(b, n, q.device)
+        self.is_special, self.is_punct = special | marked_s, punct | marked_p
         self.policies, keep, self.recovery = choose_policies(
-            w, threshold=self.threshold, policies=self.policy_order, special=self.special, punct=self.punct,
+            w, threshold=self.threshold, policies=self.policy_order, special=self.is_special, punct=self.is_punct,
             local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
         self.kept = keep.sum(-1)
-        self.k, self.v, self.valid, _ = pack_kept(k, v, keep)
+        pos = torch.arange(n, device=q.device).expand(b, hkv, n)
+        score = w.detach().double().sum(2)  # accumulated attention received by each key over the prompt
+        order = kept_order(keep)
+        self.k, self.v, self.valid = gather_seq(k, order), gather_seq(v, order), keep.gather(2, order)
+        self.pos, self.score = gather_seq(pos, order), gather_seq(score, order)
         self.prompt_len = n
+        # per (batch, kv head) components of the chosen policy, as masks [b, hkv] for the generation phase
+        parts = [[_parts(name) for name in row] for row in self.policies]
+        self._has = {c: torch.tensor([[c in p or "full" in p for p in row] for row in parts], device=q.device)
+                     for c in _COMPONENTS}
+
+    def _step(self, q, k, v, special, punct, scale) -> torch.Tensor:
+        """One generated token: attend to the held entries plus itself, accumulate the attention each key
+        receives, append, then apply each head's policy (FastGen Algorithm 1, generation phase)."""
+        b, h, _, _ = q.shape
+        hkv = k.shape[1]
+        p = self.seen
+        kk, vv = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        valid = torch.cat([self.valid, self.valid.new_ones(b, hkv, 1)], 2)
+        pos = torch.cat([self.pos, self.pos.new_full((b, hkv, 1), p)], 2)
+        score = torch.cat([self.score, self.score.new_zeros(b, hkv, 1)], 2)
+        get, g = _on_device(valid), h // hkv
+
+        def fn(bi, hi, qi, ki):
+            return get(ki.device)[bi, hi // g, ki]
+
+        pat = P.custom(fn)
+        out = attention(q, kk, vv, pattern=pat, scale=scale)
+        w = attention_weights(q, kk, pattern=pat, score_mod=None, normalization=resolve("softmax"),
+                              scale=default_scale(q, scale))  # [b, h, 1, m]
+        score = score + w.detach().double().view(b, hkv, g, -1).mean(2)
+        self.is_special = torch.cat([self.is_special, special], 1)
+        self.is_punct = torch.cat([self.is_punct, punct], 1)
+        self.seen = length = p + 1
+        has = self._has
+        safe = pos.clamp(min=0)
+        keep = valid & has["full"][..., None]
+        keep |= valid & has["special"][..., None] & self.is_special[:, None, :].expand(-1, hkv, -1).gather(2, safe)
+        keep |= valid & has["punct"][..., None] & self.is_punct[:, None, :].expand(-1, hkv, -1).gather(2, safe)
+        window = max(1, math.ceil(self.local_ratio * length))
+        keep |= valid & has["local"][..., None] & (pos > p - window)
+        count = min(max(1, math.ceil(self.frequent_ratio * length)), kk.shape[2])
+        top = score.masked_fill(~valid, -math.inf).topk(count, dim=-1).indices
+        heavy = torch.zeros_like(valid).scatter_(2, top, True)
+        keep |= valid & has["frequent"][..., None] & heavy
+        order = kept_order(keep)
+        self.k, self.v, self.valid = gather_seq(kk, order), gather_seq(vv, order), keep.gather(2, order)
+        self.pos, self.score = gather_seq(pos, order), gather_seq(score, order)
+        return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
                causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
@@ -503,21 +654,14 @@ class AdaptiveKVCache:
         if self.k is None:
             out = attention(q, k, v, pattern=pattern if pattern is not None else P.causal() if causal else None,
                             scale=scale)
-            self._compress(q, k, v, pattern, score_mod, normalization, scale)
+            self._compress(q, k, v, pattern, scale)
             self.seen = n
             return out
         _check_matches("AdaptiveKVCache", k, v, self.k, self.v)
-        base = self.k.shape[2]
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], n)], dim=2)
-        self.seen += n
-        valid, g = _on_device(self.valid), q.shape[1] // k.shape[1]
-
-        def fn(b, h, qi, ki):  # kept prompt entries, and the new tokens causally
-            return valid(ki.device)[b, h // g, ki] & (ki <= base + qi)
-
-        return attention(q, self.k, self.v, pattern=P.custom(fn), scale=scale)
+        special, punct = self._new_marks(q.shape[0], n, q.device)
+        outs = [self._step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], special[:, i:i + 1],
+                           punct[:, i:i + 1], scale) for i in range(n)]
+        return torch.cat(outs, 2)
 
 
 class RecurrentStateCache:

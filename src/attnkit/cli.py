@@ -40,43 +40,63 @@ def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
 # -- attnkit list -------------------------------------------------------------------------------------------
 def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", help="show only this family (e.g. exact, linear, approx, neighborhood)")
+    p.add_argument("--kind", choices=("attention", "mixer"),
+                   help="show only attention mechanisms ((q, k, v) -> out) or token mixers (x -> x)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
 
 
+def _json_default(value: Any) -> Any:
+    return "..." if value is not None and type(value).__name__ == "_Unstated" else str(value)
+
+
 def _run_list(args: argparse.Namespace) -> int:
-    from attnkit.registry import list_mechanisms
+    from attnkit.registry import REQUIRED, list_mechanisms
 
     mechanisms = list_mechanisms()
     families = sorted({m.family for m in mechanisms})
     if args.family is not None:
         if args.family not in families:
-            print(f"attnkit list: error: no family {args.family!r}; families: {', '.join(families) or '(none)'}",
-                  file=sys.stderr)
+            import difflib
+
+            close = difflib.get_close_matches(args.family, families, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            print(f"attnkit list: error: no family {args.family!r}; families: {', '.join(families) or '(none)'}"
+                  f"{hint}", file=sys.stderr)
             return 2
         mechanisms = [m for m in mechanisms if m.family == args.family]
+    if getattr(args, "kind", None):
+        mechanisms = [m for m in mechanisms if m.kind == args.kind]
     if args.json:
-        print(json.dumps([
-            {"name": m.name, "family": m.family, "paper": m.paper, "exact": m.exact, "complexity": m.complexity,
-             "causal": m.causal, "summary": m.summary, "in_default_bench": m.in_default_bench,
-             "bench_params": dict(m.bench_params), "needs": list(m.needs)} for m in mechanisms], indent=1,
-            default=str))
+        records = []
+        for m in mechanisms:
+            params = m.parameters()
+            records.append({
+                "name": m.name, "kind": m.kind, "family": m.family, "paper": m.paper, "exact": m.exact,
+                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "summary": m.summary,
+                "in_default_bench": m.in_default_bench, "bench_params": dict(m.bench_params),
+                "needs": list(m.needs), "required": [k for k, d in params.items() if d is REQUIRED],
+                "optional": {k: d for k, d in params.items() if d is not REQUIRED}})
+        print(json.dumps(records, indent=1, default=_json_default))
         return 0
     if not mechanisms:
         print("no mechanisms registered")
         return 0
-    header = ("name", "family", "exact", "complexity", "causal", "paper")
-    rows = [(m.name + ("*" if m.in_default_bench else ""), m.family, "exact" if m.exact else "approx",
-             m.complexity, "yes" if m.causal else "no", m.paper) for m in mechanisms]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-    indent = sum(widths) + 2 * len(widths)
-    paper_width = max(30, 140 - indent)
-    for r in [header] + rows:
-        lead = "  ".join(c.ljust(w) for c, w in zip(r, widths))
-        paper = textwrap.wrap(r[-1], paper_width) or [""]
-        print(lead + "  " + paper[0])
-        for more in paper[1:]:
-            print(" " * indent + more)
-    print(f"\n{len(mechanisms)} mechanisms; * = in the default `attnkit bench` selection")
+    header = ("name", "kind", "family", "exact", "complexity", "causal", "devices")
+    rows = [(m.name + ("*" if m.in_default_bench else ""), m.kind, m.family, "exact" if m.exact else "approx",
+             m.complexity, "yes" if m.causal else "no", ",".join(m.devices)) for m in mechanisms]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip())
+    wrap = 120
+    for m, r in zip(mechanisms, rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        for label, text in (("params", m.describe_parameters()), ("paper", m.paper)):
+            for i, line in enumerate(textwrap.wrap(text, wrap - 12) or [""]):
+                print(f"    {label + ':' if i == 0 else '':8}{line}")
+    kinds = {k: sum(m.kind == k for m in mechanisms) for k in ("attention", "mixer")}
+    print(f"\n{len(mechanisms)} mechanisms ({kinds['attention']} attention: (q, k, v) -> out [batch, heads, seq, "
+          f"dim]; {kinds['mixer']} token mixers: x -> x [batch, seq, channels], built with dim=channels); "
+          "* = in the default `attnkit bench` selection. Shape parameters (dim, num_heads, head_dim, seq_len) are "
+          "filled in by attnkit.nn.MultiheadAttention; a mixer takes the MultiheadAttention's place whole.")
     return 0
 
 
@@ -96,6 +116,11 @@ def _run_backends(args: argparse.Namespace) -> int:
 
 
 # -- attnkit bench ------------------------------------------------------------------------------------------
+# `attnkit bench --quick` on 2 CPU cores (the run's own budget is 18 s; set-up and report add the rest).
+QUICK_RUN_S = 20
+# The default run on 2 CPU cores: a 170 s measuring budget plus compilation and the report.
+DEFAULT_RUN_MIN = 4
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -164,9 +189,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per cell (default 5)")
     p.add_argument("--out", default="attnkit-report", metavar="DIR",
                    help="output folder (default ./attnkit-report/)")
-    p.add_argument("--quick", action="store_true", help="a ~20 s run: lengths 256..2048, no FlexAttention")
+    p.add_argument("--quick", action="store_true", help=f"a ~{QUICK_RUN_S} s run: lengths 256..2048, no FlexAttention")
+    p.add_argument("--all", action="store_true",
+                   help="every registered record (attention and mixers) at lengths 512, 4K, 16K within a 600 s "
+                        "budget; the report names why each record or cell was left out")
     p.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
-                   help="stop measuring after this long, reporting the rest as skipped (default 170, quick 18)")
+                   help="stop measuring after this long, reporting the rest as skipped (default 170, quick 18, "
+                        "--all 600); compilation time is not counted (it is reported apart)")
     p.add_argument("--max-call", type=_positive_float, default=None, metavar="SECONDS",
                    help="skip a cell predicted to take longer than this per call (default 6)")
     p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
@@ -188,7 +217,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
-    from attnkit.bench.workloads import default_config, parse_param_overrides, quick_config
+    from attnkit.bench.workloads import all_config, default_config, parse_param_overrides, quick_config
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -226,7 +255,13 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["peers"] = False
     if args.no_memory:
         overrides["memory"] = False
-    return quick_config(**overrides) if args.quick else default_config(**overrides)
+    if args.quick and args.all:
+        parser.error("argument --all: not allowed with --quick (--all already picks its lengths and budget)")
+    if args.all and args.mechanisms:
+        parser.error("argument --all: not allowed with --mechanisms (--all selects every record)")
+    if args.quick:
+        return quick_config(**overrides)
+    return all_config(**overrides) if args.all else default_config(**overrides)
 
 
 def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Namespace,
@@ -359,7 +394,10 @@ COMMANDS: dict[str, Command] = {
         Command("bench", "benchmark mechanisms against SDPA and write a report", _bench_arguments, _run_bench,
                 "Time, peak memory, FLOPs, error against exact softmax and speed of light of the registered "
                 "mechanisms across sequence lengths, with SDPA and FlexAttention measured in the same run; "
-                "writes results.json, results.csv, report.md, report.html and PNG plots."),
+                "writes results.json, results.csv, report.md, report.html (a decision table first: which "
+                "mechanism to pick per length and accuracy class) and PNG plots. The default run (one mechanism "
+                f"of every family) takes about {DEFAULT_RUN_MIN} minutes on 2 CPU cores, --quick about "
+                f"{QUICK_RUN_S} seconds, --all (every record) 10 minutes."),
         Command("quality", "train small models per mechanism on synthetic tasks and compare quality",
                 "attnkit.quality.cli:add_arguments", "attnkit.quality.cli:run",
                 "Trains a small model (the Zoology/Based block: [short causal conv -> mixer] + MLP) with each "

@@ -408,8 +408,29 @@ class TrigFeatureMap(_RandomFeatureMap):
         w = self._projection(x)
         x = x * x.shape[-1] ** -0.25
         proj = x @ w.T
-        amp = torch.exp(0.5 * (x * x).sum(-1, keepdim=True)) * self.num_features ** -0.5
+        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+        _check_trig_amplitude(half_sq, "q" if is_query else "k")
+        amp = torch.exp(half_sq) * self.num_features ** -0.5
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) * amp
+
+
+def _check_trig_amplitude(half_sq: torch.Tensor, name: str) -> None:
+    """The trigonometric estimator's amplitude ``exp(|x'|^2 / 2)`` is unbounded (and, unlike positive features, no
+    shift can be taken out of signed features without changing the estimate): a query's and a key's amplitudes
+    multiply, so each must stay below ``sqrt`` of the dtype's largest value (``|x'|^2 / 2 <= 40`` in float32, i.e.
+    ``|x|^2 <= 80 sqrt(d)``) or the features and products overflow to inf and NaN (issue 28: NaN at 5x unit
+    inputs). Beyond it a clear error instead of a NaN output (one reduction and a host sync per call)."""
+    if half_sq.numel() == 0:
+        return
+    limit = 0.5 * math.log(torch.finfo(half_sq.dtype).max) - 4.0
+    worst = float(half_sq.detach().amax())
+    if worst > limit:  # NaN inputs compare False: they propagate as in dense attention
+        raise ValueError(
+            f"trig random features overflow: |{name}|^2 / (2 sqrt(d)) reaches {worst:.1f} > {limit:.1f} in "
+            f"{half_sq.dtype} (their amplitude is exp(|x|^2 / (2 sqrt(d))); unit-scale inputs give about "
+            f"sqrt(d) / 2); normalise q and k (LayerNorm, or scale them down), compute in float64, or use the "
+            f"stabilised positive features of 'performer' (feature_map='favor')"
+        )
 
 
 def _dct_matrix(d: int) -> torch.Tensor:

@@ -166,11 +166,13 @@ class PagedKVCache:
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"k, v must be [batch, kv_heads, n, dim] with equal batch/heads/length, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise TypeError(f"k and v must be floating-point tensors, got {k.dtype} and {v.dtype}")
+        n = k.shape[2]
+        valid = _as_lengths(lengths, k.shape[0], n, k.device)  # checked before the first write creates the pools
         if self.k_pool is None:
             self._create(k, v)
         self._check(k, v)
-        n = k.shape[2]
-        valid = _as_lengths(lengths, k.shape[0], n, k.device)
         start = self.lengths.clone()
         ps = self.page_size
         for b in range(k.shape[0]):
@@ -203,6 +205,9 @@ class PagedKVCache:
         form one run, else one concatenation)."""
         if self.k_pool is None:
             raise ValueError("the cache is empty; call attend()/append() first")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < len(self.block_tables):
+            raise ValueError(f"seq must index one of the {len(self.block_tables)} sequences (an int in "
+                             f"[0, {len(self.block_tables) - 1}]), got {seq!r}")
         n = int(self.lengths[seq])
         parts_k, parts_v = [], []
         for first, count in self._runs(seq):

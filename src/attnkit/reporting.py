@@ -27,6 +27,9 @@ td.bad{color:#b00;font-weight:600} td.muted{color:#999}
 img{max-width:100%;border:1px solid #eee;margin-top:1em}
 figcaption{color:#555;font-style:italic;margin-bottom:1.5em}
 code{background:#f4f4f4;padding:1px 4px}
+div.wide{overflow-x:auto;max-width:100%}
+table.decide td,table.decide th{text-align:left;vertical-align:top} table.decide small{color:#666}
+table.decide td:first-child{min-width:230px} table.decide td{min-width:120px}
 """
 
 
@@ -57,7 +60,8 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f'<td class="{cls(c)}">{html.escape(str(c))}</td>' for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide tables scroll inside the page instead of overflowing it.
+    return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 class MissingMatplotlib(ImportError):

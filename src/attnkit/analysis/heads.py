@@ -47,6 +47,9 @@ def ablate_heads(model: nn.Module, heads: Mapping[str | nn.Module, Sequence[int]
     try:
         for key, idx in heads.items():
             module = _resolve(model, key)
+            if getattr(module, "is_mixer", False):
+                raise ValueError(f"layer {key!r} runs the token mixer {module.mechanism!r} (no attention heads to "
+                                 f"mask); mask heads of attention layers")
             hd, nh = module.head_dim, module.num_heads
             bad = [h for h in idx if not 0 <= h < nh]
             if bad:

@@ -91,13 +91,13 @@ def summarize(times: list[float]) -> dict[str, float]:
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence the profiler's C++ start/stop lines ("USDT: ... profiler_start") on file descriptor 2."""
+    fd = 2  # the C++ side writes to file descriptor 2 whatever Python's sys.stderr is (a capture, a wrapper)
     try:
-        fd = sys.stderr.fileno()
+        sys.stderr.flush()
+        saved = os.dup(fd)
     except (AttributeError, OSError, ValueError):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, fd)
@@ -122,12 +122,14 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int |
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    # The whole traced call runs with file descriptor 2 silenced: besides its start/stop lines the profiler's
+    # C++ side warns ("Memory block of unknown size was allocated before the profiling started") when the call
+    # frees a tensor allocated before it, and that line would print through the progress bar.
     with _quiet_stderr():
         prof.__enter__()
-    try:
-        out = fn()
-    finally:
-        with _quiet_stderr():
+        try:
+            out = fn()
+        finally:
             prof.__exit__(None, None, None)
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]

@@ -146,8 +146,17 @@ def _line_plot(doc: dict[str, Any], key: str, ylabel: str, title: str, fmt: Any,
     ax.yaxis.set_major_formatter(plt.FuncFormatter(fmt))
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left", fontsize=11)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
+    entries = len(ax.get_legend_handles_labels()[1])
+    ncol = max(1, math.ceil(entries / 32))  # `--all`: many series, in columns of at most 32 entries
+    if ncol > 1:
+        fig.set_size_inches(11 + 2.6 * ncol, 6.2 + 0.05 * min(entries, 32))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8 if ncol == 1 else 6, frameon=False,
+              ncol=ncol)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Tight layout not applied" with a tall legend
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -178,11 +187,35 @@ def _annotate(ax: Any, items: list[tuple[float, float, str, Any]]) -> None:
                     color=colour)
 
 
-def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
-    from attnkit.bench.measure import EXACT_TOLERANCE, detail_length
+_CLASS_MARKERS = {"exact": "o", "masked": "s", "approx": "^", "other": "D"}
 
-    n = detail_length(doc)
-    cells = [c for c in doc["results"] if c["seq_len"] == n and c["status"] == "ok" and c["error"] is not None]
+
+def pareto_length(doc: dict[str, Any]) -> int | None:
+    """The length of the Pareto plot: the longest at which errors on structured inputs were measured (so masks
+    are placed against full attention), else the detail table's length."""
+    from attnkit.bench.classes import structure_lengths
+    from attnkit.bench.measure import detail_length
+
+    lens = structure_lengths(doc)
+    base = {c["seq_len"] for c in doc["results"] if c["kind"] == "baseline" and c["status"] == "ok"}
+    both = [n for n in lens if n in base]
+    return max(both) if both else (max(lens) if lens else detail_length(doc))
+
+
+def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
+    from attnkit.bench.classes import CLASS_WORDS, cell_class, cell_error
+    from attnkit.bench.measure import EXACT_TOLERANCE
+
+    n = pareto_length(doc)
+    cells = []
+    # One causal mode: causal attention does half the work, so the two never share a front.
+    causal = not any(c["seq_len"] == n and c["status"] == "ok" and not c["causal"] for c in doc["results"])
+    for c in doc["results"]:
+        if c["seq_len"] != n or c["status"] != "ok" or bool(c["causal"]) != causal:
+            continue
+        err = cell_error(c, doc, "clustered")
+        if err is not None and cell_class(c) in _CLASS_MARKERS:
+            cells.append((err, c))
     if not cells:
         return False
     styles = _Styles(doc, plt)
@@ -190,18 +223,24 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     fig, ax = plt.subplots(figsize=(10, 6.2))
     tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
     pts = []
-    for c in cells:
+    for err, c in cells:
         st = styles(c["label"])
-        y = max(c["error"], floor)
+        y = max(err, floor)
         pts.append((c["time_s"], y, c))
-        ax.plot([c["time_s"]], [y], linestyle="none", marker=st.get("marker", "o"),
+        ax.plot([c["time_s"]], [y], linestyle="none", marker=_CLASS_MARKERS[cell_class(c)],
                 markersize=9 if c["kind"] == "baseline" else 7, color=st["color"],
                 markerfacecolor=st.get("markerfacecolor", st["color"]), zorder=4)
+    for cls, marker in _CLASS_MARKERS.items():
+        if any(cell_class(c) == cls for _, c in cells):
+            ax.plot([], [], linestyle="none", marker=marker, color="grey", label=CLASS_WORDS[cls])
     # Errors below the dtype's rounding all count as exact: only the fastest exact one is on the front.
     front = pareto_front([(x, max(y, tol)) for x, y, _ in pts])
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4,
                 linewidth=1.5, zorder=2, label="Pareto front (nothing is both faster and more accurate)")
+    ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="none", marker="o", markersize=14,
+            markerfacecolor="none", markeredgecolor="tab:red", alpha=0.6, zorder=3,
+            label=None if len(front) > 1 else "Pareto front")
     ax.axhspan(floor / 2, tol, color="tab:green", alpha=0.07, zorder=0)
     ax.text(0.005, tol, f" exact within {doc['config']['dtype']} rounding (< {tol:g})", va="top", fontsize=8,
             color="tab:green", transform=ax.get_yaxis_transform())
@@ -218,11 +257,12 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
                    for x, y, c in pts])
     ax.xaxis.set_major_formatter(plt.FuncFormatter(_time_label))
     ax.set_xlabel(f"time per call at n = {n} (log)")
-    ax.set_ylabel("relative error vs exact softmax (log)")
-    ax.set_title(f"Error vs time at n = {n}: lower left is better\n{_subtitle(doc)}", loc="left", fontsize=11)
+    ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
+    mode = "causal" if causal else "non-causal"
+    ax.set_title(f"Error vs time at n = {n} ({mode}): lower left is better\n{_subtitle(doc)}", loc="left",
+                 fontsize=11)
     ax.grid(True, alpha=0.3)
-    if len(front) > 1:
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,6 +306,46 @@ def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     return True
 
 
+def _state_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
+    """Decoding: the state a decoder keeps after n tokens (KV cache of softmax, recurrent state of linear
+    attention) against the error on clustered inputs, causal variants at the Pareto length, with the front."""
+    from attnkit.bench.classes import cell_error
+    from attnkit.bench.measure import EXACT_TOLERANCE
+
+    n = pareto_length(doc)
+    pts = []
+    for c in doc["results"]:
+        if c["seq_len"] != n or c["status"] != "ok" or not c["causal"] or not c.get("state_bytes"):
+            continue
+        err = cell_error(c, doc, "clustered")
+        if err is not None:
+            pts.append((float(c["state_bytes"]), err, c))
+    if len(pts) < 2:
+        return False
+    tol = EXACT_TOLERANCE[doc["config"]["dtype"]]
+    styles = _Styles(doc, plt)
+    fig, ax = plt.subplots(figsize=(10, 5.6))
+    for x, y, c in pts:
+        st = styles(c["label"])
+        ax.plot([x], [max(y, 1e-9)], linestyle="none", marker="o", markersize=8, color=st["color"], zorder=4)
+    front = pareto_front([(x, max(y, tol)) for x, y, _ in pts])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.4, linewidth=1.5,
+            label="Pareto front (nothing keeps less state and is more accurate)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(_bytes_label))
+    _annotate(ax, [(x, max(y, 1e-9), c["label"], styles(c["label"])["color"]) for x, y, c in pts])
+    ax.set_xlabel(f"decoding state after n = {n} tokens (KV cache or recurrent state, log)")
+    ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
+    ax.set_title(f"Decoding: state kept vs error at n = {n} (causal)\n{_subtitle(doc)}", loc="left", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:
     """Write the PNG plots into ``out_dir``; returns their file names (plots with no data are left out)."""
     plt = _pyplot()
@@ -283,6 +363,8 @@ def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:
             made.append("memory_vs_length.png")
     if _pareto_plot(doc, out / "error_vs_time.png", plt):
         made.append("error_vs_time.png")
+    if _state_plot(doc, out / "state_vs_error.png", plt):
+        made.append("state_vs_error.png")
     if _sol_plot(doc, out / "speed_of_light.png", plt):
         made.append("speed_of_light.png")
     return made

@@ -18,8 +18,9 @@ import torch
 
 from attnkit.registry import Mechanism, list_mechanisms
 
-__all__ = ["BenchConfig", "Variant", "default_config", "quick_config", "select_variants", "is_quadratic",
-           "make_inputs", "INPUT_KINDS",
+__all__ = ["BenchConfig", "Variant", "default_config", "quick_config", "all_config", "select_variants",
+           "default_selection", "is_quadratic", "ALL_LENS", "FAMILY_REPRESENTATIVES",
+           "make_inputs", "INPUT_KINDS", "STRUCTURES", "STRUCTURE_WORDS",
            "DTYPES", "SDPA", "QUADRATIC_LENS", "SUBQUADRATIC_LENS"]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -29,6 +30,11 @@ SDPA = "sdpa"  # name of the built-in baseline: torch.nn.functional.scaled_dot_p
 QUADRATIC_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 SUBQUADRATIC_LENS = QUADRATIC_LENS + (32768, 65536)
 QUICK_LENS = (256, 512, 1024, 2048)
+# `attnkit bench --all`: every record at a few lengths (short, the decision's 4K, long).
+ALL_LENS = (512, 4096, 16384)
+# The default run shows one mechanism of every family: those marked ``in_default_bench``, and for a family
+# without one, this representative (else its first record by name).
+FAMILY_REPRESENTATIVES = {"longctx": "s2_attention", "mixers": "aft_simple"}
 
 # n^2, N², L*L, n·n ... in a complexity string such as "O(n^2 d)"; "O(n d^2)" is linear in n.
 _QUADRATIC = re.compile(r"\b[nNLT]\s*(\^|\*\*)\s*2|[nNLT]²|\b([nNLT])\s*[*·×]\s*\2\b")
@@ -70,34 +76,76 @@ class BenchConfig:
     error_rows: int = 256  # query rows sampled for the error against exact softmax
     seed: int = 0
     inputs: str = "clustered"  # "clustered" (peaked, content-based attention) or "gaussian" (i.i.d. N(0, 1))
+    # Errors of approximations and masks against full softmax on random, low-rank, clustered and local inputs.
+    structured_errors: bool = True
+    # Lengths those errors are measured at (None: 1K, 4K and 16K, or every explicit --seq-lens length <= 16K).
+    structured_lens: list[int] | None = None
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mechanism overrides
     quick: bool = False
+    all: bool = False  # `attnkit bench --all`
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 INPUT_KINDS = ("clustered", "gaussian")
+# Inputs the error of approximations is measured on (besides the timing inputs): ``random`` is ``gaussian``.
+STRUCTURES = ("random", "low_rank", "clustered", "local")
+STRUCTURE_WORDS = {
+    "random": "i.i.d. N(0, 1): no structure; exact attention is nearly uniform, its output ~ mean(v)",
+    "low_rank": "q, k, v in a rank-4 subspace: the score and value matrices are low rank (what Linformer and "
+                "Nystrom assume)",
+    "clustered": "16 clusters per head: each query attends mostly to its cluster's keys (content-based, peaked)",
+    "local": "q, k carry positional phases: each query attends to its ~16 neighbours (what windows assume)",
+}
 
 
 def make_inputs(kind: str, shape: tuple[int, int, int, int], generator: torch.Generator, *,
-                num_clusters: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_clusters: int = 16, rank: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Synthetic ``q, k, v`` of ``shape [batch, heads, seq, dim]`` (float32, CPU).
 
-    ``gaussian``: i.i.d. N(0, 1). At long lengths exact softmax of such inputs is nearly uniform and its output
-    is about mean(v), a vector of tiny norm, so every approximation's *relative* error looks huge.
+    ``gaussian`` (or ``random``): i.i.d. N(0, 1). At long lengths exact softmax of such inputs is nearly uniform
+    and its output is about mean(v), a vector of tiny norm, so every approximation's *relative* error looks huge;
+    there is no low-rank structure to exploit, and a random projection of the length-n axis (Linformer) mixes n
+    independent values, so its error grows with n.
     ``clustered``: each token belongs to one of ``num_clusters`` clusters per head; queries and keys are their
     cluster's centre plus noise, with centres scaled so that a same-cluster logit exceeds the others by about 4
     (attention is peaked on the query's cluster, as content-based attention is), and values are a per-cluster
     vector plus noise (the exact output is about the cluster's value). Approximations that capture the structure
     score low errors here, as they would on real, peaked attention.
+    ``low_rank``: q, k and v are random combinations of ``rank`` directions (logits of standard deviation ~2.5):
+    ``QK^T`` and ``V`` have rank ``rank``.
+    ``local``: q and k carry sinusoidal phases of their position (random frequencies up to pi/8), so
+    ``q_i . k_j`` depends on ``i - j`` and peaks at ``i = j`` (a logit gap of about 8 over distant keys): each query
+    attends to its ~16 neighbours; values are random.
     """
-    if kind == "gaussian":
+    if kind in ("gaussian", "random"):
         q, k, v = (torch.randn(shape, generator=generator) for _ in range(3))
         return q, k, v
-    if kind != "clustered":
-        raise ValueError(f"inputs must be one of {', '.join(INPUT_KINDS)}, got {kind!r}")
     b, h, n, d = shape
+    if kind == "low_rank":
+        basis = torch.linalg.qr(torch.randn(d, rank, generator=generator))[0].T  # [rank, d], orthonormal rows
+        s = (2.5 * d**0.5 / rank**0.5) ** 0.5
+
+        def low(scale: float) -> torch.Tensor:
+            return (scale * torch.randn(b, h, n, rank, generator=generator)) @ basis
+
+        return low(s), low(s), low(d**0.5 / rank**0.5)
+    if kind == "local":
+        half = d // 2
+        freqs = torch.rand(b, h, 1, half, generator=generator) * (torch.pi / 8)
+        phase = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1) * freqs
+        amp = (16.0 / d**0.5) ** 0.5  # q_i . k_i / sqrt(d) = amp^2 * half / sqrt(d) = 8
+        feats = torch.cat([phase.cos(), phase.sin()], dim=-1) * amp
+        if feats.shape[-1] < d:
+            feats = torch.cat([feats, torch.zeros(b, h, n, d - feats.shape[-1])], dim=-1)
+        noise = 0.05
+        q = feats + noise * torch.randn(shape, generator=generator)
+        k = feats + noise * torch.randn(shape, generator=generator)
+        return q, k, torch.randn(shape, generator=generator)
+    if kind != "clustered":
+        raise ValueError(f"inputs must be one of {', '.join(INPUT_KINDS + STRUCTURES[1:2] + STRUCTURES[3:])}, "
+                         f"got {kind!r}")
     centres = torch.nn.functional.normalize(torch.randn(b, h, num_clusters, d, generator=generator), dim=-1)
     centres = centres * (4.0 * d**0.5) ** 0.5  # |c|^2 / sqrt(d) = 4: the same-cluster logit gap
     values = torch.randn(b, h, num_clusters, d, generator=generator)
@@ -112,14 +160,23 @@ def make_inputs(kind: str, shape: tuple[int, int, int, int], generator: torch.Ge
 
 
 def default_config(**overrides: Any) -> BenchConfig:
-    """The embedded default of `attnkit bench`: about 3 minutes on 2 CPU cores."""
+    """The embedded default of `attnkit bench`: about 4 minutes on 2 CPU cores (``attnkit.cli.DEFAULT_RUN_MIN``)."""
     return BenchConfig(**overrides)
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
-    """`attnkit bench --quick`: about 20 seconds (short lengths, no FlexAttention compilation)."""
+    """`attnkit bench --quick`: about 20 seconds (``attnkit.cli.QUICK_RUN_S``; short lengths, no compilation)."""
     base = dict(seq_lens=list(QUICK_LENS), repeats=3, cell_budget_s=0.3, max_call_s=1.5, time_budget_s=18.0,
-                flex=False, quick=True)
+                flex=False, quick=True, structured_lens=[1024])
+    base.update(overrides)
+    return BenchConfig(**base)
+
+
+def all_config(**overrides: Any) -> BenchConfig:
+    """`attnkit bench --all`: every registered record (attention and mixers) at ``ALL_LENS`` within a 10-minute
+    budget (lengths in increasing order, so every record is measured at the shortest length first)."""
+    base = dict(mechanisms=["all"], seq_lens=list(ALL_LENS), repeats=3, cell_budget_s=0.5, max_call_s=3.0,
+                time_budget_s=600.0, flex=False, all=True, structured_lens=[4096])
     base.update(overrides)
     return BenchConfig(**base)
 
@@ -173,11 +230,23 @@ def _lengths_for(m: Mechanism, config: BenchConfig) -> list[int]:
     return lens
 
 
+def default_selection(mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
+    """The default run's mechanisms: those marked ``in_default_bench`` plus one representative of every family
+    that has none (``FAMILY_REPRESENTATIVES``, else the family's first record), so every family shows."""
+    chosen = [m for m in mechanisms if m.in_default_bench]
+    covered = {m.family for m in chosen}
+    for family in sorted({m.family for m in mechanisms} - covered):
+        members = sorted((m for m in mechanisms if m.family == family), key=lambda m: m.name)
+        pick = next((m for m in members if m.name == FAMILY_REPRESENTATIVES.get(family)), members[0])
+        chosen.append(pick)
+    return chosen
+
+
 def resolve_names(requested: Sequence[str] | None, mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
     """Map names, family names or ``all`` to registry records; ``ValueError`` lists what is known."""
     by_name = {m.name: m for m in mechanisms}
     if requested is None:
-        return [m for m in mechanisms if m.in_default_bench]
+        return default_selection(mechanisms)
     families = sorted({m.family for m in mechanisms})
     chosen: dict[str, Mechanism] = {}
     unknown = []
@@ -193,10 +262,16 @@ def resolve_names(requested: Sequence[str] | None, mechanisms: Sequence[Mechanis
         else:
             unknown.append(item)
     if unknown:
+        import difflib
+
+        candidates = sorted(by_name) + families + ["all", SDPA]
+        close = [f"{u!r} -> {' or '.join(map(repr, difflib.get_close_matches(u, candidates, n=2, cutoff=0.6)))}"
+                 for u in unknown if difflib.get_close_matches(u, candidates, n=1, cutoff=0.6)]
+        hint = f". Did you mean {'; '.join(close)}?" if close else ""
         raise ValueError(
             f"unknown mechanism(s) {', '.join(map(repr, unknown))}; known mechanisms: "
             f"{', '.join(sorted(by_name)) or '(none registered)'}; families: {', '.join(families) or '(none)'}; "
-            f"'all' selects every mechanism, 'sdpa' is the built-in baseline (see `attnkit list`)"
+            f"'all' selects every mechanism, 'sdpa' is the built-in baseline (see `attnkit list`){hint}"
         )
     return list(chosen.values())
 
@@ -255,7 +330,24 @@ def select_variants(config: BenchConfig, mechanisms: Sequence[Mechanism] | None 
     baselines = [Variant(SDPA, "baseline", c, "torch", True, "O(n^2 d)",
                          "torch.nn.functional.scaled_dot_product_attention", sorted(base_lens))
                  for c in causal_modes]
+    if config.all:
+        variants = _round_robin(variants)
     return baselines + variants
+
+
+def _round_robin(variants: list[Variant]) -> list[Variant]:
+    """Families interleaved (one variant of each in turn), so a run whose budget ends early has measured some
+    of every family rather than all of the first families."""
+    groups: dict[str, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(v.mechanism.family if v.mechanism is not None else v.family, []).append(v)
+    out: list[Variant] = []
+    queues = list(groups.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
 
 
 # The backend operation each family's mechanisms run through.

@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from attnkit._checks import check_qkv
+from attnkit._checks import check_qkv, check_state
 from attnkit.errors import NotSupportedError
-from attnkit.feature_maps import FeatureMap, _PositiveRandomFeatureMap
+from attnkit.feature_maps import FeatureMap, LogNormalFeatureMap, _PositiveRandomFeatureMap
 from attnkit.feature_maps import get as get_feature_map
 from attnkit.ops.linear._common import NORMALIZE, make_finalize, resolve_feature_map
 from attnkit.ops.linear.chunked import chunked_forward
@@ -34,6 +34,54 @@ def _log_decay(decay, heads: int, device: torch.device) -> torch.Tensor | None:
     return torch.log(lam).to(device)
 
 
+def _lln_causal(q, k, v, fm: LogNormalFeatureMap, eps: float, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal LLN with a running (prefix) maximum as the key shift, exactly: the causal map drops the keys' global
+    shift (it would depend on later keys), so ``exp(beta k)`` overflowed to inf and the output was NaN once
+    ``|beta k|`` passed ~88 (float32; e.g. q, k at 10x unit scale, issue 28). With ``m_j = max_{r <= j, f}
+    beta_r k_rf`` (prefix only, so causal) the keys ``exp(beta k_j - m_j) <= 1`` are carried in a state that decays
+    by ``exp(m_{j-1} - m_j) <= 1`` per token: gated linear attention (:mod:`attnkit.ops.linear.gated`, chunked) over
+    ``[v, 1]`` gives numerator and denominator both scaled by ``exp(-m_i)``, which cancels in their ratio (the
+    online-softmax rescaling, applied to a linear-attention state); each query's shift is chosen against the
+    visible keys' per-feature maxima (as FAVOR+'s in :mod:`attnkit.feature_maps`), so the denominator stays
+    >= 1 when the query's largest feature is not the keys'."""
+    from attnkit._checks import repeat_kv
+    from attnkit.ops.linear._common import values_with_ones
+    from attnkit.ops.linear.gated import _gated_chunked
+
+    h = q.shape[1]
+    alpha, beta = fm.temperatures(q, k)
+    aq = alpha * q
+    bk = repeat_kv(beta * k, h)
+    with torch.no_grad():
+        kmax = bk.cummax(-2).values  # [b, h, n, d]: each feature's largest key exponent in the prefix
+        m = kmax.amax(-1)  # [b, h, n]: the prefix maximum of the key exponents
+        g = torch.cat([torch.zeros_like(m[..., :1]), m[..., :-1] - m[..., 1:]], dim=-1)  # <= 0
+        # the query shift (cancels per row) as FAVOR+'s: its best-matching visible key contributes exp(0) = 1 to
+        # the denominator, which cannot underflow when q and the keys peak on different features; at most 60
+        # below the query's own maximum (no query feature above e^60)
+        shift = torch.maximum((aq + kmax - m[..., None]).amax(-1, keepdim=True), aq.amax(-1, keepdim=True) - 60.0)
+    qf = torch.exp(aq - shift)
+    kf = torch.exp(bk - m[..., None])
+    # the decay-matrix path throughout: a later key's larger maximum must not switch earlier chunks to the
+    # factorised path (outputs before position i stay bitwise independent of keys after it)
+    ve = values_with_ones(v, h)
+    s0 = qf.new_zeros(*qf.shape[:2], qf.shape[-1], ve.shape[-1])
+    o_ext, _ = _gated_chunked(qf, kf, ve, g[..., None], s0, chunk_size, factorise=False)
+    # >= 1 by construction except where the query shift is capped; a denominator below the floor (whose
+    # 1 / floor^2, the reciprocal's gradient, stays finite) has underflowed: that row is 0, and we say so
+    floor = 4.0 * torch.finfo(o_ext.dtype).max ** -0.5
+    lost = o_ext[..., -1:] < floor  # NaN rows (NaN input) compare False: they propagate
+    o_ext = o_ext.masked_fill(lost, 0.0)
+    if bool(lost.any()):
+        warnings.warn(
+            f"linear_attention: with the causal 'lln' map some rows' denominators underflowed (those outputs "
+            f"are 0): at this input scale the LLN kernel exp(alpha q) . exp(beta k) peaks on different features "
+            f"for the query and its keys by more than {str(o_ext.dtype).replace('torch.', '')} can hold (query "
+            f"exponents up to {float(aq.detach().abs().amax()):.3g}). Normalise or rescale q and k",
+            RuntimeWarning, stacklevel=3)
+    return make_finalize("denominator", min(eps, floor), dtype)(o_ext)
+
+
 def _resolve_state(state, b: int, h: int, dv: int, device, fm: FeatureMap,
                    head_dim: int) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
     """``(S_ext [b, h, m, d_v + 1] or None, offset, key_shift [b, h] or None)`` of a given state, checked."""
@@ -44,6 +92,7 @@ def _resolve_state(state, b: int, h: int, dv: int, device, fm: FeatureMap,
     if not isinstance(state, LinearAttentionState):
         raise TypeError("state must be a LinearAttentionState (returned with return_state=True) or a tuple (S, z)")
     S, z = state.S, state.z
+    check_state("state", (S, z), torch.empty(0, device=device))
     if S.dim() != 4 or S.shape[0] != b or S.shape[1] != h or S.shape[3] != dv:
         raise ValueError(
             f"state.S must have shape [batch={b}, heads={h}, features, d_v={dv}], got {tuple(S.shape)}; "
@@ -116,7 +165,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         decay: per-head decay ``lambda in (0, 1]`` of the state (float or ``[heads]``); causal only:
             ``S_i = lambda S_{i-1} + phi(k_i) v_i^T`` (RetNet / Lightning style).
         normalize: ``"denominator"`` (divide by ``phi(q_i)^T z_i``, pushed away from 0 to ``+-eps``; for the
-            stabilised positive random features of FAVOR+ and DiJiang, positive by construction, only from 0),
+            stabilised positive random features of FAVOR+ and DiJiang and for causal LLN, positive by construction,
+            only from 0),
             ``"none"`` (no denominator; TransNormer applies a norm after) or ``"rms"`` (RMS-normalised output).
         state: a :class:`LinearAttentionState` (``S [batch, heads, m, d_v]``, ``z [batch, heads, m]``) from a
             previous call: this call continues that sequence.
@@ -146,6 +196,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         )
     if decay is not None and not causal:
         raise NotSupportedError("decay is defined for causal attention only; pass causal=True or decay=None")
+    if (causal and isinstance(fm, LogNormalFeatureMap) and fm.causal and fm.stabilize and decay is None
+            and state is None and not return_state and normalize == "denominator" and engine in ("auto", "attnkit")
+            and n > 0):
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        return _lln_causal(q.to(work), k.to(work), v.to(work), fm, eps, chunk_size, q.dtype)
     from attnkit.backends import select
     from attnkit.backends.catalog import linear_call
 

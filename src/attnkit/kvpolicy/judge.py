@@ -8,6 +8,10 @@ from the prompt's attention profile (its last ``probe`` rows); every later token
 to the kept context and to all later tokens. That is what a compressing cache computes, evaluated in one forward
 pass by giving each softmax layer the equivalent mask, so any policy runs on any batch at once.
 
+The judge measures the compression of the context alone (the tokens after it are kept, whatever the policy); how
+each policy also compresses generated tokens is measured by ``attnkit.kvpolicy.generation`` and
+``benchmarks/bench_kv_generation.py``.
+
 Policies (each from its paper, at several budgets): ``full``; ``window`` (StreamingLLM-style recent tokens);
 ``random`` (a baseline); ``fastgen`` (:func:`attnkit.cache.choose_policies`, recovery threshold);
 ``cumulative_mass`` (ZipVL, mass threshold ``tau``); ``probe_query`` (ActQKV, cut-off).

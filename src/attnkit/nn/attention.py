@@ -30,7 +30,12 @@ class MultiheadAttention(nn.Module):
         kv_heads: key/value heads (``num_heads`` by default; fewer gives GQA, 1 gives MQA).
         mechanism: a registered mechanism name (``attnkit list``). ``"softmax"`` runs ``attnkit.attention`` with
             ``pattern``, ``score_mod`` and ``normalization``; other names are built with
-            ``attnkit.get(mechanism, causal=causal, **mechanism_kwargs)`` (plus the shapes they need).
+            ``attnkit.get(mechanism, causal=causal, **mechanism_kwargs)`` (plus the shapes they need). A token
+            mixer (kind ``"mixer"`` in ``attnkit list``: ``x [batch, seq, channels] -> same``, with its own
+            projections) takes the layer's place whole: it is built with ``dim=embed_dim`` (and ``num_heads``
+            where it takes them), and ``forward(x)`` returns ``mixer(x)`` (no q/k/v projections of this layer).
+            Mixers of 2-D grids (``[batch, height, width, channels]``) are refused, naming their
+            ``attnkit.nn`` module.
         pattern, score_mod, normalization: for ``mechanism="softmax"`` (see ``attnkit.attention``).
         causal: autoregressive masking (combined with ``pattern`` by ``&``).
         rotary: apply rotary position embeddings to queries and keys.
@@ -72,6 +77,15 @@ class MultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.kv_heads = embed_dim, num_heads, kv_heads
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.mechanism, self.causal = mechanism, causal
+        self.is_mixer = False
+        if mechanism != "softmax":
+            info = mechanism_info(mechanism)
+            if info.kind == "mixer":
+                if pattern is not None or score_mod is not None or rotary:
+                    raise ValueError(f"pattern, score_mod and rotary apply to attention mechanisms; {mechanism!r} "
+                                     f"is a token mixer (x -> x) with its own projections")
+                self._build_mixer(info, dict(mechanism_kwargs or {}), max_seq_len)
+                return
         inner = num_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
@@ -90,13 +104,47 @@ class MultiheadAttention(nn.Module):
             if pattern is not None or score_mod is not None:
                 raise ValueError(f"pattern and score_mod apply to mechanism='softmax', not {mechanism!r}")
             info = mechanism_info(mechanism)
-            shapes = {"num_heads": num_heads, "head_dim": self.head_dim, "seq_len": max_seq_len}
+            shapes = {"num_heads": num_heads, "head_dim": self.head_dim, "seq_len": max_seq_len, "dim": embed_dim}
             for need in info.needs:
                 if shapes[need] is None:
                     raise ValueError(f"mechanism {mechanism!r} needs {need}; pass max_seq_len=")
                 mechanism_kwargs.setdefault(need, shapes[need])
             self.pattern = None
             self.inner = info.build(causal=causal, **mechanism_kwargs)  # an nn.Module is registered as a child
+
+    def _build_mixer(self, info: Any, kwargs: dict[str, Any], max_seq_len: int | None) -> None:
+        """A token mixer in this layer's place (``x [batch, seq, embed_dim] -> same``)."""
+
+        probe = None
+        if info.example_inputs is not None:
+            probe = info.example_inputs(batch=1, seq_len=4, dtype=torch.float32, seed=0, heads=self.num_heads,
+                                        head_dim=self.head_dim)
+        if probe is not None and probe[0].dim() != 3:
+            built_cls = None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    built_cls = type(info.build(dim=8, **dict(info.small_params)))
+            except Exception:
+                pass
+            # Named by its module rather than looked up in ``attnkit.nn`` (which imports this file).
+            alt = (f"attnkit.nn.{built_cls.__name__}(dim=...)" if built_cls is not None
+                   and built_cls.__module__.startswith("attnkit.nn.") else f"attnkit.get({info.name!r}, dim=...)")
+            raise ValueError(
+                f"mechanism {info.name!r} is a token mixer over {probe[0].dim() - 2}-D grids (x of "
+                f"{probe[0].dim()} dimensions, [batch, height, width, channels]); MultiheadAttention maps "
+                f"sequences [batch, seq, embed_dim]. Use {alt} on the grid directly "
+                f"(see `attnkit list --kind mixer`)")
+        params = info.parameters()
+        kwargs.setdefault("dim", self.embed_dim)
+        if "num_heads" in params and "num_heads" not in kwargs:
+            kwargs["num_heads"] = self.num_heads
+        if max_seq_len is not None and "max_len" in params and "max_len" not in kwargs:
+            kwargs["max_len"] = max_seq_len
+        self.is_mixer = True
+        self.pattern = None
+        self.score_mod, self.normalization, self.rotary = None, "softmax", None
+        self.q_proj = self.k_proj = self.v_proj = self.out_proj = None
+        self.inner = info.build(causal=self.causal, **kwargs)
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -112,6 +160,12 @@ class MultiheadAttention(nn.Module):
                 lengths: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [batch, seq, {self.embed_dim}], got {tuple(x.shape)}")
+        if self.is_mixer:
+            if context is not None or cache is not None or lengths is not None or cu_seqlens is not None:
+                raise ValueError(f"mechanism {self.mechanism!r} is a token mixer (self-mixing x -> x): context=, "
+                                 f"cache=, lengths= and cu_seqlens= apply to attention mechanisms")
+            out = self.inner(x)
+            return out[0] if isinstance(out, tuple) else out
         if cu_seqlens is not None:
             return self._forward_varlen(x, context, cache, cu_seqlens)
         if cache is not None:

@@ -667,6 +667,8 @@ class RelationalAttention(nn.Module):
     def forward(self, x):
         q, k, s, rq, rk = self._parts(x)
         b, n, _ = x.shape
+        if n == 0:  # no tokens: an empty output
+            return x.new_zeros(b, 0, self.dim)
         # values per head: the head's symbol channels and every relation's psi_l(x_j)
         vals = torch.cat([_heads(s, self.heads), rk.reshape(b, n, 1, -1).expand(b, n, self.heads, -1)
                           .transpose(1, 2)], dim=-1)

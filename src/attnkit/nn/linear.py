@@ -52,6 +52,8 @@ class KernelizedAttention(nn.Module):
     ``.parameters()`` see its parameters and buffers.
     """
 
+    accepted_params = ENGINE_PARAMS  # what ``**engine`` takes (``Mechanism.parameters()`` lists them)
+
     def __init__(self, feature_map: fmaps.FeatureMap, *, causal: bool = False, **engine: Any):
         super().__init__()
         unknown = set(engine) - set(ENGINE_PARAMS)
@@ -568,6 +570,7 @@ class TitansLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, memory_fn=None) -> torch.Tensor:
         """``memory_fn``: the memory routine (``titans_memory``; tests pass the token-by-token reference)."""
+        from attnkit.ops.linear._common import check_inner_loop
         from attnkit.ops.linear.titans import titans_memory, titans_read
 
         _check_x(x, self.dim)
@@ -576,21 +579,26 @@ class TitansLayer(nn.Module):
             y = self.short_term(x)
             m = self.long_term(x, memory_fn=memory_fn)
             y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
-            return self.out_proj(y * torch.sigmoid(self.gate_proj(m)))
-        if self.arrangement == "mal":
-            return self.out_proj(self.short_term(self.long_term(x, memory_fn=memory_fn)))
-        # mac: segment by segment
-        state = self._state0(x.shape[0])
-        outs = []
-        for lo in range(0, x.shape[1], self.window):
-            seg = x[:, lo:lo + self.window]
-            q, _, _, _, _, _ = self.memory_inputs(seg)
-            work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-            h = self._merge(titans_read(q.to(work), tuple(w.to(work) for w in state[0])).to(x.dtype))
-            y = self.short_term(seg, context=h)
-            m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
-            outs.append(y * torch.sigmoid(self.gate_proj(m)))
-        return self.out_proj(torch.cat(outs, dim=1))
+            out = self.out_proj(y * torch.sigmoid(self.gate_proj(m)))
+        elif self.arrangement == "mal":
+            out = self.out_proj(self.short_term(self.long_term(x, memory_fn=memory_fn)))
+        else:  # mac: segment by segment
+            state = self._state0(x.shape[0])
+            outs = []
+            for lo in range(0, x.shape[1], self.window):
+                seg = x[:, lo:lo + self.window]
+                q, _, _, _, _, _ = self.memory_inputs(seg)
+                work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+                h = self._merge(titans_read(q.to(work), tuple(w.to(work) for w in state[0])).to(x.dtype))
+                y = self.short_term(seg, context=h)
+                m, state = self.long_term(y, state=state, return_state=True, memory_fn=memory_fn)
+                outs.append(y * torch.sigmoid(self.gate_proj(m)))
+            out = self.out_proj(torch.cat(outs, dim=1))
+        # a memory grown huge (but finite) by its updates overflows the attention over its read-out (MAL, MAC)
+        check_inner_loop(f"titans ({self.arrangement})", (out,), (x,), lambda: (
+            "the memory's gradient steps grew it until its read-out overflowed the attention that follows; "
+            "keep the input normalised (LayerNorm / RMSNorm before the mixer), lower chunk_size or theta"))
+        return out
 
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -773,6 +781,8 @@ class MultiScaleLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, attend=None) -> torch.Tensor:
         """``attend(q, k, v)``: the attention routine (tests pass the quadratic reference)."""
         _check_x(x, self.dim)
+        if x.shape[1] == 0:  # no tokens: an empty output (the aggregation convolutions need a few)
+            return x.new_zeros(x.shape)
         attend = attend or (lambda q, k, v: linear_attention(q, k, v, feature_map="relu", causal=self.causal,
                                                              chunk_size=self.chunk_size))
         outs = []

@@ -89,6 +89,8 @@ class BlockTransformerMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x(x, self.dim)
         b, n, c = x.shape
+        if n == 0:  # no tokens: an empty output (no block to summarise)
+            return x.new_zeros(x.shape)
         L = self.block_size
         nb = -(-n // L)
         pad = nb * L - n
@@ -253,9 +255,19 @@ class TokenTypeMixer(nn.Module):
         soft = (masks * onehot.unsqueeze(1)).sum(-1)  # [b, i, j]
         return soft + (hard - soft).detach()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """``x [batch, seq, dim] -> [batch, seq, dim]``. ``cache``: a :class:`~attnkit.selective_cache.
+        TokenTypeKVCache` (eval only): the first call prefills, later calls decode the new tokens; entries are evicted
+        as their types allow, and the output equals the full call's rows."""
         _check_x(x, self.dim)
         q, k, v = self.attn.split(x)
+        if cache is not None:
+            if self.training:
+                raise ValueError("TokenTypeMixer decodes with a cache in eval mode only (hard types); call .eval()")
+            if getattr(cache, "window", None) != self.window or not hasattr(cache, "held_positions"):
+                raise ValueError(f"cache must be TokenTypeKVCache(window={self.window}) (the mixer's window), got "
+                                 f"{cache!r}")
+            return self.attn.merge(cache.attend(q, k, v, types=self.types(x)))
         if not self.training:  # hard types: exact masked attention, tiled (no n x n matrix)
             types = self.types(x)
             w = self.window

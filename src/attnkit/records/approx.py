@@ -219,7 +219,8 @@ register(Mechanism(
     factory=_fn_factory("routing", routing.routing_attention, routing.routing_reference, True),
     summary="k-means clusters of queries/keys, exact softmax within each cluster "
             "(learned EMA centroids: nn.RoutingAttention)",
-    bench_params={"num_clusters": 128}, flops=_flops_routing, reference=_built_reference))
+    bench_params={"num_clusters": 128}, small_params={"num_clusters": 4}, flops=_flops_routing,
+    reference=_built_reference))
 
 register(Mechanism(
     name="mra", family=FAMILY, paper="Multi Resolution Analysis (MRA) for Approximate Self-Attention",

@@ -178,6 +178,19 @@ def _recording(what: str, loss: str = "mse") -> Iterator[_Recorder]:
         _RECORDER = prev
 
 
+def _dropout_advice(module: nn.Module, dropout: float) -> str:
+    """Why attention dropout is refused and how to turn it off, on a built model as well as from its config
+    (a built model keeps the probability in its layers: changing the config afterwards does nothing)."""
+    where = [f"{name}.p" for name, child in module.named_children() if isinstance(child, nn.Dropout)]
+    where += [name for name, value in vars(module).items()
+              if "dropout" in name and isinstance(value, float) and not name.startswith("_")]
+    built = (f"on this built model set `m.{where[0]} = 0.0` for every {type(module).__name__} m in "
+             f"model.modules()" if where else "on a built model set the attention layers' dropout probability to 0")
+    return (f"attnkit attention has no attention-weight dropout (got dropout={dropout}): call model.eval(), or "
+            f"{built}, or build the model from a config whose attention dropout is 0 (attention_dropout / attn_pdrop "
+            f"/ attention_probs_dropout_prob); changing the config of a built model does not change its layers")
+
+
 class AttnkitAttention(nn.Module):
     """One layer's attnkit mechanism, called by transformers through the registered attention function.
 
@@ -253,11 +266,7 @@ class AttnkitAttention(nn.Module):
         """``[batch, heads, q_len, d]`` queries -> ``[batch, heads, q_len, d_v]`` (transformers' layout is the
         caller's business)."""
         if dropout:
-            raise NotSupportedError(
-                f"attnkit attention has no attention-weight dropout (got dropout={dropout}); set the config's "
-                f"attention dropout to 0 (attention_dropout / attn_pdrop / attention_probs_dropout_prob) or call "
-                f"model.eval()"
-            )
+            raise NotSupportedError(_dropout_advice(module, dropout))
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         info = _analyse(query, key, attention_mask, causal, sliding_window)
         state_layer = _take_state_layer(key)

@@ -16,6 +16,37 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     return repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), default_scale(q, scale)
 
 
+def propagate_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        causal: bool) -> torch.Tensor:
+    """``out [b, h, n, dv]`` with NaN in every row that dense softmax attention would make NaN: rows whose query
+    has a non-finite component, and rows that see a key or value with one (every row; ``j <= i`` when
+    ``causal``, top-left aligned). For mechanisms that select keys (top-k, LSH, clusters): a NaN key would
+    otherwise drop out of the selection and leave a finite output computed as if it were absent (issue 28).
+    ``k, v [b, h or hkv, n_k, d]``. Elementwise work only (no host sync)."""
+    if out.numel() == 0:
+        return out
+    h = q.shape[1]
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [b, hkv, n_k]
+    bad = repeat_kv(bad[..., None], h)[..., 0] if bad.shape[1] != h else bad
+    n, nk = q.shape[2], k.shape[2]
+    if nk == 0:
+        seen = torch.zeros(bad.shape[0], h, n, dtype=torch.bool, device=out.device)
+    elif causal:
+        rows = torch.arange(n, device=out.device).clamp_max(nk - 1)
+        seen = (bad.cumsum(-1) > 0).index_select(-1, rows)
+    else:
+        seen = bad.any(-1, keepdim=True).expand(-1, -1, n)
+    poisoned = seen | ~torch.isfinite(q).all(-1)
+    return out.masked_fill(poisoned[..., None], float("nan"))
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every row (last axis) that holds a non-finite value set to 0: what selection-based mechanisms
+    compute with, so that such a key or value cannot reach rows that never see it (as ``0 * NaN`` in a shared
+    product); :func:`propagate_nonfinite` then puts NaN exactly where dense attention has it."""
+    return x.masked_fill(~torch.isfinite(x).all(-1, keepdim=True), 0.0)
+
+
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -39,6 +39,13 @@ Backends (``kind``):
   every training query given so far.
 - ``"auto"``: faiss when importable, else ``"ivf"`` with a warning.
 
+Non-finite keys (a NaN or an infinity in any component) are skipped: they are stored as all-NaN rows whose
+scores count as ``-inf``, so they are never returned and never take a slot from a finite key (``-1`` only where
+fewer finite keys than ``top_k`` exist); IVF builds its centroids without them, and faiss receives them as zero
+vectors (then filtered from its answers). A query with a non-finite component finds nothing (all ``-1``).
+Callers that attend over the retrieved keys (IceFormer, RetrievalAttention) propagate such keys as NaN in the
+rows that would see them, as dense attention does.
+
 Every backend returns the exact top-k of the candidates it examined (HNSW stores full vectors; IVF scores its
 lists exactly), so results are ordered by the true ``q . k``; callers that filter candidates (causal, static
 sets) ask for a few extra and re-rank.
@@ -108,7 +115,8 @@ class KeyIndex:
     ``num_lists`` (ivf; default ``2 sqrt(n)`` at build), ``num_probes`` (ivf lists scanned per query),
     ``hnsw_m``, ``ef_construction``, ``ef_search`` (faiss HNSW), ``tail_limit`` (ivf: keys kept in the exact
     tail before they are merged into the lists), ``seed`` (k-means start). The index keeps its own float32
-    copy of the keys (on the keys' device for exact/ivf; in faiss's memory for faiss).
+    copy of the keys (on the keys' device for exact/ivf; in faiss's memory for faiss). Keys with a NaN or an
+    infinity are skipped (never returned; see the module docstring).
     """
 
     def __init__(self, kind: str = "auto", *, num_lists: int | None = None, num_probes: int = 16,
@@ -163,6 +171,7 @@ class KeyIndex:
         self._max_norm = 0.0
         self._overflow: list[list[torch.Tensor]] = []
         self._overflow_slots: list[list[torch.Tensor]] = []
+        self._skipped: list[torch.Tensor] = []  # faiss: [G, m] flags of non-finite keys (zero vectors there)
 
     def __len__(self) -> int:
         return self.size
@@ -182,6 +191,8 @@ class KeyIndex:
                 self._graph_queries.append(qx)
         if x.shape[1] == 0:
             return self
+        bad = ~torch.isfinite(x).all(-1, keepdim=True)  # non-finite keys are skipped (module docstring)
+        x = x.masked_fill(bad, float("nan"))
         if self.kind == "exact":
             self._keys = x if self._keys is None else torch.cat([self._keys, x], dim=1)
         elif self.kind == "ivf":
@@ -225,7 +236,8 @@ class KeyIndex:
             if n > 32 * c:  # k-means on a sample: 32 points per centroid are plenty
                 g = torch.Generator().manual_seed(self.seed + 1)
                 sample = x[:, torch.randperm(n, generator=g)[:32 * c].to(x.device)]
-            self._centroids = _kmeans(sample, min(c, n), self.kmeans_iterations, self.seed)
+            # skipped (NaN) keys count as the origin for the centroids; their scores are -inf at search
+            self._centroids = _kmeans(sample.nan_to_num(0.0), min(c, n), self.kmeans_iterations, self.seed)
             self._store_lists(x, torch.arange(n, device=x.device).expand(x.shape[0], n))
             self._tail_start = n
             return
@@ -253,6 +265,10 @@ class KeyIndex:
 
     def _add_faiss(self, x: torch.Tensor) -> None:
         import faiss
+
+        bad = torch.isnan(x[..., 0]).cpu()  # skipped keys: zero vectors in the graph, filtered at search
+        self._skipped.append(bad)
+        x = x.nan_to_num(0.0)
 
         if not self._faiss:
             self._max_norm = float(x.norm(dim=-1).max()) * self.max_norm_margin * (1 + 1e-6)
@@ -300,6 +316,10 @@ class KeyIndex:
             out = self._search_graph(x, top_k)
         else:
             out = self._search_faiss(x, top_k).to(q.device)
+            skipped = torch.cat(self._skipped, dim=1)  # [G, size]: the group's key at that slot was non-finite
+            if bool(skipped.any()):
+                hit = skipped.to(out.device).gather(1, out.clamp_min(0).flatten(1)).view_as(out) & (out >= 0)
+                out = out.masked_fill(hit, -1)
         return out.view(*shape[:-1], top_k) if len(shape) == 4 else out
 
     @staticmethod
@@ -311,6 +331,7 @@ class KeyIndex:
             s = x @ keys.transpose(-1, -2)
         else:
             s = torch.einsum("gmd,gmwd->gmw", x, keys)
+        s = s.nan_to_num(nan=float("-inf"))  # skipped keys (stored as NaN rows) and NaN queries
         if valid is not None:
             s = s.masked_fill(~valid, float("-inf"))
         kk = min(top_k, s.shape[-1])
@@ -342,7 +363,8 @@ class KeyIndex:
                 probed = torch.zeros(G, xs.shape[1], c.shape[1], dtype=torch.bool, device=x.device).scatter_(2, ls,
                                                                                                                True)
                 keep = probed.gather(2, self._lists[:, None, :].expand(G, xs.shape[1], n_sorted))
-                parts.append(_topk_scores(s_.masked_fill(~keep, float("-inf")), self._slots, top_k))
+                parts.append(_topk_scores(s_.nan_to_num(nan=float("-inf")).masked_fill_(~keep, float("-inf")),
+                                          self._slots, top_k))
             scores, found = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
         else:
             scores, found = self._gathered(x, lo, sizes, total, top_k)

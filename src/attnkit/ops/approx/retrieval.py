@@ -43,6 +43,7 @@ from attnkit.ops.approx._common import (
     masked_attention_lse,
     merge_lse,
     prepare,
+    propagate_nonfinite,
     segment_ids,
     upcast,
 )
@@ -77,6 +78,9 @@ def attend_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     ``idx, valid [b, h, c, w]`` -> ``out [b, h, c, dv]``, ``lse [b, h, c]`` (no valid key: 0 and -inf).
     Memory O(c w d): the shared last step of IceFormer, RetrievalAttention, SEA and Loki."""
     kc, vc = _gather(k, idx), _gather(v, idx)
+    # masked entries hold clamped (arbitrary) rows: zero them, so that a NaN there (a future key's value) cannot
+    # reach the output as 0 * NaN
+    vc = vc.masked_fill(~valid[..., None], 0.0)
     s = torch.einsum("bhcd,bhcwd->bhcw", q, kc) * scale
     o, lse = masked_attention_lse(s.unsqueeze(-2), vc, valid.unsqueeze(-2))
     return o.squeeze(-2), lse.squeeze(-1)
@@ -202,7 +206,8 @@ def iceformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
     check_positive_int("chunk_size", chunk_size)
     idx, valid = select_topk(q, k, top_k, causal=causal, index=index, chunk_size=chunk_size,
                              index_params=index_params)
-    return _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
+    out = _attend_chunks(q, k, v, idx, valid, scale, chunk_size)[0]
+    return propagate_nonfinite(out, q, k, v, causal)  # as dense attention (a NaN key is never retrieved)
 
 
 # ------------------------------------------------------------------------------------- RetrievalAttention
@@ -277,7 +282,7 @@ def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
         o2, lse2 = attend_selected(q[:, :, start:stop], k, v, sidx.expand(b, h, -1, -1),
                                    svalid.expand(b, h, -1, -1), scale)
         outs.append(merge_lse(o1[:, :, start:stop], lse1[:, :, start:stop], o2, lse2)[0])
-    return torch.cat(outs, dim=2).to(v.dtype)
+    return propagate_nonfinite(torch.cat(outs, dim=2).to(v.dtype), q, k, v, causal)  # as dense attention
 
 
 # -------------------------------------------------------------------------------------------------- SEA
@@ -496,7 +501,7 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
         if causal:
             valid = valid & (idx <= torch.arange(start, stop, device=dev)[:, None, None])
         out.append(attend_selected(q[:, :, start:stop], k, v, idx.flatten(-2), valid.flatten(-2), scale)[0])
-    return torch.cat(out, dim=2)
+    return propagate_nonfinite(torch.cat(out, dim=2), q, k, v, causal)  # as dense attention
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -541,6 +546,9 @@ class RetrievalDecoder:
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
         self._train_queries: torch.Tensor | None = None  # prefill queries for the next index add (kind "graph")
         self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
+        # [b, h]: a non-finite key or value was appended (the index skips it): later outputs are NaN, as in dense
+        # attention, instead of finite outputs computed as if it were absent
+        self._nonfinite: torch.Tensor | None = None
 
     def _reserve(self, extra: int) -> None:
         need = self.length + extra
@@ -561,6 +569,8 @@ class RetrievalDecoder:
             raise ValueError(f"k is {tuple(k.shape)} but the cache holds [batch, heads, ., dim] = "
                              f"{tuple(self.k.shape[:2])}, {self.k.shape[3]}")
         m = k.shape[2]
+        bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)).all(-1)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._reserve(m)
         self.k[:, :, self.length:self.length + m] = k
         self.v[:, :, self.length:self.length + m] = v
@@ -629,7 +639,9 @@ class RetrievalDecoder:
         vc = self.v.view(-1, self.v.shape[-1]).index_select(0, rows).view(b, h, m, -1, self.v.shape[-1])
         s = (kc @ (q * scale).unsqueeze(-1)).squeeze(-1)  # [b, h, m, w]
         p = torch.softmax(upcast(s).masked_fill(idx < 0, float("-inf")), dim=-1)
-        return (p.unsqueeze(-2).to(vc.dtype) @ vc).squeeze(-2)
+        out = (p.unsqueeze(-2).to(vc.dtype) @ vc.masked_fill((idx < 0)[..., None], 0.0)).squeeze(-2)
+        poisoned = self._nonfinite[..., None] | ~torch.isfinite(q).all(-1)  # [b, h, m]
+        return out.masked_fill(poisoned[..., None], float("nan"))
 
 
 def _flops_topk(batch, heads, q_len, kv_len, head_dim, top_k):

@@ -9,6 +9,8 @@ learns them by the paper's online EMA k-means) or are fitted per call by ``kmean
 (default 2) started from seeded random tokens. Fitting on the sequence itself would let future tokens move
 past tokens' clusters, so the causal form uses given centroids or, with ``kmeans_iterations=0`` (its
 default), seeded random unit directions. A query whose cluster holds no (visible) key gets a zero output.
+Clusters fitted per call number ``min(num_clusters, sqrt(n_k))`` once ``num_clusters >= n_k`` (see
+:func:`effective_clusters`): more clusters than keys would leave (almost) every query alone.
 
 The fast path sorts queries and keys by cluster and, for each chunk of sorted queries, attends to the
 contiguous run of sorted keys whose clusters the chunk spans: memory O(chunk x run), O(n^1.5 d) time for
@@ -31,7 +33,7 @@ from attnkit.ops.approx._common import (
 )
 
 __all__ = ["routing_attention", "routing_reference", "kmeans_centroids", "assign_clusters",
-           "kmeans_ema_update"]
+           "kmeans_ema_update", "effective_clusters"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,20 @@ def kmeans_ema_update(centroids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return torch.where(counts[..., None] > 0, decay * centroids + (1 - decay) * mean, centroids)
 
 
+def effective_clusters(num_clusters: int, kv_len: int) -> int:
+    """The number of clusters fitted per call: ``num_clusters``, or, when it reaches the number of keys (every
+    key could sit alone: queries and keys then almost never share a cluster and the output was all zeros, issue
+    28, e.g. the default 128 clusters at 32 tokens), the paper's balanced choice ``sqrt(n)`` (Roy et al. 2021,
+    sec. 4: clusters of ``sqrt(n)`` tokens each; 1 cluster, exact attention, for fewer than 4 keys)."""
+    if num_clusters < kv_len:
+        return num_clusters
+    return max(1, int(kv_len ** 0.5))
+
+
 def _clusters(q, k, num_clusters, centroids, kmeans_iterations, seed, causal):
     check_positive_int("num_clusters", num_clusters)
+    if centroids is None:
+        num_clusters = effective_clusters(num_clusters, k.shape[2])
     if kmeans_iterations is None:
         kmeans_iterations = 0 if causal else 2
     if centroids is None and causal:

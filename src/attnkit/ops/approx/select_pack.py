@@ -50,7 +50,10 @@ def _setup(q, k, v, scores, keep, gate_weight, gate_bias, threshold, scale, caus
     u = gate_scores(k, gate_weight, gate_bias) if scores is None else scores
     if u.shape != (b, n):
         raise ValueError(f"scores must be [batch={b}, seq={n}], got {tuple(u.shape)}")
-    return k, v, scale, u.detach() > threshold, u
+    # a NaN score (a NaN key) selects its token: the NaN then propagates through attention as in dense attention,
+    # instead of the token silently dropping out (issue 28)
+    ud = u.detach()
+    return k, v, scale, (ud > threshold) | torch.isnan(ud), u
 
 
 def _gate(out: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import torch
 
+from attnkit._checks import check_qkv
 from attnkit.ops.approx._common import (
     causal_mask,
     check_positive_int,
+    finite_rows,
     masked_attention_lse,
     merge_lse,
     prepare,
+    propagate_nonfinite,
 )
 
 __all__ = ["sparsek_attention", "sparsek_reference", "sparsek_mask", "sparsek_threshold", "sparsek_scores"]
@@ -192,7 +195,17 @@ def sparsek_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_
     ``top_k`` = k of the operator; ``window``: causal sliding window united with the selection.
     """
     check_positive_int("chunk_size", chunk_size)
-    k, v, scale, u = _setup(q, k, v, top_k, scores, score_weight, score_bias, window, causal, scale)
+    check_qkv(q, k, v)
+    k0, v0 = k, v
+    # non-finite keys/values: selected with zeros, then NaN exactly in the rows that see them (dense attention's
+    # rows; a NaN key would otherwise drop out of the selection, a NaN value leak into earlier rows as 0 * NaN)
+    k, v, scale, u = _setup(q, finite_rows(k), finite_rows(v), top_k, scores, score_weight, score_bias, window,
+                            causal, scale)
+    out = _sparsek(q, k, v, u, top_k, window, causal, chunk_size, scale)
+    return propagate_nonfinite(out, q, k0, v0, causal)
+
+
+def _sparsek(q, k, v, u, top_k, window, causal, chunk_size, scale):
     b, h, n, _ = q.shape
     nk = k.shape[2]
     if not causal:

@@ -39,7 +39,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.ops.approx._common import causal_mask, check_positive_int, prepare, randn, sort_by, unsort
+from attnkit._checks import check_qkv
+from attnkit.ops.approx._common import (
+    causal_mask,
+    check_positive_int,
+    finite_rows,
+    prepare,
+    propagate_nonfinite,
+    randn,
+    sort_by,
+    unsort,
+)
 
 __all__ = ["yoso_attention", "yoso_reference", "yoso_expectation"]
 
@@ -203,7 +213,9 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: in
     ``chunk_size``: rows per step of that backward. ``scale`` is accepted for interface parity and unused (the
     kernel is angular)."""
     check_positive_int("chunk_size", chunk_size)
-    k, v, qn, kn, cq, ck = _setup(q, k, v, tau, num_hashes, seed)
+    check_qkv(q, k, v)
+    k0, v0 = k, v  # non-finite rows hash and sum as zeros; propagate_nonfinite puts NaN where dense attention has it
+    k, v, qn, kn, cq, ck = _setup(q, finite_rows(k), finite_rows(v), tau, num_hashes, seed)
     b, h, _, _ = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
@@ -213,7 +225,8 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: in
         total = _YosoLSH.apply(qn.to(acc), kn.to(acc), v1, cq, ck, tau, causal, chunk_size)
     else:
         total = _estimate(v1, cq, ck, tau, causal)
-    return _finish(total[..., :dv], total[..., dv], normalize, v.dtype)
+    # a NaN key or value would hash to some bucket and vanish from the estimate: NaN rows, as dense attention
+    return propagate_nonfinite(_finish(total[..., :dv], total[..., dv], normalize, v.dtype), q, k0, v0, causal)
 
 
 def yoso_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tau: int = 8, num_hashes: int = 32,

@@ -28,7 +28,10 @@ __all__ = [
 
 def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
     """Cumulative sequence lengths ``[0, l0, l0 + l1, ...]`` (int64)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    raw = torch.as_tensor(lengths, device=device).reshape(-1)
+    if raw.dtype == torch.bool or (raw.numel() and not bool((raw == raw.round()).all())):
+        raise ValueError(f"lengths must be whole numbers of tokens, got {raw.tolist()}")
+    lengths = raw.long()
     if (lengths < 0).any():
         raise ValueError("lengths must be non-negative")
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
@@ -49,7 +52,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Document index of every packed token ``[total]``."""
-    cu = cu_seqlens.long()
+    cu = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if isinstance(cu_seqlens, torch.Tensor)
+                          and cu_seqlens.dim() == 1 and cu_seqlens.numel() else -1)
     return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
 
 
@@ -78,7 +82,10 @@ def pack(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
     """Split ``packed`` along ``dim`` at ``cu_seqlens`` (the inverse of ``pack``)."""
-    cu = cu_seqlens.tolist()
+    if not isinstance(packed, torch.Tensor) or not -packed.dim() <= dim < packed.dim():
+        raise ValueError(f"packed must be a tensor with an axis dim={dim}, got "
+                         f"{getattr(packed, 'shape', type(packed).__name__)}")
+    cu = check_cu_seqlens(cu_seqlens, packed.shape[dim]).tolist()  # non-monotone offsets would reach narrow()
     return [packed.narrow(dim, a, b - a) for a, b in zip(cu[:-1], cu[1:])]
 
 

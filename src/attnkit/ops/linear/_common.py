@@ -91,3 +91,18 @@ def retention_decay(num_heads: int) -> torch.Tensor:
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
     return 1.0 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64))
+
+
+def check_inner_loop(name: str, out: tuple, inputs: tuple, advice: Callable[[], str]) -> None:
+    """Test-time learning (TTT, Titans) runs gradient steps on a memory inside the forward: a step too large for
+    the loss's curvature (``eta |k|^2`` or ``theta`` times a chunk's summed gradients) makes the memory grow
+    geometrically until it overflows, and the output turns NaN without a word (issue 28: Titans at 5x unit-scale
+    inputs, whose gates saturate). Online gradient descent with a given step is unstable beyond such a scale,
+    so: a ValueError naming the cause when an output or the final memory in ``out`` is non-finite although every
+    input is finite (non-finite inputs propagate, as in dense attention). ``advice()`` is only called on
+    failure. One reduction and host sync per call."""
+    if bool(torch.stack([torch.isfinite(t).all() for t in out]).all()):  # outputs and the memory after them
+        return
+    if all(bool(torch.isfinite(t).all()) for t in inputs if isinstance(t, torch.Tensor)):
+        raise ValueError(f"{name}: the memory's online gradient steps diverged (non-finite output from finite "
+                         f"inputs); {advice()}")

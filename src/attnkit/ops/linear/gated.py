@@ -106,7 +106,13 @@ def _prepare(q, k, v, initial_state, mode, chunk_size):
                 f"initial_state must have shape [batch={b}, heads={h}, d_k={dk}, d_v={dv}], got "
                 f"{tuple(initial_state.shape)}; pass the state returned by a call with return_state=True"
             )
-        s0 = initial_state.to(device=q.device, dtype=work)
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on the device of q ({q.device}), got {initial_state.device}; "
+                             f"move it with initial_state.to(q.device)")
+        if not initial_state.is_floating_point():
+            raise TypeError(f"initial_state must be a floating-point tensor (the state returned with "
+                            f"return_state=True), got {initial_state.dtype}")
+        s0 = initial_state.to(dtype=work)
     else:
         s0 = q.new_zeros(b, h, dk, dv, dtype=work)
     qw = q.to(work)
@@ -280,9 +286,23 @@ def _max_span(dtype: torch.dtype) -> float:
     return 0.5 * math.log(torch.finfo(dtype).max)
 
 
-def _gated_chunked(q, k, v, g, s, c):
+def _log_floor(dtype: torch.dtype) -> float:
+    """A finite log-decay whose ``exp`` is exactly 0 in ``dtype`` (below half the smallest subnormal: -104.7 in
+    float32, -745.8 in float64). The chunked forms clamp ``g`` to it: a decay of exactly 0 (``g = -inf``, which
+    the recurrent form handles) would otherwise make the within-chunk cumulative sums ``-inf`` and their
+    differences ``exp(G_i - G_j)`` NaN (``-inf - -inf``). The clamp is exact: ``exp(g)`` is 0 in ``dtype`` for
+    every ``g`` it moves, any product through such a token stays 0 (every other ``g`` is <= 0), and the gradient
+    there is ``exp(g) * ... = 0`` as in the recurrence."""
+    fi = torch.finfo(dtype)
+    return math.log(fi.tiny) + math.log(fi.eps) - math.log(4.0)  # log(smallest subnormal / 4)
+
+
+def _gated_chunked(q, k, v, g, s, c, factorise: bool = True):
+    """``factorise=False``: always the masked decay-matrix / sub-chunk path (exact for any span; which path runs
+    then never depends on later tokens, so a chunk's outputs are bitwise independent of the future)."""
     b, h, n, _ = q.shape
     c = min(c, n)
+    g = g.clamp_min(_log_floor(g.dtype))  # decays of exactly 0 (g = -inf): see _log_floor
     qc, kc, vc, gc = _pad_chunks(c, q, k, v, g)
     N = qc.shape[2]
     mask = _causal_mask(c, q.device)
@@ -293,7 +313,7 @@ def _gated_chunked(q, k, v, g, s, c):
         qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
         G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
         last = G[..., -1:, :]
-        if bool(last.detach().amin() >= -span):
+        if factorise and bool(last.detach().amin() >= -span):
             # The usual case, one matmul for scalar and vector gates alike: with E = exp(G - G_c) in
             # [1, exp(span)], A_ij = (q_i E_i) . (k_j / E_j); k / E is also the key of the chunk's state update,
             # and q E exp(G_c) = q exp(G) the query that reads the carried state.
@@ -390,6 +410,8 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     c = min(c, n)
+    if g is not None:
+        g = g.clamp_min(_log_floor(g.dtype))  # decays of exactly 0 (g = -inf): see _log_floor
     qc, kc, vc, bc, gc = _pad_chunks(c, q, k, v, beta[..., None], None if g is None else g[..., None])
     bc = bc[..., 0]
     N = qc.shape[2]

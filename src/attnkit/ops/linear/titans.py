@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit._checks import check_qkv, repeat_kv
+from attnkit._checks import check_qkv, check_state, repeat_kv
+from attnkit.ops.linear._common import check_inner_loop
 from attnkit.ops.linear.ttt import _batch_grads, _read, default_weights
 
 __all__ = ["titans_memory", "titans_memory_reference", "titans_read"]
@@ -124,20 +125,34 @@ def titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta, eta,
         weights = default_weights(model, b, h, dk, v.shape[-1], hidden, q.device, work)
         moments = tuple(torch.zeros_like(w) for w in weights)
     else:
+        check_state("initial_state", (*initial_state[0], *initial_state[1]), q)
         weights, moments = (tuple(t.to(work) for t in part) for part in initial_state)
+    weights_in = weights
     outs = []
     for lo in range(0, n, chunk_size):
         sl = slice(lo, min(n, lo + chunk_size))
         y, weights, moments = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
                                      alpha[:, :, sl], weights, moments)
         outs.append(y)
-    y = torch.cat(outs, dim=2).to(dtype)
+    y = torch.cat(outs, dim=2)
+    check_inner_loop("titans memory", (y, *weights, *moments), (q, k, v, theta, eta, alpha, *weights_in),
+                     lambda: f"the step gates theta (up to {float(theta.detach().amax()):.2f} "
+                     f"here) times the summed gradients of a chunk of {chunk_size} tokens overshoot. Keep the "
+                     f"input normalised (LayerNorm / RMSNorm before the mixer, as in a pre-norm block: inputs far "
+                     f"from unit scale saturate the gates and grow |v|), lower chunk_size (1: the sequential rule) "
+                     f"or theta, or use model='linear'")
+    y = y.to(dtype)
     return (y, (weights, moments)) if return_state else y
 
 
 def titans_read(q: torch.Tensor, weights: tuple) -> torch.Tensor:
     """Retrieval without update, ``M*(q)``: ``q [batch, heads, n, d_k]`` with a memory ``weights`` tuple."""
-    return _read(q, weights)
+    y = _read(q, weights)
+    check_inner_loop("titans memory read", (y,), (q, *weights),
+                     lambda: "the memory's weights (up to "
+                     f"{max(float(w.detach().abs().amax()) for w in weights):.3g}) overflow the read-out: the "
+                     "memory's gradient steps grew it (keep the input normalised, lower chunk_size or theta)")
+    return y
 
 
 def titans_memory_reference(q, k, v, theta, eta, alpha, *, model: str = "mlp", chunk_size: int = 16,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit._checks import check_qkv, repeat_kv
+from attnkit._checks import check_qkv, check_state, repeat_kv
+from attnkit.ops.linear._common import check_inner_loop
 
 __all__ = ["ttt", "ttt_reference", "default_weights"]
 
@@ -154,6 +155,7 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
         raise ValueError(f"eta must be a float or [batch={bsz}, heads={h}, n={n}], got {tuple(eta_t.shape)}")
     if initial_state is None:
         initial_state = default_weights(model, bsz, h, dk, dv, hidden, q.device, work)
+    check_state("initial_state", initial_state, q)
     weights = tuple(w.to(work) for w in initial_state)
     ln = _ln_params(model, ln, h, dk, q)
     step = _dual_batch if form == "dual" else _primal_batch
@@ -167,6 +169,11 @@ def ttt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: float | torch.Te
             z, weights = step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], eta_t[:, :, lo:hi], weights, ln)
             outs.append(z)
         z = torch.cat(outs, dim=2)
+    check_inner_loop("ttt", (z, *weights), (q, k, v, eta_t, *initial_state),
+                     lambda: f"the inner learning rate eta (up to {float(eta_t.detach().amax()):.3g} here) times "
+                     f"|k|^2 (up to {float(k.detach().square().sum(-1).amax()):.3g}) "
+                     f"over mini-batches of {mini_batch} tokens overshoots. Keep the input normalised (LayerNorm / "
+                     f"RMSNorm before the mixer, as in a pre-norm block), or lower eta (eta_base) or mini_batch")
     z = z.to(dtype)
     return (z, weights) if return_state else z
 

@@ -1,15 +1,19 @@
 """KV selection and compression at decoding time: which cached keys a query still needs.
 
-Each *policy* maps the prompt's attention profile to a keep mask over the cached positions; a
-:class:`attnkit.selective_cache.SelectiveKVCache` applies one at prefill (exact attention over the prompt, then only
-what the policy keeps is stored, or, for ZipVL, the rest is stored at low precision), with the same protocol as the
-other caches (``positions``, ``attend``, ``nbytes``) and ``kept_fraction``. Policies, each from its paper:
+Each *policy* maps an attention profile to a keep mask over candidate positions; the caches that apply them are in
+:mod:`attnkit.selective_cache`: :class:`~attnkit.selective_cache.SelectiveKVCache` applies one to the prompt
+(exact attention over the prompt, then only what the policy keeps is stored at full precision; for ZipVL the rest is
+stored at low precision) and, with ``interval=``, to every block of generated tokens;
+:class:`~attnkit.selective_cache.TokenTypeKVCache` evicts by NAtS's token types at every step;
+:class:`~attnkit.selective_cache.ActQKVCache` retrieves per step with ActQKV's dynamic cut-off
+(:class:`CutoffAllocator`). Policies, each from its paper:
 
-- :func:`cumulative_mass` -- ZipVL (Wang et al. 2024), Sec. 3.2: per (batch, kv head), the smallest set of tokens
+- :func:`cumulative_mass` -- ZipVL (He et al. 2024), Sec. 3.2: per (batch, kv head), the smallest set of tokens
   whose normalised attention mass reaches ``tau``; the others are kept at ``low_bits`` (mixed precision, Sec. 3.3)
   or dropped.
 - :func:`token_type_mask` -- Neural Attention Search (NAtS), Sec. 3: Global tokens stay, Local tokens are dropped
-  once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only.
+  once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only
+  (``TokenTypeKVCache`` evicts by the same rule while prefilling and decoding).
 - :func:`span_index_mask` -- Ltri-LLM, Sec. 3: the context is cut into spans, each represented by its mean key;
   a query retrieves its ``top_spans`` best spans plus a local window.
 - :func:`probe_query_mask` -- ActQKV, Sec. 3: a probe query built from the window's tokens with the largest
@@ -33,7 +37,7 @@ import torch
 from attnkit._checks import repeat_kv
 
 __all__ = ["cumulative_mass", "token_type_mask", "span_index_mask", "probe_query_mask", "modality_mask",
-           "trim_visual_features", "span_mask", "quantize", "dequantize"]
+           "trim_visual_features", "span_mask", "quantize", "dequantize", "normalized_entropy", "CutoffAllocator"]
 
 
 def _check_fraction(name: str, x: float, *, low_open: bool = False) -> float:
@@ -198,3 +202,59 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return codes.to(scale.dtype) * scale + zero
+
+
+# -- ActQKV's dynamic KV cut-off (decoding) -----------------------------------------------------------------------
+def normalized_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(scores)) / log(n)`` over the last axis, in ``[0, 1]``: ActQKV's information density of a layer's
+    retrieval scores (1: flat, every key equally likely to matter; 0: one key)."""
+    n = scores.shape[-1]
+    if n < 2:
+        return torch.zeros(scores.shape[:-1], dtype=torch.float64, device=scores.device)
+    p = torch.softmax(scores.double(), -1)
+    return -(p * torch.log(p + 1e-300)).sum(-1) / math.log(n)
+
+
+class CutoffAllocator:
+    """ActQKV's dynamic KV cut-off across layers ("Activation-aware Probe-Query", decoding stage; the rule of the
+    authors' code): at every decoding step a total ``budget`` of retrieved keys is shared by the layers in order.
+    Layer ``l`` receives ``round(w_l * remaining)`` keys, clamped to ``[k_min, k_max]``, with ``w_l = e_l / sum_{m >=
+    l} e_m`` where ``e_m`` is layer ``m``'s mean normalised entropy (:func:`normalized_entropy`) over its last
+    ``history`` steps; until every layer has ``history`` samples, ``w_l = 1 / (layers - l)`` (an equal split).
+    Layers whose retrieval scores are flat (high entropy: information spread out) get more keys.
+
+    One allocator is shared by the :class:`ActQKVCache` of every layer; ``allocate(layer, entropy)`` is called by
+    layer 0, 1, ... in order at each step."""
+
+    def __init__(self, num_layers: int, budget: int, *, k_min: int = 1, k_max: int | None = None,
+                 history: int = 100):
+        if num_layers < 1 or budget < 1 or k_min < 0 or history < 1:
+            raise ValueError(f"num_layers, budget, history must be >= 1 and k_min >= 0, got {num_layers}, {budget}, "
+                             f"{history}, {k_min}")
+        if k_max is not None and k_max < k_min:
+            raise ValueError(f"k_max ({k_max}) must be >= k_min ({k_min})")
+        self.num_layers, self.budget, self.k_min, self.k_max, self.history = num_layers, budget, k_min, k_max, history
+        self.samples: list[list[float]] = [[] for _ in range(num_layers)]
+        self.remaining = float(budget)
+        self.last: list[int] = [0] * num_layers
+
+    def allocate(self, layer: int, entropy: float) -> int:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must lie in [0, {self.num_layers}), got {layer}")
+        if layer == 0:
+            self.remaining = float(self.budget)
+        hist = self.samples[layer]
+        hist.append(float(entropy))
+        del hist[:-self.history]
+        if all(len(s) >= self.history for s in self.samples):
+            means = [sum(s) / len(s) for s in self.samples]
+            total = sum(means[layer:])
+            w = means[layer] / total if total > 0 else 1.0 / (self.num_layers - layer)
+        else:
+            w = 1.0 / (self.num_layers - layer)
+        k = max(self.k_min, round(w * self.remaining))
+        if self.k_max is not None:
+            k = min(k, self.k_max)
+        self.remaining -= k
+        self.last[layer] = k
+        return k
