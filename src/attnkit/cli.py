@@ -102,7 +102,7 @@ def _run_list(args: argparse.Namespace) -> int:
 
 # -- attnkit backends ---------------------------------------------------------------------------------------
 def _backends_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--operation", choices=("attention", "neighborhood", "linear"),
+    p.add_argument("--operation", choices=("attention", "neighborhood", "linear", "gated", "delta"),
                    help="show only the backends of this operation")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
 

@@ -575,10 +575,12 @@ class PointTransformerLayer(nn.Module):
             raise ValueError(f"pos must be [batch, n, coords] matching x {tuple(x.shape[:2])}, got {tuple(pos.shape)}")
 
     def neighbours(self, pos: torch.Tensor) -> torch.Tensor:
-        """Indices ``[batch, n, k]`` of each point's ``k`` nearest points (itself included)."""
+        """Indices ``[batch, n, k]`` of each point's ``k`` nearest points (itself included); equal distances are
+        broken by the lower index (a stable sort), so every device picks the same set (``topk`` broke ties
+        differently on CUDA and CPU: grid coordinates tie often)."""
         p = pos.detach().float()
         d = (p[:, :, None] - p[:, None]).square().sum(-1)
-        return d.topk(min(self.k, pos.shape[1]), dim=-1, largest=False).indices
+        return torch.sort(d, dim=-1, stable=True).indices[..., :min(self.k, pos.shape[1])]
 
     def forward(self, x, pos=None):
         if pos is None:  # a sequence: points on a line at their token index (k-NN = a local window)
