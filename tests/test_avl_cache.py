@@ -25,7 +25,7 @@ def _weights(q, k, mask):
 def _simulate(q, k, v, start, end, n_prompt, drop, comp, interval, text_rate, text_init=1):
     """The A-VL rule for batch row 0, head-for-head (kv heads == heads): returns per decoding step the set of
     positions computed with and the set held after the step, and the outputs ``[steps, h, d]``."""
-    h, total, d = q.shape[1], q.shape[2], q.shape[3]
+    h, total = q.shape[1], q.shape[2]
     q, k, v = q[0], k[0], v[0]
     n_img = end - start
     n_sec, n_core = int((1 - drop) * n_img), int((1 - comp) * n_img)
@@ -110,7 +110,7 @@ def test_avl_cache_follows_the_rule_and_equals_dense_attention_at_every_step(int
         assert_close(o[0, :, 0], want_out[t])
         mask = cache.computed_mask()
         dense = attnkit.attention(q[:, :, p:p + 1], k[:, :, :p + 1], v[:, :, :p + 1], engine="reference",
-                                  pattern=P.custom(lambda bi, hi, qi, ki: mask[bi, hi, ki]))
+                                  pattern=P.custom(lambda bi, hi, qi, ki, m=mask: m[bi, hi, ki]))
         assert_close(o, dense)
     # the image tokens held: the secondary half; the text held: the budget
     held = cache.held_mask()[0, 0]
@@ -136,7 +136,7 @@ def test_avl_cache_gqa_batches_and_without_compression_is_exact():
         mask = lossy.computed_mask()
         assert_close(outs[1], attnkit.attention(q[:, :, p:p + 1], k[:, :, :p + 1], v[:, :, :p + 1],
                                                 engine="reference",
-                                                pattern=P.custom(lambda bi, hi, qi, ki: mask[bi, hi // 2, ki])))
+                                                pattern=P.custom(lambda bi, hi, qi, ki, m=mask: m[bi, hi // 2, ki])))
     assert exact.held_mask().all()
     assert lossy.held_mask()[0, :, 2:12].sum(-1).tolist() == [5, 5]
     assert lossy.held_mask()[1, :, 5:9].sum(-1).tolist() == [2, 2]
