@@ -445,6 +445,11 @@ _quadratic("selective_attention", "Selective Attention: Enhancing Transformer th
            "(Zhang et al., 2024), Sec. 3", _module_factory(_lazy("SelectiveAttention"), "num_heads", "head_dim"),
            "per-query temperature (token + log-position) and value temperature; runs on any engine",
            needs=("num_heads", "head_dim"), max_len=16384)
+_quadratic("bird_eye", "Bird-Eye Transformers for Text Generation Models (Sha et al., 2022); rule from the authors' "
+           "code (github.com/shalei120/fairseq-1, fairseq/modules/multihead_attention.py, BET)",
+           _module_factory(_lazy("BirdEyeAttention"), "num_heads", "head_dim"),
+           "second pass re-weights logits by a key importance sigmoid(w.[k_j; o_j]) from the first pass's output; "
+           "own key masked", needs=("num_heads", "head_dim"))
 _quadratic("qk_position", "Improve Transformer Models with Better Relative Position Embeddings (Huang et al., "
            "2020), method 4", _module_factory(_lazy("QueryKeyPositionAttention"), "num_heads", "head_dim"),
            "relative embeddings interacting with queries and keys, gathered per logit (O(n) memory, tiled)",
