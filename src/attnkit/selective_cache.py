@@ -564,6 +564,11 @@ class AdaptiveVLCache:
             raise ValueError("no decoding step yet; call attend() with a generated token first")
         return self.last_computed
 
+    def last_attended(self) -> torch.Tensor:
+        """:meth:`computed_mask` without the last token's own position, ``[batch, kv_heads, seen - 1]``: the protocol
+        of :mod:`attnkit.kvpolicy.generation` for caches that select per step (one token per call)."""
+        return self.computed_mask()[..., :-1]
+
     def _compact(self, keep: torch.Tensor) -> None:
         order = kept_order(keep & self.valid)
         self.k, self.v = gather_seq(self.k, order), gather_seq(self.v, order)
@@ -599,8 +604,9 @@ class AdaptiveVLCache:
                causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
                lengths=None) -> torch.Tensor:
         _check_new(q, k, v)
+        plain_causal = pattern is None and causal or pattern is not None and repr(pattern) == repr(P.causal())
         if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax" \
-                or pattern is not None or not causal:
+                or not plain_causal:
             raise ValueError("AdaptiveVLCache supports causal softmax attention without pattern, score_mod or "
                              "lengths=")
         b, h, n, _ = q.shape
