@@ -14,8 +14,10 @@ stored at low precision) and, with ``interval=``, to every block of generated to
 - :func:`token_type_mask` -- Neural Attention Search (NAtS), Sec. 3: Global tokens stay, Local tokens are dropped
   once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only
   (``TokenTypeKVCache`` evicts by the same rule while prefilling and decoding).
-- :func:`span_index_mask` -- Ltri-LLM, Sec. 3: the context is cut into spans, each represented by its mean key;
-  a query retrieves its ``top_spans`` best spans plus a local window.
+- :func:`span_index_mask` -- the catalogue's reading of Ltri-LLM (abstract only: the span detection from triangular
+  attention patterns, by NMS, and the voted index vectors could not be read here; see docs/long-context.md): the
+  context is cut into spans, each represented by its mean key; a query retrieves its ``top_spans`` best spans plus
+  a local window.
 - :func:`probe_query_mask` -- ActQKV, Sec. 3: a probe query built from the window's tokens with the largest
   activation bias (distance from the window's mean query) retrieves the ``cutoff`` best keys.
 - :func:`modality_mask` -- the catalogue's reading of A-VL (abstract only): visual tokens keep their most-attended
@@ -26,7 +28,8 @@ stored at low precision) and, with ``interval=``, to every block of generated to
   the top ``keep_ratio`` of image features by cross-attention mass (over text queries and heads) of one layer,
   the same indices reused by the later cross-attention layers.
 - :func:`span_mask` -- Self-Selected Attention Span: the model-chosen spans as a mask (an empty annotation means
-  full attention).
+  full attention). Only the abstract was reachable: the annotation format the model is fine-tuned to emit and the
+  paper's blocked span encoding are not known here (docs/long-context.md).
 """
 
 from __future__ import annotations
