@@ -147,8 +147,10 @@ def probe_query_mask(q: torch.Tensor, k: torch.Tensor, *, window: int, num_probe
 
 def modality_mask(profile: torch.Tensor, is_visual: torch.Tensor, *, visual_ratio: float, text_window: int
                   ) -> torch.Tensor:
-    """A-VL's keep mask ``[batch, kv_heads, n]``: of the visual tokens (``is_visual [batch, n]``), the most
-    attended ``ceil(visual_ratio * count)`` by the profile's mass; of the text tokens, the last ``text_window``."""
+    """The catalogue's reading of A-VL as a keep mask ``[batch, kv_heads, n]``: of the visual tokens (``is_visual
+    [batch, n]``), the most attended ``ceil(visual_ratio * count)`` by the profile's mass; of the text tokens, the
+    last ``text_window``. The paper's rule (core / secondary / minor image caches, scored text eviction) is
+    :class:`~attnkit.selective_cache.AdaptiveVLCache`."""
     visual_ratio = _check_fraction("visual_ratio", visual_ratio)
     b, hkv, _, n = profile.shape
     vis = is_visual.to(torch.bool).view(b, 1, n).expand(b, hkv, n)
