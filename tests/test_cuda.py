@@ -309,3 +309,69 @@ def test_flex_neighborhood_in_spatial_tiles_on_cuda():
     g2 = torch.randn_like(ref)
     for a, b in zip(_grads(out, (q, k, v), g2.to(torch.bfloat16)), _grads(ref, (q64, k64, v64), g2)):
         assert_close(a, b, scale=8.0)
+
+
+# -- fla routing of the gated families (issue 24): the real kernels against attnkit's float64 references -------
+@pytest.mark.parametrize("case", ["gla_scalar", "gla_vector", "delta", "gated_delta"])
+def test_fla_gated_routing_matches_reference_on_cuda(case):
+    import torch.nn.functional as F
+
+    from attnkit.backends import get_backend
+    from attnkit.ops.linear.gated import delta_rule_reference, gated_linear_attention_reference
+
+    op = "gated" if case.startswith("gla") else "delta"
+    if not _ON_GPU or not get_backend(op, "fla").installed():
+        pytest.skip("needs CUDA and fla (pip install 'attnkit[fla]')")
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, n, dk, dv = 2, 4, 2, 300, 64, 64
+    q = torch.randn(b, h, n, dk, generator=g) * dk ** -0.5
+    k = F.normalize(torch.randn(b, hkv, n, dk, generator=g), dim=-1)
+    v = torch.randn(b, hkv, n, dv, generator=g)
+    s0 = torch.randn(b, h, dk, dv, generator=g) * 0.1
+    ld = F.logsigmoid(torch.randn(b, h, n, *((dk,) if case == "gla_vector" else ()), generator=g) + 3)
+    beta = torch.rand(b, h, n, generator=g)
+    dt = torch.bfloat16
+    kk, vv = (t.repeat_interleave(h // hkv, dim=1).double() for t in (k, v))
+    leaves = [t.to(CUDA, dt).requires_grad_() for t in (q, k, v)]
+    if op == "gated":
+        out, s = attnkit.gated_linear_attention(*leaves, ld.to(CUDA), initial_state=s0.to(CUDA), return_state=True,
+                                                engine="fla")
+        want, want_s = gated_linear_attention_reference(q.double(), kk, vv, ld.double(), initial_state=s0.double(),
+                                                        return_state=True)
+    else:
+        gate = ld.to(CUDA) if case == "gated_delta" else None
+        out, s = attnkit.delta_rule_attention(*leaves, beta.to(CUDA, dt), log_decay=gate, initial_state=s0.to(CUDA),
+                                              return_state=True, engine="fla")
+        want, want_s = delta_rule_reference(q.double(), kk, vv, beta.double(), log_decay=None if gate is None else
+                                            ld.double(), initial_state=s0.double(), return_state=True)
+    assert out.dtype == dt and s.dtype == torch.float32
+    assert_close(out.float().cpu(), want, dtype=dt, scale=4.0)
+    assert_close(s.cpu(), want_s, dtype=dt, scale=4.0)
+    out.float().square().mean().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("case", ["hierarchical", "per_head_window", "per_head_window_causal"])
+def test_flex_compiles_the_patterns_that_failed_before_on_cuda(case):
+    """hierarchical (HDT) and per_head_window failed to compile on FlexAttention (issue 23); their lowerings index
+    prepared tensors only. Forward and backward against the float64 reference, and no fallback warning."""
+    import warnings
+
+    from attnkit.ops.exact.variants import hdt_layout
+
+    _cpu_dry_run_skips("flex")
+    lv, gid, _ = hdt_layout([[40, 60, 30], [50, 70]])
+    n = lv.shape[0]
+    pattern = {"hierarchical": P.hierarchical(lv, gid),
+               "per_head_window": P.per_head_window([8, 32, 100, None]),
+               "per_head_window_causal": P.per_head_window([8, 32, 100, None], causal=True)}[case]
+    q, k, v = random_qkv(1, 4, n, n, 64, dtype=torch.bfloat16, device=CUDA, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = attnkit.attention(q, k, v, pattern=pattern, engine="flex")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnkit.attention(q64, k64, v64, pattern=pattern, engine="reference")
+    assert_close(out, ref, scale=2.0)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (q, k, v), g.to(torch.bfloat16)), _grads(ref, (q64, k64, v64), g)):
+        assert_close(a, b, scale=8.0)

@@ -333,3 +333,29 @@ def test_inference_fast_path_equals_batched_path(name, per_head, small_blocks, m
     assert_close(fast_s.z, slow_s.z.detach())
     ref = linear_attention_reference(q, k, v, feature_map=fm, causal=True)
     assert_close(fast, ref[:, :, 17:])
+
+
+def test_chunked_blocks_read_inputs_through_one_split():
+    # Each block sliced out of the whole input made autograd add a zero-filled gradient of the whole tensor per
+    # block (quadratic backward: 16K tokens cost 9.6x 4K on CPU); one split per tensor reads it once.
+    from attnkit.feature_maps import get as get_fm
+    from attnkit.ops.linear._common import make_finalize
+    from attnkit.ops.linear.chunked import chunked_forward
+
+    q, k, v = (torch.randn(1, 2, 512, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ld = torch.log(torch.tensor([0.9, 0.99], dtype=torch.float64))
+    out, _ = chunked_forward(q, k, v, get_fm("elu"), log_decay=ld,
+                             s0=None, offset=0, chunk_size=16, finalize=make_finalize("denominator", 1e-6, q.dtype),
+                             block_tokens=64)  # 8 blocks
+    readers = {id(t): 0 for t in (q, k, v)}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and type(nxt).__name__ == "AccumulateGrad" and id(nxt.variable) in readers:
+                readers[id(nxt.variable)] += 1
+            stack.append(nxt)
+    assert all(n == 1 for n in readers.values()), readers

@@ -6,14 +6,15 @@ Layout is ``[batch, heads, seq, dim]`` everywhere, as in ``torch.nn.functional.s
 from attnkit import feature_maps, normalizations, patterns, score_mods
 from attnkit._version import __version__
 from attnkit.backends import list_backends
+from attnkit.backends.dispatch import explain
 from attnkit.cache import AdaptiveKVCache, KVCache, RecurrentStateCache, SlidingWindowCache
 from attnkit.errors import NotSupportedError
 from attnkit.functional.exact import attention, not_supported_reasons
-from attnkit.functional.linear import linear_attention
+from attnkit.functional.linear import delta_rule_attention, gated_linear_attention, linear_attention
 from attnkit.functional.neighborhood import neighborhood
 from attnkit.ops.approx.error import ApproximationError, approximation_error
 from attnkit.ops.exact.weights import attention_lse, attention_weights
-from attnkit.ops.linear import LinearAttentionState, delta_rule_attention, gated_linear_attention
+from attnkit.ops.linear import LinearAttentionState
 from attnkit.paged_cache import PagedKVCache
 from attnkit.registry import Mechanism, get, list_mechanisms, mechanism_info, register
 
@@ -33,6 +34,6 @@ __all__ = [
     "KVCache", "SlidingWindowCache", "AdaptiveKVCache", "RecurrentStateCache",
     "attention_weights", "attention_lse", "PagedKVCache",
     "gated_linear_attention", "delta_rule_attention",
-    "list_backends",
+    "list_backends", "explain",
     "convert",
 ]

@@ -12,6 +12,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_gqa: bool = True) -> None:
     """Validate ``q [batch, heads, q_len, dim]``, ``k [batch, kv_heads, kv_len, dim]``, ``v [batch, kv_heads,
     kv_len, dim_v]``. Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes."""
+    # Fast accept (every call of every engine passes here): one combined test; any doubt runs the checks below,
+    # which say what is wrong.
+    if type(q) is type(k) is type(v) is torch.Tensor:
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if (len(qs) == len(ks) == len(vs) == 4 and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype
+                and q.device == k.device == v.device and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
+                and ks[2] == vs[2] and qs[3] == ks[3] and qs[1] > 0 and ks[1] > 0 and qs[1] % ks[1] == 0
+                and (allow_gqa or qs[1] == ks[1]) and qs[2] > 0 and ks[2] > 0):
+            return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -99,9 +99,15 @@ _BY_NAME = {"softmax": softmax, "sigmoid": sigmoid, "relu": relu, "softplus": so
             "standardize": standardize}
 
 
+_DEFAULTS: dict[str, Normalization] = {}
+
+
 def resolve(normalization: str | Normalization) -> Normalization:
     if isinstance(normalization, Normalization):
         return normalization
     if isinstance(normalization, str) and normalization in _BY_NAME:
-        return _BY_NAME[normalization]()
+        hit = _DEFAULTS.get(normalization)
+        if hit is None:  # frozen: one default instance per name (it is hashed per call by the dispatch cache)
+            hit = _DEFAULTS[normalization] = _BY_NAME[normalization]()
+        return hit
     raise ValueError(f"normalization must be one of {sorted(_BY_NAME)} or a Normalization, got {normalization!r}")

@@ -1,7 +1,8 @@
 """Backends: kernels that run one attnkit operation, each declaring what it supports as data.
 
 A :class:`Backend` is one way to run an *operation* (``"attention"``: ``attnkit.attention``; ``"neighborhood"``:
-``attnkit.neighborhood``; ``"linear"``: ``attnkit.linear_attention``). It declares, as data, the devices,
+``attnkit.neighborhood``; ``"linear"``: ``attnkit.linear_attention``; ``"gated"``: ``attnkit.gated_linear_attention``;
+``"delta"``: ``attnkit.delta_rule_attention``). It declares, as data, the devices,
 dtypes, head dims, patterns, score modifiers and normalisations it runs, the optional package it needs (an
 extra such as ``attnkit[flex]`` is never imported until the backend is used) and its rank among the backends
 of its operation per device type (lower runs first under ``engine="auto"``). One function,
@@ -27,7 +28,7 @@ from attnkit.errors import NotSupportedError
 __all__ = ["Backend", "register_backend", "get_backend", "list_backends", "backends", "select", "all_reasons",
            "format_table", "use_engine", "AUTO_ONLY_WHEN_NAMED", "OPERATIONS"]
 
-OPERATIONS = ("attention", "neighborhood", "linear")
+OPERATIONS = ("attention", "neighborhood", "linear", "gated", "delta")
 # Rank of a backend that ``engine="auto"`` never picks on that device (it runs only when named).
 AUTO_ONLY_WHEN_NAMED = None
 
@@ -156,7 +157,14 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in table and table[backend.name] is not backend:
         raise ValueError(f"a {backend.operation} backend named {backend.name!r} is already registered")
     table[backend.name] = backend
+    _invalidate()
     return backend
+
+
+def _invalidate() -> None:
+    from attnkit.backends.keys import invalidate
+
+    invalidate()
 
 
 def _load() -> None:

@@ -5,7 +5,8 @@
 | attention      | `sdpa`      | cpu, cuda | 0 / 0                | (torch)          |
 | attention      | `flash`     | cuda      | - / 1                | `attnkit[flash]` |
 | attention      | `flex`      | cpu, cuda | 2 / 2                | (torch >= 2.5)   |
-| attention      | `tiled`     | cpu, cuda | 1 / 3                | (attnkit)        |
+| attention      | `sdpa_mask` | cpu, cuda | named / 3            | (torch)          |
+| attention      | `tiled`     | cpu, cuda | 1 / 4                | (attnkit)        |
 | attention      | `reference` | cpu, cuda | 9 / 9 (*)            | (attnkit)        |
 | neighborhood   | `natten`    | cpu, cuda | named / 0            | `attnkit[natten]`|
 | neighborhood   | `flex`      | cpu, cuda | named / 1            | (torch >= 2.5)   |
@@ -14,6 +15,8 @@
 | linear         | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
 | linear         | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
 | linear         | `reference` | cpu, cuda | named                | (attnkit)        |
+| gated, delta   | `fla`       | cuda      | - / 0                | `attnkit[fla]`   |
+| gated, delta   | `attnkit`   | cpu, cuda | 0 / 1                | (attnkit)        |
 
 (*) the reference runs automatically only for what nothing else runs (normalisations that need the whole matrix);
 it refuses the rest under ``auto``. On CPU the tiled engine ranks before flex: its fused kernel path beats compiled
@@ -28,9 +31,10 @@ from typing import Any
 import torch
 
 from attnkit.backends.base import Backend, get_backend, register_backend
-from attnkit.backends.fla import fla_reasons
+from attnkit.backends.fla import fla_gated_reasons, fla_reasons
 from attnkit.backends.flash import flash_reasons
 from attnkit.backends.flex import flex_reasons
+from attnkit.backends.masked import sdpa_mask_reasons, sdpa_mask_run
 from attnkit.backends.natten import natten_reasons
 
 HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,8 +95,11 @@ def run_attention_backend(name, engine, q, k, v, *, pattern, score_mod, norm, sc
             raise
         import warnings
 
-        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on", RuntimeWarning,
-                      stacklevel=3)
+        from attnkit.backends.base import select
+
+        nxt = select("attention", "auto", call).name  # flex refuses this pattern / modifier from now on
+        warnings.warn(f"{exc}; engine='auto' runs the next engine for it from now on ({nxt!r}; "
+                      f"attnkit.explain(q, k, v, ...) says why)", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -130,9 +137,14 @@ register_backend(Backend(
     rank={"cpu": 2, "cuda": 2}, notes="CPU: inference only, no return_lse (torch 2.13); first call per shape "
     "compiles (seconds)"))
 register_backend(Backend(
+    "sdpa_mask", "attention", "SDPA with the pattern materialised as a boolean mask: the fused fallback where "
+    "FlexAttention cannot compile a pattern, while the n^2 mask fits ATTNKIT_MASK_BUDGET (1 GiB)",
+    sdpa_mask_reasons, sdpa_mask_run, patterns="any (materialised: O(q_len * kv_len) memory)", score_mods="none",
+    rank={"cuda": 3}, notes="CPU: named only (the tiled engine's fused CPU path is faster and linear in memory)"))
+register_backend(Backend(
     "tiled", "attention", "attnkit's tiled engine: tile skipping, online softmax, custom backward (ATen's fused "
     "flash kernel per step on CPU)", _builtin("tiled"), _run_builtin, normalizations="softmax, sigmoid, relu, "
-    "softplus", rank={"cpu": 1, "cuda": 3}))
+    "softplus", rank={"cpu": 1, "cuda": 4}))
 register_backend(Backend(
     "reference", "attention", "the dense reference (materialise, mask, normalise): the spec", _reference_auto_reasons,
     _run_builtin, normalizations="all, including sinkhorn", rank={"cpu": 9, "cuda": 9}))
@@ -153,9 +165,11 @@ def neighborhood_call(q, k, v, spec, *, score_mod, scale) -> dict[str, Any]:
 
 def _nb_flex_reasons(c):
     from attnkit.normalizations import resolve
+    from attnkit.patterns.spatial import _cached_pattern
 
     n = c["spec"].num_tokens
-    call = dict(c, pattern=None, norm=resolve("softmax"), return_lse=False, q_len=n, kv_len=n)
+    # the pattern, so that one FlexAttention failed to compile before is refused with that reason
+    call = dict(c, pattern=_cached_pattern(c["spec"]), norm=resolve("softmax"), return_lse=False, q_len=n, kv_len=n)
     return flex_reasons(call)
 
 
@@ -217,3 +231,28 @@ register_backend(Backend(
     "reference", "linear", "the materialised quadratic form (linear_attention_reference): the spec", _no_reasons,
     _run_builtin, patterns="causal, non-causal", score_mods="decay per head",
     normalizations="denominator, none, rms", rank={}))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gated (GLA) and delta (the delta rule, gated or not)
+# ------------------------------------------------------------------------------------------------------------
+
+def gated_call(kind, q, k, v, *, mode, grads=()) -> dict[str, Any]:
+    """The record of a ``gated_linear_attention`` (``kind="gla"``) or ``delta_rule_attention`` (``"delta"``) call."""
+    return {
+        "q": q, "k": k, "v": v, "kind": kind, "mode": mode, "device": q.device, "dtype": q.dtype,
+        "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "needs_grad": _needs_grad((q, k, v), grads),
+    }
+
+
+for _op, _what in (("gated", "chunk_gla (vector gates) / chunk_simple_gla (scalar gates)"),
+                   ("delta", "chunk_delta_rule / chunk_gated_delta_rule")):
+    register_backend(Backend(
+        "fla", _op, f"flash-linear-attention {_what} (Triton); layout, scale, gates and states converted by attnkit",
+        fla_gated_reasons, _run_builtin, devices=("cuda",),
+        dtypes=HALF_AND_SINGLE if _op == "gated" else (torch.float16, torch.bfloat16), patterns="causal",
+        score_mods="none", normalizations="none (o = S^T q, as attnkit's)", rank={"cuda": 0},
+        requires=("fla", "triton"), extra="fla"))
+    register_backend(Backend(
+        "attnkit", _op, "attnkit's chunked (WY/UT for the delta rule) and recurrent forms", _no_reasons, _run_builtin,
+        patterns="causal", score_mods="none", normalizations="none", rank={"cpu": 0, "cuda": 1}))

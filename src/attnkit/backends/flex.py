@@ -38,6 +38,9 @@ __all__ = ["FlexCompileError", "flex_available", "lower_pattern", "lower_score_m
 BLOCK_SIZE = 128
 # Below this many queries auto leaves a call to the other engines (decoding steps change kv_len every call).
 DECODE_Q_LEN = 16
+# Below this many query-key pairs, auto leaves a softmax call without modifier on CUDA to sdpa_mask: no compile
+# (a MultiheadAttention with sliding_window(16) at 100 tokens failed to compile on an H200: NoValidChoicesError).
+FLEX_MIN_PAIRS = 128 * 256
 # Distinct (pattern, modifier, shape) entries kept; each holds one BlockMask (int32, O(tiles)).
 CACHE_SIZE = 32
 # Every new shape or closure compiles anew; torch's default limit of 8 recompiles per function is exhausted by a
@@ -49,13 +52,28 @@ class FlexCompileError(NotSupportedError):
     """FlexAttention could not trace or compile a pattern's ``mask_mod`` or a modifier's ``score_mod``."""
 
 
-# Patterns / modifiers that failed to compile (by id, holding the object so the id stays theirs): flex refuses them.
-_FAILED: dict[int, tuple[object, str]] = {}
+# Patterns / modifiers that failed to compile (by structure key, holding the objects whose identities the key
+# names): flex refuses them.
+_FAILED: dict = {}
 
 
 def _failed_reason(obj) -> str | None:
-    hit = _FAILED.get(id(obj))
-    return hit[1] if hit is not None and hit[0] is obj else None
+    if not _FAILED:
+        return None
+    from attnkit.backends.keys import structure_key
+
+    hit = _FAILED.get(structure_key(obj))
+    return None if hit is None else hit[1]
+
+
+def _mark_failed(obj, msg: str) -> None:
+    from attnkit.backends.keys import invalidate, structure_key
+
+    holders: list = []
+    _FAILED[structure_key(obj, holders)] = (holders, msg)
+    while len(_FAILED) > CACHE_SIZE:
+        _FAILED.pop(next(iter(_FAILED)))
+    invalidate()  # flex refuses it from now on: cached decisions that chose flex are stale
 
 
 @functools.cache
@@ -91,6 +109,7 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
     """A ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``pattern.allowed(..., q_len, kv_len)``, with the tensors
     the pattern reads prepared on ``device`` once (they are constants inside the compiled kernel)."""
     from attnkit import patterns as P
+    from attnkit.patterns import grid as PG
 
     if isinstance(pattern, P._And | P._Or):
         fa, fb = lower_pattern(pattern.a, q_len, kv_len, device), lower_pattern(pattern.b, q_len, kv_len, device)
@@ -115,6 +134,41 @@ def lower_pattern(pattern: Pattern, q_len: int, kv_len: int, device: torch.devic
             ids1 = ids[0]
             return lambda b, h, qi, ki: ids1[qi + off] == ids1[ki]
         return lambda b, h, qi, ki: ids[b, qi + off] == ids[b, ki]
+    if isinstance(pattern, PG._PerHeadBand):
+        # The predicate builds its per-head bounds with torch.tensor(...) on every call, which inductor cannot
+        # lower inside a mask ("'Tensor' object has no attribute 'get_dtype'"): integer bounds made once here
+        # (an infinite side becomes q_len + kv_len, beyond any distance), indexed by the head.
+        big = q_len + kv_len + 1
+        left = torch.tensor([int(min(x, big)) for x in pattern.left], dtype=torch.int64, device=device)
+        right = torch.tensor([int(min(x, big)) for x in pattern.right], dtype=torch.int64, device=device)
+
+        def per_head(b, h, qi, ki):
+            d = ki - (qi + off)
+            return (d >= -left[h]) & (d <= right[h])
+
+        return per_head
+    if isinstance(pattern, PG._Hierarchical):
+        # HDT: the predicate compares level memberships computed from whole tensors on every call ("Buffers
+        # cannot be created while lowering a pointwise subgraph" on CUDA): one code per level and token made
+        # here, the group id for members and a sentinel (different for queries and keys) for the others.
+        lv, gid = pattern.levels.to(device), pattern.group_ids.to(device)
+        codes = []
+        for lvl in range(gid.shape[1]):
+            member = (lv == lvl) | (lv == lvl + 1)
+            sentinel = gid.min() - 2
+            cq = torch.where(member, gid[:, lvl], sentinel).contiguous()
+            ck = torch.where(member, gid[:, lvl], sentinel - 1).contiguous()
+            codes.append((cq, ck) if cq.shape[0] > 1 else (cq[0], ck[0]))
+        batched = pattern.levels.shape[0] > 1
+
+        def hierarchical(b, h, qi, ki):
+            out = None
+            for cq, ck in codes:
+                m = (cq[b, qi] == ck[b, ki]) if batched else (cq[qi] == ck[ki])
+                out = m if out is None else out | m
+            return out
+
+        return hierarchical
     return lambda b, h, qi, ki: pattern.allowed(b, h, qi, ki, q_len, kv_len)
 
 
@@ -183,6 +237,11 @@ def flex_reasons(call) -> list[str]:
             why.append("no C++ compiler found: torch.compile's CPU backend needs one")
     elif dev == "cuda" and call["head_dim"] < 16:
         why.append(f"head dim {call['head_dim']} < 16 (FlexAttention's CUDA kernels need >= 16)")
+    if (call.get("auto") and dev == "cuda" and call["q_len"] * call["kv_len"] < FLEX_MIN_PAIRS
+            and call["score_mod"] is None and call["norm"].name == "softmax"):
+        # a compile per shape costs seconds; at this size SDPA with the materialised mask (sdpa_mask) needs none
+        why.append(f"q_len * kv_len = {call['q_len'] * call['kv_len']} < {FLEX_MIN_PAIRS} under auto (SDPA with "
+                   f"the materialised mask runs it without a compile; name engine='flex' to force it)")
     if call.get("auto") and call["q_len"] < DECODE_Q_LEN:
         # Decoding grows kv_len by one per call, and every new length compiles anew (seconds each).
         why.append(f"q_len {call['q_len']} < {DECODE_Q_LEN} under auto (decoding: one compile per cache length; "
@@ -203,16 +262,20 @@ _CACHE: OrderedDict = OrderedDict()
 
 def _entry(pattern: Pattern | None, mod: ScoreMod | None, q_len: int, kv_len: int, batch: int, heads: int,
            device: torch.device):
-    key = (id(pattern), id(mod), q_len, kv_len, batch, heads, str(device))
+    from attnkit.backends.keys import structure_key
+
+    holders: list = []
+    key = (structure_key(pattern, holders), structure_key(mod, holders), q_len, kv_len, batch, heads, device)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0] is pattern and hit[1] is mod:
+    if hit is not None:
         _CACHE.move_to_end(key)
         return hit
     block_mask = None if pattern is None else block_mask_from_tiles(pattern, q_len, kv_len, batch=batch,
                                                                      heads=heads, device=device)
     score_fn = None if mod is None else lower_score_mod(mod, q_len, kv_len)
-    # The pattern and modifier are kept alive by the entry, so their ids cannot be reused while it is cached.
-    entry = (pattern, mod, block_mask, score_fn)
+    # The objects the key names by identity are kept alive by the entry, so their ids cannot be reused while it
+    # is cached; two patterns with equal parameters share one BlockMask (and one compiled kernel).
+    entry = (holders, mod, block_mask, score_fn)
     _CACHE[key] = entry
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -245,9 +308,7 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pa
         msg = f"{type(exc).__name__}: {first}"
         for obj in (pattern, score_mod):
             if obj is not None:
-                _FAILED[id(obj)] = (obj, msg)
-        while len(_FAILED) > CACHE_SIZE:
-            _FAILED.pop(next(iter(_FAILED)))
+                _mark_failed(obj, msg)
         raise FlexCompileError(f"FlexAttention could not compile pattern {pattern!r} / score_mod {score_mod!r}: "
                                f"{msg}") from exc
 
@@ -337,46 +398,60 @@ def _ordered_blocks(cls: torch.Tensor):
 _NB_CACHE: OrderedDict = OrderedDict()
 
 
+def neighborhood_layout(spec, score_mod: ScoreMod | None, device):
+    """The permuted token layout of a neighborhood call on ``device``, cached per (spec, modifier, device):
+    ``(perm, inv, block_mask, score_fn)`` (``perm[new] = old``, ``inv`` its inverse, the BlockMask over permuted
+    tokens with the mask_mod and score_mod reading original indices), or None when no spatial tiling divides the
+    grid (the row-major pattern then runs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from attnkit.ops.neighborhood.tiling import choose_tiling, tiling_classes, token_permutation
+    from attnkit.patterns.spatial import _cached_pattern
+
+    key = (spec, id(score_mod), str(device))
+    hit = _NB_CACHE.get(key)
+    if hit is not None and hit[0] is score_mod:
+        return hit[1]
+    n = spec.num_tokens
+    pattern = _cached_pattern(spec)
+    # the box of 128 tokens (after dilation grouping) with the fewest computed tiles; row-major strips are
+    # among the candidates whenever they are boxes, so the choice is never worse than the plain order
+    tiling = choose_tiling(spec, BLOCK_SIZE)
+    layout = None
+    if tiling is not None:
+        cls = tiling_classes(spec, tiling, device)
+        perm = token_permutation(spec, tiling, device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=device)
+
+        def mask_mod(b, h, qi, ki):
+            return pattern.allowed(b, h, perm[qi], perm[ki], n, n)
+
+        bm = BlockMask.from_kv_blocks(*_ordered_blocks(cls), BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
+                                      mask_mod=mask_mod, seq_lengths=(n, n))
+        score_fn = None
+        if score_mod is not None:
+            def score_fn(score, b, h, qi, ki):
+                return score_mod(score, b, h, perm[qi], perm[ki], n, n)
+        layout = (perm, inv, bm, score_fn)
+    _NB_CACHE[key] = (score_mod, layout)  # holds the modifier: its id stays its own while cached
+    while len(_NB_CACHE) > CACHE_SIZE:
+        _NB_CACHE.popitem(last=False)
+    return layout
+
+
 def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, *, score_mod: ScoreMod | None,
                            scale: float) -> torch.Tensor:
-    """Neighborhood attention through FlexAttention on ``[B, H, *spatial, D]`` tensors, in the token layout
-    (row-major or spatial tiles) that computes fewer tiles; ``score_mod`` sees the original flat token indices."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """Neighborhood attention through FlexAttention on ``[B, H, *spatial, D]`` tensors, tokens permuted into the
+    spatial tiling (``attnkit.ops.neighborhood.tiling``: dilation grouping, boxes of 128 tokens) that computes the
+    fewest tiles; ``score_mod`` sees the original flat token indices."""
 
     from attnkit.patterns.spatial import _cached_pattern
 
     n = spec.num_tokens
     flat = [t.reshape(*t.shape[:2], n, t.shape[-1]) for t in (q, k, v)]
     pattern = _cached_pattern(spec)
-    key = (spec, id(score_mod), str(q.device))
-    hit = _NB_CACHE.get(key)
-    if hit is None or hit[0] is not score_mod:
-        tile = tile_shape_for(spec.shape)
-        cls = None if tile is None else neighborhood_tile_classes(spec, tile, q.device)
-        if cls is not None:
-            rowmajor = pattern.tile_classes(n, n, BLOCK_SIZE, BLOCK_SIZE, device=q.device)
-            if int((cls != 0).sum()) >= int((rowmajor != 0).sum()):
-                cls = None
-        if cls is None:
-            hit = (score_mod, None)
-        else:
-            perm = tile_permutation(spec.shape, tile, q.device)
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(n, device=q.device)
-
-            def mask_mod(b, h, qi, ki):
-                return pattern.allowed(b, h, perm[qi], perm[ki], n, n)
-
-            bm = BlockMask.from_kv_blocks(*_ordered_blocks(cls), BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
-                                          mask_mod=mask_mod, seq_lengths=(n, n))
-            score_fn = None
-            if score_mod is not None:
-                def score_fn(score, b, h, qi, ki):
-                    return score_mod(score, b, h, perm[qi], perm[ki], n, n)
-            hit = (score_mod, (perm, inv, bm, score_fn))
-        _NB_CACHE[key] = hit
-        while len(_NB_CACHE) > CACHE_SIZE:
-            _NB_CACHE.popitem(last=False)
+    hit = (None, neighborhood_layout(spec, score_mod, q.device))
     if hit[1] is None:
         out = flex_attention_call(*flat, pattern=pattern, score_mod=score_mod, scale=scale)
         return out.reshape(*q.shape[:-1], v.shape[-1])
@@ -390,5 +465,7 @@ def neighborhood_flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     except Exception as exc:
         if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
-        raise FlexCompileError(f"FlexAttention could not compile {pattern!r}: {type(exc).__name__}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _mark_failed(pattern, f"{type(exc).__name__}: {first}")
+        raise FlexCompileError(f"FlexAttention could not compile {pattern!r}: {type(exc).__name__}: {first}") from exc
     return out[:, :, inv].reshape(*q.shape[:-1], v.shape[-1])

@@ -12,7 +12,8 @@ cannot run a call raises ``NotSupportedError`` with its reasons (and those of th
 | `reference` | any                            | any       | all, including sinkhorn             | O(q_len*kv_len)|
 
 (*) ``causal()`` only when ``q_len == kv_len``: SDPA aligns causal masks top-left, attnkit bottom-right.
-``auto`` order (``attnkit.backends.catalog``): CUDA sdpa, flash, flex, tiled; CPU sdpa, tiled, flex (the
+``auto`` order (``attnkit.backends.catalog``): CUDA sdpa, flash, flex, sdpa_mask (SDPA with the materialised
+mask, for what flex cannot compile, while the mask fits memory), tiled; CPU sdpa, tiled, flex (the
 fused CPU path beats FlexAttention there); the reference is chosen automatically only for Sinkhorn, which needs
 the whole matrix (column sums) by definition. ``attnkit backends`` lists what is installed and usable here.
 """
@@ -54,6 +55,28 @@ def select_engine(q, k, v, pattern, score_mod, norm: Normalization, engine: str,
     return select("attention", engine, call).name
 
 
+_DISPATCH: list = []  # attnkit.backends.dispatch, imported on first use (an import statement costs ~10 us a call)
+
+
+def _cached_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse) -> str:
+    # select_engine's answer, remembered by the call's structure (attnkit.backends.dispatch)
+    if not _DISPATCH:
+        from attnkit.backends import dispatch
+
+        _DISPATCH.append(dispatch)
+    d = _DISPATCH[0]
+    key, holders = d.attention_key(q, k, v, pattern, mod, norm, return_lse)
+    return d.cached_select("attention", engine, key, lambda: _call(q, k, v, pattern, mod, norm, scale, return_lse),
+                           holders)
+
+
+def _call(q, k, v, pattern, mod, norm, scale, return_lse):
+    from attnkit.backends.catalog import attention_call
+
+    return attention_call(q, k, v, pattern=pattern, score_mod=mod, norm=norm, scale=default_scale(q, scale),
+                          return_lse=return_lse)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pattern | None = None,
               score_mod: ScoreMod | Sequence[ScoreMod] | None = None,
               normalization: str | Normalization = "softmax", scale: float | None = None,
@@ -73,8 +96,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
         normalization: "softmax", "sigmoid", "relu", "softplus", "sinkhorn" or an
             ``attnkit.normalizations`` object.
         scale: score scale, default ``1/sqrt(dim)``.
-        engine: "auto", "sdpa", "flash", "flex", "tiled" or "reference" (see the module docstring for what each
-            supports; ``attnkit.backends.backends()`` for what is installed here).
+        engine: "auto", "sdpa", "flash", "flex", "sdpa_mask", "tiled" or "reference" (see the module docstring
+            for what each supports; ``attnkit.backends.backends()`` for what is installed here).
         block_q, block_kv: tile sizes of the tiled engine (performance knobs; default 64).
         cu_seqlens: varlen packing (FlashAttention's convention): ``[num_docs + 1]`` cumulative lengths of the
             documents packed along the sequence axis (``q_len == kv_len``); queries attend only inside their
@@ -94,7 +117,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     mod = _resolve_score_mod(score_mod)
     norm = resolve(normalization)
     scale = default_scale(q, scale)
-    for name, val in (("block_q", block_q), ("block_kv", block_kv)):  # checked whichever engine runs
+    for name, val in () if block_q is None is block_kv else (("block_q", block_q), ("block_kv", block_kv)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
             raise ValueError(f"{name} must be a positive int (or None for the default), got {val!r}")
     batch, heads, q_len, _ = q.shape
@@ -116,7 +139,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: Pat
     if return_lse and norm.name != "softmax":
         raise ValueError(f"return_lse=True needs normalization='softmax' (got {norm.name!r}): the log-sum-exp is "
                          f"softmax's normaliser")
-    chosen = select_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
+    chosen = _cached_engine(q, k, v, pattern, mod, norm, engine, scale, return_lse)
     if chosen not in ENGINES:
         from attnkit.backends.catalog import run_attention_backend
 

@@ -16,7 +16,7 @@ from attnkit.ops.linear.parallel import parallel_forward
 from attnkit.ops.linear.recurrent import recurrent_forward
 from attnkit.ops.linear.state import LinearAttentionState
 
-__all__ = ["linear_attention", "MODES"]
+__all__ = ["linear_attention", "gated_linear_attention", "delta_rule_attention", "MODES"]
 
 MODES = ("auto", "parallel", "chunked", "recurrent")
 
@@ -143,6 +143,42 @@ def _watch_underflow(finalize):
     return watched
 
 
+_DISPATCH: list = []
+
+
+def _dispatch():
+    """attnkit.backends.dispatch, imported on first use (an import statement costs ~10 us per call)."""
+    if not _DISPATCH:
+        from attnkit.backends import dispatch
+
+        _DISPATCH.append(dispatch)
+    return _DISPATCH[0]
+
+
+class _Named:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _linear_backend(q, k, v, fm, causal, mode, engine, given) -> str:
+    # the backend select() picks, remembered by the call's structure (a map given by name by its name, else by
+    # identity)
+    d = _dispatch()
+    params = [p for p in fm.parameters() if p.requires_grad] if isinstance(fm, torch.nn.Module) else []
+    holders: list = [] if isinstance(given, str) else [fm]
+    fm_key = ("name", given) if isinstance(given, str) else id(fm)
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad([q, k, v, *params]), fm_key, causal, mode)
+
+    def call():
+        from attnkit.backends.catalog import linear_call
+
+        return linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode, features=fm.feature_dim(q.shape[-1]))
+
+    return d.cached_select("linear", engine, key, call, holders)
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      feature_map: str | FeatureMap = "elu", causal: bool = False, mode: str = "auto",
                      chunk_size: int = 64, decay: float | torch.Tensor | None = None,
@@ -201,11 +237,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             and n > 0):
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         return _lln_causal(q.to(work), k.to(work), v.to(work), fm, eps, chunk_size, q.dtype)
-    from attnkit.backends import select
-    from attnkit.backends.catalog import linear_call
-
-    backend = select("linear", engine, linear_call(q, k, v, feature_map=fm, causal=causal, mode=mode,
-                                                   features=fm.feature_dim(q.shape[-1])))
+    backend = _Named(_linear_backend(q, k, v, fm, causal, mode, engine, feature_map))
     if backend.name == "reference":
         from attnkit.ops.linear.reference import linear_attention_reference
 
@@ -285,3 +317,77 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         hk = k.shape[1]
         shift = fm.call_key_shift(ctx).view(b, hk, 1).expand(b, hk, h // hk).reshape(b, h)
     return out, LinearAttentionState._from_extended(s, offset + k.shape[2], shift, fm.name)
+
+
+def _gated_checks(q, k, v, mode, chunk_size, initial_state):
+    from attnkit.ops.linear import gated as G
+
+    check_qkv(q, k, v)
+    b, h, n, dk = q.shape
+    if k.shape[2] != n:
+        raise NotSupportedError(f"gated / delta-rule attention is causal: it needs as many queries as keys (got {n} "
+                                f"and {k.shape[2]}); carry earlier tokens in initial_state= instead")
+    if mode not in G.MODES:
+        raise ValueError(f"mode must be one of {', '.join(G.MODES)}, got {mode!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is not None and (not isinstance(initial_state, torch.Tensor)
+                                      or tuple(initial_state.shape) != (b, h, dk, v.shape[-1])):
+        raise ValueError(f"initial_state must be a tensor [batch={b}, heads={h}, d_k={dk}, d_v={v.shape[-1]}]; pass "
+                         f"the state returned by a call with return_state=True")
+
+
+def _gated_backend(op: str, engine: str, q, k, v, mode, grads) -> str:
+    d = _dispatch()
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad([q, k, v, *grads]), mode)
+
+    def call():
+        from attnkit.backends.catalog import gated_call
+
+        return gated_call("gla" if op == "gated" else "delta", q, k, v, mode=mode, grads=grads)
+
+    return d.cached_select(op, engine, key, call, [])
+
+
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
+                           mode: str = "auto", chunk_size: int = 64, initial_state: torch.Tensor | None = None,
+                           return_state: bool = False, engine: str = "auto"):
+    """Gated linear attention (GLA, Yang et al. 2024, eq. 3) through the backend dispatch: ``engine="auto"`` runs
+    fla's ``chunk_gla`` / ``chunk_simple_gla`` on CUDA when ``attnkit[fla]`` is installed, else attnkit's engine
+    (:func:`attnkit.ops.linear.gated.gated_linear_attention`, whose docstring gives the arguments and shapes);
+    ``"attnkit"`` or ``"fla"`` name one (``attnkit backends --operation gated``)."""
+    from attnkit.ops.linear import gated as G
+
+    if _gated_backend("gated", engine, q, k, v, mode, [log_decay]) == "fla":
+        _gated_checks(q, k, v, mode, chunk_size, initial_state)
+        g = G._check_log_decay(log_decay, q, vector_ok=True, work=torch.float32)
+        from attnkit.backends.fla import fla_gated_run
+
+        return fla_gated_run("gla", q, k, v, log_decay=g if g.shape[-1] > 1 else g[..., 0],
+                             initial_state=initial_state, return_state=return_state)
+    return G.gated_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=chunk_size,
+                                    initial_state=initial_state, return_state=return_state)
+
+
+def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                         log_decay: torch.Tensor | None = None, mode: str = "auto", chunk_size: int = 32,
+                         initial_state: torch.Tensor | None = None, return_state: bool = False, engine: str = "auto"):
+    """The (gated) delta rule (DeltaNet; Gated Delta Networks, eq. 10) through the backend dispatch:
+    ``engine="auto"`` runs fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` on CUDA for half precision
+    when ``attnkit[fla]`` is installed, else attnkit's WY/UT engine (:func:`attnkit.ops.linear.gated.
+    delta_rule_attention`, whose docstring gives the arguments and shapes); ``"attnkit"`` or ``"fla"`` name one."""
+    from attnkit.ops.linear import gated as G
+
+    grads = [t for t in (beta, log_decay) if isinstance(t, torch.Tensor)]
+    if _gated_backend("delta", engine, q, k, v, mode, grads) == "fla":
+        _gated_checks(q, k, v, mode, chunk_size, initial_state)
+        bt = G._check_gate("beta", beta, q, vector_ok=False, work=torch.float32)
+        if bt is None:
+            raise TypeError("beta is required ([batch, heads, seq] writing strengths)")
+        g = G._check_log_decay(log_decay, q, vector_ok=False, work=torch.float32)
+        from attnkit.backends.fla import fla_gated_run
+
+        return fla_gated_run("delta", q, k, v, log_decay=None if g is None else g[..., 0], beta=bt[..., 0],
+                             initial_state=initial_state, return_state=return_state)
+    return G.delta_rule_attention(q, k, v, beta, log_decay=log_decay, mode=mode, chunk_size=chunk_size,
+                                  initial_state=initial_state, return_state=return_state)

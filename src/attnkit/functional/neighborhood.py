@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnkit._checks import check_qkv, default_scale
+from attnkit._checks import FLOAT_DTYPES, check_qkv, default_scale
 from attnkit.errors import NotSupportedError
 from attnkit.ops.neighborhood.engine import neighborhood_tiled
 from attnkit.ops.neighborhood.reference import neighborhood_reference
@@ -24,6 +24,48 @@ def _split(x: torch.Tensor, name: str) -> tuple[int, ...]:
         raise ValueError(f"{name} must be [batch, heads, *spatial, dim] with 1, 2 or 3 spatial axes (4 to 6 "
                          f"dimensions), got shape {tuple(x.shape)}")
     return tuple(x.shape[2:-1])
+
+
+_SPECS: dict = {}
+_DISPATCH: list = []
+
+
+def _nb_call(q, k, v, spec, score_mod, scale):
+    from attnkit.backends.catalog import neighborhood_call
+
+    return neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=scale)
+
+
+def _valid_fast(q, k, v) -> bool:
+    """Whether q, k, v certainly pass the checks of ``neighborhood`` (same grid of 1-3 axes, float dtype, device,
+    batch, head dims; query heads a multiple of kv heads); False sends them through the checks that explain."""
+    if not (type(q) is type(k) is type(v) is torch.Tensor):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (len(qs) == len(ks) == len(vs) and 4 <= len(qs) <= 6 and q.dtype in FLOAT_DTYPES
+            and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and qs[0] == ks[0] == vs[0]
+            and ks[1] == vs[1] and qs[1] > 0 and ks[1] > 0 and qs[1] % ks[1] == 0 and qs[-1] == ks[-1]
+            and qs[2:-1] == ks[2:-1] == vs[2:-1] and min(qs[2:-1]) > 0)
+
+
+def _spec(spatial, kernel_size, dilation, stride, is_causal):
+    # make_spec validates and builds a frozen spec: remembered per arguments (a few microseconds per call)
+    try:
+        if (type(kernel_size) is int and type(dilation) is int and type(stride) is int
+                and type(is_causal) is bool):
+            key = (spatial, kernel_size, dilation, stride, is_causal)  # the common case: plain ints
+        else:  # with the types, so that 5.0 or True is validated (and refused) rather than matched to 5 or 1
+            key = tuple((a, type(a), tuple(map(type, a)) if isinstance(a, tuple | list) else None)
+                        for a in (spatial, kernel_size, dilation, stride, is_causal))
+        hit = _SPECS.get(key)
+    except TypeError:  # unhashable arguments (lists): validate every time
+        return make_spec(spatial, kernel_size, dilation, stride, is_causal)
+    if hit is None:
+        hit = make_spec(spatial, kernel_size, dilation, stride, is_causal)
+        if len(_SPECS) >= 256:
+            _SPECS.clear()
+        _SPECS[key] = hit
+    return hit
 
 
 def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, *, dilation=1, stride=1,
@@ -56,17 +98,20 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
     Returns ``[batch, heads, *spatial, dim_v]``. Every query attends exactly ``prod(kernel_size)`` keys unless
     an axis is causal; see ``attnkit.patterns.windows`` for the rules and a picture.
     """
-    spatial = _split(q, "q")
-    for name, t in (("k", k), ("v", v)):
-        if _split(t, name) != spatial:
-            raise ValueError(f"{name} has spatial shape {tuple(t.shape[2:-1])} but q has {spatial}; neighborhood "
-                             f"attention is self-attention over one grid: they must match")
-    n = 1
-    for s in spatial:
-        n *= s
-    check_qkv(q.reshape(*q.shape[:2], n, q.shape[-1]), k.reshape(*k.shape[:2], n, k.shape[-1]),
-              v.reshape(*v.shape[:2], n, v.shape[-1]))
-    spec = make_spec(spatial, kernel_size, dilation, stride, is_causal)
+    if _valid_fast(q, k, v):  # every check below passes (one combined test: a few microseconds per call)
+        spatial = tuple(q.shape[2:-1])
+    else:
+        spatial = _split(q, "q")
+        for name, t in (("k", k), ("v", v)):
+            if _split(t, name) != spatial:
+                raise ValueError(f"{name} has spatial shape {tuple(t.shape[2:-1])} but q has {spatial}; "
+                                 f"neighborhood attention is self-attention over one grid: they must match")
+        n = 1
+        for s in spatial:
+            n *= s
+        check_qkv(q.reshape(*q.shape[:2], n, q.shape[-1]), k.reshape(*k.shape[:2], n, k.shape[-1]),
+                  v.reshape(*v.shape[:2], n, v.shape[-1]))
+    spec = _spec(spatial, kernel_size, dilation, stride, is_causal)
     sc = default_scale(q, scale)
     if score_mod is not None:
         if not isinstance(score_mod, nn.Module):
@@ -86,14 +131,32 @@ def neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size,
     if q.shape[0] == 0:  # an empty batch: nothing to attend (SDPA returns the empty output too)
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     if engine != "reference" and (engine != "tiled" or tiles is None):
-        from attnkit.backends import select
-        from attnkit.backends.catalog import neighborhood_call
+        if not _DISPATCH:  # imported on first use (an import statement costs ~10 us a call)
+            from attnkit.backends import dispatch
 
-        call = neighborhood_call(q, k, v, spec, score_mod=score_mod, scale=sc)
-        backend = select("neighborhood", engine if tiles is None else "tiled", call)
-        if backend.name not in ("tiled", "reference"):
-            return backend.run(call)
-        engine = backend.name
+            _DISPATCH.append(dispatch)
+        d = _DISPATCH[0]
+        holders: list = [spec]  # the decision is remembered by the call's structure (attnkit.backends.dispatch)
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, d.needs_grad((q, k, v), score_mod), id(spec),
+               d.structure_key(score_mod, holders))
+        name = d.cached_select("neighborhood", engine if tiles is None else "tiled", key,
+                               lambda: _nb_call(q, k, v, spec, score_mod, sc), holders)
+        if name not in ("tiled", "reference"):
+            from attnkit.backends import get_backend
+            from attnkit.backends.catalog import neighborhood_call
+            from attnkit.backends.flex import FlexCompileError
+
+            try:
+                return get_backend("neighborhood", name).run(neighborhood_call(q, k, v, spec, score_mod=score_mod,
+                                                                              scale=sc))
+            except FlexCompileError as exc:  # remembered: flex refuses this spec from now on
+                if engine != "auto":
+                    raise
+                import warnings
+
+                warnings.warn(f"{exc}; engine='auto' runs 'tiled' for it from now on", RuntimeWarning, stacklevel=2)
+                name = "tiled"
+        engine = name
     if engine == "tiled":
         return neighborhood_tiled(q, k, v, spec, scale=sc, score_mod=score_mod, tiles=tiles)
     if engine == "reference":

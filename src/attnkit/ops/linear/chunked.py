@@ -35,6 +35,10 @@ __all__ = ["chunked_forward", "chunked_flops", "BLOCK_TOKENS"]
 
 # Tokens per block: a block's q/k/v features and chunk products should stay in cache (about 1-2 MB per head).
 BLOCK_TOKENS = 1024
+# Accelerators: bytes of intermediates one block may take (blocks as long as this allows, fewer launches), and
+# the block length with decay (its in-block prefix is a matmul quadratic in chunks per block).
+DEVICE_BLOCK_BYTES = 1 << 30
+DEVICE_DECAY_BLOCK = 4096
 # Fast path: compute features head by head right before their matmuls (parameter-free maps), so they are read
 # from cache; off, features of all heads of a block are computed at once.
 PER_HEAD_FEATURES = True
@@ -194,12 +198,29 @@ def _batched_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Feat
     dv1 = v.shape[-1] + 1
     B = b * h
     c = max(1, min(chunk_size, n))
-    block = c * max(1, (block_tokens or BLOCK_TOKENS) // c)
+    if block_tokens is None:
+        # CPU: blocks that stay in cache. Accelerators: as few blocks as memory allows (each block is ~15 kernel
+        # launches; at 16K tokens 1K-token blocks were 16x the launches of one). With decay the in-block prefix
+        # is an nb x nb matmul, so blocks stay at DEVICE_DECAY_BLOCK tokens.
+        if q.device.type == "cpu":
+            block_tokens = BLOCK_TOKENS
+        else:
+            per_token = B * (c + 2 * (q.shape[-1] + dv1)) * 4 + B * q.shape[-1] * dv1 * 4 // c
+            block_tokens = max(BLOCK_TOKENS, min(n, DEVICE_BLOCK_BYTES // max(1, per_token)))
+            if log_decay is not None:
+                block_tokens = min(block_tokens, DEVICE_DECAY_BLOCK)
+    block = c * max(1, block_tokens // c)
     ld = None if log_decay is None else log_decay.repeat(b)  # [B], row r = (batch r // h, head r % h)
 
     full = None
     if not fm.token_local:  # features depend on the whole call (e.g. log-normal statistics): compute once
         full = features(fm, q, k, offset, offset)
+    # Blocks as one split per tensor: slicing each block out of the whole tensor made autograd add a gradient
+    # of the whole tensor's size per block (quadratic backward: 16K tokens took 9.6x the time of 4K).
+    qs, ks, vs = (t.split(block, dim=2) for t in (q, k, v))
+    fqs = fks = None
+    if full is not None:
+        fqs, fks = full[0].split(block, dim=2), full[1].split(block, dim=2)
 
     # Decay tables that depend only on the chunk size: intra-chunk D [B, c, c], query weights [B, c].
     if ld is not None:
@@ -209,15 +230,15 @@ def _batched_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Feat
 
     s = None if s0 is None else s0.reshape(B, -1, dv1)
     outs = []
-    for start in range(0, n, block):
+    for j, start in enumerate(range(0, n, block)):
         end = min(start + block, n)
         L = end - start
         if full is None:
-            pq, pk = features(fm, q[:, :, start:end], k[:, :, start:end], offset + start, offset + start)
+            pq, pk = features(fm, qs[j], ks[j], offset + start, offset + start)
         else:
-            pq, pk = full[0][:, :, start:end], full[1][:, :, start:end]
+            pq, pk = fqs[j], fks[j]
         m = pq.shape[-1]
-        v1 = values_with_ones(v[:, :, start:end], h)
+        v1 = values_with_ones(vs[j], h)
         pq, pk, v1 = (t.reshape(B, L, t.shape[-1]) for t in (pq, pk, v1))
         nb = -(-L // c)
         pad = nb * c - L
@@ -245,11 +266,12 @@ def _batched_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fm: Feat
         if nb > 1:
             t_idx = torch.arange(nb, device=q.device)
             if ld is None:
-                tri = torch.ones(nb, nb, dtype=kv.dtype, device=q.device).tril_(-1)
+                # no decay: the exclusive prefix is a cumulative sum (O(nb) work, not an nb x nb matmul)
+                prev = torch.cat([kv.new_zeros(B, 1, kv.shape[-1]), kv[:, :-1].cumsum(1)], dim=1)
             else:
                 tri = decay_powers(ld, (c * (t_idx[:, None] - 1 - t_idx[None, :])).clamp_min(0))
                 tri = tri * torch.ones(nb, nb, dtype=kv.dtype, device=q.device).tril_(-1)
-            prev = torch.matmul(tri, kv)  # [B, nb, m (d_v + 1)]
+                prev = torch.matmul(tri, kv)  # [B, nb, m (d_v + 1)]
             if s is not None:
                 w = None if ld is None else decay_powers(ld, c * t_idx)[..., None]
                 prev = prev + (s.reshape(B, 1, -1) if w is None else w * s.reshape(B, 1, -1))

@@ -252,20 +252,18 @@ def _intra_vector(q, k, G, sub: int) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
-def _output(q: torch.Tensor, dv: int, N: int, c: int) -> torch.Tensor:
-    """The output ``[b, h, N, c, d_v]``, written block by block (no concatenation copy at the end)."""
-    return q.new_empty(q.shape[0], q.shape[1], N, c, dv)
-
-
-def _emit(out: torch.Tensor, lo: int, hi: int, block: torch.Tensor) -> None:
-    """Write a block's output; under autograd the write is recorded (``copy_`` into a slice) like a ``cat``."""
-    out[:, :, lo:hi] = block
-
-
-def _blocks(N: int, c: int):
+def _split_blocks(c: int, *chunked):
+    """Per tensor ``[b, h, N, c, ...]`` (or None), its blocks of chunks as one ``split`` (slicing each block out
+    of the whole tensor made autograd add a gradient of the whole tensor's size per block: quadratic backward)."""
     per = max(1, BLOCK_TOKENS // c)
-    for lo in range(0, N, per):
-        yield lo, min(N, lo + per)
+    n_blocks = -(-chunked[0].shape[2] // per)
+    return [[None] * n_blocks if t is None else t.split(per, dim=2) for t in chunked]
+
+
+def _join(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Blocks' outputs along the chunk axis: one ``cat`` (its backward is one split; writing each block into a
+    preallocated output recorded a copy of the whole gradient per block)."""
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _scan(decay, add, s):
@@ -273,9 +271,9 @@ def _scan(decay, add, s):
     ``decay [b, h, nb, d_k or 1, 1]`` (diagonal) and ``add [b, h, nb, d_k, d_v]``: the only sequential work of the
     chunked GLA form, one fused op per chunk."""
     starts = []
-    for t in range(add.shape[2]):
+    for add_t, decay_t in zip(add.unbind(2), decay.unbind(2)):  # unbind: one backward node, not one per chunk
         starts.append(s)
-        s = torch.addcmul(add[:, :, t], decay[:, :, t], s)
+        s = torch.addcmul(add_t, decay_t, s)
     return torch.stack(starts, dim=2), s
 
 
@@ -308,10 +306,9 @@ def _gated_chunked(q, k, v, g, s, c, factorise: bool = True):
     mask = _causal_mask(c, q.device)
     vector = gc.shape[-1] > 1
     span = _max_span(q.dtype)
-    out = _output(q, v.shape[-1], N, c)
-    for lo, hi in _blocks(N, c):
-        qb, kb, vb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi]
-        G = gc[:, :, lo:hi].cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
+    outs = []
+    for qb, kb, vb, gb in zip(*_split_blocks(c, qc, kc, vc, gc)):
+        G = gb.cumsum(-2)  # [b, h, nb, c, 1 or d_k]: inclusive log-decay from the chunk start
         last = G[..., -1:, :]
         if factorise and bool(last.detach().amin() >= -span):
             # The usual case, one matmul for scalar and vector gates alike: with E = exp(G - G_c) in
@@ -328,8 +325,8 @@ def _gated_chunked(q, k, v, g, s, c, factorise: bool = True):
             k_out, q_in = kb * torch.exp(last - G), qb * torch.exp(G)
         kv = k_out.transpose(-1, -2) @ vb  # [b, h, nb, d_k, d_v]: the chunk's own update
         starts, s = _scan(torch.exp(last).transpose(-1, -2), kv, s)  # decay [b, h, nb, d_k or 1, 1]
-        _emit(out, lo, hi, (A @ vb).add_(q_in @ starts))
-    out = out.reshape(b, h, N * c, -1)[:, :, :n]
+        outs.append((A @ vb).add_(q_in @ starts))
+    out = _join(outs).reshape(b, h, N * c, -1)[:, :, :n]
     return out, s
 
 
@@ -418,12 +415,12 @@ def _delta_chunked(q, k, v, beta, g, s, c):
     incl = _causal_mask(c, q.device)
     strict = _causal_mask(c, q.device, strict=True)
     span = _max_span(q.dtype)
-    out = _output(q, dv, N, c)
-    for lo, hi in _blocks(N, c):
-        qb, kb, vb, bb = qc[:, :, lo:hi], kc[:, :, lo:hi], vc[:, :, lo:hi], bc[:, :, lo:hi]
+    outs = []
+    for qb, kb, vb, bb, gb in zip(*_split_blocks(c, qc, kc, vc, bc, gc)):
         kt = kb.transpose(-1, -2)
-        if gc is not None:
-            G = gc[:, :, lo:hi, :, 0].cumsum(-1)[..., None]  # [b, h, nb, c, 1]: log gamma_i from the chunk start
+        nb = qb.shape[2]
+        if gb is not None:
+            G = gb[..., 0].cumsum(-1)[..., None]  # [b, h, nb, c, 1]: log gamma_i from the chunk start
             last = G[..., -1:, :]
             dec = torch.exp(last)  # [b, h, nb, 1, 1]
             if bool(last.detach().amin() >= -span):
@@ -452,18 +449,21 @@ def _delta_chunked(q, k, v, beta, g, s, c):
         k_stt = k_st.transpose(-1, -2)
         s3 = s.flatten(0, 1)
         us, starts = [], []
-        for t in range(hi - lo):
+        # per-chunk operands by one unbind each (one backward node each, not one per chunk)
+        u_ts, w_ts, k_ts = (x.flatten(0, 1).unbind(1) for x in (u_tilde, w, k_stt))
+        dec_ts = [None] * nb if dec is None else dec.flatten(0, 1).unbind(1)
+        for t in range(nb):
             starts.append(s3)
-            u = torch.baddbmm(u_tilde[:, :, t].flatten(0, 1), w[:, :, t].flatten(0, 1), s3, alpha=-1.0)
+            u = torch.baddbmm(u_ts[t], w_ts[t], s3, alpha=-1.0)
             us.append(u)
-            base = s3 if dec is None else dec[:, :, t].flatten(0, 1) * s3
-            s3 = torch.baddbmm(base, k_stt[:, :, t].flatten(0, 1), u)
+            base = s3 if dec_ts[t] is None else dec_ts[t] * s3
+            s3 = torch.baddbmm(base, k_ts[t], u)
         s = s3.view(b, h, dk, dv)
         # O = q_in S_0 + qk U, batched over the block
-        u_all = torch.stack(us, dim=1).view(b, h, hi - lo, c, dv)
-        s_all = torch.stack(starts, dim=1).view(b, h, hi - lo, dk, dv)
-        _emit(out, lo, hi, (qk @ u_all).add_(q_in @ s_all))
-    out = out.reshape(b, h, N * c, dv)[:, :, :n]
+        u_all = torch.stack(us, dim=1).view(b, h, nb, c, dv)
+        s_all = torch.stack(starts, dim=1).view(b, h, nb, dk, dv)
+        outs.append((qk @ u_all).add_(q_in @ s_all))
+    out = _join(outs).reshape(b, h, N * c, dv)[:, :, :n]
     return out, s
 
 
