@@ -458,6 +458,110 @@ def test_mechanisms_without_step_decoding_say_so():
         assert torch.isfinite(vit(torch.randn(2, 3, 16, 16)).logits).all()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Issue 28: stale or mismatched masks, gpsa over a cache, advice a transformers user can act on
+# ------------------------------------------------------------------------------------------------------------
+
+def test_mask_edited_in_place_is_analysed_again():
+    """The analysis of a mask is memoised per tensor for the layers of one call; an in-place edit between calls
+    must not reuse it (it was keyed by identity: the output was off by ~2)."""
+    ref, ours = twins(llama_config(), "eager")
+    ids = token_ids(2, 9)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)  # full (bidirectional) first
+    with torch.no_grad():
+        assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask.float().log()).logits,
+                     dtype=torch.float32)
+        mask.tril_()  # the same tensor, now causal
+        want = ref(ids, attention_mask=torch.zeros(9, 9).masked_fill(~mask[0, 0], float("-inf"))[None, None]
+                   .expand(2, 1, 9, 9)).logits
+        assert_close(ours(ids, attention_mask=mask).logits, want, dtype=torch.float32)
+        mask[1, :, :, :3] = False  # and a padding mask for the second sequence
+        mask[1, :, :3, :3] |= torch.eye(3, dtype=torch.bool)  # every query keeps a key
+        float_mask = torch.zeros(2, 1, 9, 9).masked_fill(~mask, float("-inf"))
+        assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=float_mask).logits,
+                     dtype=torch.float32)
+    with torch.inference_mode():  # inference tensors have no version counter: analysed at every call
+        frozen = mask.clone()
+        first = ours(ids, attention_mask=frozen).logits
+        frozen.fill_(True)
+        assert_close(ours(ids, attention_mask=frozen).logits, ref(ids, attention_mask=torch.zeros(2, 1, 9, 9)).logits,
+                     dtype=torch.float32)
+    assert_close(first, ref(ids, attention_mask=float_mask).logits, dtype=torch.float32)
+
+
+def test_mask_of_another_batch_is_refused():
+    model = build(llama_config(), akt.register("softmax"))
+    ids = token_ids(2, 6)
+    for bad in (torch.ones(3, 1, 6, 6, dtype=torch.bool), torch.ones(2, 1, 6, 7, dtype=torch.bool),
+                torch.zeros(2, 3, 6, 6)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"attention_mask has shape .*expected \[2 or 1"):
+            model(ids, attention_mask=bad)
+
+
+def test_gpsa_decodes_over_the_cache_as_the_full_pass():
+    """ConViT's grid followed the current length (a near-square grid of n tokens), so the cached keys had been
+    computed on another grid than the full pass's (logits off by ~0.1-0.2); in a transformers model the causal
+    grid is fixed by the model's maximum length."""
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "gpsa")
+    ids = token_ids(2, 6)
+    seq = generate(model, ids, max_new_tokens=8)
+    assert torch.equal(seq, generate(model, ids, max_new_tokens=8, use_cache=False))
+    with torch.no_grad():
+        full = model(seq, use_cache=False).logits
+        prefix = model(seq[:, :9], use_cache=False).logits
+    assert_close(_stepwise_logits(model, seq, 6), full[:, 5:-1], dtype=torch.float32)
+    assert_close(prefix, full[:, :9], dtype=torch.float32)  # causal: a token's output ignores later tokens
+    inner = model.model.layers[0].self_attn.attnkit_attention.mechanism_module(True)
+    assert inner.cols == 16  # 128 positions on an 8 x 16 grid
+
+
+@pytest.mark.parametrize("mechanism,params", [
+    ("gla", {}), ("cottention", {}), ("halo", {"block": 2, "halo": 1}), ("kernel_rpe_fft", {}),
+    ("sigmoid_attention", {}), ("axial", {}),
+])
+def test_mechanisms_without_cached_decoding_give_transformers_advice(mechanism, params):
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, mechanism, **params)
+    ids = token_ids(2, 6)
+    with pytest.raises(NotSupportedError, match="use_cache=False") as err:
+        generate(model, ids, max_new_tokens=2)
+    assert "state_cache()" in str(err.value)
+    assert "state=" not in str(err.value).replace("state_cache", "")  # no advice out of a transformers user's reach
+    assert generate(model, ids, max_new_tokens=2, use_cache=False).shape == (2, 8)
+
+
+def test_dropout_error_says_what_works_on_a_built_model():
+    ids = token_ids(2, 6)
+    drop = build(gpt2_config(attn_pdrop=0.1), "sdpa").train()
+    attnkit.convert(drop, "softmax")
+    with pytest.raises(NotSupportedError, match=r"model.eval\(\)") as err:
+        drop(ids)
+    assert "m.attn_dropout.p = 0.0" in str(err.value)
+    drop.config.attn_pdrop = 0.0  # what the old message advised: no effect on a built model
+    with pytest.raises(NotSupportedError, match="dropout"):
+        drop(ids)
+    for m in drop.modules():  # what the message says works
+        if type(m).__name__ == "GPT2Attention":
+            m.attn_dropout.p = 0.0
+    assert torch.isfinite(drop(ids).logits).all()
+    llama = build(LlamaConfig(**{**llama_config().to_dict(), "attention_dropout": 0.1}), "sdpa").train()
+    attnkit.convert(llama, "softmax")
+    with pytest.raises(NotSupportedError, match=r"m.attention_dropout = 0.0"):
+        llama(ids)
+
+
+def test_exact_modules_take_grouped_keys():
+    """selective_attention (an exact-family module) refused the model's 2 key heads for 4 query heads."""
+    model = build(llama_config(), "sdpa")
+    attnkit.convert(model, "selective_attention")
+    ids = token_ids(2, 7)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    assert torch.isfinite(full).all()
+    assert_close(_stepwise_logits(model, ids, 4), full[:, 3:-1], dtype=torch.float32)
+
+
 def test_dropout_refusal_gives_a_fix_that_works_on_a_built_model():
     """GPT-2's refusal advised a config change, which does nothing on a built model; the advice it gives now
     (the layers' own dropout attribute) does make the model run."""

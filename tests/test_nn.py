@@ -54,3 +54,15 @@ def test_public_api_is_pinned():
     assert expected <= set(attnkit.__all__)
     assert all(hasattr(attnkit, name) for name in attnkit.__all__)
     assert {"MultiheadAttention", "RotaryEmbedding"} <= set(attnkit_nn.__all__)
+
+
+def test_multihead_attention_dtype_mismatch_is_a_clear_type_error():
+    """Issue 28: float64 input to a float32 module raised torch's matmul dtype error."""
+    from attnkit.nn import MultiheadAttention
+
+    m = MultiheadAttention(16, 2)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but MultiheadAttention's weights are torch.float32"):
+        m(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="context is torch.float64"):
+        m(torch.randn(2, 5, 16), torch.randn(2, 3, 16, dtype=torch.float64))
+    assert m.double()(torch.randn(2, 5, 16, dtype=torch.float64)).dtype == torch.float64

@@ -8,11 +8,15 @@ when that subcommand is used.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import errno
 import importlib
 import json
+import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +54,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from attnkit.registry import REQUIRED, list_mechanisms
+    from attnkit.registry import REQUIRED, list_mechanisms, source_kind
 
     mechanisms = list_mechanisms()
     families = sorted({m.family for m in mechanisms})
@@ -72,7 +76,8 @@ def _run_list(args: argparse.Namespace) -> int:
             params = m.parameters()
             records.append({
                 "name": m.name, "kind": m.kind, "family": m.family, "paper": m.paper, "exact": m.exact,
-                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "summary": m.summary,
+                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "source": m.source,
+                "summary": m.summary,
                 "in_default_bench": m.in_default_bench, "bench_params": dict(m.bench_params),
                 "needs": list(m.needs), "required": [k for k, d in params.items() if d is REQUIRED],
                 "optional": {k: d for k, d in params.items() if d is not REQUIRED}})
@@ -81,21 +86,28 @@ def _run_list(args: argparse.Namespace) -> int:
     if not mechanisms:
         print("no mechanisms registered")
         return 0
-    header = ("name", "kind", "family", "exact", "complexity", "causal", "devices")
+    header = ("name", "kind", "family", "exact", "complexity", "causal", "source", "devices")
     rows = [(m.name + ("*" if m.in_default_bench else ""), m.kind, m.family, "exact" if m.exact else "approx",
-             m.complexity, "yes" if m.causal else "no", ",".join(m.devices)) for m in mechanisms]
+             m.complexity, "yes" if m.causal else "no", source_kind(m.source), ",".join(m.devices))
+            for m in mechanisms]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip())
     wrap = 120
     for m, r in zip(mechanisms, rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        for label, text in (("params", m.describe_parameters()), ("paper", m.paper)):
+        lines = [("params", m.describe_parameters()), ("paper", m.paper)]
+        if source_kind(m.source) == "deviation":
+            lines.append(("source", m.source))
+        for label, text in lines:
             for i, line in enumerate(textwrap.wrap(text, wrap - 12) or [""]):
                 print(f"    {label + ':' if i == 0 else '':8}{line}")
     kinds = {k: sum(m.kind == k for m in mechanisms) for k in ("attention", "mixer")}
     print(f"\n{len(mechanisms)} mechanisms ({kinds['attention']} attention: (q, k, v) -> out [batch, heads, seq, "
           f"dim]; {kinds['mixer']} token mixers: x -> x [batch, seq, channels], built with dim=channels); "
-          "* = in the default `attnkit bench` selection. Shape parameters (dim, num_heads, head_dim, seq_len) are "
+          "* = in the default `attnkit bench` selection. source: where the definition came from (paper = checked "
+          "against the full paper; paper+catalogue = the paper where reachable, the catalogue's reading elsewhere; "
+          "deviation = differs from the paper, said how; docs/faithfulness.md). Shape parameters (dim, num_heads, "
+          "head_dim, seq_len) are "
           "filled in by attnkit.nn.MultiheadAttention; a mixer takes the MultiheadAttention's place whole.")
     return 0
 
@@ -250,6 +262,7 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.no_flex:
         overrides["flex"] = False
     if args.engines:
+        _check_engines(args.engines, parser)
         overrides["engines"] = args.engines
     if args.no_peers:
         overrides["peers"] = False
@@ -262,6 +275,19 @@ def _bench_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.quick:
         return quick_config(**overrides)
     return all_config(**overrides) if args.all else default_config(**overrides)
+
+
+def _check_engines(engines: list[str], parser: argparse.ArgumentParser) -> None:
+    """Every ``--engines`` name is a registered backend (``attnkit backends``): a usage error otherwise."""
+    from attnkit.backends import list_backends
+
+    known = sorted({b.name for b in list_backends()})
+    for name in engines:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            parser.error(f"argument --engines: unknown backend {name!r}"
+                         + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; known backends: {', '.join(known)} (see `attnkit backends`)")
 
 
 def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Namespace,
@@ -299,9 +325,9 @@ def _check_param_overrides(params: dict[str, dict[str, Any]], args: argparse.Nam
                          f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: {exc}")
 
 
-def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
-    """The output folder can be created and written (checked before any work, as one line)."""
-    import os
+def _check_out(out: str | os.PathLike, parser: argparse.ArgumentParser, option: str = "--out") -> None:
+    """The output folder ``out`` (of ``option``) can be created and written: checked before any work, as one
+    line (a file where the folder should be, a folder without write permission, a read-only disk)."""
     import tempfile
 
     try:
@@ -309,9 +335,52 @@ def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:  # one line (no usage block: the options were fine, the folder is not)
-        print(f"attnkit {parser.prog.split()[-1]}: error: argument --out: cannot write to {out!r}: "
+        print(f"attnkit {parser.prog.split()[-1]}: error: argument {option}: cannot write to {str(out)!r}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class _Interrupts:
+    """Ctrl-C during a run that writes a report: the first raises ``KeyboardInterrupt`` (the run stops and writes
+    what it gathered); while the report is written (``writing()``), and after the first, Ctrl-C is noted and
+    deferred, so a second press never leaves a half-written or missing report. A third press, when the report
+    is not being written, exits at once (code 130). After an interrupted run Ctrl-C stays ignored: the command
+    only returns its exit code."""
+
+    def __init__(self, command: str):
+        self.command, self.count, self._writing, self._old = command, 0, False, None
+
+    def _handler(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1 and not self._writing:
+            raise KeyboardInterrupt
+        if self.count >= 3 and not self._writing:
+            raise SystemExit(130)
+        print(f"attnkit {self.command}: interrupted; finishing the report first", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            # interrupted: the command is on its way out (exit code 130); a further Ctrl-C in that last moment
+            # would only turn a clean exit into a kill by the signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.count else self._old)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
 
 
 def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -326,12 +395,13 @@ def _rewrite_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         parser.error(f"argument --from-results: {args.from_results!r} is not an attnkit bench results.json "
                      f"(schema {SCHEMA})")
-    written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    with _Interrupts("bench") as interrupts, interrupts.writing():
+        written = rep.write_report(doc, args.out, plots=not args.no_plots)
     print(rep.terminal_summary(doc))
     if written["plot_error"]:
         print(f"\nattnkit bench: {written['plot_error']}", file=sys.stderr)
     print(f"\nReport: {args.out}/report.html and report.md")
-    return 0
+    return 130 if interrupts.count else 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -363,8 +433,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     def save_partial(doc: dict[str, Any]) -> None:
         rep.write_json(doc, args.out)
 
-    doc = run_benchmark(config, variants=variants, progress=not args.no_progress, on_cell=save_partial)
-    written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    with _Interrupts("bench") as interrupts:
+        doc = run_benchmark(config, variants=variants, progress=not args.no_progress, on_cell=save_partial)
+        with interrupts.writing():
+            written = rep.write_report(doc, args.out, plots=not args.no_plots)
+    doc["interrupted"] = doc["interrupted"] or interrupts.count > 0
     print(rep.terminal_summary(doc))
     if written["plot_error"]:
         print(f"\nattnkit bench: {written['plot_error']}", file=sys.stderr)
@@ -433,13 +506,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``attnkit`` console script; returns the exit code."""
+    """Entry point of the ``attnkit`` console script; returns the exit code.
+
+    Errors of the environment the user controls (a path that cannot be read or written, a full disk) end as one
+    line ``attnkit <command>: error: ...`` with exit code 2, Ctrl-C outside a run's own handling with 130: never a
+    traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_command", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(_resolve(args._command.run)(args) or 0)
+    name = args._command.name
+    try:
+        return int(_resolve(args._command.run)(args) or 0)
+    except KeyboardInterrupt:
+        print(f"attnkit {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        what = os.strerror(exc.errno) if exc.errno else str(exc)
+        where = f" {str(exc.filename)!r}" if exc.filename else ""
+        hint = {errno.ENOSPC: " (the disk is full: free space or choose another --out)",
+                errno.EACCES: " (no permission: choose another path)",
+                errno.EROFS: " (read-only file system: choose another path)"}.get(exc.errno or 0, "")
+        print(f"attnkit {name}: error: cannot use{where}: {what}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot", "fmt_bytes", "bytes_label",
-           "QUALITY_BEGIN", "QUALITY_END", "splice_section"]
+           "QUALITY_BEGIN", "QUALITY_END", "splice_section", "write_text_atomic"]
 
 # The markers around the "Quality" section that `attnkit quality` writes into the report `attnkit bench` writes
 # (each command keeps the other's part when it rewrites the report).
@@ -114,3 +114,21 @@ def splice_section(existing: str | None, section: str, *, html_doc: bool = False
         if idx >= 0:
             return existing[:idx] + section + "\n" + existing[idx:]
     return existing.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename: an interrupted or failed write (Ctrl-C, a
+    full disk) leaves the previous file, never a truncated one, and no ``.tmp`` behind."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:  # named after the file the user asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

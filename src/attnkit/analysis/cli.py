@@ -54,24 +54,29 @@ def run(args: argparse.Namespace) -> int:
             parser.error(f"argument CHECKPOINT: {path} does not exist")
     if not files:
         parser.error("no checkpoints (*.pt) found; write them with `attnkit quality --save DIR`")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"attnkit analyze: cannot write to --out {args.out}: {e.strerror}", file=sys.stderr)
-        return 2
+    from attnkit.cli import _check_out
+
+    _check_out(args.out, parser)
     iterator = files
     if not args.no_progress and len(files) > 1:
         from tqdm.auto import tqdm
 
         iterator = tqdm(files, desc="analyze", unit="checkpoint")
+    failed: list[Path] = []
     for path in iterator:
         try:
             model, info = load_checkpoint(path)
-        except (ValueError, RuntimeError, OSError) as e:
-            print(f"attnkit analyze: {path}: {e}", file=sys.stderr)
-            return 1
-        task = get_task(info["task"])
-        batch = task.sample(args.batch, args.seed, info["task_params"])
+            try:
+                task = get_task(info["task"])
+                batch = task.sample(args.batch, args.seed, info["task_params"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: its task {info['task']!r} with parameters {info['task_params']} does "
+                                 f"not generate examples here: {e}") from None
+        except (ValueError, OSError) as e:  # reported, and the other checkpoints go on
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            print(f"attnkit analyze: error: {msg}", file=sys.stderr)
+            failed.append(path)
+            continue
         pool = bool(info["model"].get("pool"))
         inputs = (batch.inputs, batch.mask) if pool else (batch.inputs,)
         spec = info["spec"]
@@ -82,4 +87,8 @@ def run(args: argparse.Namespace) -> int:
                           description=desc, plots=not args.no_plots, progress=not args.no_progress,
                           loss_fn=None if args.no_head_importance else _task_loss(model, batch, pool))
         print(f"{path.name}: {len(summary['layers'])} attention layers -> {out}/report.html")
+    if failed:
+        print(f"attnkit analyze: {len(failed)} of {len(files)} checkpoints could not be read: "
+              f"{', '.join(str(p) for p in failed)}", file=sys.stderr)
+        return 2
     return 0

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from attnkit.nn.recording import capture
-from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table, pyplot
+from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table, pyplot, write_text_atomic
 
 from .diagnostics import attention_distance, head_entropy, relative_residual, rollout
 from .heads import head_importance, layer_inputs
@@ -174,16 +174,16 @@ def analyze(model: nn.Module, inputs: Sequence[Any], out_dir: str | os.PathLike,
         md += [note, ""]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text_atomic(out / "report.md", "\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(description)}</p>", html_table(header, rows),
             f"<p>Rank collapse (relative residual entering each layer): {html.escape(curve)}.</p>"]
     for name, caption in figures:
         body.append(f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>"
-                                     f"{html.escape(title)}</title><style>{CSS}</style></head><body>"
-                                     + "\n".join(body) + "</body></html>")
+    write_text_atomic(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                                           f"{html.escape(title)}</title><style>{CSS}</style></head><body>"
+                                           + "\n".join(body) + "</body></html>")
     doc = {k: v for k, v in summary.items() if k not in ("maps", "rollout")}
-    (out / "analysis.json").write_text(json.dumps(doc, indent=1))
+    write_text_atomic(out / "analysis.json", json.dumps(doc, indent=1))
     summary["paths"] = {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
                         "json": str(out / "analysis.json"), "plots": [str(out / n) for n, _ in figures]}
     return summary

@@ -23,6 +23,7 @@ from attnkit.reporting import (
     md_table,
     splice_section,
     text_table,
+    write_text_atomic,
 )
 
 __all__ = ["write_report", "write_json", "terminal_summary", "fmt_time", "fmt_bytes", "fmt_len"]
@@ -555,7 +556,7 @@ def _write_keeping_sections(path: Path, text: str, *, html_doc: bool) -> None:
     start, end = old.find(BEGIN), old.find(END)
     if start >= 0 and end > start:
         text = splice_section(text, old[start: end + len(END)], html_doc=html_doc)
-    path.write_text(text)
+    write_text_atomic(path, text)
 
 
 def write_markdown(doc: dict[str, Any], plots: list[str], path: Path) -> None:
@@ -643,9 +644,7 @@ def write_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(doc, indent=1, default=str))
     return path
 
 
@@ -658,7 +657,7 @@ def write_csv(doc: dict[str, Any], path: Path) -> None:
         row["params"] = json.dumps(c["params"], default=str)
         row["errors"] = json.dumps(c.get("errors"), default=str) if c.get("errors") else ""
         w.writerow(row)
-    path.write_text(buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Any]:

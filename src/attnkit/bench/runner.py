@@ -176,6 +176,12 @@ class _Run:
         c = self.config
         g = torch.Generator().manual_seed(c.seed + n)
         shape = (c.batch, c.heads, n, c.head_dim)
+        # q, k, v and the gradient, generated in float32 then cast: checked against the free memory first, so
+        # an impossible --batch / --heads is an OOM cell, not the machine's out-of-memory killer
+        need = 4 * math.prod(shape) * (4 + torch.empty((), dtype=self.dtype).element_size())
+        free = available_memory_bytes(self.device)
+        if free is not None and need > free // 2:
+            raise MemoryError(f"out of memory: the inputs need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
         q, k, v = make_inputs(c.inputs, shape, g)
         grad = torch.randn(shape, generator=g)
         return tuple(t.to(self.device, self.dtype) for t in (q, k, v, grad))
@@ -593,7 +599,23 @@ def run_benchmark(config: BenchConfig, *, variants: list[Variant] | None = None,
         bar = tqdm(total=total, unit="cell", desc="attnkit bench", dynamic_ncols=True, leave=False)
     try:
         for n in lengths:
-            inputs = run.inputs(n)
+            try:
+                inputs = run.inputs(n)
+            except Exception as exc:  # the inputs alone do not fit (--batch / --heads too large): every cell OOM
+                if not measure.is_oom(exc):
+                    raise
+                for v in variants:
+                    if n in v.seq_lens:
+                        cell = run.blank(v, n)
+                        cell["status"] = "oom"
+                        cell["message"] = (f"the inputs q, k, v of {n} tokens do not fit in memory "
+                                           f"({str(exc).splitlines()[0][:160]}); lower --batch, --heads or the length")
+                        run.cells.append(cell)
+                        if bar is not None:
+                            bar.update(1)
+                if on_cell is not None:
+                    on_cell(doc)
+                continue
             run._refs.clear()
             done = []
             for v in variants:

@@ -44,24 +44,30 @@ def _plot(results: list[dict], out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnkit.cli import _check_out
     from attnkit.kvpolicy.judge import judge_policies
     from attnkit.quality import load_checkpoint
     from attnkit.quality.tasks import get_task
-    from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table
+    from attnkit.reporting import CSS, MissingMatplotlib, html_table, md_table, write_text_atomic
 
     parser = args._parser
+    if args.checkpoint.is_dir():
+        parser.error(f"argument checkpoint: {args.checkpoint} is a directory; pass one .pt file written by "
+                     f"`attnkit quality --save DIR`")
     if not args.checkpoint.is_file():
         parser.error(f"argument checkpoint: {args.checkpoint} does not exist")
     if args.batch < 1 or args.probe < 1:
         parser.error("--batch and --probe must be >= 1")
+    _check_out(args.out, parser)  # before the policies are judged
     try:
         model, info = load_checkpoint(args.checkpoint)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"attnkit kvcache: {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:
+        msg = str(e) if str(args.checkpoint) in str(e) else f"{args.checkpoint}: {e}"
+        print(f"attnkit kvcache: error: {msg}", file=sys.stderr)
+        return 2
     if info["task"] != "mqar":
-        print(f"attnkit kvcache: the checkpoint was trained on {info['task']!r}; the policies are judged on MQAR "
-              f"recall, where the keys that matter are known", file=sys.stderr)
+        print(f"attnkit kvcache: error: {args.checkpoint} was trained on {info['task']!r}; the policies are judged "
+              f"on MQAR recall, where the keys that matter are known", file=sys.stderr)
         return 2
     params = info["task_params"]
     batch = get_task("mqar").sample(args.batch, args.seed, params)
@@ -71,11 +77,6 @@ def run(args: argparse.Namespace) -> int:
                                  probe=args.probe, progress=not args.no_progress)
     except ValueError as e:
         print(f"attnkit kvcache: {e}", file=sys.stderr)
-        return 2
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"attnkit kvcache: cannot write to --out {args.out}: {e.strerror}", file=sys.stderr)
         return 2
     header = ["policy", "setting", "kept context", "KV bytes / sequence", "recall accuracy", "output error"]
     rows = [[r["policy"], r["setting"], f"{r['kept_fraction']:.0%}", f"{r['kv_bytes'] / 1024:.1f} KiB",
@@ -93,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
     md = ["# KV-cache policies judged by recall", "", what, "", md_table(header, rows), ""]
     if plot:
         md += [f"![accuracy and error against KV bytes]({plot})", ""]
-    (args.out / "report.md").write_text("\n".join(md))
-    (args.out / "report.html").write_text(
+    write_text_atomic(args.out / "report.md", "\n".join(md))
+    write_text_atomic(args.out / "report.html",
         f"<!doctype html><html><head><meta charset='utf-8'><title>kvcache</title><style>{CSS}</style></head><body>"
         f"<h1>KV-cache policies judged by recall</h1><p>{html.escape(what)}</p>{html_table(header, rows)}"
         + (f'<img src="{plot}">' if plot else "") + "</body></html>")
-    (args.out / "kvcache.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "info": info,
-                                                       "context_len": context, "results": results}, indent=1))
+    write_text_atomic(args.out / "kvcache.json", json.dumps({"checkpoint": str(args.checkpoint), "info": info,
+                                                             "context_len": context, "results": results},
+                                                            indent=1))
     print(f"\nReport: {args.out}/report.html and report.md; data: kvcache.json")
     return 0

@@ -17,6 +17,14 @@ from attnkit.score_mods import ScoreMod
 __all__ = ["MultiheadAttention"]
 
 
+def _check_dtype(module: nn.Module, t: torch.Tensor, name: str) -> None:
+    """Inputs in the dtype of the module's weights: a clear TypeError instead of torch's matmul dtype error."""
+    w = module.q_proj.weight
+    if t.dtype != w.dtype and not torch.is_autocast_enabled(t.device.type):  # autocast casts the inputs itself
+        raise TypeError(f"{name} is {t.dtype} but {type(module).__name__}'s weights are {w.dtype}; pass "
+                        f"{name}.to({w.dtype}) or convert the module with .to({t.dtype})")
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head (or grouped-query) attention over ``[batch, seq, embed_dim]`` inputs.
 
@@ -166,6 +174,9 @@ class MultiheadAttention(nn.Module):
                                  f"cache=, lengths= and cu_seqlens= apply to attention mechanisms")
             out = self.inner(x)
             return out[0] if isinstance(out, tuple) else out
+        _check_dtype(self, x, "x")
+        if context is not None:
+            _check_dtype(self, context, "context")
         if cu_seqlens is not None:
             return self._forward_varlen(x, context, cache, cu_seqlens)
         if cache is not None:

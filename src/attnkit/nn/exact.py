@@ -292,13 +292,20 @@ class GatedPositionalAttention(nn.Module):
     Inductive Biases", d'Ascoli et al., 2021, Eq. 5): ``A^h = (1 - sigmoid(l_h)) softmax(q k^T / sqrt(d)) +
     sigmoid(l_h) softmax(v_pos^h . r_ij)`` with ``r_ij = (|d|^2, d_1, d_2)`` for patch offset ``d``; ``v_pos^h``
     starts at ``-alpha (1, -2 D^h_1, -2 D^h_2)``, a soft convolution tap at offset ``D^h`` of strength
-    ``alpha``, and the gate at ``l_h = 1``. Tokens lie on ``shape`` (default a near-square grid of the sequence).
+    ``alpha``, and the gate at ``l_h = 1``. Tokens lie on ``shape`` (default a near-square grid of the sequence),
+    or, with ``cols``, row-major on a grid ``cols`` wide with as many rows as needed: a token's place then does
+    not depend on the sequence length, so a causal model decodes over a cache exactly as its full pass (with the
+    length-dependent default grid, earlier tokens move when the sequence grows).
     The positional map is attention with zero queries and a score modifier, so the tiled engine runs both."""
 
     def __init__(self, num_heads: int, *, causal: bool = False, shape: tuple[int, int] | None = None,
-                 locality_strength: float = 1.0):
+                 locality_strength: float = 1.0, cols: int | None = None):
         super().__init__()
-        self.num_heads, self.causal, self.shape = num_heads, causal, shape
+        if cols is not None and (shape is not None or isinstance(cols, bool) or not isinstance(cols, int)
+                                 or cols < 1):
+            raise ValueError(f"GatedPositionalAttention: cols must be a positive int and exclusive with shape, got "
+                             f"cols={cols!r}, shape={shape!r}")
+        self.num_heads, self.causal, self.shape, self.cols = num_heads, causal, shape, cols
         self.gate = nn.Parameter(torch.ones(num_heads))
         side = math.ceil(math.sqrt(num_heads))
         centres = torch.tensor([[h // side - side // 2, h % side - side // 2] for h in range(num_heads)],
@@ -307,6 +314,8 @@ class GatedPositionalAttention(nn.Module):
         self.v_pos = nn.Parameter(v_pos)
 
     def _grid_cols(self, n: int) -> int:
+        if self.cols is not None:
+            return self.cols
         if self.shape is None:
             return grid_shape(n)[1]
         if self.shape[0] * self.shape[1] != n:

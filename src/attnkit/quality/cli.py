@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from attnkit.cli import _positive_float, _positive_int
+from attnkit.cli import _check_out, _Interrupts, _positive_float, _positive_int
 
 __all__ = ["add_arguments", "run"]
 
@@ -23,8 +23,8 @@ def _lrs(text: str) -> list[float]:
             value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected learning rates such as 1e-3,3e-3, got {item!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {item}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {item}")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("expected one or more learning rates, e.g. 1e-3,3e-3,1e-2")
@@ -152,6 +152,11 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             TASKS[t].params(**tp)
         except ValueError as exc:
             parser.error(f"argument --task-param: {exc}")
+        try:  # two examples: the generator checks its parameters together, before anything trains
+            TASKS[t].sample(2, 0, TASKS[t].params(**tp))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"task {t!r} with {', '.join(f'{k}={v!r}' for k, v in tp.items()) or 'its defaults'}: "
+                         f"{exc} (set by --seq-len, --num-kv-pairs, --vocab-size or --task-param)")
     overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "device": device,
                                  "params": _split_params(args.param, "--param", parser), "sweep": args.sweep,
                                  "save_dir": args.save,
@@ -210,6 +215,9 @@ def _check_overridden(config, specs: dict, task_params: dict[str, Any], parser: 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     config = build_config(args, parser)
+    _check_out(args.out, parser)  # before anything trains
+    if args.save is not None:
+        _check_out(args.save, parser, "--save")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -224,8 +232,11 @@ def run(args: argparse.Namespace) -> int:
     def save_partial(doc: dict[str, Any]) -> None:
         rep.write_quality_json(doc, args.out)
 
-    doc = run_quality(config, progress=not args.no_progress, on_result=save_partial)
-    written = rep.write_quality_report(doc, args.out, plots=not args.no_plots)
+    with _Interrupts("quality") as interrupts:
+        doc = run_quality(config, progress=not args.no_progress, on_result=save_partial)
+        with interrupts.writing():
+            written = rep.write_quality_report(doc, args.out, plots=not args.no_plots)
+    doc["interrupted"] = doc["interrupted"] or interrupts.count > 0
     print(rep.terminal_summary(doc))
     if written["plot_error"]:
         print(f"\nattnkit quality: {written['plot_error']}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 from attnkit.reporting import QUALITY_BEGIN as BEGIN
 from attnkit.reporting import QUALITY_END as END
 from attnkit.reporting import bytes_label as _bytes_label
-from attnkit.reporting import fmt_bytes, splice_section
+from attnkit.reporting import fmt_bytes, splice_section, write_text_atomic
 from attnkit.reporting import html_table as _html_table
 from attnkit.reporting import md_table as _md_table
 from attnkit.reporting import pyplot as _pyplot
@@ -334,9 +334,8 @@ def write_quality_json(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``quality.json`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / "quality.json", out / "quality.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(path)
+    path = out / "quality.json"
+    write_text_atomic(path, json.dumps(doc, indent=1, default=str))
     return path
 
 
@@ -358,7 +357,7 @@ def write_quality_report(doc: dict[str, Any], out_dir: str | os.PathLike, *, plo
                                    ("report.html", _section_html(doc, plot), True)):
         path = out / name
         existing = path.read_text() if path.exists() else None
-        path.write_text(splice_section(existing, section, html_doc=is_html))
+        write_text_atomic(path, splice_section(existing, section, html_doc=is_html))
         files.append(path)
     if plot:
         files.append(out / plot)

@@ -7,10 +7,11 @@ curve. Data are seeded: training batch ``i`` and the held-out evaluation set are
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -526,27 +527,72 @@ def _run_parallel(units: list[_Unit], config: QualityConfig, keep: bool, bar: An
     order: dict[tuple[str, int], list[int]] = {}
     for i, u in enumerate(units):
         order.setdefault((u.task, u.index), []).append(i)
-    with ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_worker, (u, config, keep)): i for i, u in enumerate(units)}
-        from concurrent.futures import as_completed
+    from concurrent.futures import as_completed
 
-        try:
-            for fut in as_completed(futures):
-                i = futures[fut]
-                u = units[i]
-                rec = fut.result()
-                if bar is not None:
-                    bar.update(config.steps)
-                    bar.set_description(f"{u.task}: {u.name} lr={u.lr:g}")
-                key = (u.task, u.index)
-                pending.setdefault(key, {})[i] = rec
-                if len(pending[key]) == len(order[key]):
-                    for j in order[key]:
-                        finish(units[j], pending[key][j])
-        except KeyboardInterrupt:
-            for f in futures:
-                f.cancel()
-            raise
+    # The workers ignore Ctrl-C (the terminal sends it to the whole process group): the parent alone decides,
+    # and on an interrupt (or any error) it ends them itself instead of waiting for their runs.
+    pool = ProcessPoolExecutor(max_workers=config.jobs, mp_context=ctx, initializer=_ignore_sigint)
+    try:
+        with _sigint_ignored():  # inherited through exec: a worker still importing torch ignores Ctrl-C too
+            futures = {pool.submit(_worker, (u, config, keep)): i for i, u in enumerate(units)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            u = units[i]
+            rec = fut.result()
+            if bar is not None:
+                bar.update(config.steps)
+                bar.set_description(f"{u.task}: {u.name} lr={u.lr:g}")
+            key = (u.task, u.index)
+            pending.setdefault(key, {})[i] = rec
+            if len(pending[key]) == len(order[key]):
+                for j in order[key]:
+                    finish(units[j], pending[key][j])
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes are started (the main thread only; a no-op elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _stop_pool(pool: Any, grace_s: float = 2.0) -> None:
+    """End a ``ProcessPoolExecutor`` now: cancel what has not started, terminate the workers (then kill those
+    still alive after ``grace_s``), and let the interpreter exit without joining the queue's feeder thread,
+    which can block forever on a pipe no worker reads (the hang after Ctrl-C: results written, no exit)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    queue = getattr(pool, "_call_queue", None)
+    if queue is not None:
+        queue.cancel_join_thread()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.perf_counter() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.perf_counter()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
 
 
 def _finish_entry(doc: dict[str, Any], plan: list, task_name: str, index: int, runs: list[dict[str, Any]],

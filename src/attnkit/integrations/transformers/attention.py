@@ -25,6 +25,7 @@ from attnkit.functional.exact import attention
 from attnkit.functional.linear import linear_attention
 from attnkit.integrations.transformers._common import _spec_key, _take_state_layer
 from attnkit.nn.linear import KernelizedAttention
+from attnkit.ops.exact.variants import grid_shape
 from attnkit.ops.linear.state import LinearAttentionState
 from attnkit.registry import mechanism_info
 
@@ -64,8 +65,20 @@ def _analyse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
             f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}; build the model with an attnkit name from "
             f"attnkit.integrations.transformers.register() so that transformers builds an SDPA-style mask"
         )
-    memo_key = (q_len, kv_len, causal, sliding_window)
-    if _memo is not None and _memo[0]() is mask and _memo[1] == memo_key:
+    batch, heads = query.shape[0], query.shape[1]
+    if mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads) or tuple(mask.shape[2:]) != (q_len,
+                                                                                                  kv_len):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, but the attention has batch {batch}, {heads} heads, "
+            f"{q_len} queries and {kv_len} keys: expected [{batch} or 1, {heads} or 1, {q_len}, {kv_len}]; pass "
+            f"one mask row per input sequence (a mask of another batch is not cut or broadcast)"
+        )
+    try:  # in-place edits of the mask bump its version: the memo is per (tensor, version), never stale
+        version = mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: analyse it every call
+        version = None
+    memo_key = (q_len, kv_len, causal, sliding_window, version)
+    if version is not None and _memo is not None and _memo[0]() is mask and _memo[1] == memo_key:
         return _memo[2]
     if mask.dtype == torch.bool:
         allowed = mask
@@ -178,6 +191,21 @@ def _recording(what: str, loss: str = "mse") -> Iterator[_Recorder]:
         _RECORDER = prev
 
 
+# Causal mechanisms whose default layout follows the sequence length (a near-square grid of n tokens): in a
+# transformers model they get a fixed layout from the model's maximum length instead, so that a token's place
+# does not move as the sequence grows, and decoding over the cache equals the full pass. gpsa: ConViT's grid,
+# ``cols`` wide (rows as needed).
+_CAUSAL_LAYOUT: dict[str, Any] = {"gpsa": lambda seq_len: {"cols": grid_shape(seq_len)[1]}}
+# Causal mechanisms (in families that otherwise decode over a cache) whose output at a position depends on the
+# whole length: cached decoding is refused with the reason (measured: logits off by 7e-4 to 0.17 against the full
+# pass on a 2-layer Llama).
+_LENGTH_DEPENDENT: dict[str, str] = {
+    "axial": "the grid of its axes is a near-square factorisation of the current length",
+    "sigmoid_attention": "its bias -log(n) follows the number of keys",
+    "relu_attention": "it divides by the number of keys n",
+}
+
+
 def _dropout_advice(module: nn.Module, dropout: float) -> str:
     """Why attention dropout is refused and how to turn it off, on a built model as well as from its config
     (a built model keeps the probability in its layers: changing the config afterwards does nothing)."""
@@ -242,6 +270,8 @@ class AttnkitAttention(nn.Module):
         if key in self._fns:
             return self._fns[key]
         params = dict(self.params)
+        if causal and self.mechanism in _CAUSAL_LAYOUT and self.seq_len and not set(params) & {"shape", "cols"}:
+            params.update(_CAUSAL_LAYOUT[self.mechanism](self.seq_len))
         shapes = {"num_heads": self.num_heads, "head_dim": self.head_dim, "seq_len": self.seq_len}
         for need in self.record.needs:
             if need not in shapes or shapes[need] is None:
@@ -342,20 +372,40 @@ class AttnkitAttention(nn.Module):
             self._warned_window = True
         causal = self._causal_of(info, q)
         q = self._scaled(q, scaling)
-        if causal and q.shape[2] != k.shape[2] and self.record.family not in ("exact", "linear"):
+        decoding = causal and q.shape[2] != k.shape[2]  # new queries against the model's cache
+        if decoding and (self.record.family not in ("exact", "linear") or self.mechanism in _LENGTH_DEPENDENT):
             # measured: their causal outputs over a cache differ from the full pass (clusters, blocks, landmarks
-            # and windows are formed over the whole call), so decoding step by step would change the model
-            raise NotSupportedError(
-                f"mechanism {self.mechanism!r} ({self.record.family} family) has no step-by-step decoding over a "
-                f"cache; generate with use_cache=False (every step recomputes the sequence)"
-            )
+            # and windows are formed over the whole call; a grid or a -log n bias follows the length), so
+            # decoding step by step would change the model
+            raise NotSupportedError(self._no_cached_decoding(
+                f"its causal output over a cache differs from the full pass ({self.record.family} family: "
+                f"{_LENGTH_DEPENDENT.get(self.mechanism, 'its structure is formed over the whole sequence')})"))
         inner = self.mechanism_module(causal, q.device)
         if isinstance(inner, KernelizedAttention) and causal:
             return self._linear(inner, q, k, v, position_ids, training, state_layer)
-        if self.record.family not in ("exact", "linear", "neighborhood"):
-            # other families may not take grouped keys: repeat them (a view)
+        if self.record.family not in ("exact", "linear", "neighborhood") or (
+                self.record.family == "exact" and isinstance(inner, nn.Module)):
+            # other families and the exact family's modules may not take grouped keys: repeat them
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        return inner(q, k, v)
+        if not decoding:
+            return inner(q, k, v)
+        try:
+            return inner(q, k, v)
+        except (NotSupportedError, ValueError) as exc:
+            # the mechanism needs as many queries as keys (a state argument, a whole-sequence pattern): its own
+            # advice (state=, initial_state=) is out of reach through transformers' generate
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(";")[0]  # not its state= advice
+            raise NotSupportedError(self._no_cached_decoding(
+                f"it needs as many queries as keys, got {q.shape[2]} new queries and {k.shape[2]} keys ({reason})"
+            )) from exc
+
+    def _no_cached_decoding(self, why: str) -> str:
+        """Advice a transformers user can act on when this layer cannot decode over the model's cache."""
+        return (f"mechanism {self.mechanism!r} cannot decode step by step over the model's cache: {why}. Generate "
+                f"with use_cache=False (model.generate(ids, use_cache=False): every step recomputes the whole "
+                f"sequence), or, for decoding in constant memory, convert every attention layer to a kernelized "
+                f"linear mechanism (e.g. attnkit.convert(model, 'hedgehog')) and pass "
+                f"cache=attnkit.integrations.transformers.state_cache()")
 
     def _linear(self, inner: KernelizedAttention, q, k, v, position_ids, training: bool,
                 layer: Any = None) -> torch.Tensor:
