@@ -83,6 +83,7 @@ register(Mechanism(
             "across hosts)",
     bench_params={"block_size": 1024}, small_params={"block_size": 8, "num_query": 4},
     extras={"pattern": _star_full_pattern},
+    source="paper",
 ))
 
 register(Mechanism(
@@ -97,6 +98,7 @@ register(Mechanism(
     bench_params={"stride": 8, "window": 64}, small_params={"stride": 4, "window": 4},
     extras={"pattern": lambda seq_len=None, causal=False, num_heads=8, stride=8, window=64, offsets=None, **_:
             s2_pattern(num_heads, stride, window, offsets=offsets, causal=causal)},
+            source="paper",
 ))
 
 
@@ -113,6 +115,7 @@ register(Mechanism(
     summary="block embeddings attend causally to earlier blocks (global); tokens attend within their block "
             "prefixed by the context embedding (local, KV <= block_size + 1)",
     bench_params={"block_size": 16, "num_heads": 4}, small_params={"block_size": 4, "num_heads": 2},
+    source="paper",
 ))
 
 register(Mechanism(
@@ -125,6 +128,8 @@ register(Mechanism(
             "form (cells first, all windows' tokens in one batch); memory review: tokens attend over every "
             "window's cell (memory_review=False: the windowed core)",
     bench_params={"window": 256, "num_heads": 4}, small_params={"window": 8, "num_heads": 2},
+    source="deviation: the Global Perception Cell is carried window by window, without the paper's memory review "
+           "(tokens re-attending over every window's cell)",
 ))
 
 register(Mechanism(
@@ -136,4 +141,5 @@ register(Mechanism(
     summary="a scorer assigns each token a type (Global kept, Local evicted by the next Global, Sliding seen by "
             "the next w tokens); the mask decides which KV entries are evicted",
     bench_params={"window": 64, "num_heads": 4}, small_params={"window": 4, "num_heads": 2},
+    source="paper+catalogue",
 ))
