@@ -47,8 +47,8 @@ register(Mechanism(
     bench_params={"top_k": 64, "num_sink": 4, "window": 64, "index": "ivf"},
     small_params={"top_k": 6, "num_sink": 2, "window": 4, "index": "exact"},
     reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384,
-    source="deviation: keys are retrieved from an index over the keys alone (exact scan, IVF or HNSW), not the "
-           "paper's attention-aware index built from the queries' distribution"))
+    source="deviation: by default (index='ivf') keys are retrieved from an index over the keys alone; index='gra"
+           "ph' with prefill(k, v, q=...) is the paper's attention-aware index built from the queries' nearest keys"))
 
 register(Mechanism(
     name="sea", family=FAMILY, paper="SEA: Sparse Linear Attention with Estimated Attention Mask",
@@ -59,8 +59,9 @@ register(Mechanism(
             "(sea_distillation_step, the paper's training), default the untrained FAVOR+ estimate",
     bench_params={"num_blocks": 128, "top_k": 8}, small_params={"num_blocks": 6, "top_k": 2},
     reference=_ref, flops=_flops_sea,
-    source="deviation: the attention estimate is an untrained FAVOR+ random-feature linear attention, not the paper's "
-           "estimator distilled from a teacher's attention"))
+    source="deviation: by default (estimator=None) the attention estimate is an untrained FAVOR+ random-feature "
+           "linear attention; the paper's estimator distilled from a teacher's attention is estimator=SEAEstimat"
+           "or trained with sea_distillation_step (a one-convolution decoder, not the paper's deeper CNN)"))
 
 
 def _flops_boat(*, batch, heads, q_len, kv_len, head_dim, causal=False, cluster_size=64, window=64, **_):

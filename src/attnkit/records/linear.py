@@ -276,7 +276,7 @@ _MECHANISMS += [
         summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit k and unit q scaled by "
                 "d^-1/2; beta_t = "
                 "sigmoid(k_t.w + b); RMS norm per head; bidirectional scan when non-causal",
-                source="deviation: the unit-norm q is not scaled by d^-1/2 as in the paper and fla (issue 25 defect 6)",
+                source="paper",
     ),
     Mechanism(
         name="gated_deltanet", family="linear", kind="attention", exact=False, causal=True,
@@ -285,7 +285,7 @@ _MECHANISMS += [
         reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
         summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, a_t = "
                 "sigmoid(k_t.w_a + b_a) per head",
-                source="deviation: the unit-norm q is not scaled by d^-1/2 as in the paper and fla (issue 25 defect 6)",
+                source="paper",
     ),
 ]
 
@@ -326,8 +326,7 @@ _MECHANISMS.append(Mechanism(
     summary="per-head decays 1 - 2^(-5-h), (QK^T * D)V in parallel, recurrent or chunked form, GroupNorm per "
             "head, swish gate; bidirectional gamma^|n-m| when non-causal",
     flops=_mixer_flops(lambda n, d, causal: chunked_flops(n, d, d, 64, decay=True) * (1 if causal else 2), 5),
-    source="deviation: RetNet's xPos/Theta rotation of Q and K is omitted (issue 25 defect 6); decay, GroupNorm and "
-           "swish gate as in the paper",
+    source="paper",
 ))
 
 
@@ -696,8 +695,7 @@ _MECHANISMS += [
         flops=_map_flops(lambda d, p: p.get("bits", 16),
                          lambda d, p: 3.0 * d * p.get("anchors", 32) + 2.0 * p.get("anchors", 32) * p.get("bits", 16)),
         extras={"feature_map": "ecohash"},
-        source="deviation: the hash functions are trained by the task loss through a straight-through gradient, not "
-               "learned self-supervised from the attention map as in the paper",
+        source="paper",
     ),
     Mechanism(
         name="dijiang_weighted", family="linear", kind="attention", exact=False, causal=True,

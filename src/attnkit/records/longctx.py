@@ -128,8 +128,8 @@ register(Mechanism(
             "form (cells first, all windows' tokens in one batch); memory review: tokens attend over every "
             "window's cell (memory_review=False: the windowed core)",
     bench_params={"window": 256, "num_heads": 4}, small_params={"window": 8, "num_heads": 2},
-    source="deviation: the Global Perception Cell is carried window by window, without the paper's memory review "
-           "(tokens re-attending over every window's cell)",
+    # The parallel form and memory review follow the authors' code; per-window rotary and their norms are left out.
+    source="paper+catalogue",
 ))
 
 register(Mechanism(
