@@ -1,8 +1,8 @@
 """KV-cache policies in a long generation: bytes held and attention recall against tokens generated.
 
-Target (issue 25): the policies of FastGen (G10), NAtS (G12), ActQKV (G14) and ZipVL (G16) compress the generated
-tokens too, so the bytes they hold follow each policy however long the generation; every decoding output equals
-dense attention under the policy's mask (``--check`` measures it at every step). A small randomly initialised
+Target (issue 25): the policies of FastGen (G10), NAtS (G12), ActQKV (G14), A-VL (G15) and ZipVL (G16) compress
+the generated tokens too, so the bytes they hold follow each policy however long the generation; every decoding output
+equals dense attention under the policy's mask (``--check`` measures it at every step). A small randomly initialised
 model of ``attnkit.quality`` (2 layers, 4 heads, width 64, learned positions) samples ``--steps`` tokens after a
 random prompt, one cache per layer (``attnkit.kvpolicy.generation``); NAtS runs on the same model shape with
 ``neural_attention_search`` mixers (random token-type scorer). Recall: the attention mass that dense softmax
@@ -22,7 +22,7 @@ import torch
 
 from attnkit.kvpolicy.generation import default_caches, generate
 from attnkit.quality.model import QualityModel, parse_mechanism
-from attnkit.selective_cache import TokenTypeKVCache
+from attnkit.selective_cache import AdaptiveVLCache, TokenTypeKVCache
 
 
 def main() -> None:
@@ -45,6 +45,10 @@ def main() -> None:
     prompt = torch.randint(0, 64, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     runs = {**{name: (model, make) for name, make in default_caches(interval=64).items()},
             "NAtS window=32": (nats, lambda i: TokenTypeKVCache(32))}
+    image = torch.zeros(1, args.prompt, dtype=torch.bool)  # A-VL: prompt tokens 4 .. 3/4 of it stand for an image
+    image[:, 4:3 * args.prompt // 4] = True
+    runs["A-VL drop 50%, compute 30%, update every 3, text 50%"] = (
+        model, lambda i: AdaptiveVLCache(image, drop_rate=0.5, compute_rate=0.7, interval=3, text_rate=0.5))
     results = {}
     print(f"# KV policies over {steps} generated tokens (prompt {args.prompt}), float32, 1 sequence")
     print("| policy | KiB held at the end | full cache KiB | recall (mean) | recall (end) | max error | s |")

@@ -26,7 +26,7 @@ from attnkit.ops.approx.retrieval import (
 from attnkit.testing import assert_close
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed (attnkit[retrieval])")
-APPROX_INDEXES = ["ivf", pytest.param("faiss", marks=needs_faiss)]
+APPROX_INDEXES = ["ivf", "graph", pytest.param("faiss", marks=needs_faiss)]
 
 
 def qkv(n=36, nk=None, b=2, h=2, d=16, dtype=torch.float64, seed=0):
@@ -74,6 +74,39 @@ def test_approximate_index_recall_on_clustered_keys(kind):
     # built in two parts: incremental adds (ivf: the second part waits in the exact tail)
     ix = KeyIndex(kind, **params).add(cache[:, :, :3000]).add(cache[:, :, 3000:])
     assert topk_recall(ix.search(queries, 32), true) >= 0.9
+
+
+def _ood(n=2048, m_train=512, m_test=64, d=32):
+    """Keys and queries from different distributions (opposite mean directions, different spreads), as the
+    queries and keys of an LLM's head are (RetrievalAttention, Sec. 2)."""
+    mu = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    mu = mu / mu.norm()
+    shift = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    keys = torch.randn(1, 2, n, d, generator=torch.Generator().manual_seed(1)) + 3 * mu
+
+    def queries(m, seed):
+        return torch.randn(1, 2, m, d, generator=torch.Generator().manual_seed(seed)) * 0.7 - 3 * mu + shift
+
+    return keys, queries(m_train, 2), queries(m_test, 3)
+
+
+def test_attention_aware_graph_index_beats_a_key_only_index_on_out_of_distribution_queries():
+    # Issue 25 (E15): RetrievalAttention builds its index from the prefill's queries (their nearest keys,
+    # projected onto a key graph), because an index built from keys alone serves OOD queries poorly. Same graph
+    # budget (degree, beam width): only the training queries differ.
+    keys, train, test = _ood()
+    true = KeyIndex("exact").add(keys).search(test, 10)
+    key_only = KeyIndex("graph", ef_search=32).add(keys)
+    aware = KeyIndex("graph", ef_search=32).add(keys, queries=train)
+    r_key, r_aware = topk_recall(key_only.search(test, 10), true), topk_recall(aware.search(test, 10), true)
+    assert r_aware >= 0.9 and r_aware > r_key + 0.3
+    # a beam as wide as the index visits every reachable key: exact
+    full = KeyIndex("graph", ef_search=2048).add(keys, queries=train)
+    assert topk_recall(full.search(test, 10), true) == 1.0
+    # the decoder passes the prompt's queries to the index
+    dec = RetrievalDecoder("retrieval", top_k=10, num_sink=0, window=1, index="graph", ef_search=32)
+    dec.prefill(keys, keys, q=train)
+    assert topk_recall(dec.retrieve(test), true) >= 0.9
 
 
 def test_ivf_tail_merges_into_lists():
@@ -193,6 +226,59 @@ def test_sea_error_decreases_with_top_k():
     q, k, v = clustered(256, d=32)
     errs = [attnkit.approximation_error("sea", q, k, v, num_blocks=32, top_k=t).output_relative for t in (2, 8, 32)]
     assert errs[0] >= errs[1] >= errs[2] and errs[2] < 1e-5
+
+
+def _topic_batch(seed, b=2, n=64, d=16, blocks=8):
+    """Keys in blocks that each carry one topic of a fixed bank (a head's consistent subspace); each query looks
+    for one topic: the teacher's attention is concentrated on the blocks of that topic."""
+    bank = torch.randn(12, d, generator=torch.Generator().manual_seed(12345))
+    g = torch.Generator().manual_seed(seed)
+    topics = bank[torch.randint(0, 12, (b, 1, blocks), generator=g)]
+    k = topics.repeat_interleave(n // blocks, 2) + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    pick = torch.randint(0, blocks, (b, 1, n, 1), generator=g).expand(-1, -1, -1, d)
+    q = 2.0 * topics.gather(2, pick) + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    return q, k, torch.randn(b, 1, n, d, generator=g)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_distilled_estimator_beats_the_untrained_one(causal):
+    # Issue 25 (E13): SEA trains its estimator by distillation from the teacher's attention. A few steps of
+    # sea_distillation_step on a synthetic task must beat the untrained (FAVOR+) estimate it starts from, on
+    # held-out inputs: lower KL to the teacher's block attention, more teacher mass in the selected blocks, and a
+    # smaller output error of the sparse attention.
+    from attnkit.ops.approx import SEAEstimator, sea_distillation_loss, sea_distillation_step, sea_teacher_blocks
+    from attnkit.ops.approx.retrieval import sea_block_estimate
+
+    blocks, top = 8, 2
+    torch.manual_seed(0)
+    est = SEAEstimator(16, num_features=8, seed=0)
+    q, k, v = _topic_batch(100)
+    with torch.no_grad():
+        assert torch.equal(est(q, k, blocks), sea_block_estimate(q, k, blocks, num_features=8, seed=0))
+
+    def scores():
+        with torch.no_grad():
+            loss = float(sea_distillation_loss(est, q, k, num_blocks=blocks, causal=causal))
+        out = sea_attention(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est)
+        return loss, float((out - exact).norm() / exact.norm())
+
+    exact = exact_softmax(q, k, v, causal=causal)
+    loss0, err0 = scores()
+    opt = torch.optim.Adam(est.parameters(), lr=0.05)
+    for step in range(60):
+        qq, kk, _ = _topic_batch(step)
+        sea_distillation_step(est, opt, qq, kk, num_blocks=blocks, causal=causal)
+    loss1, err1 = scores()
+    assert loss1 < 0.6 * loss0 and err1 < 0.7 * err0
+    if not causal:
+        teacher = sea_teacher_blocks(q, k, blocks)
+        with torch.no_grad():
+            mass = [float(teacher.gather(-1, e.topk(top, -1).indices).sum(-1).mean())
+                    for e in (sea_block_estimate(q, k, blocks, num_features=8), est(q, k, blocks))]
+        assert mass[1] > mass[0] + 0.1
+    # the selection with the estimator is the reference's
+    assert_close(sea_attention(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est, chunk_size=16),
+                 sea_reference(q, k, v, num_blocks=blocks, top_k=top, causal=causal, estimator=est))
 
 
 def test_iceformer_error_decreases_with_top_k_on_clustered_inputs():

@@ -106,17 +106,19 @@ def _fake_flops(batch, heads, q_len, kv_len, head_dim, causal=False, **params):
 
 FAKES = {
     "fake_exact": Mechanism("fake_exact", "fakes", PAPER, True, "O(n^2 d)", True, _sdpa_factory,
-                             in_default_bench=True),
+                             in_default_bench=True, source="paper"),
     "fake_band": Mechanism("fake_band", "fakes", PAPER, True, "O(n w d)", True, _band_factory,
                             bench_params={"window": 4}, in_default_bench=True,
-                            extras={"pattern": lambda seq_len, causal=False, window=4: BandPattern(window, causal)}),
+                            extras={"pattern": lambda seq_len, causal=False, window=4: BandPattern(window, causal)},
+                            source="paper+catalogue"),
     "fake_mean": Mechanism("fake_mean", "fakes_approx", PAPER, False, "O(n d)", False, _mean_factory,
-                            flops=_fake_flops),
-    "fake_failing": Mechanism("fake_failing", "fakes", PAPER, True, "O(n^2 d)", False, _failing_factory),
-    "fake_oom": Mechanism("fake_oom", "fakes", PAPER, True, "O(n^2 d)", True, _oom_factory),
-    "fake_jitter": Mechanism("fake_jitter", "fakes", PAPER, True, "O(n^2 d)", True, _jitter_factory),
+                            flops=_fake_flops, source="deviation: the mean of the values, not the paper's attention"),
+    "fake_failing": Mechanism("fake_failing", "fakes", PAPER, True, "O(n^2 d)", False, _failing_factory,
+                               source="paper"),
+    "fake_oom": Mechanism("fake_oom", "fakes", PAPER, True, "O(n^2 d)", True, _oom_factory, source="paper"),
+    "fake_jitter": Mechanism("fake_jitter", "fakes", PAPER, True, "O(n^2 d)", True, _jitter_factory, source="paper"),
     "fake_interrupt": Mechanism("fake_interrupt", "fakes", PAPER, True, "O(n^2 d)", False,
-                                 _interrupt_factory),
+                                 _interrupt_factory, source="paper"),
 }
 
 

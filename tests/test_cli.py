@@ -20,7 +20,7 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
         assert main(["list"]) == 0
         out = capsys.readouterr().out
         header = out.splitlines()[0].split()
-        assert header == ["name", "kind", "family", "exact", "complexity", "causal", "devices"]
+        assert header == ["name", "kind", "family", "exact", "complexity", "causal", "source", "devices"]
         lines = out.splitlines()
         for m in fakes:
             i = next(i for i, x in enumerate(lines) if x.split() and x.split()[0].rstrip("*") == m.name)
@@ -30,11 +30,16 @@ def test_list_shows_every_mechanism_with_its_facts(capsys):
             assert ("exact" if m.exact else "approx") in line.split()[3]
             assert ("yes" if m.causal else "no") in line.split()
             assert line.split()[-1] == "cpu,cuda"
+            assert line.split()[-2] == ("deviation" if m.source.startswith("deviation:") else m.source)
             assert "params:" in block and "causal=False" in block
+            # a deviation says what it does instead, in full, under the record
+            assert ("source: " + m.source[:40] in block) == m.source.startswith("deviation:")
         assert main(["list", "--json"]) == 0
         records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
         assert records["fake_mean"]["exact"] is False and records["fake_mean"]["causal"] is False
         assert records["fake_band"]["paper"] == PAPER and records["fake_band"]["in_default_bench"]
+        assert records["fake_band"]["source"] == "paper+catalogue"
+        assert records["fake_mean"]["source"].startswith("deviation: the mean of the values")
         assert main(["list", "--family", "fakes_approx", "--json"]) == 0
         assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["fake_mean"]
         assert main(["list", "--family", "nope"]) == 2

@@ -1,5 +1,6 @@
 """Score modifiers, normalisations and modules of issue 16 (catalogue C3-C21, B11, B12): the papers' invariants."""
 
+import math
 
 import pytest
 import torch
@@ -42,6 +43,33 @@ def test_lssar_re_weighting_keeps_the_argmax_and_never_raises_entropy():
         base = sharp
     with pytest.raises(ValueError, match="power"):
         N.softplus(0.5)
+
+
+def _lssar_from_the_paper(q, k, v, base, power, causal):
+    """LSSA(R) written from the paper (Gao & Spratling, 2025, Sec. 3): logits ``lambda_i * q_i.k_j / sqrt(d)`` with
+    ``lambda_i = log(n_i) / log(base)``, ``n_i`` the number of keys row i attends; ``softplus`` then l1
+    normalisation over those keys; re-weighting ``w^p / sum w^p``. Float64, one row at a time."""
+    n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    for i in range(n):
+        keys = (m - n + i + 1) if causal else m
+        lam = math.log(keys) / math.log(base)
+        s = (q[..., i:i + 1, :] @ k[..., :keys, :].transpose(-1, -2)) * d ** -0.5
+        w = torch.nn.functional.softplus(lam * s)
+        w = w / w.sum(-1, keepdim=True)
+        w = w ** power / (w ** power).sum(-1, keepdim=True)
+        out[..., i:i + 1, :] = w @ v[..., :keys, :]
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lssar_record_matches_the_paper_with_the_length_of_each_row(causal):
+    # Issue 25, defect 1: the non-causal record scaled row i by log(i + 1) although every row sees all n keys
+    # (row 0 got lambda = 0, uniform weights). The reference here is written from the paper, not from the score mod.
+    q, k, v = random_qkv(1, 2, 20, 20, 8, dtype=torch.float64, seed=3)
+    q, k = q * 3, k * 3
+    got = attnkit.get("lssar", causal=causal, base=16.0, power=2.0)(q, k, v)
+    assert_close(got, _lssar_from_the_paper(q, k, v, 16.0, 2.0, causal))
 
 
 def test_length_scale_grows_with_the_row_length():

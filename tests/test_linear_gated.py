@@ -372,6 +372,23 @@ def test_gated_records_train_through_multihead_attention(name):
     assert attnkit.mechanism_info(name).flops(batch=1, heads=4, q_len=64, kv_len=64, head_dim=8, causal=True) > 0
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_deltanet_scales_the_unit_query_by_d_to_the_minus_half(gated):
+    # Issue 25, defect 6: the records used unit q without the d^-1/2 attention scale of the papers and fla
+    # (o_t = (q_t / |q_t|) S_t / sqrt(d)). Written from the delta rule, not from the module's own inputs.
+    from attnkit.ops.linear.gated_attention import DeltaNetAttention
+
+    torch.manual_seed(0)
+    layer = DeltaNetAttention(8, causal=True, gated=gated, norm=False).double()
+    q, k, v = random_qkv(1, 2, 13, dim=8, dtype=F64, seed=31)
+    beta, g = layer.gates(q, k)
+    ref = delta_rule_reference(F.normalize(q, dim=-1) * 8 ** -0.5, F.normalize(k, dim=-1), v, beta, log_decay=g)
+    assert_close(layer(q, k, v), ref)
+    assert DeltaNetAttention(8, scale=1.0).scale == 1.0
+    with pytest.raises(ValueError, match="scale"):
+        DeltaNetAttention(8, scale=0.0)
+
+
 def test_cottention_output_stays_at_the_scale_of_v():
     """The fix of the signed-denominator blow-up: with the length scale, |out_i| <= L_i^(1 - sigmoid(m)) max|v|
     for any inputs, including keys that nearly cancel (where a denominator sum_j cos_ij would approach 0)."""

@@ -99,6 +99,48 @@ def test_retention_parallel_recurrent_chunked_agree(causal):
     assert_close(outs[0], retention_reference(layer, x))
 
 
+def _retnet_from_the_paper(layer, x):
+    """RetNet eq. 3-5 with complex numbers: ``Q = (X W_Q) Theta``, ``K = (X W_K) conj(Theta)``, ``Theta_n =
+    e^(i n theta)``, ``theta_c = 10000^(-2c/d)``; retention ``Re(Q K^dagger) / sqrt(d) * D`` (causal), then
+    GroupNorm, swish gate, output projection. Channel pair ``(c, c + d/2)`` is one complex component."""
+    q, k, v = (layer._heads(t) for t in layer.qkv(x).chunk(3, dim=-1))
+    n, d = x.shape[1], layer.head_dim
+    h = d // 2
+    theta = 10000.0 ** (-2 * torch.arange(h, dtype=F64) / d)
+    rot = torch.exp(1j * torch.arange(n, dtype=F64)[:, None] * theta[None])  # [n, d/2]
+    zq = torch.complex(q[..., :h], q[..., h:]) * rot
+    zk = torch.complex(k[..., :h], k[..., h:]) * rot
+    scores = (zq @ zk.conj().transpose(-1, -2)).real * d ** -0.5
+    i = torch.arange(n, dtype=F64)
+    rel = i[:, None] - i[None, :]
+    gam = layer.decays.to(F64)[:, None, None]
+    dmat = torch.where(rel >= 0, gam ** rel.clamp_min(0), torch.zeros((), dtype=F64))
+    ret = (scores * dmat) @ v
+    y = layer.norm(ret.transpose(1, 2).reshape(-1, layer.dim)).view(x.shape[0], n, layer.dim)
+    return layer.out_proj(torch.nn.functional.silu(layer.gate(x)) * y)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunked", "recurrent"])
+def test_retention_applies_retnet_theta_rotation_by_default(mode):
+    # Issue 25, defect 6: RetentionLayer omitted the xPos / Theta rotation of RetNet's Q and K. On by default;
+    # every form, and a state carried across calls, must equal the paper's complex-valued parallel form.
+    from attnkit.nn import RetentionLayer
+
+    x = torch.randn(2, 29, 32, dtype=F64, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(0)
+    layer = RetentionLayer(32, 4, mode=mode, chunk_size=8).double()
+    ref = _retnet_from_the_paper(layer, x)
+    assert_close(layer(x), ref)
+    a, s = layer(x[:, :17], return_state=True)
+    b = layer(x[:, 17:], state=s)
+    assert_close(torch.cat([a, b], dim=1), ref)
+    plain = RetentionLayer(32, 4, mode=mode, chunk_size=8, xpos=False).double()
+    plain.load_state_dict(layer.state_dict())
+    assert (plain(x) - ref).abs().max() > 1e-3  # the rotation changes the output
+    with pytest.raises(ValueError, match="theta_base"):
+        RetentionLayer(32, 4, theta_base=1.0)
+
+
 def test_retention_state_carry_and_unit_decay():
     from attnkit.nn import RetentionLayer
 
@@ -382,6 +424,50 @@ def test_ecoformer_codes_hamming_identity_and_straight_through_gradient():
     assert torch.equal(dots, 16 - 2 * hamming.to(dots.dtype))
     codes.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and fm.proj.grad.abs().sum() > 0
+
+
+def _eco_topics(seed, b=2, n=64, d=16):
+    bank = torch.randn(6, d, generator=torch.Generator().manual_seed(12345)) * 1.5
+    g = torch.Generator().manual_seed(seed)
+    k = bank[torch.randint(0, 6, (b, 1, n), generator=g)] + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    q = bank[torch.randint(0, 6, (b, 1, n), generator=g)] + 0.5 * torch.randn(b, 1, n, d, generator=g)
+    return q, k
+
+
+def test_ecoformer_hash_learned_from_the_attention_map_beats_the_untrained_hash():
+    """Issue 25 (D14): EcoFormer learns its kernelised hash functions self-supervised from the attention map
+    (each query's most / least attended keys as similar / dissimilar pairs). After a few
+    ecoformer_hash_step calls on a synthetic task, on held-out inputs: the hashing objective falls, and the keys
+    whose codes agree most with a query's code hold more of the teacher's attention."""
+    from attnkit.ops.linear.learned_maps import (
+        EcoHashFeatureMap,
+        ecoformer_hash_loss,
+        ecoformer_hash_step,
+        ecoformer_similarity_labels,
+    )
+
+    q, k = _eco_topics(1000)
+    qa, ka = _eco_topics(999)
+    fm = EcoHashFeatureMap(16, bits=16, anchors=32).set_anchors(torch.cat([qa, ka], 2))
+    labels = ecoformer_similarity_labels(q, k, num_similar=8, num_dissimilar=8)
+    assert (labels == 1).sum(-1).eq(8).all() and (labels == -1).sum(-1).eq(8).all()
+    teacher = torch.softmax(q @ k.transpose(-1, -2) / 4, -1)
+
+    def scores():
+        with torch.no_grad():
+            loss = float(ecoformer_hash_loss(fm, q, k, labels))
+            agree = fm.phi(q, is_query=True) @ fm.phi(k, is_query=False).transpose(-1, -2)
+            mass = float((teacher * (agree == agree.amax(-1, keepdim=True))).sum(-1).mean())
+        return loss, mass
+
+    loss0, mass0 = scores()
+    opt = torch.optim.Adam([fm.proj], lr=0.02)
+    for step in range(60):
+        ecoformer_hash_step(fm, opt, *_eco_topics(step), num_similar=8, num_dissimilar=8)
+    loss1, mass1 = scores()
+    assert loss1 < 0.5 * loss0 and mass1 > mass0 + 0.1
+    causal = ecoformer_similarity_labels(q, k, num_similar=2, num_dissimilar=2, causal=True)
+    assert (causal.triu(1) == 0).all() and causal[..., 0, :].abs().sum(-1).eq(1).all()  # row 0: one key
 
 
 def test_weighted_dijiang_starts_as_dijiang_and_learns_its_weights():

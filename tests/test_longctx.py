@@ -23,6 +23,17 @@ def test_star_with_one_block_is_full_causal_attention(n, block):
     assert_close(star_attention(q, k, v, block_size=4, num_query=n), ref)  # everything is query: exact
 
 
+def test_star_is_labelled_approximate_because_phase1_differs_from_full_attention():
+    # Issue 25, defect 6: the record said exact=True; phase 1 (context blocks see the anchor and themselves)
+    # approximates the full causal attention of the model it serves, phase 2 (the query tokens) is exact.
+    assert attnkit.mechanism_info("star_attention").exact is False
+    q, k, v = random_qkv(1, 2, 24, 24, 8, dtype=torch.float64)
+    full = attnkit.attention(q, k, v, pattern=P.causal())
+    out = attnkit.get("star_attention", causal=True, block_size=6, num_query=4)(q, k, v)
+    assert (out[:, :, 12:20] - full[:, :, 12:20]).abs().max() > 1e-3  # phase 1, third and fourth blocks
+    assert_close(out[:, :, 20:], full[:, :, 20:])  # phase 2
+
+
 @pytest.mark.parametrize("block,anchor", [(4, None), (5, 2), (3, 7)])
 def test_star_phase1_mask_is_same_block_or_anchor_and_causal(block, anchor):
     n = 17
@@ -298,7 +309,7 @@ def test_block_transformer_with_block_size_one_attends_to_context_and_itself():
 
 def test_ran_with_one_window_is_self_attention_with_an_extra_token():
     torch.manual_seed(2)
-    mix = RecurrentAttentionMixer(8, 2, window=64).double()
+    mix = RecurrentAttentionMixer(8, 2, window=64, memory_review=False).double()  # the windowed core
     x = torch.randn(2, 10, 8, dtype=torch.float64)
     seq = torch.cat([mix.gpc0.expand(2, 1, 8), x], dim=1)
     q, k, v = mix.attn.split(seq)
@@ -308,6 +319,23 @@ def test_ran_with_one_window_is_self_attention_with_an_extra_token():
     assert_close(small(x), small.reference(x))
     with pytest.raises(ValueError, match="causal"):
         RecurrentAttentionMixer(8, causal=True)
+
+
+@pytest.mark.parametrize("n,window", [(12, 4), (13, 4), (5, 8), (1, 3)])
+def test_ran_parallel_form_and_memory_review(n, window):
+    # Issue 25 (G9): the parallel form (cells first, then every window's tokens in one batched attention) equals
+    # the window-by-window recurrence; the memory review lets early tokens see later windows' cells.
+    torch.manual_seed(4)
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    for review in (True, False):
+        mix = RecurrentAttentionMixer(8, 2, window=window, memory_review=review).double()
+        out = mix(x)
+        assert_close(out, mix.reference(x))
+        if n > window:
+            later = x.clone()
+            later[:, -1] += 1.0  # change only the last window
+            moved = (mix(later)[:, :window] - out[:, :window]).abs().max()
+            assert (moved > 1e-6) if review else (moved == 0)
 
 
 def test_nats_all_global_is_full_causal_attention_and_types_get_gradients():

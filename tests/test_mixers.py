@@ -107,6 +107,67 @@ def test_aft_simple_causal_recurrence_equals_masked_quadratic_form():
     assert_close(mixer(x), mixer.reference(x))
 
 
+def _aft_causal_forms(q, k, v, w, corr_local, corr_conv):
+    return {
+        "full": aft.aft_full(q, k, v, w, causal=True, block=7),
+        "full, one block": aft.aft_full(q, k, v, w, causal=True),
+        "local": aft.aft_windowed(q, k, v, corr_local, causal=True, per_position=True, block=5),
+        "conv": aft.aft_windowed(q, k, v, corr_conv, causal=True, block=5),
+    }
+
+
+def test_causal_aft_full_local_conv_survive_large_later_tokens():
+    # Issue 25, defect 2: exp(K - max over all tokens) included later tokens, so scaling the inputs after token
+    # 20 by 100 made every earlier output 0/0 = NaN in float32. Earlier outputs must not change at all, and every
+    # output must match the float64 definition.
+    n, c = 40, 6
+    q, k, v = _x(2, n, c, dtype=torch.float32), _x(2, n, c, seed=1, dtype=torch.float32), \
+        _x(2, n, c, seed=2, dtype=torch.float32)
+    w = _x(n, n, seed=3, dtype=torch.float32) * 0.5
+    corr_local = torch.expm1(_x(n, 9, seed=4, dtype=torch.float32) * 0.3)
+    corr_conv = torch.expm1(_x(9, c, seed=5, dtype=torch.float32) * 0.3)
+    base = _aft_causal_forms(q, k, v, w, corr_local, corr_conv)
+    big = [t.clone() for t in (q, k, v)]
+    for t in big:
+        t[:, 20:] *= 100
+    got = _aft_causal_forms(*big, w, corr_local, corr_conv)
+    dense = {"full": w, "full, one block": w,
+             "local": aft.window_bias_matrix(corr_local.double(), n, per_position=True),
+             "conv": aft.window_bias_matrix(corr_conv.double(), n, per_position=False)}
+    for name, out in got.items():
+        assert torch.isfinite(out).all(), name
+        torch.testing.assert_close(out[:, :20], base[name][:, :20], atol=1e-6, rtol=1e-5, msg=name)
+        ref = aft.aft_reference(*(t.double() for t in big), dense[name].double(), causal=True)
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_causal_aft_windowed_offset_path_equals_the_definition_on_ordinary_inputs(per_position, monkeypatch):
+    # the offsets-over-visible-tokens path, forced on inputs where the global-offset path would also be used
+    monkeypatch.setattr(aft, "_SAFE_GAP", {torch.float64: -1.0, torch.float32: -1.0})
+    n, c = 23, 5
+    q, k, v = _x(2, n, c), _x(2, n, c, seed=1) * 3, _x(2, n, c, seed=2)
+    corr = torch.expm1(_x(n, 7, seed=3) * 0.3) if per_position else torch.expm1(_x(7, c, seed=3) * 0.3)
+    got = aft.aft_windowed(q, k, v, corr, causal=True, per_position=per_position, block=6)
+    ref = aft.aft_reference(q, k, v, aft.window_bias_matrix(corr, n, per_position=per_position), causal=True)
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize("cls", [M.AFTFull, M.AFTLocal, M.AFTConv])
+def test_causal_aft_modules_survive_inputs_scaled_by_100_after_token_20(cls):
+    torch.manual_seed(0)
+    mixer = cls(16, causal=True, **({"max_len": 64} if cls is not M.AFTConv else {}))
+    x = _x(2, 48, 16, dtype=torch.float32)
+    base = mixer(x)
+    x2 = x.clone()
+    x2[:, 20:] *= 100
+    out = mixer(x2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :20], base[:, :20], atol=1e-5, rtol=1e-5)
+    ref = mixer.to(D64).reference(x2.double())
+    torch.testing.assert_close(out.double(), ref, atol=5e-4, rtol=2e-4)  # float32 at |y| ~ 80
+
+
 @pytest.mark.parametrize("cls", [M.AFTLocal, M.AFTConv])
 def test_aft_windowed_decoding_steps_equal_the_causal_forward(cls):
     mixer = _build(cls, window=4, causal=True)

@@ -484,7 +484,7 @@ def tiny_mixer():
     register(Mechanism(name=name, family="test", paper="(test)", exact=True, complexity="O(n d)", causal=True,
                        factory=lambda dim, causal=False, scale=1.0: _TinyMixer(dim, causal, scale), kind="mixer",
                        needs=("dim",), small_params={"scale": 0.5},
-                       extras={"state_size": lambda dim, seq_len, **params: dim}))
+                       extras={"state_size": lambda dim, seq_len, **params: dim}, source="paper"))
     try:
         yield name
     finally:

@@ -36,10 +36,7 @@ SCALES = (1.0, 10.0, 100.0)
 
 # Known defects, each with the reason; strict: the mark must go when the fix lands.
 KNOWN: dict[tuple[str, str], str] = {
-    # causal AFT: exp(w + k) sums overflow at 100x (issue 28, fixed on the branch of the AFT engineer)
-    ("aft_full", "causal-x100"): "causal AFT overflows exp at 100x (issue 28, AFT fix in progress elsewhere)",
-    ("aft_local", "causal-x100"): "causal AFT overflows exp at 100x (issue 28, AFT fix in progress elsewhere)",
-    ("aft_conv", "causal-x100"): "causal AFT overflows exp at 100x (issue 28, AFT fix in progress elsewhere)",
+    # (causal AFT at 100x: fixed on faith-defects, issue 25 defect 2)
 }
 
 

@@ -54,7 +54,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from attnkit.registry import REQUIRED, list_mechanisms
+    from attnkit.registry import REQUIRED, list_mechanisms, source_kind
 
     mechanisms = list_mechanisms()
     families = sorted({m.family for m in mechanisms})
@@ -76,7 +76,8 @@ def _run_list(args: argparse.Namespace) -> int:
             params = m.parameters()
             records.append({
                 "name": m.name, "kind": m.kind, "family": m.family, "paper": m.paper, "exact": m.exact,
-                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "summary": m.summary,
+                "complexity": m.complexity, "causal": m.causal, "devices": list(m.devices), "source": m.source,
+                "summary": m.summary,
                 "in_default_bench": m.in_default_bench, "bench_params": dict(m.bench_params),
                 "needs": list(m.needs), "required": [k for k, d in params.items() if d is REQUIRED],
                 "optional": {k: d for k, d in params.items() if d is not REQUIRED}})
@@ -85,21 +86,28 @@ def _run_list(args: argparse.Namespace) -> int:
     if not mechanisms:
         print("no mechanisms registered")
         return 0
-    header = ("name", "kind", "family", "exact", "complexity", "causal", "devices")
+    header = ("name", "kind", "family", "exact", "complexity", "causal", "source", "devices")
     rows = [(m.name + ("*" if m.in_default_bench else ""), m.kind, m.family, "exact" if m.exact else "approx",
-             m.complexity, "yes" if m.causal else "no", ",".join(m.devices)) for m in mechanisms]
+             m.complexity, "yes" if m.causal else "no", source_kind(m.source), ",".join(m.devices))
+            for m in mechanisms]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip())
     wrap = 120
     for m, r in zip(mechanisms, rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        for label, text in (("params", m.describe_parameters()), ("paper", m.paper)):
+        lines = [("params", m.describe_parameters()), ("paper", m.paper)]
+        if source_kind(m.source) == "deviation":
+            lines.append(("source", m.source))
+        for label, text in lines:
             for i, line in enumerate(textwrap.wrap(text, wrap - 12) or [""]):
                 print(f"    {label + ':' if i == 0 else '':8}{line}")
     kinds = {k: sum(m.kind == k for m in mechanisms) for k in ("attention", "mixer")}
     print(f"\n{len(mechanisms)} mechanisms ({kinds['attention']} attention: (q, k, v) -> out [batch, heads, seq, "
           f"dim]; {kinds['mixer']} token mixers: x -> x [batch, seq, channels], built with dim=channels); "
-          "* = in the default `attnkit bench` selection. Shape parameters (dim, num_heads, head_dim, seq_len) are "
+          "* = in the default `attnkit bench` selection. source: where the definition came from (paper = checked "
+          "against the full paper; paper+catalogue = the paper where reachable, the catalogue's reading elsewhere; "
+          "deviation = differs from the paper, said how; docs/faithfulness.md). Shape parameters (dim, num_heads, "
+          "head_dim, seq_len) are "
           "filled in by attnkit.nn.MultiheadAttention; a mixer takes the MultiheadAttention's place whole.")
     return 0
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from attnkit.errors import UnknownMechanismError
 
-__all__ = ["Mechanism", "register", "get", "list_mechanisms", "mechanism_info", "FAMILY_MODULES", "REQUIRED"]
+__all__ = ["Mechanism", "register", "get", "list_mechanisms", "mechanism_info", "FAMILY_MODULES", "REQUIRED",
+           "SOURCES", "check_source", "source_kind"]
 
 # Modules whose import registers a family's mechanisms (imported lazily, once).
 FAMILY_MODULES: tuple[str, ...] = (
@@ -28,6 +29,27 @@ FAMILY_MODULES: tuple[str, ...] = (
     "attnkit.records.longctx",
     "attnkit.records.mixers",
 )
+
+# ``Mechanism.source``: where a record's definition came from (or ``"deviation: <what and why>"``).
+SOURCES = ("paper", "paper+catalogue")
+_DEVIATION = "deviation:"
+
+
+def check_source(source: Any, name: str = "?") -> str:
+    """``source`` if it is a valid ``Mechanism.source`` (see ``SOURCES``); raises ``ValueError`` otherwise."""
+    if isinstance(source, str) and (source in SOURCES or (
+            source.startswith(_DEVIATION) and len(source[len(_DEVIATION):].strip()) >= 10)):
+        return source
+    raise ValueError(
+        f"mechanism {name!r}: source must say where its definition came from: 'paper' (checked against the full "
+        f"paper), 'paper+catalogue' (the paper where reachable, the catalogue's reading elsewhere) or "
+        f"'deviation: <what differs from the paper, and why>'; got {source!r}")
+
+
+def source_kind(source: str) -> str:
+    """The short form of a source for tables: ``"paper"``, ``"paper+catalogue"`` or ``"deviation"``."""
+    return "deviation" if source.startswith(_DEVIATION) else source
+
 
 # Shape arguments a caller (``nn.MultiheadAttention``, the benchmark) supplies to factories that declare them.
 SHAPE_PARAMS = frozenset({"num_heads", "head_dim", "seq_len", "dim"})
@@ -164,6 +186,10 @@ class Mechanism:
     tolerance_scale: float = 1.0
     # Devices it runs on (every built-in mechanism is plain PyTorch; `attnkit backends` lists faster kernels).
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # Where the definition came from (required; checked by ``register``): ``"paper"`` (checked against the full
+    # paper's equations), ``"paper+catalogue"`` (the paper where its text was reachable, the catalogue's reading
+    # of it elsewhere) or ``"deviation: <what differs from the paper, and why>"``. Shown by `attnkit list`.
+    source: str = ""
 
     def parameters(self) -> dict[str, Any]:
         """The keyword parameters ``build`` accepts: name -> default (``REQUIRED`` where there is none). Shape
@@ -249,6 +275,7 @@ def register(mechanism: Mechanism) -> Mechanism:
     unknown = set(mechanism.needs) - SHAPE_PARAMS
     if unknown:
         raise ValueError(f"mechanism {mechanism.name!r}: unknown entries in needs: {sorted(unknown)}")
+    check_source(mechanism.source, mechanism.name)
     _REGISTRY[mechanism.name] = mechanism
     return mechanism
 

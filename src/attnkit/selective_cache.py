@@ -5,7 +5,8 @@
   ZipVL (mixed precision, sparse prefill), ActQKV's probe query, any ``policy(profile, q, k) -> keep``;
 - :class:`TokenTypeKVCache` -- NAtS's token-type eviction, prefill and decoding;
 - :class:`ActQKVCache` -- ActQKV's per-step retrieval with the dynamic cut-off of a shared
-  :class:`~attnkit.ops.longctx.selection.CutoffAllocator`.
+  :class:`~attnkit.ops.longctx.selection.CutoffAllocator`;
+- :class:`AdaptiveVLCache` -- A-VL's core/secondary/minor vision caches and its text eviction, prefill and decoding.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from attnkit.ops.longctx.selection import (
     GLOBAL,
     SLIDING,
     CutoffAllocator,
+    _avl_top,
+    avl_text_keep,
+    avl_text_scores,
+    avl_vision_tiers,
     dequantize,
     normalized_entropy,
     quantize,
     token_type_rule,
 )
 
-__all__ = ["SelectiveKVCache", "TokenTypeKVCache", "ActQKVCache"]
+__all__ = ["SelectiveKVCache", "TokenTypeKVCache", "ActQKVCache", "AdaptiveVLCache"]
 
 
 # -- the cache ---------------------------------------------------------------------------------------------------
@@ -466,3 +471,219 @@ class ActQKVCache:
         get = _on_device(mask)
         return attention(q, self.k, self.v, scale=scale,
                          pattern=P.custom(lambda bi, hi, qi, ki: get(ki.device)[bi, hi // g, ki]))
+
+
+# -- A-VL ----------------------------------------------------------------------------------------------------------
+class AdaptiveVLCache:
+    """A-VL's decoding cache (Zhang et al., "A-VL: Adaptive Attention for Large Vision-Language Models", AAAI 2025):
+    modality-specific adaptive attention, for one layer. Source of the rule: the paper's method (adaptive text-aware
+    vision attention; adaptive text attention) as summarised from its full text, with the details (counts, scores,
+    update schedule, eviction) from the authors' repository (github.com/2147483647-2/A-VL,
+    ``src/transformers/src/transformers/models/llama/modeling_llama.py``); the code here is ours.
+
+    The prompt is ``system | image | text``: ``is_visual [batch, n_prompt]`` marks one contiguous image block per
+    row (tokens before it are the system prompt, kept whole; tokens after it, and every generated token, are text).
+
+    *Vision* (``drop_rate``, ``compute_rate``, ``interval``): after the exact prefill, the attention of the last
+    prompt token (averaged over all heads) ranks the image tokens: the best ``int((1 - drop_rate) * n_img)`` are
+    held (secondary), the rest dropped (minor); the best ``int((1 - compute_rate) * n_img)`` of the held are the
+    core. With ``interval = K > 0``, decoding step ``t`` (1, 2, ...) computes with the core image tokens only,
+    except when ``t % K == 0``: then it computes with every held image token and its attention (averaged over all
+    heads) picks the new core among them. ``interval`` None: every step computes with every held image token.
+
+    *Text* (``text_rate``; None keeps all text): each kv head scores its text entries by
+    :func:`~attnkit.ops.longctx.selection.avl_text_scores` (from its query heads' mean attention) and, after the
+    prefill and after each step, holds ``budget = max(round((1 - text_rate) * T), text_init)`` of them (``T``: text
+    tokens seen so far) by :func:`~attnkit.ops.longctx.selection.avl_text_keep` (the last ``budget // 2`` and the
+    best-scored rest). Eviction is per kv head; the image tiers are shared by all heads, as in the repository.
+
+    The prompt's output is exact causal attention. Each later output equals dense attention over the positions of
+    :meth:`computed_mask` (held entries, less the non-core image tokens between updates). ``nbytes``: bytes of the
+    buffers (packed to the longest head); ``held_bytes``: bytes of the entries held.
+    """
+
+    def __init__(self, is_visual: torch.Tensor, *, drop_rate: float = 0.5, compute_rate: float = 0.7,
+                 interval: int | None = 3, text_rate: float | None = 0.5, text_init: int = 1):
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"interval must be None or an int >= 1, got {interval!r}")
+        if text_rate is not None and not 0.0 <= text_rate <= 1.0:
+            raise ValueError(f"text_rate must be None or lie in [0, 1], got {text_rate!r}")
+        if text_init < 0:
+            raise ValueError(f"text_init must be >= 0, got {text_init}")
+        vis = torch.as_tensor(is_visual).to(torch.bool)
+        if vis.dim() != 2:
+            raise ValueError(f"is_visual must be [batch, n_prompt], got shape {tuple(vis.shape)}")
+        self.bounds = []
+        for row in vis:
+            idx = row.nonzero().flatten()
+            if idx.numel() and int(idx[-1] - idx[0]) + 1 != idx.numel():
+                raise ValueError("is_visual must mark one contiguous image block per row (A-VL's system | image | "
+                                 "text prompt); split a prompt with several images into one cache per image block")
+            first = int(idx[0]) if idx.numel() else 0
+            self.bounds.append((first, int(idx[-1]) + 1 if idx.numel() else 0))
+        avl_vision_tiers(torch.zeros(1), torch.zeros(1, dtype=torch.bool), drop_rate=drop_rate,
+                         compute_rate=compute_rate)  # checks the rates
+        self.is_visual, self.drop_rate, self.compute_rate = vis, drop_rate, compute_rate
+        self.interval, self.text_rate, self.text_init = interval, text_rate, text_init
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = self.v = self.pos = self.valid = self.score = None
+        self.core: list[torch.Tensor] = []  # per batch row: core positions (long)
+        self.counts: list[tuple[int, int]] = []  # per batch row: (secondary, core) counts
+        self.seen = self.step = 0
+        self.last_computed: torch.Tensor | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def held_bytes(self) -> int:
+        if self.k is None:
+            return 0
+        return int(self.valid.sum()) * (self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] *
+                                        self.v.element_size())
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def held_mask(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen]`` bool: the positions held."""
+        if self.k is None:
+            raise ValueError("the cache is empty; call attend() first")
+        b, hkv, _ = self.pos.shape
+        out = torch.zeros(b, hkv, self.seen + 1, dtype=torch.bool, device=self.pos.device)
+        out.scatter_(2, torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen)), True)
+        return out[..., :self.seen]
+
+    def computed_mask(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen]`` bool: the positions the last decoding step computed with."""
+        if self.last_computed is None:
+            raise ValueError("no decoding step yet; call attend() with a generated token first")
+        return self.last_computed
+
+    def last_attended(self) -> torch.Tensor:
+        """:meth:`computed_mask` without the last token's own position, ``[batch, kv_heads, seen - 1]``: the protocol
+        of :mod:`attnkit.kvpolicy.generation` for caches that select per step (one token per call)."""
+        return self.computed_mask()[..., :-1]
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        order = kept_order(keep & self.valid)
+        self.k, self.v = gather_seq(self.k, order), gather_seq(self.v, order)
+        self.pos, self.score = gather_seq(self.pos, order), gather_seq(self.score, order)
+        self.valid = (keep & self.valid).gather(2, order)
+
+    def _is_text(self) -> torch.Tensor:
+        ends = torch.tensor([e for _, e in self.bounds], device=self.pos.device).view(-1, 1, 1)
+        return self.valid & (self.pos >= ends)
+
+    def _evict_text(self, attn: torch.Tensor, prefill: bool) -> None:
+        """Update the text scores from ``attn [b, hkv, rows, m]`` (aligned with the buffers) and evict."""
+        b, hkv, _, m = attn.shape
+        text = self._is_text()
+        keep = torch.ones(b, hkv, m, dtype=torch.bool, device=attn.device)
+        for bi in range(b):
+            t_seen = self.seen - self.bounds[bi][1]
+            budget = max(round((1 - self.text_rate) * t_seen), self.text_init)
+            for hi in range(hkv):
+                cols = text[bi, hi].nonzero().flatten()  # position order: the newest column is the last
+                if not cols.numel():
+                    continue
+                a = attn[bi, hi][:, cols] if not prefill else attn[bi, hi][-cols.numel():, cols]
+                old = None if prefill else self.score[bi, hi, cols[:-1]].view(1, -1)
+                new = avl_text_scores(a.unsqueeze(0), self.text_rate, old)[0]
+                self.score[bi, hi, cols] = new.to(self.score.dtype)
+                kept = avl_text_keep(new.view(1, -1), budget)[0]
+                keep[bi, hi, cols[~kept]] = False
+        self._compact(keep)
+
+    # -- attention ---------------------------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: P.Pattern | None = None,
+               causal: bool = True, score_mod=None, normalization="softmax", scale: float | None = None,
+               lengths=None) -> torch.Tensor:
+        _check_new(q, k, v)
+        plain_causal = pattern is None and causal or pattern is not None and repr(pattern) == repr(P.causal())
+        if lengths is not None or score_mod is not None or resolve(normalization).name != "softmax" \
+                or not plain_causal:
+            raise ValueError("AdaptiveVLCache supports causal softmax attention without pattern, score_mod or "
+                             "lengths=")
+        b, h, n, _ = q.shape
+        hkv = k.shape[1]
+        g, sc = h // hkv, default_scale(q, scale)
+        if self.k is None:
+            if b != self.is_visual.shape[0] or n != self.is_visual.shape[1]:
+                raise ValueError(f"the prompt has batch {b} and {n} tokens; is_visual is "
+                                 f"{tuple(self.is_visual.shape)}: give one flag per prompt token")
+            out = attention(q, k, v, pattern=P.causal(), scale=scale)
+            w = attention_weights(q, k, pattern=P.causal(), score_mod=None, normalization=resolve("softmax"),
+                                  scale=sc)  # [b, h, n, n]
+            self.k, self.v = k, v
+            self.pos = torch.arange(n, device=k.device).expand(b, hkv, n).contiguous()
+            self.valid = torch.ones(b, hkv, n, dtype=torch.bool, device=k.device)
+            self.score = torch.zeros(b, hkv, n, dtype=torch.float32, device=k.device)
+            self.seen = n
+            keep = torch.ones(b, hkv, n, dtype=torch.bool, device=k.device)
+            for bi in range(b):
+                vis = self.is_visual[bi].to(k.device)
+                n_img = int(vis.sum())
+                secondary, core = avl_vision_tiers(w[bi, :, -1].float().mean(0), vis, drop_rate=self.drop_rate,
+                                                   compute_rate=self.compute_rate)
+                self.counts.append((int((1 - self.drop_rate) * n_img), int((1 - self.compute_rate) * n_img)))
+                self.core.append(core.nonzero().flatten())
+                keep[bi] &= (~vis | secondary).view(1, n)
+            self._compact(keep)  # the minor image tokens go first: the text scores are per held entry
+            if self.text_rate is not None:
+                full = w.view(b, hkv, g, n, n).mean(2)  # positions; the buffers hold them in order
+                aligned = torch.stack([torch.stack([full[bi, hi][:, self.pos[bi, hi]] for hi in range(hkv)])
+                                       for bi in range(b)])  # [b, hkv, n, m]
+                self._evict_text(aligned, prefill=True)
+            return out
+        if (k.shape[0], k.shape[1], k.shape[3], k.dtype) != (self.k.shape[0], self.k.shape[1], self.k.shape[3],
+                                                             self.k.dtype):
+            raise ValueError(f"new keys {tuple(k.shape)} {k.dtype} do not match the cache's batch/kv heads/dim/dtype "
+                             f"{tuple(self.k.shape)} {self.k.dtype}; call reset() before a new sequence")
+        outs = []
+        for s in range(n):  # one generated token at a time: the policy acts after every step
+            outs.append(self._decode(q[:, :, s:s + 1], k[:, :, s:s + 1], v[:, :, s:s + 1], g, sc))
+        return torch.cat(outs, 2)
+
+    def _decode(self, q, k, v, g, sc) -> torch.Tensor:
+        b, h = q.shape[:2]
+        hkv = k.shape[1]
+        self.step += 1
+        self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.pos = torch.cat([self.pos, torch.full((b, hkv, 1), self.seen, device=k.device)], 2)
+        self.valid = torch.cat([self.valid, torch.ones(b, hkv, 1, dtype=torch.bool, device=k.device)], 2)
+        self.score = torch.cat([self.score, self.score.new_zeros(b, hkv, 1)], 2)
+        self.seen += 1
+        update = self.interval is None or self.step % self.interval == 0
+        compute = self.valid.clone()
+        if not update:  # between updates, only the core image tokens take part
+            for bi, (start, end) in enumerate(self.bounds):
+                img = (self.pos[bi] >= start) & (self.pos[bi] < end)
+                compute[bi] &= ~img | torch.isin(self.pos[bi], self.core[bi])
+        kk, vv = self.k.repeat_interleave(g, 1), self.v.repeat_interleave(g, 1)
+        ok = compute.repeat_interleave(g, 1).unsqueeze(2)  # [b, h, 1, m]
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        logits = (q.to(work) @ kk.to(work).transpose(-1, -2)) * sc
+        w = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1)
+        out = (w @ vv.to(work)).to(q.dtype)
+        self.last_computed = torch.zeros(b, hkv, self.seen + 1, dtype=torch.bool, device=q.device)
+        self.last_computed.scatter_(2, torch.where(compute, self.pos, torch.full_like(self.pos, self.seen)), True)
+        self.last_computed = self.last_computed[..., :self.seen]
+        if self.interval is not None and update:  # a new core among the held image tokens
+            for bi, (start, end) in enumerate(self.bounds):
+                by_pos = torch.zeros(self.seen, dtype=work, device=q.device)
+                for hi in range(h):
+                    by_pos.index_add_(0, self.pos[bi, hi // g], torch.where(self.valid[bi, hi // g], w[bi, hi, 0],
+                                                                            torch.zeros_like(w[bi, hi, 0])))
+                img = torch.zeros(self.seen, dtype=torch.bool, device=q.device)
+                img[start:end] = True
+                img &= self.held_mask()[bi].any(0)
+                _, core = _avl_top(by_pos / h, img, *self.counts[bi])
+                self.core[bi] = core.nonzero().flatten()
+        if self.text_rate is not None:
+            self._evict_text(w.view(b, hkv, g, 1, -1).mean(2), prefill=False)
+        return out

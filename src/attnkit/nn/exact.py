@@ -29,7 +29,7 @@ __all__ = [
     "GatedPositionalAttention", "NeuralAttention", "KolmogorovArnoldAttention", "FourierKArAt", "CarrierTokenAttention",
     "RegisterAttention", "PointTransformerLayer", "RelationalAttention", "GEMSelfSelfAttention",
     "EntityAwareAttention", "MultiHeadEmbeddingAttention", "PayBetterAttention", "LowRankContextPooling",
-    "SubSampledAttention",
+    "SubSampledAttention", "BirdEyeAttention",
 ]
 
 
@@ -59,7 +59,10 @@ class SelectiveAttention(nn.Module):
     with ``tau_tok = tanh(u_h . q_i)`` (content) and ``tau_pos = 1 + alpha_h log(1 + p)`` (position, against
     attention dilution), and each value a temperature ``1 + tanh(w_h . v_j)``: ``softmax(tau_i q_i . k_j /
     sqrt(d)) (tau_v v)``. All new parameters start at 0, so it starts as plain attention. Since it only rescales q
-    and v, every engine runs it. [mem?] the paper's exact gates; this is the sum form of the catalogue.
+    and v, every engine runs it. The position term matches the authors' released code (umich-sota/
+    selective_attention: causal logits times ``1 + sigma log(n_i)``, ``n_i = i + 1`` keys, ``sigma =
+    exp(-exp(beta)) > 0`` one per layer there; a free ``alpha_h`` per head here, 0 at the start). The token and
+    value gates are the catalogue's sum form: not checked against the paper's text (not reachable offline).
     ``q [batch, heads, q_len, dim]``, ``k, v [batch, heads, kv_len, dim]``."""
 
     def __init__(self, num_heads: int, head_dim: int, *, causal: bool = False, value_temperature: bool = True):
@@ -95,6 +98,84 @@ class SelectiveAttention(nn.Module):
         s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) * tau[..., None]
         w = _masked_softmax(s, _causal_mask(q.shape[2], k.shape[2], q.device) if self.causal else None)
         return w @ (v if tv is None else v * tv[..., None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# C11 Bird-Eye attention re-weighting
+# ---------------------------------------------------------------------------------------------------------
+
+class BirdEyeAttention(nn.Module):
+    """Bird-eye self-attention ("Bird-Eye Transformers for Text Generation Models", Sha et al., 2022; BET).
+
+    The paper's rule as the authors implemented it (github.com/shalei120/fairseq-1,
+    ``fairseq/modules/multihead_attention.py``, ``--choose BET-dec``; the paper's own text was not reachable,
+    only its abstract): a first, ordinary pass ``o = softmax(q k^T / sqrt(d)) v`` (causal for a decoder), whose
+    heads are mixed by the layer's output projection (``first_proj`` here, an ``[h d, h d]`` linear map that
+    starts as the identity), gives every key ``j`` an importance ``beta_j = sigmoid(w . [k_j ; o_j] + c)`` (one
+    ``w [2 d]``, ``c`` for all heads; ``o_j`` is head ``h``'s slice of the mixed output at token ``j``). The
+    second pass re-weights the logits, ``s_ij = beta_j q_i . k_j / sqrt(d)``, and masks each token's own key
+    (the "information collector" that over-weights tokens similar to itself), except token 0's; its output
+    ``softmax(s) v`` is the layer's (the repository then applies a second output projection, the caller's).
+    ``exclude_self=False`` is the repository's ``=dm`` ablation (no diagonal mask).
+
+    Since ``beta_j q_i . k_j = q_i . (beta_j k_j)``, the second pass is plain attention with re-scaled keys and a
+    mask, so every engine runs both passes. Self-attention only: ``q_len == kv_len``.
+    ``q [batch, heads, n, dim]``, ``k, v [batch, kv_heads, n, dim]`` -> ``[batch, heads, n, dim]``."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, causal: bool = False, exclude_self: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim, self.causal, self.exclude_self = num_heads, head_dim, causal, exclude_self
+        self.gate = nn.Linear(2 * head_dim, 1)
+        self.first_proj = nn.Linear(num_heads * head_dim, num_heads * head_dim)
+        with torch.no_grad():
+            self.first_proj.weight.copy_(torch.eye(num_heads * head_dim))
+            self.first_proj.bias.zero_()
+
+    def _check(self, q, k, v):
+        check_qkv(q, k, v)
+        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(f"BirdEyeAttention(num_heads={self.num_heads}, head_dim={self.head_dim}) got q of "
+                             f"shape {tuple(q.shape)}")
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"BirdEyeAttention is self-attention: every key needs its token's first-pass output, "
+                             f"so q_len must equal kv_len (got {q.shape[2]} and {k.shape[2]})")
+
+    def importance(self, first: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``beta [batch, heads, n]`` from the first pass's output ``[batch, heads, n, dim]`` and the keys."""
+        b, h, n, d = first.shape
+        mixed = self.first_proj(first.transpose(1, 2).reshape(b, n, h * d).to(self.first_proj.weight.dtype))
+        mixed = mixed.view(b, n, h, d).transpose(1, 2).to(first.dtype)
+        cat = torch.cat([repeat_kv(k, h), mixed], dim=-1)
+        return torch.sigmoid(self.gate(cat.to(self.gate.weight.dtype))).squeeze(-1).to(first.dtype)
+
+    def _mask(self, n: int, device) -> torch.Tensor | None:
+        i, j = torch.arange(n, device=device).view(-1, 1), torch.arange(n, device=device).view(1, -1)
+        ok = (j <= i) if self.causal else torch.ones(n, n, dtype=torch.bool, device=device)
+        return ok & ((j != i) | (i == 0)) if self.exclude_self else ok
+
+    def forward(self, q, k, v):
+        self._check(q, k, v)
+        h = q.shape[1]
+        first = attention(q, k, v, pattern=P.causal() if self.causal else None)
+        beta = self.importance(first, k)
+        if self.exclude_self:
+            causal = self.causal
+            pattern = P.custom(lambda b_, h_, i, j: ((j <= i) | (not causal)) & ((j != i) | (i == 0)),
+                               batch_dependent=False, head_dependent=False)
+        else:
+            pattern = P.causal() if self.causal else None
+        return attention(q, repeat_kv(k, h) * beta[..., None], repeat_kv(v, h), pattern=pattern,
+                         scale=q.shape[-1] ** -0.5)
+
+    def reference(self, q, k, v):
+        """Both passes materialised, as the repository computes them (logits times ``beta``, then the masks)."""
+        self._check(q, k, v)
+        h, n = q.shape[1], q.shape[2]
+        kk, vv = repeat_kv(k, h), repeat_kv(v, h)
+        s = (q @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        first = _masked_softmax(s, _causal_mask(n, n, q.device) if self.causal else None) @ vv
+        beta = self.importance(first, k)
+        return _masked_softmax(s * beta[:, :, None, :], self._mask(n, q.device)) @ vv
 
 
 # ---------------------------------------------------------------------------------------------------------

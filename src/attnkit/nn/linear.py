@@ -31,7 +31,7 @@ from attnkit.feature_maps import get as get_feature_map
 from attnkit.functional.exact import attention
 from attnkit.functional.linear import linear_attention
 from attnkit.ops.linear.state import LinearAttentionState
-from attnkit.rotary import RotaryEmbedding
+from attnkit.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["LinearAttention", "LinearMultiheadAttention", "BasedAttention", "RetentionLayer", "TTTLayer",
            "TitansLayer", "TransNormerLayer", "TransNormerLLMLayer", "SGLU", "MultiScaleLinearAttention"]
@@ -281,19 +281,33 @@ class RetentionLayer(nn.Module):
     shared diagonal); ``gamma_h = 1 - 2^(-5 - h)`` (``decays`` to override);
     ``Y = GroupNorm_h(retention)``, ``out = (swish(X W_G) * Y) W_O``.
 
+    ``xpos=True`` (the paper's default, eq. 3-5): ``Q = (X W_Q) * Theta``, ``K = (X W_K) * conj(Theta)``,
+    ``Theta_n = e^(i n theta)``, so ``Q_n K_m^dagger`` depends on ``n - m`` through ``e^(i (n - m) theta)`` (the xPos
+    rotation; its decay is the ``gamma`` of ``D``). Real channel pairs ``(c, c + d/2)`` are the complex
+    components, ``theta_c = theta_base^(-2c/d)`` (RoPE's and xPos's frequencies). Positions continue from a
+    carried state's ``offset``. ``xpos=False`` drops the rotation (position only through the decay).
+
     ``mode``: ``"parallel"`` (the masked quadratic form), ``"chunked"`` or ``"recurrent"``
     (``S_n = gamma S_{n-1} + k_n^T v_n``, ``o_n = q_n S_n``): the three forms agree (the paper's dual form).
     ``forward(x, state=..., return_state=True)`` carries the per-head states ``[batch, heads, d, d_v]`` (causal).
     """
 
     def __init__(self, dim: int, num_heads: int | None = None, *, causal: bool = True, mode: str = "chunked",
-                 chunk_size: int = 64, decays: list[float] | torch.Tensor | None = None, bias: bool = False):
+                 chunk_size: int = 64, decays: list[float] | torch.Tensor | None = None, bias: bool = False,
+                 xpos: bool = True, theta_base: float = 10000.0):
         super().__init__()
         num_heads = default_heads(dim) if num_heads is None else num_heads
         _check_heads(dim, num_heads, num_heads)
         if mode not in ("parallel", "chunked", "recurrent"):
             raise ValueError(f"mode must be 'parallel', 'chunked' or 'recurrent', got {mode!r}")
+        if not isinstance(theta_base, (int, float)) or isinstance(theta_base, bool) or theta_base <= 1:
+            raise ValueError(f"theta_base must be a number > 1 (10000 in RetNet), got {theta_base!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        # theta_c = theta_base^(-2c/d), float64 and not a buffer (like the decays): .half() must not round them;
+        # None without xpos, or with a single channel (no complex pair to rotate)
+        half = self.head_dim // 2
+        self.theta = (float(theta_base) ** (-2 * torch.arange(half, dtype=torch.float64) / self.head_dim)
+                      if xpos and half else None)
         self.causal, self.mode, self.chunk_size = causal, mode, chunk_size
         from attnkit.ops.linear._common import retention_decay
 
@@ -307,6 +321,16 @@ class RetentionLayer(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Q * Theta`` and ``K * conj(Theta)`` at positions ``offset, offset + 1, ...`` (unchanged without xpos):
+        the same rotation for both, so their product carries ``e^(i (n - m) theta)``."""
+        if self.theta is None:
+            return q, k
+        pos = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float64)
+        angle = pos[:, None] * self.theta.to(q.device)[None]
+        cos, sin = angle.cos(), angle.sin()
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def retention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state=None, return_state=False):
         """The retention of ``[batch, heads, n, d]`` heads (no projections, no norm)."""
@@ -324,6 +348,7 @@ class RetentionLayer(nn.Module):
     def forward(self, x: torch.Tensor, *, state=None, return_state: bool = False):
         _check_x(x, self.dim)
         q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = self.rotate(q, k, state.offset if isinstance(state, LinearAttentionState) else 0)
         res = self.retention(q, k, v, state=state, return_state=return_state)
         ret, new_state = res if return_state else (res, None)
         b, _, n, _ = ret.shape
@@ -335,8 +360,9 @@ class RetentionLayer(nn.Module):
 
 def retention_reference(built: RetentionLayer, x: torch.Tensor, **_: object) -> torch.Tensor:
     """The parallel form materialised: ``D_h[n, m] = gamma_h^(n - m) [n >= m]`` (or ``gamma_h^|n - m|``),
-    ``(Q K^T / sqrt(d) * D) V``, GroupNorm, swish gate, output projection."""
+    ``(Q K^T / sqrt(d) * D) V`` on the rotated ``Q, K`` (xpos), GroupNorm, swish gate, output projection."""
     q, k, v = (built._heads(t) for t in built.qkv(x).chunk(3, dim=-1))
+    q, k = built.rotate(q, k)
     n = x.shape[1]
     i = torch.arange(n, device=x.device)
     rel = (i[:, None] - i[None, :]).to(torch.float64)

@@ -8,7 +8,8 @@
 - :class:`RecurrentAttentionMixer` -- "Recurrent Attention Networks for Long-text Modeling" (Li et al. 2023),
   Sec. 3: the document is cut into windows; self-attention runs in each window together with a Global
   Perception Cell (GPC) token carried from the previous window (the GPC output of window ``w`` is the memory
-  input of window ``w + 1``).
+  input of window ``w + 1``), run in the parallel form (cells first, then all windows' tokens at once), and
+  the memory review (tokens attend over every window's cell).
 - :class:`TokenTypeMixer` -- Neural Attention Search (NAtS), Sec. 3: a learned per-token type (Global, Local,
   Sliding-window) from a linear scorer, relaxed with a straight-through Gumbel-softmax in training, whose mask
   (``token_type_mask``) decides which KV entries can be evicted at inference.
@@ -127,48 +128,101 @@ class BlockTransformerMixer(nn.Module):
 
 class RecurrentAttentionMixer(nn.Module):
     """RAN: windowed self-attention with a recurrent Global Perception Cell token (see the module docstring).
-    Windows are bidirectional, so there is no causal form."""
+    Windows are bidirectional, so there is no causal form.
 
-    def __init__(self, dim: int, num_heads: int = 2, window: int = 16, causal: bool = False):
+    Window ``t`` attends over ``[c_{t-1}; x_window]``; the cell's own output updates it, ``c_t = LayerNorm(c_{t-1}
+    + o_cell)``, and ``c_{t-1}`` is a key/value of every token of window ``t``.
+
+    ``forward`` runs the parallel form: the recurrence only needs each window's cell row, an O(window d)
+    attention of one query, so the cells are computed first (sequentially, O(n d) in all) and then every
+    window's token rows in one batched attention (the O(n window d) bulk, parallel over windows). The paper's
+    claim that RAN's recurrence still allows parallel processing rests on this split.
+
+    ``memory_review=True`` (the paper's default; Li et al. 2023, Sec. 3, "memory review"): the token outputs
+    attend over the memory of every window's cell output ``[c_1 .. c_T]`` (so early tokens see the whole
+    document), with a residual through a gated linear unit of the projected query and a LayerNorm:
+    ``y = LN(W_o softmax(Q C_k^T / sqrt(d)) C_v + GLU(Q))``, ``Q = Y W_q``. Not carried over from the paper:
+    the per-window rotary positions and the input/cell normalisations of the authors' layer. ``last_gpc``:
+    the final cell ``[batch, dim]``, the document representation."""
+
+    def __init__(self, dim: int, num_heads: int = 2, window: int = 16, causal: bool = False,
+                 memory_review: bool = True):
         super().__init__()
         if causal:
             raise ValueError("RecurrentAttentionMixer has no causal form: its windows are bidirectional (RAN, "
                              "Sec. 3)")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.dim, self.window = dim, window
+        self.dim, self.window, self.memory_review = dim, window, bool(memory_review)
         self.attn = _Heads(dim, num_heads)
         self.gpc0 = nn.Parameter(torch.zeros(dim))
         self.norm = nn.LayerNorm(dim)
+        if self.memory_review:
+            self.review_q = nn.Linear(dim, dim)
+            self.review_kv = nn.Linear(dim, 2 * dim)
+            self.review_o = nn.Linear(dim, dim)
+            self.review_glu = nn.Linear(dim, 2 * dim)
+            self.review_norm = nn.LayerNorm(dim)
 
-    def _window(self, gpc: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq = torch.cat([gpc.unsqueeze(1), chunk], dim=1)
-        q, k, v = self.attn.split(seq)
-        o = self.attn.merge(attention(q, k, v))
-        return self.norm(gpc + o[:, 0]), o[:, 1:]
+    def _review(self, y: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Memory review: ``y [b, n, d]`` attends over ``cells [b, T, d]`` (materialised: T is n / window)."""
+        q = self.review_q(y)
+        k, v = self.review_kv(cells).chunk(2, dim=-1)
+        a = torch.softmax((q @ k.transpose(-1, -2)) * self.dim ** -0.5, dim=-1)
+        lin, gate = self.review_glu(q).chunk(2, dim=-1)
+        return self.review_norm(self.review_o(a @ v) + lin * torch.sigmoid(gate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x(x, self.dim)
-        gpc = self.gpc0.expand(x.shape[0], -1)
-        outs = []
-        for s in range(0, x.shape[1], self.window):  # the recurrence is sequential over windows by definition
-            gpc, o = self._window(gpc, x[:, s:s + self.window])
-            outs.append(o)
+        b, n, c = x.shape
+        w, h = self.window, self.attn.h
+        nw = -(-n // w)
+        q, k, v = self.attn.split(x)  # every token's projections at once: [b, h, n, dh]
+        gpc = self.gpc0.expand(b, -1)
+        cell_kv, cells = [], []
+        for t in range(nw):  # the recurrence: one query row per window
+            qc, kc, vc = self.attn.split(gpc[:, None])
+            keys = torch.cat([kc, k[:, :, t * w:(t + 1) * w]], dim=2)
+            vals = torch.cat([vc, v[:, :, t * w:(t + 1) * w]], dim=2)
+            cell_kv.append((kc, vc))
+            gpc = self.norm(gpc + self.attn.merge(attention(qc, keys, vals))[:, 0])
+            cells.append(gpc)
         self.last_gpc = gpc  # the document representation
-        return torch.cat(outs, dim=1)
+        # every full window's token rows in one batched attention over [c_{t-1}; window t]; a shorter last window
+        # in a call of its own
+        full = n // w
+        parts = []
+        if full:
+            def windows(t_):
+                return t_[:, :, :full * w].reshape(b, h, full, w, -1).transpose(1, 2).reshape(b * full, h, w, -1)
+
+            kc = torch.stack([p_[0] for p_ in cell_kv[:full]], 1).reshape(b * full, h, 1, -1)
+            vc = torch.stack([p_[1] for p_ in cell_kv[:full]], 1).reshape(b * full, h, 1, -1)
+            o = attention(windows(q), torch.cat([kc, windows(k)], 2), torch.cat([vc, windows(v)], 2))
+            parts.append(o.reshape(b, full, h, w, -1).transpose(1, 2).reshape(b, h, full * w, -1))
+        if n > full * w:
+            kc, vc = cell_kv[-1]
+            s0 = full * w
+            parts.append(attention(q[:, :, s0:], torch.cat([kc, k[:, :, s0:]], 2), torch.cat([vc, v[:, :, s0:]], 2)))
+        o = torch.cat(parts, dim=2)
+        y = self.attn.merge(o)
+        return self._review(y, torch.stack(cells, 1)) if self.memory_review else y
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same recurrence with each window's attention materialised."""
+        """The recurrence as written: window by window, each window's attention materialised over ``[cell;
+        window]``, then the memory review."""
         _check_x(x, self.dim)
         gpc = self.gpc0.expand(x.shape[0], -1)
-        outs = []
+        outs, cells = [], []
         for s in range(0, x.shape[1], self.window):
             seq = torch.cat([gpc.unsqueeze(1), x[:, s:s + self.window]], dim=1)
             q, k, v = self.attn.split(seq)
             o = self.attn.merge(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1) @ v)
             gpc = self.norm(gpc + o[:, 0])
             outs.append(o[:, 1:])
-        return torch.cat(outs, dim=1)
+            cells.append(gpc)
+        y = torch.cat(outs, dim=1)
+        return self._review(y, torch.stack(cells, 1)) if self.memory_review else y
 
 
 class TokenTypeMixer(nn.Module):

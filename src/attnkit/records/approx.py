@@ -174,7 +174,8 @@ register(Mechanism(
     exact=False, complexity="O(n k d)", causal=False, factory=_linformer_factory, needs=("seq_len", "num_heads"),
     summary="learned projections E, F of the sequence axis of keys/values (module; untrained weights in "
             "benchmarks, so its error there is that of a random projection)",
-    bench_params={"proj_len": 256}, in_default_bench=True, flops=_flops_linformer, reference=_built_reference))
+    bench_params={"proj_len": 256}, in_default_bench=True, flops=_flops_linformer, reference=_built_reference,
+    source="paper"))
 
 register(Mechanism(
     name="nystrom", family=FAMILY,
@@ -183,7 +184,7 @@ register(Mechanism(
     factory=_fn_factory("nystrom", nystrom.nystrom_attention, nystrom.nystrom_reference, False),
     summary="segment-mean landmarks, iterative Moore-Penrose pseudo-inverse (conv skip: nn.NystromAttention)",
     bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, in_default_bench=True,
-    flops=_flops_nystrom, reference=_built_reference))
+    flops=_flops_nystrom, reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="soft", family=FAMILY, paper="Softmax-free Linear Transformers",
@@ -192,7 +193,7 @@ register(Mechanism(
     summary="softmax-free Gaussian-kernel attention, Nystrom landmarks, Newton-Raphson pseudo-inverse "
             "(approximates its own kernel, not softmax)",
     bench_params={"num_landmarks": 64}, small_params={"num_landmarks": 8}, flops=_flops_soft,
-    reference=_built_reference))
+    reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="yoso", family=FAMILY,
@@ -202,7 +203,7 @@ register(Mechanism(
     summary="LSH collision probability (1 - arccos(q.k)/pi)^tau as attention weight, estimated by hashing "
             "(approximates its own kernel, not softmax)",
     # no registry reference: hashing is discontinuous, so a half-precision input flips hash bits (tests/test_approx*)
-    bench_params={"tau": 8, "num_hashes": 32, "normalize": True}, flops=_flops_yoso))
+    bench_params={"tau": 8, "num_hashes": 32, "normalize": True}, flops=_flops_yoso, source="paper"))
 
 register(Mechanism(
     name="hyper", family=FAMILY, paper="HyperAttention: Long-context Attention in Near-Linear Time",
@@ -210,7 +211,7 @@ register(Mechanism(
     factory=_fn_factory("hyper", hyper.hyper_attention, hyper.hyper_reference, True),
     summary="sorted-LSH block-diagonal exact part + uniformly sampled residual; causal by recursion",
     bench_params={"block_size": 256, "sample_size": 256}, in_default_bench=True, flops=_flops_hyper,
-    reference=_built_reference))
+    reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="routing", family=FAMILY,
@@ -220,21 +221,21 @@ register(Mechanism(
     summary="k-means clusters of queries/keys, exact softmax within each cluster "
             "(learned EMA centroids: nn.RoutingAttention)",
     bench_params={"num_clusters": 128}, small_params={"num_clusters": 4}, flops=_flops_routing,
-    reference=_built_reference))
+    reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="mra", family=FAMILY, paper="Multi Resolution Analysis (MRA) for Approximate Self-Attention",
     exact=False, complexity="O(n r b d + (n/b)^2 d)", causal=False,
     factory=_fn_factory("mra", mra.mra_attention, mra.mra_reference, False),
     summary="block-averaged coarse attention, top blocks refined to exact (MRA-2)",
-    bench_params={"block_size": 32, "num_refined": 8}, flops=_flops_mra, reference=_built_reference))
+    bench_params={"block_size": 32, "num_refined": 8}, flops=_flops_mra, reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="loki", family=FAMILY, paper="Loki: Low-Rank Keys for Efficient Sparse Attention",
     exact=False, complexity="O(n^2 r + n k d)", causal=True,
     factory=_fn_factory("loki", loki.loki_attention, loki.loki_reference, True),
     summary="top-k keys by low-rank (PCA) scores, then exact attention over them",
-    bench_params={"top_k": 256, "rank": 16}, flops=_flops_loki, reference=_built_reference))
+    bench_params={"top_k": 256, "rank": 16}, flops=_flops_loki, reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="transformer_vq", family=FAMILY,
@@ -243,7 +244,8 @@ register(Mechanism(
     needs=("num_heads", "head_dim"),
     summary="keys quantised to a codebook; exact softmax over them by blocks plus a compressed per-code cache "
             "(module; EMA k-means codebook, random until trained or fit())",
-    bench_params={"codebook_size": 256, "block_size": 256}, flops=_flops_transformer_vq, reference=_built_reference))
+    bench_params={"codebook_size": 256, "block_size": 256}, flops=_flops_transformer_vq, reference=_built_reference,
+    source="paper"))
 
 register(Mechanism(
     name="combiner", family=FAMILY,
@@ -252,7 +254,7 @@ register(Mechanism(
     factory=_fn_factory("combiner", combiner.combiner_attention, combiner.combiner_reference, True),
     summary="Combiner-Fixed: exact attention inside the block, every other block through one summary "
             "(full support; learned within-block scorer: nn.CombinerAttention)",
-    bench_params={"block_size": 128}, flops=_flops_combiner, reference=_built_reference))
+    bench_params={"block_size": 128}, flops=_flops_combiner, reference=_built_reference, source="paper"))
 
 register(Mechanism(
     name="sparsek", family=FAMILY,
@@ -261,7 +263,7 @@ register(Mechanism(
     needs=("num_heads", "head_dim"),
     summary="learned key scorer + differentiable SPARSEK top-k mask per query, attention over the selected keys "
             "(module; untrained scorer in benchmarks)",
-    bench_params={"top_k": 256}, flops=_flops_sparsek))
+    bench_params={"top_k": 256}, flops=_flops_sparsek, source="paper"))
 
 # Issue 17: retrieval (IceFormer, RetrievalAttention, SEA) and structured-selection records are in
 # attnkit.records.approx_retrieval (its own entry in attnkit.registry.FAMILY_MODULES).

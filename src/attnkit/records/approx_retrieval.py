@@ -33,7 +33,7 @@ register(Mechanism(
     summary="each query attends to its top-k keys by q.k from a nearest-neighbour index (MIPS -> NN; index= "
             "exact | ivf (torch) | faiss HNSW; decoding: RetrievalDecoder)",
     bench_params={"top_k": 64, "index": "ivf"}, small_params={"top_k": 8, "index": "exact"},
-    reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384))
+    reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384, source="paper"))
 
 register(Mechanism(
     name="retrieval_attention", family=FAMILY,
@@ -42,19 +42,26 @@ register(Mechanism(
     factory=_fn_factory("retrieval_attention", retrieval.retrieval_attention, retrieval.retrieval_reference,
                         True),
     summary="static set (sink tokens + recent window) attended exactly, top-k of the rest retrieved from a key "
-            "index, the two merged by log-sum-exp (decoding: RetrievalDecoder)",
+            "index, the two merged by log-sum-exp (decoding: RetrievalDecoder); index='graph' is the paper's "
+            "attention-aware index, built from the queries' nearest keys (prefill(k, v, q=...))",
     bench_params={"top_k": 64, "num_sink": 4, "window": 64, "index": "ivf"},
     small_params={"top_k": 6, "num_sink": 2, "window": 4, "index": "exact"},
-    reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384))
+    reference=_ref, flops=retrieval.retrieval_flops, max_bench_len=16384,
+    source="deviation: by default (index='ivf') keys are retrieved from an index over the keys alone; index='gra"
+           "ph' with prefill(k, v, q=...) is the paper's attention-aware index built from the queries' nearest keys"))
 
 register(Mechanism(
     name="sea", family=FAMILY, paper="SEA: Sparse Linear Attention with Estimated Attention Mask",
     exact=False, complexity="O(n (C m + k n/C d))", causal=True,
     factory=_fn_factory("sea", retrieval.sea_attention, retrieval.sea_reference, True),
-    summary="random-feature linear-attention estimate of the block-compressed attention, top-k blocks "
-            "interpolated to a key mask, exact sparse softmax on it (untrained estimator: FAVOR+)",
+    summary="linear-attention estimate of the block-compressed attention, top-k blocks interpolated to a key "
+            "mask, exact sparse softmax on it; estimator= a SEAEstimator distilled from the teacher's attention "
+            "(sea_distillation_step, the paper's training), default the untrained FAVOR+ estimate",
     bench_params={"num_blocks": 128, "top_k": 8}, small_params={"num_blocks": 6, "top_k": 2},
-    reference=_ref, flops=_flops_sea))
+    reference=_ref, flops=_flops_sea,
+    source="deviation: by default (estimator=None) the attention estimate is an untrained FAVOR+ random-feature "
+           "linear attention; the paper's estimator distilled from a teacher's attention is estimator=SEAEstimat"
+           "or trained with sea_distillation_step (a one-convolution decoder, not the paper's deeper CNN)"))
 
 
 def _flops_boat(*, batch, heads, q_len, kv_len, head_dim, causal=False, cluster_size=64, window=64, **_):
@@ -95,7 +102,7 @@ register(Mechanism(
     summary="half the heads attend within image-space windows, half within balanced feature-space clusters "
             "(recursive median bisection on the principal direction)",
     bench_params={"cluster_size": 64, "window": 64}, small_params={"cluster_size": 8, "window": 6},
-    reference=_ref, flops=_flops_boat))
+    reference=_ref, flops=_flops_boat, source="paper"))
 
 register(Mechanism(
     name="sgformer", family=FAMILY,
@@ -105,7 +112,7 @@ register(Mechanism(
     summary="key regions ranked by a coarse-attention significance map and pooled at rates (1, 4, 16): salient "
             "regions keep their tokens, minor ones are pooled; full-resolution queries",
     bench_params={"region_size": 64, "rates": (1, 4, 16)}, small_params={"region_size": 6, "rates": (1, 3)},
-    reference=_ref, flops=_flops_sgformer))
+    reference=_ref, flops=_flops_sgformer, source="paper"))
 
 register(Mechanism(
     name="select_pack", family=FAMILY,
@@ -115,7 +122,7 @@ register(Mechanism(
     summary="a linear gate selects tokens per image; the selected tokens of the batch are packed into one "
             "sequence with a block-diagonal mask, attended, and scattered back (unselected: zero output; "
             "module, untrained gate in benchmarks)",
-    bench_params={"threshold": 0.0}, reference=_ref, flops=_flops_select_pack))
+    bench_params={"threshold": 0.0}, reference=_ref, flops=_flops_select_pack, source="paper"))
 
 
 def _flops_combiner_logsparse(*, batch, heads, q_len, kv_len, head_dim, causal=False, **_):
@@ -137,7 +144,7 @@ register(Mechanism(
     summary="Combiner-Logsparse: keys at distances 0 and 2^t direct, the gaps between them through their mean "
             "key/value (full support, prefix sums)",
     bench_params={"chunk_size": 64}, small_params={"chunk_size": 16}, reference=_ref,
-    flops=_flops_combiner_logsparse))
+    flops=_flops_combiner_logsparse, source="paper"))
 
 register(Mechanism(
     name="combiner_axial", family=FAMILY,
@@ -148,7 +155,7 @@ register(Mechanism(
     summary="Combiner-Axial: the query's row and column (rows of block_size) direct, the rest of every other "
             "column through its mean key/value (full support)",
     bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
-    flops=_flops_combiner_axial))
+    flops=_flops_combiner_axial, source="paper"))
 
 
 def _flops_combiner_mixture(*, batch, heads, q_len, kv_len, head_dim, causal=False, block_size=128, **_):
@@ -170,4 +177,4 @@ register(Mechanism(
     summary="Combiner-Mixture: half the heads on Combiner-Fixed blocks, half on Combiner-Logsparse (full support "
             "in every head)",
     bench_params={"block_size": 128}, small_params={"block_size": 6}, reference=_ref,
-    flops=_flops_combiner_mixture))
+    flops=_flops_combiner_mixture, source="paper+catalogue"))

@@ -25,7 +25,7 @@ def _dense_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
 def _pattern_mechanism(name: str, paper: str, make: Callable[..., P.Pattern], summary: str,
                        bench_params: dict, in_default_bench: bool = False, small_params: dict | None = None,
                        dynamic: bool = False, complexity: str = "O(n * w * d)",
-                       varlen: bool = False, fast: Callable[..., Any] | None = None) -> Mechanism:
+                       varlen: bool = False, fast: Callable[..., Any] | None = None, source: str = "") -> Mechanism:
     """A mechanism that is exact softmax attention restricted to a pattern (tiled engine).
 
     ``make(**params)`` builds the pattern; with ``dynamic=True`` it is ``make(seq_len=, heads=, causal=,
@@ -79,6 +79,7 @@ def _pattern_mechanism(name: str, paper: str, make: Callable[..., P.Pattern], su
         name=name, family="exact", paper=paper, exact=True, complexity=complexity, causal=True,
         factory=factory, summary=summary, bench_params=bench_params, in_default_bench=in_default_bench,
         flops=flops, extras={"pattern": pattern_for}, reference=reference, small_params=small_params or {},
+        source=source,
     )
 
 
@@ -128,51 +129,59 @@ register(Mechanism(
     summary="dense softmax attention; dispatches to torch scaled_dot_product_attention", flops=_dense_flops,
     reference=_DENSE_REFERENCE,
     extras={"pattern": lambda seq_len=None, causal=False, **_: P.causal() if causal else P.full()},
+    source="paper",
 ))
 
 register(_pattern_mechanism(
     "sliding_window", "Local Self-Attention over Long Text for Efficient Document Retrieval",
     lambda window=256: P.sliding_window(window), "exact softmax over keys within `window` positions",
     {"window": 256}, in_default_bench=True, small_params={"window": 5},
+    source="paper",
 ))
 register(_pattern_mechanism(
     "dilated", "Generating Long Sequences with Sparse Transformers (dilated window)",
     lambda window=64, dilation=4: P.dilated(window, dilation), "every `dilation`-th key within the window",
     {"window": 64, "dilation": 4}, small_params={"window": 3, "dilation": 2},
+    source="paper",
 ))
 register(_pattern_mechanism(
     "block_local", "Block-Attention for Efficient RAG / Local Self-Attention over Long Text",
     lambda block_size=256: P.block_local(block_size), "attention within fixed blocks", {"block_size": 256},
     small_params={"block_size": 8},
+    source="paper",
 ))
 register(_pattern_mechanism(
     "strided", "Generating Long Sequences with Sparse Transformers",
     lambda stride=128: P.strided(stride, causal=False), "local window plus every stride-th key (union of heads)",
     {"stride": 128}, small_params={"stride": 5},
+    source="paper",
 ))
 register(_pattern_mechanism(
     "fixed", "Generating Long Sequences with Sparse Transformers",
     lambda block_size=128, num_summary=16: P.fixed(block_size, num_summary, causal=False),
     "own block plus the summary positions of every block", {"block_size": 128, "num_summary": 16},
     small_params={"block_size": 8, "num_summary": 2},
+    source="paper",
 ))
 register(_pattern_mechanism(
     "longformer", "Longformer-style sliding window with global tokens",
     lambda window=256, num_global=16: P.sliding_window(window) | P.global_tokens(range(num_global), strict=False),
     "sliding window plus global tokens", {"window": 256, "num_global": 16},
     small_params={"window": 4, "num_global": 2},
+    source="paper+catalogue",
 ))
 
-for _norm, _paper, _summary in [
-    ("sigmoid", "Theory, Analysis, and Best Practices for Sigmoid Self-Attention", "sigmoid(s - log n), no row sum"),
-    ("relu", "Replacing softmax with ReLU in Vision Transformers", "relu(s) / n"),
+for _norm, _paper, _summary, _source in [
+    ("sigmoid", "Theory, Analysis, and Best Practices for Sigmoid Self-Attention", "sigmoid(s - log n), no row sum",
+     "paper"),
+    ("relu", "Replacing softmax with ReLU in Vision Transformers", "relu(s) / n", "paper"),
     ("softplus", "Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs",
-     "softplus(s) normalised per row"),
+     "softplus(s) normalised per row", "paper+catalogue"),
 ]:
     register(Mechanism(
         name=f"{_norm}_attention", family="exact", paper=_paper, exact=True, complexity="O(n^2 d)", causal=True,
         factory=_dense_factory(_norm), summary=_summary, flops=_dense_flops, max_bench_len=8192,
-        reference=_DENSE_REFERENCE,
+        reference=_DENSE_REFERENCE, source=_source,
     ))
 
 def _sinkhorn_reference(built: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -194,6 +203,7 @@ register(Mechanism(
     exact=True, complexity="O(T n^2 + n^2 d), O(n^2) memory", causal=False, factory=_dense_factory("sinkhorn"),
     summary="doubly stochastic attention by log-domain Sinkhorn iterations (dense reference engine)",
     flops=_dense_flops, max_bench_len=2048, reference=_sinkhorn_reference,
+    source="paper",
 ))
 
 
@@ -215,6 +225,7 @@ register(Mechanism(
     complexity="O(n^2 d)", causal=True, factory=_alibi_factory, needs=("num_heads",), flops=_dense_flops,
     summary="softmax with linear distance penalties per head (tiled engine)", max_bench_len=8192,
     reference=_reference_of(lambda built: {"pattern": built.pattern, "score_mod": built.score_mod}),
+    source="paper",
 ))
 
 
@@ -290,32 +301,33 @@ for _rec in [
         "attention along one axis of a grid (rows by default; the flat sequence read as a near-square grid)",
         {"axis": -1}, dynamic=True, complexity="O(n * sqrt(n) * d)",
         fast=lambda q, k, v, causal, axis=-1, shape=None: _variants().axial_attention(
-            q, k, v, _grid(k.shape[2], shape), axis, causal=causal) if q.shape[2] == k.shape[2] else None),
+            q, k, v, _grid(k.shape[2], shape), axis, causal=causal) if q.shape[2] == k.shape[2] else None,
+            source="paper"),
     _pattern_mechanism(
         "halo", "Scaling Local Self-Attention for Parameter Efficient Visual Backbones (HaloNet), Sec. 3.1", _halo,
         "blocked local attention: each b x b block attends to its block plus a halo, borders cut",
         {"block": 8, "halo": 3}, small_params={"block": 2, "halo": 1}, dynamic=True,
-        complexity="O(n * (b + 2h)^2 * d)"),
+        complexity="O(n * (b + 2h)^2 * d)", source="paper"),
     _pattern_mechanism(
         "multi_scale_heads", "Multi-Scale Self-Attention for Text Classification (Guo et al., 2020), Sec. 3",
         _multi_scale, "per-head window sizes (doubling from `window`, the last head global); exact per-head tiles",
-        {"window": 64}, small_params={"window": 2}, dynamic=True, complexity="O(n * sum_h w_h * d)"),
+        {"window": 64}, small_params={"window": 2}, dynamic=True, complexity="O(n * sum_h w_h * d)", source="paper"),
     _pattern_mechanism(
         "hepos", "Efficient Attentions for Long Document Summarization (Hepos), Sec. 3.2", _hepos,
         "head h attends to keys j with j % stride == h % stride (non-causal: gathered keys, 1/stride of the work)",
         {"stride": 4}, small_params={"stride": 2}, dynamic=True, complexity="O(n^2 d / stride)",
         fast=lambda q, k, v, causal, stride=4: None if causal else _functional_variants().head_strided_attention(
-            q, k, v, stride)),
+            q, k, v, stride), source="paper"),
     _pattern_mechanism(
         "hdt", "HDT: Hierarchical Document Transformer (He et al., 2024), Sec. 3.2", _hdt,
         "hierarchical anchor mask: tokens see their sentence, anchors their siblings and parent",
         {"sentence_len": 16, "sentences": 8}, small_params={"sentence_len": 4, "sentences": 2}, dynamic=True,
-        complexity="O(n * s * d)"),
+        complexity="O(n * s * d)", source="paper"),
     _pattern_mechanism(
         "block_attention", "Block-Attention for Efficient RAG (Sun et al., 2024), Sec. 2", _block_attention,
         "passages attend causally within themselves, the final block causally to everything",
         {"block_size": 512, "final_len": 512}, small_params={"block_size": 8, "final_len": 8}, dynamic=True,
-        complexity="O(sum_t L_t^2 d + L_final n d)"),
+        complexity="O(sum_t L_t^2 d + L_final n d)", source="paper"),
     _pattern_mechanism(
         "varlen", "Efficient Sequence Packing without Cross-contamination (Krell et al., 2021)", _varlen,
         "packed documents (cu_seqlens): block-diagonal attention, cross-document tiles skipped",
@@ -323,7 +335,7 @@ for _rec in [
         complexity="O(sum_s L_s^2 d)",
         fast=lambda q, k, v, causal, doc_len=1024: _variants().varlen_attention(
             q, k, v, _regular_cu_seqlens(k.shape[2], doc_len, k.device), causal=causal)
-        if q.shape[2] == k.shape[2] else None),
+        if q.shape[2] == k.shape[2] else None, source="paper"),
 ]:
     register(_rec)
 
@@ -354,6 +366,7 @@ register(Mechanism(
     bench_params={"ratio": 4}, small_params={"ratio": 2}, reference=_gsa_reference,
     flops=lambda batch, heads, q_len, kv_len, head_dim, ratio=4, **_: _dense_flops(
         batch, heads, q_len, -(-kv_len // ratio ** 2), head_dim),
+        source="paper",
 ))
 
 
@@ -366,6 +379,7 @@ register(Mechanism(
     paper="Normalized Attention Without Probability Cage (Richter & Wattenhofer, 2020), Sec. 3",
     factory=_dense_factory("standardize"), flops=_dense_flops, max_bench_len=8192, reference=_DENSE_REFERENCE,
     summary="logits standardised per row over visible keys (no simplex); two-pass statistics in the tiled engine",
+    source="paper",
 ))
 
 
@@ -373,7 +387,8 @@ def _lssa_factory(causal: bool = False, base: float = 512.0, power: float = 2.0)
     from attnkit.normalizations import softplus
 
     pattern = P.causal() if causal else None
-    mod, norm = S.length_scale(base), softplus(power)
+    # lambda = log(n_i) / log(base), n_i the keys row i attends: i + 1 under the causal mask, every key otherwise
+    mod, norm = S.length_scale(base, per_row=causal), softplus(power)
 
     def run(q, k, v):
         return attention(q, k, v, pattern=pattern, score_mod=mod, normalization=norm)
@@ -390,6 +405,7 @@ register(Mechanism(
     reference=_reference_of(lambda built: {"pattern": built.pattern, "score_mod": built.score_mod,
                                            "normalization": built.normalization}),
     summary="softplus + l1 normalisation, log-length logit scale, power re-weighting (power=1: LSSA)",
+    source="paper+catalogue",  # the length scale from the paper; the re-weighting's power form from the catalogue
 ))
 
 
@@ -432,44 +448,52 @@ def _coca_factory(causal: bool = False, base: float = 10000.0):
 
 def _quadratic(name, paper, factory, summary, *, needs=(), causal=True, small=None, bench=None, kind="attention",
                example_inputs=None, exact=True, reference=_module_reference, max_len=4096, flops=_dense_flops,
-               tolerance_scale=1.0):
+               tolerance_scale=1.0, source=""):
     register(Mechanism(
         name=name, family="exact", paper=paper, exact=exact, complexity="O(n^2 d)", causal=causal, factory=factory,
         summary=summary, needs=needs, bench_params=bench or {}, small_params=small or {}, reference=reference,
         kind=kind, example_inputs=example_inputs, max_bench_len=max_len, flops=flops,
-        tolerance_scale=tolerance_scale,
+        tolerance_scale=tolerance_scale, source=source,
     ))
 
 
 _quadratic("selective_attention", "Selective Attention: Enhancing Transformer through Principled Context Control "
            "(Zhang et al., 2024), Sec. 3", _module_factory(_lazy("SelectiveAttention"), "num_heads", "head_dim"),
            "per-query temperature (token + log-position) and value temperature; runs on any engine",
-           needs=("num_heads", "head_dim"), max_len=16384)
+           needs=("num_heads", "head_dim"), max_len=16384, source="paper+catalogue")
+_quadratic("bird_eye", "Bird-Eye Transformers for Text Generation Models (Sha et al., 2022); rule from the authors' "
+           "code (github.com/shalei120/fairseq-1, fairseq/modules/multihead_attention.py, BET)",
+           _module_factory(_lazy("BirdEyeAttention"), "num_heads", "head_dim"),
+           "second pass re-weights logits by a key importance sigmoid(w.[k_j; o_j]) from the first pass's output; "
+           "own key masked", needs=("num_heads", "head_dim"), source="paper")
 _quadratic("qk_position", "Improve Transformer Models with Better Relative Position Embeddings (Huang et al., "
            "2020), method 4", _module_factory(_lazy("QueryKeyPositionAttention"), "num_heads", "head_dim"),
            "relative embeddings interacting with queries and keys, gathered per logit (O(n) memory, tiled)",
-           needs=("num_heads", "head_dim"), small={"max_distance": 4}, bench={"max_distance": 16})
+           needs=("num_heads", "head_dim"), small={"max_distance": 4}, bench={"max_distance": 16}, source="paper")
 register(Mechanism(
     name="coca", family="exact", paper="Cure the headache of Transformers via Collinear Constrained Attention "
     "(CoCA), Sec. 3", exact=True, complexity="O(n^2 d)", causal=True, factory=_coca_factory, flops=_dense_flops,
     summary="keys collinear with the query in every RoPE plane; factored into q', k' for any engine",
     reference=lambda built, q, k, v, **_: _nn().coca_reference(q, k, v, causal=built.causal, base=built.base),
+    source="paper",
 ))
 _quadratic("gpsa", "ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases, Eq. 5",
            _module_factory(_lazy("GatedPositionalAttention"), "num_heads"),
            "gated mix of content softmax and a learned positional softmax (soft convolution at init)",
-           needs=("num_heads",))
+           needs=("num_heads",), source="paper")
 _quadratic("neural_attention", "Neural Attention: A Novel Mechanism for Enhanced Expressive Power in Transformer "
            "Models", _module_factory(_lazy("NeuralAttention"), "head_dim"),
            "MLP on each (query, key) pair as the logit; chunked over queries with recomputation",
            needs=("head_dim",), small={"hidden": 8, "chunk": 16}, bench={"hidden": 16, "chunk": 64}, max_len=2048,
            flops=lambda batch, heads, q_len, kv_len, head_dim, hidden=16, **_: 2.0 * batch * heads * q_len * kv_len
-           * hidden * (head_dim + 3) + _dense_flops(batch, heads, q_len, kv_len, head_dim) / 2)
+           * hidden * (head_dim + 3) + _dense_flops(batch, heads, q_len, kv_len, head_dim) / 2, source="paper")
 _quadratic("karat", "Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision Transformers?",
            _module_factory(_lazy("KolmogorovArnoldAttention"), "num_heads"),
            "one learnable Fourier function per head on the logits, l1 row normalisation (softmax-like at init); "
            "deviation: the paper's operator mixes the row (see fourier_karat)",
-           needs=("num_heads",), small={"grid": 4, "chunk": 16}, bench={"grid": 8, "chunk": 64}, max_len=4096)
+           needs=("num_heads",), small={"grid": 4, "chunk": 16}, bench={"grid": 8, "chunk": 64}, max_len=4096,
+           source="deviation: one learnable Fourier function per head on each logit, l1-normalised per row; the "
+                  "paper's operator mixes the whole row (that is fourier_karat)")
 _quadratic("fourier_karat", "Kolmogorov-Arnold Attention: Is Learnable Attention Better For Vision Transformers? "
            "(Fourier KArAt, Sec. 4, Eq. 2, Algorithm 2)",
            _module_factory(_lazy("FourierKArAt"), "num_heads", "seq_len"),
@@ -478,7 +502,7 @@ _quadratic("fourier_karat", "Kolmogorov-Arnold Attention: Is Learnable Attention
            needs=("num_heads", "seq_len"), causal=False, small={"rank": 4, "grid": 3, "chunk": 16},
            bench={"rank": 12, "grid": 3, "chunk": 64}, max_len=1024,
            flops=lambda batch, heads, q_len, kv_len, head_dim, rank=12, grid=3, **_: 4.0 * batch * heads * q_len
-           * kv_len * (head_dim + rank * grid + rank / 2))
+           * kv_len * (head_dim + rank * grid + rank / 2), source="paper")
 
 
 def _points_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):
@@ -496,6 +520,14 @@ def _typed_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):
     return x.to(dtype), types
 
 
+# Where each module's definition came from (Mechanism.source; docs/faithfulness.md).
+_MODULE_SOURCES = {
+    "carrier_tokens": "paper", "registers": "paper", "relational_attention": "paper", "gem": "paper",
+    "multi_head_embedding": "paper", "point_transformer": "paper", "gsa_conv": "paper", "luke": "paper",
+    # C19: the paper's text was not reachable; two public re-implementations and their notes were read.
+    "optimised_attention": "paper+catalogue", "efficient_attention": "paper+catalogue",
+    "super_attention": "paper+catalogue",
+}
 for _name, _cls, _paper, _summary, _kw in [
     ("carrier_tokens", "CarrierTokenAttention", "FasterViT: Fast Vision Transformers with Hierarchical Attention "
      "(HAT), Sec. 3.2", "window attention with per-window carrier tokens that attend globally", {
@@ -532,4 +564,5 @@ for _name, _cls, _paper, _summary, _kw in [
     _needs = _kw.get("needs", ("dim",))
     _quadratic(_name, _paper, _module_factory(_lazy(_cls), *_needs, **_fixed), _summary, needs=_needs,
                causal=_kw.get("causal", True), small=_kw.get("small"), bench=_kw.get("bench"), kind="mixer",
-               example_inputs=_kw.get("inputs"), exact=_kw.get("exact", True), max_len=_kw.get("max_len", 4096))
+               example_inputs=_kw.get("inputs"), exact=_kw.get("exact", True), max_len=_kw.get("max_len", 4096),
+               source=_MODULE_SOURCES[_name])

@@ -72,7 +72,8 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
                       needs: tuple[str, ...] = (), bench_params: dict[str, Any] | None = None,
                       in_default_bench: bool = False, max_bench_len: int | None = None,
                       decay_for: Callable[[int], torch.Tensor] | None = None,
-                      map_causal: bool = False, small_params: dict[str, Any] | None = None) -> Mechanism:
+                      map_causal: bool = False, small_params: dict[str, Any] | None = None,
+                      source: str = "") -> Mechanism:
     """A mechanism: linear attention with feature map ``map_name`` (``needs``: shape arguments its
     constructor takes; ``decay_for(num_heads)``: a default per-head decay, causal only; ``map_causal``: the
     map's constructor takes ``causal`` too, because its statistics must not see later tokens)."""
@@ -126,7 +127,7 @@ def _linear_mechanism(name: str, map_name: str, paper: str, summary: str, *,
         factory=factory, summary=summary, needs=all_needs, bench_params=dict(bench_params or {}),
         in_default_bench=in_default_bench, max_bench_len=max_bench_len, flops=flops,
         extras={"feature_map": map_name, "feature_dim": feature_dim, "state_bytes": state_bytes},
-        reference=_kernel_reference, small_params=dict(small_params or {}),
+        reference=_kernel_reference, small_params=dict(small_params or {}), source=source,
     )
 
 
@@ -134,60 +135,72 @@ _MECHANISMS = [
     _linear_mechanism(
         "linear_elu", "elu", "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
         "phi(x) = elu(x) + 1; m = d", in_default_bench=True,
+        source="paper",
     ),
     _linear_mechanism(
         "performer", "favor", "Rethinking Attention with Performers (FAVOR+)",
         "positive orthogonal random features, unbiased for the softmax kernel; m = num_features",
         map_defaults={"num_features": 256}, bench_params={"num_features": 256}, in_default_bench=True,
+        source="paper",
     ),
     _linear_mechanism(
         "trig_rf", "trig", "Rethinking Attention with Performers (trigonometric random features)",
         "[sin, cos] random features, unbiased but signed; m = 2 num_features; no denominator, RMS output",
         map_defaults={"num_features": 128}, engine_defaults={"normalize": "rms"},
         bench_params={"num_features": 128},
+        source="paper",
     ),
     _linear_mechanism(
         "cosformer", "cosformer", "cosFormer: Rethinking Softmax in Attention",
         "relu features re-weighted by cos(pi (i - j) / 2M), split into cos and sin parts; m = 2d",
+        source="paper",
     ),
     _linear_mechanism(
         "efficientvit", "relu", "EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense Prediction",
         "phi(x) = relu(x) with an eps-guarded denominator; m = d",
+        source="paper",
     ),
     _linear_mechanism(
         "focused", "focused", "FLatten Transformer: Vision Transformer using Focused Linear Attention",
         "norm-preserving power p of relu(x) (sharper weights); m = d", map_defaults={"p": 3.0},
+        source="paper",
     ),
     _linear_mechanism(
         "based", "taylor",
         "Simple linear attention language models balance the recall-throughput tradeoff (Based)",
         "2nd-order Taylor of exp(q.k/sqrt(d)): 1 + s + s^2/2; m = 1 + d + d(d+1)/2 (large: short lengths)",
         max_bench_len=8192,
+        source="paper",
     ),
     _linear_mechanism(
         "rebased", "rebased", "Linear Transformers with Learnable Kernel Functions are Better In-Context Models",
         "learnable (gamma layernorm(x) + beta)^2 kernel; m = d(d+1)/2", needs=("head_dim", "num_heads"),
         max_bench_len=8192,
+        source="paper",
     ),
     _linear_mechanism(
         "hedgehog", "hedgehog",
         "Linear Self-Attention Approximation via Trainable Feedforward Kernel / Hedgehog",
         "trainable feed-forward map with [softmax(u), softmax(-u)] output; m = 2 d", needs=("head_dim", "num_heads"),
+        source="paper+catalogue",
     ),
     _linear_mechanism(
         "dijiang", "dijiang", "DiJiang: Efficient Large Language Models through Compact Kernelization",
         "DCT + quasi-Monte-Carlo positive features for the softmax kernel; m = num_features",
         map_defaults={"num_features": 256}, bench_params={"num_features": 256},
+        source="paper",
     ),
     _linear_mechanism(
         "lln", "lln", "Linear Log-Normal Attention with Unbiased Concentration",
         "exp features with moment-matched temperatures (whole-call statistics; prefix statistics when causal); "
         "m = d", map_causal=True,
+        source="paper",
     ),
     _linear_mechanism(
         "lightning", "identity", "Lightning Attention-2 / The Devil in Linear Transformer (TransNormer)",
         "phi(x) = x with a per-head decayed state (1 - 2^(-5-h) when causal), no denominator, RMS output",
         engine_defaults={"normalize": "rms"}, decay_for=retention_decay,
+        source="paper",
     ),
 ]
 
@@ -242,6 +255,7 @@ _MECHANISMS += [
             batch * heads * (chunked_flops(q_len, head_dim, head_dim, 64) if causal
                              else 4.0 * (q_len + kv_len) * head_dim * (head_dim + 1))),
         extras={"feature_map": "cosine", "state_bytes": _matrix_state_bytes(True)},
+        source="paper",
     ),
     Mechanism(
         name="gla", family="linear", kind="attention", exact=False, causal=True,
@@ -251,6 +265,7 @@ _MECHANISMS += [
         reference=gated_reference, flops=_gated_flops(True, False), extras={"state_bytes": _matrix_state_bytes()},
         summary="S_t = diag(a_t) S_{t-1} + k_t v_t^T with data-dependent a_t = sigmoid(k_t W + b)^(1/16) per key "
                 "dim; RMS norm per head; bidirectional scan when non-causal",
+                source="paper",
     ),
     Mechanism(
         name="deltanet", family="linear", kind="attention", exact=False, causal=True,
@@ -258,8 +273,10 @@ _MECHANISMS += [
               "chunkwise form, sec. 3)",
         complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention), needs=("head_dim",),
         reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
-        summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit q, k; beta_t = "
+        summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit k and unit q scaled by "
+                "d^-1/2; beta_t = "
                 "sigmoid(k_t.w + b); RMS norm per head; bidirectional scan when non-causal",
+                source="paper",
     ),
     Mechanism(
         name="gated_deltanet", family="linear", kind="attention", exact=False, causal=True,
@@ -268,6 +285,7 @@ _MECHANISMS += [
         reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
         summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, a_t = "
                 "sigmoid(k_t.w_a + b_a) per head",
+                source="paper",
     ),
 ]
 
@@ -308,6 +326,7 @@ _MECHANISMS.append(Mechanism(
     summary="per-head decays 1 - 2^(-5-h), (QK^T * D)V in parallel, recurrent or chunked form, GroupNorm per "
             "head, swish gate; bidirectional gamma^|n-m| when non-causal",
     flops=_mixer_flops(lambda n, d, causal: chunked_flops(n, d, d, 64, decay=True) * (1 if causal else 2), 5),
+    source="paper",
 ))
 
 
@@ -343,6 +362,7 @@ for _name, _model, _inner_flops in (("linear", "linear_ln", lambda n, d: 10.0 * 
         + " trained at test time on ||f(k; W) - v||^2 with learnable W_0 and per-token "
                 "rates; mini-batch gradients at the batch start, dual form; full batch when non-causal",
         flops=_mixer_flops(lambda n, d, causal, f=_inner_flops: f(n, d) + 4.0 * n * 16 * d, 4),
+        source="paper",
     ))
 
 
@@ -382,12 +402,14 @@ for _arr, _summary in _TITANS.items():
         summary=_summary + "; MLP memory with momentum and forgetting gates",
         flops=_mixer_flops(lambda n, d, causal: (4.0 * n * 16 * 4 * d + 40.0 * n * d * d + 4.0 * n * 64 * d)
                            * (1 if causal else 2), 6),
+        source="paper",
     ))
 
 
 
 def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...], paper: str, summary: str,
-             complexity: str = "O(n d^2)", causal: bool = True, quadratic: bool = False) -> Mechanism:
+             complexity: str = "O(n d^2)", causal: bool = True, quadratic: bool = False,
+             source: str = "") -> Mechanism:
     from attnkit.nn.linear_variants import variant_reference
 
     def factory(causal: bool = False, **params: Any) -> nn.Module:
@@ -405,7 +427,7 @@ def _variant(name: str, build: Callable[..., nn.Module], needs: tuple[str, ...],
 
     return Mechanism(name=name, family="linear", kind="attention", exact=False, causal=causal, paper=paper,
                      complexity=complexity, factory=factory, needs=needs, reference=variant_reference,
-                     summary=summary, flops=flops)
+                     summary=summary, flops=flops, source=source)
 
 
 def _build_galerkin(kind: str) -> Callable[..., nn.Module]:
@@ -437,23 +459,23 @@ def _build_focused_dwc(causal=False, head_dim=None, num_heads=None, **p):
 _MECHANISMS += [
     _variant("galerkin", _build_galerkin("galerkin"), ("head_dim",),
              "Choose a Transformer: Fourier or Galerkin (Galerkin-type attention, eq. 2.5)",
-             "Q (LN(K)^T LN(V)) / n, no softmax; causal: 1/(i+1) over the prefix"),
+             "Q (LN(K)^T LN(V)) / n, no softmax; causal: 1/(i+1) over the prefix", source="paper"),
     _variant("fourier_attention", _build_galerkin("fourier"), ("head_dim",),
              "Choose a Transformer: Fourier or Galerkin (Fourier-type attention, eq. 2.4)",
              "(LN(Q) LN(K)^T) V / n, no softmax (computed in the linear order; the same product)",
-             complexity="O(n d^2)"),
+             complexity="O(n d^2)", source="paper"),
     _variant("essa", _build_essa, (),
              "ESSAformer: Efficient Transformer for Hyperspectral Image Super-resolution (SCC-kernel ESSA)",
              "centred squared normalised q, k (SCC kernel); V + q_hat (k_hat^T V) / sqrt(n); non-causal",
-             causal=False),
+             causal=False, source="paper"),
     _variant("lln_diag", _build_lln_diag, (),
              "Linear Log-Normal Attention with Unbiased Concentration (LLN averaged with block-diagonal softmax)",
              "(LLN + block-diagonal softmax with blocks of d tokens) / 2; prefix statistics when causal",
-             complexity="O(n d^2 + n b d)"),
+             complexity="O(n d^2 + n b d)", source="paper"),
     _variant("focused_dwc", _build_focused_dwc, ("head_dim", "num_heads"),
              "FLatten Transformer: Vision Transformer using Focused Linear Attention (eq. 8: + DWC(V))",
              "focused linear attention plus a depthwise convolution of V over the sequence (5 taps; causal: "
-             "left-padded)"),
+             "left-padded)", source="paper"),
 ]
 
 
@@ -485,6 +507,7 @@ _MECHANISMS += [
         factory=_transnormer_factory("norm"), needs=("dim",), reference=_transnormer_reference,
         summary="1 + elu linear attention without denominator, RMS norm after (bounded gradients)",
         flops=_mixer_flops(lambda n, d, causal: chunked_flops(n, d, d, 64) if causal else 4.0 * n * d * (d + 1), 4),
+        source="paper",
     ),
     Mechanism(
         name="transnormer_diag", family="linear", kind="mixer", exact=False, causal=True,
@@ -493,6 +516,7 @@ _MECHANISMS += [
         small_params={"block": 8},
         summary="softmax attention within non-overlapping blocks (early layers, against attention dilution)",
         flops=_mixer_flops(lambda n, d, causal: 4.0 * n * 64 * d / (2 if causal else 1), 4),
+        source="paper",
     ),
     Mechanism(
         name="transnormer_llm", family="linear", kind="mixer", exact=False, causal=True,
@@ -502,6 +526,7 @@ _MECHANISMS += [
         summary="q_s R(theta(s-t)) k_t lambda_h^(s-t) with learnable per-head decays (gated engine), SRMSNorm, "
                 "sigmoid output gate",
         flops=_mixer_flops(lambda n, d, causal: gated_chunked_flops(n, d, d, 64) * (1 if causal else 2), 5),
+        source="paper",
     ),
 ]
 
@@ -528,6 +553,7 @@ _MECHANISMS.append(Mechanism(
     complexity="O(n d^3) (order 2)", factory=_fastmax_factory, reference=_kernel_reference,
     summary="mean-centred, max-norm-scaled q, k; score 1 + x (+ x^2/2) normalised over keys; prefix statistics "
             "when causal", flops=_fastmax_flops, max_bench_len=8192, extras={"feature_map": "fastmax"},
+            source="paper",
 ))
 
 
@@ -556,6 +582,7 @@ _MECHANISMS.append(Mechanism(
     summary="ReLU linear attention on the original and on depthwise + grouped-1x1 aggregated q, k, v tokens "
             "(kernel 5), concatenated; 1-D over raster order",
     flops=_mixer_flops(lambda n, d, causal: 2 * (chunked_flops(n, d, d, 64) if causal else 4.0 * n * d * (d + 1)), 5),
+    source="paper",
 ))
 
 
@@ -594,6 +621,7 @@ _MECHANISMS.append(Mechanism(
     bench_params={"num_features": 32},
     summary="Performer features with a learnable relative bias exp(b_{j-i}) (a Toeplitz matrix) applied by FFT "
             "over the sequence; b = 0 is plain kernelised attention",
+            source="paper",
 ))
 
 
@@ -636,6 +664,7 @@ _MECHANISMS += [
                 "RMS-normalised output (signed kernel)",
         flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
         extras={"feature_map": "spectral"},
+        source="paper",
     ),
     Mechanism(
         name="generative_rks", family="linear", kind="attention", exact=False, causal=True,
@@ -644,6 +673,7 @@ _MECHANISMS += [
         summary="random Fourier features whose frequencies come from a learned MLP generator g(eps); RMS output",
         flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
         extras={"feature_map": "spectral"},
+        source="paper",
     ),
     Mechanism(
         name="fastfood_rks", family="linear", kind="attention", exact=False, causal=True,
@@ -652,17 +682,20 @@ _MECHANISMS += [
         summary="random Fourier features with FastFood frequencies S H G Pi H B and learned diagonals; RMS output",
         flops=_map_flops(lambda d, p: 2 * p.get("num_features", 64), lambda d, p: 2.0 * d * p.get("num_features", 64)),
         extras={"feature_map": "spectral"},
+        source="paper",
     ),
     Mechanism(
         name="ecoformer", family="linear", kind="attention", exact=False, causal=True,
         paper="EcoFormer: Energy-Saving Attention with Linear Complexity (kernelised hashing to binary codes)",
         complexity="O(n b d)", factory=_learned_map_factory("ecoformer"), needs=("head_dim",),
         reference=_kernel_reference,
-        summary="b-bit {0, 1} codes sign(A^T kbar(x)) from RBF kernels against learned anchors (straight-through "
-                "gradient); linear attention with phi = code",
+        summary="b-bit {0, 1} codes sign(A^T kbar(x)) from RBF kernels against anchors (straight-through "
+                "gradient); linear attention with phi = code; hash learned self-supervised from the attention map "
+                "by ecoformer_hash_step (the paper's training)",
         flops=_map_flops(lambda d, p: p.get("bits", 16),
                          lambda d, p: 3.0 * d * p.get("anchors", 32) + 2.0 * p.get("anchors", 32) * p.get("bits", 16)),
         extras={"feature_map": "ecohash"},
+        source="paper",
     ),
     Mechanism(
         name="dijiang_weighted", family="linear", kind="attention", exact=False, causal=True,
@@ -673,6 +706,7 @@ _MECHANISMS += [
         summary="DCT + QMC positive features for the softmax kernel with learnable positive weights per frequency",
         flops=_map_flops(lambda d, p: p.get("num_features", 256), lambda d, p: 2.0 * d * p.get("num_features", 256)),
         extras={"feature_map": "dijiang_weighted"},
+        source="paper",
     ),
 ]
 

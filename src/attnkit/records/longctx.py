@@ -74,12 +74,16 @@ def _s2_reference(built: Any, q, k, v, **_: Any) -> torch.Tensor:
 register(Mechanism(
     name="star_attention", family="longctx",
     paper="Star Attention: Efficient LLM Inference over Long Sequences (Acharya et al. 2024), Sec. 2, Fig. 1",
-    exact=True, complexity="O(n * 2b * d) phase 1, O(n * d) per query token", causal=True,
+    # exact=False: the model is a full-attention LLM and phase 1 approximates its attention over the context
+    # (the paper's claim is accuracy close to full attention, not equality); phase 2 alone is exact.
+    exact=False, complexity="O(n * 2b * d) phase 1, O(n * d) per query token", causal=True,
     factory=_star_factory, reference=_star_reference,
-    summary="phase 1: each context block attends causally to the anchor block and itself; phase 2: the last "
-            "num_query tokens attend to everything (exact, merged by log-sum-exp across hosts)",
+    summary="approximates full causal attention: phase 1, each context block attends causally to the anchor block "
+            "and itself; phase 2, the last num_query tokens attend to everything (exact, merged by log-sum-exp "
+            "across hosts)",
     bench_params={"block_size": 1024}, small_params={"block_size": 8, "num_query": 4},
     extras={"pattern": _star_full_pattern},
+    source="paper",
 ))
 
 register(Mechanism(
@@ -94,6 +98,7 @@ register(Mechanism(
     bench_params={"stride": 8, "window": 64}, small_params={"stride": 4, "window": 4},
     extras={"pattern": lambda seq_len=None, causal=False, num_heads=8, stride=8, window=64, offsets=None, **_:
             s2_pattern(num_heads, stride, window, offsets=offsets, causal=causal)},
+            source="paper",
 ))
 
 
@@ -110,6 +115,7 @@ register(Mechanism(
     summary="block embeddings attend causally to earlier blocks (global); tokens attend within their block "
             "prefixed by the context embedding (local, KV <= block_size + 1)",
     bench_params={"block_size": 16, "num_heads": 4}, small_params={"block_size": 4, "num_heads": 2},
+    source="paper",
 ))
 
 register(Mechanism(
@@ -118,8 +124,12 @@ register(Mechanism(
     exact=True, complexity="O(n w d)", causal=False, needs=("dim",),
     factory=lambda causal=False, dim=64, **p: RecurrentAttentionMixer(dim, causal=causal, **p),
     reference=_module_reference,
-    summary="windowed self-attention with a Global Perception Cell token carried from window to window",
+    summary="windowed self-attention with a Global Perception Cell token carried from window to window; parallel "
+            "form (cells first, all windows' tokens in one batch); memory review: tokens attend over every "
+            "window's cell (memory_review=False: the windowed core)",
     bench_params={"window": 256, "num_heads": 4}, small_params={"window": 8, "num_heads": 2},
+    # The parallel form and memory review follow the authors' code; per-window rotary and their norms are left out.
+    source="paper+catalogue",
 ))
 
 register(Mechanism(
@@ -131,4 +141,5 @@ register(Mechanism(
     summary="a scorer assigns each token a type (Global kept, Local evicted by the next Global, Sliding seen by "
             "the next w tokens); the mask decides which KV entries are evicted",
     bench_params={"window": 64, "num_heads": 4}, small_params={"window": 4, "num_heads": 2},
+    source="paper+catalogue",
 ))

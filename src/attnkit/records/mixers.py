@@ -220,7 +220,7 @@ def _state_mamba(*, dim, dtype=torch.float32, state_size=16, expand=2, conv_size
 
 
 def _rec(name, paper, complexity, causal, cls, summary, *, bench=None, small=None, flops=None, state=None,
-         spatial=1, in_default=False, max_bench_len=None, tolerance_scale=1.0):
+         spatial=1, in_default=False, max_bench_len=None, tolerance_scale=1.0, source=""):
     extras = {"state_bytes": state} if state is not None else {}
     if spatial > 1:
         extras["spatial"] = spatial  # x [batch, *grid, channels]: 1-D callers lay tokens out on a grid
@@ -229,95 +229,99 @@ def _rec(name, paper, complexity, causal, cls, summary, *, bench=None, small=Non
         factory=_factory(cls), summary=summary, needs=("dim",), bench_params=bench or {}, small_params=small or {},
         in_default_bench=in_default, max_bench_len=max_bench_len, flops=flops, extras=extras, kind="mixer",
         reference=_reference, example_inputs=grid_inputs(spatial) if spatial > 1 else None,
-        tolerance_scale=tolerance_scale))
+        tolerance_scale=tolerance_scale, source=source))
 
 
 AFT = "An Attention Free Transformer (Zhai et al., 2021)"
 
 _rec("aft_full", AFT + ", eq. 2", "O(n^2 d)", True, M.AFTFull,
      "AFT-full: sigmoid(Q) * exp(w + K)-weighted average of V per channel, pairwise biases w = U V^T",
-     bench={"max_len": 16384}, small={"max_len": 64}, flops=_flops_aft_full)
+     bench={"max_len": 16384}, small={"max_len": 64}, flops=_flops_aft_full, source="paper")
 _rec("aft_simple", AFT + ", eq. 3", "O(n d)", True, M.AFTSimple,
      "AFT-simple: sigmoid(Q) * softmax_t(K)-weighted sum of V per channel; causal by running sums",
-     flops=_flops_aft_linear(0), state=_state_aft_simple)
+     flops=_flops_aft_linear(0), state=_state_aft_simple, source="paper")
 _rec("aft_local", AFT + ", eq. 4", "O(n s d)", True, M.AFTLocal,
      "AFT-local: learned biases only within a window of s (0 outside): global sums + windowed correction",
      bench={"max_len": 65536, "window": 32}, small={"max_len": 64, "window": 4}, flops=_flops_aft_linear(32),
-     state=_state_aft_window(32))
+     state=_state_aft_window(32), source="paper")
 _rec("aft_conv", AFT + ", eq. 5", "O(n s d)", True, M.AFTConv,
      "AFT-conv: relative biases per head (depthwise conv of exp(K)V and exp(K)) + global sums",
-     bench={"window": 16}, small={"window": 4}, flops=_flops_aft_linear(16), state=_state_aft_window(16))
+     bench={"window": 16}, small={"window": 4}, flops=_flops_aft_linear(16), state=_state_aft_window(16),
+     source="paper")
 _rec("mega", "Mega: Moving Average Equipped Gated Attention (Ma et al., 2023), eq. 2-3, 6-12", "O(n c d + n log n d)",
      True, M.Mega, "damped multi-dimensional EMA (FFT of its closed-form kernel) + single-head gated attention "
      "within chunks (Mega-chunk)", bench={"chunk_size": 128}, small={"chunk_size": 8, "ema_dim": 4},
-     flops=_flops_mega, state=_state_mega)
+     flops=_flops_mega, state=_state_mega, source="paper")
 _rec("xca", "XCiT: Cross-Covariance Image Transformers (El-Nouby et al., 2021), eq. 5", "O(n d^2 / h)", False,
      M.XCA, "cross-covariance attention: a d_h x d_h softmax map of L2-normalised (over tokens) Q, K per head",
-     flops=_flops_channel)
+     flops=_flops_channel, source="paper")
 _rec("davit_channel", "DaViT: Dual Attention Vision Transformers (Ding et al., 2022), eq. 3", "O(n d^2 / G)",
      False, M.ChannelGroupAttention, "channel group attention: softmax(Q_g^T K_g / sqrt(C_g)) over channel groups",
-     flops=_flops_channel)
+     flops=_flops_channel, source="paper")
 _rec("lambda", "LambdaNetworks: Modeling Long-Range Interactions Without Attention (Bello, 2021), eq. 2-3",
      "O(n k v (h + r))", False, M.LambdaLayer,
      "lambda layer (1-D): content lambda softmax(K)^T V + local position lambdas (lambda convolution)",
-     small={"receptive_field": 5}, flops=_flops_lambda)
+     small={"receptive_field": 5}, flops=_flops_lambda, source="paper")
 _rec("lightconv", "Pay Less Attention with Lightweight and Dynamic Convolutions (Wu et al., 2019), eq. 2-3",
      "O(n k d)", True, M.LightConv,
      "lightweight convolution: softmax-normalised depthwise kernel shared per head, GLU in, linear out",
-     small={"kernel_size": 3}, flops=_flops_conv1d(7), state=_state_conv(7))
+     small={"kernel_size": 3}, flops=_flops_conv1d(7), state=_state_conv(7), source="paper")
 _rec("dynamic_conv", "Pay Less Attention with Lightweight and Dynamic Convolutions (Wu et al., 2019), eq. 4",
      "O(n k d)", True, M.DynamicConv, "dynamic convolution: a softmax kernel per position predicted from the token",
-     small={"kernel_size": 3}, flops=_flops_conv1d(7, dynamic=True), state=_state_conv(7))
+     small={"kernel_size": 3}, flops=_flops_conv1d(7, dynamic=True), state=_state_conv(7), source="paper")
 _rec("convbert", "ConvBERT: Improving BERT with Span-based Dynamic Convolution (Jiang et al., 2020), eq. 3-5",
      "O(n^2 d / 2 + n k d)", False, M.ConvBERTMixer,
      "mixed attention: half softmax heads, half span-based dynamic convolution heads", small={"kernel_size": 3},
-     flops=_flops_convbert)
+     flops=_flops_convbert, source="paper")
 _rec("swiftformer", "SwiftFormer: Efficient Additive Attention for Transformer-based Real-time Mobile Vision "
      "Applications (Shaker et al., 2023), eq. 4-6", "O(n d)", False, M.SwiftFormerMixer,
      "efficient additive attention: one pooled global query, elementwise with keys, linear T",
-     flops=_flops_swift)
+     flops=_flops_swift, source="paper")
 _rec("lka", "Visual Attention Network (Guo et al., 2022), eq. 1-2", "O(n d (k0^2 + k1^2 + d))", False,
      M.LargeKernelAttention, "large kernel attention (2-D): 5x5 dwconv, 7x7 dwconv dilation 3, 1x1 conv, gating",
-     small={"kernel_size": 9, "dilation": 2}, flops=_flops_lka, spatial=2)
+     small={"kernel_size": 9, "dilation": 2}, flops=_flops_lka, spatial=2, source="paper")
 _rec("lkca", "LKCA: Large Kernel Convolutional Attention (Li et al., 2024)", "O(n K^2 d)", False, M.LKCA,
      "one large depthwise convolution as fixed Toeplitz attention (2-D)", small={"kernel_size": 5},
-     flops=_flops_lkca, spatial=2)
+     flops=_flops_lkca, spatial=2, source="paper")
 _rec("parcnet_v2", "ParCNetV2: Oversized Kernel with Enhanced Attention (Xu et al., 2022), sec. 3.1-3.2",
      "O(n (H + W) d)", False, M.ParCNetV2Mixer,
      "oversized (2H-1, 2W-1) depthwise convolutions along H and W with a bifurcate gate (2-D; O(n^1.5) on "
-     "square grids)", small={"size": 6}, flops=_flops_parcnet, spatial=2)
+     "square grids)", small={"size": 6}, flops=_flops_parcnet, spatial=2, source="paper")
 _rec("aff", "Adaptive Frequency Filters As Efficient Global Token Mixers (Huang et al., 2023), eq. 4-6",
      "O(n log n d)", False, M.AdaptiveFrequencyFilter,
      "adaptive frequency filtering (2-D): rfft2, complex mask from grouped 1x1 convs of the spectrum, irfft2",
-     flops=_flops_aff, spatial=2)
+     flops=_flops_aff, spatial=2, source="paper")
 _rec("spectformer", "SpectFormer: Frequency and Attention is what you need in a Vision Transformer "
      "(Patro et al., 2023), eq. 1-3", "O(n log n d)", False, M.SpectralGating,
      "spectral gating (2-D, GFNet-style): irfft2(W * rfft2(X)) with a learned complex filter",
-     small={"size": 6}, flops=_flops_spect, spatial=2)
+     small={"size": 6}, flops=_flops_spect, spatial=2, source="paper")
 _rec("ponet", "PoNet: Pooling Network for Efficient Token Mixing in Long Sequences (Tan et al., 2022), sec. 3",
      "O(n d)", False, M.PoNetMixer, "global aggregation + segment max-pooling + local max-pooling, fused",
-     small={"segment": 8}, flops=_flops_ponet)
+     small={"segment": 8}, flops=_flops_ponet, source="paper")
 _rec("hrrformer", "Recasting Self-Attention with Holographic Reduced Representations (Alam et al., 2023), eq. 1-4",
      "O(n d log(d / h))", True, M.HrrformerMixer,
      "HRR binding by FFT over features: superposed k (*) v, unbinding by q, cosine softmax weights",
-     flops=_flops_hrr, state=_state_hrr, tolerance_scale=4.0)
+     flops=_flops_hrr, state=_state_hrr, tolerance_scale=4.0, source="paper")
 _rec("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data (Romero et al., 2022), eq. 3-5",
      "O(n log n d)", True, M.CKConv, "SIREN-generated depthwise kernel as long as the input, by FFT; pointwise mix",
-     small={"ref_len": 64}, flops=_flops_ckconv)
+     small={"ref_len": 64}, flops=_flops_ckconv, source="paper")
 _rec("smpconv", "SMPConv: Self-moving Point Representations for Continuous Convolution (Kim & Park, 2023), "
      "eq. 4-5", "O(n K d)", True, M.SMPConv,
      "depthwise kernel from learnable points (positions, radii, weights) by linear interpolation",
-     small={"kernel_size": 9}, flops=_flops_smp)
+     small={"kernel_size": 9}, flops=_flops_smp, source="paper")
 _rec("mamba_nd", "Mamba-ND: Selective State Space Modeling for Multi-Dimensional Data (Li et al., 2024), sec. 3",
      "O(n N d)", True, M.MambaND,
      "Mamba selective scan (chunked) over x [batch, *spatial, dim] flattened in one scan order; registered with "
      "1-D inputs, where the forward order is causal and decodes step by step",
      small={"state_size": 4, "expand": 1}, bench={"expand": 1}, flops=_flops_mamba, state=_state_mamba,
+     source="paper",
      )
 _rec("metamixer", "MetaMixer Is All You Need (Yun et al., 2024), sec. 3", "O(n K^2 d)", False, M.MetaMixer,
      "FFNified attention (2-D): W2 DWConv(GELU(DWConv(W1 X)))", small={"kernel_size": 3}, flops=_flops_metamixer,
-     spatial=2)
+     spatial=2, source="paper")
 _rec("extractor", "Attention Is Not All You Need Anymore (Chen, 2023)", "O(n log n d)", True, M.Extractor,
      "Extractor-style causal mixer: gating by x_t W_q of a learned position-indexed prefix sum (FFT); the "
      "paper's exact SHE/HE/WE/ME equations were not consulted", bench={"max_len": 65536},
-     small={"max_len": 64}, flops=_flops_extractor)
+     small={"max_len": 64}, flops=_flops_extractor,
+     source="deviation: the catalogue's minimal Extractor (gated, position-weighted causal prefix sum); the paper's "
+            "SHE/HE/WE/ME equations were not reachable in this session")

@@ -61,7 +61,7 @@ def _grid(seq_len: int, ndim: int, spatial_shape: Sequence[int] | None) -> tuple
 
 def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[str, Any],
                             in_default_bench: bool = False, max_bench_len: int | None = None,
-                            paper: str = PAPERS) -> Mechanism:
+                            paper: str = PAPERS, source: str = "") -> Mechanism:
 
     def params_of(causal: bool, kernel_size=None, dilation=None, stride=None) -> dict[str, Any]:
         return dict(kernel_size=defaults["kernel_size"] if kernel_size is None else kernel_size,
@@ -130,23 +130,25 @@ def _neighborhood_mechanism(name: str, ndim: int, summary: str, defaults: dict[s
         extras={"pattern": pattern_for, "speed_of_light": speed_of_light, "ndim": ndim,
                 "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, ndim, spatial_shape),
                 "default_kernel_size": k},
+        source=source,
     )
 
 
 register(_neighborhood_mechanism(
     "neighborhood_1d", 1, "1-D neighborhood attention: each token attends its k nearest (clamped window)",
-    {"kernel_size": 129}))
+    {"kernel_size": 129}, source="paper"))
 register(_neighborhood_mechanism(
     "neighborhood_2d", 2, "2-D neighborhood attention on the balanced grid of seq (128 x 128 for 16384), "
     "k x k clamped windows; tiled engine with spatial tiles; GNA speed of light in extras['speed_of_light']",
     {"kernel_size": 13}, in_default_bench=True,
-    max_bench_len=16384))
+    max_bench_len=16384, source="paper"))
 register(_neighborhood_mechanism(
     "dilated_neighborhood_2d", 2, "DiNAT's dilated 2-D neighborhood attention: k x k window inside the query's "
-    "dilation group", {"kernel_size": 7, "dilation": 2}, paper="Dilated Neighborhood Attention Transformer"))
+    "dilation group", {"kernel_size": 7, "dilation": 2}, paper="Dilated Neighborhood Attention Transformer",
+    source="paper"))
 register(_neighborhood_mechanism(
     "neighborhood_3d", 3, "3-D (video) neighborhood attention on the balanced grid of seq (16 x 32 x 32 for "
-    "16384), 3 x 7 x 7 windows", {"kernel_size": (3, 7, 7)}))
+    "16384), 3 x 7 x 7 windows", {"kernel_size": (3, 7, 7)}, source="paper"))
 
 
 # -- B9 D-Former: local 3-D windows and dilated global groups -----------------------------------------------------
@@ -194,8 +196,8 @@ def _dformer_record() -> Mechanism:
                 "'global' (dilated groups: same coordinate mod S/G); layers alternate them (nn.DFormerStage3d)",
         bench_params={"group_size": default_group, "scope": "global"}, flops=flops,
         small_params={"group_size": 2, "scope": "global"}, reference=reference,
-        extras={"ndim": 3, "source": "paper+authors' code (group rule, padding, alternation)",
-                "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, 3, spatial_shape)},
+        source="paper",  # and the authors' code for the group rule, padding and alternation
+        extras={"ndim": 3, "spatial_shape": lambda seq_len, spatial_shape=None: _grid(seq_len, 3, spatial_shape)},
     )
 
 

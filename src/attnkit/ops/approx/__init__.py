@@ -26,13 +26,17 @@ from attnkit.ops.approx.nystrom import nystrom_attention, nystrom_reference
 from attnkit.ops.approx.pinv import newton_raphson_pinv, newton_schulz_pinv
 from attnkit.ops.approx.retrieval import (
     RetrievalDecoder,
+    SEAEstimator,
     attend_selected,
     iceformer_attention,
     iceformer_reference,
     retrieval_attention,
     retrieval_reference,
     sea_attention,
+    sea_distillation_loss,
+    sea_distillation_step,
     sea_reference,
+    sea_teacher_blocks,
     select_topk,
 )
 from attnkit.ops.approx.routing import kmeans_centroids, routing_attention, routing_reference
@@ -77,7 +81,8 @@ __all__ = [
     "KeyIndex", "faiss_available", "mips_augment", "topk_recall",
     "RetrievalDecoder", "attend_selected", "select_topk",
     "iceformer_attention", "iceformer_reference", "retrieval_attention", "retrieval_reference",
-    "sea_attention", "sea_reference",
+    "sea_attention", "sea_reference", "SEAEstimator", "sea_teacher_blocks", "sea_distillation_loss",
+    "sea_distillation_step",
     "balanced_clusters", "boat_attention", "boat_reference",
     "sgformer_attention", "sgformer_reference",
     "select_pack_attention", "select_pack_reference",

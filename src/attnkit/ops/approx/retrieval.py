@@ -16,12 +16,16 @@
   estimate of the attention compressed along the key axis (``num_blocks`` contiguous blocks; the mass of block
   c is estimated as ``phi(q_i) . sum_{j in c} phi(k_j)`` with positive random features ``phi`` of the softmax
   kernel, FAVOR+), the ``top_k`` blocks per query interpolated to a mask over their keys, then exact sparse
-  softmax on that mask. (The paper distils a trained estimator from the teacher's attention; without training,
-  the random-feature estimate of ``exp(q . k)`` is the unbiased stand-in.) Causal: a query's own block is
+  softmax on that mask. The paper distils a trained estimator from the teacher's attention: :class:`SEAEstimator`
+  (learned features and a small CNN decoder) and :func:`sea_distillation_step` (KL to the teacher's
+  block-compressed attention); without one, the random-feature estimate of ``exp(q . k)`` is the untrained
+  stand-in. Causal: a query's own block is
   always attended (its keys ``j <= i``); the top-k blocks are chosen among complete earlier blocks.
 
 With ``top_k`` covering every visible key each method is exact softmax attention. ``index``: ``"exact"`` (score
-every key, O(n n_k d): the reference selection), ``"ivf"``, ``"faiss"`` or ``"auto"`` (see ``knn``); the
+every key, O(n n_k d): the reference selection), ``"ivf"``, ``"faiss"``, ``"graph"`` (RetrievalAttention's
+attention-aware index, trained on the queries: the call's own queries, or the prompt's through
+``RetrievalDecoder.prefill(k, v, q)``) or ``"auto"`` (see ``knn``); the
 approximate indexes propose candidates that are re-ranked by exact ``q . k``. Causal prefill with an index adds
 keys chunk by chunk (as decoding does) and scores the chunk's own keys exactly.
 """
@@ -49,7 +53,8 @@ __all__ = [
     "attend_selected", "select_topk",
     "iceformer_attention", "iceformer_reference",
     "retrieval_attention", "retrieval_reference",
-    "sea_attention", "sea_reference", "sea_block_estimate",
+    "sea_attention", "sea_reference", "sea_block_estimate", "SEAEstimator", "sea_teacher_blocks",
+    "sea_distillation_loss", "sea_distillation_step",
     "RetrievalDecoder",
 ]
 
@@ -131,14 +136,14 @@ def select_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, allowed: Allowe
         return torch.cat(idxs, dim=2), torch.cat(valids, dim=2)
     ix = KeyIndex(index, **(index_params or {}))
     if not causal:
-        ix.add(k)
+        ix.add(k, queries=q)  # the queries train the attention-aware index (kind "graph"); others ignore them
     added = 0
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         i = torch.arange(start, stop, device=dev)[:, None]
         if causal:  # the index holds the keys before the chunk; the chunk's own keys are scored exactly
             if min(start, nk) > added:
-                ix.add(k[:, :, added:min(start, nk)])
+                ix.add(k[:, :, added:min(start, nk)], queries=q[:, :, added:min(start, nk)])
                 added = min(start, nk)
             cand = ix.search(q[:, :, start:stop], kk + extra) if added else None
             own = torch.arange(added, min(stop, nk), device=dev).expand(*q.shape[:2], stop - start, -1)
@@ -281,42 +286,155 @@ def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, to
 
 
 # -------------------------------------------------------------------------------------------------- SEA
-def sea_block_estimate(q: torch.Tensor, k: torch.Tensor, num_blocks: int, *, num_features: int = 64,
-                       seed: int = 0) -> torch.Tensor:
-    """SEA's compressed attention estimate: ``[b, h, n, num_blocks]`` log of ``phi(q_i) . sum_{j in block c}
-    phi(k_j)`` up to a per-row constant (ranking within a row is what the selection uses), with FAVOR+
-    positive random features ``phi(x) = exp(w . x' - |x'|^2 / 2)`` of ``x' = x d^-1/4`` (``num_features``
-    Gaussian ``w`` fixed by ``seed``). ``q [b, h, n, d]``, ``k [b, h, n_k, d]``."""
-    from attnkit.ops.approx._common import randn
-
+def _sea_block_logits(q: torch.Tensor, k: torch.Tensor, num_blocks: int, w: torch.Tensor) -> torch.Tensor:
+    """``log(phi(q_i) . sum_{j in block c} phi(k_j))`` up to a per-row constant, ``[b, h, n, num_blocks]``, with
+    positive features ``phi(x) = exp(w . x' - |x'|^2 / 2)``, ``x' = x d^-1/4``, ``w [d, m]`` (differentiable in
+    ``w``; ``q`` and ``k`` as given)."""
     d = q.shape[-1]
     nk = k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    w = randn((d, num_features), seed, q, dtype=acc)
-    qs, ks = q.detach().to(acc) * d ** -0.25, k.detach().to(acc) * d ** -0.25
+    qs, ks = q.to(w.dtype) * d ** -0.25, k.to(w.dtype) * d ** -0.25
     aq = qs @ w - qs.square().sum(-1, keepdim=True) / 2  # [b, h, n, m]
     ak = ks @ w - ks.square().sum(-1, keepdim=True) / 2  # [b, h, n_k, m]
     # Shifts keep exp() finite: per query row (the ranking within a row ignores it) and per key block (added
     # back in log space), so a block's estimate depends on its own keys only (causal: no future key enters).
-    pq = torch.exp(aq - aq.amax(-1, keepdim=True))
+    pq = torch.exp(aq - aq.amax(-1, keepdim=True).detach())
     seg = segment_ids(nk, num_blocks, k.device)
-    bmax = torch.full((*ak.shape[:2], num_blocks), float("-inf"), dtype=acc, device=k.device)
-    bmax = bmax.scatter_reduce(2, seg.expand(*ak.shape[:2], -1), ak.amax(-1), "amax")
+    bmax = torch.full((*ak.shape[:2], num_blocks), float("-inf"), dtype=w.dtype, device=k.device)
+    bmax = bmax.scatter_reduce(2, seg.expand(*ak.shape[:2], -1), ak.amax(-1).detach(), "amax")
     pk = torch.exp(ak - bmax.gather(2, seg.expand(*ak.shape[:2], -1))[..., None])
-    sums = torch.zeros(*pk.shape[:2], num_blocks, num_features, dtype=acc, device=k.device).index_add(2, seg, pk)
-    return torch.log((pq @ sums.transpose(-1, -2)).clamp_min(torch.finfo(acc).tiny)) + bmax[..., None, :]
+    sums = torch.zeros(*pk.shape[:2], num_blocks, w.shape[1], dtype=w.dtype, device=k.device).index_add(2, seg, pk)
+    return torch.log((pq @ sums.transpose(-1, -2)).clamp_min(torch.finfo(w.dtype).tiny)) + bmax[..., None, :]
 
 
-def _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed):
-    """Selected blocks ``[b, h, n, top_k]`` (+ validity) from the estimate; causal: among complete earlier
-    blocks (the own block is added by the caller)."""
+def sea_block_estimate(q: torch.Tensor, k: torch.Tensor, num_blocks: int, *, num_features: int = 64,
+                       seed: int = 0) -> torch.Tensor:
+    """SEA's compressed attention estimate, untrained: ``[b, h, n, num_blocks]`` log of ``phi(q_i) . sum_{j in
+    block c} phi(k_j)`` up to a per-row constant (ranking within a row is what the selection uses), with
+    FAVOR+ positive random features ``phi(x) = exp(w . x' - |x'|^2 / 2)`` of ``x' = x d^-1/4`` (``num_features``
+    Gaussian ``w`` fixed by ``seed``). ``q [b, h, n, d]``, ``k [b, h, n_k, d]``. The trained estimator is
+    :class:`SEAEstimator`."""
+    from attnkit.ops.approx._common import randn
+
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    w = randn((q.shape[-1], num_features), seed, q, dtype=acc)
+    return _sea_block_logits(q.detach(), k.detach(), num_blocks, w)
+
+
+class SEAEstimator(torch.nn.Module):
+    """SEA's trainable estimator of the compressed attention (Lee et al., "SEA: Sparse Linear Attention with
+    Estimated Attention Mask", ICLR 2024, Sec. 3.1): kernel-based linear attention gives, per query, one logit per
+    key block (``log phi(q_i) . sum_{j in c} phi(k_j)``, the block-compressed attention), and a small CNN decoder
+    refines the row of block logits. Both are learned by distillation from the teacher's attention
+    (:func:`sea_distillation_step`); :func:`sea_attention` then takes each row's top-k blocks of this estimate.
+
+    ``phi(x) = exp(x' W - |x'|^2 / 2)``, ``x' = x d^-1/4``, ``W [head_dim, num_features]`` learnable, initialised
+    with the FAVOR+ Gaussian draws of ``seed`` (so before training it is the untrained estimate
+    :func:`sea_block_estimate`); the decoder is a residual 1-D convolution over the block axis, padded on the left
+    (block c sees blocks <= c: a causal query's candidate blocks never see later keys), initialised to zero.
+    Deviations from the paper: one feature map shared by the heads, and a one-layer decoder over block logits
+    (the paper's decoder is a deeper CNN over the estimated compressed attention matrix).
+    ``forward(q, k, num_blocks) -> [b, h, n, num_blocks]`` block logits (the row's softmax is the estimate)."""
+
+    def __init__(self, head_dim: int, num_features: int = 64, *, kernel_size: int = 3, seed: int = 0):
+        super().__init__()
+        check_positive_int("head_dim", head_dim)
+        check_positive_int("num_features", num_features)
+        check_positive_int("kernel_size", kernel_size)
+        g = torch.Generator().manual_seed(int(seed))
+        self.proj = torch.nn.Parameter(torch.randn(head_dim, num_features, generator=g, dtype=torch.float64)
+                                       .float())
+        self.decoder = torch.nn.Conv1d(1, 1, kernel_size)
+        torch.nn.init.zeros_(self.decoder.weight)
+        torch.nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        if q.shape[-1] != self.proj.shape[0]:
+            raise ValueError(f"SEAEstimator was built for head_dim={self.proj.shape[0]}, got q of dim {q.shape[-1]}")
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        logits = _sea_block_logits(q.detach(), k.detach(), num_blocks, self.proj.to(acc))
+        lead = logits.shape[:-1]
+        flat = logits.reshape(-1, 1, num_blocks)
+        pad = torch.nn.functional.pad(flat, (self.decoder.kernel_size[0] - 1, 0), mode="replicate")
+        refined = torch.nn.functional.conv1d(pad, self.decoder.weight.to(acc), self.decoder.bias.to(acc))
+        return (flat + refined).reshape(*lead, num_blocks)
+
+
+def _sea_visible_blocks(n: int, nk: int, num_blocks: int, causal: bool, device) -> torch.Tensor | None:
+    """``[n, num_blocks]``: the blocks a query may select (causal: complete earlier blocks); None: all."""
+    if not causal:
+        return None
+    seg = segment_ids(nk, num_blocks, device)
+    own = seg[torch.arange(n, device=device).clamp_max(nk - 1)]  # block of query i's position
+    own = torch.where(torch.arange(n, device=device) < nk, own, torch.full_like(own, num_blocks))
+    return torch.arange(num_blocks, device=device)[None, :] < own[:, None]
+
+
+def sea_teacher_blocks(q: torch.Tensor, k: torch.Tensor, num_blocks: int, *, causal: bool = False,
+                       scale: float | None = None) -> torch.Tensor:
+    """The teacher's compressed attention: softmax attention ``[b, h, n, n_k]`` (causal: over ``j <= i``) summed
+    over each of ``num_blocks`` key blocks, ``[b, h, n, num_blocks]``; float64 or float32, no gradient."""
+    k, _, scale = prepare(q, k, k, scale)
+    num_blocks = min(num_blocks, k.shape[2])
+    with torch.no_grad():
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        seg = segment_ids(k.shape[2], num_blocks, q.device)
+        return torch.zeros(*p.shape[:3], num_blocks, dtype=acc, device=q.device).index_add(3, seg, p)
+
+
+def sea_distillation_loss(estimator: SEAEstimator, q: torch.Tensor, k: torch.Tensor, *, num_blocks: int,
+                          causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """``KL(teacher || estimate)`` of each query's distribution over key blocks, averaged over queries: the
+    teacher's compressed attention (:func:`sea_teacher_blocks`) against the softmax of the estimator's block
+    logits, both over the blocks the query may select (causal: complete earlier blocks, the teacher
+    renormalised over them; queries with none are left out). SEA's attention-distillation term."""
+    k, _, _ = prepare(q, k, k, scale)
+    num_blocks = _check_sea(q, k, num_blocks, 1, 1)
+    teacher = sea_teacher_blocks(q, k, num_blocks, causal=causal, scale=scale)
+    logits = estimator(q, k, num_blocks).to(teacher.dtype)
+    visible = _sea_visible_blocks(q.shape[2], k.shape[2], num_blocks, causal, q.device)
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+        teacher = teacher * visible
+        teacher = teacher / teacher.sum(-1, keepdim=True).clamp_min(torch.finfo(teacher.dtype).tiny)
+    logp = torch.log_softmax(logits, dim=-1)
+    terms = torch.where(teacher > 0, teacher * (torch.log(teacher.clamp_min(torch.finfo(teacher.dtype).tiny))
+                                                - logp), torch.zeros((), dtype=teacher.dtype, device=q.device))
+    rows = terms.sum(-1)
+    if visible is not None:
+        rows = rows[..., visible.any(-1)]
+    return rows.mean()
+
+
+def sea_distillation_step(estimator: SEAEstimator, optimizer: torch.optim.Optimizer, q: torch.Tensor,
+                          k: torch.Tensor, *, num_blocks: int, causal: bool = False,
+                          scale: float | None = None) -> float:
+    """One training step of SEA's estimator on a batch of the teacher's queries and keys ``q [b, h, n, d]``,
+    ``k [b, h_kv, n_k, d]``: :func:`sea_distillation_loss`, backward, ``optimizer.step()``. Returns the loss.
+    (The paper also distils the layer's output and keeps the task loss; with the teacher's own q, k, v the
+    sparse attention on the selected blocks is exact, so the mask estimate is the part to learn.)"""
+    optimizer.zero_grad()
+    loss = sea_distillation_loss(estimator, q, k, num_blocks=num_blocks, causal=causal, scale=scale)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed, estimator=None):
+    """Selected blocks ``[b, h, n, top_k]`` (+ validity) from the estimate (``estimator``'s when given, else the
+    untrained random-feature one); causal: among complete earlier blocks (the own block is added by the
+    caller)."""
     n, nk = q.shape[2], k.shape[2]
-    est = sea_block_estimate(q, k, num_blocks, num_features=num_features, seed=seed)
-    if causal:
-        seg = segment_ids(nk, num_blocks, q.device)
-        own = seg[torch.arange(n, device=q.device).clamp_max(nk - 1)]  # block of query i's position
-        own = torch.where(torch.arange(n, device=q.device) < nk, own, torch.full_like(own, num_blocks))
-        earlier = torch.arange(num_blocks, device=q.device)[None, :] < own[:, None]  # [n, C]
+    if estimator is None:
+        est = sea_block_estimate(q, k, num_blocks, num_features=num_features, seed=seed)
+    else:
+        with torch.no_grad():
+            est = estimator(q, k, num_blocks)
+    earlier = _sea_visible_blocks(n, nk, num_blocks, causal, q.device)
+    if earlier is not None:
         est = est.masked_fill(~earlier, float("-inf"))
     top = est.topk(min(top_k, num_blocks), dim=-1)
     return top.indices, torch.isfinite(top.values)
@@ -331,13 +449,14 @@ def _check_sea(q, k, num_blocks, top_k, num_features) -> int:
 
 def sea_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_blocks: int = 64, top_k: int = 8,
                   num_features: int = 64, causal: bool = False, seed: int = 0, chunk_size: int = 256,
-                  scale: float | None = None, return_attention: bool = False):
+                  scale: float | None = None, return_attention: bool = False,
+                  estimator: SEAEstimator | None = None):
     """Plain reference: the selected blocks interpolated to a dense ``[b, h, n, n_k]`` mask (plus the own block
     when causal, intersected with ``j <= i``); masked softmax in float64."""
     k, v, scale = prepare(q, k, v, scale)
     num_blocks = _check_sea(q, k, num_blocks, top_k, num_features)
     n, nk = q.shape[2], k.shape[2]
-    blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed)
+    blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed, estimator)
     chosen = torch.zeros(*blocks.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, torch.where(ok, blocks, num_blocks), True)
     seg = segment_ids(nk, num_blocks, q.device)
@@ -350,10 +469,11 @@ def sea_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
 
 def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_blocks: int = 64, top_k: int = 8,
                   num_features: int = 64, causal: bool = False, seed: int = 0, chunk_size: int = 256,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, estimator: SEAEstimator | None = None) -> torch.Tensor:
     """SEA attention. ``q [b, h, n, d]``, ``k [b, hkv, n_k, d]``, ``v [b, hkv, n_k, dv]`` -> ``[b, h, n, dv]``:
-    keys cut into ``num_blocks`` blocks, each query's ``top_k`` blocks by the random-feature estimate
-    (``num_features``, ``seed``), exact softmax over their keys (and its own block's ``j <= i`` when causal).
+    keys cut into ``num_blocks`` blocks, each query's ``top_k`` blocks by the estimate (a trained
+    :class:`SEAEstimator` when given, else the untrained random-feature one of ``num_features``, ``seed``),
+    exact softmax over their keys (and its own block's ``j <= i`` when causal).
     Time O(n (num_blocks m + top_k n_k / num_blocks d))."""
     k, v, scale = prepare(q, k, v, scale)
     num_blocks = _check_sea(q, k, num_blocks, top_k, num_features)
@@ -361,7 +481,7 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_bloc
     b, h, n, _ = q.shape
     nk = k.shape[2]
     dev = q.device
-    blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed)
+    blocks, ok = _sea_blocks(q, k, num_blocks, top_k, causal, num_features, seed, estimator)
     # Block c holds the positions j with floor(j C / n_k) = c: ceil(c n_k / C) .. ceil((c + 1) n_k / C) - 1.
     starts = torch.div(torch.arange(num_blocks + 1, device=dev) * nk + num_blocks - 1, num_blocks,
                        rounding_mode="floor")
@@ -424,6 +544,7 @@ class RetrievalDecoder:
         self.v: torch.Tensor | None = None
         self.length = 0
         self._indexed = 0  # keys num_sink .. num_sink + _indexed - 1 are in the index
+        self._train_queries: torch.Tensor | None = None  # prefill queries for the next index add (kind "graph")
         self._row_base = None  # (capacity, [b, h, 1, 1] offsets of each head's rows in the flat cache)
         # [b, h]: a non-finite key or value was appended (the index skips it): later outputs are NaN, as in dense
         # attention, instead of finite outputs computed as if it were absent
@@ -457,10 +578,16 @@ class RetrievalDecoder:
         target = max(self.length - self.window - self.num_sink, 0)
         if target > self._indexed:
             lo = self.num_sink + self._indexed
-            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]))
+            queries, self._train_queries = self._train_queries, None
+            self.index.add(self._project(self.k[:, :, lo:self.num_sink + target]),
+                           queries=None if queries is None else self._project(queries))
             self._indexed = target
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> RetrievalDecoder:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> RetrievalDecoder:
+        """Store the prompt's keys/values ``[batch, heads, n, d]``. ``q``: the prompt's queries, which train
+        RetrievalAttention's attention-aware index (``index="graph"``: built from the queries' nearest keys, not
+        from the keys alone); the other index kinds ignore them."""
+        self._train_queries = q
         self.append(k, v)
         return self
 

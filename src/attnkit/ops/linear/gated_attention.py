@@ -6,7 +6,8 @@ linear function of ``x``, so the (q, k, v) interface keeps the same expressivene
   Hardware-Efficient Training", eq. 3-4): ``g_t = logsigmoid(k_t W_g + b_g) / tau`` per key dimension
   (``tau = 16``, the paper's gate temperature), queries scaled by ``d^-1/2``, an RMS norm per head on the output.
 - :class:`DeltaNetAttention`: DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule
-  over Sequence Length", sec. 3): L2-normalised q and k, ``beta_t = sigmoid(k_t . w_b + b_b)``; with
+  over Sequence Length", sec. 3): L2-normalised q and k, q then scaled by ``d^-1/2`` as the papers' and fla's
+  kernels do (``scale``), ``beta_t = sigmoid(k_t . w_b + b_b)``; with
   ``gated=True`` the Gated DeltaNet decay ``g_t = logsigmoid(k_t . w_a + b_a)``; an RMS norm per head.
 
 Both recurrences are causal by construction. ``causal=False`` runs the bidirectional form used by vision GLA
@@ -91,14 +92,18 @@ class GatedLinearAttention(_GatedBase):
 
 class DeltaNetAttention(_GatedBase):
     """DeltaNet / Gated DeltaNet: ``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` on unit q and k,
-    ``o_t = rms(q_t^T S_t)``.
+    ``o_t = rms(scale * q_t^T S_t)``, ``scale = d^-1/2`` by default (the attention scale the papers keep and fla's
+    delta-rule kernels apply to the normalised query; with the RMS norm on, it only matters through its epsilon).
 
     ``q [batch, heads, n, d]``, ``k, v [batch, kv_heads, n, d / d_v]`` -> ``[batch, heads, n, d_v]``.
     """
 
     def __init__(self, head_dim: int, *, causal: bool = False, chunk_size: int = 32, gated: bool = False,
-                 norm: bool = True):
+                 norm: bool = True, scale: float | None = None):
         super().__init__(head_dim, causal=causal, chunk_size=chunk_size, norm=norm)
+        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
+            raise ValueError(f"scale must be a positive number (None: head_dim ** -0.5), got {scale!r}")
+        self.scale = float(head_dim ** -0.5 if scale is None else scale)
         self.gated = gated
         self.beta_proj = nn.Linear(head_dim, 1)
         self.decay_proj = nn.Linear(head_dim, 1) if gated else None
@@ -117,7 +122,7 @@ class DeltaNetAttention(_GatedBase):
 
     def _inputs(self, q, k, v):
         beta, g = self.gates(q, k)
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta.to(q.dtype), \
+        return F.normalize(q, dim=-1) * self.scale, F.normalize(k, dim=-1), v, beta.to(q.dtype), \
             None if g is None else g.to(q.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

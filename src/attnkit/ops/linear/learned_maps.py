@@ -11,7 +11,11 @@ random-feature maps):
 - :class:`EcoHashFeatureMap` (Liu et al. 2022, "EcoFormer: Energy-Saving Attention with Linear Complexity"):
   ``b``-bit codes ``h(x) = [sign(A^T kbar(x)) + 1] / 2`` from a centred RBF kernel vector ``kbar(x)`` against
   learnable anchors; attention is linear attention with ``phi = code`` (non-negative, so products are sums of
-  agreements). ``sign`` has a straight-through gradient (the derivative of ``tanh``).
+  agreements). ``sign`` has a straight-through gradient (the derivative of ``tanh``). The hash functions are
+  learned self-supervised from the attention map (:func:`ecoformer_hash_step`): each query's most attended keys
+  are similar pairs (+1), its least attended dissimilar (-1), and the relaxed code affinity ``h(q) . h(k) / b``
+  is fitted to those labels (kernel-based supervised hashing's objective); anchors may be drawn from the data
+  (:meth:`EcoHashFeatureMap.set_anchors`).
 - :class:`WeightedDiJiangFeatureMap` (Chen et al. 2024, "DiJiang", weighted quasi-Monte-Carlo): DiJiang's DCT +
   QMC positive features with learnable positive weights ``D`` per frequency (``phi = D * exp(T C x' - |x'|^2/2)``),
   initialised to the equal QMC weights ``1 / sqrt(m)`` (where it equals the fixed map).
@@ -26,7 +30,8 @@ from torch import nn
 
 from attnkit.feature_maps import DiJiangFeatureMap, FeatureMap
 
-__all__ = ["SpectralFeatureMap", "EcoHashFeatureMap", "WeightedDiJiangFeatureMap"]
+__all__ = ["SpectralFeatureMap", "EcoHashFeatureMap", "WeightedDiJiangFeatureMap", "ecoformer_similarity_labels",
+           "ecoformer_hash_loss", "ecoformer_hash_step"]
 
 
 class SpectralFeatureMap(FeatureMap):
@@ -115,12 +120,80 @@ class EcoHashFeatureMap(FeatureMap):
         kern = torch.exp(-self.gamma * d2)
         return (kern - kern.mean(-1, keepdim=True)) @ self.proj.to(x.dtype)
 
+    def set_anchors(self, x: torch.Tensor, *, seed: int = 0) -> EcoHashFeatureMap:
+        """Anchors drawn (without replacement) from the rows of ``x [..., d]`` (queries and keys of the teacher),
+        as kernelised hashing samples its anchors from the data. Returns ``self``."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if rows.shape[0] < self.anchors.shape[0]:
+            raise ValueError(f"set_anchors needs at least {self.anchors.shape[0]} rows, got {rows.shape[0]}")
+        pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[: self.anchors.shape[0]]
+        with torch.no_grad():
+            self.anchors.copy_(rows[pick.to(rows.device)].to(self.anchors.dtype))
+        return self
+
     def phi(self, x, *, is_query, offset=0):
         z = self.logits(x)
         soft = torch.tanh(z)
         hard = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
         sign = hard + (soft - soft.detach())  # forward: sign; backward: tanh's derivative (straight-through)
         return (sign + 1) * 0.5
+
+
+def ecoformer_similarity_labels(q: torch.Tensor, k: torch.Tensor, *, num_similar: int = 4,
+                                num_dissimilar: int = 4, causal: bool = False,
+                                scale: float | None = None) -> torch.Tensor:
+    """EcoFormer's self-supervision from the attention map: for each query, its ``num_similar`` most attended keys
+    (largest ``q . k``) are labelled +1 and its ``num_dissimilar`` least attended -1; the rest 0 (unlabelled).
+    ``q [b, h, n, d]``, ``k [b, h_kv, n_k, d]`` (the teacher's) -> labels ``[b, h, n, n_k]``; causal: among
+    ``j <= i`` only (rows with fewer visible keys label what they have, similar first)."""
+    for name, val in (("num_similar", num_similar), ("num_dissimilar", num_dissimilar)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {val!r}")
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    n, nk = q.shape[2], k.shape[2]
+    with torch.no_grad():
+        s = q.to(torch.float64) @ k.to(torch.float64).transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None
+                                                                          else scale)
+        visible = torch.ones(n, nk, dtype=torch.bool, device=q.device)
+        if causal:
+            visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (
+                nk - n)
+        labels = torch.zeros(s.shape, dtype=q.dtype, device=q.device)
+        top = s.masked_fill(~visible, float("-inf")).topk(min(num_similar, nk), dim=-1)
+        labels.scatter_(-1, top.indices, torch.where(torch.isfinite(top.values), 1.0, 0.0).to(q.dtype))
+        low = s.masked_fill(~visible, float("inf")).masked_fill(labels > 0, float("inf"))
+        low = low.topk(min(num_dissimilar, nk), dim=-1, largest=False)
+        labels.scatter_(-1, low.indices, torch.where(torch.isfinite(low.values), -1.0, 0.0).to(q.dtype)
+                        + labels.gather(-1, low.indices))
+    return labels
+
+
+def ecoformer_hash_loss(fm: EcoHashFeatureMap, q: torch.Tensor, k: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
+    """Kernelised-hashing objective on the labelled pairs: ``mean (h(q_i) . h(k_j) / b - y_ij)^2`` over ``y_ij !=
+    0``, with the +-1 codes relaxed to ``tanh(A^T kbar(x))`` (the differentiable surrogate of ``sign``), so
+    similar pairs are pushed to equal codes and dissimilar ones to opposite codes."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    hq, hk = torch.tanh(fm.logits(q)), torch.tanh(fm.logits(k))
+    affinity = hq @ hk.transpose(-1, -2) / fm.bits
+    mask = labels != 0
+    return ((affinity - labels).square() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def ecoformer_hash_step(fm: EcoHashFeatureMap, optimizer: torch.optim.Optimizer, q: torch.Tensor,
+                        k: torch.Tensor, *, num_similar: int = 4, num_dissimilar: int = 4, causal: bool = False,
+                        scale: float | None = None) -> float:
+    """One self-supervised training step of EcoFormer's hash functions on the teacher's ``q, k``: labels from
+    the attention map (:func:`ecoformer_similarity_labels`), :func:`ecoformer_hash_loss`, backward,
+    ``optimizer.step()``. Returns the loss. (The paper updates the hash functions from the current attention
+    periodically during training; the caller chooses how often.)"""
+    labels = ecoformer_similarity_labels(q.detach(), k.detach(), num_similar=num_similar,
+                                         num_dissimilar=num_dissimilar, causal=causal, scale=scale)
+    optimizer.zero_grad()
+    loss = ecoformer_hash_loss(fm, q.detach(), k.detach(), labels)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 class WeightedDiJiangFeatureMap(DiJiangFeatureMap):

@@ -8,6 +8,9 @@ The paged KV cache is :class:`attnkit.PagedKVCache` (``attnkit.paged_cache``).
 from .rag import rerotate_keys
 from .s2 import s2_kv_fraction, s2_pattern
 from .selection import (
+    avl_text_keep,
+    avl_text_scores,
+    avl_vision_tiers,
     cumulative_mass,
     modality_mask,
     probe_query_mask,
@@ -19,4 +22,5 @@ from .selection import (
 
 __all__ = ["s2_pattern", "s2_kv_fraction",
            "rerotate_keys", "cumulative_mass", "modality_mask", "probe_query_mask",
-           "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features"]
+           "span_index_mask", "span_mask", "token_type_mask", "trim_visual_features",
+           "avl_vision_tiers", "avl_text_scores", "avl_text_keep"]

@@ -14,17 +14,22 @@ stored at low precision) and, with ``interval=``, to every block of generated to
 - :func:`token_type_mask` -- Neural Attention Search (NAtS), Sec. 3: Global tokens stay, Local tokens are dropped
   once a later Global token arrives, Sliding-window tokens are seen by the next ``window`` tokens only
   (``TokenTypeKVCache`` evicts by the same rule while prefilling and decoding).
-- :func:`span_index_mask` -- Ltri-LLM, Sec. 3: the context is cut into spans, each represented by its mean key;
-  a query retrieves its ``top_spans`` best spans plus a local window.
+- :func:`span_index_mask` -- the catalogue's reading of Ltri-LLM (abstract only: the span detection from triangular
+  attention patterns, by NMS, and the voted index vectors could not be read here; see docs/long-context.md): the
+  context is cut into spans, each represented by its mean key; a query retrieves its ``top_spans`` best spans plus
+  a local window.
 - :func:`probe_query_mask` -- ActQKV, Sec. 3: a probe query built from the window's tokens with the largest
   activation bias (distance from the window's mean query) retrieves the ``cutoff`` best keys.
-- :func:`modality_mask` -- A-VL, Sec. 3: visual tokens keep their most-attended ``visual_ratio``; text tokens a
-  recent window.
+- :func:`modality_mask` -- the catalogue's reading of A-VL (abstract only): visual tokens keep their most-attended
+  ``visual_ratio``; text tokens a recent window. The paper's rule is :func:`avl_vision_tiers`,
+  :func:`avl_text_scores` and :func:`avl_text_keep`, applied while decoding by
+  :class:`~attnkit.selective_cache.AdaptiveVLCache`.
 - :func:`trim_visual_features` -- "Efficient LLaMA-3.2-Vision by Trimming Cross-attended Visual Features":
   the top ``keep_ratio`` of image features by cross-attention mass (over text queries and heads) of one layer,
   the same indices reused by the later cross-attention layers.
 - :func:`span_mask` -- Self-Selected Attention Span: the model-chosen spans as a mask (an empty annotation means
-  full attention).
+  full attention). Only the abstract was reachable: the annotation format the model is fine-tuned to emit and the
+  paper's blocked span encoding are not known here (docs/long-context.md).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from attnkit._checks import repeat_kv
 
 __all__ = ["cumulative_mass", "token_type_mask", "span_index_mask", "probe_query_mask", "modality_mask",
+           "avl_vision_tiers", "avl_text_scores", "avl_text_keep",
            "trim_visual_features", "span_mask", "quantize", "dequantize", "normalized_entropy", "CutoffAllocator"]
 
 
@@ -141,8 +147,10 @@ def probe_query_mask(q: torch.Tensor, k: torch.Tensor, *, window: int, num_probe
 
 def modality_mask(profile: torch.Tensor, is_visual: torch.Tensor, *, visual_ratio: float, text_window: int
                   ) -> torch.Tensor:
-    """A-VL's keep mask ``[batch, kv_heads, n]``: of the visual tokens (``is_visual [batch, n]``), the most
-    attended ``ceil(visual_ratio * count)`` by the profile's mass; of the text tokens, the last ``text_window``."""
+    """The catalogue's reading of A-VL as a keep mask ``[batch, kv_heads, n]``: of the visual tokens (``is_visual
+    [batch, n]``), the most attended ``ceil(visual_ratio * count)`` by the profile's mass; of the text tokens, the
+    last ``text_window``. The paper's rule (core / secondary / minor image caches, scored text eviction) is
+    :class:`~attnkit.selective_cache.AdaptiveVLCache`."""
     visual_ratio = _check_fraction("visual_ratio", visual_ratio)
     b, hkv, _, n = profile.shape
     vis = is_visual.to(torch.bool).view(b, 1, n).expand(b, hkv, n)
@@ -155,6 +163,92 @@ def modality_mask(profile: torch.Tensor, is_visual: torch.Tensor, *, visual_rati
             keep[bi].scatter_(-1, mass[bi].topk(top, dim=-1).indices, True)
     text_pos = torch.arange(n, device=profile.device)
     keep |= (~vis) & (text_pos >= n - text_window).view(1, 1, n)
+    return keep
+
+
+# -- A-VL (Zhang et al., "A-VL: Adaptive Attention for Large Vision-Language Models", AAAI 2025) ------------------
+# The rule, read from the paper's method summary (Sec. "Adaptive Text-Aware Vision Attention" / "Adaptive Text
+# Attention": core, secondary and minor vision caches; H2O-like text eviction) and from the authors' repository
+# (github.com/2147483647-2/A-VL, src/transformers/src/transformers/models/llama/modeling_llama.py: the vision
+# block under ``vision_adaptive_attention`` and ``TextPruneHistoryKVCache``). Our code, their rule.
+def avl_vision_tiers(score: torch.Tensor, visual: torch.Tensor, *, drop_rate: float, compute_rate: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A-VL's vision tiers for one sequence: ``(secondary, core)``, each ``[n]`` bool.
+
+    ``score [n]``: the attention the last query gives each position, averaged over all heads of the layer (the
+    prefill's last prompt token; at an update step, the generated token). ``visual [n]``: the image tokens that are
+    candidates (all of them at prefill, the secondary ones at an update). Of the ``n_img`` candidates, the
+    ``int((1 - drop_rate) * n_img)`` best are the *secondary* cache (held; the rest, *minor*, are dropped), and the
+    ``min(int((1 - compute_rate) * n_img), secondary)`` best of those the *core* cache (the only image tokens a
+    decoding step computes with, between updates). ``n_img`` is the image's token count as first given (the
+    repository's ``image_token_default_length``); :class:`~attnkit.selective_cache.AdaptiveVLCache` keeps both
+    counts for the updates, whose candidates are the secondary tokens.
+    """
+    drop_rate = _check_fraction("drop_rate", drop_rate)
+    compute_rate = _check_fraction("compute_rate", compute_rate)
+    if score.dim() != 1 or visual.shape != score.shape:
+        raise ValueError(f"score and visual must both be [n], got {tuple(score.shape)} and {tuple(visual.shape)}")
+    visual = visual.to(torch.bool)
+    n_img = int(visual.sum())
+    return _avl_top(score, visual, int((1 - drop_rate) * n_img), int((1 - compute_rate) * n_img))
+
+
+def _avl_top(score: torch.Tensor, visual: torch.Tensor, n_secondary: int, n_core: int):
+    """The ``n_secondary`` best candidates and the ``min(n_core, n_secondary)`` best of them."""
+    ranked = score.masked_fill(~visual, float("-inf")).argsort(descending=True, stable=True)
+    n_secondary = min(n_secondary, int(visual.sum()))
+    secondary = torch.zeros_like(visual)
+    secondary[ranked[:n_secondary]] = True
+    core = torch.zeros_like(visual)
+    core[ranked[:min(n_core, n_secondary)]] = True
+    return secondary, core
+
+
+def avl_text_scores(attn: torch.Tensor, rate: float, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """A-VL's text-token scores ``[heads, t]`` (the repository's ``TextPruneHistoryKVCache``), per head.
+
+    ``attn [heads, rows, t]``: the attention weights (softmax over the whole sequence, not renormalised) that the
+    ``rows`` newest text queries give the ``t`` text columns held, the newest query being the last column. Row
+    ``r`` is the query at column ``c = t - rows + r``: its own column's score is set to its weight on itself, and
+    every earlier column ``j < c`` gains ``attn[r, j] - quantile(attn[r, :c + 1 if decoding else c], rate)`` (a
+    token gains when its weight exceeds the row's ``rate``-quantile, loses otherwise). At prefill (``scores``
+    None, ``rows = t``) the quantile is over the row's earlier columns ``:c``; while decoding (``rows = 1``) over
+    all ``t`` columns, the new one included, as in the repository. ``scores [heads, t - rows]``: the scores so far.
+    """
+    rate = _check_fraction("rate", rate)
+    h, rows, t = attn.shape
+    a = attn.float()
+    out = a.new_zeros(h, t)
+    if scores is not None:
+        if scores.shape != (h, t - rows):
+            raise ValueError(f"scores must be [heads, t - rows] = {(h, t - rows)}, got {tuple(scores.shape)}")
+        out[:, :t - rows] = scores.float()
+    for r in range(rows):
+        c = t - rows + r
+        out[:, c] = a[:, r, c]
+        if c == 0:
+            continue
+        ref = a[:, r, :c] if scores is None else a[:, r, :c + 1]
+        out[:, :c] += a[:, r, :c] - torch.quantile(ref, rate, dim=1, keepdim=True)
+    return out
+
+
+def avl_text_keep(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """The text entries A-VL keeps, ``[heads, t]`` bool: all when ``t <= budget``; else the last
+    ``budget // 2`` (recent) and, of the others, the ``budget - budget // 2`` with the highest
+    :func:`avl_text_scores` (heavy hitters)."""
+    h, t = scores.shape
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    keep = torch.ones(h, t, dtype=torch.bool, device=scores.device)
+    if t <= budget:
+        return keep
+    recent = budget // 2
+    keep.zero_()
+    keep[:, t - recent:] = True
+    hh = budget - recent
+    if hh:
+        keep.scatter_(1, scores[:, :t - recent].topk(hh, dim=1).indices, True)
     return keep
 
 

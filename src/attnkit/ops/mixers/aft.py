@@ -41,23 +41,55 @@ def aft_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
 def aft_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *, causal: bool = False,
              block: int = 1024) -> torch.Tensor:
     """AFT-full (eq. 2): ``exp(w) @ (exp(K) * V) / exp(w) @ exp(K)`` by blocks of ``block`` query rows, so the
-    T x T bias is never exponentiated whole. ``w [T, T]``."""
+    T x T bias is never exponentiated whole. ``w [T, T]``. Causal: :func:`_aft_full_causal`, whose offsets
+    never include a later token."""
     ct = compute_dtype(q.dtype)
     n = q.shape[1]
+    if causal:
+        return (torch.sigmoid(q.to(ct)) * _aft_full_causal(k.to(ct), v.to(ct), w, min(block, 64))).to(q.dtype)
     ek = _exp_keys(k.to(ct))
     ekv = ek * v.to(ct)
     both = torch.cat([ekv, ek], dim=-1)  # one matmul for numerator and denominator
     out = []
     for s in range(0, n, block):
         wb = w[s: s + block].to(ct)
-        if causal:
-            rows = torch.arange(s, s + wb.shape[0], device=w.device)[:, None]
-            wb = wb.masked_fill(torch.arange(n, device=w.device)[None, :] > rows, float("-inf"))
         ew = torch.exp(wb - wb.amax(dim=1, keepdim=True))  # row offsets cancel in the ratio
         nd = torch.matmul(ew, both)  # [batch, rows, 2C]
         num, den = nd.chunk(2, dim=-1)
         out.append(num / den)
     return (torch.sigmoid(q.to(ct)) * torch.cat(out, dim=1)).to(q.dtype)
+
+
+def _aft_full_causal(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """``sum_{t'<=t} exp(w_tt' + K_t') V_t' / sum_{t'<=t} exp(w_tt' + K_t')`` with every offset taken over
+    visible tokens only: row t's keys are shifted by ``m_t = max_{t'<=t} K_t'`` (per channel) and its biases by
+    their maximum over ``t' <= t``, so a large later key can neither overflow nor underflow an earlier output
+    (a shift by the maximum over all T tokens made every earlier row 0/0 once a later key was ~100 larger).
+    By blocks of ``block`` rows ``[s, e)``: the keys before ``s`` go through one matmul, shifted by ``m_{s-1}``
+    and rescaled per row by ``exp(m_{s-1} - m_t) <= 1``; the block's own keys through a ``[batch, rows, rows,
+    C]`` product shifted per row. Exact; O(T^2 C) time, O(T C + batch block^2 C) memory."""
+    n, c = k.shape[1], k.shape[2]
+    m = k.cummax(dim=1).values  # [batch, T, C]
+    pos = torch.arange(n, device=w.device)
+    out = []
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        wb = w[s:e, :e].to(k.dtype).masked_fill(pos[None, :e] > pos[s:e, None], float("-inf"))
+        ew = torch.exp(wb - wb.amax(dim=1, keepdim=True))  # [rows, e], 0 at future keys
+        mr = m[:, s:e]
+        # the block's keys, shifted by each row's own maximum; future entries clamped (their weight is 0)
+        ed = torch.exp((k[:, None, s:e] - mr[:, :, None]).clamp(max=0.0)) * ew[None, :, s:e, None]
+        num = (ed * v[:, None, s:e]).sum(2)
+        den = ed.sum(2)
+        if s > 0:
+            mp = m[:, s - 1: s]  # the largest key before the block
+            ep = torch.exp(k[:, :s] - mp)
+            nd = torch.matmul(ew[:, :s], torch.cat([ep * v[:, :s], ep], dim=-1))
+            rescale = torch.exp(mp - mr)  # <= 1
+            num = num + nd[..., :c] * rescale
+            den = den + nd[..., c:] * rescale
+        out.append(num / den)
+    return torch.cat(out, dim=1)
 
 
 def _global_sums(ekv: torch.Tensor, ek: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +98,15 @@ def _global_sums(ekv: torch.Tensor, ek: torch.Tensor, causal: bool) -> tuple[tor
     return ekv.sum(1, keepdim=True), ek.sum(1, keepdim=True)
 
 
-def _gated_running_mean(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def _gated_running_mean(k: torch.Tensor, v: torch.Tensor, chunk: int | None = None,
+                        lse: torch.Tensor | None = None) -> torch.Tensor:
     """``A_t = sum_{s<=t} exp(k_s) v_s / sum_{s<=t} exp(k_s)`` per channel, ``k, v [batch, T, C]``, computed as the
     recurrence ``A_t = (1 - p_t) A_{t-1} + p_t v_t`` with ``p_t = exp(k_t - L_t)``, ``L = logcumsumexp(k)``:
     every factor lies in [0, 1], so no shift by a maximum over the sequence is needed and a large future key
     cannot underflow earlier sums (the causal hazard of a global offset). Scanned by chunks of ~sqrt(T) tokens:
     each chunk from a zero state, the chunk-boundary states carried, then each chunk again from its true start."""
     b, n, c = k.shape
-    p = torch.exp(k - torch.logcumsumexp(k, dim=1))
+    p = torch.exp(k - (torch.logcumsumexp(k, dim=1) if lse is None else lse))
     a, u = 1.0 - p, p * v
     size = chunk or max(int(math.isqrt(n)), 1)
     nc = -(-n // size)
@@ -138,9 +171,13 @@ def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.
     - ``per_position=True`` (AFT-local): ``corr [T, 2s - 1]`` shared by the channels (``corr[t, o]`` weights
       ``t' = t + o - s + 1``).
 
-    Causal forms use only offsets ``t' <= t``.
+    Causal forms use only offsets ``t' <= t``; when a later key exceeds a row's visible keys by more than
+    ``_SAFE_GAP``, offsets over visible tokens only (:func:`_aft_windowed_causal`, ~4x slower at T = 2048).
     """
     ct = compute_dtype(q.dtype)
+    if causal and _needs_causal_offsets(k.to(ct)):
+        return (torch.sigmoid(q.to(ct)) * _aft_windowed_causal(k.to(ct), v.to(ct), corr.to(ct), per_position,
+                                                               block)).to(q.dtype)
     n = q.shape[1]
     ek = _exp_keys(k.to(ct))
     ekv = ek * v.to(ct)
@@ -170,6 +207,46 @@ def aft_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, corr: torch.
         extra = shifted_products(torch.zeros_like(both), coeff, both, list(offsets), block=block)
     en, ed = extra.chunk(2, dim=-1)
     return (torch.sigmoid(q.to(ct)) * (num + en) / (den + ed)).to(q.dtype)
+
+
+# Largest gap between the global key maximum and a row's running maximum for which one global offset is safe in
+# the causal windowed form: exp(k - max_all) then stays a normal number with full relative precision for every
+# row's own largest key (float32 underflows near exp(-87), float64 near exp(-708)).
+_SAFE_GAP = {torch.float32: 30.0, torch.float64: 300.0}
+
+
+def _needs_causal_offsets(k: torch.Tensor) -> bool:
+    """Whether some row's visible keys lie so far below a later key that the global offset ``max_t K`` would lose
+    them (then :func:`_aft_windowed_causal`, whose offsets see visible tokens only, is used)."""
+    gap = (k.amax(dim=1, keepdim=True) - k.cummax(dim=1).values).amax()
+    return bool(gap > _SAFE_GAP.get(k.dtype, 30.0))
+
+
+def _aft_windowed_causal(k: torch.Tensor, v: torch.Tensor, corr: torch.Tensor, per_position: bool,
+                         block: int) -> torch.Tensor:
+    """Causal AFT-local / AFT-conv without a shift by later tokens: every term of row t is divided by
+    ``exp(L_t)``, ``L_t = logcumsumexp(K)_t`` (per channel), the log of the row's own global denominator. The
+    global part is then the running mean of :func:`_gated_running_mean` over a denominator of exactly 1, and the
+    window terms ``corr_o exp(K_t' - L_t)`` have ``exp(K_t' - L_t)`` in [0, 1] for ``t' <= t``.
+    ``corr [T, 2s - 1]`` (per position) or ``[2s - 1, C]``; returns the weighted mean ``[batch, T, C]``."""
+    n = k.shape[1]
+    lse = torch.logcumsumexp(k, dim=1)
+    num = _gated_running_mean(k, v, lse=lse)
+    en, ed = torch.zeros_like(num), torch.zeros_like(num)
+    width = corr.shape[-1] if per_position else corr.shape[-2]
+    s = (width + 1) // 2
+    for b0 in range(0, n, block):  # blocks of output positions, so the partial sums stay in cache
+        b1 = min(b0 + block, n)
+        for o in range(s):  # offsets t' - t = o - s + 1 <= 0
+            off = o - s + 1
+            lo, hi = max(b0, -off), b1
+            if lo >= hi:
+                continue
+            e = torch.exp(k[:, lo + off: hi + off] - lse[:, lo:hi])  # exp(K_t' - L_t) <= 1 for t' <= t
+            e = e * (corr[lo:hi, o, None] if per_position else corr[o])
+            en[:, lo:hi].addcmul_(e, v[:, lo + off: hi + off])
+            ed[:, lo:hi].add_(e)
+    return (num + en) / (1.0 + ed)
 
 
 def window_bias_matrix(corr: torch.Tensor, n: int, *, per_position: bool) -> torch.Tensor:
