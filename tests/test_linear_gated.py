@@ -389,6 +389,34 @@ def test_deltanet_scales_the_unit_query_by_d_to_the_minus_half(gated):
         DeltaNetAttention(8, scale=0.0)
 
 
+def test_gated_deltanet_decay_is_mamba2s_gate_and_starts_near_one():
+    # The gated delta rule's decay was logsigmoid(k.w + b) from a default nn.Linear: about 0.5 per token at
+    # initialisation, so a key written 10 tokens before its query was scaled by ~1e-3 (MQAR learned slowly:
+    # 22.6% where softmax reached 97.1%). Gated DeltaNet (sec. 3.4) takes Mamba2's gate: g_t = -exp(A_log) *
+    # softplus(x_t W + dt_bias), A ~ U(1, 16), dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1].
+    from attnkit.ops.linear.gated_attention import DeltaNetAttention
+
+    torch.manual_seed(0)
+    decays = []
+    for _ in range(20):
+        layer = DeltaNetAttention(16, causal=True, gated=True).double()
+        a = layer.A_log.exp().item()
+        assert 1.0 <= a <= 16.0
+        dt = F.softplus(layer.decay_proj.bias).item()
+        assert 1e-3 * 0.999 <= dt <= 1e-1 * 1.001
+        q, k, v = random_qkv(1, 1, 9, dim=16, dtype=F64, seed=5)
+        _, g = layer.gates(q, k)
+        ref = -a * F.softplus(F.linear(k, layer.decay_proj.weight, layer.decay_proj.bias))[..., 0]
+        assert_close(g, ref)
+        decays.append(g.exp().mean().item())
+    assert min(decays) > 0.1 and sum(decays) / len(decays) > 0.8  # the old gate: ~0.5 every time
+    old = DeltaNetAttention(16, causal=True, gated=True, decay="sigmoid").double()
+    assert old.A_log is None
+    assert_close(old.gates(q, k)[1], F.logsigmoid(F.linear(k, old.decay_proj.weight, old.decay_proj.bias))[..., 0])
+    with pytest.raises(ValueError, match="decay"):
+        DeltaNetAttention(16, gated=True, decay="softplus")
+
+
 def test_cottention_output_stays_at_the_scale_of_v():
     """The fix of the signed-denominator blow-up: with the length scale, |out_i| <= L_i^(1 - sigmoid(m)) max|v|
     for any inputs, including keys that nearly cancel (where a denominator sum_j cos_ij would approach 0)."""

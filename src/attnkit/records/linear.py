@@ -283,8 +283,9 @@ _MECHANISMS += [
         paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (eq. 10; chunkwise WY form)",
         complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention, gated=True), needs=("head_dim",),
         reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
-        summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, a_t = "
-                "sigmoid(k_t.w_a + b_a) per head",
+        summary="gated delta rule S_t = a_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, Mamba2's gate a_t = "
+                "exp(-exp(A_log) softplus(k_t.w_a + b_a)) (A ~ U(1, 16), softplus(b_a) in [1e-3, 0.1]: a_t starts "
+                "near 1; decay='sigmoid': a_t = sigmoid(k_t.w_a + b_a))",
                 source="paper",
     ),
 ]

@@ -8,13 +8,19 @@ linear function of ``x``, so the (q, k, v) interface keeps the same expressivene
 - :class:`DeltaNetAttention`: DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule
   over Sequence Length", sec. 3): L2-normalised q and k, q then scaled by ``d^-1/2`` as the papers' and fla's
   kernels do (``scale``), ``beta_t = sigmoid(k_t . w_b + b_b)``; with
-  ``gated=True`` the Gated DeltaNet decay ``g_t = logsigmoid(k_t . w_a + b_a)``; an RMS norm per head.
+  ``gated=True`` the Gated DeltaNet decay in the Mamba2 form the paper adopts (Gated Delta Networks, sec. 3.4;
+  Mamba2, Dao & Gu 2024): ``g_t = -exp(A_log) * softplus(k_t . w_a + b_a)`` with ``A ~ U(1, 16)`` and the bias
+  ``b_a = softplus^-1(dt)``, ``dt`` log-uniform in ``[1e-3, 1e-1]``, so that the decay ``exp(g_t)`` starts near 1
+  (``decay="sigmoid"``: the plain ``logsigmoid(k_t . w_a + b_a)``, which starts near 0.5 per token and forgets
+  a key within a few tokens); an RMS norm per head.
 
 Both recurrences are causal by construction. ``causal=False`` runs the bidirectional form used by vision GLA
 models (ViG, Liao et al. 2024): a forward and a backward scan, summed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -98,15 +104,28 @@ class DeltaNetAttention(_GatedBase):
     ``q [batch, heads, n, d]``, ``k, v [batch, kv_heads, n, d / d_v]`` -> ``[batch, heads, n, d_v]``.
     """
 
+    DECAYS = ("mamba2", "sigmoid")
+
     def __init__(self, head_dim: int, *, causal: bool = False, chunk_size: int = 32, gated: bool = False,
-                 norm: bool = True, scale: float | None = None):
+                 norm: bool = True, scale: float | None = None, decay: str = "mamba2"):
         super().__init__(head_dim, causal=causal, chunk_size=chunk_size, norm=norm)
         if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
             raise ValueError(f"scale must be a positive number (None: head_dim ** -0.5), got {scale!r}")
+        if decay not in self.DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(map(repr, self.DECAYS))} (the gated decay's "
+                             f"parametrisation), got {decay!r}")
         self.scale = float(head_dim ** -0.5 if scale is None else scale)
-        self.gated = gated
+        self.gated, self.decay = gated, decay
         self.beta_proj = nn.Linear(head_dim, 1)
         self.decay_proj = nn.Linear(head_dim, 1) if gated else None
+        self.A_log = None
+        if gated and decay == "mamba2":
+            # Mamba2's initialisation (Gated DeltaNet sec. 3.4 uses Mamba2's gate): A ~ U(1, 16) and the
+            # projection's bias softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]: decays exp(-A dt) near 1
+            self.A_log = nn.Parameter(torch.empty(1).uniform_(1.0, 16.0).log())
+            with torch.no_grad():
+                dt = torch.empty(1).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+                self.decay_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def gates(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``beta [batch, heads, n]`` and ``log_decay [batch, heads, n]`` (or None)."""
@@ -117,8 +136,11 @@ class DeltaNetAttention(_GatedBase):
             return F.linear(gk, layer.weight.to(gk.dtype), layer.bias.to(gk.dtype))[..., 0].repeat_interleave(rep, 1)
 
         beta = torch.sigmoid(proj(self.beta_proj))
-        g = F.logsigmoid(proj(self.decay_proj)) if self.gated else None
-        return beta, g
+        if not self.gated:
+            return beta, None
+        if self.A_log is None:
+            return beta, F.logsigmoid(proj(self.decay_proj))
+        return beta, -torch.exp(self.A_log.to(gk.dtype)) * F.softplus(proj(self.decay_proj))
 
     def _inputs(self, q, k, v):
         beta, g = self.gates(q, k)
