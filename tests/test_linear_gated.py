@@ -382,8 +382,17 @@ def test_deltanet_scales_the_unit_query_by_d_to_the_minus_half(gated):
     layer = DeltaNetAttention(8, causal=True, gated=gated, norm=False).double()
     q, k, v = random_qkv(1, 2, 13, dim=8, dtype=F64, seed=31)
     beta, g = layer.gates(q, k)
-    ref = delta_rule_reference(F.normalize(q, dim=-1) * 8 ** -0.5, F.normalize(k, dim=-1), v, beta, log_decay=g)
+    ref = delta_rule_reference(F.normalize(F.silu(q), dim=-1) * 8 ** -0.5, F.normalize(F.silu(k), dim=-1), v, beta,
+                               log_decay=g)
     assert_close(layer(q, k, v), ref)
+    # the papers' q/k path is SiLU then L2 norm (DeltaNet sec. 4, Gated DeltaNet sec. 3.4); qk_activation=None
+    # drops the SiLU (MQAR 64 tokens, 300 steps: DeltaNet 27.1% without it, 95.6% with it)
+    plain = DeltaNetAttention(8, causal=True, gated=gated, norm=False, qk_activation=None).double()
+    plain.load_state_dict(layer.state_dict())
+    assert_close(plain(q, k, v), delta_rule_reference(F.normalize(q, dim=-1) * 8 ** -0.5, F.normalize(k, dim=-1), v,
+                                                      beta, log_decay=g))
+    with pytest.raises(ValueError, match="qk_activation"):
+        DeltaNetAttention(8, qk_activation="relu")
     assert DeltaNetAttention(8, scale=1.0).scale == 1.0
     with pytest.raises(ValueError, match="scale"):
         DeltaNetAttention(8, scale=0.0)

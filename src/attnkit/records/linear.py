@@ -273,7 +273,8 @@ _MECHANISMS += [
               "chunkwise form, sec. 3)",
         complexity="O(n d^2)", factory=_gated_factory(DeltaNetAttention), needs=("head_dim",),
         reference=gated_reference, flops=_gated_flops(False, True), extras={"state_bytes": _matrix_state_bytes()},
-        summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit k and unit q scaled by "
+        summary="delta rule S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T on unit k and unit q (SiLU then "
+                "L2 norm) scaled by "
                 "d^-1/2; beta_t = "
                 "sigmoid(k_t.w + b); RMS norm per head; bidirectional scan when non-causal",
                 source="paper",
