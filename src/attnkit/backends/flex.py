@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from attnkit.errors import NotSupportedError
+from attnkit.ops.neighborhood.tiling import tile_candidates
 from attnkit.patterns import FULL, PARTIAL, Pattern
 from attnkit.score_mods import ScoreMod
 
@@ -327,26 +328,7 @@ def tile_shape_for(shape: tuple[int, ...], block: int = BLOCK_SIZE) -> tuple[int
     """The most cubic tile of ``block`` tokens whose sides divide ``shape`` (None for 1-D or when none divides)."""
     if len(shape) == 1:
         return None
-    best = None
-
-    def rec(prefix: tuple[int, ...], left: int) -> None:
-        nonlocal best
-        axis = len(prefix)
-        if axis == len(shape) - 1:
-            t = prefix + (left,)
-            if all(s % x == 0 for s, x in zip(shape, t)):
-                spread = max(t) / min(t)
-                if best is None or spread < best[0]:
-                    best = (spread, t)
-            return
-        x = 1
-        while x <= left:
-            if left % x == 0 and shape[axis] % x == 0:
-                rec(prefix + (x,), left // x)
-            x *= 2
-
-    rec((), block)
-    return None if best is None else best[1]
+    return min(tile_candidates(shape, block), key=lambda t: max(t) / min(t), default=None)  # first of the most cubic
 
 
 def tile_permutation(shape: tuple[int, ...], tile: tuple[int, ...], device) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 
 from attnkit.patterns.windows import AxisSpec, NASpec, axis_bounds, group_bounds, member
 
-__all__ = ["Tiling", "choose_tiling", "axis_order", "token_permutation", "tiling_classes", "tiling_stats",
-           "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["Tiling", "choose_tiling", "tile_candidates", "axis_order", "token_permutation", "tiling_classes",
+           "tiling_stats", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -81,8 +81,9 @@ def _axis_tables(axis: AxisSpec, t: int, grouped: bool, device=None) -> tuple[to
     return m.any(dim=(1, 3)), m.all(dim=(1, 3))
 
 
-def _candidates(shape: tuple[int, ...], block: int):
-    """Every tile shape of powers of two with ``prod == block`` whose sides divide the axes."""
+def tile_candidates(shape: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
+    """Every tile shape of powers of two with ``prod == block`` whose sides divide the axes ``shape`` (axis by
+    axis, smaller sides first; empty when none divides)."""
     out = []
 
     def rec(prefix, left):
@@ -109,7 +110,7 @@ def choose_tiling(spec: NASpec, block: int = 128) -> Tiling | None:
     grouped = tuple(a.dilation > 1 and a.length % a.dilation == 0 for a in spec.axes)
     best = None
     cache: dict = {}
-    for tile in _candidates(spec.shape, block):
+    for tile in tile_candidates(spec.shape, block):
         computed = full = 1
         for axis, t, gr in zip(spec.axes, tile, grouped):
             key = (axis, t, gr)
