@@ -133,22 +133,31 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         ``[batch, heads, n_local, dim_v]``: this rank's rows of the full attention output, in ``q``'s dtype
         (half precisions compute in float32). Gradients flow to ``q, k, v`` through a second ring.
     """
+    scale, eff = _check_call("ring_attention", q, k, v, group, causal, pattern, layout, scale)
+    return _RingAttention.apply(q, k, v, group, eff, layout, scale)
+
+
+def _check_call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, causal: bool,
+                pattern: P.Pattern | None, layout: str, scale: float | None):
+    """The checks shared by the sequence-parallel self-attentions (``name``: the public function, for messages):
+    inputs, equal shards, pattern type, layout and the ranks' agreement (collective). Returns ``(scale, eff)``:
+    the score scale and the pattern over global positions (``causal`` combined in; None for full attention)."""
     check_qkv(q, k, v)
-    rank, world = group_info(group, "ring_attention")
+    rank, world = group_info(group, name)
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"ring_attention is self-attention over equal shards: q has {q.shape[2]} local tokens and "
+        raise ValueError(f"{name} is self-attention over equal shards: q has {q.shape[2]} local tokens and "
                          f"k/v {k.shape[2]}; shard q, k and v with the same attnkit.distributed.shard")
     if pattern is not None and not isinstance(pattern, P.Pattern):
         raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
     total = q.shape[2] * world
     shard_positions(total, rank, world, layout)  # validates the layout
     scale = default_scale(q, scale)
-    check_agreement(group, "ring_attention (forward)", _meta(q, k, v, causal=bool(causal), layout=layout,
-                                                             scale=scale), q.device)
+    check_agreement(group, f"{name} (forward)", _meta(q, k, v, causal=bool(causal), layout=layout, scale=scale),
+                    q.device)
     eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
     if eff is not None:
         eff.check(total, total, q.shape[0], q.shape[1])
-    return _RingAttention.apply(q, k, v, group, eff, layout, scale)
+    return scale, eff
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> dict:

@@ -27,11 +27,10 @@ import torch
 import torch.distributed as dist
 
 from attnkit import patterns as P
-from attnkit._checks import check_qkv, default_scale, repeat_kv
+from attnkit._checks import repeat_kv
 
-from ._comm import Exchange, check_agreement, group_info
-from .layout import shard_positions
-from .ring import _Masks, _meta, _work_dtype
+from ._comm import Exchange, group_info
+from .ring import _check_call, _Masks, _work_dtype
 
 __all__ = ["ring_self_attention", "sequence_parallel_traffic"]
 
@@ -160,21 +159,7 @@ def ring_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     Memory: ``batch * heads * n_local * n`` probabilities per rank (the paper's ``O(n^2 / P)``), kept for the
     backward; prefer :func:`ring_attention` when that does not fit.
     """
-    check_qkv(q, k, v)
-    rank, world = group_info(group, "ring_self_attention")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"ring_self_attention is self-attention over equal shards: q has {q.shape[2]} local "
-                         f"tokens and k/v {k.shape[2]}; shard q, k and v with the same attnkit.distributed.shard")
-    if pattern is not None and not isinstance(pattern, P.Pattern):
-        raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
-    total = q.shape[2] * world
-    shard_positions(total, rank, world, layout)  # validates the layout
-    scale = default_scale(q, scale)
-    check_agreement(group, "ring_self_attention (forward)", _meta(q, k, v, causal=bool(causal), layout=layout,
-                                                                  scale=scale), q.device)
-    eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
-    if eff is not None:
-        eff.check(total, total, q.shape[0], q.shape[1])
+    scale, eff = _check_call("ring_self_attention", q, k, v, group, causal, pattern, layout, scale)
     return _RingSelfAttention.apply(q, k, v, group, eff, layout, scale)
 
 
