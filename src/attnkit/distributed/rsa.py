@@ -29,8 +29,8 @@ import torch.distributed as dist
 from attnkit import patterns as P
 from attnkit._checks import repeat_kv
 
-from ._comm import Exchange, group_info
-from .ring import _check_call, _Masks, _work_dtype
+from ._comm import group_info
+from .ring import _check_call, _circulate, _circulate_with_accumulator, _Masks, _work_dtype
 
 __all__ = ["ring_self_attention", "sequence_parallel_traffic"]
 
@@ -39,41 +39,6 @@ def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
     """``[b, h, n, d] -> [b, hkv, n, d]``: sum the query heads that share one key/value head (GQA)."""
     b, h = x.shape[:2]
     return x if h == hkv else x.view(b, hkv, h // hkv, *x.shape[2:]).sum(2)
-
-
-def _circulate(block: torch.Tensor, rank: int, world: int, group, tag0: int, what: str, visit) -> None:
-    """Pass ``block`` around the ring; ``visit(src, block)`` runs on the block that started at rank ``src``,
-    overlapped with the next hop."""
-    cur = block.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        ex = None
-        if step < world - 1:
-            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, tag0 + step,
-                          what)
-        visit(src, cur)
-        if ex is not None:
-            cur = ex.wait()
-
-
-def _circulate_with_accumulator(block: torch.Tensor, acc: torch.Tensor, rank: int, world: int, group, tag0: int,
-                                what: str, visit) -> torch.Tensor:
-    """Like :func:`_circulate`, with an accumulator that travels with its block: ``visit(src, block, acc)`` adds
-    this rank's contribution in place; after ``P`` hops the accumulator of this rank's block is returned."""
-    cur = block.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        ex = None
-        if step < world - 1:
-            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group,
-                          tag0 + 2 * step, what)
-        visit(src, cur, acc)
-        if world > 1:
-            acc = Exchange(acc, (rank + 1) % world, torch.empty_like(acc), (rank - 1) % world, group,
-                           tag0 + 2 * step + 1, what).wait()
-        if ex is not None:
-            cur = ex.wait()
-    return acc
 
 
 class _RingSelfAttention(torch.autograd.Function):
