@@ -34,5 +34,12 @@ timeout 30 "$PYTHON" benchmarks/bench_dispatch.py --device cuda --json "$OUT/dis
   | tee "$OUT/dispatch.txt"
 timeout 120 "$PYTHON" benchmarks/bench_gpu_issues.py --device cuda --backward --repeats 10 --json "$OUT/issues.json" \
   2>&1 | grep -v -i "warn" | tee "$OUT/issues.txt"
+if [ "${QUALITY:-0}" = "1" ]; then  # issue 24 (about 6 more minutes): default quality run (target <= 3 min),
+  # then a slice of --preset zoology (256 tokens, 16 pairs, 300 steps: 30 runs)
+  timeout 240 "$PYTHON" -m attnkit.cli quality --device cuda --out "$OUT/quality" --no-progress 2>&1 | tail -20 \
+    | tee "$OUT/quality.txt"
+  timeout 150 "$PYTHON" -m attnkit.cli quality --device cuda --preset zoology --seq-len 256 --num-kv-pairs 16 \
+    --steps 300 --lr 1e-2 --out "$OUT/zoology" --no-progress 2>&1 | tail -20 | tee "$OUT/zoology.txt"
+fi
 echo "gpu_check: tests/test_cuda.py exit code $rc; results in $OUT/"
 exit "$rc"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["text_table", "md_table", "html_table", "CSS", "MissingMatplotlib", "pyplot", "fmt_bytes", "bytes_label",
-           "QUALITY_BEGIN", "QUALITY_END", "splice_section", "write_text_atomic"]
+           "QUALITY_BEGIN", "QUALITY_END", "splice_section", "write_text_atomic", "line_panels"]
 
 # The markers around the "Quality" section that `attnkit quality` writes into the report `attnkit bench` writes
 # (each command keeps the other's part when it rewrites the report).
@@ -96,6 +96,48 @@ def bytes_label(b: float, _pos: Any = None) -> str:
         if b >= size:
             return f"{b / size:g} {unit}"
     return f"{b:g} B"
+
+
+def line_panels(path: Any, panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]], *,
+                xlabel: str, ylabel: str, title: str = "", logx: bool = False, ylim: tuple[float, float] | None = None,
+                percent: bool = False) -> None:
+    """One PNG at ``path``: a row of panels ``(panel title, {series label: [(x, y), ...]})``, one line with markers
+    per series (the same colour for a label in every panel), a shared legend. ``percent``: y values are fractions
+    shown as %. Raises :class:`MissingMatplotlib` without matplotlib."""
+    plt = pyplot()
+    labels = list(dict.fromkeys(label for _, series in panels for label in series))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colours = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1.8, 3.8), squeeze=False)
+    for ax, (panel_title, series) in zip(axes[0], panels):
+        for label, points in series.items():
+            pts = sorted((x, y) for x, y in points if y is not None)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, [100 * y for y in ys] if percent else ys, marker="o", ms=4, lw=1.5, label=label,
+                    color=colours[label])
+        if logx:
+            ax.set_xscale("log", base=2)
+        xticks = sorted({x for points in series.values() for x, _ in points})
+        if xticks:
+            ax.set_xticks(xticks)
+            ax.set_xticklabels([f"{x:g}" for x in xticks])
+            ax.minorticks_off()
+        if ylim is not None:
+            ax.set_ylim(*(100 * v for v in ylim) if percent else ylim)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel + (" (%)" if percent else ""))
+    handles = [plt.Line2D([], [], color=colours[label], marker="o", label=label) for label in labels]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def splice_section(existing: str | None, section: str, *, html_doc: bool = False) -> str:

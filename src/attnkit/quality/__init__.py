@@ -17,6 +17,10 @@ The mixer slot takes any of:
 
 Parameters for the short task sequences come from the record's ``small_params`` (else :data:`QUALITY_PARAMS`).
 
+Devices (:mod:`attnkit.quality.device`): ``QualityConfig.device`` (``attnkit quality --device {cpu,cuda,auto}``)
+and ``precision`` (``"auto"``: bf16 autocast on CUDA except the mechanisms that need float32); the Zoology preset
+(:mod:`attnkit.quality.presets`, ``--preset zoology``): MQAR accuracy against model width at Zoology's scale.
+
 Checkpoints (for analyses that reuse trained models): ``attnkit quality --save DIR`` (``QualityConfig.save_dir``)
 writes ``DIR/<task>--<mechanism>.pt`` for every trained (task, mechanism), the run at its best learning rate and
 first seed, holding the weights and everything needed to rebuild the model (mechanism spec, model shape, task and

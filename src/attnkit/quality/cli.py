@@ -41,6 +41,16 @@ def _seeds(text: str) -> list[int]:
     return out
 
 
+def _widths(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected model widths such as 64,128, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive model widths such as 64,128, got {text!r}")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from attnkit.quality.tasks import TASKS
     from attnkit.quality.train import DEFAULT_LRS, DEFAULT_MECHANISMS
@@ -64,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any generator parameter, e.g. listops.max_depth=6 or icl-regression.dim=4")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="training steps per mechanism and learning rate (default 600)")
-    p.add_argument("--batch", type=_positive_int, default=None, help="examples per step (default 32)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="examples per step (default 32 on the CPU, up to 256 on CUDA)")
     p.add_argument("--lr", type=_lrs, default=None, metavar="LRS",
                    help="peak learning rates to sweep, comma-separated; each mechanism reports the best "
                         f"(default {','.join(f'{x:g}' for x in DEFAULT_LRS)}, the range of Zoology's sweep)")
@@ -91,7 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training processes, one thread each (default: 2 on CPU when there are 2+ cores, else 1)")
     p.add_argument("--param", action="append", default=[], metavar="MECH.NAME=VALUE",
                    help="override a mechanism parameter, e.g. sliding_window.window=8 or linear:favor.num_features=64")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default="auto", metavar="{cpu,cuda,auto}",
+                   help="cpu, cuda (or cuda:N) or auto: cuda when available (default auto); on CUDA the batch "
+                        "grows to 256 examples (at most 131072 tokens a step) unless --batch is given")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast on CUDA except the mechanisms that need float32 "
+                        "(attnkit.quality.device.FLOAT32_MECHANISMS), float32 on the CPU; fp32; bf16")
+    p.add_argument("--preset", choices=["zoology"], default=None,
+                   help="zoology: MQAR at Zoology's scale (sequences 256 and 512, 16 and 64 key-value pairs, "
+                        "widths 64-256, ten mechanisms), a table of accuracy by width and zoology.png (Zoology "
+                        "Fig. 2); sized for a GPU (see docs/benchmarks.md); --steps/--batch/--lr/--widths "
+                        "shrink it")
+    p.add_argument("--widths", type=_widths, default=None, metavar="W1,W2",
+                   help="--preset zoology: model widths (default 64,128,256)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the models are small, and one thread does not stall when "
                         "other processes share the cores)")
@@ -126,13 +149,13 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     for t in tasks:
         if t not in TASKS:
             parser.error(f"argument --task: unknown task {t!r}; choose from {', '.join(TASKS)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from attnkit.quality.device import device_batch, resolve_device
+
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        parser.error(f"argument --device: {device!r} is not a device; use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: CUDA is not available here; use --device cpu")
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(f"argument {exc}")
+    dev = torch.device(device)
     task_params = _split_params(args.task_param, "--task-param", parser)
     for name in task_params:
         if name not in TASKS:
@@ -157,7 +180,11 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         except (TypeError, ValueError) as exc:
             parser.error(f"task {t!r} with {', '.join(f'{k}={v!r}' for k, v in tp.items()) or 'its defaults'}: "
                          f"{exc} (set by --seq-len, --num-kv-pairs, --vocab-size or --task-param)")
+    if args.batch is None:  # sized to the device (32 on the CPU, up to 256 on CUDA)
+        seq = max(int(TASKS[t].params(**task_params[t]).get("seq_len", 64)) for t in tasks)
+        args.batch = device_batch(None, dev.type, seq_len=seq)
     overrides: dict[str, Any] = {"tasks": tasks, "task_params": task_params, "device": device,
+                                 "precision": args.precision,
                                  "params": _split_params(args.param, "--param", parser), "sweep": args.sweep,
                                  "save_dir": args.save,
                                  "jobs": args.jobs or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)}
@@ -214,6 +241,13 @@ def _check_overridden(config, specs: dict, task_params: dict[str, Any], parser: 
 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
+    if args.preset == "zoology":
+        from attnkit.quality.presets import run_zoology_cli
+
+        _check_out(args.out, parser)  # before anything trains
+        return run_zoology_cli(args, parser)
+    if args.widths is not None:
+        parser.error("argument --widths: only with --preset zoology (use --embed-dim for one width)")
     config = build_config(args, parser)
     _check_out(args.out, parser)  # before anything trains
     if args.save is not None:

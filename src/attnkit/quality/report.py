@@ -177,6 +177,8 @@ def command(doc: dict[str, Any]) -> str:
         parts += [f"--param {name}.{k}={v}" for k, v in params.items()]
     if doc["machine"].get("device", "cpu") != "cpu":
         parts.append(f"--device {doc['machine']['device']}")
+    if c.get("precision", "auto") != "auto":
+        parts.append(f"--precision {c['precision']}")
     if c.get("jobs", 1) > 1:
         parts.append(f"--jobs {c['jobs']}")
     parts.append(f"--threads {doc['machine']['torch_threads']}")
@@ -185,8 +187,18 @@ def command(doc: dict[str, Any]) -> str:
 
 def headline(doc: dict[str, Any]) -> str:
     state = " (interrupted: partial results)" if doc["interrupted"] else ""
-    return (f"attnkit quality on {_machine_word(doc)}, torch {doc['machine']['torch']}, {doc['config']['device']}, "
-            f"{doc['elapsed_s']:.0f} s{state}")
+    return (f"attnkit quality on {_machine_word(doc)}, torch {doc['machine']['torch']}, {doc['config']['device']}"
+            f"{_precision_note(doc)}, {doc['elapsed_s']:.0f} s{state}")
+
+
+def _precision_note(doc: dict[str, Any]) -> str:
+    """`` (bf16 autocast; float32: hrrformer)`` when any run autocast, else ``""`` (float32 throughout)."""
+    runs = [r for t in doc["tasks"] for r in t["results"] if r.get("status") == "ok"]
+    bf16 = [r["mechanism"] for r in runs if r.get("precision") == "bf16"]
+    if not bf16:
+        return ""
+    fp32 = [r["mechanism"] for r in runs if r.get("precision") == "fp32"]
+    return " (bf16 autocast" + (f"; float32: {', '.join(fp32)}" if fp32 else "") + ")"
 
 
 def terminal_summary(doc: dict[str, Any]) -> str:

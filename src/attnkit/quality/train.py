@@ -50,7 +50,9 @@ class QualityConfig:
     learning rate with the best mean metric over the seeds (as Zoology reports the best of its sweep), with every
     value kept. ``conv_kernel``: the short convolution before each mixer (0: none). ``sweep="state"`` replaces
     each mechanism by variants of growing state (:func:`state_variants`). ``save_dir``: write one checkpoint per
-    (task, mechanism), see :func:`attnkit.quality.checkpoint.load_checkpoint`. ``jobs``: training processes."""
+    (task, mechanism), see :func:`attnkit.quality.checkpoint.load_checkpoint`. ``jobs``: training processes.
+    ``precision``: ``"auto"`` (bf16 autocast on CUDA where safe, float32 elsewhere), ``"fp32"`` or ``"bf16"``
+    (see :func:`attnkit.quality.device.autocast_dtype`)."""
 
     tasks: Sequence[str] = ("mqar",)
     mechanisms: Sequence[str] = DEFAULT_MECHANISMS
@@ -69,6 +71,7 @@ class QualityConfig:
     eval_examples: int = 512
     seeds: Sequence[int] = (0,)
     device: str = "cpu"
+    precision: str = "auto"
     curve_points: int = 40
     sweep: str | None = None
     save_dir: str | None = None
@@ -92,6 +95,10 @@ class QualityConfig:
             raise ValueError("seeds and learning rates must not repeat")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        from attnkit.quality.device import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.sweep is not None and self.sweep not in SWEEPS:
             raise ValueError(f"sweep must be one of {', '.join(SWEEPS)} (or None), got {self.sweep!r}")
         if not self.tasks:
@@ -148,14 +155,23 @@ def _y_variance(params: dict[str, Any]) -> float:
     return float(params["dim"]) + float(params.get("noise_std", 0.0)) ** 2
 
 
-def evaluate(model: QualityModel, task: Task, params: dict[str, Any], data: list[TaskBatch]) -> dict[str, float]:
-    """The metric on held-out batches: ``{"accuracy"}`` or ``{"nmse", "nmse_all"}`` plus ``"eval_loss"``."""
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device`` (disabled when ``dtype`` is ``None``)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def evaluate(model: QualityModel, task: Task, params: dict[str, Any], data: list[TaskBatch], *,
+             autocast: torch.dtype | None = None) -> dict[str, float]:
+    """The metric on held-out batches: ``{"accuracy"}`` or ``{"nmse", "nmse_all"}`` plus ``"eval_loss"``
+    (``autocast``: the dtype the forward runs in under ``torch.autocast``, ``None``: float32)."""
     model.eval()
     sums: dict[str, float] = {}
     losses = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for b in data:
-            out = model(b.inputs, b.mask)
+            with _autocast(device, autocast):
+                out = model(b.inputs, b.mask)
             loss, s = loss_and_metric(task, out, b, params)
             losses.append(float(loss))
             for k, v in s.items():
@@ -191,7 +207,10 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
     ``lr`` (default ``config.lrs[0]``) from ``seed`` (default ``config.seeds[0]``: initialisation, training
     batches and, unless ``eval_data`` is given, the held-out set); return the result record (metric, losses, time,
     state size). ``keep_model``: the record's ``"model"`` holds the trained model (not JSON-ready)."""
+    from attnkit.quality.device import autocast_dtype
+
     device = torch.device(config.device)
+    amp = autocast_dtype(spec.name, device.type, config.precision)
     lr = float(config.lrs[0] if lr is None else lr)
     seed = int(config.seeds[0] if seed is None else seed)
     seq_len = int(params["seq_len"])
@@ -210,7 +229,8 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
     for step in range(config.steps):
         batch = task.sample(config.batch, _seed(seed, 0, step), params).to(device)
         t0 = time.perf_counter()
-        out = model(batch.inputs, batch.mask)
+        with _autocast(device, amp):
+            out = model(batch.inputs, batch.mask)
         loss, _ = loss_and_metric(task, out, batch, params)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
@@ -231,7 +251,7 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
     if eval_data is None:
         eval_data = make_eval_data(task, params, config, seed=seed)
     t0 = time.perf_counter()
-    metrics = evaluate(model, task, params, [b.to(device) for b in eval_data])
+    metrics = evaluate(model, task, params, [b.to(device) for b in eval_data], autocast=amp)
     eval_s = time.perf_counter() - t0
     head_dim = config.embed_dim // config.num_heads
     per_head, kind = state_size(spec, head_dim=head_dim, num_heads=config.num_heads, seq_len=seq_len,
@@ -243,7 +263,8 @@ def train_one(spec: MechanismSpec, task: Task, params: dict[str, Any], config: Q
         "message": "", "params": {k: v for k, v in spec.params.items()}, "lr": lr, "seed": seed,
         "metric": task.metric, "value": metrics[task.metric], **metrics,
         "first_loss": first_loss, "final_loss": curve[-1][1] if curve else None, "loss_curve": curve,
-        "train_s": train_s, "eval_s": eval_s, "steps": config.steps,
+        "train_s": train_s, "eval_s": eval_s, "steps": config.steps, "batch": config.batch,
+        "device": str(device), "precision": "bf16" if amp is not None else "fp32",
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "state_kind": kind, "state_per_head": per_head,
         "state_elements": None if per_head is None else per_head * units,
