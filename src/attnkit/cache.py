@@ -160,9 +160,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes allocated by the key and value buffers."""
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return kv_nbytes(self.k, self.v)
 
     def reset(self) -> None:
         self.k = self.v = self.lengths = None
@@ -269,9 +267,7 @@ class SlidingWindowCache:
 
     @property
     def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return kv_nbytes(self.k, self.v)
 
     @property
     def seq_len(self) -> int:
@@ -452,11 +448,64 @@ def gather_seq(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return t.gather(2, order[..., None].expand(-1, -1, -1, t.shape[-1]))
 
 
+def kv_nbytes(k: torch.Tensor | None, v: torch.Tensor | None) -> int:
+    """Bytes allocated by key and value buffers ``k [..., dk]``, ``v [..., dv]`` (0 when ``k`` is None)."""
+    if k is None:
+        return 0
+    return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+
+def kv_entry_bytes(k: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes of one (key, value) entry of ``k [..., dk]``, ``v [..., dv]``."""
+    return k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+
+
+class PackedKVStore:
+    """The bookkeeping shared by caches that store entries packed per (batch, kv head) (see :func:`pack_kept`):
+    ``k, v [batch, kv_heads, stored, dim]``, ``valid [batch, kv_heads, stored]``, ``pos`` (the absolute position of
+    each stored entry, same shape) and ``seen`` (tokens processed so far); all None / 0 before the first ``attend``.
+    """
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    valid: torch.Tensor | None
+    pos: torch.Tensor | None
+    seen: int
+
+    @property
+    def held(self) -> torch.Tensor | None:
+        """Entries held now per (batch, kv head) ``[batch, kv_heads]`` (None before the prompt)."""
+        return None if self.valid is None else self.valid.sum(-1)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held keys and values (what a paged store would hold; ``nbytes`` adds the padding)."""
+        if self.k is None:
+            return 0
+        return int(self.valid.sum()) * kv_entry_bytes(self.k, self.v)
+
+    @property
+    def nbytes(self) -> int:
+        return kv_nbytes(self.k, self.v)
+
+    def positions(self, n: int, lengths=None) -> torch.Tensor:
+        return (self.seen + torch.arange(n)).view(1, -1)
+
+    def held_positions(self) -> torch.Tensor:
+        """``[batch, kv_heads, seen]`` bool: the absolute positions each head holds now."""
+        if self.pos is None:
+            raise ValueError("the cache is empty; call attend() first")
+        b, h, _ = self.pos.shape
+        out = torch.zeros(b, h, self.seen + 1, dtype=torch.bool, device=self.pos.device)
+        idx = torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen))
+        return out.scatter_(2, idx, True)[..., :self.seen]
+
+
 def _parts(policy: str) -> frozenset[str]:
     return frozenset(policy.split("+"))
 
 
-class AdaptiveKVCache:
+class AdaptiveKVCache(PackedKVStore):
     """FastGen adaptive KV cache (Ge et al., "Model Tells You What to Discard: Adaptive KV Cache Compression for
     LLMs", ICLR 2024, Sec. 3 and Algorithm 1).
 
@@ -520,37 +569,6 @@ class AdaptiveKVCache:
         if self.kept is None:
             return 1.0
         return float(self.kept.sum()) / (self.kept.numel() * self.prompt_len)
-
-    @property
-    def held(self) -> torch.Tensor | None:
-        """Entries held now per (batch, kv head) ``[batch, kv_heads]`` (None before the prompt)."""
-        return None if self.valid is None else self.valid.sum(-1)
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of the held keys and values (what a paged store would hold; ``nbytes`` adds the padding)."""
-        if self.k is None:
-            return 0
-        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
-        return int(self.valid.sum()) * per
-
-    @property
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def positions(self, n: int, lengths=None) -> torch.Tensor:
-        return (self.seen + torch.arange(n)).view(1, -1)
-
-    def held_positions(self) -> torch.Tensor:
-        """``[batch, kv_heads, seen]`` bool: the absolute positions each head holds now."""
-        if self.pos is None:
-            raise ValueError("the cache is empty; call attend() first")
-        b, h, _ = self.pos.shape
-        out = torch.zeros(b, h, self.seen + 1, dtype=torch.bool, device=self.pos.device)
-        idx = torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen))
-        return out.scatter_(2, idx, True)[..., :self.seen]
 
     def mark_next(self, special=False, punct=False) -> None:
         """Say which of the next ``attend``'s tokens are special tokens / punctuation (a bool, or one bool per new

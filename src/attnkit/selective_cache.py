@@ -18,7 +18,7 @@ import torch
 
 from attnkit import patterns as P
 from attnkit._checks import default_scale
-from attnkit.cache import _check_new, _on_device, gather_seq, kept_order
+from attnkit.cache import PackedKVStore, _check_new, _on_device, gather_seq, kept_order, kv_entry_bytes, kv_nbytes
 from attnkit.functional.exact import attention
 from attnkit.normalizations import resolve
 from attnkit.ops.exact.reference import attention_weights
@@ -283,7 +283,7 @@ class SelectiveKVCache:
         return torch.cat(outs, 2)
 
 
-class TokenTypeKVCache:
+class TokenTypeKVCache(PackedKVStore):
     """NAtS's evicting KV cache (Deng & Lindauer, "Neural Attention Search", Sec. 3): every token carries a type
     (0 Global, 1 Local, 2 Sliding window) and its entry lives exactly as long as :func:`token_type_rule` lets a
     later query see it: Global entries stay; a Local entry is evicted once a later Global token has been processed
@@ -306,34 +306,6 @@ class TokenTypeKVCache:
         self.k = self.v = self.valid = self.pos = self.type = self.gcount = None
         self.globals_seen: torch.Tensor | None = None  # Global tokens processed so far [batch, kv_heads]
         self.seen = 0
-
-    @property
-    def held(self) -> torch.Tensor | None:
-        return None if self.valid is None else self.valid.sum(-1)
-
-    @property
-    def held_bytes(self) -> int:
-        if self.k is None:
-            return 0
-        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
-        return int(self.valid.sum()) * per
-
-    @property
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def positions(self, n: int, lengths=None) -> torch.Tensor:
-        return (self.seen + torch.arange(n)).view(1, -1)
-
-    def held_positions(self) -> torch.Tensor:
-        """``[batch, kv_heads, seen]`` bool: the absolute positions each head holds now."""
-        if self.pos is None:
-            raise ValueError("the cache is empty; call attend() first")
-        out = torch.zeros(*self.pos.shape[:2], self.seen + 1, dtype=torch.bool, device=self.pos.device)
-        idx = torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen))
-        return out.scatter_(2, idx, True)[..., :self.seen]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, types: torch.Tensor,
                pattern: P.Pattern | None = None, causal: bool = True, score_mod=None, normalization="softmax",
@@ -415,14 +387,14 @@ class ActQKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return kv_nbytes(self.k, self.v)
 
     @property
     def held_bytes(self) -> int:
         """Bytes of the keys and values the last decoding step attended to (all of them before the first step)."""
         if self.k is None:
             return 0
-        per = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
+        per = kv_entry_bytes(self.k, self.v)
         count = self.k.shape[0] * self.k.shape[1] * self.seen if self._held is None else int(self._held.sum()) + \
             self._held.shape[0] * self._held.shape[1]
         return count * per
@@ -474,7 +446,7 @@ class ActQKVCache:
 
 
 # -- A-VL ----------------------------------------------------------------------------------------------------------
-class AdaptiveVLCache:
+class AdaptiveVLCache(PackedKVStore):
     """A-VL's decoding cache (Zhang et al., "A-VL: Adaptive Attention for Large Vision-Language Models", AAAI 2025):
     modality-specific adaptive attention, for one layer. Source of the rule: the paper's method (adaptive text-aware
     vision attention; adaptive text attention) as summarised from its full text, with the details (counts, scores,
@@ -535,28 +507,9 @@ class AdaptiveVLCache:
         self.last_computed: torch.Tensor | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    @property
-    def held_bytes(self) -> int:
-        if self.k is None:
-            return 0
-        return int(self.valid.sum()) * (self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] *
-                                        self.v.element_size())
-
-    def positions(self, n: int, lengths=None) -> torch.Tensor:
-        return (self.seen + torch.arange(n)).view(1, -1)
-
     def held_mask(self) -> torch.Tensor:
         """``[batch, kv_heads, seen]`` bool: the positions held."""
-        if self.k is None:
-            raise ValueError("the cache is empty; call attend() first")
-        b, hkv, _ = self.pos.shape
-        out = torch.zeros(b, hkv, self.seen + 1, dtype=torch.bool, device=self.pos.device)
-        out.scatter_(2, torch.where(self.valid, self.pos, torch.full_like(self.pos, self.seen)), True)
-        return out[..., :self.seen]
+        return self.held_positions()
 
     def computed_mask(self) -> torch.Tensor:
         """``[batch, kv_heads, seen]`` bool: the positions the last decoding step computed with."""

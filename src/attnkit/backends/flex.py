@@ -20,7 +20,6 @@ FlexAttention on CPU for inference only (no backward, no log-sum-exp); the engin
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from attnkit.errors import NotSupportedError
+from attnkit.ops.neighborhood.tiling import tile_candidates, tile_classes, tile_permutation  # noqa: F401 (re-export)
 from attnkit.patterns import FULL, PARTIAL, Pattern
 from attnkit.score_mods import ScoreMod
 
@@ -327,64 +327,14 @@ def tile_shape_for(shape: tuple[int, ...], block: int = BLOCK_SIZE) -> tuple[int
     """The most cubic tile of ``block`` tokens whose sides divide ``shape`` (None for 1-D or when none divides)."""
     if len(shape) == 1:
         return None
-    best = None
-
-    def rec(prefix: tuple[int, ...], left: int) -> None:
-        nonlocal best
-        axis = len(prefix)
-        if axis == len(shape) - 1:
-            t = prefix + (left,)
-            if all(s % x == 0 for s, x in zip(shape, t)):
-                spread = max(t) / min(t)
-                if best is None or spread < best[0]:
-                    best = (spread, t)
-            return
-        x = 1
-        while x <= left:
-            if left % x == 0 and shape[axis] % x == 0:
-                rec(prefix + (x,), left // x)
-            x *= 2
-
-    rec((), block)
-    return None if best is None else best[1]
-
-
-def tile_permutation(shape: tuple[int, ...], tile: tuple[int, ...], device) -> torch.Tensor:
-    """``perm`` with ``perm[new] = old``: flat row-major indices listed tile by tile (tiles row-major, tokens
-    row-major inside each tile)."""
-    nd = len(shape)
-    split = []
-    for s, t in zip(shape, tile):
-        split += [s // t, t]
-    idx = torch.arange(math.prod(shape), device=device).view(*split)
-    order = [2 * a for a in range(nd)] + [2 * a + 1 for a in range(nd)]
-    return idx.permute(*order).reshape(-1)
+    return min(tile_candidates(shape, block), key=lambda t: max(t) / min(t), default=None)  # first of the most cubic
 
 
 def neighborhood_tile_classes(spec, tile: tuple[int, ...], device) -> torch.Tensor:
     """Tile classes ``[1, 1, n_tiles, n_tiles]`` of the permuted layout. Neighborhoods are a product over axes of
     1-D windows, so a (query tile, key tile) pair is empty if on some axis no query-key pair of the two tiles is
     allowed, and full if on every axis all are: per-axis ``any`` / ``all`` tables, then an outer product."""
-    from attnkit.patterns.windows import axis_bounds, member
-
-    some = every = None
-    for axis, t in zip(spec.axes, tile):
-        n = axis.length
-        x = torch.arange(n, device=device)
-        g, lo, hi = axis_bounds(x.view(-1, 1), axis)
-        m = member(g, lo, hi, x.view(1, -1), axis.dilation).view(n // t, t, n // t, t)
-        s_a, e_a = m.any(dim=(1, 3)), m.all(dim=(1, 3))  # [query tiles of the axis, key tiles of the axis]
-        if some is None:
-            some, every = s_a, e_a
-            continue
-        a, b = some.shape
-        c, d = s_a.shape
-        some = (some.view(a, 1, b, 1) & s_a.view(1, c, 1, d)).reshape(a * c, b * d)
-        every = (every.view(a, 1, b, 1) & e_a.view(1, c, 1, d)).reshape(a * c, b * d)
-    cls = torch.full(some.shape, PARTIAL, dtype=torch.int8, device=device)
-    cls[~some] = 0
-    cls[every] = FULL
-    return cls[None, None]
+    return tile_classes(spec, tile, device=device)
 
 
 def _ordered_blocks(cls: torch.Tensor):

@@ -190,6 +190,21 @@ def _annotate(ax: Any, items: list[tuple[float, float, str, Any]]) -> None:
 _CLASS_MARKERS = {"exact": "o", "masked": "s", "approx": "^", "other": "D"}
 
 
+def _save(fig: Any, path: Path, plt: Any) -> bool:
+    """Lay out ``fig``, write it to ``path`` and close it; True (the plot was written)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _save_scatter(ax: Any, fig: Any, path: Path, plt: Any) -> bool:
+    """:func:`_save` for the scatter plots (grid, legend in the upper right)."""
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    return _save(fig, path, plt)
+
+
 def pareto_length(doc: dict[str, Any]) -> int | None:
     """The length of the Pareto plot: the longest at which errors on structured inputs were measured (so masks
     are placed against full attention), else the detail table's length."""
@@ -261,12 +276,7 @@ def _pareto_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     mode = "causal" if causal else "non-causal"
     ax.set_title(f"Error vs time at n = {n} ({mode}): lower left is better\n{_subtitle(doc)}", loc="left",
                  fontsize=11)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_scatter(ax, fig, path, plt)
 
 
 def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
@@ -300,10 +310,7 @@ def _sol_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
                  loc="left", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def _state_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
@@ -338,12 +345,7 @@ def _state_plot(doc: dict[str, Any], path: Path, plt: Any) -> bool:
     ax.set_xlabel(f"decoding state after n = {n} tokens (KV cache or recurrent state, log)")
     ax.set_ylabel("relative error vs full softmax, clustered inputs (log)")
     ax.set_title(f"Decoding: state kept vs error at n = {n} (causal)\n{_subtitle(doc)}", loc="left", fontsize=11)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_scatter(ax, fig, path, plt)
 
 
 def make_plots(doc: dict[str, Any], out_dir: str | Path) -> list[str]:

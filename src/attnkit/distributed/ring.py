@@ -57,6 +57,41 @@ class _Masks:
         return rows
 
 
+def _circulate(block: torch.Tensor, rank: int, world: int, group, tag0: int, what: str, visit) -> None:
+    """Pass ``block`` around the ring; ``visit(src, block)`` runs on the block that started at rank ``src``,
+    overlapped with the next hop."""
+    cur = block.contiguous()
+    for step in range(world):
+        src = (rank - step) % world
+        ex = None
+        if step < world - 1:
+            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, tag0 + step,
+                          what)
+        visit(src, cur)
+        if ex is not None:
+            cur = ex.wait()
+
+
+def _circulate_with_accumulator(block: torch.Tensor, acc: torch.Tensor, rank: int, world: int, group, tag0: int,
+                                what: str, visit) -> torch.Tensor:
+    """Like :func:`_circulate`, with an accumulator that travels with its block: ``visit(src, block, acc)`` adds
+    this rank's contribution in place; after ``P`` hops the accumulator of this rank's block is returned."""
+    cur = block.contiguous()
+    for step in range(world):
+        src = (rank - step) % world
+        ex = None
+        if step < world - 1:
+            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group,
+                          tag0 + 2 * step, what)
+        visit(src, cur, acc)
+        if world > 1:
+            acc = Exchange(acc, (rank + 1) % world, torch.empty_like(acc), (rank - 1) % world, group,
+                           tag0 + 2 * step + 1, what).wait()
+        if ex is not None:
+            cur = ex.wait()
+    return acc
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, pattern, layout, scale):
@@ -65,18 +100,15 @@ class _RingAttention(torch.autograd.Function):
         masks = _Masks(pattern, q, rank, world, layout)
         qw = q.to(work)
         dk = k.shape[-1]
-        cur = torch.cat([k, v], dim=-1).contiguous()  # one message per hop
         out = lse = None
-        for step in range(world):
-            src = (rank - step) % world
-            ex = None
-            if step < world - 1:  # post the next hop before computing on this block
-                ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, step,
-                              "ring_attention (forward)")
-            o, l = block_attention(qw, cur[..., :dk], cur[..., dk:], masks(src), scale)
+
+        def visit(src, kv):
+            nonlocal out, lse
+            o, l = block_attention(qw, kv[..., :dk], kv[..., dk:], masks(src), scale)
             out, lse = merge_partials(out, lse, o, l)
-            if ex is not None:
-                cur = ex.wait()
+
+        # one message per hop; the next hop is posted before computing on this block
+        _circulate(torch.cat([k, v], dim=-1), rank, world, group, 0, "ring_attention (forward)", visit)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.pattern, ctx.layout, ctx.scale = group, pattern, layout, scale
         return out.to(q.dtype)
@@ -92,24 +124,18 @@ class _RingAttention(torch.autograd.Function):
         qw, do = q.to(work), grad_out.to(work)
         delta = (do * out).sum(-1)
         d, dvd = k.shape[-1], v.shape[-1]
-        cur = torch.cat([k, v], dim=-1).contiguous()
         dkv = torch.zeros(*k.shape[:3], d + dvd, dtype=acc, device=k.device)  # travels with its block
         dq = torch.zeros_like(qw, dtype=acc)
-        for step in range(world):
-            src = (rank - step) % world
-            ex = None
-            if step < world - 1:
-                ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, 2 * step,
-                              "ring_attention (backward)")
-            gq, gk, gv = block_attention_backward(qw, cur[..., :d], cur[..., d:], masks(src), scale, do, lse, delta)
-            dq += gq
+
+        def visit(src, kv, dkv):
+            gq, gk, gv = block_attention_backward(qw, kv[..., :d], kv[..., d:], masks(src), scale, do, lse, delta)
+            dq.add_(gq)
             dkv[..., :d] += gk
             dkv[..., d:] += gv
-            if world > 1:  # the accumulator follows its block; after P hops it is home
-                dkv = Exchange(dkv, (rank + 1) % world, torch.empty_like(dkv), (rank - 1) % world, group,
-                               2 * step + 1, "ring_attention (backward)").wait()
-            if ex is not None:
-                cur = ex.wait()
+
+        # the accumulator follows its block; after P hops it is home
+        dkv = _circulate_with_accumulator(torch.cat([k, v], dim=-1), dkv, rank, world, group, 0,
+                                          "ring_attention (backward)", visit)
         return (dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), None, None, None, None)
 
 
@@ -133,22 +159,31 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         ``[batch, heads, n_local, dim_v]``: this rank's rows of the full attention output, in ``q``'s dtype
         (half precisions compute in float32). Gradients flow to ``q, k, v`` through a second ring.
     """
+    scale, eff = _check_call("ring_attention", q, k, v, group, causal, pattern, layout, scale)
+    return _RingAttention.apply(q, k, v, group, eff, layout, scale)
+
+
+def _check_call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, causal: bool,
+                pattern: P.Pattern | None, layout: str, scale: float | None):
+    """The checks shared by the sequence-parallel self-attentions (``name``: the public function, for messages):
+    inputs, equal shards, pattern type, layout and the ranks' agreement (collective). Returns ``(scale, eff)``:
+    the score scale and the pattern over global positions (``causal`` combined in; None for full attention)."""
     check_qkv(q, k, v)
-    rank, world = group_info(group, "ring_attention")
+    rank, world = group_info(group, name)
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"ring_attention is self-attention over equal shards: q has {q.shape[2]} local tokens and "
+        raise ValueError(f"{name} is self-attention over equal shards: q has {q.shape[2]} local tokens and "
                          f"k/v {k.shape[2]}; shard q, k and v with the same attnkit.distributed.shard")
     if pattern is not None and not isinstance(pattern, P.Pattern):
         raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
     total = q.shape[2] * world
     shard_positions(total, rank, world, layout)  # validates the layout
     scale = default_scale(q, scale)
-    check_agreement(group, "ring_attention (forward)", _meta(q, k, v, causal=bool(causal), layout=layout,
-                                                             scale=scale), q.device)
+    check_agreement(group, f"{name} (forward)", _meta(q, k, v, causal=bool(causal), layout=layout, scale=scale),
+                    q.device)
     eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
     if eff is not None:
         eff.check(total, total, q.shape[0], q.shape[1])
-    return _RingAttention.apply(q, k, v, group, eff, layout, scale)
+    return scale, eff
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> dict:

@@ -27,11 +27,10 @@ import torch
 import torch.distributed as dist
 
 from attnkit import patterns as P
-from attnkit._checks import check_qkv, default_scale, repeat_kv
+from attnkit._checks import repeat_kv
 
-from ._comm import Exchange, check_agreement, group_info
-from .layout import shard_positions
-from .ring import _Masks, _meta, _work_dtype
+from ._comm import group_info
+from .ring import _check_call, _circulate, _circulate_with_accumulator, _Masks, _work_dtype
 
 __all__ = ["ring_self_attention", "sequence_parallel_traffic"]
 
@@ -40,41 +39,6 @@ def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
     """``[b, h, n, d] -> [b, hkv, n, d]``: sum the query heads that share one key/value head (GQA)."""
     b, h = x.shape[:2]
     return x if h == hkv else x.view(b, hkv, h // hkv, *x.shape[2:]).sum(2)
-
-
-def _circulate(block: torch.Tensor, rank: int, world: int, group, tag0: int, what: str, visit) -> None:
-    """Pass ``block`` around the ring; ``visit(src, block)`` runs on the block that started at rank ``src``,
-    overlapped with the next hop."""
-    cur = block.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        ex = None
-        if step < world - 1:
-            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group, tag0 + step,
-                          what)
-        visit(src, cur)
-        if ex is not None:
-            cur = ex.wait()
-
-
-def _circulate_with_accumulator(block: torch.Tensor, acc: torch.Tensor, rank: int, world: int, group, tag0: int,
-                                what: str, visit) -> torch.Tensor:
-    """Like :func:`_circulate`, with an accumulator that travels with its block: ``visit(src, block, acc)`` adds
-    this rank's contribution in place; after ``P`` hops the accumulator of this rank's block is returned."""
-    cur = block.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        ex = None
-        if step < world - 1:
-            ex = Exchange(cur, (rank + 1) % world, torch.empty_like(cur), (rank - 1) % world, group,
-                          tag0 + 2 * step, what)
-        visit(src, cur, acc)
-        if world > 1:
-            acc = Exchange(acc, (rank + 1) % world, torch.empty_like(acc), (rank - 1) % world, group,
-                           tag0 + 2 * step + 1, what).wait()
-        if ex is not None:
-            cur = ex.wait()
-    return acc
 
 
 class _RingSelfAttention(torch.autograd.Function):
@@ -160,21 +124,7 @@ def ring_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     Memory: ``batch * heads * n_local * n`` probabilities per rank (the paper's ``O(n^2 / P)``), kept for the
     backward; prefer :func:`ring_attention` when that does not fit.
     """
-    check_qkv(q, k, v)
-    rank, world = group_info(group, "ring_self_attention")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"ring_self_attention is self-attention over equal shards: q has {q.shape[2]} local "
-                         f"tokens and k/v {k.shape[2]}; shard q, k and v with the same attnkit.distributed.shard")
-    if pattern is not None and not isinstance(pattern, P.Pattern):
-        raise TypeError(f"pattern must be an attnkit.patterns.Pattern, got {type(pattern).__name__}")
-    total = q.shape[2] * world
-    shard_positions(total, rank, world, layout)  # validates the layout
-    scale = default_scale(q, scale)
-    check_agreement(group, "ring_self_attention (forward)", _meta(q, k, v, causal=bool(causal), layout=layout,
-                                                                  scale=scale), q.device)
-    eff = (P.causal() & pattern if pattern is not None else P.causal()) if causal else pattern
-    if eff is not None:
-        eff.check(total, total, q.shape[0], q.shape[1])
+    scale, eff = _check_call("ring_self_attention", q, k, v, group, causal, pattern, layout, scale)
     return _RingSelfAttention.apply(q, k, v, group, eff, layout, scale)
 
 

@@ -904,11 +904,15 @@ class PayBetterAttention(nn.Module):
     - ``"optimised"``: ``softmax(Q_h K_h^T) X_h W^O_h`` (no value projection: ``W^V_h`` folds into the output
       map; 3/4 of the parameters);
     - ``"efficient"``: ``softmax((X W^Q)_h X_h^T) X_h W^O`` (no key or value projection; half the parameters);
-    - ``"super"``: as efficient with the values first mixed along the sequence by a learned ``W^A [seq, seq]``
+    - ``"super"``: ``softmax(Q_h K_h^T) (W^A X)_h W^O``: as optimised (query and key projections kept, no value
+      projection) with the values first mixed along the sequence from the left by a learned ``W^A [seq, seq]``
       (lower-triangular when causal), one matrix shared by all heads, so it needs a fixed ``seq_len``. The paper's
-      text was not reachable when this was checked (issue 25); the shared, bias-free ``W^A`` applied to the values
-      after the softmax weights matches two independent public re-implementations and their notes on the paper.
-      The initialisation (identity plus 0.01 noise) is ours.
+      abstract (arXiv 2403.01643v2) fixes the projections: Super attention has "one fewer matrix multiplication
+      per head and 25% fewer parameters than standard SDPA" (Optimised: the same; Efficient: two and 50%), so it
+      keeps ``W^K``; "a new linear transformation on the values, transforming them from the left" is ``W^A``.
+      The paper's body was not reachable (issue 25): ``W^A`` shared by the heads and lower-triangular under a
+      mask follow a section-by-section summary of its Sec. 3.3 and two public re-implementations. The
+      initialisation (identity plus 0.01 noise) is ours.
 
     ``x [batch, seq, dim]``."""
 
@@ -923,7 +927,8 @@ class PayBetterAttention(nn.Module):
             raise ValueError("variant='super' mixes values along the sequence: pass seq_len")
         self.dim, self.heads, self.variant, self.causal, self.seq_len = dim, num_heads, variant, causal, seq_len
         self.w_q = nn.Linear(dim, dim, bias=False)
-        self.w_k = nn.Linear(dim, dim, bias=False) if variant == "optimised" else None
+        # Optimised and Super keep the key projection (3/4 of MHA's projections); Efficient drops it (1/2)
+        self.w_k = nn.Linear(dim, dim, bias=False) if variant in ("optimised", "super") else None
         self.w_o = nn.Linear(dim, dim)
         if variant == "super":
             self.w_a = nn.Parameter(torch.eye(seq_len) + 0.01 * torch.randn(seq_len, seq_len))

@@ -524,7 +524,8 @@ def _typed_inputs(*, batch, seq_len, dtype, seed, heads, head_dim):
 _MODULE_SOURCES = {
     "carrier_tokens": "paper", "registers": "paper", "relational_attention": "paper", "gem": "paper",
     "multi_head_embedding": "paper", "point_transformer": "paper", "gsa_conv": "paper", "luke": "paper",
-    # C19: the paper's text was not reachable; two public re-implementations and their notes were read.
+    # C19: the paper's body was not reachable; its abstract (arXiv 2403.01643v2) fixes which projections each
+    # variant keeps (Super: W^Q, W^K, W^O and W^A); W^A's sharing and causal mask follow secondary readings.
     "optimised_attention": "paper+catalogue", "efficient_attention": "paper+catalogue",
     "super_attention": "paper+catalogue",
 }
@@ -548,7 +549,7 @@ for _name, _cls, _paper, _summary, _kw in [
     ("efficient_attention", "PayBetterAttention", "You Need to Pay Better Attention (Efficient attention)",
      "no key or value projection: half the parameters", {"fixed": {"variant": "efficient"}}),
     ("super_attention", "PayBetterAttention", "You Need to Pay Better Attention (Super attention)",
-     "efficient attention with a learned sequence-mixing matrix on the values",
+     "optimised attention (no value projection) with a learned sequence-mixing matrix on the values",
      {"fixed": {"variant": "super", "seq_len": 256}, "bench": {"seq_len": 2048}, "max_len": 2048}),
     ("point_transformer", "PointTransformerLayer", "Point Transformer (Zhao et al., 2021), Eq. 3",
      "vector attention over k-NN point neighbourhoods with relative-position MLPs",

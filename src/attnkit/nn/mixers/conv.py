@@ -39,6 +39,17 @@ class _ConvGLU(_Mixer):
         self._check(x)
         return F.glu(self.inp(x), dim=-1)
 
+    def _push(self, x_t: torch.Tensor, window: torch.Tensor | None):
+        """One causal decoding step's input: the GLU output ``g [batch, dim]`` of ``x_t [batch, dim]`` and the
+        window of the last ``kernel_size`` GLU outputs ``[batch, kernel_size, dim]`` (zeros before the first
+        token), ``g`` last. Returns ``(g, window)``."""
+        if not self.causal:
+            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
+        g = F.glu(self.inp(x_t), dim=-1)
+        if window is None:
+            window = g.new_zeros(g.shape[0], self.kernel_size, self.dim)
+        return g, torch.cat([window[:, 1:], g[:, None]], dim=1)
+
 
 class LightConv(_ConvGLU):
     """LightConv (Wu et al., "Pay Less Attention with Lightweight and Dynamic Convolutions", eq. 2-3): GLU
@@ -63,12 +74,7 @@ class LightConv(_ConvGLU):
     def step(self, x_t: torch.Tensor, window: torch.Tensor | None = None):
         """Causal decoding: ``x_t [batch, dim]``; ``window [batch, kernel_size, dim]`` (the last GLU outputs).
         Returns ``(y_t, window)``."""
-        if not self.causal:
-            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
-        g = F.glu(self.inp(x_t), dim=-1)
-        if window is None:
-            window = g.new_zeros(g.shape[0], self.kernel_size, self.dim)
-        window = torch.cat([window[:, 1:], g[:, None]], dim=1)
+        g, window = self._push(x_t, window)
         w = self.kernel().to(g.dtype).expand(g.shape[0], -1, -1)
         return self.out(dynconv.dynamic_conv_step(window, w)), window
 
@@ -98,12 +104,7 @@ class DynamicConv(_ConvGLU):
     def step(self, x_t: torch.Tensor, window: torch.Tensor | None = None):
         """Causal decoding: ``x_t [batch, dim]``; ``window [batch, kernel_size, dim]`` (the last GLU outputs).
         Returns ``(y_t, window)``."""
-        if not self.causal:
-            raise ValueError("step() decodes the causal form; build the mixer with causal=True")
-        g = F.glu(self.inp(x_t), dim=-1)
-        if window is None:
-            window = g.new_zeros(g.shape[0], self.kernel_size, self.dim)
-        window = torch.cat([window[:, 1:], g[:, None]], dim=1)
+        g, window = self._push(x_t, window)
         y = dynconv.dynamic_conv_step(window, self.kernels(g))
         return self.out(y), window
 

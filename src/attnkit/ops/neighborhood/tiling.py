@@ -28,8 +28,8 @@ import torch
 
 from attnkit.patterns.windows import AxisSpec, NASpec, axis_bounds, group_bounds, member
 
-__all__ = ["Tiling", "choose_tiling", "axis_order", "token_permutation", "tiling_classes", "tiling_stats",
-           "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["Tiling", "choose_tiling", "tile_candidates", "axis_order", "token_permutation", "tile_permutation",
+           "tiling_classes", "tile_classes", "tiling_stats", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -81,8 +81,9 @@ def _axis_tables(axis: AxisSpec, t: int, grouped: bool, device=None) -> tuple[to
     return m.any(dim=(1, 3)), m.all(dim=(1, 3))
 
 
-def _candidates(shape: tuple[int, ...], block: int):
-    """Every tile shape of powers of two with ``prod == block`` whose sides divide the axes."""
+def tile_candidates(shape: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
+    """Every tile shape of powers of two with ``prod == block`` whose sides divide the axes ``shape`` (axis by
+    axis, smaller sides first; empty when none divides)."""
     out = []
 
     def rec(prefix, left):
@@ -109,7 +110,7 @@ def choose_tiling(spec: NASpec, block: int = 128) -> Tiling | None:
     grouped = tuple(a.dilation > 1 and a.length % a.dilation == 0 for a in spec.axes)
     best = None
     cache: dict = {}
-    for tile in _candidates(spec.shape, block):
+    for tile in tile_candidates(spec.shape, block):
         computed = full = 1
         for axis, t, gr in zip(spec.axes, tile, grouped):
             key = (axis, t, gr)
@@ -124,26 +125,43 @@ def choose_tiling(spec: NASpec, block: int = 128) -> Tiling | None:
     return None if best is None else best[1]
 
 
-def token_permutation(spec: NASpec, tiling: Tiling, device=None) -> torch.Tensor:
-    """``perm [n]`` with ``perm[new] = old`` (flat row-major indices): dilation grouping per axis, then the
-    tokens listed tile by tile (tiles row-major, tokens row-major inside a tile)."""
-    shape = spec.shape
-    nd = len(shape)
-    idx = torch.arange(spec.num_tokens, device=device).view(*shape)
-    for a, (axis, gr) in enumerate(zip(spec.axes, tiling.grouped)):
-        if gr:
-            idx = idx.index_select(a, axis_order(axis, True, device))
+def _tiles_first(idx: torch.Tensor, tile: tuple[int, ...]) -> torch.Tensor:
+    """``idx`` (any tensor of the grid's shape) flattened tile by tile: tiles row-major, row-major inside a tile."""
+    nd = idx.dim()
     split = []
-    for s, t in zip(shape, tiling.tile):
+    for s, t in zip(idx.shape, tile):
         split += [s // t, t]
     order = [2 * a for a in range(nd)] + [2 * a + 1 for a in range(nd)]
     return idx.reshape(*split).permute(*order).reshape(-1)
 
 
-def tiling_classes(spec: NASpec, tiling: Tiling, device=None) -> torch.Tensor:
-    """Tile classes ``[1, 1, T, T]`` (int8: EMPTY / PARTIAL / FULL) of the permuted token order."""
+def tile_permutation(shape: tuple[int, ...], tile: tuple[int, ...], device=None) -> torch.Tensor:
+    """``perm [n]`` with ``perm[new] = old``: flat row-major indices of the grid ``shape`` listed tile by tile
+    (tiles row-major, tokens row-major inside each tile); no dilation grouping."""
+    return _tiles_first(torch.arange(math.prod(shape), device=device).view(*shape), tile)
+
+
+def token_permutation(spec: NASpec, tiling: Tiling, device=None) -> torch.Tensor:
+    """``perm [n]`` with ``perm[new] = old`` (flat row-major indices): dilation grouping per axis, then the
+    tokens listed tile by tile (tiles row-major, tokens row-major inside a tile)."""
+    idx = torch.arange(spec.num_tokens, device=device).view(*spec.shape)
+    for a, (axis, gr) in enumerate(zip(spec.axes, tiling.grouped)):
+        if gr:
+            idx = idx.index_select(a, axis_order(axis, True, device))
+    return _tiles_first(idx, tiling.tile)
+
+
+def tile_classes(spec: NASpec, tile: tuple[int, ...], grouped: tuple[bool, ...] | None = None,
+                 device=None) -> torch.Tensor:
+    """Tile classes ``[1, 1, T, T]`` (int8: EMPTY / PARTIAL / FULL) of the token order that lists tiles of shape
+    ``tile`` (each axis grouped by dilation where ``grouped`` says; default none). Neighborhoods are a product
+    over axes of 1-D windows, so a (query tile, key tile) pair is empty if on some axis no query-key pair of the
+    two tiles is allowed, and full if on every axis all are: per-axis ``any`` / ``all`` tables, then an outer
+    product."""
+    if grouped is None:
+        grouped = (False,) * len(tile)
     some = every = None
-    for axis, t, gr in zip(spec.axes, tiling.tile, tiling.grouped):
+    for axis, t, gr in zip(spec.axes, tile, grouped):
         s_a, e_a = _axis_tables(axis, t, gr, device)
         if some is None:
             some, every = s_a, e_a
@@ -156,6 +174,12 @@ def tiling_classes(spec: NASpec, tiling: Tiling, device=None) -> torch.Tensor:
     cls[~some] = EMPTY
     cls[every] = FULL
     return cls[None, None]
+
+
+def tiling_classes(spec: NASpec, tiling: Tiling, device=None) -> torch.Tensor:
+    """Tile classes ``[1, 1, T, T]`` (int8: EMPTY / PARTIAL / FULL) of the permuted token order
+    (:func:`token_permutation`)."""
+    return tile_classes(spec, tiling.tile, tiling.grouped, device)
 
 
 def _row_major_box(shape: tuple[int, ...], block: int) -> tuple[int, ...] | None:
